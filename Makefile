@@ -1,0 +1,31 @@
+# Stockade: the two commands in the README are `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stockade-installed
+
+.PHONY: setup demo test test-pure test-root bench lint clean
+
+setup:
+	@bash scripts/setup.sh
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	@bash scripts/setup.sh
+
+demo: $(STAMP)
+	@bash scripts/demo.sh
+
+test: $(STAMP)
+	@bash scripts/setup.sh >/dev/null
+	$(PY) -m pytest
+
+test-pure: $(STAMP)
+	$(PY) -m pytest -m "not root"
+
+test-root: $(STAMP)
+	$(PY) -m pytest -m root
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,29 @@
+"""Workload discovery: find containers on this host and follow their lifecycle.
+
+    Workload, WorkloadEvent       what is found (workload.py)
+    DockerAPI                     Docker-compatible REST client, Docker or Podman (docker_api.py)
+    DockerWatcher                 snapshot() and events() over one socket (watcher.py)
+    find_host_veth                host end of a container's veth (veth.py)
+    start/stop_podman_service     run Podman's API service when it is missing (podman_service.py)
+"""
+
+from .docker_api import DockerAPI, EventStream, workload_from_inspect
+from .errors import DiscoveryError, RuntimeAPIError, RuntimeUnavailable, ServiceStartError
+from .podman_service import (
+    PodmanService,
+    ensure_podman_service,
+    socket_answers,
+    start_podman_service,
+    stop_podman_service,
+)
+from .veth import HostVeth, find_host_veth
+from .watcher import DockerWatcher
+from .workload import Workload, WorkloadEvent
+
+__all__ = [
+    "DiscoveryError", "DockerAPI", "DockerWatcher", "EventStream", "HostVeth",
+    "PodmanService", "RuntimeAPIError", "RuntimeUnavailable", "ServiceStartError",
+    "Workload", "WorkloadEvent", "ensure_podman_service", "find_host_veth",
+    "socket_answers", "start_podman_service", "stop_podman_service",
+    "workload_from_inspect",
+]

@@ -1,0 +1,245 @@
+"""One client for the Docker-compatible REST API on a unix socket.
+
+The same code talks to Docker's socket and to Podman's compat socket
+(`podman system service`); only the socket path and the runtime name differ.
+Requests use API version prefix /v1.41, which both understand.
+
+Every httpx error is translated here: a socket that is missing, refuses or
+drops the connection becomes RuntimeUnavailable; an error status or a body
+that is not JSON becomes RuntimeAPIError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from .errors import RuntimeAPIError, RuntimeUnavailable
+from .veth import find_host_veth
+from .workload import Workload
+
+API_VERSION = "v1.41"
+
+# Container actions the watcher acts on. "init" is Podman's (network and PID
+# exist, user process not yet exec'd): reacting on it gives policy a head
+# start over "start". They are filtered client-side: Podman 4.3 matches an
+# `event` filter against its internal names ("died", not "die"), so a
+# server-side filter silently drops die events there.
+EVENT_ACTIONS = ("init", "start", "restart", "die", "stop", "kill", "remove")
+
+
+class DockerAPI:
+    """Docker-compatible REST client bound to one unix socket.
+
+    transport: replace the unix-socket transport (tests use httpx.MockTransport).
+    timeout: seconds for connect and for each non-streaming request.
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        timeout: float = 5.0,
+        api_version: str = API_VERSION,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self._prefix = f"/{api_version}"
+        self._timeout = timeout
+        self._transport_override = transport
+        self._client = self._new_client(httpx.Timeout(timeout))
+
+    def _new_client(self, timeout: httpx.Timeout) -> httpx.Client:
+        transport = self._transport_override or httpx.HTTPTransport(uds=self.socket_path)
+        return httpx.Client(transport=transport, base_url="http://docker", timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> DockerAPI:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise RuntimeUnavailable(self.socket_path, f"{what}: {exc or type(exc).__name__}") from exc
+
+    def _get_json(self, path: str, params: dict | None = None, *, versioned: bool = True) -> Any:
+        url = (self._prefix + path) if versioned else path
+        with self._errors(f"GET {url}"):
+            resp = self._client.get(url, params=params)
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 400:
+            raise RuntimeAPIError(f"GET {url}", _error_message(resp), resp.status_code)
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise RuntimeAPIError(f"GET {url}", "body is not JSON") from exc
+
+    def ping(self) -> bool:
+        """True when the socket answers GET /_ping with 200."""
+        try:
+            resp = self._client.get("/_ping", timeout=min(self._timeout, 2.0))
+        except httpx.TransportError:
+            return False
+        return resp.status_code == 200
+
+    def list_containers(self) -> list[dict]:
+        """Summaries of running containers (GET /containers/json)."""
+        return self._get_json("/containers/json") or []
+
+    def inspect(self, container: str) -> dict | None:
+        """GET /containers/{id}/json; None when the container does not exist."""
+        return self._get_json(f"/containers/{container}/json")
+
+    def events(self, since: int | None = None) -> EventStream:
+        """Open GET /events?filters={"type":["container"]}; see EventStream.
+
+        since: replay events from this UNIX time on (the server's clock).
+        """
+        params: dict[str, str] = {"filters": json.dumps({"type": ["container"]})}
+        if since is not None:
+            params["since"] = str(since)
+        return EventStream(self, self._prefix + "/events", params)
+
+
+class EventStream:
+    """An open /events response, iterated as decoded JSON objects.
+
+    Opening it (the constructor) raises RuntimeUnavailable when the socket does
+    not answer. Iteration ends when the server closes the stream or abort() is
+    called from another thread; it raises RuntimeUnavailable when the
+    connection breaks. The stream has its own connection, so inspect() calls
+    can run while it is open.
+    """
+
+    def __init__(self, api: DockerAPI, url: str, params: dict[str, str]) -> None:
+        self._api = api
+        self._aborted = False
+        timeout = httpx.Timeout(api._timeout, read=None)  # events may be hours apart
+        self._client = api._new_client(timeout)
+        with api._errors(f"GET {url}"):
+            self._resp = self._client.send(
+                self._client.build_request("GET", url, params=params), stream=True
+            )
+        if self._resp.status_code >= 400:
+            self._resp.read()
+            msg = _error_message(self._resp)
+            self.close()
+            raise RuntimeAPIError(f"GET {url}", msg, self._resp.status_code)
+
+    def __iter__(self) -> Iterator[dict]:
+        decoder = json.JSONDecoder()
+        buf = ""
+        try:
+            for chunk in self._resp.iter_text():
+                buf += chunk
+                while True:
+                    buf = buf.lstrip()
+                    if not buf:
+                        break
+                    try:
+                        obj, end = decoder.raw_decode(buf)
+                    except ValueError:
+                        break  # incomplete object: wait for more bytes
+                    buf = buf[end:]
+                    if isinstance(obj, dict):
+                        yield obj
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            if not self._aborted:
+                raise RuntimeUnavailable(self._api.socket_path, f"event stream broke: {exc}") from exc
+
+    def abort(self) -> None:
+        """Wake a reader blocked in __iter__ (thread-safe); iteration then ends."""
+        self._aborted = True
+        stream = self._resp.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._resp.close()
+        self._client.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and body.get("message"):
+            return f"{resp.status_code} {body['message']}"
+    except ValueError:
+        pass
+    return f"{resp.status_code} {resp.text[:200]}"
+
+
+def _ips(settings: dict) -> tuple[str, ...]:
+    found: list[str] = []
+    sources = [settings] + list((settings.get("Networks") or {}).values())
+    for src in sources:
+        for key in ("IPAddress", "GlobalIPv6Address"):
+            ip = (src or {}).get(key)
+            if ip and ip not in found:
+                found.append(ip)
+    return tuple(found)
+
+
+def _mac(settings: dict) -> str | None:
+    if settings.get("MacAddress"):
+        return settings["MacAddress"]
+    for net in (settings.get("Networks") or {}).values():
+        if net and net.get("MacAddress"):
+            return net["MacAddress"]
+    return None
+
+
+def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True) -> Workload:
+    """Build a Workload from a /containers/{id}/json document.
+
+    resolve_veth: look up the host-side veth (netlink, needs CAP_SYS_ADMIN);
+    when False, host_ifname and host_ifindex stay None.
+    """
+    config = data.get("Config") or {}
+    state = data.get("State") or {}
+    settings = data.get("NetworkSettings") or {}
+    pid = state.get("Pid") or None
+    mac = _mac(settings)
+    veth = None
+    if resolve_veth and (pid or settings.get("SandboxKey")):
+        veth = find_host_veth(pid, netns_path=settings.get("SandboxKey") or None, mac=mac)
+    return Workload(
+        runtime=runtime,
+        id=data["Id"],
+        name=(data.get("Name") or "").lstrip("/"),
+        image=config.get("Image") or data.get("Image") or "",
+        labels=dict(config.get("Labels") or {}),
+        ips=_ips(settings),
+        host_ifname=veth.ifname if veth else None,
+        host_ifindex=veth.ifindex if veth else None,
+        mac=(veth.mac if veth and veth.mac else mac),
+        pid=pid,
+    )

@@ -1,0 +1,142 @@
+"""Find the host end of a container's veth.
+
+The container side is read over netlink from inside the container's network
+namespace (setns in a short-lived thread, so the agent's own threads never
+change namespace). Reading /sys/class/net/eth0/iflink via `nsenter -n` is
+wrong: /sys keeps showing the namespace it was mounted in, i.e. the host's.
+
+The peer index found there is looked up in the agent's own namespace and
+accepted only if it is a veth whose peer index points back at the container
+interface, so a coincidental index match in another namespace is rejected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import DiscoveryError
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class HostVeth:
+    ifname: str
+    ifindex: int
+    container_ifindex: int
+    mac: str | None
+
+
+def _run_in_netns(ns_path: str, fn):
+    """Run fn() in a new thread that has joined the netns at ns_path."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err), ns_path)
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+        # The thread ends here, still inside the container's netns; nothing reuses it.
+
+    thread = threading.Thread(target=target, name="stockade-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _container_links() -> list[tuple[int, str, int | None, str | None]]:
+    with IPRoute() as ipr:
+        return [
+            (
+                link["index"],
+                link.get_attr("IFLA_IFNAME"),
+                link.get_attr("IFLA_LINK"),
+                link.get_attr("IFLA_ADDRESS"),
+            )
+            for link in ipr.get_links()
+        ]
+
+
+def _pick(links, mac: str | None, ifname: str):
+    """Prefer the interface with the runtime's MAC, then ifname, then any veth-like link."""
+    peered = [link for link in links if link[2] and link[1] != "lo"]
+    if mac:
+        for link in peered:
+            if link[3] and link[3].lower() == mac.lower():
+                return link
+    for link in peered:
+        if link[1] == ifname:
+            return link
+    return peered[0] if len(peered) == 1 else None
+
+
+def _host_link(peer_index: int, container_index: int) -> str | None:
+    with IPRoute() as ipr:
+        try:
+            (link,) = ipr.get_links(peer_index)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    if kind != "veth" or link.get_attr("IFLA_LINK") != container_index:
+        return None
+    return link.get_attr("IFLA_IFNAME")
+
+
+def find_host_veth(
+    pid: int | None = None,
+    *,
+    netns_path: str | None = None,
+    mac: str | None = None,
+    ifname: str = "eth0",
+) -> HostVeth | None:
+    """Return the host end of the veth behind a container's interface.
+
+    pid or netns_path names the container's network namespace (pid wins; the
+    path is Docker's/Podman's NetworkSettings.SandboxKey). mac picks the
+    container interface when it has several; ifname is the fallback.
+    Returns None when there is no such veth in the agent's namespace (host
+    networking, the container already gone). Raises DiscoveryError when the
+    namespace exists but netlink fails.
+    """
+    path = f"/proc/{pid}/ns/net" if pid else netns_path
+    if not path:
+        return None
+    try:
+        links = _run_in_netns(path, _container_links)
+    except FileNotFoundError:
+        return None  # process exited or netns removed: nothing to attach to
+    except (OSError, NetlinkError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ESRCH):
+            return None
+        raise DiscoveryError(f"reading links in {path}: {exc}") from exc
+    chosen = _pick(links, mac, ifname)
+    if chosen is None:
+        return None
+    c_index, _, peer_index, c_mac = chosen
+    try:
+        host_name = _host_link(peer_index, c_index)
+    except (OSError, NetlinkError) as exc:
+        raise DiscoveryError(f"looking up host ifindex {peer_index}: {exc}") from exc
+    if host_name is None:
+        return None
+    return HostVeth(ifname=host_name, ifindex=peer_index, container_ifindex=c_index, mac=c_mac)

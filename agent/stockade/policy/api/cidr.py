@@ -1,0 +1,39 @@
+"""CIDR peers: ``fromCIDR``/``toCIDR`` and ``fromCIDRSet``/``toCIDRSet`` with ``except``."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, order=True)
+class CIDRRule:
+    """Selects addresses inside ``cidr`` and outside every prefix in ``excepts``."""
+
+    cidr: Network
+    excepts: tuple[Network, ...] = ()
+
+    def prefixes(self) -> tuple[Network, ...]:
+        """Every prefix this rule needs an identity for."""
+        return (self.cidr,) + self.excepts
+
+    def selects(self, prefix: Network) -> bool:
+        """Does this rule select the CIDR identity of ``prefix`` (a prefix that is at
+        least as specific as the rule's and outside its exceptions)?"""
+        if prefix.version != self.cidr.version or not prefix.subnet_of(self.cidr):
+            return False
+        return not any(prefix.subnet_of(e) for e in self.excepts if e.version == prefix.version)
+
+    def __str__(self) -> str:
+        if not self.excepts:
+            return str(self.cidr)
+        return f"{self.cidr} except {', '.join(map(str, self.excepts))}"
+
+
+def parse_network(text: str) -> Network:
+    """A prefix or a bare address (a host prefix). Host bits must be zero."""
+    if "/" not in text:
+        addr = ipaddress.ip_address(text)
+        return ipaddress.ip_network(f"{addr}/{addr.max_prefixlen}")
+    return ipaddress.ip_network(text, strict=True)

@@ -1,0 +1,99 @@
+"""Sanitized policy rules: what the engine sees after validation.
+
+One CiliumNetworkPolicy document carries one ``spec`` or a list of ``specs``; each spec
+becomes a ``Rule``. Peer rules keep their index in the document so that a trace can name
+the rule that decided (``spec.ingress[1]``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .cidr import CIDRRule
+from .ports import ICMPField, PortRule
+from .selector import EndpointSelector
+
+CNP = "CiliumNetworkPolicy"
+CCNP = "CiliumClusterwideNetworkPolicy"
+KINDS = (CNP, CCNP)
+DIRECTION_FIELDS = ("ingress", "egress", "ingressDeny", "egressDeny")
+
+
+class PolicyRef(NamedTuple):
+    """A policy is identified by (kind, namespace, name)."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    @property
+    def display(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "namespace": self.namespace or None, "name": self.name}
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """One element of ``ingress``/``egress``/``ingressDeny``/``egressDeny``.
+
+    No peer field (endpoints, cidrs, entities) means every peer, but only if the rule has
+    ``toPorts`` or ``icmps``; an element with neither selects nothing (it still makes its
+    direction default-deny). No ``toPorts``/``icmps`` means every protocol and port.
+    """
+
+    path: str  # e.g. "spec.ingress[0]"
+    endpoints: tuple[EndpointSelector, ...] = ()
+    cidrs: tuple[CIDRRule, ...] = ()
+    entities: tuple[str, ...] = ()
+    to_ports: tuple[PortRule, ...] = ()
+    icmps: tuple[ICMPField, ...] = ()
+
+    @property
+    def has_peers(self) -> bool:
+        return bool(self.endpoints or self.cidrs or self.entities)
+
+    @property
+    def has_l4(self) -> bool:
+        return bool(self.to_ports or self.icmps)
+
+    @property
+    def selects_nothing(self) -> bool:
+        return not self.has_peers and not self.has_l4
+
+
+@dataclass(frozen=True)
+class Rule:
+    ref: PolicyRef
+    path: str  # "spec" or "specs[2]"
+    endpoint_selector: EndpointSelector
+    ingress: tuple[PeerRule, ...] = ()
+    egress: tuple[PeerRule, ...] = ()
+    ingress_deny: tuple[PeerRule, ...] = ()
+    egress_deny: tuple[PeerRule, ...] = ()
+    # None: not set, which means True for each direction that has rules.
+    default_deny_ingress: bool | None = None
+    default_deny_egress: bool | None = None
+    description: str = ""
+    labels: tuple[str, ...] = ()
+
+    def has_rules(self, direction: str) -> bool:
+        if direction == "ingress":
+            return bool(self.ingress or self.ingress_deny)
+        return bool(self.egress or self.egress_deny)
+
+    def wants_default_deny(self, direction: str) -> bool:
+        flag = self.default_deny_ingress if direction == "ingress" else self.default_deny_egress
+        return self.has_rules(direction) and (flag is None or flag)
+
+
+@dataclass
+class Policy:
+    """One document: its rules, where it came from and its original text."""
+
+    ref: PolicyRef
+    rules: list[Rule]
+    source: str = ""          # file path, "inline", "inventory:..." ...
+    document: dict = field(default_factory=dict)
+    has_l7: bool = False

@@ -1,0 +1,302 @@
+"""Turn raw policy documents into sanitized ``Policy`` objects, or say exactly what is wrong.
+
+Two passes, both collecting every error with its field path: the JSON Schema in
+schema.json (structure, unknown and unsupported fields), then semantic checks (ports,
+CIDRs, ``except`` inside its CIDR, label syntax, regexes). Normalization (protocol case,
+port strings, ICMP names) happens as the sanitized types are built.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+from ...errors import PolicyError, PolicyErrors
+from ..labels import check_key, check_value, split_source
+from .cidr import CIDRRule, parse_network
+from .entity import ENTITIES
+from .ports import ICMP_FAMILIES, PROTOCOLS, HTTPRule, ICMPField, PortProtocol, PortRule
+from .rule import CCNP, DIRECTION_FIELDS, PeerRule, Policy, PolicyRef, Rule
+from .selector import OPERATORS, EndpointSelector, Requirement
+
+_SCHEMA = json.loads(resources.files(__package__).joinpath("schema.json").read_text())
+_VALIDATOR = jsonschema.Draft202012Validator(_SCHEMA)
+
+L7_NOT_ENFORCED = ("L7 HTTP rules are parsed and validated but not enforced yet; "
+                   "remove toPorts[].rules.http to apply this policy")
+
+
+def render_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def schema_errors(doc: Any) -> list[PolicyError]:
+    errors = []
+    for err in sorted(_VALIDATOR.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        path = list(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = set(err.schema.get("properties", {}))
+            for extra in sorted(set(err.instance) - allowed):
+                errors.append(PolicyError(render_path(path + [extra]), "unknown field"))
+        elif err.validator == "not" and err.schema.get("x-stockade-unsupported"):
+            errors.append(PolicyError(render_path(path),
+                                      f"{path[-1]} is not supported by Stockade"))
+        elif err.validator == "required":
+            missing = re.findall(r"'([^']+)' is a required property", err.message)
+            name = missing[0] if missing else "field"
+            errors.append(PolicyError(render_path(path + [name]), "is required"))
+        elif err.validator == "type":
+            errors.append(PolicyError(render_path(path),
+                                      f"must be of type {_types(err.validator_value)}, "
+                                      f"not {type(err.instance).__name__}"))
+        else:
+            errors.append(PolicyError(render_path(path), err.message))
+    return errors
+
+
+def _types(value) -> str:
+    return " or ".join(value) if isinstance(value, list) else str(value)
+
+
+class _Sanitizer:
+    """Builds sanitized types from a schema-valid document, collecting every error."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self.errors: list[PolicyError] = []
+        self.has_l7 = False
+
+    def fail(self, path: str, msg: str) -> None:
+        self.errors.append(PolicyError(path, msg))
+
+    # selectors -----------------------------------------------------------------
+    def selector(self, raw: dict, path: str, *, peer: bool) -> EndpointSelector:
+        labels = {}
+        for key, value in (raw.get("matchLabels") or {}).items():
+            value = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            why = check_key(key) or check_value(value, split_source(key)[0])
+            if why:
+                self.fail(f"{path}.matchLabels.{key}", why)
+            labels[key] = value
+        exprs = []
+        for i, expr in enumerate(raw.get("matchExpressions") or []):
+            epath = f"{path}.matchExpressions[{i}]"
+            key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+            why = check_key(key)
+            if why:
+                self.fail(f"{epath}.key", why)
+            if op not in OPERATORS:
+                self.fail(f"{epath}.operator", f"{op!r} is not one of {', '.join(OPERATORS)}")
+            elif op in ("In", "NotIn") and not values:
+                self.fail(f"{epath}.values", f"operator {op} needs at least one value")
+            elif op in ("Exists", "DoesNotExist") and values:
+                self.fail(f"{epath}.values", f"operator {op} takes no values")
+            for j, v in enumerate(values):
+                why = check_value(v, split_source(key)[0])
+                if why:
+                    self.fail(f"{epath}.values[{j}]", why)
+            exprs.append((key, op, values))
+        sel = EndpointSelector.build(labels, exprs)
+        if self.namespace and not sel.names_key("namespace") and not (peer and sel.names_reserved):
+            sel = sel.with_requirement(Requirement("any", "namespace", "In", (self.namespace,)))
+        return sel
+
+    # peers ---------------------------------------------------------------------
+    def cidr(self, text: str, path: str):
+        try:
+            return parse_network(text)
+        except ValueError as exc:
+            self.fail(path, f"{text!r} is not a valid CIDR ({exc})")
+            return None
+
+    def cidr_set(self, raw: dict, path: str) -> CIDRRule | None:
+        if "cidrGroupRef" in raw:
+            self.fail(f"{path}.cidrGroupRef",
+                      "cidrGroupRef needs inventory-defined services, which are not available yet")
+            return None
+        if "cidr" not in raw:
+            self.fail(f"{path}.cidr", "is required")
+            return None
+        net = self.cidr(raw["cidr"], f"{path}.cidr")
+        excepts = []
+        for i, text in enumerate(raw.get("except") or []):
+            ex = self.cidr(text, f"{path}.except[{i}]")
+            if ex is None or net is None:
+                continue
+            if ex.version != net.version or not ex.subnet_of(net):
+                self.fail(f"{path}.except[{i}]", f"{ex} is not inside {net}")
+                continue
+            excepts.append(ex)
+        return CIDRRule(net, tuple(sorted(excepts, key=_net_key))) if net is not None else None
+
+    def peer_rule(self, raw: dict, path: str, *, ingress: bool, deny: bool) -> PeerRule:
+        pre = "from" if ingress else "to"
+        endpoints = tuple(self.selector(s, f"{path}.{pre}Endpoints[{i}]", peer=True)
+                          for i, s in enumerate(raw.get(f"{pre}Endpoints") or []))
+        cidrs = []
+        for i, text in enumerate(raw.get(f"{pre}CIDR") or []):
+            net = self.cidr(text, f"{path}.{pre}CIDR[{i}]")
+            if net is not None:
+                cidrs.append(CIDRRule(net))
+        for i, cs in enumerate(raw.get(f"{pre}CIDRSet") or []):
+            rule = self.cidr_set(cs, f"{path}.{pre}CIDRSet[{i}]")
+            if rule is not None:
+                cidrs.append(rule)
+        entities = []
+        for i, ent in enumerate(raw.get(f"{pre}Entities") or []):
+            if ent not in ENTITIES:
+                self.fail(f"{path}.{pre}Entities[{i}]",
+                          f"entity {ent!r} is not supported (one of {', '.join(ENTITIES)})")
+            else:
+                entities.append(ent)
+        to_ports = tuple(self.port_rule(pr, f"{path}.toPorts[{i}]", deny=deny)
+                         for i, pr in enumerate(raw.get("toPorts") or []))
+        icmps = tuple(f for i, ic in enumerate(raw.get("icmps") or [])
+                      for f in self.icmp_rule(ic, f"{path}.icmps[{i}]"))
+        return PeerRule(path, endpoints, tuple(cidrs), tuple(sorted(set(entities))),
+                        to_ports, icmps)
+
+    # L4 ------------------------------------------------------------------------
+    def port_rule(self, raw: dict, path: str, *, deny: bool) -> PortRule:
+        ports = []
+        for i, p in enumerate(raw.get("ports") or []):
+            pp = self.port(p, f"{path}.ports[{i}]")
+            if pp:
+                ports.append(pp)
+        if not raw.get("ports"):
+            self.fail(f"{path}.ports", "at least one port is required")
+        http = ()
+        rules = raw.get("rules") or {}
+        if "http" in rules:
+            if deny:
+                self.fail(f"{path}.rules", "deny rules cannot have L7 rules")
+            http = tuple(self.http_rule(h, f"{path}.rules.http[{i}]")
+                         for i, h in enumerate(rules["http"]))
+            self.has_l7 = True
+            self.l7_path = f"{path}.rules.http"
+        return PortRule(tuple(ports), http)
+
+    def port(self, raw: dict, path: str) -> PortProtocol | None:
+        proto = str(raw.get("protocol", "ANY")).upper()
+        ok = True
+        if proto not in PROTOCOLS:
+            self.fail(f"{path}.protocol", f"{raw.get('protocol')!r} is not one of TCP, UDP, SCTP, ANY")
+            ok = False
+        port_raw = raw.get("port", 0)
+        if isinstance(port_raw, str):
+            if not port_raw.isdigit():
+                self.fail(f"{path}.port", f"{port_raw!r} is not a port number "
+                                          "(named ports are not supported)")
+                return None
+            port_raw = int(port_raw)
+        if not 0 <= port_raw <= 65535:
+            self.fail(f"{path}.port", f"{port_raw} is not a port number (0-65535)")
+            return None
+        end = raw.get("endPort")
+        if end is not None:
+            if not 0 < end <= 65535:
+                self.fail(f"{path}.endPort", f"{end} is not a port number (1-65535)")
+                return None
+            if port_raw == 0:
+                self.fail(f"{path}.endPort", "endPort needs a non-zero port")
+                return None
+            if end < port_raw:
+                self.fail(f"{path}.endPort", f"endPort {end} is below port {port_raw}")
+                return None
+            if end == port_raw:
+                end = None
+        return PortProtocol(port_raw, end, proto) if ok else None
+
+    def http_rule(self, raw: dict, path: str) -> HTTPRule:
+        for name in ("method", "path"):
+            if name in raw:
+                try:
+                    re.compile(raw[name])
+                except re.error as exc:
+                    self.fail(f"{path}.{name}", f"invalid regular expression: {exc}")
+        for i, header in enumerate(raw.get("headers") or []):
+            if not re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(:.*)?$", header):
+                self.fail(f"{path}.headers[{i}]", f"{header!r} is not a valid header")
+        return HTTPRule(raw.get("method"), raw.get("path"), raw.get("host"),
+                        tuple(raw.get("headers") or ()))
+
+    def icmp_rule(self, raw: dict, path: str) -> list[ICMPField]:
+        out = []
+        for i, f in enumerate(raw.get("fields") or []):
+            fpath = f"{path}.fields[{i}]"
+            family = f.get("family", "IPv4")
+            if family not in ICMP_FAMILIES:
+                self.fail(f"{fpath}.family", f"{family!r} is not IPv4 or IPv6")
+                continue
+            names = ICMP_FAMILIES[family][1]
+            typ = f["type"]
+            if isinstance(typ, str) and not typ.isdigit():
+                if typ not in names:
+                    self.fail(f"{fpath}.type", f"{typ!r} is not a known {family} ICMP type name")
+                    continue
+                typ = names[typ]
+            typ = int(typ)
+            if not 0 <= typ <= 255:
+                self.fail(f"{fpath}.type", f"{typ} is not an ICMP type (0-255)")
+                continue
+            out.append(ICMPField(family, typ))
+        return out
+
+    # spec ----------------------------------------------------------------------
+    def spec(self, raw: dict, ref: PolicyRef, path: str) -> Rule:
+        sel = self.selector(raw["endpointSelector"], f"{path}.endpointSelector", peer=False)
+        lists = {}
+        for fld in DIRECTION_FIELDS:
+            ingress = fld.startswith("ingress")
+            lists[fld] = tuple(self.peer_rule(pr, f"{path}.{fld}[{i}]", ingress=ingress,
+                                              deny=fld.endswith("Deny"))
+                               for i, pr in enumerate(raw.get(fld) or []))
+        dd = raw.get("enableDefaultDeny") or {}
+        labels = tuple(f"{l.get('source', 'unspec')}:{l['key']}={l.get('value', '')}"
+                       for l in raw.get("labels") or [])
+        return Rule(ref, path, sel, lists["ingress"], lists["egress"], lists["ingressDeny"],
+                    lists["egressDeny"], dd.get("ingress"), dd.get("egress"),
+                    raw.get("description", ""), labels)
+
+
+def _net_key(n):
+    return (n.version, n.network_address, n.prefixlen)
+
+
+def sanitize_document(doc: Any, *, source: str = "", allow_l7: bool = False) -> Policy:
+    """One raw document -> Policy, or PolicyErrors with every problem (paths only; the
+    caller adds file and document)."""
+    errors = schema_errors(doc)
+    if errors:
+        raise PolicyErrors(errors)
+    meta = doc["metadata"]
+    kind = doc["kind"]
+    namespace = meta.get("namespace") or ""
+    if kind == CCNP and namespace:
+        raise PolicyErrors([PolicyError("metadata.namespace",
+                                        "CiliumClusterwideNetworkPolicy is not namespaced")])
+    if "spec" not in doc and "specs" not in doc:
+        raise PolicyErrors([PolicyError("spec", "is required (or specs)")])
+    ref = PolicyRef(kind, namespace, meta["name"])
+    s = _Sanitizer(namespace)
+    for field_, text in (("metadata.name", meta["name"]), ("metadata.namespace", namespace)):
+        if text and not re.match(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", text):
+            s.fail(field_, f"{text!r} must be lower-case letters, digits, '-' and '.'")
+    specs = []
+    if "spec" in doc:
+        specs.append(("spec", doc["spec"]))
+    for i, sp in enumerate(doc.get("specs") or []):
+        specs.append((f"specs[{i}]", sp))
+    rules = [s.spec(raw, ref, path) for path, raw in specs]
+    if s.has_l7 and not allow_l7 and not s.errors:
+        s.fail(s.l7_path, L7_NOT_ENFORCED)
+    if s.errors:
+        raise PolicyErrors(s.errors)
+    return Policy(ref, rules, source, doc, s.has_l7)

@@ -1,0 +1,297 @@
+"""The policy compiler: (policies, identities) -> map state, incrementally.
+
+For each local identity L and each peer identity P (or the wildcard ``ANY_PEER``) the
+entries of the pair (L, P) come from the clauses (one direction list element of a rule)
+of the rules that select L and whose peers include P. Changing one identity or one
+policy recomputes only the pairs that change touches, found through the selector cache,
+and returns a ``Delta``; ``full_compile`` recomputes everything from scratch, and
+applying every delta to the old state always equals it (tests/test_compiler_props.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .api.rule import PeerRule, Policy, PolicyRef, Rule
+from .identity import WORKLOAD_KIND, Identity
+from .mapstate import (ANY_PEER, ANY_PROTO, EGRESS, INGRESS, Delta, DirectionPolicy, Entry,
+                       FlagState, Key, MapState, port_prefixes)
+from .selectorcache import ALL, Selector, SelectorCache
+
+ENFORCEMENT_MODES = ("default", "always", "never")
+L4Key = tuple[int, int, int]  # (proto, port, port_plen)
+
+
+@dataclass(eq=False)
+class Clause:
+    """One element of a rule's ingress/egress/ingressDeny/egressDeny list, compiled."""
+
+    rule: Rule
+    direction: int
+    deny: bool
+    peer_rule: PeerRule
+    selectors: tuple[Selector, ...]
+    any_peer: bool
+    l4: tuple[L4Key, ...]
+    policy: str = field(init=False)
+
+    def __post_init__(self):
+        self.policy = self.rule.ref.display
+
+
+def peer_selectors(pr: PeerRule) -> tuple[tuple[Selector, ...], bool]:
+    """(selectors, wildcard): L4-only rules and ``all`` select every peer."""
+    if pr.selects_nothing:
+        return (), False
+    if not pr.has_peers or "all" in pr.entities:
+        return (), True
+    sels = [("endpoints", s) for s in pr.endpoints]
+    sels += [("cidr", c) for c in pr.cidrs]
+    sels += [("entity", e) for e in pr.entities]
+    return tuple(dict.fromkeys(sels)), False
+
+
+def l4_keys(pr: PeerRule) -> tuple[L4Key, ...]:
+    if not pr.has_l4:
+        return ((ANY_PROTO, 0, 0),)
+    keys = []
+    for port_rule in pr.to_ports:
+        for pp in port_rule.ports:
+            lo, hi = pp.range
+            for proto in pp.proto_numbers:
+                keys.extend((proto, port, plen) for port, plen in port_prefixes(lo, hi))
+    keys.extend((f.proto, f.type, 16) for f in pr.icmps)
+    return tuple(dict.fromkeys(keys))
+
+
+def compile_rule(rule: Rule) -> list[Clause]:
+    out = []
+    for direction, deny, items in ((INGRESS, False, rule.ingress), (INGRESS, True, rule.ingress_deny),
+                                   (EGRESS, False, rule.egress), (EGRESS, True, rule.egress_deny)):
+        for pr in items:
+            sels, any_peer = peer_selectors(pr)
+            if sels or any_peer:
+                out.append(Clause(rule, direction, deny, pr, sels, any_peer, l4_keys(pr)))
+    return out
+
+
+class Compiler:
+    """Holds the compiled state and updates it incrementally. Not thread-safe: callers
+    serialize changes (the agent does it under its lock)."""
+
+    def __init__(self, enforcement: str = "default"):
+        if enforcement not in ENFORCEMENT_MODES:
+            raise ValueError(f"enforcement must be one of {ENFORCEMENT_MODES}")
+        self.enforcement = enforcement
+        self.cache = SelectorCache()
+        self.policies: dict[PolicyRef, Policy] = {}
+        self.local_ids: set[int] = set()
+        self.entries: MapState = {}
+        self.flags: FlagState = {}
+        self._clauses: dict[int, list[Clause]] = {}           # id(rule) -> clauses
+        self._rule_locals: dict[int, set[int]] = {}           # id(rule) -> local ids
+        self._rules: dict[int, Rule] = {}
+        self._sel_clauses: dict[Selector, set[Clause]] = {}
+        self._local_rules: dict[int, list[Rule]] = {}
+        self._pairs: dict[tuple[int, int], MapState] = {}
+        self._peers_of: dict[int, set[int]] = {}              # local -> peers with a pair
+        self._locals_of_peer: dict[int, set[int]] = {}        # peer -> locals with a pair
+
+    # public API ------------------------------------------------------------------
+    def add_identity(self, ident: Identity, local: bool = False) -> Delta:
+        delta = Delta({}, set(), {})
+        changed = self.cache.add_identity(ident)
+        pairs = set()
+        for sel in changed:
+            for clause in self._sel_clauses.get(sel, ()):
+                pairs.update((loc, ident.id) for loc in self._rule_locals[id(clause.rule)])
+        if local and ident.kind == WORKLOAD_KIND:
+            self.local_ids.add(ident.id)
+            rules = [r for r in self._rules.values() if r.endpoint_selector.matches(ident.labels)]
+            self._local_rules[ident.id] = rules
+            for r in rules:
+                self._rule_locals[id(r)].add(ident.id)
+            self._recompute_locals({ident.id}, delta)
+            pairs = {p for p in pairs if p[0] != ident.id}
+        self._recompute_pairs(pairs, delta)
+        return delta
+
+    def remove_identity(self, ident_id: int) -> Delta:
+        delta = Delta({}, set(), {})
+        self.cache.remove_identity(ident_id)
+        for loc in list(self._locals_of_peer.get(ident_id, ())):
+            self._set_pair(loc, ident_id, {}, delta)
+        if ident_id in self.local_ids:
+            self.local_ids.discard(ident_id)
+            for r in self._local_rules.pop(ident_id, []):
+                self._rule_locals[id(r)].discard(ident_id)
+            for peer in list(self._peers_of.get(ident_id, ())):
+                self._set_pair(ident_id, peer, {}, delta)
+            for d in (INGRESS, EGRESS):
+                self._set_flag(ident_id, d, DirectionPolicy(), delta)
+        return delta
+
+    def set_policy(self, policy: Policy) -> Delta:
+        delta = Delta({}, set(), {})
+        affected = self._drop_policy(policy.ref)
+        self.policies[policy.ref] = policy
+        for rule in policy.rules:
+            affected |= self._add_rule(rule)
+        self._recompute_locals(affected, delta)
+        return delta
+
+    def remove_policy(self, ref: PolicyRef) -> Delta:
+        delta = Delta({}, set(), {})
+        self._recompute_locals(self._drop_policy(ref), delta)
+        return delta
+
+    def explain(self, local: int, peer: int, direction: int, proto: int,
+                port: int | None) -> list[tuple[Clause, bool]]:
+        """Clauses that match a packet, each with whether it denies."""
+        out = []
+        for rule in self._local_rules.get(local, []):
+            for c in self._clauses[id(rule)]:
+                if c.direction != direction or not self._clause_has_peer(c, peer):
+                    continue
+                if any(Key(local, 0, direction, *k).matches(proto, port) for k in c.l4):
+                    out.append((c, c.deny))
+        return out
+
+    def rules_for(self, local: int) -> list[Rule]:
+        return list(self._local_rules.get(local, []))
+
+    # rules -----------------------------------------------------------------------
+    def _add_rule(self, rule: Rule) -> set[int]:
+        rid = id(rule)
+        self._rules[rid] = rule
+        self._clauses[rid] = compile_rule(rule)
+        for c in self._clauses[rid]:
+            for sel in c.selectors:
+                self.cache.add_selector(sel)
+                self._sel_clauses.setdefault(sel, set()).add(c)
+        locs = {i for i in self.local_ids
+                if rule.endpoint_selector.matches(self.cache.identities[i].labels)}
+        self._rule_locals[rid] = locs
+        for i in locs:
+            self._local_rules[i].append(rule)
+        return set(locs)
+
+    def _drop_policy(self, ref: PolicyRef) -> set[int]:
+        old = self.policies.pop(ref, None)
+        affected: set[int] = set()
+        for rule in old.rules if old else []:
+            rid = id(rule)
+            for c in self._clauses.pop(rid):
+                for sel in c.selectors:
+                    self._sel_clauses[sel].discard(c)
+                    if not self._sel_clauses[sel]:
+                        del self._sel_clauses[sel]
+                    self.cache.remove_selector(sel)
+            locs = self._rule_locals.pop(rid)
+            for i in locs:
+                self._local_rules[i] = [r for r in self._local_rules[i] if r is not rule]
+            affected |= locs
+            del self._rules[rid]
+        return affected
+
+    # recomputation ---------------------------------------------------------------
+    def _clause_has_peer(self, c: Clause, peer: int) -> bool:
+        if c.any_peer:
+            return peer == ANY_PEER
+        return peer != ANY_PEER and any(peer in self.cache.get(s) for s in c.selectors)
+
+    def _clause_peers(self, c: Clause) -> set[int]:
+        if c.any_peer:
+            return {ANY_PEER}
+        out: set[int] = set()
+        for s in c.selectors:
+            out |= self.cache.get(s)
+        return out
+
+    def _local_clauses(self, local: int) -> list[Clause]:
+        return [c for r in self._local_rules.get(local, []) for c in self._clauses[id(r)]]
+
+    def _recompute_locals(self, locals_: set[int], delta: Delta) -> None:
+        for loc in locals_:
+            clauses = self._local_clauses(loc)
+            peers: set[int] = set()
+            for c in clauses:
+                peers |= self._clause_peers(c)
+            for peer in peers | self._peers_of.get(loc, set()):
+                self._set_pair(loc, peer, self._pair_entries(loc, peer, clauses), delta)
+            for d, flag in self._flags_for(loc).items():
+                self._set_flag(loc, d, flag, delta)
+
+    def _recompute_pairs(self, pairs: set[tuple[int, int]], delta: Delta) -> None:
+        for loc, peer in pairs:
+            self._set_pair(loc, peer, self._pair_entries(loc, peer, self._local_clauses(loc)), delta)
+
+    def _pair_entries(self, loc: int, peer: int, clauses: list[Clause]) -> MapState:
+        raw: dict[Key, tuple[bool, set[str]]] = {}
+        for c in clauses:
+            if not self._clause_has_peer(c, peer):
+                continue
+            for proto, port, plen in c.l4:
+                key = Key(loc, peer, c.direction, proto, port, plen)
+                cur = raw.get(key)
+                if cur is None or (c.deny and not cur[0]):
+                    raw[key] = (c.deny, {c.policy})
+                elif cur[0] == c.deny:
+                    cur[1].add(c.policy)
+        denies = [k for k, (deny, _) in raw.items() if deny]
+        return {k: Entry(deny, frozenset(names)) for k, (deny, names) in raw.items()
+                if deny or not any(d.covers(k) for d in denies)}
+
+    def _flags_for(self, loc: int) -> dict[int, DirectionPolicy]:
+        rules = self._local_rules.get(loc, [])
+        out = {}
+        for d, name in ((INGRESS, "ingress"), (EGRESS, "egress")):
+            if self.enforcement == "never":
+                out[d] = DirectionPolicy()
+            elif self.enforcement == "always":
+                out[d] = DirectionPolicy(True, True)
+            else:
+                has = [r for r in rules if r.has_rules(name)]
+                out[d] = (DirectionPolicy(True, any(r.wants_default_deny(name) for r in has))
+                          if has else DirectionPolicy())
+        return out
+
+    def _set_pair(self, loc: int, peer: int, new: MapState, delta: Delta) -> None:
+        old = self._pairs.get((loc, peer), {})
+        for k in old.keys() - new.keys():
+            del self.entries[k]
+            delta.adds.pop(k, None)
+            delta.removes.add(k)
+        for k, v in new.items():
+            if old.get(k) != v:
+                self.entries[k] = v
+                delta.adds[k] = v
+                delta.removes.discard(k)
+        if new:
+            self._pairs[(loc, peer)] = new
+            self._peers_of.setdefault(loc, set()).add(peer)
+            self._locals_of_peer.setdefault(peer, set()).add(loc)
+        elif (loc, peer) in self._pairs:
+            del self._pairs[(loc, peer)]
+            self._peers_of[loc].discard(peer)
+            self._locals_of_peer[peer].discard(loc)
+
+    def _set_flag(self, loc: int, d: int, flag: DirectionPolicy, delta: Delta) -> None:
+        old = self.flags.get((loc, d), DirectionPolicy())
+        if old == flag:
+            return
+        if flag == DirectionPolicy():
+            del self.flags[(loc, d)]
+        else:
+            self.flags[(loc, d)] = flag
+        delta.flags[(loc, d)] = flag
+
+
+def full_compile(policies: list[Policy], identities: list[Identity], local_ids: set[int],
+                 enforcement: str = "default") -> tuple[MapState, FlagState]:
+    """From scratch: the reference every incremental update must agree with."""
+    c = Compiler(enforcement)
+    for ident in identities:
+        c.add_identity(ident, local=ident.id in local_ids)
+    for p in policies:
+        c.set_policy(p)
+    return dict(c.entries), dict(c.flags)
