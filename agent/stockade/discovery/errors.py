@@ -1,6 +1,6 @@
 """Errors raised by workload discovery.
 
-    StockadeError            (stockade.errors, when that module exists)
+    StockadeError            (stockade.errors)
      └── DiscoveryError      anything discovery could not do
           ├── RuntimeUnavailable   the runtime's API socket is missing or not answering
           ├── RuntimeAPIError      the runtime answered, but with an error or garbage
@@ -12,13 +12,10 @@ discovery boundary with ``raise ... from exc``, so callers catch one family.
 
 from __future__ import annotations
 
-try:  # stockade.errors is owned by another area; use its base class once it exists.
-    from stockade.errors import StockadeError as _Base
-except ImportError:  # pragma: no cover - depends on the rest of the tree
-    _Base = Exception
+from stockade.errors import StockadeError
 
 
-class DiscoveryError(_Base):
+class DiscoveryError(StockadeError):
     """Workload discovery failed."""
 
 

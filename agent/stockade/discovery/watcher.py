@@ -60,6 +60,9 @@ class DockerWatcher:
         self.runtime_name = runtime_name
         self.resolve_veth = resolve_veth
         self._api = api or DockerAPI(socket_path)
+        # Set once events() has listed the running containers after connecting
+        # (readiness for the agent; tests wait on it before starting containers).
+        self.synced = threading.Event()
 
     def close(self) -> None:
         self._api.close()
@@ -137,6 +140,7 @@ class DockerWatcher:
                     # Stream first, then list: a change in between shows up in both,
                     # and the upsert/dedup below makes that harmless.
                     yield from self._resync(known)
+                    self.synced.set()
                     for raw in stream:
                         event = self._translate(raw, known)
                         if event is not None:

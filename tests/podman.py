@@ -1,0 +1,222 @@
+"""Podman helpers for Stockade's tests (real containers, needs root).
+
+Use from a test module or a conftest:
+
+    from podman import podman_image, podman_service, run_container  # fixtures
+
+    def test_x(podman_service, run_container):
+        c = run_container("web", labels={"app": "web"}, cmd=["httpd", "-f", "-p", "80"])
+        # c.id, c.name, c.pid, c.ip; removed (podman rm -f ID) at teardown
+
+* Every podman process started here gets CONTAINERS_CONF=tests/data/containers.conf
+  (runc, cgroupfs, no ulimits, file events); the host's config is untouched.
+* podman_image builds localhost/stockade-bb:latest from busybox-static
+  (rootfs tarball -> podman import), once; skipped when it already exists.
+* podman_service starts `podman system service` on a private socket under
+  /run/stockade-test/ and stops it by its PID at the end of the session.
+* Containers are labelled stockade.test.session=SESSION_ID, so
+  leftover_containers() can prove that a test cleaned up after itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from stockade.discovery import PodmanService, start_podman_service, stop_podman_service
+
+TESTS_DIR = Path(__file__).resolve().parent
+CONTAINERS_CONF = TESTS_DIR / "data" / "containers.conf"
+ARTIFACTS = TESTS_DIR / "artifacts"
+IMAGE = "localhost/stockade-bb:latest"
+NETWORK = "podman"
+BUSYBOX = "/bin/busybox"  # Debian's busybox-static: no shared libraries needed
+APPLETS = (
+    "sh", "nc", "httpd", "wget", "ping", "ping6", "ip", "ifconfig", "route", "sleep",
+    "cat", "echo", "ls", "ps", "kill", "true", "false", "hostname", "mkdir", "env",
+    "grep", "timeout", "nslookup", "udhcpc", "seq", "printf", "test", "[",
+)
+SESSION_LABEL = "stockade.test.session"
+SESSION_ID = uuid.uuid4().hex[:12]
+GLOBAL_ARGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")
+
+
+def podman_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
+    return env
+
+
+def podman(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `podman --runtime runc --cgroup-manager cgroupfs ARGS` with the test config."""
+    cmd = ["podman", *GLOBAL_ARGS, *args]
+    proc = subprocess.run(cmd, env=podman_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def podman_available() -> bool:
+    return os.geteuid() == 0 and shutil.which("podman") is not None and os.path.exists(BUSYBOX)
+
+
+# -- image -------------------------------------------------------------------
+
+def ensure_image(image: str = IMAGE) -> str:
+    """Build the busybox image unless it exists. Idempotent; returns the reference."""
+    if podman("image", "exists", image, check=False).returncode == 0:
+        return image
+    with tempfile.TemporaryDirectory(prefix="stockade-bb-") as tmp:
+        tar_path = Path(tmp) / "rootfs.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "var/www", "root"):
+                info = tarfile.TarInfo(d)
+                info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+                tar.addfile(info)
+            tar.add(BUSYBOX, arcname="bin/busybox")
+            for applet in APPLETS:
+                info = tarfile.TarInfo(f"bin/{applet}")
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, "busybox", 0o777
+                tar.addfile(info)
+            for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+                               ("etc/group", "root:x:0:\n"),
+                               ("var/www/index.html", "stockade\n")):
+                data = text.encode()
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        podman("import", "--change", 'CMD ["/bin/sh"]', str(tar_path), image)
+    return image
+
+
+# -- containers --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    pid: int
+    ip: str | None
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+def container_id(name_or_id: str) -> str | None:
+    proc = podman("container", "inspect", "--format", "{{.Id}}", name_or_id, check=False)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def inspect_container(name_or_id: str) -> dict:
+    return json.loads(podman("container", "inspect", name_or_id).stdout)[0]
+
+
+def start_container(
+    name: str,
+    labels: dict[str, str] | None = None,
+    cmd: list[str] | tuple[str, ...] = ("sleep", "3600"),
+    *,
+    network: str = NETWORK,
+    image: str = IMAGE,
+    extra_args: tuple[str, ...] = (),
+) -> ContainerInfo:
+    """`podman run -d` a container; the caller must remove_container(info.id).
+
+    If the run fails after the container was created, it is removed here.
+    """
+    labels = dict(labels or {})
+    args = ["run", "-d", "--name", name, "--network", network, "--label", f"{SESSION_LABEL}={SESSION_ID}"]
+    for key, value in labels.items():
+        args += ["--label", f"{key}={value}"]
+    proc = podman(*args, *extra_args, image, *cmd, check=False)
+    if proc.returncode != 0:
+        cid = container_id(name)
+        if cid:
+            remove_container(cid)
+        raise RuntimeError(f"podman run {name} failed: {proc.stderr.strip()}")
+    cid = proc.stdout.strip().splitlines()[-1]
+    try:
+        data = inspect_container(cid)
+    except Exception:
+        remove_container(cid)
+        raise
+    return ContainerInfo(
+        id=cid, name=name, pid=data["State"]["Pid"],
+        ip=data["NetworkSettings"].get("IPAddress") or None, labels=labels,
+    )
+
+
+def remove_container(cid: str) -> None:
+    """podman rm -f by ID (never by name pattern); no error if already gone."""
+    podman("rm", "-f", "-t", "0", cid, check=False)
+
+
+def leftover_containers(session: str = SESSION_ID) -> list[str]:
+    """IDs of containers (any state) this test session created and did not remove."""
+    proc = podman("ps", "-a", "-q", "--no-trunc", "--filter", f"label={SESSION_LABEL}={session}")
+    return proc.stdout.split()
+
+
+def bridge_name(network: str = NETWORK) -> str:
+    """Host bridge of a Podman network (cni-podman0 with CNI, podman0 with netavark)."""
+    data = json.loads(podman("network", "inspect", network).stdout)[0]
+    return data["network_interface"]
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{SESSION_ID}-{uuid.uuid4().hex[:6]}"
+
+
+# -- fixtures ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def podman_image() -> str:
+    if not podman_available():
+        pytest.skip("needs root, podman and /bin/busybox (busybox-static)")
+    return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def podman_service(podman_image) -> PodmanService:
+    """Podman's API service on a private socket; stopped by PID at session end."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    socket_path = f"/run/stockade-test/podman-{os.getpid()}.sock"
+    service = start_podman_service(
+        socket_path,
+        containers_conf=str(CONTAINERS_CONF),
+        log_path=str(ARTIFACTS / "podman-service.log"),
+    )
+    yield service
+    stop_podman_service(service)
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+
+
+@pytest.fixture
+def run_container(podman_image):
+    """Factory: run_container(name, labels=..., cmd=[...]) -> ContainerInfo.
+
+    Every container it starts is removed (podman rm -f ID) at teardown, even
+    when the test fails.
+    """
+    started: list[str] = []
+
+    def run(name: str, labels: dict[str, str] | None = None,
+            cmd: list[str] | tuple[str, ...] = ("sleep", "3600"), **kwargs) -> ContainerInfo:
+        info = start_container(name, labels, cmd, **kwargs)
+        started.append(info.id)
+        return info
+
+    yield run
+    for cid in reversed(started):
+        remove_container(cid)
