@@ -1,0 +1,25 @@
+"""The ``stockade`` command."""
+from __future__ import annotations
+
+import click
+
+from . import policy_offline
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="stockade")
+def cli():
+    """Stockade: identity-based network policy for hosts, enforced with eBPF."""
+
+
+@cli.group()
+def policy():
+    """Validate, trace and test policies; import them into the agent."""
+
+
+for cmd in (policy_offline.validate, policy_offline.trace, policy_offline.test):
+    policy.add_command(cmd)
+
+
+def main():
+    cli(prog_name="stockade")

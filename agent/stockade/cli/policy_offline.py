@@ -1,0 +1,108 @@
+"""Offline policy tools: validate, trace, test. They read files and need no agent."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..policy.api.loader import load_files
+from ..policy.compiler import ENFORCEMENT_MODES
+from ..policy.sel import parse_port, parse_sel
+from ..policy.testing import load_cases, run_cases
+from ..policy.trace import Tracer
+from .common import emit_json, handle_errors, output_option
+
+files_arg = click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+enforcement_option = click.option("--enforcement", type=click.Choice(ENFORCEMENT_MODES),
+                                  default="default", show_default=True)
+
+
+@click.command("validate")
+@files_arg
+@output_option
+@handle_errors
+def validate(files, output):
+    """Check policy FILES (YAML or JSON, several documents each).
+
+    \b
+    Examples:
+      stockade policy validate policies/*.yaml
+      stockade policy validate -o json web.yaml
+    """
+    policies = load_files(files)
+    if output == "json":
+        emit_json({"valid": True, "policies": [
+            {**p.ref.to_dict(), "source": p.source, "specs": len(p.rules)} for p in policies]})
+    else:
+        click.echo(f"{len(policies)} policies in {len(files)} files are valid")
+        for p in policies:
+            click.echo(f"  {p.ref.kind} {p.ref.display} ({p.source})")
+
+
+@click.command("trace")
+@click.option("--src", required=True, help="Source: k=v,... labels, cidr:<prefix> or entity:<name>.")
+@click.option("--dst", required=True, help="Destination, as --src.")
+@click.option("--dport", required=True, help="Destination port/protocol: 80/tcp, 53/udp, 8/icmp.")
+@enforcement_option
+@files_arg
+@output_option
+@handle_errors
+def trace(src, dst, dport, enforcement, files, output):
+    """Show what the policy in FILES does with one connection, and why.
+
+    A verdict of deny still exits 0; exit 1 means invalid input.
+
+    \b
+    Examples:
+      stockade policy trace --src app=web --dst app=db --dport 5432/tcp policies/*.yaml
+      stockade policy trace --src cidr:203.0.113.0/24 --dst app=web --dport 443/tcp p.yaml
+    """
+    policies = load_files(files)
+    s, d = parse_sel(src), parse_sel(dst)
+    proto, port = parse_port(dport)
+    result = Tracer(policies, enforcement).trace(s, d, proto, port)
+    if output == "json":
+        emit_json(result)
+        return
+    click.echo(f"{result['src']['selector']} -> {result['dst']['selector']} {result['port']}")
+    for side, who in (("egress", "source"), ("ingress", "destination")):
+        r = result[side]
+        click.echo(f"  {side} of {who}: {r['verdict'].upper()} ({r['reason']})")
+        for rule in r["rules"]:
+            click.echo(f"    {rule['verdict']}: {rule['policy']} {rule['rule']}")
+        if r["policies"] and not r["rules"]:
+            click.echo(f"    policies: {', '.join(r['policies'])}")
+    click.echo(f"Final verdict: {result['verdict'].upper()}")
+
+
+@click.command("test")
+@click.argument("tests", type=click.Path(dir_okay=False))
+@enforcement_option
+@files_arg
+@output_option
+@handle_errors
+def test(tests, enforcement, files, output):
+    """Check the expectations in TESTS (a YAML list of {from, to, port, expect})
+    against policy FILES. Exits 1 if any case fails.
+
+    \b
+    Example:
+      stockade policy test inventories/demo/policy_tests.yaml inventories/demo/policies/*.yaml
+    """
+    policies = load_files(files)
+    results = run_cases(load_cases(tests), policies, enforcement)
+    failed = [r for r in results if not r["passed"]]
+    if output == "json":
+        emit_json({"passed": len(results) - len(failed), "failed": len(failed), "results": results})
+    else:
+        for r in results:
+            mark = "PASS" if r["passed"] else "FAIL"
+            line = f"{mark}  {r['from']} -> {r['to']} {r['port']}: expected {r['expect']}, got {r['got']}"
+            click.echo(click.style(line, fg=None if r["passed"] else "red"))
+            if not r["passed"]:
+                for side in ("egress", "ingress"):
+                    t = r["trace"][side]
+                    click.echo(f"      {side}: {t['verdict']} ({t['reason']}) {', '.join(t['policies'])}")
+        click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        sys.exit(1)
