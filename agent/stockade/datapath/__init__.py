@@ -1,0 +1,21 @@
+"""Stockade's kernel datapath: the only package that imports bcc.
+
+    from stockade.datapath import Datapath, attach, detach
+    dp = Datapath({"STOCKADE_PIN_DIR": "/sys/fs/bpf/stockade"})
+    attach(ifindex, dp.from_endpoint_fd, dp.to_endpoint_fd)
+    dp.set_endpoint(ifindex, endpoint_id=1, identity=1001, ips=["10.0.0.1"])
+"""
+from .attach import Attachment, attach, detach, detach_all, list_attached
+from .errors import CapacityError, DatapathError
+from .loader import DEFAULT_SETTINGS, PINNED_MAPS, Datapath, render_source
+from .maps import Reason, Verdict
+
+__all__ = ["Attachment", "CapacityError", "DEFAULT_SETTINGS", "Datapath", "DatapathError",
+           "PINNED_MAPS", "Reason", "Verdict", "attach", "cleanup", "detach", "detach_all",
+           "list_attached", "render_source"]
+
+
+def cleanup(dp: "Datapath") -> None:
+    """Detach our filters from every link, then remove ``dp``'s pins."""
+    detach_all()
+    dp.remove_pins()

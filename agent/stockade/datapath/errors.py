@@ -1,0 +1,28 @@
+"""Errors raised by the datapath.
+
+    StockadeError (stockade.errors, when present)
+     └── DatapathError            any failure to build, load, attach or write maps
+          └── CapacityError       a change would overflow a map; nothing was written
+
+bcc exceptions and ``OSError`` never leave this package: they are translated into
+``DatapathError`` with ``raise ... from exc`` so the original stays attached.
+"""
+from __future__ import annotations
+
+try:  # the project-wide base class lives in stockade/errors.py (owned elsewhere)
+    from stockade.errors import StockadeError as _Base
+except ImportError:  # pragma: no cover - until stockade/errors.py exists
+    _Base = Exception
+
+
+class DatapathError(_Base):
+    """The kernel datapath refused an operation. ``what`` names the object."""
+
+    def __init__(self, what: str, msg: str):
+        self.what = what
+        self.msg = msg
+        super().__init__(f"{what}: {msg}")
+
+
+class CapacityError(DatapathError):
+    """A delta would not fit in a map; the map was left unchanged."""

@@ -1,0 +1,146 @@
+"""Build and load the BPF program (bpf/stockade.c) with bcc.
+
+Build-time settings live in one dict, ``DEFAULT_SETTINGS``; ``render_source`` turns
+it into ``#define`` lines in front of the C text. bcc rewrites map accesses only in
+its main file, so the project's own ``#include "..."`` lines are inlined here (system
+``<...>`` includes are left to clang).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import DatapathError
+from .writer import MapWriter
+
+BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+MAIN_SOURCE = "stockade.c"
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "STOCKADE_PIN_DIR": "/sys/fs/bpf/stockade",
+    "ENDPOINTS_MAX": 1024,
+    "IPCACHE_MAX": 16384,
+    "POLICY_MAX": 16384,
+    "POLICY_FLAGS_MAX": 4096,
+    "CT_MAP_TYPE": "lru_hash",  # "hash" only for tests of ct_full
+    "CT_MAX": 65536,
+    "CT_TIMEOUT_SYN_S": 60,
+    "CT_TIMEOUT_TCP_S": 6 * 3600,
+    "CT_TIMEOUT_CLOSE_S": 10,
+    "CT_TIMEOUT_OTHER_S": 60,
+    "EVENTS_PAGES": 16,
+}
+
+PINNED_MAPS = ("endpoints", "ipcache4", "ipcache6", "policy", "policy_flags",
+               "conntrack", "counters", "config")
+
+_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
+
+
+def _define(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, str):
+        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"#define {name} {value}"
+
+
+def render_source(settings: Mapping[str, Any] | None = None, bpf_dir: Path = BPF_DIR) -> str:
+    """The complete C text bcc compiles: settings as #defines, then stockade.c with
+    its quoted includes inlined (each file once)."""
+    merged = {**DEFAULT_SETTINGS, **(settings or {})}
+    unknown = set(merged) - set(DEFAULT_SETTINGS)
+    if unknown:
+        raise DatapathError("settings", f"unknown keys {sorted(unknown)}")
+    seen: set[Path] = set()
+
+    def inline(path: Path) -> str:
+        if path in seen:
+            return ""
+        seen.add(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise DatapathError(str(path), f"cannot read BPF source: {exc.strerror}") from exc
+        return _INCLUDE.sub(lambda m: f"/* >>> {m.group(1)} */\n"
+                            + inline((bpf_dir / m.group(1)).resolve()), text)
+
+    defines = "\n".join(_define(k, v) for k, v in merged.items())
+    return f"/* settings */\n{defines}\n\n" + inline((bpf_dir / MAIN_SOURCE).resolve())
+
+
+class Datapath(MapWriter):
+    """The compiled program plus its pinned maps.
+
+    ``Datapath(settings)`` compiles once; a second instance with the same pin
+    directory reuses the pinned maps (and their contents).
+    """
+
+    def __init__(self, settings: Mapping[str, Any] | None = None):
+        self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self.pin_dir = Path(self.settings["STOCKADE_PIN_DIR"])
+        self.source = render_source(self.settings)
+        try:
+            self.pin_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatapathError(str(self.pin_dir), f"cannot create pin directory: {exc}") from exc
+        try:
+            from bcc import BPF  # imported here: only this package may use bcc
+            self._BPF = BPF
+            self.bpf = BPF(text=self.source.encode(), cflags=["-Wno-unused-function"])
+            self.from_endpoint = self.bpf.load_func(b"from_endpoint", BPF.SCHED_CLS)
+            self.to_endpoint = self.bpf.load_func(b"to_endpoint", BPF.SCHED_CLS)
+        except DatapathError:
+            raise
+        except Exception as exc:  # bcc raises plain Exception on compile/load errors
+            raise DatapathError("bpf/stockade.c", f"cannot compile or load: {exc}") from exc
+
+    # -- program handles -------------------------------------------------------
+    @property
+    def from_endpoint_fd(self) -> int:
+        return self.from_endpoint.fd
+
+    @property
+    def to_endpoint_fd(self) -> int:
+        return self.to_endpoint.fd
+
+    def table(self, name: str):
+        """The bcc table object of map ``name`` (see PINNED_MAPS, plus "events")."""
+        try:
+            return self.bpf[name.encode()]
+        except KeyError as exc:
+            raise DatapathError(name, "no such map") from exc
+
+    def open_events(self, callback) -> None:
+        """Call ``callback(FlowEvent)`` for each event during ``poll_events``."""
+        from .maps import FlowEvent
+
+        def _cb(_ctx, data, size):
+            import ctypes as ct
+            callback(ct.cast(data, ct.POINTER(FlowEvent)).contents)
+        self.table("events").open_ring_buffer(_cb)
+
+    def poll_events(self, timeout_ms: int = 0) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def remove_pins(self) -> None:
+        """Unlink this datapath's pinned maps and the pin directory if empty."""
+        for name in PINNED_MAPS:
+            try:
+                os.unlink(self.pin_dir / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DatapathError(str(self.pin_dir / name), f"cannot unpin: {exc}") from exc
+        try:
+            self.pin_dir.rmdir()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Release the program and map fds (pins stay)."""
+        bpf, self.bpf = getattr(self, "bpf", None), None
+        if bpf is not None:
+            bpf.cleanup()

@@ -1,0 +1,189 @@
+"""ctypes mirrors of bpf/include/stockade_maps.h (see that header for byte order).
+
+tests/root/test_datapath_layout.py compiles the header with bcc and checks that every
+struct here has the same size and field offsets as the C one.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import enum
+import ipaddress
+
+DIR_INGRESS = 0
+DIR_EGRESS = 1
+
+EP_F_AUDIT = 1 << 0
+EP_F_UNIDENTIFIED = 1 << 1
+CFG_F_AUDIT = 1 << 0
+CFG_F_FORWARD_UNIDENTIFIED = 1 << 1
+
+EP_MAX_IP4 = 4
+EP_MAX_IP6 = 4
+IDENTITY_ANY = 0
+IDENTITY_WORLD = 2
+
+CT_STATE_NEW, CT_STATE_ESTABLISHED, CT_STATE_CLOSING = 0, 1, 2
+
+
+class Verdict(enum.IntEnum):
+    FORWARDED = 0
+    DROPPED = 1
+    AUDIT = 2
+
+
+class Reason(enum.IntEnum):
+    """Mirrors REASON_* in the header. NONE: plain forward."""
+
+    NONE = 0
+    POLICY_DENIED = 1
+    POLICY_DENY_RULE = 2
+    SPOOFED = 3
+    CT_FULL = 4
+    UNKNOWN_ENDPOINT = 5
+    INVALID = 6
+    UNSUPPORTED = 7
+    CT_REPLY = 8
+    CT_RELATED = 9
+    NEIGH = 10
+
+
+NUM_VERDICTS = len(Verdict)
+NUM_REASONS = len(Reason)
+NUM_COUNTERS = 2 * NUM_VERDICTS * NUM_REASONS
+
+
+def counter_index(direction: int, verdict: int, reason: int) -> int:
+    return (direction * NUM_VERDICTS + verdict) * NUM_REASONS + reason
+
+
+class Ip6Words(ct.Structure):
+    _fields_ = [("w", ct.c_uint32 * 4)]
+
+
+class EndpointInfo(ct.Structure):
+    _fields_ = [
+        ("endpoint_id", ct.c_uint32),
+        ("identity", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("mac", ct.c_uint8 * 6),
+        ("n_ip4", ct.c_uint8),
+        ("n_ip6", ct.c_uint8),
+        ("ip4", ct.c_uint32 * EP_MAX_IP4),
+        ("ip6", Ip6Words * EP_MAX_IP6),
+    ]
+
+
+class Ipcache4Key(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 4)]
+
+
+class Ipcache6Key(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+
+
+class IpcacheValue(ct.Structure):
+    _fields_ = [("identity", ct.c_uint32)]
+
+
+class PolicyKey(ct.Structure):
+    _fields_ = [
+        ("prefixlen", ct.c_uint32),
+        ("local", ct.c_uint32),
+        ("peer", ct.c_uint32),
+        ("direction", ct.c_uint8),
+        ("proto", ct.c_uint8),
+        ("port", ct.c_uint16),  # network order
+    ]
+
+
+class PolicyValue(ct.Structure):
+    _fields_ = [("deny", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("reserved", ct.c_uint32)]
+
+
+class PolicyFlagsKey(ct.Structure):
+    _fields_ = [("identity", ct.c_uint32), ("direction", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class PolicyFlagsValue(ct.Structure):
+    _fields_ = [("enforced", ct.c_uint8), ("default_deny", ct.c_uint8),
+                ("pad", ct.c_uint8 * 2)]
+
+
+class CtKey(ct.Structure):
+    _fields_ = [
+        ("ifindex", ct.c_uint32),
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("sport", ct.c_uint16),  # network order
+        ("dport", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("direction", ct.c_uint8),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class CtValue(ct.Structure):
+    _fields_ = [
+        ("expires", ct.c_uint64),
+        ("created", ct.c_uint64),
+        ("state", ct.c_uint8),
+        ("audited", ct.c_uint8),
+        ("pad", ct.c_uint8 * 6),
+    ]
+
+
+class CounterValue(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class ConfigValue(ct.Structure):
+    _fields_ = [("flags", ct.c_uint32)]
+
+
+class FlowEvent(ct.Structure):
+    _fields_ = [
+        ("timestamp", ct.c_uint64),
+        ("ifindex", ct.c_uint32),
+        ("src_identity", ct.c_uint32),
+        ("dst_identity", ct.c_uint32),
+        ("direction", ct.c_uint8),
+        ("verdict", ct.c_uint8),
+        ("reason", ct.c_uint8),
+        ("ip_version", ct.c_uint8),
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("tcp_flags", ct.c_uint8),
+        ("icmp_type", ct.c_uint8),
+        ("is_reply", ct.c_uint8),
+    ]
+
+    def addresses(self) -> tuple[str, str]:
+        """(source, destination) as text; IPv4 for ip_version 4 and ARP (0)."""
+        if self.ip_version == 6:
+            return (str(ipaddress.IPv6Address(bytes(self.saddr))),
+                    str(ipaddress.IPv6Address(bytes(self.daddr))))
+        return (str(ipaddress.IPv4Address(bytes(self.saddr[:4]))),
+                str(ipaddress.IPv4Address(bytes(self.daddr[:4]))))
+
+
+# C struct name -> mirror, for the layout test
+LAYOUTS = {
+    "ip6_words": Ip6Words,
+    "endpoint_info": EndpointInfo,
+    "ipcache4_key": Ipcache4Key,
+    "ipcache6_key": Ipcache6Key,
+    "ipcache_value": IpcacheValue,
+    "policy_key": PolicyKey,
+    "policy_value": PolicyValue,
+    "policy_flags_key": PolicyFlagsKey,
+    "policy_flags_value": PolicyFlagsValue,
+    "ct_key": CtKey,
+    "ct_value": CtValue,
+    "counter_value": CounterValue,
+    "config_value": ConfigValue,
+    "flow_event": FlowEvent,
+}

@@ -1,0 +1,259 @@
+"""Typed writers and readers for the pinned maps (mixed into ``Datapath``).
+
+Ordering of ``apply_delta`` (no packet is allowed or dropped that both the old and
+the new state would treat otherwise):
+
+  1. deny entries added/changed      (a deny only drops what the new state drops)
+  2. flags that loosen a direction   (not enforced, or default-deny -> allow-miss)
+  3. allow entries added/changed
+  4. flags that tighten a direction  (allow entries are in place before a miss drops)
+  5. allow entries removed
+  6. deny entries removed            (after tightening: a removed deny never opens a
+                                      gap while the old default still allows)
+
+``check_capacity`` runs first and raises ``CapacityError`` before any write when
+the peak size during those steps (adds happen before removes) exceeds a map.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+import time
+from typing import Iterable
+
+from stockade.policy.mapstate import (ANY_PROTO, FIXED_PREFIX_BITS, DirectionPolicy,
+                                      Delta, Entry, FlagState, Key, MapState)
+
+from . import maps as m
+from .errors import CapacityError, DatapathError
+
+
+def _lib():
+    from bcc.libbcc import lib
+    return lib
+
+
+def _policy_key(key: Key) -> m.PolicyKey:
+    port = key.port
+    if key.proto == ANY_PROTO:
+        port = 0
+    elif key.port_plen < 16:
+        port &= (0xFFFF << (16 - key.port_plen)) & 0xFFFF
+    return m.PolicyKey(prefixlen=key.prefixlen, local=key.local, peer=key.peer,
+                       direction=key.direction, proto=key.proto, port=socket.htons(port))
+
+
+def _key_from_c(k: m.PolicyKey) -> Key:
+    if k.prefixlen <= FIXED_PREFIX_BITS:
+        return Key(k.local, k.peer, k.direction)
+    return Key(k.local, k.peer, k.direction, k.proto, socket.ntohs(k.port),
+               k.prefixlen - FIXED_PREFIX_BITS - 8)
+
+
+def _rank(flag: DirectionPolicy) -> int:
+    """How restrictive a direction is: 0 not enforced, 1 allow on miss, 2 deny on miss."""
+    if not flag.enforced:
+        return 0
+    return 2 if flag.default_deny else 1
+
+
+class MapWriter:
+    """Needs ``self.table(name)`` (see loader.Datapath)."""
+
+    # -- low level -------------------------------------------------------------
+    def _update(self, name: str, key, value) -> None:
+        t = self.table(name)
+        if _lib().bpf_update_elem(t.map_fd, ct.byref(key), ct.byref(value), 0) < 0:
+            err = ct.get_errno()
+            raise DatapathError(name, f"update failed: {socket.errno.errorcode.get(err, err)}")
+
+    def _delete(self, name: str, key) -> bool:
+        t = self.table(name)
+        if _lib().bpf_delete_elem(t.map_fd, ct.byref(key)) < 0:
+            err = ct.get_errno()
+            if err == socket.errno.ENOENT:
+                return False
+            raise DatapathError(name, f"delete failed: {socket.errno.errorcode.get(err, err)}")
+        return True
+
+    def _items(self, name: str, key_type, value_type) -> list:
+        """All (key, value) pairs, read with our own ctypes types (not bcc's)."""
+        fd = self.table(name).map_fd
+        lib = _lib()
+        out = []
+        key, nxt = key_type(), key_type()
+        prev = None
+        while True:
+            if lib.bpf_get_next_key(fd, prev, ct.byref(nxt)) < 0:
+                break
+            val = value_type()
+            key = key_type.from_buffer_copy(nxt)
+            if lib.bpf_lookup_elem(fd, ct.byref(key), ct.byref(val)) == 0:
+                out.append((key, val))
+            prev = ct.byref(key)
+        return out
+
+    def max_entries(self, name: str) -> int:
+        return int(self.table(name).max_entries)
+
+    # -- endpoints and ipcache -------------------------------------------------
+    def set_endpoint(self, ifindex: int, endpoint_id: int, identity: int,
+                     ips: Iterable[str] = (), mac: str | None = None,
+                     audit: bool = False, unidentified: bool = False) -> None:
+        """Write the endpoint behind host-side interface ``ifindex`` (replaces it)."""
+        info = m.EndpointInfo(endpoint_id=endpoint_id, identity=identity)
+        info.flags = (m.EP_F_AUDIT if audit else 0) | (m.EP_F_UNIDENTIFIED if unidentified else 0)
+        if mac:
+            info.mac[:] = list(bytes.fromhex(mac.replace(":", "")))
+        for ip in ips:
+            addr = ipaddress.ip_address(ip)
+            if addr.version == 4:
+                if info.n_ip4 >= m.EP_MAX_IP4:
+                    raise DatapathError(f"endpoint {endpoint_id}", "too many IPv4 addresses")
+                info.ip4[info.n_ip4] = int.from_bytes(addr.packed, "little")
+                info.n_ip4 += 1
+            else:
+                if info.n_ip6 >= m.EP_MAX_IP6:
+                    raise DatapathError(f"endpoint {endpoint_id}", "too many IPv6 addresses")
+                ct.memmove(ct.addressof(info.ip6[info.n_ip6]), addr.packed, 16)
+                info.n_ip6 += 1
+        self._update("endpoints", ct.c_uint32(ifindex), info)
+
+    def del_endpoint(self, ifindex: int) -> bool:
+        return self._delete("endpoints", ct.c_uint32(ifindex))
+
+    def get_endpoint(self, ifindex: int) -> m.EndpointInfo | None:
+        for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo):
+            if k.value == ifindex:
+                return v
+        return None
+
+    @staticmethod
+    def _ipcache_key(prefix: str):
+        net = ipaddress.ip_network(prefix, strict=False)
+        if net.version == 4:
+            k = m.Ipcache4Key(prefixlen=net.prefixlen)
+            name = "ipcache4"
+        else:
+            k = m.Ipcache6Key(prefixlen=net.prefixlen)
+            name = "ipcache6"
+        ct.memmove(k.addr, net.network_address.packed, len(net.network_address.packed))
+        return name, k
+
+    def set_ipcache(self, prefix: str, identity: int) -> None:
+        """Map an address or CIDR to an identity (longest prefix wins)."""
+        name, k = self._ipcache_key(prefix)
+        self._update(name, k, m.IpcacheValue(identity=identity))
+
+    def del_ipcache(self, prefix: str) -> bool:
+        name, k = self._ipcache_key(prefix)
+        return self._delete(name, k)
+
+    def set_config(self, audit: bool = False, forward_unidentified: bool = False) -> None:
+        flags = (m.CFG_F_AUDIT if audit else 0) | (
+            m.CFG_F_FORWARD_UNIDENTIFIED if forward_unidentified else 0)
+        self._update("config", ct.c_uint32(0), m.ConfigValue(flags=flags))
+
+    # -- policy ----------------------------------------------------------------
+    def policy_entries(self) -> MapState:
+        return {_key_from_c(k): Entry(deny=bool(v.deny))
+                for k, v in self._items("policy", m.PolicyKey, m.PolicyValue)}
+
+    def policy_flags(self) -> FlagState:
+        return {(k.identity, k.direction): DirectionPolicy(bool(v.enforced), bool(v.default_deny))
+                for k, v in self._items("policy_flags", m.PolicyFlagsKey, m.PolicyFlagsValue)}
+
+    def check_capacity(self, delta: Delta) -> None:
+        """Raise CapacityError when ``delta`` cannot be written without overflowing."""
+        current = set(self.policy_entries())
+        peak = len(current) + len(set(delta.adds) - current)
+        limit = self.max_entries("policy")
+        if peak > limit:
+            raise CapacityError("policy", f"{peak} entries needed during the update, map holds {limit}")
+        flags = set(self.policy_flags())
+        new_flags = {k for k, v in delta.flags.items() if v != DirectionPolicy()} - flags
+        limit = self.max_entries("policy_flags")
+        if len(flags) + len(new_flags) > limit:
+            raise CapacityError("policy_flags",
+                                f"{len(flags) + len(new_flags)} entries needed, map holds {limit}")
+
+    def _write_flag(self, pair: tuple[int, int], flag: DirectionPolicy) -> None:
+        k = m.PolicyFlagsKey(identity=pair[0], direction=pair[1])
+        if flag == DirectionPolicy():
+            self._delete("policy_flags", k)
+        else:
+            self._update("policy_flags", k, m.PolicyFlagsValue(
+                enforced=int(flag.enforced), default_deny=int(flag.default_deny)))
+
+    def apply_delta(self, delta: Delta) -> None:
+        """Write ``delta`` in the order described in the module docstring."""
+        self.check_capacity(delta)
+        old_entries = self.policy_entries()
+        old_flags = self.policy_flags()
+        loosen = {p: f for p, f in delta.flags.items()
+                  if _rank(f) <= _rank(old_flags.get(p, DirectionPolicy()))}
+        tighten = {p: f for p, f in delta.flags.items() if p not in loosen}
+        deny_adds = [(k, e) for k, e in sorted(delta.adds.items()) if e.deny]
+        allow_adds = [(k, e) for k, e in sorted(delta.adds.items()) if not e.deny]
+        removes = sorted(delta.removes)
+        allow_removes = [k for k in removes if k in old_entries and not old_entries[k].deny]
+        deny_removes = [k for k in removes if k not in allow_removes]
+
+        for k, e in deny_adds:
+            self._update("policy", _policy_key(k), m.PolicyValue(deny=1))
+        for p, f in sorted(loosen.items()):
+            self._write_flag(p, f)
+        for k, e in allow_adds:
+            self._update("policy", _policy_key(k), m.PolicyValue(deny=0))
+        for p, f in sorted(tighten.items()):
+            self._write_flag(p, f)
+        for k in allow_removes + deny_removes:
+            self._delete("policy", _policy_key(k))
+
+    # -- counters and conntrack -------------------------------------------------
+    def counters(self) -> dict[tuple[int, m.Verdict, m.Reason], tuple[int, int]]:
+        """Non-zero counters summed over CPUs: (direction, verdict, reason) -> (packets, bytes)."""
+        t = self.table("counters")
+        out = {}
+        try:
+            for d in (m.DIR_INGRESS, m.DIR_EGRESS):
+                for v in m.Verdict:
+                    for r in m.Reason:
+                        per_cpu = t.getvalue(t.Key(m.counter_index(d, v, r)))
+                        pk = sum(c.packets for c in per_cpu)
+                        by = sum(c.bytes for c in per_cpu)
+                        if pk:
+                            out[(d, v, r)] = (pk, by)
+        except Exception as exc:
+            raise DatapathError("counters", f"cannot read: {exc}") from exc
+        return out
+
+    def reset_counters(self) -> None:
+        t = self.table("counters")
+        for i in range(m.NUM_COUNTERS):
+            t[t.Key(i)] = t.Leaf()
+
+    def ct_entries(self) -> list[tuple[m.CtKey, m.CtValue]]:
+        return self._items("conntrack", m.CtKey, m.CtValue)
+
+    def ct_gc(self, now_ns: int | None = None) -> int:
+        """Delete expired conntrack entries; returns how many were deleted."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+        expired = [k for k, v in self.ct_entries() if v.expires < now]
+        return sum(1 for k in expired if self._delete("conntrack", k))
+
+    def flush(self, names: Iterable[str] = ("endpoints", "ipcache4", "ipcache6", "policy",
+                                            "policy_flags", "conntrack")) -> None:
+        """Delete every entry of the given hash/LPM maps, reset config and counters."""
+        types = {"endpoints": (ct.c_uint32, m.EndpointInfo),
+                 "ipcache4": (m.Ipcache4Key, m.IpcacheValue),
+                 "ipcache6": (m.Ipcache6Key, m.IpcacheValue),
+                 "policy": (m.PolicyKey, m.PolicyValue),
+                 "policy_flags": (m.PolicyFlagsKey, m.PolicyFlagsValue),
+                 "conntrack": (m.CtKey, m.CtValue)}
+        for name in names:
+            for k, _v in self._items(name, *types[name]):
+                self._delete(name, k)
+        self.set_config()
+        self.reset_counters()

@@ -1,0 +1,200 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Stockade datapath: map layouts shared by the BPF program and by
+ * agent/stockade/datapath/maps.py (ctypes mirror; tests/root/test_datapath_layout.py
+ * compares sizes and offsets of both through bcc).
+ *
+ * Byte order
+ * ----------
+ * Everything is HOST order unless the field name or type says otherwise:
+ *   - identities, endpoint ids, ifindexes, flags, counters, timestamps: host order.
+ *   - IP addresses (ip4 / ip6 / ipcache keys / ct addresses / event addresses):
+ *     NETWORK order, exactly the bytes found in the packet.
+ *   - policy_key.port (__be16): NETWORK order, so that an LPM prefix over the
+ *     port bits selects the high bits of the port number first.
+ *   - ct_key ports: NETWORK order (copied from the packet).
+ *   - flow_event ports: HOST order (ready for display).
+ *
+ * Policy key (mirrors stockade.policy.mapstate.Key)
+ * -------------------------------------------------
+ *   [prefixlen u32][local u32][peer u32][direction u8][proto u8][port __be16]
+ *   The LPM trie matches the data bytes in order. The prefix always covers local,
+ *   peer and direction (72 bits, exact), then the protocol when it is not "any"
+ *   (8 bits), then the top port_plen bits of port. A lookup uses prefixlen 96 when
+ *   the packet has ports (TCP/UDP/SCTP; ICMP type stored in port) and 80 when it has
+ *   none (non-first fragment, other protocols): then only entries with port_plen 0
+ *   can match.
+ *
+ * Conntrack key
+ * -------------
+ *   One entry per (ifindex, original direction, tuple of the first packet). Each
+ *   hook (an endpoint's ingress or egress) keeps its own entries, so that a packet
+ *   between two local endpoints is checked by both the sender's egress policy and
+ *   the receiver's ingress policy. A reply is the reversed tuple seen at the same
+ *   ifindex in the other direction.
+ */
+#ifndef STOCKADE_MAPS_H
+#define STOCKADE_MAPS_H
+
+/* Directions, as in mapstate (INGRESS 0, EGRESS 1) from the endpoint's view. */
+#define DIR_INGRESS 0
+#define DIR_EGRESS  1
+
+/* Verdicts */
+#define VERDICT_FORWARDED 0
+#define VERDICT_DROPPED   1
+#define VERDICT_AUDIT     2
+#define NUM_VERDICTS      3
+
+/* Reasons (mirrored by stockade.datapath.maps.Reason). 0 for plain forwards. */
+#define REASON_NONE             0 /* forwarded: allowed or not enforced */
+#define REASON_POLICY_DENIED    1 /* enforced, default deny, no entry matched */
+#define REASON_POLICY_DENY_RULE 2 /* a deny entry matched */
+#define REASON_SPOOFED          3 /* source address (IP/ARP/ND) is not the endpoint's */
+#define REASON_CT_FULL          4 /* conntrack insert failed */
+#define REASON_UNKNOWN_ENDPOINT 5 /* no endpoints entry, or not yet identified */
+#define REASON_INVALID          6 /* truncated or malformed headers */
+#define REASON_UNSUPPORTED      7 /* ethertype / ND message we do not forward */
+#define REASON_CT_REPLY         8 /* forwarded: reply or later packet of a known flow */
+#define REASON_CT_RELATED       9 /* forwarded: ICMP error for a known flow */
+#define REASON_NEIGH            10 /* forwarded: ARP / neighbour discovery */
+#define NUM_REASONS             11
+
+#define COUNTER_INDEX(dir, verdict, reason) \
+	(((dir) * NUM_VERDICTS + (verdict)) * NUM_REASONS + (reason))
+#define NUM_COUNTERS (2 * NUM_VERDICTS * NUM_REASONS)
+
+/* Reserved identities */
+#define IDENTITY_ANY   0
+#define IDENTITY_WORLD 2
+
+/* endpoint_info.flags */
+#define EP_F_AUDIT        (1U << 0)
+#define EP_F_UNIDENTIFIED (1U << 1)
+
+/* config_value.flags */
+#define CFG_F_AUDIT                (1U << 0)
+#define CFG_F_FORWARD_UNIDENTIFIED (1U << 1)
+
+#define EP_MAX_IP4 4
+#define EP_MAX_IP6 4
+
+/* One IPv6 address as 4 words (network order bytes); a struct rather than a 2-D
+ * array because bcc's ctypes translation mishandles 2-D arrays. */
+struct ip6_words {
+	__u32 w[4];
+};
+
+/* endpoints: ifindex (u32, host order) -> endpoint_info */
+struct endpoint_info {
+	__u32 endpoint_id;
+	__u32 identity;
+	__u32 flags;          /* EP_F_* */
+	__u8  mac[6];
+	__u8  n_ip4;          /* used slots of ip4[] */
+	__u8  n_ip6;          /* used slots of ip6[] */
+	__be32 ip4[EP_MAX_IP4];
+	struct ip6_words ip6[EP_MAX_IP6];
+};
+
+/* ipcache4 / ipcache6: LPM over the address (network order) */
+struct ipcache4_key {
+	__u32 prefixlen;
+	__u8  addr[4];
+};
+
+struct ipcache6_key {
+	__u32 prefixlen;
+	__u8  addr[16];
+};
+
+struct ipcache_value {
+	__u32 identity;
+};
+
+/* policy: see "Policy key" above */
+struct policy_key {
+	__u32  prefixlen;
+	__u32  local;
+	__u32  peer;
+	__u8   direction;
+	__u8   proto;
+	__be16 port;
+};
+
+struct policy_value {
+	__u8  deny;
+	__u8  pad[3];
+	__u32 reserved;   /* later: index of the deciding policy */
+};
+
+/* policy_flags: (local identity, direction) -> enforcement. Absent = not enforced. */
+struct policy_flags_key {
+	__u32 identity;
+	__u8  direction;
+	__u8  pad[3];
+};
+
+struct policy_flags_value {
+	__u8 enforced;
+	__u8 default_deny;
+	__u8 pad[2];
+};
+
+/* conntrack */
+struct ct_key {
+	__u32 ifindex;
+	__u8  saddr[16];  /* IPv4: first 4 bytes, rest zero */
+	__u8  daddr[16];
+	__be16 sport;     /* ICMP echo: identifier in both ports */
+	__be16 dport;
+	__u8  proto;
+	__u8  direction;  /* direction of the first packet */
+	__u8  family;     /* 4 or 6 */
+	__u8  pad;
+};
+
+#define CT_STATE_NEW         0 /* TCP SYN seen, no reply yet; other protocols */
+#define CT_STATE_ESTABLISHED 1
+#define CT_STATE_CLOSING     2
+
+struct ct_value {
+	__u64 expires;    /* bpf_ktime_get_ns() deadline; past = absent */
+	__u64 created;
+	__u8  state;      /* CT_STATE_* */
+	__u8  audited;    /* created by an audited would-be drop */
+	__u8  pad[6];
+};
+
+/* counters: per-CPU array, index COUNTER_INDEX(dir, verdict, reason) */
+struct counter_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* config: array[1] */
+struct config_value {
+	__u32 flags;      /* CFG_F_* */
+};
+
+/* events: ring buffer records */
+struct flow_event {
+	__u64 timestamp;      /* bpf_ktime_get_ns */
+	__u32 ifindex;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u8  direction;
+	__u8  verdict;
+	__u8  reason;
+	__u8  ip_version;     /* 4 or 6; 0 for ARP (addresses: spa / tpa) */
+	__u8  saddr[16];      /* network order */
+	__u8  daddr[16];
+	__u16 sport;          /* host order */
+	__u16 dport;
+	__u8  proto;
+	__u8  tcp_flags;
+	__u8  icmp_type;
+	__u8  is_reply;
+};
+
+#endif /* STOCKADE_MAPS_H */
