@@ -4,11 +4,13 @@
     DockerAPI                     Docker-compatible REST client, Docker or Podman (docker_api.py)
     DockerWatcher                 snapshot() and events() over one socket (watcher.py)
     find_host_veth                host end of a container's veth (veth.py)
+    PodmanEventsLog               inotify tail of Podman's events.log, the low-latency path (podman_events.py)
     start/stop_podman_service     run Podman's API service when it is missing (podman_service.py)
 """
 
 from .docker_api import DockerAPI, EventStream, workload_from_inspect
 from .errors import DiscoveryError, RuntimeAPIError, RuntimeUnavailable, ServiceStartError
+from .podman_events import DEFAULT_EVENTS_LOG, PodmanEventsLog
 from .podman_service import (
     PodmanService,
     ensure_podman_service,
@@ -21,8 +23,8 @@ from .watcher import DockerWatcher
 from .workload import Workload, WorkloadEvent
 
 __all__ = [
-    "DiscoveryError", "DockerAPI", "DockerWatcher", "EventStream", "HostVeth",
-    "PodmanService", "RuntimeAPIError", "RuntimeUnavailable", "ServiceStartError",
+    "DEFAULT_EVENTS_LOG", "DiscoveryError", "DockerAPI", "DockerWatcher", "EventStream", "HostVeth",
+    "PodmanEventsLog", "PodmanService", "RuntimeAPIError", "RuntimeUnavailable", "ServiceStartError",
     "Workload", "WorkloadEvent", "ensure_podman_service", "find_host_veth",
     "socket_answers", "start_podman_service", "stop_podman_service",
     "workload_from_inspect",

@@ -4,31 +4,42 @@ Two ways to consume a DockerWatcher:
 
 * ``for ev in watcher.events(stop_event): ...`` - a blocking generator. It
   first yields "added" for every running container, then live changes. Set
-  stop_event (from any thread) to end it promptly; the generator aborts its
-  HTTP stream, it does not wait for the next event.
+  stop_event (from any thread) to end it promptly: the HTTP stream is aborted,
+  nothing waits for the next event.
 * ``watcher.start(callback, stop_event)`` - the same loop in a daemon thread,
   calling callback(event) for each event.
 
-Latency: a "start" (or Podman "init") event is inspected and yielded right
-away, on the reading thread, before any other event is read.
+Threads: one reads the API's /events stream, an optional second one follows
+Podman's event log file (events_log=, see podman_events.py); both only
+queue raw events. The consuming thread does everything else (inspect, veth
+lookup, bookkeeping), so no locks are needed.
 
-Reconnects: when the socket disappears the generator retries with
-exponential backoff (0.1 s doubling to 5 s) and, once connected again,
-re-lists containers and yields the difference (removed for vanished
-containers, added for new or changed ones), so nothing is lost in the gap.
-With give_up_after set, it raises RuntimeUnavailable after that many seconds
-without a connection instead.
+Latency: an "init" (Podman) or "start" event is inspected and yielded as soon
+as it is dequeued. Through Podman's API alone that is 0-250 ms after the
+event, because the service polls its log; with events_log it is ~1 ms.
+Duplicates (both sources, or a resync) are dropped: per container, events
+not newer than the last one handled are ignored, and an "added" equal to the
+known workload is not repeated.
+
+Reconnects: when the socket disappears the reader retries with exponential
+backoff (0.1 s doubling to 5 s); once connected again the consumer re-lists
+containers and yields the difference (removed for vanished containers, added
+for new or changed ones), so nothing is lost in the gap. With give_up_after
+set, events() raises RuntimeUnavailable after that many seconds without a
+connection instead.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 from .docker_api import EVENT_ACTIONS, DockerAPI, EventStream, workload_from_inspect
 from .errors import DiscoveryError, RuntimeUnavailable
+from .podman_events import PodmanEventsLog
 from .workload import Workload, WorkloadEvent
 
 log = logging.getLogger(__name__)
@@ -37,12 +48,18 @@ _ADD_ACTIONS = frozenset({"init", "start", "restart"})
 _REMOVE_ACTIONS = frozenset({"die", "stop", "remove"})
 _CHECK_ACTIONS = frozenset({"kill"})  # a signal, not always a death: ask the runtime
 
+# Items on the internal queue: (_SYNC, None) after (re)connecting, (_RAW, event),
+# (_FAIL, exc) when the reader gives up, (_STOP, None) when stop_event is set.
+_SYNC, _RAW, _FAIL, _STOP = "sync", "raw", "fail", "stop"
+
 
 class DockerWatcher:
     """Watch one Docker-API socket (Docker or Podman's compat service).
 
     runtime_name is put in every Workload.runtime ("podman", "docker").
     resolve_veth=False skips the netlink lookup of the host veth (no root).
+    events_log: Podman's events.log to follow with inotify for low latency
+    (Podman with events_logger="file" only); None uses the API stream alone.
     """
 
     BACKOFF_MIN = 0.1
@@ -54,11 +71,13 @@ class DockerWatcher:
         runtime_name: str,
         *,
         resolve_veth: bool = True,
+        events_log: str | None = None,
         api: DockerAPI | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.runtime_name = runtime_name
         self.resolve_veth = resolve_veth
+        self.events_log = events_log
         self._api = api or DockerAPI(socket_path)
         # Set once events() has listed the running containers after connecting
         # (readiness for the agent; tests wait on it before starting containers).
@@ -108,68 +127,93 @@ class DockerWatcher:
     ) -> Iterator[WorkloadEvent]:
         """Yield added/removed events until stop_event is set (see module doc)."""
         stop_event = stop_event or threading.Event()
-        known: dict[str, Workload] = {}
+        halt = threading.Event()  # stop_event, or the generator was closed
+        inbox: queue.Queue = queue.Queue()
         current: list[EventStream | None] = [None]
-        done = threading.Event()
-        waker = threading.Thread(
-            target=self._abort_on_stop, args=(stop_event, done, current), daemon=True,
-            name="stockade-watch-stop",
-        )
-        waker.start()
-        backoff = self.BACKOFF_MIN
-        down_since: float | None = None
+        threads = [
+            threading.Thread(target=self._read_api, args=(halt, inbox, current, give_up_after),
+                             name="stockade-watch-api", daemon=True),
+            threading.Thread(target=self._wait_stop, args=(stop_event, halt, inbox, current),
+                             name="stockade-watch-stop", daemon=True),
+        ]
+        if self.events_log:
+            tail = PodmanEventsLog(self.events_log)
+            threads.append(threading.Thread(
+                target=tail.follow, args=(halt, lambda raw: inbox.put((_RAW, raw))),
+                name="stockade-watch-log", daemon=True))
+        for thread in threads:
+            thread.start()
+        known: dict[str, Workload] = {}
+        last_ns: dict[str, int] = {}
         try:
-            while not stop_event.is_set():
-                try:
-                    stream = self._api.events()
-                except RuntimeUnavailable:
-                    now = time.monotonic()
-                    down_since = down_since or now
-                    if give_up_after is not None and now - down_since >= give_up_after:
-                        raise
-                    log.warning("%s: %s not answering, retrying in %.1fs",
-                                self.runtime_name, self.socket_path, backoff)
-                    stop_event.wait(backoff)
-                    backoff = min(backoff * 2, self.BACKOFF_MAX)
-                    continue
-                down_since, backoff = None, self.BACKOFF_MIN
-                current[0] = stream
-                if stop_event.is_set():
-                    stream.abort()
-                try:
-                    # Stream first, then list: a change in between shows up in both,
-                    # and the upsert/dedup below makes that harmless.
-                    yield from self._resync(known)
+            while True:
+                kind, item = inbox.get()
+                if kind == _STOP or halt.is_set():
+                    return
+                if kind == _FAIL:
+                    raise item
+                if kind == _SYNC:
+                    try:
+                        yield from self._resync(known)
+                    except DiscoveryError as exc:
+                        log.warning("%s: resync failed, reconnecting: %s", self.runtime_name, exc)
+                        _abort(current)
+                        continue
                     self.synced.set()
-                    for raw in stream:
-                        event = self._translate(raw, known)
-                        if event is not None:
-                            yield event
-                except RuntimeUnavailable as exc:
-                    log.warning("%s: %s", self.runtime_name, exc)
-                finally:
-                    current[0] = None
-                    stream.close()
+                    continue
+                event = self._translate(item, known, last_ns)
+                if event is not None:
+                    yield event
         finally:
-            done.set()
+            halt.set()
+            _abort(current)
+
+    def _read_api(self, halt, inbox, current, give_up_after) -> None:
+        backoff, down_since = self.BACKOFF_MIN, None
+        while not halt.is_set():
+            try:
+                stream = self._api.events()
+            except DiscoveryError as exc:
+                now = time.monotonic()
+                down_since = down_since or now
+                if give_up_after is not None and now - down_since >= give_up_after:
+                    inbox.put((_FAIL, exc))
+                    return
+                log.warning("%s: %s; retrying in %.1fs", self.runtime_name, exc, backoff)
+                halt.wait(backoff)
+                backoff = min(backoff * 2, self.BACKOFF_MAX)
+                continue
+            backoff, down_since = self.BACKOFF_MIN, None
+            current[0] = stream
+            try:
+                if halt.is_set():
+                    return
+                # Stream first, then list (the consumer does it on _SYNC): a change
+                # in between shows up in both, and the dedup makes that harmless.
+                inbox.put((_SYNC, None))
+                for raw in stream:
+                    inbox.put((_RAW, raw))
+                if not stream.aborted and not halt.is_set():
+                    log.warning("%s: event stream ended, reconnecting", self.runtime_name)
+            except RuntimeUnavailable as exc:
+                log.warning("%s: %s", self.runtime_name, exc)
+            finally:
+                current[0] = None
+                stream.close()
 
     @staticmethod
-    def _abort_on_stop(stop_event: threading.Event, done: threading.Event, current: list) -> None:
-        # Polls done so the thread also ends when the caller drops the generator
-        # without setting stop_event.
-        while not done.is_set():
+    def _wait_stop(stop_event, halt, inbox, current) -> None:
+        # Polls halt so the thread also ends when the consumer closes the
+        # generator without setting stop_event.
+        while not halt.is_set():
             if stop_event.wait(0.25):
-                stream = current[0]
-                if stream is not None:
-                    stream.abort()
+                halt.set()
+                _abort(current)
+                inbox.put((_STOP, None))
                 return
 
     def _resync(self, known: dict[str, Workload]) -> Iterator[WorkloadEvent]:
-        try:
-            now = {w.id: w for w in self.snapshot()}
-        except DiscoveryError as exc:
-            log.warning("%s: resync failed: %s", self.runtime_name, exc)
-            raise RuntimeUnavailable(self.socket_path, f"resync failed: {exc}") from exc
+        now = {w.id: w for w in self.snapshot()}
         for cid in sorted(set(known) - set(now)):
             yield WorkloadEvent("removed", known.pop(cid))
         for cid, workload in sorted(now.items()):
@@ -177,7 +221,8 @@ class DockerWatcher:
                 known[cid] = workload
                 yield WorkloadEvent("added", workload)
 
-    def _translate(self, raw: dict, known: dict[str, Workload]) -> WorkloadEvent | None:
+    def _translate(self, raw: dict, known: dict[str, Workload], last_ns: dict[str, int]
+                   ) -> WorkloadEvent | None:
         if raw.get("Type", raw.get("type")) not in (None, "container"):
             return None
         action = raw.get("Action") or raw.get("status") or ""
@@ -186,6 +231,11 @@ class DockerWatcher:
         cid = (raw.get("Actor") or {}).get("ID") or raw.get("id")
         if not cid:
             return None
+        ns = raw.get("timeNano")
+        if isinstance(ns, int):
+            if ns <= last_ns.get(cid, 0):
+                return None  # already handled from the other source
+            last_ns[cid] = ns
         if action in _ADD_ACTIONS:
             try:
                 workload = self.inspect(cid)
@@ -204,5 +254,15 @@ class DockerWatcher:
                 pass
             return WorkloadEvent("removed", known.pop(cid))
         if action in _REMOVE_ACTIONS and cid in known:
+            if action == "remove":
+                last_ns.pop(cid, None)  # IDs are not reused; keep the table small
             return WorkloadEvent("removed", known.pop(cid))
+        if action == "remove":
+            last_ns.pop(cid, None)
         return None
+
+
+def _abort(current: list) -> None:
+    stream = current[0]
+    if stream is not None:
+        stream.abort()
