@@ -92,6 +92,7 @@ class Compiler:
         self._rules: dict[int, Rule] = {}
         self._sel_clauses: dict[Selector, set[Clause]] = {}
         self._local_rules: dict[int, list[Rule]] = {}
+        self._rule_index: dict = {}  # (key, value) or None -> ids of rules (see index_keys)
         self._pairs: dict[tuple[int, int], MapState] = {}
         self._peers_of: dict[int, set[int]] = {}              # local -> peers with a pair
         self._locals_of_peer: dict[int, set[int]] = {}        # peer -> locals with a pair
@@ -106,7 +107,8 @@ class Compiler:
                 pairs.update((loc, ident.id) for loc in self._rule_locals[id(clause.rule)])
         if local and ident.kind == WORKLOAD_KIND:
             self.local_ids.add(ident.id)
-            rules = [r for r in self._rules.values() if r.endpoint_selector.matches(ident.labels)]
+            rules = [self._rules[rid] for rid in self._rules_for_labels(ident)
+                     if self._rules[rid].endpoint_selector.matches(ident.labels)]
             self._local_rules[ident.id] = rules
             for r in rules:
                 self._rule_locals[id(r)].add(ident.id)
@@ -131,11 +133,20 @@ class Compiler:
         return delta
 
     def set_policy(self, policy: Policy) -> Delta:
+        return self.set_policies([policy])
+
+    def set_policies(self, policies: list[Policy], remove: list[PolicyRef] = ()) -> Delta:
+        """Add or replace ``policies`` and drop ``remove`` in one step; each affected
+        local identity is recomputed once."""
         delta = Delta({}, set(), {})
-        affected = self._drop_policy(policy.ref)
-        self.policies[policy.ref] = policy
-        for rule in policy.rules:
-            affected |= self._add_rule(rule)
+        affected: set[int] = set()
+        for ref in remove:
+            affected |= self._drop_policy(ref)
+        for policy in policies:
+            affected |= self._drop_policy(policy.ref)
+            self.policies[policy.ref] = policy
+            for rule in policy.rules:
+                affected |= self._add_rule(rule)
         self._recompute_locals(affected, delta)
         return delta
 
@@ -163,17 +174,33 @@ class Compiler:
     def _add_rule(self, rule: Rule) -> set[int]:
         rid = id(rule)
         self._rules[rid] = rule
+        self._index_rule(rule, True)
         self._clauses[rid] = compile_rule(rule)
         for c in self._clauses[rid]:
             for sel in c.selectors:
                 self.cache.add_selector(sel)
                 self._sel_clauses.setdefault(sel, set()).add(c)
-        locs = {i for i in self.local_ids
+        locs = {i for i in self._candidates(rule)
                 if rule.endpoint_selector.matches(self.cache.identities[i].labels)}
         self._rule_locals[rid] = locs
         for i in locs:
             self._local_rules[i].append(rule)
         return set(locs)
+
+    def _rules_for_labels(self, ident: Identity) -> set[int]:
+        out = set(self._rule_index.get(None, ()))
+        for label in ident.labels:
+            out |= self._rule_index.get((label.key, label.value), set())
+        return out
+
+    def _index_rule(self, rule: Rule, add: bool) -> None:
+        keys = self.cache.index_keys(rule.endpoint_selector)
+        for k in keys if keys is not None else [None]:
+            bucket = self._rule_index.setdefault(k, set())
+            bucket.add(id(rule)) if add else bucket.discard(id(rule))
+
+    def _candidates(self, rule: Rule) -> set[int]:
+        return self.cache.candidates(rule.endpoint_selector, self.local_ids)
 
     def _drop_policy(self, ref: PolicyRef) -> set[int]:
         old = self.policies.pop(ref, None)
@@ -190,6 +217,7 @@ class Compiler:
             for i in locs:
                 self._local_rules[i] = [r for r in self._local_rules[i] if r is not rule]
             affected |= locs
+            self._index_rule(rule, False)
             del self._rules[rid]
         return affected
 
@@ -292,6 +320,5 @@ def full_compile(policies: list[Policy], identities: list[Identity], local_ids: 
     c = Compiler(enforcement)
     for ident in identities:
         c.add_identity(ident, local=ident.id in local_ids)
-    for p in policies:
-        c.set_policy(p)
+    c.set_policies(policies)
     return dict(c.entries), dict(c.flags)

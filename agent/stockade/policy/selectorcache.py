@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Hashable
 
 from .api.entity import RESERVED
+from .api.selector import EndpointSelector
 from .identity import CIDR_KIND, RESERVED_KIND, WORKLOAD_KIND, Identity
 
 Selector = tuple[str, Hashable]
@@ -41,31 +42,77 @@ class SelectorCache:
         self.identities: dict[int, Identity] = {}
         self.selections: dict[Selector, frozenset[int]] = {}
         self._users: dict[Selector, int] = {}
+        self._index: dict[tuple[str, str], set[int]] = {}  # (key, value) -> identity ids
+        self._sel_index: dict = {}  # (key, value) or None (unindexed) -> selectors
+
+    @staticmethod
+    def index_keys(sel: EndpointSelector) -> list[tuple[str, str]] | None:
+        """(key, value) pairs one of which every selected identity has (the values of
+        one ``In`` requirement), or None when the selector has no ``In``."""
+        reqs = [r for r in sel.requirements if r.operator == "In"]
+        if not reqs:
+            return None
+        best = min(reqs, key=lambda r: len(r.values))
+        return [(best.key, v) for v in best.values]
+
+    def _index_selector(self, sel: Selector, add: bool) -> None:
+        keys = self.index_keys(sel[1]) if sel[0] == "endpoints" else None
+        for k in keys if keys is not None else [None]:
+            bucket = self._sel_index.setdefault(k, set())
+            bucket.add(sel) if add else bucket.discard(sel)
+
+    def _selectors_for(self, ident: Identity):
+        out = set(self._sel_index.get(None, ()))
+        for label in ident.labels:
+            out |= self._sel_index.get((label.key, label.value), set())
+        return out
+
+    def candidates(self, sel: EndpointSelector, among=None) -> set[int] | dict:
+        """Identities that may match ``sel``: narrowed through the label index by its
+        smallest ``In`` requirement; ``among`` (default: all identities) otherwise."""
+        best = None
+        for req in sel.requirements:
+            if req.operator == "In":
+                ids = set().union(*(self._index.get((req.key, v), ()) for v in req.values))
+                if best is None or len(ids) < len(best):
+                    best = ids
+        pool = self.identities if among is None else among
+        if best is None:
+            return pool
+        return {i for i in best if i in pool}
 
     def add_selector(self, sel: Selector) -> frozenset[int]:
         self._users[sel] = self._users.get(sel, 0) + 1
         if sel not in self.selections:
+            pool = self.candidates(sel[1]) if sel[0] == "endpoints" else self.identities
             self.selections[sel] = frozenset(
-                i for i, ident in self.identities.items() if selects(sel, ident))
+                i for i in pool if selects(sel, self.identities[i]))
+            self._index_selector(sel, True)
         return self.selections[sel]
 
     def remove_selector(self, sel: Selector) -> None:
         self._users[sel] -= 1
         if not self._users[sel]:
             del self._users[sel], self.selections[sel]
+            self._index_selector(sel, False)
 
     def add_identity(self, ident: Identity) -> list[Selector]:
         """Returns the selectors that now also select ``ident``."""
         self.identities[ident.id] = ident
+        for label in ident.labels:
+            self._index.setdefault((label.key, label.value), set()).add(ident.id)
         changed = []
-        for sel, ids in self.selections.items():
+        for sel in self._selectors_for(ident):
+            ids = self.selections[sel]
             if ident.id not in ids and selects(sel, ident):
                 self.selections[sel] = ids | {ident.id}
                 changed.append(sel)
         return changed
 
     def remove_identity(self, ident_id: int) -> list[Selector]:
-        self.identities.pop(ident_id, None)
+        ident = self.identities.pop(ident_id, None)
+        for label in ident.labels if ident else ():
+            self._index[(label.key, label.value)].discard(ident_id)
         changed = []
         for sel, ids in self.selections.items():
             if ident_id in ids:
