@@ -248,7 +248,7 @@ INVALID = {
     "wrong-apiVersion.yaml": [(0, "apiVersion", "'cilium.io/v2' was expected")],
     "wrong-kind.yaml": [(0, "kind", "'NetworkPolicy' is not one of")],
     "ccnp-namespace.yaml": [(0, "metadata.namespace", "CiliumClusterwideNetworkPolicy is not namespaced")],
-    "duplicate-name.yaml": [(None, "metadata.name", "policy prod/web (CiliumNetworkPolicy) is defined twice")],
+    "duplicate-name.yaml": [(1, "metadata.name", "policy prod/web (CiliumNetworkPolicy) is defined twice (first in document 0)")],
     "yaml-syntax.yaml": [(None, "", "cannot parse at line 7, column 3: expected ',' or '}'")],
     "one-of-three-bad.yaml": [(1, "spec.ingress[0].toPorts[0].ports[0].port", f"'http2' is not a port number {NS}")],
     "l7-http.yaml": [(0, "spec.ingress[0].toPorts[0].rules.http", L7_NOT_ENFORCED)],
@@ -348,3 +348,13 @@ def test_l7_allowed(doc, errors):
     assert len(got) == len(errors)
     for (path, msg), (epath, emsg) in zip(got, errors):
         assert path == epath and emsg in msg
+
+
+@pytest.mark.parametrize("text", ["²", "٨٠"], ids=["superscript", "arabic-indic"])
+def test_non_ascii_digits_are_not_ports(text):
+    from stockade.errors import PolicyErrors
+    from stockade.policy.api.loader import load_text
+    doc = ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n"
+           f"spec:\n  endpointSelector: {{}}\n  ingress:\n  - toPorts: [{{ports: [{{port: \"{text}\"}}]}}]\n")
+    with pytest.raises(PolicyErrors, match="is not a port number"):
+        load_text(doc, "x.yaml")

@@ -72,7 +72,7 @@ def parse_port(text: str) -> tuple[int, int]:
     """``80/tcp`` -> (6, 80). The number is the ICMP type for icmp/icmpv6."""
     num, sep, proto = str(text).strip().partition("/")
     proto = proto.lower()
-    if not sep or proto not in PROTO_NUMBERS or proto == "any" or not num.isdigit():
+    if not sep or proto not in PROTO_NUMBERS or proto == "any" or not (num.isascii() and num.isdigit()):
         raise SelectorError(f"{text!r}: expected PORT/PROTO, e.g. 80/tcp, 53/udp, 9/sctp, "
                             "8/icmp, 128/icmpv6")
     n = int(num)

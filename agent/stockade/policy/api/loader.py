@@ -47,19 +47,22 @@ def parse_documents(text: str, name: str) -> list[Any]:
 def load_text(text: str, name: str, *, allow_l7: bool = False) -> list[Policy]:
     errors: list[PolicyError] = []
     policies = []
+    indexes = {}
     for index, doc in enumerate(parse_documents(text, name)):
         doc_name = None
         if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
             doc_name = doc["metadata"].get("name")
         try:
             policies.append(sanitize_document(doc, source=name, allow_l7=allow_l7))
+            indexes[id(policies[-1])] = index
         except PolicyErrors as exc:
             errors.extend(e.located(file=name, doc_index=index, doc_name=doc_name) for e in exc.errors)
     seen = {}
     for p in policies:
         if p.ref in seen:
             errors.append(PolicyError("metadata.name", f"policy {p.ref.display} ({p.ref.kind}) "
-                                      f"is defined twice", file=name))
+                                      f"is defined twice (first in document {indexes[id(seen[p.ref])]})",
+                                      file=name, doc_index=indexes[id(p)], doc_name=p.ref.name))
         seen[p.ref] = p
     if errors:
         raise PolicyErrors(errors)

@@ -191,7 +191,7 @@ class _Sanitizer:
             ok = False
         port_raw = raw.get("port", 0)
         if isinstance(port_raw, str):
-            if not port_raw.isdigit():
+            if not (port_raw.isascii() and port_raw.isdigit()):
                 self.fail(f"{path}.port", f"{port_raw!r} is not a port number "
                                           "(named ports are not supported)")
                 return None
@@ -237,7 +237,7 @@ class _Sanitizer:
                 continue
             names = ICMP_FAMILIES[family][1]
             typ = f["type"]
-            if isinstance(typ, str) and not typ.isdigit():
+            if isinstance(typ, str) and not (typ.isascii() and typ.isdigit()):
                 if typ not in names:
                     self.fail(f"{fpath}.type", f"{typ!r} is not a known {family} ICMP type name")
                     continue
