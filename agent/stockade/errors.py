@@ -5,6 +5,10 @@
     ├── PolicyErrors              several PolicyErrors found in one load (a file is rejected whole)
     ├── SelectorError             a command-line selector (SEL) that cannot be parsed
     ├── IdentityError             identity allocation or persistence failed
+    ├── InvalidRequest            API/CLI input that fails validation (HTTP 400)
+    ├── NotFound                  no such endpoint, policy or ipcache entry (HTTP 404)
+    ├── Conflict                  clashes with existing state (HTTP 409)
+    ├── PermissionDenied          a change asked for by a non-root peer (HTTP 403)
     └── (datapath.errors.DatapathError, discovery.errors.DiscoveryError, client.ClientError)
 """
 from __future__ import annotations
@@ -83,3 +87,31 @@ class SelectorError(StockadeError):
 
 class IdentityError(StockadeError):
     """Identity numbers could not be allocated or persisted."""
+
+
+class InvalidRequest(StockadeError):
+    """An API/CLI input that fails validation; ``field`` names the offending field."""
+
+    def __init__(self, msg: str, field: str | None = None):
+        super().__init__(msg)
+        self.field = field
+
+
+class NotFound(StockadeError):
+    """The named endpoint, policy or ipcache entry does not exist."""
+
+    def __init__(self, msg: str, field: str | None = None):
+        super().__init__(msg)
+        self.field = field
+
+
+class Conflict(StockadeError):
+    """The request clashes with existing state (a name or interface already in use)."""
+
+    def __init__(self, msg: str, field: str | None = None):
+        super().__init__(msg)
+        self.field = field
+
+
+class PermissionDenied(StockadeError):
+    """A change was asked for by a peer that is not uid 0."""

@@ -1,0 +1,77 @@
+"""What the agent offers its API server: the methods and the shapes they return.
+
+The HTTP server (daemon/server.py) is a thin translation of these methods to routes
+under /v1; the real implementation is ``daemon.agent.Agent``. Every method is
+thread-safe. Errors are StockadeError subclasses (errors.py): InvalidRequest -> 400,
+PolicyErrors -> 400, PermissionDenied -> 403, NotFound -> 404, Conflict -> 409,
+DatapathError with ``capacity=True`` -> 507, any other StockadeError -> 500.
+
+Shapes (JSON-ready dicts):
+
+Endpoint   {"name": str, "id": int, "interface": str, "ifindex": int|None,
+            "ips": [str], "labels": {"source:key": value}, "identity": int|None,
+            "source": "static"|"podman"|"docker"|"libvirt", "audit": bool,
+            "state": "ready"|"waiting-for-interface"|"unidentified",
+            "enforcement": {"ingress": {"enforced": bool, "default_deny": bool},
+                            "egress": {...}}}
+Identity   {"id": int, "labels": ["source:key=value", ...], "kind": "reserved"|"workload"|"cidr",
+            "prefix": str (cidr only), "endpoints": [endpoint names], "local": bool}
+IPCacheEntry {"prefix": "10.0.0.5/32", "identity": int, "labels": [...],
+            "host": str|None, "source": "local"|"remote"|"cidr"}
+PolicyInfo {"kind": str, "namespace": str|None, "name": str, "source": str,
+            "document": {...raw document...}, "rules": int}
+Health     {"status": "ok"|"degraded", "version": str, "uptime_s": float,
+            "enforcement": "default"|"always"|"never", "audit": bool,
+            "policy_revision": int, "endpoints": int, "identities": int,
+            "policies": int, "ipcache": int, "errors": [str],
+            "unprotected_interfaces": [str]}
+PolicyResult {"revision": int, "changed": bool, "dry_run": bool,
+            "diff": {"added": [display names], "removed": [...], "changed": [...],
+                     "rules": {"added": [str], "removed": [str]},
+                     "entries": {"added": int, "removed": int,
+                                 "sample": [{"op": "+"|"-", "local": int, "peer": int,
+                                             "direction": "ingress"|"egress", "port": "80/tcp",
+                                             "verdict": "allow"|"deny"}]}}}
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class AgentService(Protocol):
+    def health(self) -> dict: ...
+
+    def list_endpoints(self) -> list[dict]: ...
+
+    def add_endpoint(self, spec: dict) -> dict:
+        """spec: {"name": str (required), "interface": str (required), "ips": [str]
+        (required, at least one), "labels": {k: v} or "k=v,..." , "audit": bool}.
+        Conflict if the name or interface is taken by another endpoint; the same spec
+        again is accepted (idempotent)."""
+
+    def remove_endpoint(self, name: str) -> None: ...
+
+    def list_identities(self) -> list[dict]: ...
+
+    def list_ipcache(self) -> list[dict]: ...
+
+    def add_ipcache(self, entry: dict) -> dict:
+        """entry: {"prefix": "10.1.2.3" or "10.1.2.0/24", "labels": {k: v}, "host": str}.
+        Remote workloads of other hosts; labels give them an identity."""
+
+    def remove_ipcache(self, prefix: str) -> None: ...
+
+    def list_policies(self) -> list[dict]: ...
+
+    def put_policies(self, files: list[dict], *, replace_all: bool = False,
+                     dry_run: bool = False) -> dict:
+        """files: [{"name": "web.yaml", "text": "<yaml or json>"}]. Validated as one set
+        (any error: nothing applied, PolicyErrors). Adds or replaces the given policies;
+        with replace_all the live set becomes exactly these. Returns a PolicyResult."""
+
+    def delete_policy(self, name: str, namespace: str | None = None,
+                      kind: str | None = None, *, dry_run: bool = False) -> dict:
+        """name "*" with no namespace removes every policy. Returns a PolicyResult."""
+
+    def metrics(self) -> str:
+        """Prometheus text exposition."""
