@@ -55,7 +55,7 @@
 #define REASON_UNKNOWN_ENDPOINT 5 /* no endpoints entry, or not yet identified */
 #define REASON_INVALID          6 /* truncated or malformed headers */
 #define REASON_UNSUPPORTED      7 /* ethertype / ND message we do not forward */
-#define REASON_CT_REPLY         8 /* forwarded: reply or later packet of a known flow */
+#define REASON_CT_ESTABLISHED   8 /* forwarded: later packet or reply of a tracked flow */
 #define REASON_CT_RELATED       9 /* forwarded: ICMP error for a known flow */
 #define REASON_NEIGH            10 /* forwarded: ARP / neighbour discovery */
 #define NUM_REASONS             11

@@ -73,7 +73,7 @@ static __always_inline int handle_ip(struct __sk_buff *skb, const struct endpoin
 		    ct_lookup(&inner, skb->ifindex, !dir, 0) != CT_MISS)
 			return finish(skb, dir, VERDICT_FORWARDED, REASON_CT_RELATED, p, local, 0, 0);
 	} else if (ct_lookup(p, skb->ifindex, dir, 1) != CT_MISS) {
-		return finish(skb, dir, VERDICT_FORWARDED, REASON_CT_REPLY, p, local, 0, 0);
+		return finish(skb, dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, p, local, 0, 0);
 	}
 
 	/* New flow: policy between the endpoint and the peer's identity. */

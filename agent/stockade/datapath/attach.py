@@ -25,8 +25,7 @@ ETH_P_ALL = 0x0003
 class Attachment:
     ifindex: int
     hook: str       # "ingress" or "egress"
-    name: str       # BPF program name as tc reports it
-    prog_id: int
+    name: str       # BPF program name as tc reports it (pyroute2 0.7 does not decode the id)
 
 
 def _ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
@@ -89,8 +88,7 @@ def list_attached(ifindex: int | None = None) -> list[Attachment]:
                         if msg["info"] >> 16 != PRIO:
                             continue
                         opts = msg.get_attr("TCA_OPTIONS")
-                        out.append(Attachment(idx, hook, opts.get_attr("TCA_BPF_NAME") or "",
-                                              opts.get_attr("TCA_BPF_ID") or 0))
+                        out.append(Attachment(idx, hook, opts.get_attr("TCA_BPF_NAME") or ""))
     except (NetlinkError, OSError) as exc:
         raise DatapathError("tc", f"cannot list filters: {exc}") from exc
     return out

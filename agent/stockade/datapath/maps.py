@@ -42,7 +42,7 @@ class Reason(enum.IntEnum):
     UNKNOWN_ENDPOINT = 5
     INVALID = 6
     UNSUPPORTED = 7
-    CT_REPLY = 8
+    CT_ESTABLISHED = 8
     CT_RELATED = 9
     NEIGH = 10
 

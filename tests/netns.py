@@ -1,0 +1,151 @@
+"""Network namespaces with veth pairs for root tests.
+
+    with Topology() as topo:
+        a = topo.add_workload("a", ["10.213.7.1/24", "fd57:ade::1/64"])
+        a.host_ifindex        # host-side veth, enslaved to the topology's bridge
+        sock = a.socket(socket.AF_INET, socket.SOCK_STREAM)   # created inside a.ns
+
+Every host-side veth sits on one bridge in the root namespace (no address on it, so
+the root namespace never routes to the workloads): workloads of one topology share a
+link. Only names this object created are ever deleted, and everything is deleted on
+exit, also after a failure half way through ``add_workload``.
+Names: "sk" + pid + tag (namespace), + "h" (host veth), "sk" + pid + "br" (bridge).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run(*argv: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def in_netns(ns: str, fn, *args, **kwargs):
+    """Run ``fn(*args)`` in a thread that joined network namespace ``ns``; sockets
+    it creates belong to ``ns`` and stay usable from any thread."""
+    box: dict = {}
+
+    def target():
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {ns}")
+            finally:
+                os.close(fd)
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+@dataclass
+class Workload:
+    ns: str
+    host_if: str
+    host_ifindex: int
+    mac: str                       # MAC of the workload's eth0
+    addrs: list[str] = field(default_factory=list)  # with prefix length
+
+    @property
+    def ip4(self) -> str:
+        return next(a.split("/")[0] for a in self.addrs if ":" not in a)
+
+    @property
+    def ip6(self) -> str:
+        return next(a.split("/")[0] for a in self.addrs if ":" in a)
+
+    @property
+    def ips(self) -> list[str]:
+        return [a.split("/")[0] for a in self.addrs]
+
+    def exec(self, *argv: str, check: bool = True, timeout: float = 10):
+        return run("ip", "netns", "exec", self.ns, *argv, check=check, timeout=timeout)
+
+    def socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM, proto=0):
+        return in_netns(self.ns, socket.socket, family, type, proto)
+
+    def eth0_ifindex(self) -> int:
+        return in_netns(self.ns, socket.if_nametoindex, "eth0")
+
+
+class Topology:
+    """A bridge in the root namespace plus one namespace per workload."""
+
+    def __init__(self, tag: str | None = None):
+        self.prefix = f"sk{os.getpid()}{tag or ''}"
+        self.bridge = f"{self.prefix}br"
+        assert len(self.bridge) <= 15, self.bridge
+        self._links: list[str] = []
+        self._netns: list[str] = []
+        self.workloads: dict[str, Workload] = {}
+
+    def __enter__(self) -> "Topology":
+        try:
+            run("ip", "link", "add", self.bridge, "type", "bridge", "stp_state", "0")
+            self._links.append(self.bridge)
+            _disable_ipv6(self.bridge)
+            run("ip", "link", "set", self.bridge, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add_workload(self, tag: str, addrs: list[str]) -> Workload:
+        ns, host = f"{self.prefix}{tag}", f"{self.prefix}{tag}h"
+        assert len(host) <= 15, host
+        try:
+            run("ip", "netns", "add", ns)
+            self._netns.append(ns)
+            run("ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self._links.append(host)
+            _disable_ipv6(host)
+            run("ip", "link", "set", host, "master", self.bridge, "up")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+            for a in addrs:
+                extra = ["nodad"] if ":" in a else []
+                run("ip", "-n", ns, "addr", "add", a, "dev", "eth0", *extra)
+            run("ip", "-n", ns, "link", "set", "eth0", "up")
+            mac = json.loads(run("ip", "-n", ns, "-j", "link", "show", "eth0").stdout)[0]["address"]
+        except BaseException:
+            self.close()
+            raise
+        w = Workload(ns, host, socket.if_nametoindex(host), mac, list(addrs))
+        self.workloads[tag] = w
+        return w
+
+    def close(self) -> None:
+        """Delete what we created, newest first; errors are ignored (gone already)."""
+        for name in reversed(self._links):
+            run("ip", "link", "del", name, check=False)
+        for ns in reversed(self._netns):
+            run("ip", "netns", "del", ns, check=False)
+        self._links.clear()
+        self._netns.clear()
+
+
+def _disable_ipv6(ifname: str) -> None:
+    """No link-local address on host-side links: keeps the root namespace quiet."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass

@@ -1,0 +1,522 @@
+"""Real programs on real veths: policy, conntrack, anti-spoofing, audit, counters.
+
+Topology (tests/netns.py): workloads A, B and C in their own namespaces, their
+host-side veths on one bridge in the root namespace, both programs attached to every
+host-side veth. A and B are endpoints (identities 1001 and 1002, in the ipcache);
+C has no endpoints entry unless a test writes one. Map contents are built directly
+from stockade.policy.mapstate types, no compiler involved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from netns import Topology  # noqa: E402
+
+from stockade.datapath import (CapacityError, Datapath, Reason, Verdict, attach,  # noqa: E402
+                               detach, list_attached)
+from stockade.datapath import maps as m  # noqa: E402
+from stockade.policy.mapstate import (ANY_PEER, EGRESS, INGRESS, PROTO_ICMP,  # noqa: E402
+                                      PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, DirectionPolicy,
+                                      Entry, Key, diff, lookup, port_prefixes)
+
+pytestmark = pytest.mark.root
+
+ID_A, ID_B, WORLD = 1001, 1002, 2
+ALLOW, DENY = Entry(deny=False), Entry(deny=True)
+DEFAULT_DENY = DirectionPolicy(enforced=True, default_deny=True)
+ALLOW_ON_MISS = DirectionPolicy(enforced=True, default_deny=False)
+FAIL_TIMEOUT = 0.6
+SETTINGS = {
+    "STOCKADE_PIN_DIR": f"/sys/fs/bpf/stockade-test-{os.getpid()}",
+    "POLICY_MAX": 64,       # small, for the capacity test
+    "CT_MAX": 4096,
+}
+
+
+# -- fixtures ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env():
+    """Compile once, build the topology, attach to every host-side veth."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    topo = Topology()
+    dp = None
+    try:
+        topo.__enter__()
+        a = topo.add_workload("a", ["10.213.7.1/24", "fd57:ade::1/64"])
+        b = topo.add_workload("b", ["10.213.7.2/24", "fd57:ade::2/64"])
+        c = topo.add_workload("c", ["10.213.7.3/24", "fd57:ade::3/64"])
+        dp = Datapath(SETTINGS)
+        for w in (a, b, c):
+            attach(w.host_ifindex, dp.from_endpoint_fd, dp.to_endpoint_fd)
+        yield Env(dp, a, b, c)
+    finally:
+        for w in topo.workloads.values():
+            detach(w.host_ifindex)
+        topo.close()
+        if dp is not None:
+            dp.remove_pins()
+            dp.close()
+
+
+class Env:
+    def __init__(self, dp, a, b, c):
+        self.dp, self.a, self.b, self.c = dp, a, b, c
+
+    def reset(self):
+        dp = self.dp
+        dp.flush()
+        dp.set_endpoint(self.a.host_ifindex, 1, ID_A, self.a.ips, mac=self.a.mac)
+        dp.set_endpoint(self.b.host_ifindex, 2, ID_B, self.b.ips, mac=self.b.mac)
+        for w, ident in ((self.a, ID_A), (self.b, ID_B)):
+            for ip in w.ips:
+                dp.set_ipcache(ip, ident)
+
+    def policy(self, entries=None, flags=None):
+        """Replace the whole policy state (as the agent would, through a delta)."""
+        self.dp.apply_delta(diff(self.dp.policy_entries(), entries or {},
+                                 self.dp.policy_flags(), flags or {}))
+
+    def count(self, direction, verdict, reason) -> int:
+        return self.dp.counters().get((direction, verdict, reason), (0, 0))[0]
+
+
+@pytest.fixture
+def e(env):
+    env.reset()
+    yield env
+    env.reset()
+
+
+# -- traffic helpers -----------------------------------------------------------
+def fam(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def tcp_ok(client, server, addr, port, timeout=FAIL_TIMEOUT) -> bool:
+    """Connect client -> server:port and echo one message back."""
+    srv = server.socket(fam(addr), socket.SOCK_STREAM)
+    cli = client.socket(fam(addr), socket.SOCK_STREAM)
+    try:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((addr, port))
+        srv.listen(4)
+        srv.settimeout(timeout)
+        cli.settimeout(timeout)
+        try:
+            cli.connect((addr, port))
+            conn, _ = srv.accept()
+        except OSError:
+            return False
+        with conn:
+            conn.settimeout(timeout)
+            cli.sendall(b"ping")
+            conn.sendall(conn.recv(16))
+            return cli.recv(16) == b"ping"
+    finally:
+        cli.close()
+        srv.close()
+
+
+def udp_ok(client, server, addr, port, size=16, timeout=FAIL_TIMEOUT, src=None) -> bool:
+    srv = server.socket(fam(addr), socket.SOCK_DGRAM)
+    cli = client.socket(fam(addr), socket.SOCK_DGRAM)
+    try:
+        srv.bind((addr, port))
+        srv.settimeout(timeout)
+        if src:
+            cli.bind((src, 0))
+        cli.sendto(b"x" * size, (addr, port))
+        try:
+            return len(srv.recv(65535)) == size
+        except OSError:
+            return False
+    finally:
+        cli.close()
+        srv.close()
+
+
+def ping_ok(w, addr) -> bool:
+    return w.exec("ping", "-c1", f"-W{FAIL_TIMEOUT}", addr, check=False).returncode == 0
+
+
+def tcp_key(local, peer, direction, port, plen=16):
+    return Key(local, peer, direction, PROTO_TCP, port, plen)
+
+
+# -- policy decisions ----------------------------------------------------------
+RANGE = {tcp_key(ID_A, ID_B, EGRESS, p, plen): ALLOW for p, plen in port_prefixes(8000, 8191)}
+POLICY_CASES = [
+    # id, entries, flags, port, allowed, (direction, reason) of the drop
+    ("exact-port", {tcp_key(ID_A, ID_B, EGRESS, 8080): ALLOW}, {(ID_A, EGRESS): DEFAULT_DENY},
+     8080, True, None),
+    ("other-port", {tcp_key(ID_A, ID_B, EGRESS, 8080): ALLOW}, {(ID_A, EGRESS): DEFAULT_DENY},
+     8081, False, (EGRESS, Reason.POLICY_DENIED)),
+    ("range-last", RANGE, {(ID_A, EGRESS): DEFAULT_DENY}, 8191, True, None),
+    ("range-outside", RANGE, {(ID_A, EGRESS): DEFAULT_DENY}, 8192, False,
+     (EGRESS, Reason.POLICY_DENIED)),
+    ("any-peer-allow", {tcp_key(ID_A, ANY_PEER, EGRESS, 8080): ALLOW},
+     {(ID_A, EGRESS): DEFAULT_DENY}, 8080, True, None),
+    ("exact-deny-beats-any-allow", {tcp_key(ID_A, ANY_PEER, EGRESS, 8080): ALLOW,
+                                    Key(ID_A, ID_B, EGRESS): DENY},
+     {(ID_A, EGRESS): DEFAULT_DENY}, 8080, False, (EGRESS, Reason.POLICY_DENY_RULE)),
+    ("any-deny-beats-exact-allow", {tcp_key(ID_A, ID_B, EGRESS, 8080): ALLOW,
+                                    Key(ID_A, ANY_PEER, EGRESS, PROTO_TCP): DENY},
+     {(ID_A, EGRESS): DEFAULT_DENY}, 8080, False, (EGRESS, Reason.POLICY_DENY_RULE)),
+    ("enforced-allow-on-miss", {}, {(ID_A, EGRESS): ALLOW_ON_MISS}, 8080, True, None),
+    ("default-deny-miss", {}, {(ID_A, EGRESS): DEFAULT_DENY}, 8080, False,
+     (EGRESS, Reason.POLICY_DENIED)),
+    ("not-enforced-ignores-entries", {Key(ID_A, ID_B, EGRESS): DENY}, {}, 8080, True, None),
+    ("world-entry-not-for-b", {Key(ID_A, WORLD, EGRESS): ALLOW}, {(ID_A, EGRESS): DEFAULT_DENY},
+     8080, False, (EGRESS, Reason.POLICY_DENIED)),
+    ("ingress-allow", {tcp_key(ID_B, ID_A, INGRESS, 8080): ALLOW},
+     {(ID_B, INGRESS): DEFAULT_DENY}, 8080, True, None),
+    ("ingress-other-port", {tcp_key(ID_B, ID_A, INGRESS, 8080): ALLOW},
+     {(ID_B, INGRESS): DEFAULT_DENY}, 8081, False, (INGRESS, Reason.POLICY_DENIED)),
+]
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("entries,flags,port,allowed,drop", [c[1:] for c in POLICY_CASES],
+                         ids=[c[0] for c in POLICY_CASES])
+def test_tcp_policy(e, family, entries, flags, port, allowed, drop):
+    """A connects to B:port; the datapath agrees with mapstate.lookup()."""
+    on_b = any(k[0] == ID_B for k in list(entries) + list(flags))
+    local, peer, direction = (ID_B, ID_A, INGRESS) if on_b else (ID_A, ID_B, EGRESS)
+    verdict, _ = lookup(entries, flags, local, peer, direction, PROTO_TCP, port)
+    assert (verdict in ("allow", "not-enforced")) == allowed  # the table is consistent
+    e.policy(entries, flags)
+    addr = e.b.ip4 if family == 4 else e.b.ip6
+    assert tcp_ok(e.a, e.b, addr, port) == allowed
+    if drop:
+        assert e.count(drop[0], Verdict.DROPPED, drop[1]) >= 1
+    else:
+        assert e.count(EGRESS, Verdict.DROPPED, Reason.POLICY_DENIED) == 0
+
+
+def test_tcp_replies_pass_without_policy(e):
+    """Only A->B:8080 is allowed; replies flow, B cannot open a connection to A."""
+    e.policy({tcp_key(ID_A, ID_B, EGRESS, 8080): ALLOW},
+             {(ID_A, EGRESS): DEFAULT_DENY, (ID_A, INGRESS): DEFAULT_DENY,
+              (ID_B, EGRESS): DEFAULT_DENY})
+    assert tcp_ok(e.a, e.b, e.b.ip4, 8080)
+    assert e.count(EGRESS, Verdict.FORWARDED, Reason.CT_ESTABLISHED) >= 1  # B's replies
+    assert e.count(INGRESS, Verdict.FORWARDED, Reason.CT_ESTABLISHED) >= 1  # to A
+    assert not tcp_ok(e.b, e.a, e.a.ip4, 8080)
+    states = {v.state for k, v in e.dp.ct_entries() if k.proto == PROTO_TCP}
+    assert m.CT_STATE_ESTABLISHED in states or m.CT_STATE_CLOSING in states
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_udp_by_port_and_reply(e, family):
+    e.policy({Key(ID_A, ID_B, EGRESS, PROTO_UDP, 5353, 16): ALLOW},
+             {(ID_A, EGRESS): DEFAULT_DENY, (ID_A, INGRESS): DEFAULT_DENY})
+    addr = e.b.ip4 if family == 4 else e.b.ip6
+    assert udp_ok(e.a, e.b, addr, 5353)
+    assert not udp_ok(e.a, e.b, addr, 5354)
+    # B answers from 5353 to A's port: a reply, passes A's default-deny ingress
+    srv = e.b.socket(fam(addr), socket.SOCK_DGRAM)
+    cli = e.a.socket(fam(addr), socket.SOCK_DGRAM)
+    try:
+        srv.bind((addr, 5353))
+        srv.settimeout(FAIL_TIMEOUT)
+        cli.settimeout(FAIL_TIMEOUT)
+        cli.sendto(b"q", (addr, 5353))
+        data, peer = srv.recvfrom(16)
+        srv.sendto(b"r", peer)
+        assert cli.recv(16) == b"r"
+    finally:
+        srv.close()
+        cli.close()
+
+
+@pytest.mark.parametrize("family,proto,echo,other", [
+    (4, PROTO_ICMP, 8, 13), (6, PROTO_ICMPV6, 128, 129)], ids=["icmp", "icmpv6"])
+def test_icmp_echo_by_type(e, family, proto, echo, other):
+    flags = {(ID_A, EGRESS): DEFAULT_DENY, (ID_A, INGRESS): DEFAULT_DENY}
+    addr = e.b.ip4 if family == 4 else e.b.ip6
+    e.policy({Key(ID_A, ID_B, EGRESS, proto, other, 16): ALLOW}, flags)
+    assert not ping_ok(e.a, addr)
+    e.policy({Key(ID_A, ID_B, EGRESS, proto, echo, 16): ALLOW}, flags)
+    assert ping_ok(e.a, addr)   # echo reply passes A's ingress as a reply
+
+
+def test_icmp_error_for_tracked_flow_passes(e):
+    """Port unreachable from B reaches A although A's ingress is default deny."""
+    e.policy({}, {(ID_A, INGRESS): DEFAULT_DENY})
+    cli = e.a.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        cli.settimeout(FAIL_TIMEOUT)
+        cli.connect((e.b.ip4, 9))
+        cli.send(b"x")
+        with pytest.raises(ConnectionRefusedError):
+            cli.recv(16)
+    finally:
+        cli.close()
+    assert e.count(INGRESS, Verdict.FORWARDED, Reason.CT_RELATED) >= 1
+
+
+@pytest.mark.parametrize("key,received", [
+    (Key(ID_A, ID_B, EGRESS, PROTO_UDP, 5353, 16), False),
+    (Key(ID_A, ID_B, EGRESS, PROTO_UDP), True),
+], ids=["port-rule-no-fragments", "proto-rule-fragments"])
+def test_non_first_fragments_need_portless_rule(e, key, received):
+    e.policy({key: ALLOW}, {(ID_A, EGRESS): DEFAULT_DENY})
+    assert udp_ok(e.a, e.b, e.b.ip4, 5353, size=100)
+    assert udp_ok(e.a, e.b, e.b.ip4, 5353, size=4000) == received
+
+
+# -- anti-spoofing, ARP, ND ------------------------------------------------------
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_spoofed_source_dropped(e, family):
+    a, b = e.a, e.b
+    forged, dst, own = (("10.213.7.99", b.ip4, a.ip4) if family == 4
+                        else ("fd57:ade::99", b.ip6, a.ip6))
+    plen = "/32" if family == 4 else "/128"
+    a.exec("ip", "neigh", "replace", dst, "lladdr", b.mac, "dev", "eth0", "nud", "permanent")
+    a.exec("ip", "addr", "add", forged + plen, "dev", "eth0", *(["nodad"] if family == 6 else []))
+    try:
+        assert udp_ok(a, b, dst, 5353, src=own)              # control: real address
+        assert not udp_ok(a, b, dst, 5353, src=forged)
+        assert e.count(EGRESS, Verdict.DROPPED, Reason.SPOOFED) >= 1
+    finally:
+        a.exec("ip", "addr", "del", forged + plen, "dev", "eth0", check=False)
+        a.exec("ip", "neigh", "del", dst, "dev", "eth0", check=False)
+
+
+def _arp_request(mac: str, spa: str, tpa: str) -> bytes:
+    hw = bytes.fromhex(mac.replace(":", ""))
+    return (b"\xff" * 6 + hw + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+            + hw + socket.inet_aton(spa) + b"\0" * 6 + socket.inet_aton(tpa))
+
+
+def test_arp_with_forged_sender_dropped(e):
+    s = e.a.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    try:
+        s.bind(("eth0", 0))
+        s.send(_arp_request(e.a.mac, "10.213.7.99", e.b.ip4))
+        assert e.count(EGRESS, Verdict.DROPPED, Reason.SPOOFED) == 1
+        before = e.count(EGRESS, Verdict.FORWARDED, Reason.NEIGH)
+        s.send(_arp_request(e.a.mac, e.a.ip4, e.b.ip4))
+        assert e.count(EGRESS, Verdict.FORWARDED, Reason.NEIGH) >= before + 1
+        assert e.count(EGRESS, Verdict.DROPPED, Reason.SPOOFED) == 1
+    finally:
+        s.close()
+
+
+def test_neighbour_advertisement_with_forged_target_dropped(e):
+    s = e.a.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    idx = e.a.eth0_ifindex()
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        for target in ("fd57:ade::99", e.a.ip6):
+            na = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + socket.inet_pton(
+                socket.AF_INET6, target)
+            s.sendto(na, ("ff02::1", 0, 0, idx))
+        time.sleep(0.1)
+        assert e.count(EGRESS, Verdict.DROPPED, Reason.SPOOFED) == 1
+        assert e.count(EGRESS, Verdict.FORWARDED, Reason.NEIGH) >= 1
+    finally:
+        s.close()
+
+
+# -- unknown endpoints and audit -----------------------------------------------
+def test_unknown_endpoint(e):
+    c = e.c
+    assert not ping_ok(c, e.b.ip4)
+    assert e.count(EGRESS, Verdict.DROPPED, Reason.UNKNOWN_ENDPOINT) >= 1
+    e.dp.set_config(forward_unidentified=True)
+    assert ping_ok(c, e.b.ip4)
+    assert e.count(EGRESS, Verdict.FORWARDED, Reason.UNKNOWN_ENDPOINT) >= 1
+    e.dp.set_config()
+    e.dp.set_endpoint(c.host_ifindex, 3, 1003, c.ips, unidentified=True)
+    assert not ping_ok(c, e.b.ip4)
+    e.dp.set_endpoint(c.host_ifindex, 3, 1003, c.ips)
+    assert ping_ok(c, e.b.ip4)
+
+
+@pytest.mark.parametrize("how", ["global", "endpoint"])
+def test_audit_forwards_and_counts(e, how):
+    e.policy({Key(ID_A, ID_B, EGRESS): DENY}, {(ID_A, EGRESS): DEFAULT_DENY})
+    if how == "global":
+        e.dp.set_config(audit=True)
+    else:
+        e.dp.set_endpoint(e.a.host_ifindex, 1, ID_A, e.a.ips, audit=True)
+    assert tcp_ok(e.a, e.b, e.b.ip4, 8080)
+    assert e.count(EGRESS, Verdict.AUDIT, Reason.POLICY_DENY_RULE) == 1
+    assert e.count(EGRESS, Verdict.DROPPED, Reason.POLICY_DENY_RULE) == 0
+
+
+# -- counters, events, conntrack, capacity -------------------------------------
+def test_counters_count_packets_and_bytes(e):
+    n, size = 5, 100
+    srv = e.b.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli = e.a.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        srv.bind((e.b.ip4, 5353))
+        srv.settimeout(1)
+        for _ in range(n):
+            cli.sendto(b"x" * size, (e.b.ip4, 5353))
+            srv.recv(1024)
+    finally:
+        srv.close()
+        cli.close()
+    c = e.dp.counters()
+    for d in (EGRESS, INGRESS):
+        first = c[(d, Verdict.FORWARDED, Reason.NONE)]
+        rest = c[(d, Verdict.FORWARDED, Reason.CT_ESTABLISHED)]
+        assert first == (1, 14 + 20 + 8 + size)
+        assert rest == (n - 1, (n - 1) * (14 + 20 + 8 + size))
+
+
+def test_events_for_new_flows_and_drops(e):
+    got = []
+    e.dp.open_events(lambda ev: got.append((ev.direction, ev.verdict, ev.reason, ev.proto,
+                                            ev.dport, ev.src_identity, ev.dst_identity,
+                                            ev.ip_version, ev.addresses())))
+    e.policy({tcp_key(ID_A, ID_B, EGRESS, 8080): ALLOW}, {(ID_A, EGRESS): DEFAULT_DENY})
+    assert tcp_ok(e.a, e.b, e.b.ip4, 8080)
+    assert not tcp_ok(e.a, e.b, e.b.ip4, 8081)
+    e.dp.poll_events(100)
+    addrs = (e.a.ip4, e.b.ip4)
+    assert (EGRESS, Verdict.FORWARDED, Reason.NONE, PROTO_TCP, 8080, ID_A, ID_B, 4, addrs) in got
+    assert (INGRESS, Verdict.FORWARDED, Reason.NONE, PROTO_TCP, 8080, ID_A, ID_B, 4, addrs) in got
+    assert (EGRESS, Verdict.DROPPED, Reason.POLICY_DENIED, PROTO_TCP, 8081, ID_A, ID_B, 4,
+            addrs) in got
+
+
+def test_conntrack_gc_and_expired_entries(e):
+    e.policy({}, {(ID_A, INGRESS): DEFAULT_DENY})
+    srv = e.b.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli = e.a.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        srv.bind((e.b.ip4, 5353))
+        for s in (srv, cli):
+            s.settimeout(FAIL_TIMEOUT)
+        cli.sendto(b"q", (e.b.ip4, 5353))
+        _, peer = srv.recvfrom(16)
+        srv.sendto(b"r", peer)
+        assert cli.recv(16) == b"r"              # reply of a tracked flow
+        entries = e.dp.ct_entries()
+        assert len(entries) >= 2                  # A's egress and B's ingress hook
+        assert e.dp.ct_gc() == 0
+        for k, v in entries:                      # expire them: the program must ignore them
+            v.expires = 1
+            e.dp._update("conntrack", k, v)
+        srv.sendto(b"r", peer)
+        with pytest.raises(socket.timeout):
+            cli.recv(16)
+        assert e.count(INGRESS, Verdict.DROPPED, Reason.POLICY_DENIED) == 1
+    finally:
+        srv.close()
+        cli.close()
+    live = m.CtKey(ifindex=999, proto=PROTO_UDP, family=4)
+    e.dp._update("conntrack", live, m.CtValue(expires=time.clock_gettime_ns(
+        time.CLOCK_MONOTONIC) + 10**12))
+    expired = len([1 for _, v in e.dp.ct_entries() if v.expires < time.monotonic_ns()])
+    assert expired >= 2
+    assert e.dp.ct_gc() >= expired
+    now = time.monotonic_ns()
+    left = e.dp.ct_entries()
+    assert all(v.expires >= now for _, v in left) and 999 in [k.ifindex for k, _ in left]
+
+
+def test_capacity_error_leaves_map_unchanged(e):
+    before = {tcp_key(ID_A, ID_B, EGRESS, p): ALLOW for p in range(10)}
+    e.policy(before, {(ID_A, EGRESS): DEFAULT_DENY})
+    too_many = {tcp_key(ID_A, ID_B, EGRESS, 1000 + p): ALLOW for p in range(60)}
+    with pytest.raises(CapacityError) as err:
+        e.dp.apply_delta(diff(before, too_many, {}, {(ID_A, EGRESS): DEFAULT_DENY}))
+    assert str(err.value) == "policy: 70 entries needed during the update, map holds 64"
+    assert e.dp.policy_entries() == before
+    assert e.dp.policy_flags() == {(ID_A, EGRESS): DEFAULT_DENY}
+
+
+# -- restart: pins survive, programs swap atomically -----------------------------
+def prog_ids(ifname: str) -> set[int]:
+    """Ids of the BPF programs tc runs on ``ifname`` (both hooks)."""
+    ids = set()
+    for hook in ("ingress", "egress"):
+        out = subprocess.run(["tc", "-j", "filter", "show", "dev", ifname, hook],
+                             capture_output=True, text=True, check=True).stdout
+        ids |= {f["options"]["prog"]["id"] for f in json.loads(out)
+                if "prog" in f.get("options", {})}
+    return ids
+
+
+def test_reload_keeps_pins_and_swaps_program_under_load(e):
+    e.policy({tcp_key(ID_A, ID_B, EGRESS, 8080): ALLOW}, {(ID_A, EGRESS): DEFAULT_DENY})
+    srv = e.b.socket(socket.AF_INET, socket.SOCK_STREAM)
+    cli = e.a.socket(socket.AF_INET, socket.SOCK_STREAM)
+    received, errors, stop = [0], [], threading.Event()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((e.b.ip4, 8080))
+    srv.listen(1)
+    cli.settimeout(2)
+    cli.connect((e.b.ip4, 8080))
+    conn, _ = srv.accept()
+    conn.settimeout(2)
+
+    def sender():
+        try:
+            while not stop.is_set():
+                cli.sendall(b"y" * 4096)
+        except OSError as exc:
+            errors.append(exc)
+
+    def reader():
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                received[0] += len(data)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    dp2 = None
+    try:
+        time.sleep(0.2)
+        dp2 = Datapath(SETTINGS)                  # restarted agent: same pins
+        assert dp2.policy_entries() == e.dp.policy_entries()
+        assert dp2.get_endpoint(e.a.host_ifindex).identity == ID_A
+        old_ids = prog_ids(e.a.host_if)
+        before = received[0]
+        attach(e.a.host_ifindex, dp2.from_endpoint_fd, dp2.to_endpoint_fd)
+        attach(e.b.host_ifindex, dp2.from_endpoint_fd, dp2.to_endpoint_fd)
+        attached = list_attached(e.a.host_ifindex)
+        assert sorted((a.hook, a.name) for a in attached) == [
+            ("egress", "to_endpoint"), ("ingress", "from_endpoint")]
+        new_ids = prog_ids(e.a.host_if)
+        assert len(new_ids) == 2 and not (new_ids & old_ids)
+        time.sleep(0.3)
+        assert received[0] > before               # the stream kept flowing
+        dp2.set_ipcache("10.213.99.0/24", 4242)   # a write through the new loader is seen
+        assert any(v.identity == 4242 for _, v in e.dp._items(
+            "ipcache4", m.Ipcache4Key, m.IpcacheValue))
+    finally:
+        stop.set()
+        cli.shutdown(socket.SHUT_WR)
+        for t in threads:
+            t.join(5)
+        for s in (cli, conn, srv):
+            s.close()
+        for w in (e.a, e.b):                      # back to the session's program
+            attach(w.host_ifindex, e.dp.from_endpoint_fd, e.dp.to_endpoint_fd)
+        if dp2 is not None:
+            dp2.close()
+    assert not errors
