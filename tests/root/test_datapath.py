@@ -66,7 +66,7 @@ def env():
             detach(w.host_ifindex)
         topo.close()
         if dp is not None:
-            dp.remove_pins()
+            dp.cleanup()
             dp.close()
 
 

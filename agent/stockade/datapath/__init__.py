@@ -11,11 +11,5 @@ from .loader import DEFAULT_SETTINGS, PINNED_MAPS, Datapath, render_source
 from .maps import Reason, Verdict
 
 __all__ = ["Attachment", "CapacityError", "DEFAULT_SETTINGS", "Datapath", "DatapathError",
-           "PINNED_MAPS", "Reason", "Verdict", "attach", "cleanup", "detach", "detach_all",
+           "PINNED_MAPS", "Reason", "Verdict", "attach", "detach", "detach_all",
            "list_attached", "render_source"]
-
-
-def cleanup(dp: "Datapath") -> None:
-    """Detach our filters from every link, then remove ``dp``'s pins."""
-    detach_all()
-    dp.remove_pins()

@@ -139,6 +139,20 @@ class Datapath(MapWriter):
         except OSError:
             pass
 
+    def endpoint_ifindexes(self) -> list[int]:
+        import ctypes as ct
+        from . import maps
+        return sorted(k.value for k, _ in self._items("endpoints", ct.c_uint32, maps.EndpointInfo))
+
+    def cleanup(self, extra_ifindexes=()) -> None:
+        """Detach our programs from every interface in the endpoints map (plus
+        ``extra_ifindexes``), then remove the pins. Filters on interfaces this
+        datapath never knew about are left alone (use attach.detach_all for that)."""
+        from .attach import detach
+        for idx in sorted(set(self.endpoint_ifindexes()) | set(extra_ifindexes)):
+            detach(idx)
+        self.remove_pins()
+
     def close(self) -> None:
         """Release the program and map fds (pins stay)."""
         bpf, self.bpf = getattr(self, "bpf", None), None
