@@ -72,6 +72,14 @@ def test_new_flow_dropped_when_conntrack_full(small_ct):
     assert send_udp(a, b, 40003)
 
 
+def test_pin_with_other_geometry_is_refused(small_ct):
+    """A restarted agent built with another CT_MAX must not run on the old pin."""
+    with pytest.raises(DatapathError, match=r"conntrack: pinned map has .* \(44, 24, 4\), "
+                                            r"this build needs \(44, 24, 8\)"):
+        Datapath({**SETTINGS, "CT_MAX": 8})
+    assert small_ct[0].max_entries("conntrack") == 4
+
+
 def test_settings_errors_are_datapath_errors():
     with pytest.raises(DatapathError, match="settings: unknown keys"):
         Datapath({"NO_SUCH_SETTING": 1})

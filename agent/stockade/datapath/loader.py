@@ -96,6 +96,52 @@ class Datapath(MapWriter):
             raise
         except Exception as exc:  # bcc raises plain Exception on compile/load errors
             raise DatapathError("bpf/stockade.c", f"cannot compile or load: {exc}") from exc
+        try:
+            self._check_pinned_maps()
+        except DatapathError:
+            self.close()
+            raise
+
+    def _check_pinned_maps(self) -> None:
+        """bcc silently reuses a pinned map even when this build declares another
+        size; refuse to run on a pin whose geometry differs from the settings."""
+        import ctypes as ct
+        from . import maps as m
+        expect = {
+            "endpoints": (4, m.EndpointInfo, "ENDPOINTS_MAX"),
+            "ipcache4": (ct.sizeof(m.Ipcache4Key), m.IpcacheValue, "IPCACHE_MAX"),
+            "ipcache6": (ct.sizeof(m.Ipcache6Key), m.IpcacheValue, "IPCACHE_MAX"),
+            "policy": (ct.sizeof(m.PolicyKey), m.PolicyValue, "POLICY_MAX"),
+            "policy_flags": (ct.sizeof(m.PolicyFlagsKey), m.PolicyFlagsValue, "POLICY_FLAGS_MAX"),
+            "conntrack": (ct.sizeof(m.CtKey), m.CtValue, "CT_MAX"),
+        }
+        for name, (key_size, value_type, setting) in expect.items():
+            info = self.map_info(name)
+            want = (key_size, ct.sizeof(value_type), self.settings[setting])
+            have = (info.key_size, info.value_size, info.max_entries)
+            if have != want:
+                raise DatapathError(
+                    str(self.pin_dir / name),
+                    f"pinned map has key/value/max_entries {have}, this build needs {want}; "
+                    "remove the pin (stale layout or changed settings)")
+
+    def map_info(self, name: str):
+        """The kernel's view of map ``name`` (type, sizes, max_entries)."""
+        import ctypes as ct
+        from bcc.libbcc import lib
+
+        class BpfMapInfo(ct.Structure):
+            _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                        ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                        ("map_flags", ct.c_uint32), ("name", ct.c_char * 16),
+                        ("rest", ct.c_uint8 * 64)]
+        info = BpfMapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        fn = lib.bpf_obj_get_info
+        fn.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        if fn(self.table(name).map_fd, ct.byref(info), ct.byref(size)) != 0:
+            raise DatapathError(name, f"cannot read map info (errno {ct.get_errno()})")
+        return info
 
     # -- program handles -------------------------------------------------------
     @property

@@ -95,7 +95,8 @@ class MapWriter:
         return out
 
     def max_entries(self, name: str) -> int:
-        return int(self.table(name).max_entries)
+        """Capacity as the kernel has it (a reused pin may predate the settings)."""
+        return int(self.map_info(name).max_entries)
 
     # -- endpoints and ipcache -------------------------------------------------
     def set_endpoint(self, ifindex: int, endpoint_id: int, identity: int,
