@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import policy_offline
+from . import agent_cmds, policy_offline
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,8 +17,12 @@ def policy():
     """Validate, trace and test policies; import them into the agent."""
 
 
-for cmd in (policy_offline.validate, policy_offline.trace, policy_offline.test):
+for cmd in (policy_offline.validate, policy_offline.trace, policy_offline.test,
+            *agent_cmds.POLICY_COMMANDS):
     policy.add_command(cmd)
+
+for cmd in agent_cmds.TOP_COMMANDS:
+    cli.add_command(cmd)
 
 
 def main():

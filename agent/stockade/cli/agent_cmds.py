@@ -1,0 +1,382 @@
+"""Commands that talk to the running agent, through stockade.client only.
+
+Every command takes ``--socket`` (or $STOCKADE_SOCKET) and ``-o json``, which prints
+exactly the API's data. Exit 0: done; 1: the agent refused, could not be reached, or the
+input is invalid; 2: usage error.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import yaml
+
+from ..client import DEFAULT_SOCKET, Client
+from ..errors import InvalidRequest
+from .common import emit_json, handle_errors, output_option
+
+socket_option = click.option(
+    "--socket", "socket_path", envvar="STOCKADE_SOCKET", default=DEFAULT_SOCKET,
+    show_default=True, metavar="PATH", help="The agent's API socket (env STOCKADE_SOCKET).")
+
+
+def make_client(socket_path: str) -> Client:
+    """A client for ``socket_path``; an in-process test may put a ``transport`` in ctx.obj."""
+    obj = click.get_current_context().find_root().obj or {}
+    return Client(socket_path, transport=obj.get("transport"))
+
+
+def parse_labels(text: str, what: str = "labels") -> dict:
+    """``k=v,k=v`` -> dict; empty values are allowed, empty keys are not."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise InvalidRequest(f"--{what}: {item!r} is not key=value", what)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    """Left-aligned columns, two spaces apart; the last column is not padded."""
+    cells = [[str(c) for c in headers]] + [["-" if c is None or c == "" else str(c) for c in r]
+                                           for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _labels_text(labels) -> str:
+    if isinstance(labels, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return ",".join(labels or [])
+
+
+# ---------------------------------------------------------------- status
+
+@click.command("status")
+@socket_option
+@output_option
+@handle_errors
+def status(socket_path, output):
+    """Show the agent's health. Exits 1 if the agent is degraded or unreachable.
+
+    \b
+    Examples:
+      stockade status
+      stockade status -o json --socket /run/stockade/agent.sock
+    """
+    with make_client(socket_path) as c:
+        h = c.health()
+    if output == "json":
+        emit_json(h)
+    else:
+        rows = [("status", h["status"]), ("version", h["version"]),
+                ("uptime", f"{h['uptime_s']:.0f}s"), ("enforcement", h["enforcement"]),
+                ("audit", "on" if h["audit"] else "off"),
+                ("policy revision", h["policy_revision"]), ("policies", h["policies"]),
+                ("endpoints", h["endpoints"]), ("identities", h["identities"]),
+                ("ipcache entries", h["ipcache"])]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            click.echo(f"{k + ':':<{width + 1}} {v}")
+        if h.get("unprotected_interfaces"):
+            click.echo(f"{'unprotected:':<{width + 1}} {', '.join(h['unprotected_interfaces'])}")
+        for e in h.get("errors") or []:
+            click.echo(f"error: {e}")
+    if h["status"] != "ok":
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- endpoints
+
+@click.group("endpoint")
+def endpoint():
+    """List, add and remove endpoints (the workloads the agent protects)."""
+
+
+@endpoint.command("list")
+@socket_option
+@output_option
+@handle_errors
+def endpoint_list(socket_path, output):
+    """List endpoints with their identity, state and enforcement.
+
+    \b
+    Examples:
+      stockade endpoint list
+      stockade endpoint list -o json
+    """
+    with make_client(socket_path) as c:
+        eps = c.endpoints()
+    if output == "json":
+        return emit_json(eps)
+
+    def enf(e):
+        d = e.get("enforcement") or {}
+        return "/".join(("deny" if d.get(x, {}).get("default_deny") else
+                         "on" if d.get(x, {}).get("enforced") else "off") for x in ("ingress", "egress"))
+
+    print_table(["NAME", "ID", "INTERFACE", "IPS", "IDENTITY", "STATE", "IN/OUT", "AUDIT",
+                 "SOURCE", "LABELS"],
+                [[e["name"], e["id"], e["interface"], ",".join(e["ips"]), e["identity"],
+                  e["state"], enf(e), "yes" if e["audit"] else "no", e["source"],
+                  _labels_text(e["labels"])] for e in eps])
+
+
+@endpoint.command("add")
+@click.option("--name", required=True, help="Endpoint name, unique on this host.")
+@click.option("--interface", required=True, metavar="IF", help="Host-side interface (veth, tap).")
+@click.option("--ip", "ips", required=True, metavar="A[,B]", help="Workload addresses, comma-separated.")
+@click.option("--labels", default="", metavar="k=v,k=v", help="Labels that give the identity.")
+@click.option("--audit", is_flag=True, default=None, help="Log what policy would drop, drop nothing.")
+@socket_option
+@output_option
+@handle_errors
+def endpoint_add(name, interface, ips, labels, audit, socket_path, output):
+    """Add a static endpoint. Adding the same spec again changes nothing.
+
+    \b
+    Examples:
+      stockade endpoint add --name web1 --interface veth-web1 --ip 10.0.0.5 --labels app=web,tier=front
+      stockade endpoint add --name vm1 --interface tap0 --ip 10.0.1.2,fd00::2 --labels app=db --audit
+    """
+    ip_list = [s.strip() for s in ips.split(",") if s.strip()]
+    with make_client(socket_path) as c:
+        ep = c.add_endpoint(name=name, interface=interface, ips=ip_list,
+                            labels=parse_labels(labels), audit=audit)
+    if output == "json":
+        return emit_json(ep)
+    click.echo(f"endpoint {ep['name']} (id {ep['id']}) on {ep['interface']}: identity "
+               f"{ep['identity']}, {ep['state']}")
+
+
+@endpoint.command("remove")
+@click.argument("name")
+@socket_option
+@output_option
+@handle_errors
+def endpoint_remove(name, socket_path, output):
+    """Remove endpoint NAME; its traffic is no longer policed.
+
+    \b
+    Example:
+      stockade endpoint remove web1
+    """
+    with make_client(socket_path) as c:
+        c.remove_endpoint(name)
+    if output == "json":
+        return emit_json({"removed": name})
+    click.echo(f"endpoint {name} removed")
+
+
+# ---------------------------------------------------------------- identities
+
+@click.group("identity")
+def identity():
+    """Show the identities the agent has allocated."""
+
+
+@identity.command("list")
+@socket_option
+@output_option
+@handle_errors
+def identity_list(socket_path, output):
+    """List identities: number, kind, labels and the local endpoints that have them.
+
+    \b
+    Examples:
+      stockade identity list
+      stockade identity list -o json
+    """
+    with make_client(socket_path) as c:
+        ids = c.identities()
+    if output == "json":
+        return emit_json(ids)
+    print_table(["ID", "KIND", "LOCAL", "ENDPOINTS", "LABELS"],
+                [[i["id"], i["kind"], "yes" if i.get("local") else "no",
+                  ",".join(i.get("endpoints") or []),
+                  i.get("prefix") or _labels_text(i["labels"])] for i in ids])
+
+
+# ---------------------------------------------------------------- ipcache
+
+@click.group("ipcache")
+def ipcache():
+    """List and edit the IP-to-identity cache (remote workloads on other hosts)."""
+
+
+@ipcache.command("list")
+@socket_option
+@output_option
+@handle_errors
+def ipcache_list(socket_path, output):
+    """List ipcache entries.
+
+    \b
+    Examples:
+      stockade ipcache list
+      stockade ipcache list -o json
+    """
+    with make_client(socket_path) as c:
+        entries = c.ipcache()
+    if output == "json":
+        return emit_json(entries)
+    print_table(["PREFIX", "IDENTITY", "SOURCE", "HOST", "LABELS"],
+                [[e["prefix"], e["identity"], e["source"], e.get("host"),
+                  _labels_text(e["labels"])] for e in entries])
+
+
+@ipcache.command("add")
+@click.argument("prefix")
+@click.option("--labels", required=True, metavar="k=v,k=v", help="Labels of the remote workload.")
+@click.option("--host", default=None, help="The host the workload runs on.")
+@socket_option
+@output_option
+@handle_errors
+def ipcache_add(prefix, labels, host, socket_path, output):
+    """Map PREFIX (an address or CIDR) of a remote workload to the identity of its labels.
+
+    \b
+    Examples:
+      stockade ipcache add 10.1.2.3 --labels app=db --host db1.example.net
+      stockade ipcache add 10.1.2.0/24 --labels app=batch,team=data --host batch-host
+    """
+    parsed = parse_labels(labels)
+    if not parsed:
+        raise InvalidRequest("--labels: give at least one key=value", "labels")
+    with make_client(socket_path) as c:
+        e = c.add_ipcache(prefix, parsed, host)
+    if output == "json":
+        return emit_json(e)
+    click.echo(f"{e['prefix']} -> identity {e['identity']}")
+
+
+@ipcache.command("remove")
+@click.argument("prefix")
+@socket_option
+@output_option
+@handle_errors
+def ipcache_remove(prefix, socket_path, output):
+    """Remove the ipcache entry for PREFIX.
+
+    \b
+    Example:
+      stockade ipcache remove 10.1.2.0/24
+    """
+    with make_client(socket_path) as c:
+        c.remove_ipcache(prefix)
+    if output == "json":
+        return emit_json({"removed": prefix})
+    click.echo(f"ipcache entry {prefix} removed")
+
+
+# ---------------------------------------------------------------- policies
+
+def print_result(result: dict) -> None:
+    """A PolicyResult as people read it: what changed, then rule and entry counts."""
+    d = result["diff"]
+    if result["dry_run"]:
+        head = "dry run: would change" if result["changed"] else "dry run: no change"
+    else:
+        head = (f"applied, policy revision {result['revision']}" if result["changed"]
+                else f"no change, policy revision {result['revision']}")
+    click.echo(head)
+    for mark, key in (("+", "added"), ("-", "removed"), ("~", "changed")):
+        for name in d.get(key, []):
+            click.echo(f"  {mark} {name}")
+    rules, entries = d.get("rules", {}), d.get("entries", {})
+    click.echo(f"rules: +{len(rules.get('added', []))} -{len(rules.get('removed', []))}; "
+               f"map entries: +{entries.get('added', 0)} -{entries.get('removed', 0)}")
+    for line in rules.get("added", []):
+        click.echo(f"  + {line}")
+    for line in rules.get("removed", []):
+        click.echo(f"  - {line}")
+
+
+@click.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@click.option("--replace-all", is_flag=True,
+              help="Make the live set exactly FILES: policies not in them are removed.")
+@socket_option
+@output_option
+@handle_errors
+def policy_import(files, dry_run, replace_all, socket_path, output):
+    """Send policy FILES to the agent, validated as one set: any error and nothing changes.
+
+    \b
+    Examples:
+      stockade policy import --dry-run policies/*.yaml
+      stockade policy import --replace-all policies/*.yaml
+    """
+    with make_client(socket_path) as c:
+        result = c.put_policies(files, replace_all=replace_all, dry_run=dry_run)
+    if output == "json":
+        return emit_json(result)
+    print_result(result)
+
+
+@click.command("get")
+@click.argument("names", nargs=-1)
+@click.option("--namespace", default=None, help="Only policies in this namespace.")
+@socket_option
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table",
+              show_default=True, help="Output format; yaml gives documents you can import again.")
+@handle_errors
+def policy_get(names, namespace, socket_path, output):
+    """Show the live policies (all, or those named NAMES).
+
+    \b
+    Examples:
+      stockade policy get
+      stockade policy get web-policy -o yaml > web.yaml
+      stockade policy get -o json
+    """
+    with make_client(socket_path) as c:
+        pols = c.policies()
+    pols = [p for p in pols if (not names or p["name"] in names)
+            and (namespace is None or p.get("namespace") == namespace)]
+    if output == "json":
+        return emit_json(pols)
+    if output == "yaml":
+        click.echo(yaml.safe_dump_all([p["document"] for p in pols], sort_keys=False), nl=False)
+        return
+    print_table(["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE"],
+                [[p["kind"], p.get("namespace"), p["name"], p["rules"], p["source"]]
+                 for p in pols])
+
+
+@click.command("delete")
+@click.argument("name", required=False)
+@click.option("--namespace", default=None, help="Namespace of NAME.")
+@click.option("--kind", default=None, type=click.Choice(["CiliumNetworkPolicy",
+                                                         "CiliumClusterwideNetworkPolicy"]),
+              help="Kind of NAME, where two kinds share the name.")
+@click.option("--all", "all_", is_flag=True, help="Delete every policy.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@socket_option
+@output_option
+@handle_errors
+def policy_delete(name, namespace, kind, all_, dry_run, socket_path, output):
+    """Delete policy NAME, or every policy with --all.
+
+    \b
+    Examples:
+      stockade policy delete web-policy --namespace shop
+      stockade policy delete --all --dry-run
+    """
+    if bool(name) == all_:
+        raise click.UsageError("give either NAME or --all")
+    if all_ and (namespace or kind):
+        raise click.UsageError("--namespace and --kind go with NAME, not --all")
+    with make_client(socket_path) as c:
+        result = (c.delete_all_policies(dry_run=dry_run) if all_ else
+                  c.delete_policy(name, namespace, kind, dry_run=dry_run))
+    if output == "json":
+        return emit_json(result)
+    print_result(result)
+
+
+POLICY_COMMANDS = (policy_import, policy_get, policy_delete)
+TOP_COMMANDS = (status, endpoint, identity, ipcache)

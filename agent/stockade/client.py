@@ -1,0 +1,181 @@
+"""The one client of the agent's API; the CLI, web UI and Ansible modules all use it.
+
+    StockadeError (stockade.errors)
+     ├── PolicyErrors             put_policies() could not read a policy file it was given
+     └── ClientError              a call did not succeed
+          ├── AgentUnreachable    no answer: the socket is missing, refused, timed out or
+          │                       the reply was not HTTP (any httpx.TransportError)
+          └── APIError            the agent answered with an error status; ``status``,
+                                  ``field`` and ``errors`` come from its error body and
+                                  ``str()`` is the agent's message
+
+httpx exceptions never leave this module: they are translated here with ``raise ...
+from exc``, so the original stays attached as ``__cause__``.
+
+Tests and in-process users pass ``transport=`` (an ``httpx.MockTransport``, or any
+``httpx.BaseTransport``) instead of a socket path.
+
+    with Client() as c:                       # $STOCKADE_SOCKET or /run/stockade/agent.sock
+        c.put_policies(["web.yaml"], dry_run=True)["diff"]
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import quote
+
+import httpx
+
+from .errors import PolicyError, PolicyErrors, StockadeError
+
+DEFAULT_SOCKET = "/run/stockade/agent.sock"
+DEFAULT_TIMEOUT = 30.0
+
+
+def default_socket() -> str:
+    return os.environ.get("STOCKADE_SOCKET") or DEFAULT_SOCKET
+
+
+class ClientError(StockadeError):
+    """A call to the agent did not succeed."""
+
+
+class AgentUnreachable(ClientError):
+    """The agent could not be reached or gave no usable answer."""
+
+
+class APIError(ClientError):
+    """The agent refused the request; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 errors: list[dict] | None = None, body: dict | None = None):
+        super().__init__(message)
+        self.status, self.field, self.errors = status, field, errors or []
+        self.body = body if body is not None else {"message": message, "field": field}
+
+    def to_dict(self) -> dict:
+        """The agent's own error object, so ``-o json`` shows exactly what it said."""
+        return dict(self.body)
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, transport: httpx.BaseTransport | None = None,
+                 timeout: float = DEFAULT_TIMEOUT):
+        self.socket_path = socket_path or default_socket()
+        self.where = self.socket_path if transport is None else "(in-process transport)"
+        self._http = httpx.Client(transport=transport or httpx.HTTPTransport(uds=self.socket_path),
+                                  base_url="http://stockade", timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- plumbing
+    def _request(self, method: str, path: str, *, params: dict | None = None,
+                 json: Any = None) -> httpx.Response:
+        if params:
+            params = {k: ("true" if v is True else "false" if v is False else v)
+                      for k, v in params.items() if v is not None}
+        try:
+            resp = self._http.request(method, path, params=params or None, json=json)
+        except httpx.TimeoutException as exc:
+            raise AgentUnreachable(f"the agent at {self.where} did not answer in time: "
+                                   f"{exc}") from exc
+        except httpx.TransportError as exc:
+            raise AgentUnreachable(f"cannot reach the agent at {self.where}: {exc}") from exc
+        if resp.is_success:
+            return resp
+        raise self._api_error(resp)
+
+    @staticmethod
+    def _api_error(resp: httpx.Response) -> APIError:
+        try:
+            err = resp.json()["error"]
+            if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            text = resp.text.strip()[:200] or resp.reason_phrase
+            return APIError(resp.status_code, f"agent answered HTTP {resp.status_code}: {text}")
+        return APIError(resp.status_code, err["message"], err.get("field"), err.get("errors"),
+                        body=err)
+
+    def _json(self, method: str, path: str, **kw) -> Any:
+        resp = self._request(method, path, **kw)
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise AgentUnreachable(f"the agent at {self.where} sent a reply that is not "
+                                   f"JSON for {method} {path}") from exc
+
+    # ---------------------------------------------------------------- the API
+    def health(self) -> dict:
+        return self._json("GET", "/v1/health")
+
+    def endpoints(self) -> list[dict]:
+        return self._json("GET", "/v1/endpoints")
+
+    def add_endpoint(self, *, name: str, interface: str, ips: list[str],
+                     labels: dict | str | None = None, audit: bool | None = None) -> dict:
+        spec: dict[str, Any] = {"name": name, "interface": interface, "ips": list(ips)}
+        if labels is not None:
+            spec["labels"] = labels
+        if audit is not None:
+            spec["audit"] = audit
+        return self._json("POST", "/v1/endpoints", json=spec)
+
+    def remove_endpoint(self, name: str) -> None:
+        self._request("DELETE", f"/v1/endpoints/{_segment(name)}")
+
+    def identities(self) -> list[dict]:
+        return self._json("GET", "/v1/identities")
+
+    def ipcache(self) -> list[dict]:
+        return self._json("GET", "/v1/ipcache")
+
+    def add_ipcache(self, prefix: str, labels: dict, host: str | None = None) -> dict:
+        return self._json("POST", "/v1/ipcache",
+                          json={"prefix": prefix, "labels": labels, "host": host})
+
+    def remove_ipcache(self, prefix: str) -> None:
+        self._request("DELETE", f"/v1/ipcache/{_segment(prefix)}")
+
+    def policies(self) -> list[dict]:
+        return self._json("GET", "/v1/policies")
+
+    def put_policies(self, files: Iterable[str | os.PathLike | dict], *, replace_all: bool = False,
+                     dry_run: bool = False) -> dict:
+        """files: paths (read here; the name sent is the path as given) or
+        ``{"name", "text"}`` dicts. Returns the agent's PolicyResult."""
+        body = []
+        for f in files:
+            if isinstance(f, dict):
+                body.append({"name": f["name"], "text": f["text"]})
+                continue
+            try:
+                body.append({"name": str(f), "text": Path(f).read_text()})
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise PolicyErrors([PolicyError("", f"cannot read: {reason}", file=str(f))]) from exc
+        return self._json("PUT", "/v1/policies", json={"files": body},
+                          params={"replace_all": replace_all, "dry_run": dry_run})
+
+    def delete_policy(self, name: str, namespace: str | None = None, kind: str | None = None,
+                      *, dry_run: bool = False) -> dict:
+        return self._json("DELETE", f"/v1/policies/{_segment(name)}",
+                          params={"namespace": namespace, "kind": kind, "dry_run": dry_run})
+
+    def delete_all_policies(self, *, dry_run: bool = False) -> dict:
+        return self._json("DELETE", "/v1/policies", params={"dry_run": dry_run})
+
+    def metrics(self) -> str:
+        return self._request("GET", "/v1/metrics").text
