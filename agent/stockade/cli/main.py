@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import agent_cmds, policy_offline
+from . import agent_cmds, agent_daemon, policy_offline
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,9 +21,13 @@ for cmd in (policy_offline.validate, policy_offline.trace, policy_offline.test,
             *agent_cmds.POLICY_COMMANDS):
     policy.add_command(cmd)
 
-for cmd in agent_cmds.TOP_COMMANDS:
+for cmd in (*agent_cmds.TOP_COMMANDS, agent_daemon.agent):
     cli.add_command(cmd)
 
 
 def main():
     cli(prog_name="stockade")
+
+
+if __name__ == "__main__":
+    main()

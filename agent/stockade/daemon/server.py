@@ -54,6 +54,7 @@ JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 IDLE_TIMEOUT_S = 120.0
+POLICY_KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 
 
 # ---------------------------------------------------------------- errors and peers
@@ -253,8 +254,11 @@ def delete_policy(r: Request) -> Response:
     if name == "*":
         raise InvalidRequest('use DELETE /v1/policies to remove every policy, not the name "*"',
                              "name")
+    kind = r.query.get("kind") or None
+    if kind is not None and kind not in POLICY_KINDS:
+        raise InvalidRequest(f"kind must be one of {', '.join(POLICY_KINDS)}, not {kind!r}", "kind")
     return Response(body=r.agent.delete_policy(
-        name, r.query.get("namespace") or None, r.query.get("kind") or None,
+        name, r.query.get("namespace") or None, kind,
         dry_run=_bool(r.query, "dry_run")))
 
 

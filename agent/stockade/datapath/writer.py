@@ -151,6 +151,15 @@ class MapWriter:
         name, k = self._ipcache_key(prefix)
         return self._delete(name, k)
 
+    def ipcache_entries(self) -> dict[str, int]:
+        """Every ipcache prefix (``10.0.0.1/32``) and its identity, both families."""
+        out = {}
+        for name, key_type in (("ipcache4", m.Ipcache4Key), ("ipcache6", m.Ipcache6Key)):
+            for k, v in self._items(name, key_type, m.IpcacheValue):
+                addr = ipaddress.ip_address(bytes(k.addr))
+                out[str(ipaddress.ip_network(f"{addr}/{k.prefixlen}", strict=False))] = v.identity
+        return out
+
     def set_config(self, audit: bool = False, forward_unidentified: bool = False) -> None:
         flags = (m.CFG_F_AUDIT if audit else 0) | (
             m.CFG_F_FORWARD_UNIDENTIFIED if forward_unidentified else 0)

@@ -1,0 +1,119 @@
+"""``stockade agent``: run the agent in the foreground (or clean up after it)."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from ..daemon.config import AgentConfig, load
+
+DEFAULT_CONFIG = "/etc/stockade/agent.yaml"
+
+
+def _opt(name, **kw):
+    return click.option(f"--{name.replace('_', '-')}", name, default=None, **kw)
+
+
+@click.command("agent")
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+              help="YAML file with agent settings; flags override it.")
+@_opt("socket", help="API socket path [/run/stockade/agent.sock].")
+@_opt("socket_group", help="Group that may read the API socket [stockade].")
+@_opt("bpffs_dir", help="Directory for pinned maps [/sys/fs/bpf/stockade].")
+@_opt("state_dir", help="Persistent state [/var/lib/stockade].")
+@_opt("enforcement", type=click.Choice(["default", "always", "never"]))
+@click.option("--audit/--no-audit", "audit", default=None, help="Forward would-be drops as AUDIT.")
+@_opt("unknown_endpoint", type=click.Choice(["drop", "forward"]),
+      help="Packets of interfaces whose workload is not identified yet [drop].")
+@_opt("podman_socket", help="Podman API socket ('' to disable) [/run/podman/podman.sock].")
+@click.option("--podman-start-service/--no-podman-start-service", "podman_start_service", default=None,
+              help="Start `podman system service` when its socket does not answer.")
+@_opt("podman_events_log", help="Podman events.log to follow for fast start detection.")
+@_opt("docker_socket", help="Docker API socket ('' to disable) [/var/run/docker.sock].")
+@_opt("host_name", help="This host's name in the fleet [hostname].")
+@_opt("flow_buffer_size", type=int, help="Recent flows kept [65535].")
+@_opt("ct_gc_interval", type=float, help="Seconds between conntrack collections [30].")
+@_opt("metrics_listen", help="Also serve /metrics on HOST:PORT (e.g. 127.0.0.1:9962).")
+@_opt("policy_map_size", type=int)
+@_opt("endpoints_map_size", type=int)
+@_opt("ipcache_map_size", type=int)
+@_opt("ct_map_size", type=int)
+@_opt("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--cleanup", is_flag=True, help="Detach every program and remove the pins, then exit.")
+def agent(config_path, cleanup, **flags):
+    """Run the Stockade agent in the foreground.
+
+    \b
+    Examples:
+      stockade agent --config /etc/stockade/agent.yaml
+      stockade agent --socket /run/h1/agent.sock --bpffs-dir /run/h1/bpf --state-dir /run/h1/state
+      stockade agent --cleanup --bpffs-dir /sys/fs/bpf/stockade
+    """
+    for k in ("podman_socket", "docker_socket", "podman_events_log", "metrics_listen"):
+        if flags.get(k) == "":
+            flags[k] = None
+            flags[f"_{k}_off"] = True
+    off = {k[1:-4] for k in list(flags) if k.startswith("_") and flags.pop(k)}
+    from ..errors import StockadeError
+    try:
+        cfg = load(config_path, {k: v for k, v in flags.items() if v is not None})
+        for k in off:
+            setattr(cfg, k, None)
+    except StockadeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cleanup:
+        sys.exit(run_cleanup(cfg))
+    sys.exit(run(cfg))
+
+
+def run_cleanup(cfg: AgentConfig) -> int:
+    """Detach from every interface this agent's endpoints map knows (attached ones
+    included, identified or not) and remove its pins."""
+    from ..datapath import Datapath
+    from ..errors import StockadeError
+    try:
+        dp = Datapath({"STOCKADE_PIN_DIR": cfg.bpffs_dir})
+        n = len(dp.endpoint_ifindexes())
+        dp.cleanup()
+        dp.close()
+    except StockadeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    click.echo(f"detached from {n} interfaces; removed pins in {cfg.bpffs_dir}")
+    return 0
+
+
+def run(cfg: AgentConfig) -> int:
+    from ..daemon.agent import Agent
+    from ..daemon.server import APIServer
+    from ..errors import StockadeError
+    log = logging.getLogger("stockade")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    try:
+        a = Agent(cfg)
+        a.start()
+        server = APIServer(a, cfg.socket, group=cfg.socket_group)
+        server.start()
+    except StockadeError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    metrics_server = None
+    if cfg.metrics_listen:
+        from ..daemon.metrics import serve_metrics
+        metrics_server = serve_metrics(a, cfg.metrics_listen)
+    log.info("serving the API on %s", cfg.socket)
+    done.wait()
+    log.info("stopping; the datapath keeps enforcing the last policy")
+    server.stop()
+    if metrics_server:
+        metrics_server.shutdown()
+    a.stop()
+    return 0

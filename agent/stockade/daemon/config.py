@@ -1,0 +1,88 @@
+"""Agent configuration: /etc/stockade/agent.yaml, every key also a command-line flag.
+
+Keys use underscores in YAML and dashes as flags (``bpffs_dir`` <-> ``--bpffs-dir``).
+Unknown keys are an error naming the file and key.
+"""
+from __future__ import annotations
+
+import socket as _socket
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..errors import InvalidRequest
+
+ENFORCEMENT = ("default", "always", "never")
+
+
+@dataclass
+class AgentConfig:
+    socket: str = "/run/stockade/agent.sock"
+    socket_group: str = "stockade"
+    bpffs_dir: str = "/sys/fs/bpf/stockade"
+    state_dir: str = "/var/lib/stockade"
+    enforcement: str = "default"
+    audit: bool = False
+    # What happens to packets of an interface whose workload is not identified yet.
+    unknown_endpoint: str = "drop"  # or "forward" (migrations)
+    managed_bridges: list[str] = field(default_factory=lambda: [
+        "podman0", "cni-podman0", "docker0", "virbr*"])
+    managed_interfaces: list[str] = field(default_factory=lambda: ["vnet*", "tap*"])
+    podman_socket: str | None = "/run/podman/podman.sock"
+    podman_start_service: bool = False
+    podman_events_log: str | None = "/run/libpod/events/events.log"
+    docker_socket: str | None = "/var/run/docker.sock"
+    host_name: str = field(default_factory=_socket.gethostname)
+    flow_buffer_size: int = 65535
+    ct_gc_interval: float = 30.0
+    metrics_listen: str | None = None  # e.g. 127.0.0.1:9962
+    policy_map_size: int = 65536
+    endpoints_map_size: int = 4096
+    ipcache_map_size: int = 65536
+    ct_map_size: int = 262144
+    log_level: str = "info"
+
+    def validate(self, where: str = "config") -> "AgentConfig":
+        if self.enforcement not in ENFORCEMENT:
+            raise InvalidRequest(f"{where}: enforcement must be one of {', '.join(ENFORCEMENT)}",
+                                 "enforcement")
+        if self.unknown_endpoint not in ("drop", "forward"):
+            raise InvalidRequest(f"{where}: unknown_endpoint must be drop or forward",
+                                 "unknown_endpoint")
+        for name in ("flow_buffer_size", "policy_map_size", "endpoints_map_size",
+                     "ipcache_map_size", "ct_map_size"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequest(f"{where}: {name} must be positive", name)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(AgentConfig)]
+
+
+def load(path: str | None, overrides: dict) -> AgentConfig:
+    """Config file (if given and present) then non-None overrides (from flags)."""
+    data: dict = {}
+    where = path or "flags"
+    if path and Path(path).exists():
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InvalidRequest(f"{path}: cannot parse: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"{path}: must be a mapping of settings")
+        unknown = sorted(set(data) - set(field_names()))
+        if unknown:
+            raise InvalidRequest(f"{path}: unknown setting {unknown[0]!r}", unknown[0])
+    elif path and path != "/etc/stockade/agent.yaml":
+        raise InvalidRequest(f"{path}: no such config file", "config")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return AgentConfig(**data).validate(where)

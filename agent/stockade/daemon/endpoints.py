@@ -1,0 +1,118 @@
+"""Endpoints: workloads with a host-side interface, addresses and labels."""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequest
+from ..policy.labels import LabelSet, check_key, check_value, split_source
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-@]{1,15}$")
+SOURCES = ("static", "podman", "docker", "libvirt")
+
+
+@dataclass
+class Endpoint:
+    name: str
+    id: int
+    interface: str
+    ips: tuple[str, ...]
+    labels: LabelSet
+    source: str = "static"
+    audit: bool = False
+    runtime_id: str | None = None
+    mac: str | None = None
+    ifindex: int | None = None
+    identity: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.ifindex is None:
+            return "waiting-for-interface"
+        return "ready" if self.identity is not None else "unidentified"
+
+    def to_record(self) -> dict:
+        """What is persisted (and compared to find out whether a spec changed)."""
+        return {"name": self.name, "id": self.id, "interface": self.interface,
+                "ips": list(self.ips), "labels": self.labels.to_dict(), "source": self.source,
+                "audit": self.audit, "runtime_id": self.runtime_id, "mac": self.mac}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "Endpoint":
+        return cls(rec["name"], rec["id"], rec["interface"], tuple(rec["ips"]),
+                   LabelSet.from_mapping(rec["labels"]), rec.get("source", "static"),
+                   rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"))
+
+
+def parse_labels(value, source: str, field_name: str = "labels") -> LabelSet:
+    """Labels as a mapping or ``k=v,k=v``; keys without a source get ``source``."""
+    if value is None:
+        return LabelSet()
+    if isinstance(value, str):
+        items = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            k, sep, v = part.partition("=")
+            if not sep:
+                raise InvalidRequest(f"label {part!r} is not key=value", field_name)
+            items[k.strip()] = v.strip()
+        value = items
+    if not isinstance(value, dict):
+        raise InvalidRequest("labels must be a mapping or k=v,k=v", field_name)
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)) and v is not None:
+            raise InvalidRequest(f"label {k!r} must map to a string", f"{field_name}.{k}")
+        v = "" if v is None else str(v)
+        why = check_key(k) or check_value(v, split_source(k)[0])
+        if why:
+            raise InvalidRequest(why, f"{field_name}.{k}")
+        if split_source(k)[0] == "reserved":
+            raise InvalidRequest("reserved labels cannot be given to endpoints", f"{field_name}.{k}")
+    return LabelSet.from_mapping({k: "" if v is None else str(v) for k, v in value.items()}, source)
+
+
+def parse_ips(value, field_name: str = "ips") -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("at least one IP address is required", field_name)
+    out = []
+    for i, v in enumerate(value):
+        try:
+            addr = ipaddress.ip_address(str(v))
+        except ValueError:
+            raise InvalidRequest(f"{v!r} is not an IP address", f"{field_name}[{i}]") from None
+        if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
+            raise InvalidRequest(f"{v} cannot be an endpoint address", f"{field_name}[{i}]")
+        out.append(str(addr))
+    if len([a for a in out if ":" not in a]) > 4 or len([a for a in out if ":" in a]) > 4:
+        raise InvalidRequest("at most 4 IPv4 and 4 IPv6 addresses", field_name)
+    return tuple(dict.fromkeys(out))
+
+
+def parse_spec(spec) -> dict:
+    """Validate a static endpoint spec from the API; returns normalized fields."""
+    if not isinstance(spec, dict):
+        raise InvalidRequest("endpoint must be a JSON object")
+    allowed = {"name", "interface", "ips", "labels", "audit", "mac"}
+    for k in spec:
+        if k not in allowed:
+            raise InvalidRequest(f"unknown field {k!r}", k)
+    name = spec.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidRequest("name is required: letters, digits, '_', '.', '-' (max 63)", "name")
+    iface = spec.get("interface")
+    if not isinstance(iface, str) or not IFNAME_RE.match(iface):
+        raise InvalidRequest("interface is required: a host interface name (max 15 chars)",
+                             "interface")
+    audit = spec.get("audit", False)
+    if not isinstance(audit, bool):
+        raise InvalidRequest("audit must be true or false", "audit")
+    mac = spec.get("mac")
+    if mac is not None and (not isinstance(mac, str) or not re.match(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", mac)):
+        raise InvalidRequest(f"{mac!r} is not a MAC address", "mac")
+    return {"name": name, "interface": iface, "ips": parse_ips(spec.get("ips")),
+            "labels": parse_labels(spec.get("labels"), "static"), "audit": audit,
+            "mac": mac.lower() if mac else None}

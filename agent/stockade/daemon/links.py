@@ -1,0 +1,106 @@
+"""Host interfaces: which are managed, and a netlink watcher for link changes.
+
+An interface is managed when its name matches ``managed_interfaces`` (default vnet*,
+tap*), when its master bridge matches ``managed_bridges`` (podman0, cni-podman0,
+docker0, virbr*), or when a static endpoint names it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import select
+import threading
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+log = logging.getLogger("stockade.links")
+
+
+@dataclass(frozen=True)
+class Link:
+    ifindex: int
+    name: str
+    master: str | None
+    kind: str | None
+    mac: str | None
+
+
+def _link_from_msg(msg, names: dict[int, str]) -> Link:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    master_idx = msg.get_attr("IFLA_MASTER")
+    return Link(msg["index"], msg.get_attr("IFLA_IFNAME"), names.get(master_idx) if master_idx else None,
+                kind, msg.get_attr("IFLA_ADDRESS"))
+
+
+def matches_any(name: str | None, patterns) -> bool:
+    return bool(name) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def list_links() -> list[Link]:
+    with IPRoute() as ipr:
+        msgs = ipr.get_links()
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
+    return [_link_from_msg(m, names) for m in msgs]
+
+
+def host_addresses() -> list[str]:
+    """Every address configured in this (the host's) network namespace."""
+    with IPRoute() as ipr:
+        return sorted({a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()
+                       if a.get_attr("IFA_ADDRESS")})
+
+
+class LinkWatcher:
+    """Calls ``on_link(kind, Link)`` with kind "new" or "del" from a thread."""
+
+    def __init__(self, on_link):
+        self.on_link = on_link
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._names: dict[int, str] = {}
+        self._ipr = IPRoute()
+        self._ipr.bind(groups=RTMGRP_LINK)
+
+    def start(self) -> None:
+        self._names = {l.ifindex: l.name for l in list_links()}
+        self._thread = threading.Thread(target=self._run, name="stockade-links", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._ipr.close()
+        except Exception:  # closing an already broken socket
+            pass
+        if self._thread:
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self._ipr], [], [], 0.5)
+                if not ready:
+                    continue
+                msgs = self._ipr.get()
+            except (OSError, ValueError):
+                if self._stop.is_set():
+                    return
+                log.exception("netlink link watch failed; continuing")
+                continue
+            for msg in msgs:
+                event = msg.get("event")
+                if event not in ("RTM_NEWLINK", "RTM_DELLINK"):
+                    continue
+                name = msg.get_attr("IFLA_IFNAME")
+                if event == "RTM_NEWLINK":
+                    self._names[msg["index"]] = name
+                link = _link_from_msg(msg, self._names)
+                if event == "RTM_DELLINK":
+                    self._names.pop(msg["index"], None)
+                try:
+                    self.on_link("new" if event == "RTM_NEWLINK" else "del", link)
+                except Exception:
+                    log.exception("handling link event for %s failed", name)

@@ -1,0 +1,93 @@
+"""Container runtimes (Podman, Docker) as endpoint sources.
+
+Each configured runtime socket gets a DockerWatcher; its events become endpoints
+(name = container name, labels = container labels, interface = host-side veth).
+After the first listing, endpoints of that runtime that no longer run are removed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from ..discovery import DockerWatcher, ensure_podman_service, stop_podman_service
+from ..discovery.workload import WorkloadEvent
+from ..errors import StockadeError
+from .endpoints import parse_labels
+
+log = logging.getLogger("stockade.runtimes")
+
+
+class RuntimeSource:
+    def __init__(self, agent, runtime: str, socket_path: str, events_log: str | None,
+                 stop_event: threading.Event, service=None):
+        self.agent, self.runtime, self.service = agent, runtime, service
+        self.watcher = DockerWatcher(socket_path, runtime, events_log=events_log)
+        self._seen: set[str] = set()
+        self._reconciled = False
+        self._thread = self.watcher.start(self._on_event, stop_event)
+        threading.Thread(target=self._reconcile_after_sync, daemon=True,
+                         name=f"stockade-sync-{runtime}").start()
+
+    def _on_event(self, ev: WorkloadEvent) -> None:
+        w = ev.workload
+        name = w.name
+        try:
+            if ev.kind == "added":
+                if not w.host_ifname or not w.ips:
+                    log.info("%s container %s has no host veth or address; not managed", self.runtime, name)
+                    return
+                self._seen.add(name)
+                labels = parse_labels({k: v for k, v in w.labels.items() if _label_ok(k, v)}, "container")
+                self.agent.upsert_endpoint(name=name, interface=w.host_ifname, ips=w.ips,
+                                           labels=labels, source=self.runtime, runtime_id=w.id,
+                                           mac=None, ifindex=w.host_ifindex)
+            else:
+                ep = self.agent.endpoints.get(name)
+                if ep is not None and ep.source == self.runtime and ep.runtime_id == w.id:
+                    self.agent.drop_endpoint(name)
+        except StockadeError as exc:
+            self.agent._error(f"{self.runtime} container {name}: {exc}")
+        except Exception:
+            log.exception("%s event for %s failed", self.runtime, name)
+
+    def _reconcile_after_sync(self) -> None:
+        if not self.watcher.synced.wait(timeout=60):
+            return
+        with self.agent._lock:
+            stale = [e.name for e in self.agent.endpoints.values()
+                     if e.source == self.runtime and e.name not in self._seen]
+        for name in stale:
+            try:
+                self.agent.drop_endpoint(name)
+            except StockadeError:
+                pass
+
+    def stop(self) -> None:
+        self.watcher.close()
+        if self.service is not None:
+            stop_podman_service(self.service)
+
+
+def _label_ok(key: str, value) -> bool:
+    from ..policy.labels import check_key, check_value
+    return check_key(key) is None and check_value(str(value)) is None
+
+
+def start_runtime_watchers(agent, stop_event: threading.Event) -> list:
+    cfg = agent.config
+    out = []
+    if cfg.podman_socket:
+        service = None
+        if cfg.podman_start_service:
+            try:
+                service = ensure_podman_service(cfg.podman_socket)
+            except StockadeError as exc:
+                agent._error(f"podman service: {exc}")
+        if os.path.exists(cfg.podman_socket):
+            log_path = cfg.podman_events_log if cfg.podman_events_log and os.path.exists(
+                cfg.podman_events_log) else None
+            out.append(RuntimeSource(agent, "podman", cfg.podman_socket, log_path, stop_event, service))
+    if cfg.docker_socket and os.path.exists(cfg.docker_socket) and cfg.docker_socket != cfg.podman_socket:
+        out.append(RuntimeSource(agent, "docker", cfg.docker_socket, None, stop_event))
+    return out

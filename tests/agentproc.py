@@ -1,0 +1,116 @@
+"""Run a real ``stockade agent`` process for tests, with its own socket, pins and state.
+
+    with AgentProcess(managed_bridges=[topo.bridge]) as agent:
+        agent.client.add_endpoint(name="a", interface=..., ips=[...], labels={...})
+
+The process is stopped by its PID (SIGTERM, then SIGKILL) and ``--cleanup`` detaches
+its programs and removes its pins, even when the test fails.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STOCKADE = [str(Path(sys.executable).parent / "stockade")]
+
+
+class AgentProcess:
+    _count = 0
+
+    def __init__(self, **settings):
+        AgentProcess._count += 1
+        tag = f"{os.getpid()}-{AgentProcess._count}"
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"stockade-test-{tag}-", dir="/run"))
+        self.settings = {
+            "socket": str(self.run_dir / "agent.sock"),
+            "bpffs_dir": f"/sys/fs/bpf/stockade-test-{tag}",
+            "state_dir": str(self.run_dir / "state"),
+            "podman_socket": None, "docker_socket": None, "podman_events_log": None,
+            "managed_bridges": [], "managed_interfaces": [],
+            "ct_gc_interval": 5.0, "log_level": "info",
+            **settings,
+        }
+        self.config_path = self.run_dir / "agent.yaml"
+        self.log_path = self.run_dir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+        self._client = None
+
+    @property
+    def socket(self) -> str:
+        return self.settings["socket"]
+
+    @property
+    def client(self):
+        from stockade.client import Client
+        if self._client is None:
+            self._client = Client(self.socket, timeout=30)
+        return self._client
+
+    def cli(self, *args, check=True, timeout=60) -> subprocess.CompletedProcess:
+        r = subprocess.run([*STOCKADE, *args], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "STOCKADE_SOCKET": self.socket})
+        if check and r.returncode != 0:
+            raise AssertionError(f"stockade {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def start(self, timeout: float = 60) -> "AgentProcess":
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([*STOCKADE, "agent", "--config", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.socket):
+                try:
+                    self.client.health()
+                    return self
+                except Exception:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"agent did not answer within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-6000:]
+        except OSError:
+            return ""
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        """Stop the process only (pins and filters stay), as a crash would."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        subprocess.run([*STOCKADE, "agent", "--config", str(self.config_path), "--cleanup"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> "AgentProcess":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,88 @@
+"""Real traffic between test namespaces (tests/netns.py workloads)."""
+from __future__ import annotations
+
+import socket
+
+FAIL_TIMEOUT = 1
+
+
+def fam(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def tcp_ok(client, server, addr, port, timeout=FAIL_TIMEOUT) -> bool:
+    """Connect client -> server:port and echo one message back."""
+    srv = server.socket(fam(addr), socket.SOCK_STREAM)
+    cli = client.socket(fam(addr), socket.SOCK_STREAM)
+    try:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((addr, port))
+        srv.listen(4)
+        srv.settimeout(timeout)
+        cli.settimeout(timeout)
+        try:
+            cli.connect((addr, port))
+            conn, _ = srv.accept()
+        except OSError:
+            return False
+        with conn:
+            conn.settimeout(timeout)
+            cli.sendall(b"ping")
+            conn.sendall(conn.recv(16))
+            return cli.recv(16) == b"ping"
+    finally:
+        cli.close()
+        srv.close()
+
+
+def udp_ok(client, server, addr, port, size=16, timeout=FAIL_TIMEOUT, src=None) -> bool:
+    srv = server.socket(fam(addr), socket.SOCK_DGRAM)
+    cli = client.socket(fam(addr), socket.SOCK_DGRAM)
+    try:
+        srv.bind((addr, port))
+        srv.settimeout(timeout)
+        if src:
+            cli.bind((src, 0))
+        cli.sendto(b"x" * size, (addr, port))
+        try:
+            return len(srv.recv(65535)) == size
+        except OSError:
+            return False
+    finally:
+        cli.close()
+        srv.close()
+
+
+def udp_reply_ok(client, server, addr, port, timeout=FAIL_TIMEOUT) -> bool:
+    """UDP request and its reply (the reply must pass as part of the flow)."""
+    srv = server.socket(fam(addr), socket.SOCK_DGRAM)
+    cli = client.socket(fam(addr), socket.SOCK_DGRAM)
+    try:
+        srv.bind((addr, port))
+        srv.settimeout(timeout)
+        cli.settimeout(timeout)
+        cli.sendto(b"q", (addr, port))
+        try:
+            data, peer = srv.recvfrom(64)
+            srv.sendto(b"r" + data, peer)
+            return cli.recv(64) == b"rq"
+        except OSError:
+            return False
+    finally:
+        cli.close()
+        srv.close()
+
+
+def ping_ok(w, addr) -> bool:
+    return w.exec("ping", "-c1", f"-W{FAIL_TIMEOUT}", addr, check=False).returncode == 0
+
+
+def eventually(fn, timeout=10.0, interval=0.1):
+    """Poll ``fn`` until it returns true (tests poll up to 10 s, never sleep blindly)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(interval)
