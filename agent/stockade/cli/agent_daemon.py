@@ -78,7 +78,7 @@ def run_cleanup(cfg: AgentConfig) -> int:
     from ..datapath import Datapath
     from ..errors import StockadeError
     try:
-        dp = Datapath({"STOCKADE_PIN_DIR": cfg.bpffs_dir})
+        dp = Datapath(cfg.datapath_settings())
         n = len(dp.endpoint_ifindexes())
         dp.cleanup()
         dp.close()

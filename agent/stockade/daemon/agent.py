@@ -77,10 +77,7 @@ class Agent(ServiceAPI):
     def start(self, datapath=None, *, watch_links: bool = True, watch_runtimes: bool = True) -> None:
         from ..datapath import Datapath
         cfg = self.config
-        self.dp = datapath or Datapath({
-            "STOCKADE_PIN_DIR": cfg.bpffs_dir, "ENDPOINTS_MAX": cfg.endpoints_map_size,
-            "IPCACHE_MAX": cfg.ipcache_map_size, "POLICY_MAX": cfg.policy_map_size,
-            "POLICY_FLAGS_MAX": max(1024, cfg.endpoints_map_size * 2), "CT_MAX": cfg.ct_map_size})
+        self.dp = datapath or Datapath(cfg.datapath_settings())
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
             self._restore_locked()

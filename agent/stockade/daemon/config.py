@@ -63,6 +63,13 @@ class AgentConfig:
     def state_path(self) -> Path:
         return Path(self.state_dir)
 
+    def datapath_settings(self) -> dict:
+        """Build settings of the BPF program (must match existing pinned maps)."""
+        return {"STOCKADE_PIN_DIR": self.bpffs_dir, "ENDPOINTS_MAX": self.endpoints_map_size,
+                "IPCACHE_MAX": self.ipcache_map_size, "POLICY_MAX": self.policy_map_size,
+                "POLICY_FLAGS_MAX": max(1024, self.endpoints_map_size * 2),
+                "CT_MAX": self.ct_map_size}
+
 
 def field_names() -> list[str]:
     return [f.name for f in fields(AgentConfig)]
