@@ -13,20 +13,17 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from netns import Topology  # noqa: E402
+from netns import Topology  # tests/ is on sys.path (tests/conftest.py)
 
-from stockade.datapath import (CapacityError, Datapath, Reason, Verdict, attach,  # noqa: E402
+from stockade.datapath import (CapacityError, Datapath, Reason, Verdict, attach,
                                detach, list_attached)
-from stockade.datapath import maps as m  # noqa: E402
-from stockade.policy.mapstate import (ANY_PEER, EGRESS, INGRESS, PROTO_ICMP,  # noqa: E402
+from stockade.datapath import maps as m
+from stockade.policy.mapstate import (ANY_PEER, EGRESS, INGRESS, PROTO_ICMP,
                                       PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, DirectionPolicy,
                                       Entry, Key, diff, lookup, port_prefixes)
 
@@ -48,8 +45,6 @@ SETTINGS = {
 @pytest.fixture(scope="module")
 def env():
     """Compile once, build the topology, attach to every host-side veth."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
     topo = Topology()
     dp = None
     try:
@@ -252,19 +247,25 @@ def test_icmp_echo_by_type(e, family, proto, echo, other):
     assert ping_ok(e.a, addr)   # echo reply passes A's ingress as a reply
 
 
-def test_icmp_error_for_tracked_flow_passes(e):
-    """Port unreachable from B reaches A although A's ingress is default deny."""
-    e.policy({}, {(ID_A, INGRESS): DEFAULT_DENY})
-    cli = e.a.socket(socket.AF_INET, socket.SOCK_DGRAM)
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("closed,direction", [((ID_A, INGRESS), INGRESS),
+                                              ((ID_B, EGRESS), EGRESS)],
+                         ids=["a-ingress-default-deny", "b-egress-default-deny"])
+def test_icmp_error_for_tracked_flow_passes(e, family, closed, direction):
+    """B's port unreachable for A's UDP passes both hooks though policy would drop it."""
+    e.policy({}, {closed: DEFAULT_DENY})
+    addr = e.b.ip4 if family == 4 else e.b.ip6
+    cli = e.a.socket(fam(addr), socket.SOCK_DGRAM)
     try:
         cli.settimeout(FAIL_TIMEOUT)
-        cli.connect((e.b.ip4, 9))
+        cli.connect((addr, 9))
         cli.send(b"x")
         with pytest.raises(ConnectionRefusedError):
             cli.recv(16)
     finally:
         cli.close()
-    assert e.count(INGRESS, Verdict.FORWARDED, Reason.CT_RELATED) >= 1
+    assert e.count(direction, Verdict.FORWARDED, Reason.CT_RELATED) >= 1
+    assert e.count(direction, Verdict.DROPPED, Reason.POLICY_DENIED) == 0
 
 
 @pytest.mark.parametrize("key,received", [
