@@ -10,6 +10,8 @@
  *  - ARP probes with sender 0.0.0.0 (RFC 5227 address conflict detection) pass.
  *  - Router advertisements and redirects from an endpoint are dropped as spoofed:
  *    a workload is never the router of its link.
+ *  - IPv4 source 0.0.0.0 (DHCP discover) is dropped as spoofed: endpoints get
+ *    their addresses from the agent, not from DHCP on this link.
  *  - The source MAC is not checked yet.
  */
 #ifndef STOCKADE_LIB_ENDPOINT_H

@@ -160,13 +160,16 @@ class Datapath(MapWriter):
             raise DatapathError(name, "no such map") from exc
 
     def open_events(self, callback) -> None:
-        """Call ``callback(FlowEvent)`` for each event during ``poll_events``."""
+        """Call ``callback(FlowEvent)`` (a copy) for each event during ``poll_events``."""
+        import ctypes as ct
         from .maps import FlowEvent
 
         def _cb(_ctx, data, size):
-            import ctypes as ct
-            callback(ct.cast(data, ct.POINTER(FlowEvent)).contents)
-        self.table("events").open_ring_buffer(_cb)
+            callback(FlowEvent.from_buffer_copy(ct.string_at(data, ct.sizeof(FlowEvent))))
+        try:
+            self.table("events").open_ring_buffer(_cb)
+        except Exception as exc:
+            raise DatapathError("events", f"cannot open ring buffer: {exc}") from exc
 
     def poll_events(self, timeout_ms: int = 0) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)

@@ -17,6 +17,7 @@ the peak size during those steps (adds happen before removes) exceeds a map.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import ipaddress
 import socket
 import time
@@ -66,15 +67,15 @@ class MapWriter:
         t = self.table(name)
         if _lib().bpf_update_elem(t.map_fd, ct.byref(key), ct.byref(value), 0) < 0:
             err = ct.get_errno()
-            raise DatapathError(name, f"update failed: {socket.errno.errorcode.get(err, err)}")
+            raise DatapathError(name, f"update failed: {errno.errorcode.get(err, err)}")
 
     def _delete(self, name: str, key) -> bool:
         t = self.table(name)
         if _lib().bpf_delete_elem(t.map_fd, ct.byref(key)) < 0:
             err = ct.get_errno()
-            if err == socket.errno.ENOENT:
+            if err == errno.ENOENT:
                 return False
-            raise DatapathError(name, f"delete failed: {socket.errno.errorcode.get(err, err)}")
+            raise DatapathError(name, f"delete failed: {errno.errorcode.get(err, err)}")
         return True
 
     def _items(self, name: str, key_type, value_type) -> list:
@@ -112,7 +113,7 @@ class MapWriter:
             if addr.version == 4:
                 if info.n_ip4 >= m.EP_MAX_IP4:
                     raise DatapathError(f"endpoint {endpoint_id}", "too many IPv4 addresses")
-                info.ip4[info.n_ip4] = int.from_bytes(addr.packed, "little")
+                ct.memmove(ct.addressof(info.ip4) + 4 * info.n_ip4, addr.packed, 4)
                 info.n_ip4 += 1
             else:
                 if info.n_ip6 >= m.EP_MAX_IP6:
