@@ -351,6 +351,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors the base class finds itself (bad request line, headers) as JSON too."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # not spoken here; answer with a status line
+            self.request_version = "HTTP/1.0"
         self._send(Response(code, {"error": {"message": message or self.responses.get(
             code, ("error",))[0], "field": None}}))
 

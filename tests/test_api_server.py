@@ -1,0 +1,340 @@
+"""The API server over a real unix socket, with the fake agent behind it."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+
+import httpx
+import pytest
+import yaml
+from fake_agent import FakeAgent
+
+from stockade.daemon import server as srv
+from stockade.daemon.server import APIServer, PeerCred, Response, Route, check_permission
+from stockade.errors import Conflict, PermissionDenied, StockadeError
+
+OPENAPI = os.path.join(os.path.dirname(__file__), "..", "docs", "api", "openapi.yaml")
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: lb}}]
+      toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+EP = {"name": "web1", "interface": "veth-web1", "ips": ["10.0.0.5"], "labels": {"app": "web"}}
+
+
+@pytest.fixture
+def agent():
+    return FakeAgent()
+
+
+@pytest.fixture
+def server(agent, tmp_path):
+    with APIServer(agent, str(tmp_path / "agent.sock")) as s:
+        yield s
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(transport=httpx.HTTPTransport(uds=server.socket_path),
+                      base_url="http://stockade") as c:
+        yield c
+
+
+def assert_error(resp, status, field=None, contains=""):
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    err = resp.json()["error"]
+    assert isinstance(err["message"], str) and contains in err["message"]
+    assert err["field"] == field
+    return err
+
+
+# ---------------------------------------------------------------- successes
+
+@pytest.mark.parametrize("path", ["/v1/health", "/v1/endpoints", "/v1/identities",
+                                  "/v1/ipcache", "/v1/policies"])
+def test_get_routes_answer_json(http, path):
+    r = http.get(path)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert isinstance(r.json(), (dict, list))
+
+
+def test_endpoint_add_list_remove(http, agent):
+    r = http.post("/v1/endpoints", json=EP)
+    assert r.status_code == 201 and r.json()["name"] == "web1"
+    assert http.post("/v1/endpoints", json=EP).status_code == 201, "same spec again is fine"
+    assert [e["name"] for e in http.get("/v1/endpoints").json()] == ["web1"]
+    assert http.delete("/v1/endpoints/web1").status_code == 204
+    assert_error(http.delete("/v1/endpoints/web1"), 404, "name", "web1")
+    assert ("add_endpoint", EP) in agent.calls
+
+
+def test_endpoint_conflict_is_409(http):
+    http.post("/v1/endpoints", json=EP)
+    assert_error(http.post("/v1/endpoints", json={**EP, "name": "other"}), 409, "interface")
+
+
+def test_ipcache_prefix_is_percent_decoded(http, agent):
+    r = http.post("/v1/ipcache", json={"prefix": "10.1.0.0/16", "labels": {"app": "db"},
+                                       "host": "h2"})
+    assert r.status_code == 201 and r.json()["prefix"] == "10.1.0.0/16"
+    assert http.get("/v1/ipcache").json()[0]["host"] == "h2"
+    assert http.delete("/v1/ipcache/10.1.0.0%2F16").status_code == 204
+    assert ("remove_ipcache", "10.1.0.0/16") in agent.calls
+
+
+def test_policies_put_dry_run_then_apply_then_delete(http, agent):
+    files = {"files": [{"name": "web.yaml", "text": POLICY}]}
+    r = http.put("/v1/policies", params={"dry_run": "true"}, json=files)
+    assert r.status_code == 200 and r.json()["dry_run"] and r.json()["diff"]["added"] == ["shop/web"]
+    assert http.get("/v1/policies").json() == []
+    r = http.put("/v1/policies", params={"replace_all": "false"}, json=files)
+    assert r.json()["changed"] and not r.json()["dry_run"]
+    assert [p["name"] for p in http.get("/v1/policies").json()] == ["web"]
+    r = http.delete("/v1/policies/web", params={"namespace": "shop", "dry_run": "true"})
+    assert r.json()["diff"]["removed"] == ["shop/web"] and len(http.get("/v1/policies").json()) == 1
+    r = http.delete("/v1/policies")
+    assert r.json()["diff"]["removed"] == ["shop/web"] and http.get("/v1/policies").json() == []
+    assert ("delete_policy", "*", None, None, False) in agent.calls
+
+
+def test_metrics_is_prometheus_text(http):
+    r = http.get("/v1/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "stockade_policy_revision 1" in r.text
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(server.socket_path)
+        f = s.makefile("rb")
+        for _ in range(3):
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            length = 0
+            while (line := f.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert json.loads(f.read(length))["status"] == "ok"
+
+
+# ---------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("method,path,kw,status,field,text", [
+    ("POST", "/v1/endpoints", {"content": b"{bad"}, 400, None, "not valid JSON"),
+    ("POST", "/v1/endpoints", {"json": [1]}, 400, None, "JSON object"),
+    ("POST", "/v1/endpoints", {}, 400, None, "required"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "colour": "red"}}, 400, "colour", "unknown field"),
+    ("POST", "/v1/endpoints", {"json": {"name": "a", "interface": "b"}}, 400, "ips", "required"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "ips": "10.0.0.1"}}, 400, "ips", "a list"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "ips": [1]}}, 400, "ips[0]", "string"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "audit": 1}}, 400, "audit", "true or false"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "labels": {"a": 1}}}, 400, "labels.a", "string"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "ips": ["nope"]}}, 400, "ips[0]", "not an IP"),
+    ("POST", "/v1/endpoints", {"content": b"{}", "headers": {"content-type": "text/plain"}},
+     415, "Content-Type", "application/json"),
+    ("POST", "/v1/ipcache", {"json": {"prefix": "10.0.0.0/8"}}, 400, "labels", "required"),
+    ("POST", "/v1/ipcache", {"json": {"prefix": "x", "labels": {"a": "b"}}}, 400, "prefix", ""),
+    ("PUT", "/v1/policies", {"json": {"files": [{"name": "a"}]}}, 400, "text", "files[0]"),
+    ("PUT", "/v1/policies", {"json": {"file": []}}, 400, "file", "unknown field"),
+    ("PUT", "/v1/policies?dry_run=yes", {"json": {"files": []}}, 400, "dry_run", "true"),
+    ("PUT", "/v1/policies?force=true", {"json": {"files": []}}, 400, "force", "unknown query"),
+    ("PUT", "/v1/policies?dry_run=true&dry_run=false", {"json": {"files": []}}, 400, "dry_run",
+     "twice"),
+    ("GET", "/v1/health?verbose=1", {}, 400, "verbose", "unknown query parameter"),
+    ("GET", "/v1/health", {"content": b"x"}, 400, None, "takes no request body"),
+    ("DELETE", "/v1/policies/web?kind=Pod", {}, 400, "kind", "kind must be"),
+    ("DELETE", "/v1/policies/%2A", {}, 400, "name", "DELETE /v1/policies"),
+    ("DELETE", "/v1/policies/nope", {}, 404, "name", "nope"),
+    ("GET", "/v1/nothing", {}, 404, None, "no such API route"),
+    ("GET", "/v1/health/", {}, 404, None, "no such API route"),
+    ("GET", "/v2/health", {}, 404, None, "no such API route"),
+    ("PATCH", "/v1/health", {}, 405, None, "allowed: GET"),
+    ("GET", "/v1/endpoints/web1", {}, 405, None, "allowed: DELETE"),
+], ids=lambda v: v if isinstance(v, (str, int)) and not isinstance(v, bool) else None)
+def test_refusals(http, method, path, kw, status, field, text):
+    err = assert_error(http.request(method, path, **kw), status, field, text)
+    assert set(err) >= {"message", "field"}
+
+
+def test_405_names_allowed_methods(http):
+    r = http.request("PUT", "/v1/endpoints")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+
+
+def test_policy_errors_carry_every_problem(http, agent):
+    bad = POLICY.replace('port: "80"', 'port: "http2"')
+    r = http.put("/v1/policies", json={"files": [{"name": "web.yaml", "text": bad}]})
+    err = assert_error(r, 400, "spec.ingress[0].toPorts[0].ports[0].port", "web.yaml")
+    assert err["errors"][0]["file"] == "web.yaml" and err["errors"][0]["name"] == "web"
+    assert agent.policies == {}
+
+
+def test_body_over_the_limit_is_413(server, monkeypatch):
+    monkeypatch.setattr(srv, "MAX_BODY", 1024)
+    with httpx.Client(transport=httpx.HTTPTransport(uds=server.socket_path),
+                      base_url="http://x") as c:
+        r = c.put("/v1/policies", content=b"x" * 2048, headers={"content-type": "application/json"})
+    assert_error(r, 413, None, "over the limit")
+
+
+def test_chunked_request_body_is_411(http):
+    r = http.put("/v1/policies", content=iter([b'{"files": []}']),
+                 headers={"content-type": "application/json"})
+    assert_error(r, 411, None, "Content-Length")
+
+
+@pytest.mark.parametrize("exc,status", [
+    (Conflict("taken", "name"), 409),
+    (type("CapacityError", (StockadeError,), {})("map full"), 507),
+    (StockadeError("identity store is read-only"), 500),
+], ids=["conflict", "capacity", "stockade-error"])
+def test_agent_errors_map_to_status(http, agent, exc, status):
+    agent.fail_next = exc
+    assert_error(http.get("/v1/health"), status, exc.field, str(exc))
+
+
+def test_unexpected_exception_is_a_generic_500(http, agent, caplog):
+    agent.fail_next = RuntimeError("secret internal state 0xdead")
+    err = assert_error(http.get("/v1/endpoints"), 500, None, "internal error")
+    assert "0xdead" not in err["message"]
+    assert "0xdead" in caplog.text, "the traceback goes to the log"
+    assert http.get("/v1/endpoints").status_code == 200, "the server keeps serving"
+
+
+def test_malformed_request_line_gets_a_json_error(server):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(server.socket_path)
+        s.sendall(b"GARBAGE\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):  # the server closes after an error like this
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400") or data.startswith(b"HTTP/1.0 400")
+    assert b'"error"' in data
+
+
+# ---------------------------------------------------------------- permissions
+
+@pytest.mark.parametrize("method,cred,allowed", [
+    ("GET", PeerCred(1, 1000, 1000), True),
+    ("GET", None, True),
+    ("POST", PeerCred(1, 0, 0), True),
+    ("PUT", PeerCred(1, 1000, 0), False),
+    ("DELETE", PeerCred(1, 65534, 65534), False),
+    ("POST", None, False),
+], ids=["get-user", "get-unknown", "post-root", "put-user", "delete-nobody", "post-unknown"])
+def test_check_permission(method, cred, allowed):
+    if allowed:
+        check_permission(method, cred)
+    else:
+        with pytest.raises(PermissionDenied, match="needs root"):
+            check_permission(method, cred)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid to nobody")
+def test_non_root_peer_may_read_but_not_change(agent):
+    """A forked child that drops to nobody: GET works, POST is 403."""
+    d = tempfile.mkdtemp()
+    os.chmod(d, 0o755)
+    with APIServer(agent, os.path.join(d, "agent.sock"), group=None, mode=0o666) as s:
+        rd, wr = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: no pytest from here on, only os._exit
+            code = 1
+            try:
+                os.close(rd)
+                os.setgid(65534)
+                os.setuid(65534)
+                with httpx.Client(transport=httpx.HTTPTransport(uds=s.socket_path),
+                                  base_url="http://x") as c:
+                    get = c.get("/v1/health").status_code
+                    post = c.post("/v1/endpoints", json=EP)
+                os.write(wr, json.dumps([get, post.status_code, post.json()]).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wr)
+        out = os.read(rd, 65536)
+        os.close(rd)
+        _, status = os.waitpid(pid, 0)
+    assert status == 0
+    get, post, body = json.loads(out)
+    assert get == 200 and post == 403
+    assert "uid 65534" in body["error"]["message"]
+    assert not any(c[0] == "add_endpoint" for c in agent.calls)
+
+
+# ---------------------------------------------------------------- socket handling
+
+def test_socket_mode_and_stale_socket(agent, tmp_path):
+    path = str(tmp_path / "agent.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a file nobody listens on
+    with APIServer(agent, path, group="no-such-group-here", mode=0o660) as s:
+        assert os.stat(path).st_mode & 0o777 == 0o660
+        with pytest.raises(StockadeError, match="another process is serving"):
+            APIServer(agent, path).start()
+        assert os.path.exists(s.socket_path)
+    assert not os.path.exists(path)
+
+
+def test_refuses_to_remove_a_regular_file(agent, tmp_path):
+    path = tmp_path / "agent.sock"
+    path.write_text("not a socket")
+    with pytest.raises(StockadeError, match="not a socket"):
+        APIServer(agent, str(path)).start()
+    assert path.read_text() == "not a socket"
+
+
+# ---------------------------------------------------------------- streaming hook
+
+def test_streaming_route_sends_chunks(server, http):
+    def follow(r):
+        return Response(body=iter([b'{"n": 1}\n', b"", b'{"n": 2}\n']),
+                        content_type="application/x-ndjson")
+    server.add_route(Route("GET", "/v1/test-stream", follow))
+    with http.stream("GET", "/v1/test-stream") as r:
+        assert r.headers["transfer-encoding"] == "chunked"
+        lines = list(r.iter_lines())
+    assert [json.loads(x)["n"] for x in lines] == [1, 2]
+    assert http.get("/v1/health").status_code == 200, "connection reusable after a stream"
+
+
+def test_stream_stops_when_server_stops(server, http):
+    def forever(r):
+        while True:
+            yield b"tick\n"
+            r.server.stopping.set()  # as stop() would; the handler ends the stream
+    server.add_route(Route("GET", "/v1/test-forever", lambda r: Response(body=forever(r))))
+    with http.stream("GET", "/v1/test-forever") as r:
+        assert list(r.iter_lines()) == ["tick"]
+
+
+# ---------------------------------------------------------------- the document
+
+def test_openapi_documents_exactly_the_routes():
+    with open(OPENAPI) as f:
+        doc = yaml.safe_load(f)
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops
+                  if m in ("get", "post", "put", "delete", "patch")}
+    served = {(r.method, r.template) for r in srv.ROUTES}
+    assert documented == served
+    for r in srv.ROUTES:
+        op = doc["paths"][r.template][r.method.lower()]
+        query = {p.get("name") or p["$ref"].rsplit("/", 1)[1] for p in op.get("parameters", [])
+                 if p.get("in", "query") == "query" and "$ref" not in p} | {
+            doc["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]]["name"]
+            for p in op.get("parameters", []) if "$ref" in p
+            and doc["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]]["in"] == "query"}
+        assert query == set(r.params), r.template
+        assert ("requestBody" in op) == r.body, r.template
