@@ -507,8 +507,7 @@ def test_reload_keeps_pins_and_swaps_program_under_load(e):
         time.sleep(0.3)
         assert received[0] > before               # the stream kept flowing
         dp2.set_ipcache("10.213.99.0/24", 4242)   # a write through the new loader is seen
-        assert any(v.identity == 4242 for _, v in e.dp._items(
-            "ipcache4", m.Ipcache4Key, m.IpcacheValue))
+        assert e.dp.ipcache_entries()["10.213.99.0/24"] == 4242
     finally:
         stop.set()
         cli.shutdown(socket.SHUT_WR)
