@@ -139,8 +139,8 @@ class FakeAgent:
         except ValueError as exc:
             raise InvalidRequest(f"prefix: {exc}", "prefix") from None
         labels = _source_labels(_labels(entry.get("labels")), "remote")
-        if not labels:
-            raise InvalidRequest("labels must not be empty", "labels")
+        if not labels and not entry.get("node"):
+            raise InvalidRequest("labels are required (or node: true)", "labels")
         with self.lock:
             e = {"prefix": prefix, "identity": self._identity_locked(labels),
                  "labels": sorted(f"{k}={v}" for k, v in labels.items()),

@@ -203,7 +203,7 @@ def get_endpoints(r: Request) -> Response:
 
 def post_endpoint(r: Request) -> Response:
     spec = _object(r.body, {"name": (str,), "interface": (str,), "ips": (list,),
-                            "labels": (dict, str), "audit": (bool,)},
+                            "labels": (dict, str), "audit": (bool,), "mac": (str,)},
                    ("name", "interface", "ips"), "endpoint")
     _string_list(spec["ips"], "ips")
     if "labels" in spec:
@@ -225,9 +225,10 @@ def get_ipcache(r: Request) -> Response:
 
 
 def post_ipcache(r: Request) -> Response:
-    entry = _object(r.body, {"prefix": (str,), "labels": (dict,), "host": (str, type(None))},
-                    ("prefix", "labels"), "ipcache entry")
-    _labels(entry["labels"], "labels")
+    entry = _object(r.body, {"prefix": (str,), "labels": (dict,), "host": (str, type(None)),
+                             "node": (bool,)}, ("prefix",), "ipcache entry")
+    if "labels" in entry:
+        _labels(entry["labels"], "labels")
     return Response(201, r.agent.add_ipcache(entry))
 
 
