@@ -5,12 +5,13 @@ import time
 import pytest
 
 from agentproc import AgentProcess
-from podman import bridge_name, podman, podman_image, podman_service, run_container  # noqa: F401
+from podman import bridge_name, podman, podman_image, podman_service, run_container, unique_name  # noqa: F401
 from stockade.discovery import DEFAULT_EVENTS_LOG
 from traffic import eventually
 
 pytestmark = pytest.mark.root
 
+N = {n: unique_name(n) for n in ("skdb1", "skweb1", "skoth1", "skdb2", "skweb2", "skbad2", "skgone")}
 HTTPD = ["sh", "-c", "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www"]
 
 POLICY = {"name": "shop.yaml", "text": """
@@ -53,36 +54,36 @@ def endpoint(agent, name):
 
 
 def test_containers_get_identities_from_labels(agent, run_container):
-    db = run_container("skdb1", labels={"app": "db"}, cmd=HTTPD)
-    web = run_container("skweb1", labels={"app": "web"})
-    other = run_container("skoth1", labels={"app": "other"})
+    db = run_container(N["skdb1"], labels={"app": "db"}, cmd=HTTPD)
+    web = run_container(N["skweb1"], labels={"app": "web"})
+    other = run_container(N["skoth1"], labels={"app": "other"})
     for c in (db, web, other):
         assert eventually(lambda: (endpoint(agent, c.name) or {}).get("state") == "ready"), c.name
-    ep = endpoint(agent, "skdb1")
+    ep = endpoint(agent, N["skdb1"])
     assert ep["labels"]["container:app"] == "db" and ep["ips"] == [db.ip] and ep["source"] == "podman"
-    assert eventually(lambda: fetch("skweb1", db.ip))
-    assert not fetch("skoth1", db.ip)
+    assert eventually(lambda: fetch(N["skweb1"], db.ip))
+    assert not fetch(N["skoth1"], db.ip)
 
 
 def test_new_container_never_sends_before_its_policy(agent, run_container):
-    db = run_container("skdb2", labels={"app": "db"}, cmd=HTTPD)
-    web = run_container("skweb2", labels={"app": "web"})
-    assert eventually(lambda: fetch("skweb2", db.ip))
+    db = run_container(N["skdb2"], labels={"app": "db"}, cmd=HTTPD)
+    web = run_container(N["skweb2"], labels={"app": "web"})
+    assert eventually(lambda: fetch(N["skweb2"], db.ip))
     # From its first instruction this container tries to reach db; its own policy
     # (quarantine) closes its egress. Any success is written to /tmp/leak.
     loop = (f"i=0; while [ $i -lt 200 ]; do {GET.format(ip=db.ip)} | grep -q ok "
             f"&& echo leak >> /tmp/leak; i=$((i+1)); done; sleep 3600")
-    bad = run_container("skbad2", labels={"app": "bad"}, cmd=["sh", "-c", loop])
-    assert eventually(lambda: (endpoint(agent, "skbad2") or {}).get("state") == "ready")
+    bad = run_container(N["skbad2"], labels={"app": "bad"}, cmd=["sh", "-c", loop])
+    assert eventually(lambda: (endpoint(agent, N["skbad2"]) or {}).get("state") == "ready")
     time.sleep(2)
-    leak = podman("exec", "skbad2", "cat", "/tmp/leak", check=False)
+    leak = podman("exec", N["skbad2"], "cat", "/tmp/leak", check=False)
     assert leak.stdout.strip() == "", "a packet from the new container got through"
 
 
 def test_container_stop_removes_endpoint(agent, run_container):
-    c = run_container("skgone", labels={"app": "gone"})
-    assert eventually(lambda: endpoint(agent, "skgone") is not None)
-    ident = endpoint(agent, "skgone")["identity"]
+    c = run_container(N["skgone"], labels={"app": "gone"})
+    assert eventually(lambda: endpoint(agent, N["skgone"]) is not None)
+    ident = endpoint(agent, N["skgone"])["identity"]
     podman("stop", "-t", "0", c.id)
-    assert eventually(lambda: endpoint(agent, "skgone") is None)
+    assert eventually(lambda: endpoint(agent, N["skgone"]) is None)
     assert all(i["id"] != ident for i in agent.client.identities())
