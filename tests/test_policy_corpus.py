@@ -184,8 +184,8 @@ INVALID = {
         (0, "spec.ingress[0].toPorts[0].ports[0].prot", "unknown field")],
     **{f"unsupported-{k}.yaml": [(0, v, f"{v.rsplit('.', 1)[-1]} is not supported by Stockade")]
        for k, v in UNSUPPORTED.items()},
-    "cidrGroupRef.yaml": [(0, "spec.egress[0].toCIDRSet[0].cidrGroupRef",
-                           "cidrGroupRef needs inventory-defined services")],
+    "cidrGroupRef.yaml": [(0, "spec.egress[0].toCIDRSet[0]",
+                           "cidrGroupRef cannot be combined with cidr or except")],
     "port-named.yaml": [(0, "spec.ingress[0].toPorts[0].ports[0].port", f"'http2' is not a port number {NS}")],
     "port-too-big.yaml": [(0, "spec.ingress[0].toPorts[0].ports[0].port", "70000 is not a port number (0-65535)")],
     "port-negative.yaml": [(0, "spec.egress[0].toPorts[0].ports[0].port", "-1 is not a port number (0-65535)")],

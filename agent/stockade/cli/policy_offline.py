@@ -19,24 +19,50 @@ enforcement_option = click.option("--enforcement", type=click.Choice(ENFORCEMENT
 
 @click.command("validate")
 @files_arg
+@click.option("--services", "services_file", type=click.Path(dir_okay=False, exists=True),
+              help="YAML/JSON stockade_services mapping: warn about selectors no service matches.")
+@click.option("--workloads", "workloads_file", type=click.Path(dir_okay=False, exists=True),
+              help="YAML/JSON list of known workloads' labels (or `endpoint list -o json` output).")
 @output_option
 @handle_errors
-def validate(files, output):
+def validate(files, services_file, workloads_file, output):
     """Check policy FILES (YAML or JSON, several documents each).
+
+    With --services and/or --workloads, also warn about selectors that match no
+    defined service and no known workload (warnings do not fail validation).
 
     \b
     Examples:
       stockade policy validate policies/*.yaml
       stockade policy validate -o json web.yaml
+      stockade policy validate --services services.yaml --workloads seen.json policies/*.yaml
     """
     policies = load_files(files)
+    warnings = []
+    if services_file or workloads_file:
+        from ..policy.lint import service_label_sets, unmatched_selectors, workload_label_sets
+        services = (_read_data(services_file) or {}) if services_file else {}
+        sets = service_label_sets(services)
+        sets += workload_label_sets(_read_data(workloads_file) if workloads_file else [])
+        warnings = unmatched_selectors(policies, sets, set(services) if services_file else None)
     if output == "json":
-        emit_json({"valid": True, "policies": [
+        emit_json({"valid": True, "warnings": warnings, "policies": [
             {**p.ref.to_dict(), "source": p.source, "specs": len(p.rules)} for p in policies]})
     else:
         click.echo(f"{len(policies)} policies in {len(files)} files are valid")
         for p in policies:
             click.echo(f"  {p.ref.kind} {p.ref.display} ({p.source})")
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
+
+
+def _read_data(path: str):
+    import yaml
+    from ..errors import InvalidRequest
+    try:
+        return yaml.safe_load(open(path).read())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
 
 
 @click.command("trace")

@@ -45,7 +45,7 @@ def peer_selectors(pr: PeerRule) -> tuple[tuple[Selector, ...], bool]:
     if not pr.has_peers or "all" in pr.entities:
         return (), True
     sels = [("endpoints", s) for s in pr.endpoints]
-    sels += [("cidr", c) for c in pr.cidrs]
+    sels += [("cidrgroup", c.group) if c.group else ("cidr", c) for c in pr.cidrs]
     sels += [("entity", e) for e in pr.entities]
     return tuple(dict.fromkeys(sels)), False
 

@@ -25,6 +25,8 @@ def selects(selector: Selector, ident: Identity) -> bool:
         if not value.requirements:
             return ident.kind == WORKLOAD_KIND
         return value.matches(ident.labels)
+    if kind == "cidrgroup":  # an inventory service's CIDRs (cidrGroupRef)
+        return ident.kind == CIDR_KIND and value in ident.labels.values_of("service", "service")
     if kind == "cidr":
         if ident.kind == CIDR_KIND:
             return value.selects(ident.prefix)

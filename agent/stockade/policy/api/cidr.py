@@ -7,25 +7,31 @@ from dataclasses import dataclass
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class CIDRRule:
-    """Selects addresses inside ``cidr`` and outside every prefix in ``excepts``."""
+    """Selects addresses inside ``cidr`` and outside every prefix in ``excepts``; or,
+    with ``group`` (``cidrGroupRef``), the CIDRs of the inventory service of that name."""
 
-    cidr: Network
+    cidr: Network | None
     excepts: tuple[Network, ...] = ()
+    group: str = ""
 
     def prefixes(self) -> tuple[Network, ...]:
-        """Every prefix this rule needs an identity for."""
-        return (self.cidr,) + self.excepts
+        """Every prefix this rule needs an identity for (a group's come from its service)."""
+        return () if self.group else (self.cidr,) + self.excepts
 
     def selects(self, prefix: Network) -> bool:
         """Does this rule select the CIDR identity of ``prefix`` (a prefix that is at
         least as specific as the rule's and outside its exceptions)?"""
+        if self.group:
+            return False
         if prefix.version != self.cidr.version or not prefix.subnet_of(self.cidr):
             return False
         return not any(prefix.subnet_of(e) for e in self.excepts if e.version == prefix.version)
 
     def __str__(self) -> str:
+        if self.group:
+            return f"group {self.group}"
         if not self.excepts:
             return str(self.cidr)
         return f"{self.cidr} except {', '.join(map(str, self.excepts))}"

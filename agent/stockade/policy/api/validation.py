@@ -118,9 +118,14 @@ class _Sanitizer:
 
     def cidr_set(self, raw: dict, path: str) -> CIDRRule | None:
         if "cidrGroupRef" in raw:
-            self.fail(f"{path}.cidrGroupRef",
-                      "cidrGroupRef needs inventory-defined services, which are not available yet")
-            return None
+            ref = raw["cidrGroupRef"]
+            if set(raw) - {"cidrGroupRef"}:
+                self.fail(path, "cidrGroupRef cannot be combined with cidr or except")
+                return None
+            if not re.match(r"^[a-z0-9]([a-z0-9\-.]{0,61}[a-z0-9])?$", ref):
+                self.fail(f"{path}.cidrGroupRef", f"{ref!r} is not a service name")
+                return None
+            return CIDRRule(None, (), ref)
         if "cidr" not in raw:
             self.fail(f"{path}.cidr", "is required")
             return None
