@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from . import webui_cmd
 from . import agent_cmds, agent_daemon, policy_offline
 
 
@@ -23,6 +24,7 @@ for cmd in (policy_offline.validate, policy_offline.trace, policy_offline.test,
 
 for cmd in (*agent_cmds.TOP_COMMANDS, agent_daemon.agent):
     cli.add_command(cmd)
+cli.add_command(webui_cmd.webui)
 
 
 def main():

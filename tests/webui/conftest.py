@@ -1,0 +1,152 @@
+"""Fixtures for the web UI: the real API server over a unix socket with the fake agent
+behind it (plus canned flows), an app wired to it, and a logged-in test client."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+from fake_agent import FakeAgent
+
+from stockade.daemon.server import APIServer
+from stockade_webui import create_app
+
+TOKEN = "test-token-0123456789abcdef"
+
+DB_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: web}}]
+      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"""
+
+# The proposal: db only from api, so web -> db:5432 would be blocked.
+PROPOSED = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: api}}]
+      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"""
+
+
+def _iso(seconds_ago: float) -> str:
+    t = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds_ago)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def flow(src: dict, dst: dict, sport: int, dport: int, verdict="FORWARDED", ago=60.0,
+         direction="ingress") -> dict:
+    conn = f"tcp {src['ips'][0]}:{sport} -> {dst['ips'][0]}:{dport}"
+    return {"time": _iso(ago), "verdict": verdict,
+            "drop_reason": "policy_denied" if verdict == "DROPPED" else None,
+            "reason": "policy", "direction": direction, "ip_version": 4,
+            "ip": {"source": src["ips"][0], "destination": dst["ips"][0]},
+            "l4": {"protocol": "tcp", "source_port": sport, "destination_port": dport},
+            "is_reply": False, "interface": {"index": 7, "name": "veth-x"},
+            "source": {"identity": src["identity"], "labels": sorted(f"{k}={v}" for k, v in src["labels"].items()),
+                       "endpoint": {"name": src["name"], "host": "h1"}},
+            "destination": {"identity": dst["identity"],
+                            "labels": sorted(f"{k}={v}" for k, v in dst["labels"].items()),
+                            "endpoint": {"name": dst["name"], "host": "h1"}},
+            "policy": ["db"] if dport == 5432 else [], "policy_match": "allow", "size": 60,
+            "connection": conn}
+
+
+class FlowAgent(FakeAgent):
+    """The fake agent plus a flow ring, filtered on verdict, ports and labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.flow_ring: list[dict] = []
+
+    def flows(self, criteria: dict) -> dict:
+        self._call("flows", criteria)
+        out = list(self.flow_ring)
+        for key, vals in criteria.items():
+            vals = vals if isinstance(vals, list) else [vals]
+            if key == "verdict":
+                out = [f for f in out if f["verdict"] in vals]
+            elif key == "port":
+                out = [f for f in out if str(f["l4"]["destination_port"]) in vals
+                       or str(f["l4"]["source_port"]) in vals]
+            elif key in ("from_label", "to_label"):
+                side = "source" if key == "from_label" else "destination"
+                out = [f for f in out if any(all(any(l.endswith(":" + part) or l == part for l in f[side]["labels"])
+                                                 for part in v.split(",")) for v in vals)]
+        last = criteria.get("last")
+        if last:
+            out = out[-int(last[0] if isinstance(last, list) else last):]
+        return {"flows": out, "count": len(out), "connections": len({f["connection"] for f in out}),
+                "events_lost": {"rate_limit_new": 0, "rate_limit_drop": 0, "ringbuf_full": 0},
+                "buffer": {"size": len(self.flow_ring), "capacity": 1024}}
+
+
+def populate(agent: FlowAgent) -> dict:
+    web = agent.add_endpoint({"name": "web1", "interface": "vweb1", "ips": ["10.9.0.2"],
+                              "labels": {"app": "web"}})
+    db = agent.add_endpoint({"name": "db1", "interface": "vdb1", "ips": ["10.9.0.3"],
+                             "labels": {"app": "db"}})
+    api = agent.add_endpoint({"name": "api1", "interface": "vapi1", "ips": ["10.9.0.4"],
+                              "labels": {"app": "api"}, "audit": False})
+    agent.put_policies([{"name": "db.yaml", "text": DB_POLICY}])
+    agent.flow_ring = [flow(web, db, 40000 + i, 5432, ago=30 + i) for i in range(12)]
+    agent.flow_ring += [flow(api, db, 41000, 5432, verdict="DROPPED", ago=120)]
+    agent.flow_ring += [flow(web, api, 42000, 8080, ago=7200)]   # older than an hour
+    return {"web": web, "db": db, "api": api}
+
+
+@pytest.fixture
+def agent():
+    a = FlowAgent()
+    populate(a)
+    return a
+
+
+@pytest.fixture
+def agent_socket(agent, tmp_path):
+    with APIServer(agent, str(tmp_path / "agent.sock")) as s:
+        yield s.socket_path
+
+
+@pytest.fixture
+def app(agent_socket):
+    app = create_app({"TOKEN": TOKEN, "AGENTS": [f"h1={agent_socket}"], "TESTING": True,
+                      "MAX_CONTENT_LENGTH": 64 * 1024, "MAX_FORM_MEMORY_SIZE": 64 * 1024})
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class Auth:
+    def __init__(self, client):
+        self.client = client
+
+    def csrf(self, path="/login") -> str:
+        html = self.client.get(path).get_data(as_text=True)
+        return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+    def login(self, token=TOKEN):
+        return self.client.post("/login", data={"token": token, "csrf_token": self.csrf()})
+
+
+@pytest.fixture
+def auth(client):
+    return Auth(client)
+
+
+@pytest.fixture
+def logged_in(client, auth):
+    r = auth.login()
+    assert r.status_code == 302
+    return client
