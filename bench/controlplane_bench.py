@@ -1,0 +1,303 @@
+"""Control plane: time to apply N rules, a one-rule change at N = 10,000, container
+start -> enforced latency, and agent memory at 1,000 endpoints.
+
+    .venv/bin/python -m bench.controlplane_bench [apply] [podman] [rss]
+
+apply   From an empty state, time the command until it returns: ``stockade policy
+        import FILE`` (a new process: CLI start included; the agent answers once every
+        map entry is written), ``iptables-restore`` and ``nft -f`` (both return after
+        the kernel committed the ruleset), each in the server namespace of
+        bench/datapath_bench.py's layout. After each command the kernel state is
+        counted (pinned policy map entries; iptables-save rules; nft set elements) to
+        prove everything was in force when it returned. Then one rule of 10,000 is
+        changed: Stockade imports one policy file (the peer's CNP with one port
+        replaced), iptables replaces the rule in place (``iptables -R``) and, as
+        configuration management does, restores the whole file; nft swaps one set
+        element in one transaction.
+podman  50 times: ``podman create`` a busybox container labelled app=bench-cli whose
+        command is ``netbench probe SERVER 8080`` (5 ms SYN timeout, retried every
+        1 ms), ``podman start`` it, and take the time it returns; the probe prints the
+        CLOCK_MONOTONIC time of its first successful request/reply to a server
+        container whose policy admits app=bench-cli only. Latency = success - start
+        returned (negative, i.e. enforced before ``podman start`` returned, counts 0).
+        The agent follows Podman through its API socket and the events log.
+rss     1,000 static endpoints, each a veth pair (host end in the root namespace with
+        the agent's tc programs, peer end in one shared namespace: what 1,000 containers
+        look like to the agent, without 1,000 processes) with its own identity, and
+        10,000 policy entries (10 ports from the next endpoint's identity each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from bench.common import (build_netbench, iptables_rules, median, nft_rules, nsrun, pct,
+                          pinned_map_count, remove_netfilter, rmtree, rss_mb, stockade_policies,
+                          tmpdir)
+from bench.datapath_bench import SERVER_APP, SUBNET, peer_ip, MAX_IDS, BASE_PORT
+
+from agentproc import STOCKADE, AgentProcess  # noqa: E402
+from netns import Topology  # noqa: E402
+
+APPLY_NS = (10, 1000, 10000)
+REPEAT = 3
+
+
+def layout(n: int):
+    k = min(n, MAX_IDS)
+    per = max(1, n // k)
+    return [(f"p{i}", peer_ip(i), [BASE_PORT + j for j in range(per)]) for i in range(k)]
+
+
+def stockade_import(agent, path: str) -> float:
+    t = time.perf_counter()
+    subprocess.run([*STOCKADE, "policy", "import", path], check=True, capture_output=True,
+                   env={**os.environ, "STOCKADE_SOCKET": agent.socket}, timeout=120)
+    return time.perf_counter() - t
+
+
+def ns_timed(ns: str, *argv: str, input: str | None = None) -> float:
+    t = time.perf_counter()
+    nsrun(ns, *argv, input=input)
+    return time.perf_counter() - t
+
+
+def bench_apply() -> dict:
+    out: dict = {"n": {}}
+    tmp = tmpdir("stockade-bench-cp-")
+    try:
+        with Topology(tag="a") as topo:
+            srv = topo.add_workload("s", [f"{SUBNET}.1/24"])
+            with AgentProcess(managed_bridges=[], managed_interfaces=[]) as agent:
+                c = agent.client
+                for label, ip, _ in layout(max(APPLY_NS)):
+                    c.add_ipcache(f"{ip}/32", {"bench-peer": label}, "bench-peer-host")
+                c.add_endpoint(name="bench-server", interface=srv.host_if, ips=[srv.ip4],
+                               labels={"app": SERVER_APP})
+                base = pinned_map_count(f"{agent.settings['bpffs_dir']}/policy")
+                for n in APPLY_NS:
+                    lay = layout(n)
+                    pairs = [(ip, p) for _, ip, ports in lay for p in ports]
+                    pol = os.path.join(tmp, f"bench-{n}.yaml")
+                    with open(pol, "w") as f:
+                        f.write(stockade_policies([(lab, ports) for lab, _, ports in lay], SERVER_APP))
+                    ipt, nft = iptables_rules(pairs), nft_rules(pairs)
+                    res = {"stockade_import_s": [], "stockade_api_s": [], "iptables_restore_s": [],
+                           "nft_f_s": []}
+                    for _ in range(REPEAT):
+                        c.delete_all_policies()
+                        res["stockade_import_s"].append(stockade_import(agent, pol))
+                        got = pinned_map_count(f"{agent.settings['bpffs_dir']}/policy") - base
+                        if got != len(pairs):
+                            raise RuntimeError(f"stockade: {got} map entries, want {len(pairs)}")
+                        c.delete_all_policies()
+                        t = time.perf_counter()
+                        c.put_policies([pol])
+                        res["stockade_api_s"].append(time.perf_counter() - t)
+                        res["iptables_restore_s"].append(ns_timed(srv.ns, "iptables-restore", input=ipt))
+                        rules = nsrun(srv.ns, "iptables-save").stdout.count("-j ACCEPT") - 2
+                        if rules != len(pairs):
+                            raise RuntimeError(f"iptables: {rules} rules, want {len(pairs)}")
+                        remove_netfilter(srv.ns)
+                        res["nft_f_s"].append(ns_timed(srv.ns, "nft", "-f", "-", input=nft))
+                        elems = nsrun(srv.ns, "nft", "list", "set", "ip", "stockbench",
+                                      "allowed").stdout.count(" . ") - 1  # minus the type line
+                        if elems != len(pairs):
+                            raise RuntimeError(f"nft: {elems} set elements, want {len(pairs)}")
+                        remove_netfilter(srv.ns)
+                    out["n"][str(n)] = {k: round(median(v), 4) for k, v in res.items()}
+                    out["n"][str(n)]["entries"] = len(pairs)
+                out["one_rule_change_at_10000"] = one_rule_change(agent, srv, tmp)
+                remove_netfilter(srv.ns)
+    finally:
+        rmtree(tmp)
+    return out
+
+
+def one_rule_change(agent, srv, tmp) -> dict:
+    lay = layout(10000)
+    pairs = [(ip, p) for _, ip, ports in lay for p in ports]
+    agent.client.put_policies([os.path.join(tmp, "bench-10000.yaml")], replace_all=True)
+    nsrun(srv.ns, "iptables-restore", input=iptables_rules(pairs))
+    nft_tab = nft_rules(pairs)
+    res = {"stockade_import_s": [], "iptables_R_s": [], "iptables_restore_s": [], "nft_s": []}
+    label, ip, ports = lay[0]
+    for k in range(REPEAT):
+        # Alternate between the original and a changed first port of peer p0.
+        new_ports = [BASE_PORT + 100 + k] + ports[1:]
+        old = ports[0] if k == 0 else BASE_PORT + 100 + k - 1
+        one = os.path.join(tmp, f"one-{k}.yaml")
+        with open(one, "w") as f:
+            f.write(stockade_policies([(label, new_ports)], SERVER_APP))
+        res["stockade_import_s"].append(stockade_import(agent, one))
+        # iptables: rule 3 is p0's first port (1: ct state, 2: lo).
+        res["iptables_R_s"].append(ns_timed(
+            srv.ns, "iptables", "-R", "INPUT", "3", "-s", f"{ip}/32", "-p", "tcp", "-m", "tcp",
+            "--dport", str(new_ports[0]), "-j", "ACCEPT"))
+        changed = [(ip, new_ports[0])] + pairs[1:]
+        res["iptables_restore_s"].append(ns_timed(srv.ns, "iptables-restore",
+                                                  input=iptables_rules(changed)))
+        if k == 0:
+            nsrun(srv.ns, "nft", "-f", "-", input=nft_tab)
+        res["nft_s"].append(ns_timed(
+            srv.ns, "nft", "-f", "-",
+            input=(f"delete element ip stockbench allowed {{ {ip} . {old} }}\n"
+                   f"add element ip stockbench allowed {{ {ip} . {new_ports[0]} }}\n")))
+    return {k: round(median(v), 4) for k, v in res.items()}
+
+
+# ------------------------------------------------------------------ podman
+def bench_podman(starts: int = 50) -> dict:
+    from podman import (CONTAINERS_CONF, IMAGE, SESSION_ID, SESSION_LABEL, bridge_name,
+                        ensure_image, podman, remove_container, start_container)
+    from stockade.discovery import DEFAULT_EVENTS_LOG, start_podman_service, stop_podman_service
+    tmp = tmpdir("stockade-bench-pm-")
+    created: list[str] = []
+    svc = None
+    try:
+        nb = build_netbench(tmp)
+        ensure_image()
+        svc = start_podman_service(f"{tmp}/podman.sock", containers_conf=str(CONTAINERS_CONF),
+                                   log_path=f"{tmp}/podman-service.log")
+        policy = f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: bench-srv}}
+spec:
+  endpointSelector: {{matchLabels: {{app: bench-srv}}}}
+  ingress: [{{fromEndpoints: [{{matchLabels: {{app: bench-cli}}}}], toPorts: [{{ports: [{{port: "8080", protocol: TCP}}]}}]}}]
+"""
+        mount = ("-v", f"{tmp}:/nb:ro")
+        with AgentProcess(podman_socket=svc.socket_path, podman_events_log=DEFAULT_EVENTS_LOG,
+                          managed_bridges=[bridge_name()]) as agent:
+            agent.client.put_policies([{"name": "bench-srv.yaml", "text": policy}])
+            srv = start_container(f"skbsrv-{SESSION_ID}", {"app": "bench-srv"},
+                                  ["/nb/netbench", "server", "8080"], extra_args=mount)
+            created.append(srv.id)
+            deadline = time.monotonic() + 20
+            while not any(e["name"] == srv.name and e.get("state") == "ready"
+                          for e in agent.client.endpoints()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server container never became a ready endpoint")
+                time.sleep(0.05)
+
+            def run_probe(name, app, timeout):
+                cid = podman("create", "--name", name, "--network", "podman", "--label",
+                             f"{SESSION_LABEL}={SESSION_ID}", "--label", f"app={app}", *mount,
+                             IMAGE, "/nb/netbench", "probe", srv.ip, "8080", str(timeout)
+                             ).stdout.strip().splitlines()[-1]
+                created.append(cid)
+                t0 = time.monotonic_ns()
+                podman("start", cid)
+                t1 = time.monotonic_ns()
+                podman("wait", cid, timeout=timeout + 30)
+                res = json.loads(podman("logs", cid).stdout.strip().splitlines()[-1])
+                remove_container(cid)
+                created.remove(cid)
+                return t0, t1, res
+
+            _, _, denied = run_probe(f"skbden-{SESSION_ID}", "bench-other", 1)
+            if denied["ok_ns"] is not None:
+                raise RuntimeError("a container outside the policy reached the server")
+            lat_ms, start_ms, tries = [], [], []
+            for i in range(starts):
+                t0, t1, res = run_probe(f"skbcli-{SESSION_ID}-{i}", "bench-cli", 10)
+                if res["ok_ns"] is None:
+                    raise RuntimeError(f"start {i}: the allowed container never connected")
+                lat_ms.append(max(0.0, (res["ok_ns"] - t1) / 1e6))
+                start_ms.append((t1 - t0) / 1e6)
+                tries.append(res["tries"])
+        return {"starts": starts,
+                "start_to_enforced_ms_p50": round(pct(lat_ms, 50), 2),
+                "start_to_enforced_ms_p99": round(pct(lat_ms, 99), 2),
+                "start_to_enforced_ms_max": round(max(lat_ms), 2),
+                "enforced_before_start_returned": sum(1 for v in lat_ms if v == 0),
+                "podman_start_cmd_ms_p50": round(pct(start_ms, 50), 1),
+                "probe_tries_p50": pct(tries, 50),
+                "denied_container_blocked": True}
+    finally:
+        for cid in created:
+            remove_container(cid)
+        if svc is not None:
+            stop_podman_service(svc)
+        rmtree(tmp)
+
+
+# ------------------------------------------------------------------ rss
+def bench_rss(n_eps: int = 1000, ports_each: int = 10) -> dict:
+    prefix = f"sk{os.getpid()}"
+    ns = f"{prefix}ep"
+    made_links: list[str] = []
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        batch = []
+        for i in range(n_eps):
+            host = f"{prefix}e{i}"
+            batch.append(f"link add {host} type veth peer name p{i} netns {ns}")
+            batch.append(f"link set {host} up")
+            made_links.append(host)
+        subprocess.run(["ip", "-batch", "-"], input="\n".join(batch), text=True, check=True,
+                       capture_output=True)
+        with AgentProcess(managed_bridges=[], managed_interfaces=[]) as agent:
+            c = agent.client
+            pid = agent.proc.pid
+            idle = rss_mb(pid)
+            t = time.perf_counter()
+            for i in range(n_eps):
+                c.add_endpoint(name=f"ep{i}", interface=made_links[i],
+                               ips=[f"10.215.{i // 250}.{i % 250 + 1}"], labels={"app": f"ep{i}"})
+            add_s = time.perf_counter() - t
+            with_eps = rss_mb(pid)
+            docs = []
+            for i in range(n_eps):
+                ports = ", ".join(f'{{port: "{9000 + j}", protocol: TCP}}' for j in range(ports_each))
+                docs.append(f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: ep{i}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: ep{i}}}}}
+  ingress: [{{fromEndpoints: [{{matchLabels: {{app: ep{(i + 1) % n_eps}}}}}], toPorts: [{{ports: [{ports}]}}]}}]
+""")
+            t = time.perf_counter()
+            c.put_policies([{"name": "rss.yaml", "text": "---\n".join(docs)}])
+            pol_s = time.perf_counter() - t
+            entries = pinned_map_count(f"{agent.settings['bpffs_dir']}/policy")
+            full = rss_mb(pid)
+            return {"endpoints": n_eps, "policy_map_entries": entries,
+                    "rss_idle_mb": idle["VmRSS"], "rss_1000_endpoints_mb": with_eps["VmRSS"],
+                    "rss_full_mb": full["VmRSS"], "rss_peak_mb": full["VmHWM"],
+                    "add_1000_endpoints_s": round(add_s, 2), "import_10000_entries_s": round(pol_s, 3),
+                    "flows": flows_note()}
+    finally:
+        for name in made_links:
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def flows_note() -> str:
+    import importlib.util
+    if importlib.util.find_spec("stockade.flows") is None:
+        return "no flow records: the flows feature is not in the agent yet (RSS is without a flow ring)"
+    return "flows module present; RSS above does not fill the flow ring (see bench.flows_bench)"
+
+
+def main(argv=None) -> int:
+    parts = (argv or sys.argv[1:]) or ["apply", "podman", "rss"]
+    out = {}
+    if "apply" in parts:
+        out["apply"] = bench_apply()
+        print(f"apply: {json.dumps(out['apply'])}", file=sys.stderr, flush=True)
+    if "podman" in parts:
+        out["podman"] = bench_podman()
+        print(f"podman: {json.dumps(out['podman'])}", file=sys.stderr, flush=True)
+    if "rss" in parts:
+        out["rss"] = bench_rss()
+        print(f"rss: {json.dumps(out['rss'])}", file=sys.stderr, flush=True)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
