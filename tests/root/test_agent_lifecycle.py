@@ -182,3 +182,20 @@ def test_cleanup_detaches_and_unpins(topo):
         assert not os.path.exists(pins)
     finally:
         agent.stop()
+
+
+def test_full_policy_map_is_refused_and_previous_policy_kept(topo):
+    t, w = topo
+    with AgentProcess(policy_map_size=16) as agent:
+        register(agent, w, {"a": "web", "b": "db", "c": "other"})
+        agent.client.put_policies([ISOLATE_DB])
+        many = {"name": "big.yaml", "text": ISOLATE_DB["text"].replace(
+            "ingress: [{fromEndpoints: [{matchLabels: {app: web}}]}]",
+            "ingress: [{fromEndpoints: [{}], toPorts: [{ports: ["
+            + ", ".join(f'{{port: "{1000 + 7 * i}", protocol: TCP}}' for i in range(20)) + "]}]}]")}
+        from stockade.client import APIError
+        with pytest.raises(APIError) as err:
+            agent.client.put_policies([many])
+        assert err.value.status == 507 and "policy" in str(err.value)
+        assert tcp_ok(w["a"], w["b"], w["b"].ip4, 80) and not tcp_ok(w["c"], w["b"], w["b"].ip4, 80)
+        assert "policy apply failed" in " ".join(agent.client.health()["errors"])

@@ -87,3 +87,15 @@ def test_container_stop_removes_endpoint(agent, run_container):
     podman("stop", "-t", "0", c.id)
     assert eventually(lambda: endpoint(agent, N["skgone"]) is None)
     assert all(i["id"] != ident for i in agent.client.identities())
+
+
+def test_docker_api_path_is_the_same_code(podman_service, run_container):
+    """No Docker engine runs here: point the agent's Docker source at Podman's
+    Docker-compatible socket; containers arrive with source "docker"."""
+    with AgentProcess(podman_socket=None, docker_socket=podman_service.socket_path,
+                      managed_bridges=[bridge_name()]) as a:
+        name = unique_name("skdock")
+        run_container(name, labels={"app": "dock"})
+        assert eventually(lambda: (endpoint(a, name) or {}).get("state") == "ready")
+        ep = endpoint(a, name)
+        assert ep["source"] == "docker" and ep["labels"]["container:app"] == "dock"
