@@ -1,0 +1,186 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: Stockade contributors; Apache-2.0
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: stockade_endpoint
+short_description: Register or remove a static Stockade endpoint
+description:
+  - Registers a workload that Stockade does not discover by itself (a VM's tap, a network
+    namespace's veth) with the agent, with the labels that give it its identity.
+  - Registering the same spec again changes nothing; a different spec for the same name
+    replaces the old one.
+  - Uses only the Python standard library on the managed host.
+version_added: "0.1.0"
+author: Stockade contributors
+options:
+  name:
+    description: Endpoint name, unique on this host (letters, digits, C(_), C(.), C(-); at most 63).
+    type: str
+    required: true
+  state:
+    description: Whether the endpoint should be registered.
+    type: str
+    choices: [present, absent]
+    default: present
+  interface:
+    description: Host-side interface of the workload (veth, tap), at most 15 characters.
+    type: str
+  ips:
+    description: The workload's addresses; at least one.
+    type: list
+    elements: str
+  labels:
+    description:
+      - Labels that give the identity. Keys without a source get C(static:).
+      - Omitted means no labels.
+    type: dict
+    default: {}
+  audit:
+    description: Log what policy would drop for this endpoint, drop nothing.
+    type: bool
+    default: false
+  mac:
+    description: The workload's MAC address (VM taps). Omitted means not checked.
+    type: str
+  socket:
+    description: Path of the agent's API socket.
+    type: path
+    default: /run/stockade/agent.sock
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+notes:
+  - O(interface) and O(ips) are required with O(state=present).
+  - Only static endpoints can be removed; container endpoints go when the container stops.
+"""
+
+EXAMPLES = r"""
+- name: A VM on tap0 is the reports service
+  stockade_endpoint:
+    name: reports-vm
+    interface: tap0
+    ips: [10.90.0.2]
+    labels: {app: reports}
+
+- name: Forget it
+  stockade_endpoint:
+    name: reports-vm
+    state: absent
+"""
+
+RETURN = r"""
+endpoint:
+  description: The endpoint as the agent reports it after the change (or as it would be, in check mode); absent when removed.
+  returned: when state is present
+  type: dict
+  sample: {name: reports-vm, interface: tap0, ips: [10.90.0.2], labels: {"static:app": reports}, state: ready}
+diff:
+  description: The endpoint's spec before and after.
+  returned: when diff mode is on
+  type: dict
+"""
+
+import ipaddress
+import json
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
+                                           StockadeModuleError, fail, with_source)
+
+
+def comparable(ep):
+    """The fields a static spec sets, in the agent's normalized form."""
+    if ep is None:
+        return None
+    return {"name": ep["name"], "interface": ep["interface"],
+            "ips": sorted(ep["ips"]), "labels": dict(sorted(ep["labels"].items())),
+            "audit": bool(ep.get("audit")), "mac": (ep.get("mac") or None)}
+
+
+def text(spec):
+    return "" if spec is None else json.dumps(spec, indent=2, sort_keys=True) + "\n"
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+            interface=dict(type="str"),
+            ips=dict(type="list", elements="str"),
+            labels=dict(type="dict", default={}),
+            audit=dict(type="bool", default=False),
+            mac=dict(type="str"),
+            **SOCKET_ARG),
+        required_if=[("state", "present", ("interface", "ips"))],
+        supports_check_mode=True,
+    )
+    p = module.params
+    client = AgentClient(p["socket"])
+    try:
+        current = next((e for e in client.endpoints() if e["name"] == p["name"]), None)
+        if current is not None and current.get("source") != "static" and p["state"] == "absent":
+            module.fail_json(msg="endpoint %s comes from %s, not from a static spec; stop the "
+                                 "workload to remove it" % (p["name"], current.get("source")))
+        before = comparable(current)
+        if p["state"] == "absent":
+            after = None
+        else:
+            iface = p["interface"]
+            if not iface or len(iface) > 15 or "/" in iface or any(c.isspace() for c in iface):
+                module.fail_json(msg="interface: %r is not a host interface name (1 to 15 "
+                                     "characters, no '/' or spaces)" % iface)
+            ips = []
+            for ip in p["ips"]:
+                try:
+                    ips.append(str(ipaddress.ip_address(ip.strip())))
+                except ValueError:
+                    module.fail_json(msg="ips: %r is not an IP address (give addresses, "
+                                         "not prefixes)" % ip)
+            if not ips:
+                module.fail_json(msg="ips: give at least one address of the workload")
+            spec = {"name": p["name"], "interface": p["interface"], "ips": ips,
+                    "labels": {k: "" if v is None else str(v) for k, v in p["labels"].items()},
+                    "audit": p["audit"]}
+            if p["mac"]:
+                spec["mac"] = p["mac"]
+            after = {"name": p["name"], "interface": p["interface"], "ips": sorted(ips),
+                     "labels": dict(sorted(with_source(spec["labels"], "static").items())),
+                     "audit": p["audit"], "mac": p["mac"].lower() if p["mac"] else None}
+        changed = before != after
+        result = dict(changed=changed)
+        if module._diff:
+            result["diff"] = dict(before=text(before), after=text(after),
+                                  before_header="endpoint %s" % p["name"],
+                                  after_header="endpoint %s" % p["name"])
+        if p["state"] == "present":
+            result["endpoint"] = current if not changed else dict(current or {}, **after)
+        if changed and not module.check_mode:
+            if p["state"] == "absent":
+                try:
+                    client.remove_endpoint(p["name"])
+                except AgentRefused as exc:
+                    if exc.status != 404:
+                        raise
+            else:
+                try:
+                    result["endpoint"] = client.add_endpoint(spec)
+                except AgentRefused as exc:
+                    # An agent that will not update in place: replace (a short gap in which
+                    # the interface is not policed by this endpoint's identity).
+                    if exc.status != 409 or current is None:
+                        raise
+                    client.remove_endpoint(p["name"])
+                    result["endpoint"] = client.add_endpoint(spec)
+    except StockadeModuleError as exc:
+        fail(module, exc)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: Stockade contributors; Apache-2.0
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: stockade_policy
+short_description: Apply or remove CiliumNetworkPolicy documents on a Stockade agent
+description:
+  - Sends policy documents to the Stockade agent on the managed host. The agent validates
+    them as one set; any error and nothing changes.
+  - The agent is always asked for a dry run first. The module reports C(changed) only when
+    the realized policy changes, and shows rule-level changes in diff mode.
+  - Documents come inline (O(documents)), from files on the managed host (O(src)), or as
+    file contents (O(content), what the C(stockade_policy) role sends from the controller).
+    All three may be combined.
+  - Uses only the Python standard library on the managed host (PyYAML only for
+    O(state=absent) with YAML files or contents).
+version_added: "0.1.0"
+author: Stockade contributors
+options:
+  state:
+    description:
+      - C(present) adds or updates the documents; C(absent) deletes the policies they name
+        (kind, namespace and name), whatever their live content.
+    type: str
+    choices: [present, absent]
+    default: present
+  documents:
+    description: Policy documents (CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy) as dicts.
+    type: list
+    elements: dict
+    default: []
+  src:
+    description: Policy files on the managed host (YAML, several documents each; C(.json) means JSON).
+    type: list
+    elements: path
+    default: []
+  content:
+    description: Policy files given as their name and text.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: The file's name, shown in errors and as the policies' source.
+        type: str
+        required: true
+      text:
+        description: The file's text.
+        type: str
+        required: true
+  replace_all:
+    description:
+      - Make the live set exactly the given documents; live policies that are not given are
+        removed. Only with O(state=present).
+      - With O(replace_all=true) and no documents at all, every policy is removed.
+    type: bool
+    default: false
+  socket:
+    description: Path of the agent's API socket.
+    type: path
+    default: /run/stockade/agent.sock
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+notes:
+  - Validate on the controller first (C(stockade policy validate)); the C(stockade_policy)
+    role does so before it changes any host.
+"""
+
+EXAMPLES = r"""
+- name: One inline policy
+  stockade_policy:
+    documents:
+      - apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: db}
+        spec:
+          endpointSelector: {matchLabels: {app: db}}
+          ingress:
+            - fromEndpoints: [{matchLabels: {app: web}}]
+              toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+
+- name: Exactly the inventory's policies, read on the controller
+  stockade_policy:
+    content:
+      - name: shop.yaml
+        text: "{{ lookup('ansible.builtin.file', inventory_dir ~ '/policies/shop.yaml') }}"
+    replace_all: true
+
+- name: Remove the policies in a file on the host
+  stockade_policy:
+    src: [/etc/stockade/policies/old.yaml]
+    state: absent
+"""
+
+RETURN = r"""
+revision:
+  description: The agent's policy revision after the change (unchanged in check mode).
+  returned: always
+  type: int
+  sample: 7
+policy_diff:
+  description: The agent's diff (policies added, removed and changed; rules added and removed; map entries).
+  returned: always
+  type: dict
+  sample: {added: [db], removed: [], changed: [], rules: {added: ["db: ingress ..."], removed: []}}
+"""
+
+import json
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
+                                           StockadeModuleError, fail)
+
+EMPTY = {"added": [], "removed": [], "changed": [], "rules": {"added": [], "removed": []},
+         "entries": {"added": 0, "removed": 0}}
+
+
+def doc_name(doc, i):
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    name = meta.get("name") or "document-%d" % i
+    ns = meta.get("namespace")
+    return "inline/%s%s.json" % (ns + "/" if ns else "", name)
+
+
+def gather_files(module):
+    p = module.params
+    files = []
+    for i, doc in enumerate(p["documents"]):
+        files.append({"name": doc_name(doc, i), "text": json.dumps(doc, sort_keys=True)})
+    for path in p["src"]:
+        try:
+            with open(path) as f:
+                files.append({"name": path, "text": f.read()})
+        except (OSError, UnicodeDecodeError) as exc:
+            module.fail_json(msg="src: cannot read %s on the managed host: %s" % (path, exc))
+    for c in p["content"]:
+        files.append({"name": c["name"], "text": c["text"]})
+    return files
+
+
+def refs(module, files):
+    """(kind, namespace, name) of every document, for state=absent."""
+    out = []
+    for f in files:
+        if f["name"].endswith(".json"):
+            docs = [json.loads(f["text"])]
+        else:
+            try:
+                import yaml
+            except ImportError:
+                module.fail_json(msg="state=absent with YAML files needs PyYAML on the managed "
+                                     "host (python3-yaml); or give the documents inline")
+            try:
+                docs = [d for d in yaml.safe_load_all(f["text"]) if d is not None]
+            except yaml.YAMLError as exc:
+                module.fail_json(msg="%s: cannot parse: %s" % (f["name"], exc))
+        for i, d in enumerate(docs):
+            meta = d.get("metadata") if isinstance(d, dict) else None
+            if not isinstance(meta, dict) or not meta.get("name"):
+                module.fail_json(msg="%s: document %d: metadata.name is required to know what "
+                                     "to delete" % (f["name"], i))
+            out.append((d.get("kind"), meta.get("namespace"), meta["name"]))
+    return out
+
+
+def merge(a, b):
+    out = {k: sorted(set(a.get(k, [])) | set(b.get(k, []))) for k in ("added", "removed", "changed")}
+    out["rules"] = {k: sorted(set(a["rules"].get(k, [])) | set(b["rules"].get(k, [])))
+                    for k in ("added", "removed")}
+    out["entries"] = {k: a["entries"].get(k, 0) + b["entries"].get(k, 0)
+                      for k in ("added", "removed")}
+    return out
+
+
+def diff_text(d):
+    before = ["policy %s\n" % n for n in d["removed"]] + \
+             ["policy %s (changed)\n" % n for n in d["changed"]] + \
+             ["%s\n" % r for r in d["rules"]["removed"]]
+    after = ["policy %s\n" % n for n in d["added"]] + \
+            ["policy %s (changed)\n" % n for n in d["changed"]] + \
+            ["%s\n" % r for r in d["rules"]["added"]]
+    return {"before": "".join(before), "after": "".join(after),
+            "before_header": "live policy (rules that go)",
+            "after_header": "live policy (rules that come)"}
+
+
+def present(module, client, files):
+    replace_all = module.params["replace_all"]
+    dry = client.put_policies(files, replace_all=replace_all, dry_run=True)
+    if not dry["changed"] or module.check_mode:
+        return dry["changed"], dry["revision"], dry["diff"]
+    real = client.put_policies(files, replace_all=replace_all, dry_run=False)
+    return real["changed"], real["revision"], real["diff"]
+
+
+def absent(module, client, files):
+    changed, diff, revision = False, dict(EMPTY), client.health()["policy_revision"]
+    for kind, ns, name in refs(module, files):
+        try:
+            r = client.delete_policy(name, namespace=ns, kind=kind, dry_run=True)
+        except AgentRefused as exc:
+            if exc.status == 404:
+                continue
+            raise
+        if not r["changed"]:
+            continue
+        if not module.check_mode:
+            r = client.delete_policy(name, namespace=ns, kind=kind)
+        changed, revision = changed or r["changed"], r["revision"]
+        diff = merge(diff, r["diff"])
+    return changed, revision, diff
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+            documents=dict(type="list", elements="dict", default=[]),
+            src=dict(type="list", elements="path", default=[]),
+            content=dict(type="list", elements="dict", default=[], no_log=False, options=dict(
+                name=dict(type="str", required=True),
+                text=dict(type="str", required=True))),
+            replace_all=dict(type="bool", default=False),
+            **SOCKET_ARG),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if p["state"] == "absent" and p["replace_all"]:
+        module.fail_json(msg="replace_all goes with state=present; to remove every policy give "
+                             "state=present, replace_all=true and no documents")
+    files = gather_files(module)
+    if not files and not p["replace_all"]:
+        module.fail_json(msg="give documents, src or content (or replace_all=true with none, "
+                             "to remove every policy)")
+    client = AgentClient(p["socket"])
+    try:
+        if p["state"] == "present":
+            changed, revision, diff = present(module, client, files)
+        else:
+            changed, revision, diff = absent(module, client, files)
+    except StockadeModuleError as exc:
+        fail(module, exc, files=[f["name"] for f in files])
+    result = dict(changed=changed, revision=revision, policy_diff=diff)
+    if module._diff:
+        result["diff"] = diff_text(diff)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
