@@ -175,14 +175,25 @@ class MapWriter:
         return {(k.identity, k.direction): DirectionPolicy(bool(v.enforced), bool(v.default_deny))
                 for k, v in self._items("policy_flags", m.PolicyFlagsKey, m.PolicyFlagsValue)}
 
+    def _shadow(self) -> tuple[MapState, FlagState]:
+        """What this writer knows the policy maps hold: read once, then kept up to date
+        by apply_delta, so a small delta costs no walk over a large map."""
+        if getattr(self, "_policy_shadow", None) is None:
+            self._policy_shadow = self.policy_entries()
+            self._flags_shadow = self.policy_flags()
+        return self._policy_shadow, self._flags_shadow
+
+    def _drop_shadow(self) -> None:
+        self._policy_shadow = self._flags_shadow = None
+
     def check_capacity(self, delta: Delta) -> None:
         """Raise CapacityError when ``delta`` cannot be written without overflowing."""
-        current = set(self.policy_entries())
-        peak = len(current) + len(set(delta.adds) - current)
+        current, current_flags = self._shadow()
+        peak = len(current) + sum(1 for k in delta.adds if k not in current)
         limit = self.max_entries("policy")
         if peak > limit:
             raise CapacityError("policy", f"{peak} entries needed during the update, map holds {limit}")
-        flags = set(self.policy_flags())
+        flags = set(current_flags)
         new_flags = {k for k, v in delta.flags.items() if v != DirectionPolicy()} - flags
         limit = self.max_entries("policy_flags")
         if len(flags) + len(new_flags) > limit:
@@ -200,8 +211,7 @@ class MapWriter:
     def apply_delta(self, delta: Delta) -> None:
         """Write ``delta`` in the order described in the module docstring."""
         self.check_capacity(delta)
-        old_entries = self.policy_entries()
-        old_flags = self.policy_flags()
+        old_entries, old_flags = self._shadow()
         loosen = {p: f for p, f in delta.flags.items()
                   if _rank(f) <= _rank(old_flags.get(p, DirectionPolicy()))}
         tighten = {p: f for p, f in delta.flags.items() if p not in loosen}
@@ -209,8 +219,23 @@ class MapWriter:
         allow_adds = [(k, e) for k, e in sorted(delta.adds.items()) if not e.deny]
         removes = sorted(delta.removes)
         allow_removes = [k for k in removes if k in old_entries and not old_entries[k].deny]
-        deny_removes = [k for k in removes if k not in allow_removes]
+        deny_removes = [k for k in removes if not (k in old_entries and not old_entries[k].deny)]
 
+        try:
+            self._write_ordered(deny_adds, loosen, allow_adds, tighten, allow_removes + deny_removes)
+        except BaseException:
+            self._drop_shadow()  # partly written: read the maps again next time
+            raise
+        for k in delta.removes:
+            old_entries.pop(k, None)
+        old_entries.update(delta.adds)
+        for p, f in delta.flags.items():
+            if f == DirectionPolicy():
+                old_flags.pop(p, None)
+            else:
+                old_flags[p] = f
+
+    def _write_ordered(self, deny_adds, loosen, allow_adds, tighten, removes) -> None:
         for k, e in deny_adds:
             self._update("policy", _policy_key(k), m.PolicyValue(deny=1))
         for p, f in sorted(loosen.items()):
@@ -219,7 +244,7 @@ class MapWriter:
             self._update("policy", _policy_key(k), m.PolicyValue(deny=0))
         for p, f in sorted(tighten.items()):
             self._write_flag(p, f)
-        for k in allow_removes + deny_removes:
+        for k in removes:
             self._delete("policy", _policy_key(k))
 
     # -- counters and conntrack -------------------------------------------------
@@ -263,6 +288,7 @@ class MapWriter:
                  "policy": (m.PolicyKey, m.PolicyValue),
                  "policy_flags": (m.PolicyFlagsKey, m.PolicyFlagsValue),
                  "conntrack": (m.CtKey, m.CtValue)}
+        self._drop_shadow()
         for name in names:
             for k, _v in self._items(name, *types[name]):
                 self._delete(name, k)
