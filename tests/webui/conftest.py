@@ -81,6 +81,11 @@ class FlowAgent(FakeAgent):
                 side = "source" if key == "from_label" else "destination"
                 out = [f for f in out if any(all(any(l.endswith(":" + part) or l == part for l in f[side]["labels"])
                                                  for part in v.split(",")) for v in vals)]
+        since = criteria.get("since")
+        if since:
+            since = since[0] if isinstance(since, list) else since
+            secs = int(since[:-1]) * {"s": 1, "m": 60, "h": 3600}[since[-1]]
+            out = [f for f in out if f["time"] >= _iso(secs)]
         last = criteria.get("last")
         if last:
             out = out[-int(last[0] if isinstance(last, list) else last):]
@@ -100,20 +105,38 @@ def populate(agent: FlowAgent) -> dict:
     agent.flow_ring = [flow(web, db, 40000 + i, 5432, ago=30 + i) for i in range(12)]
     agent.flow_ring += [flow(api, db, 41000, 5432, verdict="DROPPED", ago=120)]
     agent.flow_ring += [flow(web, api, 42000, 8080, ago=7200)]   # older than an hour
+    agent.flow_ring.sort(key=lambda f: f["time"])                # the ring is oldest first
     return {"web": web, "db": db, "api": api}
 
 
-@pytest.fixture
-def agent():
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """One agent for every test that does not change it (reviews are dry runs)."""
     a = FlowAgent()
     populate(a)
+    with APIServer(a, str(tmp_path_factory.mktemp("agent") / "agent.sock")) as s:
+        yield a, s.socket_path
+
+
+@pytest.fixture
+def agent(shared_server):
+    a, _ = shared_server
+    a.calls.clear()
     return a
 
 
 @pytest.fixture
-def agent_socket(agent, tmp_path):
-    with APIServer(agent, str(tmp_path / "agent.sock")) as s:
-        yield s.socket_path
+def agent_socket(shared_server):
+    return shared_server[1]
+
+
+@pytest.fixture
+def own_agent(tmp_path):
+    """An agent of the test's own, to change freely: (agent, socket path)."""
+    a = FlowAgent()
+    populate(a)
+    with APIServer(a, str(tmp_path / "agent.sock")) as s:
+        yield a, s.socket_path
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from werkzeug.exceptions import HTTPException
 from . import agents, auth
 
 DEFAULTS = {
-    "TRUSTED_HOSTS": ["127.0.0.1", "localhost", "::1", "[::1]"],
+    # Werkzeug cannot match IPv6 literals here: browse to localhost or 127.0.0.1
+    "TRUSTED_HOSTS": ["127.0.0.1", "localhost"],
     "MAX_CONTENT_LENGTH": 1024 * 1024,          # uploads of proposed policy sets
     "MAX_FORM_MEMORY_SIZE": 1024 * 1024,        # a pasted policy counts here
     "MAX_FORM_PARTS": 200,
@@ -67,6 +68,9 @@ def create_app(config: dict | None = None) -> Flask:
             resp = jsonify({"error": {"message": message, "status": exc.code}})
             resp.status_code = exc.code or 500
             return resp
+        if exc.code == 400 and request.url_rule is None and not request.endpoint:
+            # refused before routing (an untrusted Host header): no URLs to build
+            return f"{exc.code} {exc.name}: {message}\n", exc.code, {"Content-Type": "text/plain"}
         return render_template("error.html", status=exc.code, title=exc.name,
                                message=message), exc.code
 

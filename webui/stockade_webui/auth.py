@@ -106,8 +106,8 @@ def guard():
     """before_request: authentication, then CSRF for unsafe methods."""
     g.csp_nonce = secrets.token_urlsafe(16)
     g.via_bearer = False
-    if request.endpoint == "static":
-        return None
+    if request.endpoint == "static" or request.routing_exception is not None:
+        return None     # 404/405 (or an untrusted Host): Flask answers with the error
     if _is_api():
         token = _bearer()
         if token is not None:

@@ -95,7 +95,7 @@ def webui(bind, token_file, init_token, sockets, trusted_hosts, user, threads):
         drop_privileges(user)
     elif os.geteuid() == 0:
         click.echo("webui: warning: running as root; pass --user to drop privileges", err=True)
-    trusted = ["127.0.0.1", "localhost", "::1", "[::1]", *trusted_hosts]
+    trusted = ["127.0.0.1", "localhost", *trusted_hosts]
     if host not in ("0.0.0.0", "::") and host not in trusted:
         trusted.append(host)
     app = create_app({"TOKEN": token, "AGENTS": list(sockets) or [os.environ.get("STOCKADE_SOCKET") or DEFAULT_SOCKET],
