@@ -20,9 +20,10 @@ Tests and in-process users pass ``transport=`` (an ``httpx.MockTransport``, or a
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 from urllib.parse import quote
 
 import httpx
@@ -81,9 +82,9 @@ class Client:
         self.close()
 
     # ---------------------------------------------------------------- plumbing
-    def _request(self, method: str, path: str, *, params: dict | None = None,
+    def _request(self, method: str, path: str, *, params: dict | list | None = None,
                  json: Any = None) -> httpx.Response:
-        if params:
+        if isinstance(params, dict):
             params = {k: ("true" if v is True else "false" if v is False else v)
                       for k, v in params.items() if v is not None}
         try:
@@ -179,3 +180,42 @@ class Client:
 
     def metrics(self) -> str:
         return self._request("GET", "/v1/metrics").text
+
+    # ---------------------------------------------------------------- flows
+    @staticmethod
+    def _flow_params(filters: dict) -> list[tuple[str, str]]:
+        """filters: {key: value or list of values}; a list repeats the parameter (OR)."""
+        out = []
+        for k, v in filters.items():
+            if v is None or v == [] or v == ():
+                continue
+            for item in (v if isinstance(v, (list, tuple, set, frozenset)) else [v]):
+                out.append((k, "true" if item is True else "false" if item is False else str(item)))
+        return out
+
+    def flows(self, **filters) -> dict:
+        """Recent flows (a FlowList, see daemon/contract.py). Filters: verdict, drop_reason,
+        direction, protocol, port, from_port, to_port, identity, from_identity, to_identity,
+        ip, from_ip, to_ip, label, from_label, to_label, endpoint, from_endpoint,
+        to_endpoint (each a value or a list: OR), since, last.
+
+            c.flows(verdict="DROPPED", from_label=["app=web", "app=api"], last=20)
+        """
+        return self._json("GET", "/v1/flows", params=self._flow_params(filters))
+
+    def follow_flows(self, **filters) -> Iterator[dict]:
+        """Flows as the agent decodes them (after the ``last`` newest matches, if given),
+        until the caller stops iterating or the agent goes away. Same filters as flows()."""
+        params = self._flow_params({**filters, "follow": True})
+        try:
+            with self._http.stream("GET", "/v1/flows", params=params,
+                                   timeout=httpx.Timeout(None, connect=self._http.timeout.connect)) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise self._api_error(resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise AgentUnreachable(f"flow stream from the agent at {self.where} ended: "
+                                   f"{exc}") from exc

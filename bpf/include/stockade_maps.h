@@ -177,6 +177,36 @@ struct config_value {
 	__u32 flags;      /* CFG_F_* */
 };
 
+/* flow_event.policy_match: how the policy decided a new flow (low nibble), plus
+ * which lookups found an entry (high bits). 0 for events that are not a policy
+ * decision (drops before policy, ct_full keeps the match of its allow). */
+#define MATCH_NONE          0
+#define MATCH_NOT_ENFORCED  1 /* (local identity, direction) not enforced */
+#define MATCH_ALLOW         2 /* an allow entry matched */
+#define MATCH_DENY          3 /* a deny entry matched */
+#define MATCH_DEFAULT_DENY  4 /* enforced, no entry, default deny */
+#define MATCH_DEFAULT_ALLOW 5 /* enforced, no entry, allow on miss */
+#define MATCH_F_EXACT       0x10 /* the exact-peer lookup found an entry */
+#define MATCH_F_ANY         0x20 /* the any-peer (0) lookup found an entry */
+
+/* Event rate limits: one token bucket per CPU and class (event_buckets, a per-CPU
+ * array indexed by EVENT_CLASS_*). Tokens are kept as nanoseconds of budget: an
+ * event costs NSEC_PER_SEC / rate, the bucket holds at most burst events. */
+#define EVENT_CLASS_NEW  0 /* forwarded / audit verdicts of new connections */
+#define EVENT_CLASS_DROP 1 /* drops */
+#define NUM_EVENT_CLASSES 2
+
+/* events_lost: per-CPU array of __u64, index: */
+#define EVENTS_LOST_RATE_NEW  0 /* over the new-connection budget */
+#define EVENTS_LOST_RATE_DROP 1 /* over the drop budget */
+#define EVENTS_LOST_RINGBUF   2 /* ring buffer full (agent too slow) */
+#define NUM_EVENTS_LOST       3
+
+struct event_bucket {
+	__u64 tokens;     /* ns of budget left */
+	__u64 last;       /* bpf_ktime_get_ns of the last refill */
+};
+
 /* events: ring buffer records */
 struct flow_event {
 	__u64 timestamp;      /* bpf_ktime_get_ns */
@@ -195,6 +225,10 @@ struct flow_event {
 	__u8  tcp_flags;
 	__u8  icmp_type;
 	__u8  is_reply;
+	__u32 pkt_len;        /* skb->len of the packet that made the event */
+	__u8  policy_match;   /* MATCH_* | MATCH_F_* */
+	__u8  icmp_code;
+	__u8  pad[2];
 };
 
 #endif /* STOCKADE_MAPS_H */

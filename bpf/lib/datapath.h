@@ -21,7 +21,8 @@ static __always_inline __u32 config_flags(void)
 	return c ? c->flags : 0;
 }
 
-/* Count (and for drops, report) one decision. Returns the tc action. */
+/* Count one decision, and report it when @event is set (new connections) or it
+ * is a drop; reports are rate limited, counters never are. Returns the tc action. */
 static __always_inline int finish(struct __sk_buff *skb, int dir, int verdict, int reason,
 				  const struct pkt *p, __u32 local, __u32 peer, int event)
 {
@@ -78,7 +79,7 @@ static __always_inline int handle_ip(struct __sk_buff *skb, const struct endpoin
 
 	/* New flow: policy between the endpoint and the peer's identity. */
 	peer = ipcache_identity(p->family, dir == DIR_EGRESS ? p->daddr : p->saddr);
-	reason = policy_decide(local, peer, dir, p);
+	reason = policy_decide(local, peer, dir, p, &p->match);
 	audit = 0;
 	if (reason != REASON_NONE) {
 		if ((cfg & CFG_F_AUDIT) || (ep->flags & EP_F_AUDIT)) {

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Map declarations. Every map except the event ring buffer is pinned under
+ * Map declarations. Every map except the event ring buffer and its rate-limit state is pinned under
  * STOCKADE_PIN_DIR, so a restarted loader reuses the maps (and their values)
  * instead of creating new ones. Sizes come from the loader's settings dict.
  */
@@ -25,5 +25,7 @@ BPF_TABLE_PINNED("array", __u32, struct config_value, config,
 		 1, STOCKADE_PIN_DIR "/config");
 /* Not pinned: a restarted agent opens a fresh stream (events are not state). */
 BPF_RINGBUF_OUTPUT(events, EVENTS_PAGES);
+BPF_PERCPU_ARRAY(event_buckets, struct event_bucket, NUM_EVENT_CLASSES);
+BPF_PERCPU_ARRAY(events_lost, __u64, NUM_EVENTS_LOST);
 
 #endif

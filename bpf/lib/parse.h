@@ -38,7 +38,7 @@ struct pkt {
 	__u8 icmp_type;
 	__u8 icmp_code;
 	__u8 fragment;      /* 1 for non-first fragments */
-	__u8 pad;
+	__u8 match;         /* MATCH_* of the policy decision, for events */
 	__u32 l4_off;       /* offset of the L4 header in the skb */
 };
 

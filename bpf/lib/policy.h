@@ -61,9 +61,10 @@ static __always_inline int policy_match(__u32 local, __u32 peer, int dir,
 }
 
 /* Decide packet @p between @local and @peer in direction @dir.
+ * @match: out, MATCH_* | MATCH_F_* (how it was decided, for events).
  * Returns REASON_NONE (allow), REASON_POLICY_DENY_RULE or REASON_POLICY_DENIED. */
 static __always_inline int policy_decide(__u32 local, __u32 peer, int dir,
-					 const struct pkt *p)
+					 const struct pkt *p, __u8 *match)
 {
 	struct policy_flags_key fk = {};
 	struct policy_flags_value *f;
@@ -72,16 +73,28 @@ static __always_inline int policy_decide(__u32 local, __u32 peer, int dir,
 	fk.identity = local;
 	fk.direction = dir;
 	f = policy_flags.lookup(&fk);
-	if (!f || !f->enforced)
+	if (!f || !f->enforced) {
+		*match = MATCH_NOT_ENFORCED;
 		return REASON_NONE;
+	}
 	exact = policy_match(local, peer, dir, p);
 	if (peer != IDENTITY_ANY)
 		any = policy_match(local, IDENTITY_ANY, dir, p);
-	if (exact == 1 || any == 1)
+	*match = (exact >= 0 ? MATCH_F_EXACT : 0) | (any >= 0 ? MATCH_F_ANY : 0);
+	if (exact == 1 || any == 1) {
+		*match |= MATCH_DENY;
 		return REASON_POLICY_DENY_RULE;
-	if (exact == 0 || any == 0)
+	}
+	if (exact == 0 || any == 0) {
+		*match |= MATCH_ALLOW;
 		return REASON_NONE;
-	return f->default_deny ? REASON_POLICY_DENIED : REASON_NONE;
+	}
+	if (f->default_deny) {
+		*match |= MATCH_DEFAULT_DENY;
+		return REASON_POLICY_DENIED;
+	}
+	*match |= MATCH_DEFAULT_ALLOW;
+	return REASON_NONE;
 }
 
 #endif

@@ -35,6 +35,13 @@ def _opt(name, **kw):
 @_opt("docker_socket", help="Docker API socket ('' to disable) [/var/run/docker.sock].")
 @_opt("host_name", help="This host's name in the fleet [hostname].")
 @_opt("flow_buffer_size", type=int, help="Recent flows kept [65535].")
+@_opt("flow_log_path", help="Also write flows as JSON lines to this file ('' to disable) [off].")
+@_opt("flow_log_max_bytes", type=int, help="Rotate the flow log at this size, 0: never [100 MiB].")
+@_opt("flow_log_backups", type=int, help="Rotated flow logs kept [5].")
+@_opt("flow_events_rate", type=int, help="New-connection flow events per second per CPU [20000].")
+@_opt("flow_events_burst", type=int, help="Burst of new-connection flow events per CPU [2000].")
+@_opt("drop_events_rate", type=int, help="Drop events per second per CPU [5000].")
+@_opt("drop_events_burst", type=int, help="Burst of drop events per CPU [1000].")
 @_opt("ct_gc_interval", type=float, help="Seconds between conntrack collections [30].")
 @_opt("metrics_listen", help="Also serve /metrics on HOST:PORT (e.g. 127.0.0.1:9962).")
 @_opt("policy_map_size", type=int)
@@ -52,7 +59,8 @@ def agent(config_path, cleanup, **flags):
       stockade agent --socket /run/h1/agent.sock --bpffs-dir /run/h1/bpf --state-dir /run/h1/state
       stockade agent --cleanup --bpffs-dir /sys/fs/bpf/stockade
     """
-    for k in ("podman_socket", "docker_socket", "podman_events_log", "metrics_listen"):
+    for k in ("podman_socket", "docker_socket", "podman_events_log", "metrics_listen",
+              "flow_log_path"):
         if flags.get(k) == "":
             flags[k] = None
             flags[f"_{k}_off"] = True

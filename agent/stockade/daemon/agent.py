@@ -69,6 +69,7 @@ class Agent(ServiceAPI):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.on_change = []  # callbacks(kind) for metrics/flows, outside the lock
+        self.flow_source = None  # daemon.flowsource.FlowSource, from start()
         for ident in reserved_identities():
             self.identities[ident.id] = ident
             self.compiler.add_identity(ident)
@@ -95,6 +96,10 @@ class Agent(ServiceAPI):
         t = threading.Thread(target=self._gc_loop, name="stockade-ct-gc", daemon=True)
         t.start()
         self._threads.append(t)
+        from .flowsource import start_flows
+        from .metrics import instrument
+        instrument(self)
+        self.flow_source = start_flows(self)
         log.info("agent started: %d endpoints, %d policies, revision %d",
                  len(self.endpoints), len(self.policies), self.revision)
 

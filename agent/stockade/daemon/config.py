@@ -35,6 +35,16 @@ class AgentConfig:
     docker_socket: str | None = "/var/run/docker.sock"
     host_name: str = field(default_factory=_socket.gethostname)
     flow_buffer_size: int = 65535
+    # Optional flow log: JSON lines, rotated when over max_bytes (0: never), backups kept.
+    flow_log_path: str | None = None
+    flow_log_max_bytes: int = 100 * 1024 * 1024
+    flow_log_backups: int = 5
+    # Flow events per second per CPU (and burst) for new-connection verdicts and for
+    # drops; over the budget events are counted as lost, packet counters stay exact.
+    flow_events_rate: int = 20000
+    flow_events_burst: int = 2000
+    drop_events_rate: int = 5000
+    drop_events_burst: int = 1000
     ct_gc_interval: float = 30.0
     metrics_listen: str | None = None  # e.g. 127.0.0.1:9962
     policy_map_size: int = 65536
@@ -51,9 +61,13 @@ class AgentConfig:
             raise InvalidRequest(f"{where}: unknown_endpoint must be drop or forward",
                                  "unknown_endpoint")
         for name in ("flow_buffer_size", "policy_map_size", "endpoints_map_size",
-                     "ipcache_map_size", "ct_map_size"):
+                     "ipcache_map_size", "ct_map_size", "flow_events_rate", "flow_events_burst",
+                     "drop_events_rate", "drop_events_burst"):
             if getattr(self, name) <= 0:
                 raise InvalidRequest(f"{where}: {name} must be positive", name)
+        if self.flow_log_max_bytes < 0 or self.flow_log_backups < 0:
+            raise InvalidRequest(f"{where}: flow_log_max_bytes and flow_log_backups must not "
+                                 "be negative", "flow_log_max_bytes")
         return self
 
     def to_dict(self) -> dict:
@@ -68,7 +82,11 @@ class AgentConfig:
         return {"STOCKADE_PIN_DIR": self.bpffs_dir, "ENDPOINTS_MAX": self.endpoints_map_size,
                 "IPCACHE_MAX": self.ipcache_map_size, "POLICY_MAX": self.policy_map_size,
                 "POLICY_FLAGS_MAX": max(1024, self.endpoints_map_size * 2),
-                "CT_MAX": self.ct_map_size}
+                "CT_MAX": self.ct_map_size,
+                "EVENTS_NEW_RATE": self.flow_events_rate,
+                "EVENTS_NEW_BURST": self.flow_events_burst,
+                "EVENTS_DROP_RATE": self.drop_events_rate,
+                "EVENTS_DROP_BURST": self.drop_events_burst}
 
 
 def field_names() -> list[str]:

@@ -32,6 +32,23 @@ PolicyResult {"revision": int, "changed": bool, "dry_run": bool,
                                  "sample": [{"op": "+"|"-", "local": int, "peer": int,
                                              "direction": "ingress"|"egress", "port": "80/tcp",
                                              "verdict": "allow"|"deny"}]}}}
+Flow       {"time": RFC 3339 UTC, "verdict": "FORWARDED"|"DROPPED"|"AUDIT",
+            "drop_reason": snake_case reason or null (forwarded), "reason": str,
+            "direction": "ingress"|"egress" (relative to the endpoint of the hook),
+            "ip_version": 4|6, "ip": {"source", "destination"},
+            "l4": {"protocol", "source_port", "destination_port", "tcp_flags" (tcp),
+                   "icmp_type", "icmp_code" (icmp)},
+            "is_reply": bool, "interface": {"index": int, "name": str|None},
+            "source"/"destination": {"identity": int, "labels": [str],
+                                     "endpoint": {"name": str|None, "host": str}|None},
+            "policy": [policy display names that allowed/denied, where known],
+            "policy_match": "allow"|"deny"|"default-deny"|"default-allow"|"not-enforced"|None,
+            "size": bytes, "connection": "tcp 10.0.0.1:40000 -> 10.0.0.2:5432"}
+            A connection between two local endpoints gives two Flows (egress of the
+            source, ingress of the destination) with the same "connection".
+FlowList   {"flows": [Flow, oldest first], "count": int, "connections": int (distinct
+            "connection" values), "events_lost": {"rate_limit_new", "rate_limit_drop",
+            "ringbuf_full": int}, "buffer": {"size": int, "capacity": int}}
 """
 from __future__ import annotations
 
@@ -75,3 +92,13 @@ class AgentService(Protocol):
 
     def metrics(self) -> str:
         """Prometheus text exposition."""
+
+    def flows(self, criteria: dict) -> dict:
+        """criteria: stockade.flows.filters keys; list-valued keys OR their values, different
+        keys AND (hubble observe semantics); "since" (RFC 3339 or a duration such as 5m),
+        "last" (the N newest matches). Returns a FlowList; bad criteria: InvalidRequest."""
+
+    def follow_flows(self, criteria: dict, stopping=None):
+        """An iterator of Flows as they are decoded (after the ``last`` newest, if given),
+        with None now and then as a heartbeat; ends when ``stopping`` is set or the agent
+        stops. Bad criteria raise InvalidRequest before the iterator is returned."""

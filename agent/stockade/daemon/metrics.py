@@ -1,10 +1,56 @@
-"""Prometheus metrics of one agent, collected at scrape time from the model and maps."""
+"""Prometheus metrics of one agent, collected at scrape time from the model and maps.
+
+Everything is read when scraped (model sizes, BPF counters, map fill, flow verdicts,
+events lost), except the policy-apply duration histogram, which ``instrument(agent)``
+records around every ``Agent.change_policies`` call.
+"""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
+import functools
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 DIRS = {0: "ingress", 1: "egress"}
+log = logging.getLogger("stockade.metrics")
+
+# map name -> setting of its capacity; ipcache4/6 share IPCACHE_MAX
+MAPS = ("endpoints", "ipcache4", "ipcache6", "policy", "policy_flags", "conntrack")
+
+
+def instrument(agent) -> None:
+    """Give ``agent`` a policy-apply histogram and time every change_policies call
+    (wrapped on the instance, so the Agent class stays as it is)."""
+    if getattr(agent, "policy_apply_seconds", None) is not None:
+        return
+    hist = Histogram("stockade_policy_apply_seconds",
+                     "Time to compile and write a policy change (dry runs included)",
+                     registry=None,
+                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                              5, 10))
+    agent.policy_apply_seconds = hist
+    inner = agent.change_policies
+
+    @functools.wraps(inner)
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            hist.observe(time.perf_counter() - start)
+    agent.change_policies = timed
+
+
+def _map_fill(dp) -> dict[str, tuple[int, int]]:
+    """map -> (entries, max_entries), read from the maps themselves."""
+    ip = dp.ipcache_entries()
+    n6 = sum(1 for p in ip if ":" in p)
+    counts = {"endpoints": len(dp.endpoint_ifindexes()), "ipcache4": len(ip) - n6,
+              "ipcache6": n6, "policy": len(dp.policy_entries()),
+              "policy_flags": len(dp.policy_flags()), "conntrack": len(dp.ct_entries())}
+    return {name: (counts[name], dp.max_entries(name)) for name in MAPS}
 
 
 class AgentCollector:
@@ -38,6 +84,56 @@ class AgentCollector:
             by.add_metric(labels, b)
         yield pk
         yield by
+        yield from self._datapath_metrics(a)
+        yield from self._flow_metrics(a)
+        hist = getattr(a, "policy_apply_seconds", None)
+        if hist is not None:
+            yield from hist.collect()
+
+    def _datapath_metrics(self, a):
+        try:
+            fill = _map_fill(a.dp)
+        except Exception as exc:  # a scrape must not fail because one map read did
+            log.warning("cannot read map sizes: %s", exc)
+            return
+        ratio = GaugeMetricFamily("stockade_map_fill_ratio", "Entries / max_entries of each BPF map",
+                                  labels=["map"])
+        entries = GaugeMetricFamily("stockade_map_entries", "Entries in each BPF map",
+                                    labels=["map"])
+        for name, (n, cap) in sorted(fill.items()):
+            ratio.add_metric([name], n / cap if cap else 0.0)
+            entries.add_metric([name], n)
+        yield ratio
+        yield entries
+        ct = GaugeMetricFamily("stockade_conntrack_entries", "Conntrack entries (both hooks)")
+        ct.add_metric([], fill["conntrack"][0])
+        yield ct
+
+    def _flow_metrics(self, a):
+        fs = getattr(a, "flow_source", None)
+        if fs is None:
+            return
+        verdicts = CounterMetricFamily(
+            "stockade_flow_verdicts", "Flow events decoded, by verdict, direction and reason "
+            "(new connections and drops; rate limited, see stockade_flow_events_lost)",
+            labels=["verdict", "direction", "reason"])
+        from ..datapath.maps import Reason, Verdict
+        for (v, d, r), n in sorted(dict(fs.decoder.verdicts).items()):
+            verdicts.add_metric([Verdict(v).name if v in Verdict._value2member_map_ else str(v),
+                                 DIRS.get(d, str(d)),
+                                 Reason(r).name.lower() if r in Reason._value2member_map_ else str(r)], n)
+        yield verdicts
+        lost = CounterMetricFamily("stockade_flow_events_lost",
+                                   "Flow events the datapath did not deliver", labels=["cause"])
+        for cause, n in sorted(fs.events_lost().items()):
+            lost.add_metric([cause], n)
+        yield lost
+        buf = GaugeMetricFamily("stockade_flow_buffer_records", "Flow records in the ring")
+        buf.add_metric([], len(fs.ring))
+        yield buf
+        cap = GaugeMetricFamily("stockade_flow_buffer_capacity", "Flow ring capacity (records)")
+        cap.add_metric([], fs.ring.capacity)
+        yield cap
 
 
 def render(agent) -> str:
@@ -46,12 +142,23 @@ def render(agent) -> str:
     return generate_latest(reg).decode()
 
 
+DEFAULT_LISTEN = "127.0.0.1:9962"
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """``host:port``, ``:port`` (127.0.0.1) or ``on``/``true`` (127.0.0.1:9962)."""
+    if listen.strip().lower() in ("on", "true", "yes", "default"):
+        listen = DEFAULT_LISTEN
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def serve_metrics(agent, listen: str):
     """Serve /metrics over TCP at ``host:port`` (default off) in a thread."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    host, _, port = listen.rpartition(":")
+    host, port = listen_address(listen)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -68,6 +175,6 @@ def serve_metrics(agent, listen: str):
         def log_message(self, *args):
             pass
 
-    srv = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+    srv = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True, name="stockade-metrics").start()
     return srv

@@ -118,7 +118,7 @@ class Request:
     method: str
     path: str
     params: dict[str, str]          # path parameters, decoded
-    query: dict[str, str]           # validated query parameters
+    query: dict[str, Any]           # validated query parameters (a list for Route.multi)
     body: Any                       # parsed JSON, or None
     cred: PeerCred | None
     agent: AgentService
@@ -271,6 +271,28 @@ def get_metrics(r: Request) -> Response:
     return Response(body=r.agent.metrics(), content_type=METRICS_TYPE)
 
 
+NDJSON_TYPE = "application/x-ndjson"
+FLOW_LIST_PARAMS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port",
+                    "to_port", "identity", "from_identity", "to_identity", "ip", "from_ip",
+                    "to_ip", "label", "from_label", "to_label", "endpoint", "from_endpoint",
+                    "to_endpoint")
+
+
+def get_flows(r: Request) -> Response:
+    """Recent flows (a FlowList), or with follow=true a chunked stream of JSON lines
+    (one Flow each; a bare newline is a heartbeat)."""
+    criteria = {k: v for k, v in r.query.items() if k not in ("follow", "limit")}
+    if "limit" in r.query:
+        if "last" in r.query:
+            raise InvalidRequest("give last or limit, not both", "limit")
+        criteria["last"] = r.query["limit"]
+    if _bool(r.query, "follow"):
+        from .flowsource import json_lines
+        flows = r.agent.follow_flows(criteria, stopping=r.server.stopping)
+        return Response(body=json_lines(flows), content_type=NDJSON_TYPE)
+    return Response(body=r.agent.flows(criteria))
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
@@ -278,6 +300,7 @@ class Route:
     handler: Callable[[Request], Response]
     params: tuple[str, ...] = ()    # allowed query parameters
     body: bool = False              # takes a JSON body
+    multi: tuple[str, ...] = ()     # params that may repeat (their value is a list)
 
     @property
     def pattern(self) -> re.Pattern:
@@ -302,6 +325,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/policies", delete_all_policies, ("dry_run",)),
     Route("DELETE", "/v1/policies/{name}", delete_policy, ("namespace", "kind", "dry_run")),
     Route("GET", "/v1/metrics", get_metrics),
+    Route("GET", "/v1/flows", get_flows,
+          FLOW_LIST_PARAMS + ("since", "last", "limit", "follow"), multi=FLOW_LIST_PARAMS),
 )
 
 
@@ -411,11 +436,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                               errors="strict")
         except UnicodeDecodeError:
             raise InvalidRequest("query string is not valid UTF-8") from None
-        query: dict[str, str] = {}
+        query: dict[str, Any] = {}
         for k, v in pairs:
             if k not in route.params:
                 allowed = ", ".join(route.params) or "none"
                 raise InvalidRequest(f"unknown query parameter {k!r} (allowed: {allowed})", k)
+            if k in route.multi:
+                query.setdefault(k, []).append(v)
+                continue
             if k in query:
                 raise InvalidRequest(f"query parameter {k!r} given twice", k)
             query[k] = v

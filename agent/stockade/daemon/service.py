@@ -168,6 +168,21 @@ class ServiceAPI:
         from .metrics import render
         return render(self)
 
+    # flows ----------------------------------------------------------------------
+    def _flow_source(self):
+        if getattr(self, "flow_source", None) is None:
+            raise NotFound("flow visibility is not running (the agent has no datapath yet)")
+        return self.flow_source
+
+    def flows(self, criteria: dict) -> dict:
+        return self._flow_source().query(criteria)
+
+    def follow_flows(self, criteria: dict, stopping=None):
+        src = self._flow_source()
+        from ..flows import FlowFilter
+        FlowFilter.parse(criteria)  # bad criteria: 400 before the stream starts
+        return src.follow(criteria, stopping)
+
 
 def _parse_prefix(value) -> str:
     if not isinstance(value, str) or not value:

@@ -31,6 +31,12 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "CT_TIMEOUT_CLOSE_S": 10,
     "CT_TIMEOUT_OTHER_S": 60,
     "EVENTS_PAGES": 16,
+    # Flow event budgets, per CPU: events per second and burst size, one budget for
+    # verdicts of new connections, one for drops. Counters are exact regardless.
+    "EVENTS_NEW_RATE": 20000,
+    "EVENTS_NEW_BURST": 2000,
+    "EVENTS_DROP_RATE": 5000,
+    "EVENTS_DROP_BURST": 1000,
 }
 
 PINNED_MAPS = ("endpoints", "ipcache4", "ipcache6", "policy", "policy_flags",
@@ -159,13 +165,19 @@ class Datapath(MapWriter):
         except KeyError as exc:
             raise DatapathError(name, "no such map") from exc
 
-    def open_events(self, callback) -> None:
-        """Call ``callback(FlowEvent)`` (a copy) for each event during ``poll_events``."""
+    def open_events(self, callback, raw: bool = False) -> None:
+        """Call ``callback(FlowEvent)`` (a copy) for each event during ``poll_events``;
+        with ``raw``, ``callback(bytes)`` with the event's bytes (for batch decoding)."""
         import ctypes as ct
         from .maps import FlowEvent
+        size = ct.sizeof(FlowEvent)
 
-        def _cb(_ctx, data, size):
-            callback(FlowEvent.from_buffer_copy(ct.string_at(data, ct.sizeof(FlowEvent))))
+        if raw:
+            def _cb(_ctx, data, _size):
+                callback(ct.string_at(data, size))
+        else:
+            def _cb(_ctx, data, _size):
+                callback(FlowEvent.from_buffer_copy(ct.string_at(data, size)))
         try:
             self.table("events").open_ring_buffer(_cb)
         except Exception as exc:
@@ -173,6 +185,18 @@ class Datapath(MapWriter):
 
     def poll_events(self, timeout_ms: int = 0) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
+
+    def events_lost(self) -> dict[str, int]:
+        """Events not delivered, summed over CPUs: {"rate_limit_new", "rate_limit_drop",
+        "ringbuf_full"} -> count."""
+        from .maps import EVENTS_LOST
+        t = self.table("events_lost")
+        try:
+            return {name: sum(int(v.value if hasattr(v, "value") else v)
+                              for v in t.getvalue(t.Key(i)))
+                    for i, name in enumerate(EVENTS_LOST)}
+        except Exception as exc:
+            raise DatapathError("events_lost", f"cannot read: {exc}") from exc
 
     def remove_pins(self) -> None:
         """Unlink this datapath's pinned maps and the pin directory if empty."""

@@ -24,6 +24,15 @@ IDENTITY_WORLD = 2
 
 CT_STATE_NEW, CT_STATE_ESTABLISHED, CT_STATE_CLOSING = 0, 1, 2
 
+# flow_event.policy_match (MATCH_* in the header): low nibble, plus lookup flags
+MATCH_NONE, MATCH_NOT_ENFORCED, MATCH_ALLOW, MATCH_DENY = 0, 1, 2, 3
+MATCH_DEFAULT_DENY, MATCH_DEFAULT_ALLOW = 4, 5
+MATCH_F_EXACT, MATCH_F_ANY = 0x10, 0x20
+
+EVENT_CLASS_NEW, EVENT_CLASS_DROP = 0, 1
+# events_lost indexes
+EVENTS_LOST = ("rate_limit_new", "rate_limit_drop", "ringbuf_full")
+
 
 class Verdict(enum.IntEnum):
     FORWARDED = 0
@@ -141,6 +150,10 @@ class ConfigValue(ct.Structure):
     _fields_ = [("flags", ct.c_uint32)]
 
 
+class EventBucket(ct.Structure):
+    _fields_ = [("tokens", ct.c_uint64), ("last", ct.c_uint64)]
+
+
 class FlowEvent(ct.Structure):
     _fields_ = [
         ("timestamp", ct.c_uint64),
@@ -159,6 +172,10 @@ class FlowEvent(ct.Structure):
         ("tcp_flags", ct.c_uint8),
         ("icmp_type", ct.c_uint8),
         ("is_reply", ct.c_uint8),
+        ("pkt_len", ct.c_uint32),
+        ("policy_match", ct.c_uint8),
+        ("icmp_code", ct.c_uint8),
+        ("pad", ct.c_uint8 * 2),
     ]
 
     def addresses(self) -> tuple[str, str]:
@@ -186,4 +203,5 @@ LAYOUTS = {
     "counter_value": CounterValue,
     "config_value": ConfigValue,
     "flow_event": FlowEvent,
+    "event_bucket": EventBucket,
 }

@@ -1,0 +1,175 @@
+"""The agent's flow source: a thread polls the datapath's event ring buffer, decodes
+batches into the flow ring (stockade.flows), writes the optional flow log, and
+answers flow queries and follows for the API.
+
+The decoder resolves endpoints, labels and policy names from a ``Resolver``
+snapshot of the agent's model, rebuilt under the agent's lock when the model looks
+changed (a cheap fingerprint) or every ``SNAPSHOT_MAX_AGE_S``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+import time
+from typing import Iterator
+
+from ..flows import Decoder, FlowFilter, FlowLog, FlowRing, Resolver, connection_key
+from ..policy.mapstate import lookup as policy_lookup
+
+log = logging.getLogger("stockade.flows")
+
+POLL_MS = 100
+SNAPSHOT_MAX_AGE_S = 1.0
+FOLLOW_HEARTBEAT_S = 15.0
+
+
+def _padded(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed.ljust(16, b"\0")
+
+
+class FlowSource:
+    def __init__(self, agent):
+        cfg = agent.config
+        self.agent = agent
+        self.ring = FlowRing(cfg.flow_buffer_size)
+        self.decoder = Decoder(self.ring)
+        self.flow_log = (FlowLog(cfg.flow_log_path, cfg.flow_log_max_bytes, cfg.flow_log_backups)
+                         if getattr(cfg, "flow_log_path", None) else None)
+        self._pending: list[bytes] = []
+        self._fingerprint = None
+        self._snapshot_at = 0.0
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+
+    # ------------------------------------------------------------------ snapshot
+    def _model_fingerprint(self) -> tuple:
+        a = self.agent
+        return (a.revision, len(a.endpoints), len(a.identities), len(a.ipcache),
+                len(a.by_ifindex), len(a.compiler.entries), len(a.compiler.flags))
+
+    def refresh(self, force: bool = False) -> None:
+        fp = self._model_fingerprint()
+        if not force and fp == self._fingerprint and \
+                time.monotonic() - self._snapshot_at < SNAPSHOT_MAX_AGE_S:
+            return
+        a = self.agent
+        with a._lock:
+            host = a.config.host_name
+            by_if = dict((i, n) for i, n in a.by_ifindex.items())
+            by_addr: dict[bytes, tuple] = {}
+            for prefix, e in a.ipcache.items():
+                net = ipaddress.ip_network(prefix)
+                if net.prefixlen == net.max_prefixlen and e.get("host"):
+                    by_addr[net.network_address.packed.ljust(16, b"\0")] = (None, e["host"])
+            for ep in a.endpoints.values():
+                for ip in ep.ips:
+                    by_addr[_padded(ip)] = (ep.name, host)
+            labels = {i: tuple(ident.labels.to_strings()) for i, ident in a.identities.items()}
+            ifnames = {i: l.name for i, l in a.links.items()}
+            for ep in a.endpoints.values():
+                if ep.ifindex is not None:
+                    ifnames[ep.ifindex] = ep.interface
+            entries, flags = a.compiler.entries, a.compiler.flags
+
+        def policies(local, peer, direction, proto, port):
+            _verdict, keys = policy_lookup(entries, flags, local, peer, direction, proto, port)
+            names = set()
+            for k in keys:
+                e = entries.get(k)
+                if e is not None:
+                    names |= set(e.policies)
+            return sorted(names)
+
+        self.decoder.set_resolver(Resolver(by_if, by_addr, labels, policies, ifnames, host))
+        self._fingerprint = fp
+        self._snapshot_at = time.monotonic()
+
+    # ------------------------------------------------------------------ thread
+    def start(self) -> None:
+        self.refresh(force=True)
+        self.agent.dp.open_events(self._pending.append, raw=True)
+        self._thread = threading.Thread(target=self._run, name="stockade-flows", daemon=True)
+        self._thread.start()
+        self.agent._threads.append(self._thread)
+
+    def _run(self) -> None:
+        stop = self.agent._stop
+        while not stop.is_set():
+            try:
+                self.agent.dp.poll_events(POLL_MS)
+                if self._pending:
+                    # the ring buffer callback holds this list's append: empty it in place
+                    batch = self._pending[:]
+                    del self._pending[:len(batch)]
+                    self.process(batch)
+            except Exception:  # keep observing; the datapath keeps enforcing regardless
+                self.errors += 1
+                log.exception("decoding flow events failed")
+                stop.wait(0.5)
+        if self.flow_log:
+            self.flow_log.close()
+
+    def process(self, batch: list[bytes]) -> int:
+        self.refresh()
+        rows = self.decoder.rows(batch)
+        self.ring.append_rows(rows)
+        if self.flow_log is not None:
+            self.flow_log.write(self.ring.to_dict(r) for r in rows)
+        return len(rows)
+
+    # ------------------------------------------------------------------ queries
+    def events_lost(self) -> dict:
+        try:
+            return self.agent.dp.events_lost()
+        except Exception:
+            return {}
+
+    def query(self, criteria: dict) -> dict:
+        f = FlowFilter.parse(criteria)
+        rows = f.select(self.ring)
+        return {"flows": [self.ring.to_dict(r) for r in rows],
+                "count": len(rows),
+                "connections": len({connection_key(r) for r in rows}),
+                "events_lost": self.events_lost(),
+                "buffer": {"size": len(self.ring), "capacity": self.ring.capacity}}
+
+    def follow(self, criteria: dict, stopping: threading.Event | None = None) -> Iterator[dict | None]:
+        """Matching flows as they come (after the ``last`` newest, if given). Yields
+        None now and then without a flow, so the caller can check for shutdown or a
+        peer that went away."""
+        f = FlowFilter.parse(criteria)
+        seq = self.ring.seq
+        if f.last is not None:
+            for r in f.select(self.ring):
+                yield self.ring.to_dict(r)
+        f.last = None
+        stop = self.agent._stop
+        quiet_since = time.monotonic()
+        while not stop.is_set() and not (stopping is not None and stopping.is_set()):
+            if not self.ring.wait(seq, 0.5):
+                if time.monotonic() - quiet_since > FOLLOW_HEARTBEAT_S:
+                    quiet_since = time.monotonic()
+                    yield None
+                continue
+            rows, seq, _skipped = self.ring.rows_since(seq)
+            infos = self.ring.infos
+            for r in rows:
+                if f.match(r, infos):
+                    yield self.ring.to_dict(r)
+            quiet_since = time.monotonic()
+
+
+def start_flows(agent) -> FlowSource:
+    """Create and start the agent's flow source (called from Agent.start)."""
+    fs = FlowSource(agent)
+    fs.start()
+    return fs
+
+
+def json_lines(flows: Iterator[dict | None]) -> Iterator[bytes]:
+    """Chunks for a streaming response: one JSON line per flow, a bare newline as a
+    heartbeat."""
+    for f in flows:
+        yield b"\n" if f is None else json.dumps(f, separators=(",", ":")).encode() + b"\n"

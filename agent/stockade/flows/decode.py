@@ -1,0 +1,121 @@
+"""Batch decoding of datapath flow events (raw ``struct flow_event`` bytes) into rows.
+
+The decoder knows nothing of the agent: a ``Resolver`` snapshot tells it which
+endpoint sits behind an ifindex or an address, an identity's labels and which
+policies decided a (local, peer, direction, proto, port). The agent builds a new
+snapshot when its model changes (flowsource.py); decoding itself takes no lock.
+"""
+from __future__ import annotations
+
+import collections
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ..datapath.maps import (DIR_EGRESS, MATCH_ALLOW, MATCH_DEFAULT_DENY, MATCH_DENY,
+                             FlowEvent)
+from .ring import FlowRing
+
+# struct flow_event (bpf/include/stockade_maps.h), little-endian host
+EVENT = struct.Struct("<QIIIBBBB16s16sHHBBBBIBB2x")
+assert EVENT.size == __import__("ctypes").sizeof(FlowEvent), "flow_event layout changed"
+
+_POLICY_MATCHES = (MATCH_ALLOW, MATCH_DENY, MATCH_DEFAULT_DENY)
+
+
+@dataclass
+class Resolver:
+    """What the agent knows, frozen at one moment.
+
+    endpoints_by_ifindex  ifindex -> endpoint name
+    endpoints_by_addr     16-byte address (IPv4 zero-padded) -> (endpoint name|None, host)
+    labels                identity -> tuple of label strings
+    policies              callable(local, peer, direction, proto, port|None) -> tuple of
+                          policy names (cached per snapshot)
+    """
+
+    endpoints_by_ifindex: dict = field(default_factory=dict)
+    endpoints_by_addr: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    policies: Callable | None = None
+    ifnames: dict = field(default_factory=dict)
+    host: str | None = None
+
+
+class Decoder:
+    """Turn batches of raw events into ring rows; counts verdicts as it goes."""
+
+    def __init__(self, ring: FlowRing, resolver: Resolver | None = None):
+        self.ring = ring
+        self.verdicts: collections.Counter = collections.Counter()  # (verdict, dir, reason)
+        self.decoded = 0
+        self.set_resolver(resolver or Resolver())
+
+    def set_resolver(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self._info_cache: dict = {}
+        self._policy_cache: dict = {}
+        self.ring.ifnames = dict(resolver.ifnames)
+
+    def _info(self, identity: int, name, host) -> int:
+        key = (identity, name, host)
+        idx = self._info_cache.get(key)
+        if idx is None:
+            labels = self.resolver.labels.get(identity, ())
+            idx = self.ring.infos.add((identity, tuple(labels), name, host))
+            self._info_cache[key] = idx
+        return idx
+
+    def _policy(self, local, peer, direction, proto, port) -> int:
+        key = (local, peer, direction, proto, port)
+        idx = self._policy_cache.get(key)
+        if idx is None:
+            names = ()
+            if self.resolver.policies is not None:
+                try:
+                    names = tuple(self.resolver.policies(local, peer, direction, proto, port))
+                except Exception:  # a racing model change: better no name than no flow
+                    names = ()
+            idx = self.ring.policies.add(names)
+            self._policy_cache[key] = idx
+        return idx
+
+    def rows(self, events: bytes | Iterable[bytes], now_ns: int | None = None) -> list[tuple]:
+        """Decode ``events`` (concatenated raw events, or a list of them) into rows."""
+        data = events if isinstance(events, (bytes, bytearray)) else b"".join(events)
+        # bpf_ktime_get_ns is CLOCK_MONOTONIC; one offset per batch makes it wall time
+        offset = (time.time_ns() - time.monotonic_ns()) if now_ns is None else now_ns
+        r = self.resolver
+        by_if, by_addr, host = r.endpoints_by_ifindex, r.endpoints_by_addr, r.host
+        info, policy, verdicts = self._info, self._policy, self.verdicts
+        out = []
+        append = out.append
+        for (ts, ifindex, sid, did, direction, verdict, reason, ipv, saddr, daddr, sport, dport,
+             proto, flags, itype, is_reply, size, pmatch, icode) in EVENT.iter_unpack(data):
+            local_name = by_if.get(ifindex)
+            if direction == DIR_EGRESS:
+                src_info = info(sid, local_name, host if local_name else None)
+                peer = by_addr.get(daddr)
+                dst_info = info(did, *peer) if peer else info(did, None, None)
+                local, remote = sid, did
+            else:
+                dst_info = info(did, local_name, host if local_name else None)
+                peer = by_addr.get(saddr)
+                src_info = info(sid, *peer) if peer else info(sid, None, None)
+                local, remote = did, sid
+            pol = 0
+            if pmatch & 0x0F in _POLICY_MATCHES:
+                port = itype if proto in (1, 58) else (dport if proto in (6, 17, 132) else None)
+                pol = policy(local, remote, direction, proto, port)
+            verdicts[(verdict, direction, reason)] += 1
+            append((ts + offset, ifindex, sid, did, src_info, dst_info, pol, size, saddr, daddr,
+                    sport, dport, verdict, reason, direction, ipv, proto, flags, itype, is_reply,
+                    pmatch, icode))
+        self.decoded += len(out)
+        return out
+
+    def decode_into_ring(self, events) -> list[tuple]:
+        rows = self.rows(events)
+        self.ring.append_rows(rows)
+        return rows

@@ -1,0 +1,263 @@
+"""Flow filters with ``hubble observe`` semantics.
+
+A filter is built from named criteria, each a list of values:
+
+    FlowFilter.parse({"verdict": ["DROPPED"], "port": ["5432", "80"], "from_label": ["app=web"]})
+
+The same criterion given several times matches when ANY of its values does (OR);
+different criteria must ALL hold (AND). An empty or missing criterion matches
+everything. ``since`` keeps flows at or after a time (RFC 3339, or a duration such as
+``5m`` / ``1h30m`` meaning that long ago); ``last`` keeps only the N newest matches.
+
+Criteria:
+    verdict      FORWARDED | DROPPED | AUDIT
+    drop_reason  snake_case reason (policy_denied, spoofed, ...)
+    direction    ingress | egress (relative to the endpoint whose hook saw it)
+    protocol     tcp | udp | icmp (v4 and v6) | icmpv4 | icmpv6 | sctp | a number
+    port         either port equals
+    from_port, to_port
+    identity     either side's identity number; from_identity, to_identity
+    ip           either address is in the IP or CIDR; from_ip, to_ip
+    label        either side's labels match the selector; from_label, to_label.
+                 A selector is ``k=v,k2=v2`` (all must hold); ``k`` alone means the key
+                 is present; a key may carry its source (``k8s:app=web``), else any
+                 source matches; ``reserved:world`` selects the world identity.
+    endpoint     either side's endpoint name; from_endpoint, to_endpoint
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import InvalidRequest
+from .record import (DADDR, DIRECTION, DST_ID, DST_INFO, DPORT, IP_VERSION, PROTO, REASON,
+                     REASONS, SADDR, SPORT, SRC_ID, SRC_INFO, TIME, VERDICT, VERDICTS)
+
+LIST_KEYS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
+             "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip",
+             "label", "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint")
+SCALAR_KEYS = ("since", "last")
+KEYS = LIST_KEYS + SCALAR_KEYS
+
+_PROTOCOLS = {"tcp": {6}, "udp": {17}, "icmp": {1, 58}, "icmpv4": {1}, "icmpv6": {58},
+              "sctp": {132}}
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
+
+
+def parse_time(text: str, now: float | None = None) -> int:
+    """RFC 3339 time or a duration ago -> wall-clock ns."""
+    text = text.strip()
+    m = _DURATION.match(text)
+    if m and any(m.groups()):
+        h, mi, s, ms = (int(g or 0) for g in m.groups())
+        secs = h * 3600 + mi * 60 + s + ms / 1000
+        return int(((time.time() if now is None else now) - secs) * 1e9)
+    try:
+        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"since: {text!r} is neither an RFC 3339 time nor a duration "
+                             "like 30s, 5m, 1h", "since") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return int(t.timestamp() * 1e9)
+
+
+def parse_selector(text: str, where: str) -> tuple[tuple[str | None, str, str | None], ...]:
+    """``k=v,src:k2=v2,k3`` -> ((source|None, key, value|None), ...)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        k, sep, v = item.partition("=")
+        k = k.strip()
+        if not k:
+            raise InvalidRequest(f"{where}: {item!r} has no key", where)
+        source = None
+        if ":" in k:
+            source, k = k.split(":", 1)
+        out.append((source or None, k, v.strip() if sep else None))
+    if not out:
+        raise InvalidRequest(f"{where}: empty label selector", where)
+    return tuple(out)
+
+
+def _label_index(labels) -> set:
+    """Label strings ``src:k=v`` / ``src:k`` -> set of (src, k, v) and (None, k, v),
+    (src, k, None), (None, k, None) for quick selector checks."""
+    out = set()
+    for s in labels:
+        src, _, rest = s.partition(":")
+        k, sep, v = rest.partition("=")
+        v = v if sep else ""
+        out.update({(src, k, v), (None, k, v), (src, k, None), (None, k, None)})
+    return out
+
+
+def _ports(values, where) -> set[int]:
+    out = set()
+    for v in values:
+        try:
+            p = int(v)
+            if not 0 <= p <= 65535:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"{where}: {v!r} is not a port number", where) from None
+        out.add(p)
+    return out
+
+
+def _ints(values, where) -> set[int]:
+    try:
+        return {int(v) for v in values}
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{where}: identities are numbers", where) from None
+
+
+def _nets(values, where) -> list:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(str(v).strip(), strict=False))
+        except ValueError:
+            raise InvalidRequest(f"{where}: {v!r} is not an IP address or CIDR", where) from None
+    return out
+
+
+def _one_of(values, choices: dict, where: str, upper=False) -> set[int]:
+    out = set()
+    for v in values:
+        key = str(v).upper() if upper else str(v).lower()
+        if key not in choices:
+            raise InvalidRequest(f"{where}: {v!r} is not one of {', '.join(choices)}", where)
+        out.add(choices[key])
+    return out
+
+
+@dataclass
+class FlowFilter:
+    """Compiled criteria; ``match(row, infos)`` on a record row (see record.py)."""
+
+    preds: list[Callable] = field(default_factory=list)
+    since_ns: int | None = None
+    last: int | None = None
+    criteria: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, criteria: dict) -> "FlowFilter":
+        f = cls(criteria=dict(criteria))
+        for k in criteria:
+            if k not in KEYS:
+                raise InvalidRequest(f"unknown flow filter {k!r} (known: {', '.join(KEYS)})", k)
+        get = lambda k: [v for v in (criteria.get(k) or []) if v not in (None, "")]  # noqa: E731
+        p = f.preds
+        if get("verdict"):
+            s = _one_of(get("verdict"), {n: v for v, n in VERDICTS.items()}, "verdict", upper=True)
+            p.append(lambda r, i, s=s: r[VERDICT] in s)
+        if get("drop_reason"):
+            rs = _one_of(get("drop_reason"), {n: v for v, n in REASONS.items()}, "drop_reason")
+            p.append(lambda r, i, rs=rs: r[VERDICT] != 0 and r[REASON] in rs)
+        if get("direction"):
+            ds = _one_of(get("direction"), {"ingress": 0, "egress": 1}, "direction")
+            p.append(lambda r, i, ds=ds: r[DIRECTION] in ds)
+        if get("protocol"):
+            ps = set()
+            for v in get("protocol"):
+                v = str(v).lower()
+                if v.isdigit():
+                    ps.add(int(v))
+                elif v in _PROTOCOLS:
+                    ps |= _PROTOCOLS[v]
+                else:
+                    raise InvalidRequest(f"protocol: {v!r} is not one of {', '.join(_PROTOCOLS)} "
+                                         "or a number", "protocol")
+            p.append(lambda r, i, ps=ps: r[PROTO] in ps)
+        for key, test in (("port", lambda r, s: r[SPORT] in s or r[DPORT] in s),
+                          ("from_port", lambda r, s: r[SPORT] in s),
+                          ("to_port", lambda r, s: r[DPORT] in s)):
+            if get(key):
+                s = _ports(get(key), key)
+                p.append(lambda r, i, s=s, test=test: r[PROTO] not in (1, 58) and test(r, s))
+        for key, sides in (("identity", (SRC_ID, DST_ID)), ("from_identity", (SRC_ID,)),
+                           ("to_identity", (DST_ID,))):
+            if get(key):
+                s = _ints(get(key), key)
+                p.append(lambda r, i, s=s, sides=sides: any(r[x] in s for x in sides))
+        for key, sides in (("ip", (SADDR, DADDR)), ("from_ip", (SADDR,)), ("to_ip", (DADDR,))):
+            if get(key):
+                nets = _nets(get(key), key)
+                p.append(lambda r, i, nets=nets, sides=sides: _ip_match(r, nets, sides))
+        for key, sides in (("label", (SRC_INFO, DST_INFO)), ("from_label", (SRC_INFO,)),
+                           ("to_label", (DST_INFO,))):
+            if get(key):
+                sels = [parse_selector(str(v), key) for v in get(key)]
+                p.append(_label_pred(sels, sides))
+        for key, sides in (("endpoint", (SRC_INFO, DST_INFO)), ("from_endpoint", (SRC_INFO,)),
+                           ("to_endpoint", (DST_INFO,))):
+            if get(key):
+                names = {str(v) for v in get(key)}
+                p.append(lambda r, i, names=names, sides=sides:
+                         any((i.values[r[x]] or (None,) * 4)[2] in names for x in sides))
+        since = criteria.get("since")
+        if since not in (None, ""):
+            f.since_ns = since if isinstance(since, int) else parse_time(str(since))
+            p.insert(0, lambda r, i, t=f.since_ns: r[TIME] >= t)
+        last = criteria.get("last")
+        if last not in (None, ""):
+            try:
+                f.last = int(last)
+                if f.last <= 0:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise InvalidRequest(f"last: {last!r} is not a positive number", "last") from None
+        return f
+
+    def match(self, row: tuple, infos) -> bool:
+        for pred in self.preds:
+            if not pred(row, infos):
+                return False
+        return True
+
+    def select(self, ring) -> list[tuple]:
+        """Matching rows of ``ring``, oldest first, at most ``last`` (the newest)."""
+        if self.last is None:
+            return [r for r in ring.rows() if self.match(r, ring.infos)]
+        out = []
+        for r in ring.iter_rows_newest_first():
+            if self.since_ns is not None and r[TIME] < self.since_ns:
+                break
+            if self.match(r, ring.infos):
+                out.append(r)
+                if len(out) >= self.last:
+                    break
+        out.reverse()
+        return out
+
+
+def _ip_match(row, nets, sides) -> bool:
+    v = row[IP_VERSION]
+    for x in sides:
+        raw = row[x]
+        addr = ipaddress.IPv6Address(raw) if v == 6 else ipaddress.IPv4Address(raw[:4])
+        if any(addr.version == n.version and addr in n for n in nets):
+            return True
+    return False
+
+
+def _label_pred(selectors, sides):
+    cache: dict[int, bool] = {}
+
+    def pred(row, infos):
+        for x in sides:
+            idx = row[x]
+            hit = cache.get(idx)
+            if hit is None:
+                info = infos.values[idx]
+                have = _label_index(info[1]) if info else set()
+                hit = any(all(term in have for term in sel) for sel in selectors)
+                cache[idx] = hit
+            if hit:
+                return True
+        return False
+    return pred
