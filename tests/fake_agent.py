@@ -227,3 +227,19 @@ class FakeAgent:
         return ("# HELP stockade_policy_revision Current policy revision.\n"
                 "# TYPE stockade_policy_revision gauge\n"
                 f"stockade_policy_revision {self.revision}\n")
+
+    # flows: an empty ring, but criteria are checked exactly as the agent does
+    def flows(self, criteria: dict) -> dict:
+        from stockade.flows import FlowFilter, FlowRing
+        self._call("flows", criteria)
+        ring = FlowRing(16)
+        rows = FlowFilter.parse(criteria).select(ring)
+        return {"flows": [ring.to_dict(r) for r in rows], "count": len(rows), "connections": 0,
+                "events_lost": {"rate_limit_new": 0, "rate_limit_drop": 0, "ringbuf_full": 0},
+                "buffer": {"size": 0, "capacity": ring.capacity}}
+
+    def follow_flows(self, criteria: dict, stopping=None):
+        from stockade.flows import FlowFilter
+        self._call("follow_flows", criteria)
+        FlowFilter.parse(criteria)
+        return iter([])
