@@ -125,9 +125,14 @@ class Client:
     def endpoints(self) -> list[dict]:
         return self._json("GET", "/v1/endpoints")
 
-    def add_endpoint(self, *, name: str, interface: str, ips: list[str],
-                     labels: dict | str | None = None, audit: bool | None = None) -> dict:
-        spec: dict[str, Any] = {"name": name, "interface": interface, "ips": list(ips)}
+    def add_endpoint(self, *, name: str, interface: str | None = None, ips: list[str],
+                     labels: dict | str | None = None, audit: bool | None = None,
+                     mac: str | None = None) -> dict:
+        spec: dict[str, Any] = {"name": name, "ips": list(ips)}
+        if interface is not None:
+            spec["interface"] = interface
+        if mac is not None:
+            spec["mac"] = mac
         if labels is not None:
             spec["labels"] = labels
         if audit is not None:

@@ -126,25 +126,28 @@ def endpoint_list(socket_path, output):
 
 @endpoint.command("add")
 @click.option("--name", required=True, help="Endpoint name, unique on this host.")
-@click.option("--interface", required=True, metavar="IF", help="Host-side interface (veth, tap).")
+@click.option("--interface", metavar="IF", help="Host-side interface (veth, tap); or give --mac.")
+@click.option("--mac", metavar="MAC", help="A VM's guest MAC; without --interface its tap is found "
+              "from it (host-side MAC fe:xx:... or equal).")
 @click.option("--ip", "ips", required=True, metavar="A[,B]", help="Workload addresses, comma-separated.")
 @click.option("--labels", default="", metavar="k=v,k=v", help="Labels that give the identity.")
 @click.option("--audit", is_flag=True, default=None, help="Log what policy would drop, drop nothing.")
 @socket_option
 @output_option
 @handle_errors
-def endpoint_add(name, interface, ips, labels, audit, socket_path, output):
+def endpoint_add(name, interface, mac, ips, labels, audit, socket_path, output):
     """Add a static endpoint. Adding the same spec again changes nothing.
 
     \b
     Examples:
       stockade endpoint add --name web1 --interface veth-web1 --ip 10.0.0.5 --labels app=web,tier=front
       stockade endpoint add --name vm1 --interface tap0 --ip 10.0.1.2,fd00::2 --labels app=db --audit
+      stockade endpoint add --name vm2 --mac 52:54:00:12:34:56 --ip 10.0.1.3 --labels app=db
     """
     ip_list = [s.strip() for s in ips.split(",") if s.strip()]
     with make_client(socket_path) as c:
         ep = c.add_endpoint(name=name, interface=interface, ips=ip_list,
-                            labels=parse_labels(labels), audit=audit)
+                            labels=parse_labels(labels), audit=audit, mac=mac)
     if output == "json":
         return emit_json(ep)
     click.echo(f"endpoint {ep['name']} (id {ep['id']}) on {ep['interface']}: identity "

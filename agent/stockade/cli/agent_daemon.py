@@ -33,6 +33,10 @@ def _opt(name, **kw):
               help="Start `podman system service` when its socket does not answer.")
 @_opt("podman_events_log", help="Podman events.log to follow for fast start detection.")
 @_opt("docker_socket", help="Docker API socket ('' to disable) [/var/run/docker.sock].")
+@_opt("libvirt_uri", help="Discover VMs through libvirt, e.g. qemu:///system ('' to disable) [off].")
+@click.option("--libvirt-trust-guest-agent/--no-libvirt-trust-guest-agent", "libvirt_trust_guest_agent",
+              default=None, help="Take VM addresses from the guest agent when metadata and DHCP "
+              "leases give none [off].")
 @_opt("host_name", help="This host's name in the fleet [hostname].")
 @_opt("flow_buffer_size", type=int, help="Recent flows kept [65535].")
 @_opt("flow_log_path", help="Also write flows as JSON lines to this file ('' to disable) [off].")
@@ -60,7 +64,7 @@ def agent(config_path, cleanup, **flags):
       stockade agent --cleanup --bpffs-dir /sys/fs/bpf/stockade
     """
     for k in ("podman_socket", "docker_socket", "podman_events_log", "metrics_listen",
-              "flow_log_path"):
+              "flow_log_path", "libvirt_uri"):
         if flags.get(k) == "":
             flags[k] = None
             flags[f"_{k}_off"] = True

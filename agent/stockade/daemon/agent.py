@@ -26,7 +26,7 @@ from ..policy.api.entity import RESERVED
 from ..policy.mapstate import DIRECTIONS, Delta, DirectionPolicy, diff as state_diff
 from . import policydiff
 from .config import AgentConfig
-from .endpoints import Endpoint, parse_labels, parse_spec
+from .endpoints import Endpoint, parse_labels, parse_spec, tap_matches_mac
 from .links import Link, LinkWatcher, host_addresses, list_links, matches_any
 from .service import ServiceAPI
 from .state import StateStore
@@ -149,7 +149,10 @@ class Agent(ServiceAPI):
         for rec in self.store.read("endpoints.json", []):
             ep = Endpoint.from_record(rec)
             self.endpoints[ep.name] = ep
-            link = links.get(ep.interface)
+            link = links.get(ep.interface) if ep.interface else self._tap_for_mac(
+                links.values(), ep.mac) if ep.by_mac else None
+            if link is not None and ep.by_mac:
+                ep.interface = link.name
             if link is not None:
                 ep.ifindex = link.ifindex
                 self.by_ifindex[link.ifindex] = ep.name
@@ -259,17 +262,27 @@ class Agent(ServiceAPI):
                         audit: bool = False, runtime_id=None, mac=None, ifindex=None) -> Endpoint:
         with self._lock:
             old = self.endpoints.get(name)
+            by_mac = not interface
+            if by_mac:
+                # A VM given by its guest MAC: bind to its tap when (and whenever) it exists.
+                if not mac:
+                    raise InvalidRequest("interface or mac is required", "interface")
+                link = self._tap_for_mac(self.links.values(), mac)
+                if link is None and self.dp is not None:
+                    link = self._tap_for_mac(list_links(), mac)
+                interface = link.name if link is not None else ""
+                ifindex = link.ifindex if link is not None else None
             for other in self.endpoints.values():
-                if other.name != name and other.interface == interface:
+                if interface and other.name != name and other.interface == interface:
                     raise Conflict(f"interface {interface} already belongs to endpoint {other.name}",
                                    "interface")
             if old is not None and old.source != source:
                 raise Conflict(f"endpoint {name} exists (source {old.source})", "name")
             ep = Endpoint(name, old.id if old else self._next_endpoint_id(), interface, tuple(ips),
-                          labels, source, audit, runtime_id, mac)
+                          labels, source, audit, runtime_id, mac, by_mac=by_mac)
             if old is not None and old.to_record() == ep.to_record() and old.ifindex is not None:
                 return old
-            if ifindex is None:
+            if ifindex is None and interface:
                 link = next((l for l in self.links.values() if l.name == interface), None)
                 if link is None and self.dp is not None:
                     link = next((l for l in list_links() if l.name == interface), None)
@@ -319,7 +332,13 @@ class Agent(ServiceAPI):
         cfg = self.config
         if matches_any(link.name, cfg.managed_interfaces) or matches_any(link.master, cfg.managed_bridges):
             return True
-        return any(e.interface == link.name for e in self.endpoints.values() if e.name != ignore)
+        return any(e.interface == link.name or e.by_mac and tap_matches_mac(link.kind, link.mac, e.mac)
+                   for e in self.endpoints.values() if e.name != ignore)
+
+    @staticmethod
+    def _tap_for_mac(links, mac: str | None) -> Link | None:
+        """The tap of the VM with guest MAC ``mac`` (endpoints.tap_matches_mac), if any."""
+        return next((l for l in links if tap_matches_mac(l.kind, l.mac, mac)), None)
 
     def _attach_locked(self, ifindex: int, link: Link | None) -> None:
         from ..datapath import attach
@@ -350,6 +369,8 @@ class Agent(ServiceAPI):
                 self.dp.del_endpoint(link.ifindex)
             if name and name in self.endpoints:
                 self.endpoints[name].ifindex = None
+                if self.endpoints[name].by_mac:
+                    self.endpoints[name].interface = ""  # the next tap may have another name
             return
         self.links[link.ifindex] = link
         if not self._managed(link):
@@ -357,8 +378,12 @@ class Agent(ServiceAPI):
         name = self.by_ifindex.get(link.ifindex)
         if name is None:
             waiting = next((e for e in self.endpoints.values()
-                            if e.interface == link.name and e.ifindex is None), None)
+                            if e.ifindex is None and (e.interface == link.name or e.by_mac and
+                                                      tap_matches_mac(link.kind, link.mac, e.mac))),
+                           None)
             if waiting is not None:
+                if waiting.by_mac:
+                    waiting.interface = link.name
                 waiting.ifindex = link.ifindex
                 self.by_ifindex[link.ifindex] = waiting.name
                 self._attach_locked(link.ifindex, link)

@@ -33,6 +33,12 @@ class AgentConfig:
     podman_start_service: bool = False
     podman_events_log: str | None = "/run/libpod/events/events.log"
     docker_socket: str | None = "/var/run/docker.sock"
+    # libvirt connection for VM discovery (e.g. qemu:///system); None: off. Off by default
+    # so that a host without VMs never loads the bindings; the agent reconnects when
+    # libvirtd starts later.
+    libvirt_uri: str | None = None
+    # Also take VM addresses from the QEMU guest agent (the guest answers it: off).
+    libvirt_trust_guest_agent: bool = False
     host_name: str = field(default_factory=_socket.gethostname)
     flow_buffer_size: int = 65535
     # Optional flow log: JSON lines, rotated when over max_bytes (0: never), backups kept.

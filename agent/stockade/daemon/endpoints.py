@@ -1,4 +1,10 @@
-"""Endpoints: workloads with a host-side interface, addresses and labels."""
+"""Endpoints: workloads with a host-side interface, addresses and labels.
+
+A static endpoint names its host interface, or (VMs) only the guest's MAC: then the
+agent binds it to the tap whose host-side MAC follows from the guest MAC (see
+``tap_matches_mac``) and re-binds it whenever such a tap appears again (a restarted VM
+gets a new tap and a new ifindex).
+"""
 from __future__ import annotations
 
 import ipaddress
@@ -11,6 +17,24 @@ from ..policy.labels import LabelSet, check_key, check_value, split_source
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-@]{1,15}$")
 SOURCES = ("static", "podman", "docker", "libvirt")
+MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+TAP_KINDS = ("tun", "macvtap")
+
+
+def tap_matches_mac(link_kind: str | None, link_mac: str | None, guest_mac: str | None) -> bool:
+    """Whether a host interface is the tap of the VM whose guest MAC is ``guest_mac``.
+
+    The rule: the interface is a tap (tun/tap or macvtap) and its host-side MAC is the
+    guest MAC with the first octet replaced by 0xfe (libvirt's convention, which also
+    keeps the bridge from learning the guest MAC on the tap itself), or equals the guest
+    MAC (hypervisors that copy it). Only the host sets a tap's MAC: root creates the tap,
+    the guest cannot change it from inside. That is why the binding never comes from
+    ARP or from frames the guest sends, which the guest controls.
+    """
+    if link_kind not in TAP_KINDS or not link_mac or not guest_mac:
+        return False
+    link_mac, guest_mac = link_mac.lower(), guest_mac.lower()
+    return link_mac == guest_mac or link_mac == "fe:" + guest_mac.split(":", 1)[1]
 
 
 @dataclass
@@ -27,6 +51,7 @@ class Endpoint:
     ifindex: int | None = None
     identity: int | None = None
     extra: dict = field(default_factory=dict)
+    by_mac: bool = False  # the interface is found from ``mac`` (tap_matches_mac)
 
     @property
     def state(self) -> str:
@@ -36,15 +61,20 @@ class Endpoint:
 
     def to_record(self) -> dict:
         """What is persisted (and compared to find out whether a spec changed)."""
-        return {"name": self.name, "id": self.id, "interface": self.interface,
+        rec = {"name": self.name, "id": self.id, "interface": self.interface,
                 "ips": list(self.ips), "labels": self.labels.to_dict(), "source": self.source,
                 "audit": self.audit, "runtime_id": self.runtime_id, "mac": self.mac}
+        if self.by_mac:
+            rec["by_mac"] = True
+            rec["interface"] = ""  # the tap's name changes with every VM start
+        return rec
 
     @classmethod
     def from_record(cls, rec: dict) -> "Endpoint":
         return cls(rec["name"], rec["id"], rec["interface"], tuple(rec["ips"]),
                    LabelSet.from_mapping(rec["labels"]), rec.get("source", "static"),
-                   rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"))
+                   rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"),
+                   by_mac=rec.get("by_mac", False))
 
 
 def parse_labels(value, source: str, field_name: str = "labels") -> LabelSet:
@@ -103,16 +133,19 @@ def parse_spec(spec) -> dict:
     name = spec.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidRequest("name is required: letters, digits, '_', '.', '-' (max 63)", "name")
-    iface = spec.get("interface")
-    if not isinstance(iface, str) or not IFNAME_RE.match(iface):
-        raise InvalidRequest("interface is required: a host interface name (max 15 chars)",
-                             "interface")
     audit = spec.get("audit", False)
     if not isinstance(audit, bool):
         raise InvalidRequest("audit must be true or false", "audit")
     mac = spec.get("mac")
-    if mac is not None and (not isinstance(mac, str) or not re.match(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", mac)):
+    if mac is not None and (not isinstance(mac, str) or not MAC_RE.match(mac)):
         raise InvalidRequest(f"{mac!r} is not a MAC address", "mac")
+    iface = spec.get("interface")
+    if iface is None and mac is None:
+        raise InvalidRequest("interface is required (a host interface name) unless mac is "
+                             "given (a VM's guest MAC: its tap is found from it)", "interface")
+    if iface is not None and (not isinstance(iface, str) or not IFNAME_RE.match(iface)):
+        raise InvalidRequest("interface must be a host interface name (max 15 chars)",
+                             "interface")
     return {"name": name, "interface": iface, "ips": parse_ips(spec.get("ips")),
             "labels": parse_labels(spec.get("labels"), "static"), "audit": audit,
             "mac": mac.lower() if mac else None}

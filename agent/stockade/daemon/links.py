@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 log = logging.getLogger("stockade.links")
@@ -40,8 +41,15 @@ def matches_any(name: str | None, patterns) -> bool:
 
 
 def list_links() -> list[Link]:
-    with IPRoute() as ipr:
-        msgs = ipr.get_links()
+    # A dump is interrupted when links change meanwhile (busy hosts, parallel tests): retry.
+    for attempt in range(5):
+        try:
+            with IPRoute() as ipr:
+                msgs = ipr.get_links()
+            break
+        except NetlinkDumpInterrupted:
+            if attempt == 4:
+                raise
     names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
     return [_link_from_msg(m, names) for m in msgs]
 

@@ -1,8 +1,10 @@
-"""Container runtimes (Podman, Docker) as endpoint sources.
+"""Container runtimes (Podman, Docker) and libvirt as endpoint sources.
 
 Each configured runtime socket gets a DockerWatcher; its events become endpoints
 (name = container name, labels = container labels, interface = host-side veth).
-After the first listing, endpoints of that runtime that no longer run are removed.
+With ``libvirt_uri`` set, a LibvirtWatcher does the same for VMs (name = domain name,
+labels = the domain's Stockade metadata, interface = the tap, mac = the guest MAC).
+After the first listing, endpoints of that source that no longer run are removed.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ log = logging.getLogger("stockade.runtimes")
 
 
 class RuntimeSource:
-    def __init__(self, agent, runtime: str, socket_path: str, events_log: str | None,
-                 stop_event: threading.Event, service=None):
+    LABEL_SOURCE = {"libvirt": "libvirt"}  # default: "container"
+
+    def __init__(self, agent, runtime: str, socket_path: str | None, events_log: str | None,
+                 stop_event: threading.Event, service=None, watcher=None):
         self.agent, self.runtime, self.service = agent, runtime, service
-        self.watcher = DockerWatcher(socket_path, runtime, events_log=events_log)
+        self.watcher = watcher or DockerWatcher(socket_path, runtime, events_log=events_log)
         self._seen: set[str] = set()
         self._reconciled = False
         self._thread = self.watcher.start(self._on_event, stop_event)
@@ -35,13 +39,18 @@ class RuntimeSource:
         try:
             if ev.kind == "added":
                 if not w.host_ifname or not w.ips:
-                    log.info("%s container %s has no host veth or address; not managed", self.runtime, name)
+                    log.info("%s workload %s has no host interface or address; not managed",
+                             self.runtime, name)
                     return
                 self._seen.add(name)
-                labels = parse_labels({k: v for k, v in w.labels.items() if _label_ok(k, v)}, "container")
+                labels = parse_labels({k: v for k, v in w.labels.items() if _label_ok(k, v)},
+                                      self.LABEL_SOURCE.get(self.runtime, "container"))
+                # Containers: no MAC (their veth MAC is not the workload's to keep).
+                # VMs: the guest MAC libvirt configured.
                 self.agent.upsert_endpoint(name=name, interface=w.host_ifname, ips=w.ips,
                                            labels=labels, source=self.runtime, runtime_id=w.id,
-                                           mac=None, ifindex=w.host_ifindex)
+                                           mac=w.mac if self.runtime == "libvirt" else None,
+                                           ifindex=w.host_ifindex)
             else:
                 ep = self.agent.endpoints.get(name)
                 if ep is not None and ep.source == self.runtime and ep.runtime_id == w.id:
@@ -90,4 +99,14 @@ def start_runtime_watchers(agent, stop_event: threading.Event) -> list:
             out.append(RuntimeSource(agent, "podman", cfg.podman_socket, log_path, stop_event, service))
     if cfg.docker_socket and os.path.exists(cfg.docker_socket) and cfg.docker_socket != cfg.podman_socket:
         out.append(RuntimeSource(agent, "docker", cfg.docker_socket, None, stop_event))
+    if cfg.libvirt_uri:
+        try:
+            from ..discovery.libvirt import LibvirtWatcher, _libvirt
+            _libvirt()
+        except StockadeError as exc:
+            agent._error(f"libvirt: {exc}")
+        else:
+            # The watcher reconnects by itself: libvirtd may start after the agent.
+            watcher = LibvirtWatcher(cfg.libvirt_uri, trust_guest_agent=cfg.libvirt_trust_guest_agent)
+            out.append(RuntimeSource(agent, "libvirt", None, None, stop_event, watcher=watcher))
     return out

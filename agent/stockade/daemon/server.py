@@ -204,7 +204,7 @@ def get_endpoints(r: Request) -> Response:
 def post_endpoint(r: Request) -> Response:
     spec = _object(r.body, {"name": (str,), "interface": (str,), "ips": (list,),
                             "labels": (dict, str), "audit": (bool,), "mac": (str,)},
-                   ("name", "interface", "ips"), "endpoint")
+                   ("name", "ips"), "endpoint")  # interface or mac: parse_spec
     _string_list(spec["ips"], "ips")
     if "labels" in spec:
         _labels(spec["labels"], "labels")
