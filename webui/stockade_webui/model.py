@@ -306,10 +306,15 @@ def flow_label(f: dict, side: str, idents: dict | None = None) -> str:
     return ip or f"identity {peer.get('identity')}"
 
 
+SEVERITY = {"FORWARDED": 0, "AUDIT": 1, "DROPPED": 2}
+
+
 def connections(flows: list[dict]) -> list[dict]:
-    """One flow per connection: both hooks of a connection report its first packet, and
-    replies belong to the connection that started them."""
-    seen, out = set(), []
+    """One flow per connection: both hooks of a connection (the source's egress, the
+    destination's ingress) report its first packet, and replies belong to the
+    connection that started them. The hook with the harshest verdict speaks for it:
+    a connection the destination dropped was dropped, whatever the source's side said."""
+    best: dict = {}
     for f in flows:
         if f.get("is_reply"):
             continue
@@ -317,11 +322,10 @@ def connections(flows: list[dict]) -> list[dict]:
             (f.get("ip") or {}).get("source"), (f.get("ip") or {}).get("destination"),
             (f.get("l4") or {}).get("protocol"), (f.get("l4") or {}).get("source_port"),
             (f.get("l4") or {}).get("destination_port"))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(f)
-    return out
+        old = best.get(key)
+        if old is None or SEVERITY.get(f.get("verdict"), 0) > SEVERITY.get(old.get("verdict"), 0):
+            best[key] = f
+    return list(best.values())
 
 
 def flow_changes(flows: list[dict], old: Evaluator, new: Evaluator) -> list[dict]:
