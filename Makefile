@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stockade-installed
 
-.PHONY: setup demo test test-pure test-root bench lint clean
+.PHONY: setup demo test test-pure test-root bench bench-quick lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,10 @@ test-root: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# One round of the datapath comparison at N = 1,000 (< 2 min); last line: the ratios.
+bench-quick: $(STAMP)
+	@$(PY) -m bench.datapath_bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

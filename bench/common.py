@@ -169,3 +169,22 @@ def pinned_map_count(path: str) -> int:
         return n
     finally:
         os.close(fd)
+
+
+def rss_breakdown(pid: int, top: int = 6) -> dict:
+    """Resident MB per mapped file (anonymous memory as "[anon]"), largest first:
+    shows what a process's RSS is made of (e.g. LLVM inside bcc)."""
+    sizes: dict[str, int] = {}
+    name = "[anon]"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if not head:
+                continue
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping header line
+                path = head[5] if len(head) >= 6 else ""
+                name = os.path.basename(path) if path.startswith("/") else (path or "[anon]")
+            elif head[0] == "Rss:":
+                sizes[name] = sizes.get(name, 0) + int(head[1])
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+    return {k: round(v / 1024, 1) for k, v in ranked}

@@ -184,6 +184,7 @@ class Bench:
             out["n"][str(n)] = summarize(raw, n, len(layout), len(self.pairs), entries)
             print(f"datapath N={n}: {json.dumps(out['n'][str(n)]['ratios'])}", file=sys.stderr,
                   flush=True)
+        out["targets"] = targets(out["n"])
         return out
 
 
@@ -199,6 +200,24 @@ def summarize(raw: dict, n: int, ids: int, pairs: int, entries) -> dict:
             vals = [r[m] / base[m] for r, base in zip(raw[c], raw["nofilter"]) if base[m]]
             res["ratios"][c][m] = round(median(vals), 3)
     return res
+
+
+def targets(by_n: dict) -> dict:
+    """The figures issue 5 sets targets on, at the largest and smallest N measured."""
+    lo, hi = by_n[min(by_n, key=int)], by_n[max(by_n, key=int)]
+    st_hi, st_lo = hi["ratios"]["stockade"], lo["ratios"]["stockade"]
+    raw = hi["raw"]
+    vs_nft = [s["conn_per_s"] / f["conn_per_s"] for s, f in zip(raw["stockade"], raw["nftables"])]
+    return {
+        "n_max": int(max(by_n, key=int)), "n_min": int(min(by_n, key=int)),
+        "throughput_ratio": st_hi["throughput_gbps"],
+        "conn_rate_ratio": st_hi["conn_per_s"],
+        "rr_ratio": st_hi["rr_per_s"],
+        # flat from N = 10 to 10,000: relative change of the ratio (target: within 5 %)
+        "throughput_ratio_change": round(st_hi["throughput_gbps"] / st_lo["throughput_gbps"] - 1, 3),
+        "conn_rate_ratio_change": round(st_hi["conn_per_s"] / st_lo["conn_per_s"] - 1, 3),
+        "conn_rate_vs_nftables": round(median(vs_nft), 3),
+    }
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,18 @@
-"""Regenerate the measured tables in docs/performance.md (between BEGIN/END markers)."""
+"""Regenerate the measured tables in docs/performance.md (between BEGIN/END markers).
+
+Each block ``<!-- BEGIN name --> ... <!-- END name -->`` is rewritten from the results
+of one benchmark: ``name`` is a key of TARGETS (measure | value | target | met) or of
+DETAILS (a function returning a Markdown table). Keys in TARGETS are dotted paths into
+the benchmark's JSON. A benchmark that was skipped renders its reason.
+"""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+CONFIGS = ("nofilter", "stockade", "iptables", "nftables")
 
 TARGETS = {
     "compiler": [
@@ -17,27 +25,136 @@ TARGETS = {
         ("map entries compiled", "entries", "", "-", None),
         ("peak RSS of the benchmark process", "peak_rss_mb", "MB", "< 200 MB", lambda v: v < 200),
     ],
+    "datapath": [
+        ("Stockade throughput / no filter, N = 10,000", "targets.throughput_ratio", "", ">= 0.90",
+         lambda v: v >= 0.90),
+        ("Stockade new-connection rate / no filter, N = 10,000", "targets.conn_rate_ratio", "",
+         ">= 0.80", lambda v: v >= 0.80),
+        ("Stockade request/response rate / no filter, N = 10,000", "targets.rr_ratio", "", "-", None),
+        ("change of the throughput ratio, N = 10 -> 10,000", "targets.throughput_ratio_change", "",
+         "within +-0.05", lambda v: abs(v) <= 0.05),
+        ("change of the connection-rate ratio, N = 10 -> 10,000", "targets.conn_rate_ratio_change",
+         "", "within +-0.05", lambda v: abs(v) <= 0.05),
+        ("Stockade / nftables-with-sets new-connection rate, N = 10,000",
+         "targets.conn_rate_vs_nftables", "", ">= 1.00", lambda v: v >= 1.0),
+    ],
+    "controlplane": [
+        ("`stockade policy import`, 10,000 entries (command start to all written)",
+         "apply.n.10000.stockade_import_s", "s", "< 1 s", lambda v: v < 1),
+        ("same, over the API only (no CLI start)", "apply.n.10000.stockade_api_s", "s", "-", None),
+        ("`iptables-restore`, 10,000 rules", "apply.n.10000.iptables_restore_s", "s", "-", None),
+        ("`nft -f`, 10,000 set elements", "apply.n.10000.nft_f_s", "s", "-", None),
+        ("Stockade import / iptables-restore at 10,000", "apply.import_vs_iptables_10000", "",
+         "<= 1.00", lambda v: v <= 1),
+        ("one-rule change at 10,000: `stockade policy import` of one policy",
+         "apply.one_rule_change_at_10000.stockade_import_s", "s", "-", None),
+        ("one-rule change at 10,000: `iptables -R`",
+         "apply.one_rule_change_at_10000.iptables_R_s", "s", "-", None),
+        ("one-rule change at 10,000: `nft` element swap",
+         "apply.one_rule_change_at_10000.nft_s", "s", "-", None),
+        ("`podman start` returned -> first allowed connection, p50 (50 starts)",
+         "podman.start_to_enforced_ms_p50", "ms", "-", None),
+        ("`podman start` returned -> first allowed connection, p99 (50 starts)",
+         "podman.start_to_enforced_ms_p99", "ms", "< 100 ms", lambda v: v < 100),
+        ("agent RSS: 1,000 endpoints + 10,000 policy entries, no flow records",
+         "rss.rss_full_mb", "MB", "< 150 MB", lambda v: v < 150),
+        ("agent RSS with a full flow ring", "rss.rss_with_flows_mb", "MB", "< 200 MB",
+         lambda v: v < 200),
+    ],
 }
+
+
+def get(data: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
 def table(name: str, data: dict) -> str:
     rows = ["| measure | value | target | met |", "|---|---|---|---|"]
     for label, key, unit, target, ok in TARGETS.get(name, []):
-        if key not in data:
+        v = get(data, key)
+        if v is None:
+            if ok is not None:
+                rows.append(f"| {label} | not measured | {target} | - |")
             continue
-        v = data[key]
         met = "-" if ok is None else ("yes" if ok(v) else "**no**")
-        rows.append(f"| {label} | {v} {unit} | {target} | {met} |")
+        rows.append(f"| {label} | {v} {unit} | {target} | {met} |".replace("  |", " |"))
     return "\n".join(rows)
+
+
+def datapath_detail(data: dict) -> str:
+    rows = ["| N | config | throughput Gbit/s | ratio | req/resp per s | ratio | new conn/s | ratio "
+            "| conn p50 us | conn p99 us |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, res in sorted(data.get("n", {}).items(), key=lambda kv: int(kv[0])):
+        for c in CONFIGS:
+            m, r = res["median"][c], res["ratios"].get(c, {})
+            ratio = lambda k: f"{r[k]:.2f}" if k in r else "1"  # noqa: E731
+            rows.append(f"| {int(n):,} | {c} | {m['throughput_gbps']:.2f} | {ratio('throughput_gbps')} "
+                        f"| {m['rr_per_s']:.0f} | {ratio('rr_per_s')} | {m['conn_per_s']:.0f} "
+                        f"| {ratio('conn_per_s')} | {m['conn_p50_us']:.0f} | {m['conn_p99_us']:.0f} |")
+    return "\n".join(rows)
+
+
+def controlplane_detail(data: dict) -> str:
+    apply = data.get("apply", {}).get("n", {})
+    rows = ["| N | `stockade policy import` s | API only s | `iptables-restore` s | `nft -f` s |",
+            "|---|---|---|---|---|"]
+    for n, r in sorted(apply.items(), key=lambda kv: int(kv[0])):
+        rows.append(f"| {int(n):,} | {r['stockade_import_s']} | {r['stockade_api_s']} "
+                    f"| {r['iptables_restore_s']} | {r['nft_f_s']} |")
+    out = "\n".join(rows)
+    for part in ("podman", "rss"):
+        if part in data:
+            out += f"\n\n{generic(data[part], f'{part}: ')}"
+    return out
+
+
+def generic(data: dict, prefix: str = "") -> str:
+    """Any flat-ish JSON (e.g. the flows benchmark): one row per leaf key."""
+    rows = ["| measure | value |", "|---|---|"]
+
+    def walk(d, path):
+        for k, v in d.items():
+            if k == "measured":
+                continue
+            if isinstance(v, dict):
+                walk(v, f"{path}{k}.")
+            elif not isinstance(v, list):
+                rows.append(f"| {prefix}{path}{k} | {v} |")
+    walk(data, "")
+    return "\n".join(rows)
+
+
+DETAILS = {
+    "datapath-detail": ("datapath", datapath_detail),
+    "controlplane-detail": ("controlplane", controlplane_detail),
+    "flows": ("flows", generic),
+}
+
+
+def _block(name: str, when: str, results: dict, body: str) -> str:
+    m = results["machine"]
+    commit = f", commit {m['commit']}" if m.get("commit") else ""
+    return (f"<!-- BEGIN {name} -->\n_Measured {when} on {m['cpus']} CPUs, kernel {m['kernel']}"
+            f"{commit}, by `make bench`._\n\n{body}\n<!-- END {name} -->")
 
 
 def update_performance_md(results: dict) -> None:
     text = DOC.read_text()
-    for name in TARGETS:
-        if name not in results:
+    blocks = {name: (name, lambda d, name=name: table(name, d)) for name in TARGETS}
+    blocks.update(DETAILS)
+    for name, (source, render) in blocks.items():
+        data = results.get(source)
+        if data is None:
             continue
-        block = (f"<!-- BEGIN {name} -->\n_Measured {results['date']} on {results['machine']['cpus']} "
-                 f"CPUs, kernel {results['machine']['kernel']}, by `make bench`._\n\n"
-                 f"{table(name, results[name])}\n<!-- END {name} -->")
-        text = re.sub(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", block, text, flags=re.S)
+        if "skipped" in data:
+            body = f"Not measured: {data['skipped']}."
+        else:
+            body = render(data)
+        block = _block(name, data.get("measured", results["date"]), results, body)
+        text = re.sub(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->",
+                      lambda _m: block, text, flags=re.S)
     DOC.write_text(text)

@@ -4,40 +4,62 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = {"compiler": "bench.compile_bench"}
+BENCHES = {
+    "compiler": "bench.compile_bench",
+    "datapath": "bench.datapath_bench",
+    "controlplane": "bench.controlplane_bench",
+    "flows": "bench.flows_bench",  # written with the flows feature; skipped while absent
+    "profile": "bench.profile",
+}
 
 
 def run_one(module: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=1800)
+    """Run ``module`` in its own process; its last stdout line is its JSON result.
+    A module that does not exist (yet) gives ``{"skipped": reason}``."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        return {"skipped": f"{module} does not exist yet"}
+    out = subprocess.run([sys.executable, "-m", module], cwd=ROOT, stdout=subprocess.PIPE,
+                         text=True, check=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     names = (argv or sys.argv[1:]) or list(BENCHES)
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": _machine()}
+    day = datetime.date.today().isoformat()
+    path = ROOT / "bench" / "results" / f"{day}.json"
+    # A partial run (``bench.run datapath``) updates today's file instead of replacing it.
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": _machine()})
     for name in names:
         print(f"bench: {name} ...", flush=True)
+        load_before = os.getloadavg()[0]
         results[name] = run_one(BENCHES[name])
+        # The machine may be shared (other test runs): keep the load next to the figures.
+        results[name]["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        results[name]["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")
         print(json.dumps(results[name], indent=1))
-    day = datetime.date.today().isoformat()
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / f"{day}.json").write_text(json.dumps(results, indent=1) + "\n")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
     from bench.report import update_performance_md
     update_performance_md(results)
     return 0
 
 
 def _machine() -> dict:
-    import os
     import platform
-    return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or None
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "commit": commit}
 
 
 if __name__ == "__main__":
