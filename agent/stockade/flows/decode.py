@@ -21,7 +21,8 @@ from .ring import FlowRing
 EVENT = struct.Struct("<QIIIBBBB16s16sHHBBBBIBB2x")
 assert EVENT.size == __import__("ctypes").sizeof(FlowEvent), "flow_event layout changed"
 
-_POLICY_MATCHES = (MATCH_ALLOW, MATCH_DENY, MATCH_DEFAULT_DENY)
+_POLICY_MATCHES = frozenset({MATCH_ALLOW, MATCH_DENY, MATCH_DEFAULT_DENY})
+CACHE_MAX = 8192  # per-snapshot cache of policy lookups (ports of a scan would grow it)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Decoder:
         key = (local, peer, direction, proto, port)
         idx = self._policy_cache.get(key)
         if idx is None:
+            if len(self._policy_cache) >= CACHE_MAX:
+                self._policy_cache.clear()
             names = ()
             if self.resolver.policies is not None:
                 try:
@@ -89,26 +92,34 @@ class Decoder:
         r = self.resolver
         by_if, by_addr, host = r.endpoints_by_ifindex, r.endpoints_by_addr, r.host
         info, policy, verdicts = self._info, self._policy, self.verdicts
+        icache, pcache = self._info_cache, self._policy_cache
+        no_peer = (None, None)
         out = []
         append = out.append
+        # The hot loop: cache hits inline, misses through info() / policy().
         for (ts, ifindex, sid, did, direction, verdict, reason, ipv, saddr, daddr, sport, dport,
              proto, flags, itype, is_reply, size, pmatch, icode) in EVENT.iter_unpack(data):
             local_name = by_if.get(ifindex)
+            lhost = host if local_name else None
             if direction == DIR_EGRESS:
-                src_info = info(sid, local_name, host if local_name else None)
-                peer = by_addr.get(daddr)
-                dst_info = info(did, *peer) if peer else info(did, None, None)
                 local, remote = sid, did
+                src_info = icache.get((sid, local_name, lhost)) or info(sid, local_name, lhost)
+                pname, phost = by_addr.get(daddr, no_peer)
+                dst_info = icache.get((did, pname, phost)) or info(did, pname, phost)
             else:
-                dst_info = info(did, local_name, host if local_name else None)
-                peer = by_addr.get(saddr)
-                src_info = info(sid, *peer) if peer else info(sid, None, None)
                 local, remote = did, sid
+                dst_info = icache.get((did, local_name, lhost)) or info(did, local_name, lhost)
+                pname, phost = by_addr.get(saddr, no_peer)
+                src_info = icache.get((sid, pname, phost)) or info(sid, pname, phost)
             pol = 0
             if pmatch & 0x0F in _POLICY_MATCHES:
-                port = itype if proto in (1, 58) else (dport if proto in (6, 17, 132) else None)
-                pol = policy(local, remote, direction, proto, port)
-            verdicts[(verdict, direction, reason)] += 1
+                port = itype if proto == 1 or proto == 58 else (
+                    dport if proto == 6 or proto == 17 or proto == 132 else None)
+                pol = pcache.get((local, remote, direction, proto, port))
+                if pol is None:
+                    pol = policy(local, remote, direction, proto, port)
+            vk = (verdict, direction, reason)
+            verdicts[vk] = verdicts.get(vk, 0) + 1
             append((ts + offset, ifindex, sid, did, src_info, dst_info, pol, size, saddr, daddr,
                     sport, dport, verdict, reason, direction, ipv, proto, flags, itype, is_reply,
                     pmatch, icode))
