@@ -238,3 +238,18 @@ def test_browser_login_matrix_review(page, server, world, tmp_path):
     assert page.locator("svg#servicemap g.edge.drop").count() >= 1
     shot(page, "10-service-map")
     assert not [e for e in page.errors if "Content Security Policy" in e], page.errors
+
+
+def test_user_option_drops_root_to_the_user_and_the_stockade_group():
+    import grp
+    code = ("import os; from stockade.cli.webui_cmd import drop_privileges; "
+            "drop_privileges('nobody'); print(os.getuid(), os.geteuid(), sorted(os.getgroups()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    uid, euid, groups = r.stdout.split(" ", 2)
+    import pwd
+    assert int(uid) == int(euid) == pwd.getpwnam("nobody").pw_uid
+    try:
+        assert str(grp.getgrnam("stockade").gr_gid) in groups
+    except KeyError:
+        pytest.fail("no stockade group: scripts/setup.sh creates it")

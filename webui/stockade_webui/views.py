@@ -102,9 +102,11 @@ def matrix(h: Host, label: str = "") -> dict:
     rows = model.matrix(ev, idents)
     return {"host": h.name, "label": label,
             "identities": [{"id": i["id"], "name": model.identity_name(i), "local": i.get("local", False),
-                            "labels": i.get("labels")} for i in idents],
+                            "reserved": i.get("kind") == "reserved", "labels": i.get("labels")}
+                           for i in idents],
             "rows": [{"src": r["src"]["id"], "name": model.identity_name(r["src"]),
                       "local": r["src"].get("local", False),
+                      "reserved": r["src"].get("kind") == "reserved",
                       "cells": [{"dst": c["dst"], "css": c["cell"].css, **c["cell"].to_dict()}
                                 for c in r["cells"]]} for r in rows],
             "errors": h.errors}
