@@ -48,6 +48,13 @@ def test_endpoint_search_filters_every_table(logged_in):
     assert [e["name"] for e in data["endpoints"]] == ["web1"]
 
 
+def test_endpoint_counters_count_the_last_hour_by_hook(logged_in):
+    counters = logged_in.get("/api/v1/endpoints").json["counters"]
+    assert counters["db1"]["ingress"] == {"FORWARDED": 12, "DROPPED": 1}
+    assert "api1" not in counters                   # its only flow is two hours old
+    assert "✓12" in text(logged_in.get("/endpoints"))
+
+
 def cell(data, src_name, dst_name):
     ids = {i["name"]: i["id"] for i in data["identities"]}
     row = next(r for r in data["rows"] if r["src"] == ids[src_name])

@@ -43,7 +43,27 @@ def endpoints(h: Host, q: str = "") -> dict:
             return q in " ".join(str(v) for v in _flat(obj)).lower()
         eps, idents, ipc = [e for e in eps if hit(e)], [i for i in idents if hit(i)], [c for c in ipc if hit(c)]
     return {"host": h.name, "q": q, "endpoints": eps, "identities": idents, "ipcache": ipc,
-            "errors": h.errors}
+            "counters": endpoint_counters(h), "errors": h.errors}
+
+
+def endpoint_counters(h: Host) -> dict | None:
+    """Flows of the last hour per endpoint, by the direction of the hook that saw them:
+    {name: {"ingress": {"FORWARDED": n, "DROPPED": n, "AUDIT": n}, "egress": {...}}}."""
+    if h.get("health") is None or not h.flows_supported():
+        return None
+    flows = h.flows(since="1h")
+    if flows is None:
+        return None
+    out: dict = {}
+    for f in flows:
+        d = f.get("direction")
+        side = "destination" if d == "ingress" else "source"
+        name = ((f.get(side) or {}).get("endpoint") or {}).get("name")
+        if not name or d not in ("ingress", "egress"):
+            continue
+        per = out.setdefault(name, {"ingress": {}, "egress": {}})[d]
+        per[f.get("verdict", "?")] = per.get(f.get("verdict", "?"), 0) + 1
+    return out
 
 
 def _flat(obj):
