@@ -52,6 +52,8 @@ def top_python(collapsed: str, n: int = 12) -> tuple[list, list]:
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         self_c[frames[-1]] += c
         for f in set(frames):
+            if "daemon/server.py" in f:  # the HTTP handler frames wrap everything
+                continue
             if "stockade" in f or "bcc" in f or "yaml" in f or "json" in f:
                 incl[f] += c
     pct = lambda cnt: [[f, round(100 * v / total, 1)] for f, v in cnt.most_common(n)]  # noqa: E731
@@ -96,15 +98,40 @@ def profile_import() -> dict:
         rmtree(tmp)
 
 
-def perf_top(data: str, n: int = 15) -> list:
-    r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym",
-                        "--percent-limit", "0.5"], capture_output=True, text=True)
-    rows = []
+def perf_top(data: str, n: int = 15) -> tuple[list, float, str]:
+    """Top symbols of the netbench processes only (the packet path runs in their
+    context: veth transmit, bridge, receive and the tc programs); the machine may be
+    busy with other work, which this leaves out. Also the share of BPF programs."""
+    r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--comms",
+                        "netbench", "--sort", "sym", "-g", "none", "--percent-limit", "0.3"],
+                       capture_output=True, text=True)
+    rows, bpf = [], 0.0
     for line in r.stdout.splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[0].endswith("%") and parts[1] in ("[k]", "[.]"):
             rows.append([" ".join(parts[2:]), float(parts[0].rstrip("%"))])
-    return rows[:n], r.stdout
+            if parts[2].startswith("bpf_prog_"):
+                bpf += float(parts[0].rstrip("%"))
+    return rows[:n], round(bpf, 2), r.stdout
+
+
+def bpf_prog_stats(pid: int) -> dict:
+    """run_cnt and mean run time of the BPF programs process ``pid`` holds (fdinfo;
+    needs kernel.bpf_stats_enabled)."""
+    out = {}
+    for fd in sorted(Path(f"/proc/{pid}/fd").iterdir()):
+        try:
+            if "bpf-prog" not in os.readlink(fd):
+                continue
+            info = dict(line.split(":\t", 1) for line in
+                        Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        cnt = int(info.get("run_cnt", "0"))
+        if cnt:
+            out[info.get("prog_tag", fd.name)] = {
+                "run_cnt": cnt, "ns_per_packet": round(int(info["run_time_ns"]) / cnt, 1)}
+    return out
 
 
 def profile_datapath() -> dict:
@@ -133,14 +160,24 @@ def profile_datapath() -> dict:
                     else:
                         agent.client.remove_endpoint("bench-server")
                     data = os.path.join(tmp, f"{cfg}.data")
+                    stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
+                    stats_before = stats_path.read_text().strip()
+                    if cfg == "stockade":
+                        stats_path.write_text("1")
                     rr = subprocess.Popen(["ip", "netns", "exec", cli.ns, nb, "rr", srv.ip4,
                                            str(RR_PORT), "4"], stdout=subprocess.PIPE, text=True)
                     time.sleep(0.5)
                     subprocess.run(["perf", "record", "-a", "-g", "-F", "999", "-o", data, "--",
                                     "sleep", "3"], capture_output=True, check=True)
-                    rate = json.loads(rr.communicate(timeout=30)[0])["rate"]
-                    rows, report = perf_top(data)
-                    out[cfg] = {"rr_per_s": rate, "top": rows}
+                    try:
+                        rate = json.loads(rr.communicate(timeout=30)[0])["rate"]
+                        progs = bpf_prog_stats(agent.proc.pid) if cfg == "stockade" else {}
+                    finally:
+                        stats_path.write_text(stats_before)
+                    rows, bpf, report = perf_top(data)
+                    out[cfg] = {"rr_per_s": rate, "bpf_prog_pct": bpf, "top": rows}
+                    if progs:
+                        out[cfg]["bpf_programs"] = progs
                     text += f"==== {cfg}: netbench rr {rate:.0f}/s ====\n{report}\n"
         _out("datapath").write_text(text)
         return {"datapath_rr": out}

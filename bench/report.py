@@ -128,7 +128,27 @@ def generic(data: dict, prefix: str = "") -> str:
     return "\n".join(rows)
 
 
+def profile_detail(data: dict) -> str:
+    out = []
+    if "import_top_self" in data:
+        out.append(f"py-spy, agent importing 10,000 entries over the API ({data['import_s']} s "
+                   "while sampled):\n\n| function (self) | % of samples |\n|---|---|")
+        out += [f"| `{f}` | {p} |" for f, p in data["import_top_self"]]
+        out.append("\n| function (inclusive) | % of samples |\n|---|---|")
+        out += [f"| `{f}` | {p} |" for f, p in data["import_top_inclusive"]]
+    for cfg, r in data.get("datapath_rr", {}).items():
+        out.append(f"\nperf, netbench processes, request/response through {cfg} "
+                   f"({r['rr_per_s']:.0f}/s; BPF programs: {r.get('bpf_prog_pct', 0)} % of samples):"
+                   "\n\n| symbol | % of samples |\n|---|---|")
+        out += [f"| `{f}` | {p} |" for f, p in r["top"][:10]]
+        for tag, st in r.get("bpf_programs", {}).items():
+            out.append(f"\nBPF program {tag}: {st['run_cnt']} runs, {st['ns_per_packet']} ns per "
+                       "packet (kernel.bpf_stats_enabled).")
+    return "\n".join(out)
+
+
 DETAILS = {
+    "profile": ("profile", profile_detail),
     "datapath-detail": ("datapath", datapath_detail),
     "controlplane-detail": ("controlplane", controlplane_detail),
     "flows": ("flows", generic),

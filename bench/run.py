@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 def _machine() -> dict:
     import platform
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or None
+                            text=True).stdout.strip() or os.environ.get("BENCH_COMMIT")
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "commit": commit}
 
