@@ -8,7 +8,7 @@ if [ "$(id -u)" != 0 ]; then echo "setup: run as root" >&2; exit 1; fi
 
 APT_PACKAGES=(
   python3-bpfcc python3-venv python3-dev
-  iproute2 iputils-ping podman runc nftables iptables iperf3 ethtool
+  iproute2 iputils-ping podman runc nftables iptables iperf3 ethtool gcc libc6-dev linux-perf
   busybox-static curl ca-certificates chromium qemu-system-x86 python3-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 )
 # Kernel headers are checked separately (exact package or fallback).
