@@ -616,3 +616,43 @@ def packets(metrics_text: str, reason: str) -> int:
             except ValueError:
                 pass
     return total
+
+
+class LinkWatch:
+    """Timestamps (time.monotonic) when links whose name starts with ``prefix`` appear,
+    from netlink events in a thread. ``appeared(name)`` -> time or None."""
+
+    def __init__(self, prefix: str):
+        import threading
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+        self.prefix, self.seen = prefix, {}
+        self._ipr = IPRoute()
+        self._ipr.bind(groups=RTMGRP_LINK)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import select
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self._ipr], [], [], 0.2)
+                if not ready:
+                    continue
+                msgs = self._ipr.get()
+            except (OSError, ValueError):
+                return
+            now = time.monotonic()
+            for m in msgs:
+                name = m.get_attr("IFLA_IFNAME") or ""
+                if m.get("event") == "RTM_NEWLINK" and name.startswith(self.prefix):
+                    self.seen.setdefault((name, m["index"]), now)
+
+    def appeared(self, name: str, ifindex: int) -> float | None:
+        return self.seen.get((name, ifindex))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._ipr.close()

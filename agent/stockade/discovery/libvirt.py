@@ -4,7 +4,7 @@ Same shape as DockerWatcher: ``snapshot()``, ``events(stop_event)`` (a blocking
 generator: first "added" for every interface of every running domain, then live
 changes) and ``start(callback, stop_event)``.
 
-One Workload per domain interface that has a host tap: id = "<domain uuid>/<guest MAC>",
+One Workload per domain interface that has a host tap (others are skipped): id = "<domain uuid>/<guest MAC>",
 name = the domain name (first interface) or "<domain>.<n>" (n-th interface, from 1),
 host_ifname/host_ifindex = libvirt's ``<target dev>`` (vnetN), mac = the guest MAC.
 
@@ -22,9 +22,14 @@ guest controls what it answers. The metadata element::
 
 Threads: libvirt's default event loop runs in one thread (virEventRunDefaultImpl);
 its callbacks only queue the domain UUID. The consuming thread looks domains up and
-yields the difference with what it knew, so a burst of events costs one lookup.
-Every ``resync_interval`` seconds all domains are listed again (leases that arrive
-after boot, missed events). When libvirtd goes away the connection is reopened with
+yields the difference with what it knew. Every ``resync_interval`` seconds all domains
+are listed again (leases that arrive after boot, missed events).
+
+Latency: libvirt's "started" event comes when QEMU runs, about a second after libvirt
+created the tap (the tap stays closed meanwhile: the agent attaches every managed tap
+as unidentified). To bind sooner, a netlink thread watches for new tun/macvtap links
+and triggers a listing at once (coalesced): the starting domain's live XML already
+names its tap, so the endpoint is ready ~0.1 s after the tap appears. When libvirtd goes away the connection is reopened with
 backoff (0.1 s doubling to 5 s) and everything is listed again.
 """
 from __future__ import annotations
@@ -68,6 +73,8 @@ def _start_event_loop() -> None:
         if _loop_started:
             return
         libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; they are raised (and logged) here.
+        libvirt.registerErrorHandler(lambda *_: None, None)
 
         def run() -> None:
             while True:
@@ -133,6 +140,8 @@ class LibvirtWatcher:
         self.synced = threading.Event()
         self._conn = None
         self._callbacks: list[int] = []
+        self._close_cb = False
+        self._pending_link_sync = threading.Event()
 
     # -- connection ----------------------------------------------------------------
     def _open(self, inbox: queue.Queue | None = None):
@@ -151,6 +160,7 @@ class LibvirtWatcher:
                        libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE):
                 self._callbacks.append(conn.domainEventRegisterAny(None, ev, on_domain, None))
             conn.registerCloseCallback(lambda *_: inbox.put((_SYNC, "closed")), None)
+            self._close_cb = True
         self._conn = conn
         return conn
 
@@ -164,10 +174,12 @@ class LibvirtWatcher:
             except Exception:  # connection already broken
                 pass
         self._callbacks.clear()
-        try:
-            conn.unregisterCloseCallback()
-        except Exception:
-            pass
+        if self._close_cb:
+            self._close_cb = False
+            try:
+                conn.unregisterCloseCallback()
+            except Exception:
+                pass
         try:
             conn.close()
         except Exception:
@@ -206,12 +218,12 @@ class LibvirtWatcher:
                     if not leases and self.trust_guest_agent:
                         leases = self._addresses(dom, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
                 ips = leases.get(mac, [])
-            ifindex = None
-            if tap:
-                try:
-                    ifindex = socket.if_nametoindex(tap)
-                except OSError:
-                    tap = None  # gone already (stopping)
+            if not tap:
+                continue  # no host tap (user networking, or stopping): nothing to police
+            try:
+                ifindex = socket.if_nametoindex(tap)
+            except OSError:
+                continue  # the tap is gone already (stopping)
             out.append(Workload(runtime="libvirt", id=f"{uuid}/{mac}",
                                 name=name if n == 0 else f"{name}.{n}", image="",
                                 labels=labels, ips=tuple(dict.fromkeys(ips)), host_ifname=tap,
@@ -267,6 +279,8 @@ class LibvirtWatcher:
                     return
 
         threading.Thread(target=wait_stop, name="stockade-libvirt-stop", daemon=True).start()
+        threading.Thread(target=self._watch_taps, args=(halt, inbox), name="stockade-libvirt-taps",
+                         daemon=True).start()
         try:
             while not stop_event.is_set():
                 if self._conn is None:
@@ -290,6 +304,9 @@ class LibvirtWatcher:
                         if item == "closed":
                             self.close()
                             continue
+                        if item == "link":
+                            self._pending_link_sync.clear()  # later taps queue a new one
+                        log.debug("libvirt: listing domains (%s)", item)
                         yield from self._diff(known, self.snapshot(), None)
                         self.synced.set()
                     else:
@@ -300,6 +317,37 @@ class LibvirtWatcher:
         finally:
             halt.set()
             self.close()
+
+    def _watch_taps(self, halt: threading.Event, inbox: queue.Queue) -> None:
+        """Queue one listing whenever new tun/macvtap links appear (see module doc)."""
+        import select
+
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+        try:
+            ipr = IPRoute()
+            ipr.bind(groups=RTMGRP_LINK)
+        except OSError as exc:
+            log.warning("libvirt: cannot watch links (%s); relying on libvirt events", exc)
+            return
+        try:
+            while not halt.is_set():
+                ready, _, _ = select.select([ipr], [], [], 0.25)
+                if not ready:
+                    continue
+                for msg in ipr.get():
+                    if msg.get("event") != "RTM_NEWLINK":
+                        continue
+                    info = msg.get_attr("IFLA_LINKINFO")
+                    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                    if kind in ("tun", "macvtap") and not self._pending_link_sync.is_set():
+                        self._pending_link_sync.set()
+                        inbox.put((_SYNC, "link"))
+        except (OSError, ValueError) as exc:
+            if not halt.is_set():
+                log.warning("libvirt: link watch ended: %s", exc)
+        finally:
+            ipr.close()
 
     def _domain_changed(self, known: dict[str, Workload], uuid: str) -> Iterator[WorkloadEvent]:
         libvirt = _libvirt()
@@ -319,8 +367,10 @@ class LibvirtWatcher:
         scope = [k for k in known if uuid is None or k.startswith(uuid + "/")]
         current = {w.id: w for w in now}
         for wid in sorted(set(scope) - set(current)):
+            log.debug("libvirt: removed %s", wid)
             yield WorkloadEvent("removed", known.pop(wid))
         for wid, w in sorted(current.items()):
             if known.get(wid) != w:
                 known[wid] = w
+                log.debug("libvirt: added %s on %s", w.name, w.host_ifname)
                 yield WorkloadEvent("added", w)
