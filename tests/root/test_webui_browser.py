@@ -5,12 +5,10 @@ Screenshots go to tests/artifacts/webui/ (kept after the run, gitignored).
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

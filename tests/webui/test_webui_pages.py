@@ -4,12 +4,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import TOKEN, populate, FlowAgent
+from conftest import TOKEN, FlowAgent
 
 from stockade.daemon.server import APIServer
 from stockade_webui import create_app
 
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def text(resp) -> str:

@@ -13,7 +13,6 @@ side is enforced, if at all, by its own host's agent).
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 from stockade.daemon.policydiff import describe_l4, describe_peers
@@ -420,10 +419,3 @@ def service_map(flows: list[dict], idents: dict, width: int = 900, height: int =
     return {"width": width, "height": height, "nodes": [nodes[n] for n in names],
             "edges": out_edges}
 
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
