@@ -245,6 +245,7 @@ class QemuVM:
         self.proc: subprocess.Popen | None = None
         self.console: Console | None = None
         self.tap_ifindex: int | None = None
+        self.tap_created: float | None = None  # time.monotonic() of the last `ip tuntap add`
         self.boot_time: float | None = None
 
     @property
@@ -253,6 +254,7 @@ class QemuVM:
 
     def _make_tap(self) -> None:
         run("ip", "tuntap", "add", self.tap, "mode", "tap")
+        self.tap_created = time.monotonic()
         if self.tap_mac:
             run("ip", "link", "set", self.tap, "address", self.tap_mac)
         try:

@@ -6,9 +6,12 @@
     find_host_veth                host end of a container's veth (veth.py)
     PodmanEventsLog               inotify tail of Podman's events.log, the low-latency path (podman_events.py)
     start/stop_podman_service     run Podman's API service when it is missing (podman_service.py)
+    LibvirtWatcher                libvirt domains (VMs) as workloads (libvirt.py; the bindings
+                                  are imported only when it connects)
 """
 
 from .docker_api import DockerAPI, EventStream, workload_from_inspect
+from .libvirt import METADATA_NS, LibvirtWatcher
 from .errors import DiscoveryError, RuntimeAPIError, RuntimeUnavailable, ServiceStartError
 from .podman_events import DEFAULT_EVENTS_LOG, PodmanEventsLog
 from .podman_service import (
@@ -24,6 +27,7 @@ from .workload import Workload, WorkloadEvent
 
 __all__ = [
     "DEFAULT_EVENTS_LOG", "DiscoveryError", "DockerAPI", "DockerWatcher", "EventStream", "HostVeth",
+    "LibvirtWatcher", "METADATA_NS",
     "PodmanEventsLog", "PodmanService", "RuntimeAPIError", "RuntimeUnavailable", "ServiceStartError",
     "Workload", "WorkloadEvent", "ensure_podman_service", "find_host_veth",
     "socket_answers", "start_podman_service", "stop_podman_service",
