@@ -9,6 +9,7 @@ import click
 from .agent_cmds import make_client, socket_option
 from .common import handle_errors
 
+DEFAULT_LAST = 20
 VERDICT_COLOURS = {"FORWARDED": "green", "DROPPED": "red", "AUDIT": "yellow"}
 
 
@@ -78,6 +79,7 @@ def observe(socket_path, output, colour, follow, **filters):
     """Show flows: who talked to whom, with identities, labels and the verdict.
 
     A flag given twice matches either value (OR); different flags must all hold (AND).
+    Without --last, --since or --follow, the 20 newest matching flows are shown.
 
     \b
     Examples:
@@ -88,13 +90,15 @@ def observe(socket_path, output, colour, follow, **filters):
     """
     criteria = {k: (list(v) if isinstance(v, tuple) else v) for k, v in filters.items()}
     criteria["verdict"] = [v.upper() for v in criteria.get("verdict") or []]
+    if not follow and criteria.get("last") is None and not criteria.get("since"):
+        criteria["last"] = DEFAULT_LAST
     use_colour = colour == "always" or (colour == "auto" and sys.stdout.isatty())
 
     def show(flow):
         if output == "json":
             click.echo(json.dumps(flow, separators=(",", ":")))
         else:
-            click.echo(format_line(flow, use_colour))
+            click.echo(format_line(flow, use_colour), color=use_colour)
 
     with make_client(socket_path) as c:
         if follow:
