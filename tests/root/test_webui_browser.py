@@ -37,6 +37,15 @@ spec:
 ---
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
+metadata: {name: cache}
+spec:
+  endpointSelector: {matchLabels: {app: cache}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: web}}]
+      toPorts: [{ports: [{port: "6379", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
 metadata: {name: api}
 spec:
   endpointSelector: {matchLabels: {app: api}}
@@ -71,15 +80,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Three namespaced workloads as agent endpoints, live policy, real connections."""
+    """Four namespaced workloads as agent endpoints (cache in audit mode), live policy,
+    real connections."""
     with Topology("ui") as topo:
         ws = {name: topo.add_workload(name, [f"10.213.71.{i}/24"])
-              for i, name in enumerate(("web", "db", "api"), start=1)}
+              for i, name in enumerate(("web", "db", "api", "cache"), start=1)}
         with AgentProcess() as agent:
             c = agent.client
             for name, w in ws.items():
                 c.add_endpoint(name=f"{name}1", interface=w.host_if, ips=[w.ip4],
-                               labels={"app": name, "tier": "front" if name == "web" else "back"})
+                               labels={"app": name, "tier": "front" if name == "web" else "back"},
+                               audit=name == "cache")
             assert eventually(lambda: all(e["state"] == "ready" for e in c.endpoints()))
             c.put_policies([{"name": "live.yaml", "text": LIVE}])
             for i in range(WEB_TO_DB):
@@ -179,10 +190,12 @@ def test_browser_login_matrix_review(page, server, world, tmp_path):
     assert "8080/tcp" in deny_cell.inner_text() and "✕ 22/tcp" in deny_cell.inner_text()
     closed = page.locator(f'td.cell[data-src="{ids["api"]}"][data-dst="{ids["db"]}"]')
     assert "deny" in closed.get_attribute("class")
+    audited = page.locator(f'td.cell[data-src="{ids["api"]}"][data-dst="{ids["cache"]}"]')
+    assert "audit" in audited.get_attribute("class")           # cache is in audit mode
     shot(page, "05-matrix")
     page.fill("input[name=label]", "tier=back")
     page.click("form.filters button")
-    assert page.locator("table.matrix thead th.col").count() == 2
+    assert page.locator("table.matrix thead th.col").count() == 3
     shot(page, "06-matrix-filtered")
 
     # review: upload the proposal, see the diff and the connections it would change
