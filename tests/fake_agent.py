@@ -41,6 +41,7 @@ class FakeAgent:
         self.policies: dict[tuple, dict] = {}     # (kind, namespace, name) -> PolicyInfo
         self.identities: dict[tuple, int] = {}    # sorted label list -> id
         self.revision = 1
+        self.services: dict = {}
         self.calls: list[tuple] = []
         self.fail_next: Exception | None = None   # raised by the next call, for 500 tests
 
@@ -221,6 +222,23 @@ class FakeAgent:
                                      "give --namespace or --kind", "name")
             new = {k: v for k, v in self.policies.items() if k not in hits}
             return self._result_locked(dict(self.policies), new, dry_run)
+
+    def list_services(self) -> list[dict]:
+        self._call("list_services")
+        return [{"name": n, "labels": [f"service:service={n}"], "members": [], "cidrs": [],
+                 "identity_cidrs": {}, "definition": d} for n, d in sorted(self.services.items())]
+
+    def service_conflicts(self) -> list[dict]:
+        return []
+
+    def set_services(self, data: dict, *, dry_run: bool = False) -> dict:
+        self._call("set_services", data)
+        from stockade.daemon.services import parse_services
+        parse_services(data)  # the real validation (InvalidRequest with a field)
+        changed = data != self.services
+        if not dry_run:
+            self.services = dict(data)
+        return {"changed": changed, "dry_run": dry_run, "relabeled": [], "conflicts": []}
 
     def metrics(self) -> str:
         self._call("metrics")

@@ -186,6 +186,14 @@ class Client:
     def metrics(self) -> str:
         return self._request("GET", "/v1/metrics").text
 
+    def services(self) -> dict:
+        """{"services": [...], "conflicts": [...]}"""
+        return self._json("GET", "/v1/services")
+
+    def put_services(self, services: dict, *, dry_run: bool = False) -> dict:
+        return self._json("PUT", "/v1/services", params={"dry_run": dry_run},
+                          json={"services": services})
+
     # ---------------------------------------------------------------- flows
     @staticmethod
     def _flow_params(filters: dict) -> list[tuple[str, str]]:

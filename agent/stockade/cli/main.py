@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from . import webui_cmd
-from . import agent_cmds, agent_daemon, observe, policy_offline
+from . import agent_cmds, agent_daemon, observe, policy_offline, service_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +22,7 @@ for cmd in (policy_offline.validate, policy_offline.trace, policy_offline.test,
             *agent_cmds.POLICY_COMMANDS):
     policy.add_command(cmd)
 
-for cmd in (*agent_cmds.TOP_COMMANDS, observe.observe, agent_daemon.agent):
+for cmd in (*agent_cmds.TOP_COMMANDS, observe.observe, agent_daemon.agent, service_cmds.service):
     cli.add_command(cmd)
 cli.add_command(webui_cmd.webui)
 

@@ -29,6 +29,7 @@ from .config import AgentConfig
 from .endpoints import Endpoint, parse_labels, parse_spec, tap_matches_mac
 from .links import Link, LinkWatcher, host_addresses, list_links, matches_any
 from .service import ServiceAPI
+from .serviceops import ServiceOps
 from .state import StateStore
 
 log = logging.getLogger("stockade.agent")
@@ -41,7 +42,7 @@ def host_prefix(ip: str) -> str:
     return f"{addr}/{addr.max_prefixlen}"
 
 
-class Agent(ServiceAPI):
+class Agent(ServiceAPI, ServiceOps):
     def __init__(self, config: AgentConfig):
         self.config = config
         self._lock = threading.RLock()
@@ -70,6 +71,9 @@ class Agent(ServiceAPI):
         self._threads: list[threading.Thread] = []
         self.on_change = []  # callbacks(kind) for metrics/flows, outside the lock
         self.flow_source = None  # daemon.flowsource.FlowSource, from start()
+        self.services: dict = {}        # name -> services.Service
+        self.memberships: dict = {}     # endpoint name -> (Service or None, [matched names])
+        self.service_cidrs: dict = {}   # network -> Identity (CIDR identity with service labels)
         for ident in reserved_identities():
             self.identities[ident.id] = ident
             self.compiler.add_identity(ident)
@@ -89,7 +93,7 @@ class Agent(ServiceAPI):
             self._watchers.append(self._link_watcher)
             with self._lock:  # links that appeared before the watcher started
                 for link in list_links():
-                    self._on_link_locked("new", link)
+                    self._on_link_locked("new", link, at_start=True)
         if watch_runtimes:
             from .runtimes import start_runtime_watchers
             self._watchers += start_runtime_watchers(self, self._stop)
@@ -145,6 +149,7 @@ class Agent(ServiceAPI):
         self.compiler.set_policies(policies)
         self.policies = {p.ref: p for p in policies}
         self.revision = self.store.read("revision.json", 0)
+        self._restore_services_locked()
         links = {l.name: l for l in list_links()}
         for rec in self.store.read("endpoints.json", []):
             ep = Endpoint.from_record(rec)
@@ -215,7 +220,7 @@ class Agent(ServiceAPI):
     def _identify_locked(self, ep: Endpoint) -> None:
         """Give ``ep`` its identity; write its policy, ipcache and endpoint entries."""
         old = ep.identity
-        ident = self._ref_identity_locked(ep.labels, local=True)
+        ident = self._ref_identity_locked(self._effective_labels_locked(ep), local=True)
         ep.identity = ident.id
         for ip in ep.ips:
             self._set_ipcache_locked(host_prefix(ip), ident.id, "local", self.config.host_name)
@@ -259,7 +264,8 @@ class Agent(ServiceAPI):
         return n
 
     def upsert_endpoint(self, *, name: str, interface: str, ips, labels, source: str,
-                        audit: bool = False, runtime_id=None, mac=None, ifindex=None) -> Endpoint:
+                        audit: bool = False, runtime_id=None, mac=None, ifindex=None,
+                        extra: dict | None = None) -> Endpoint:
         with self._lock:
             old = self.endpoints.get(name)
             by_mac = not interface
@@ -279,7 +285,7 @@ class Agent(ServiceAPI):
             if old is not None and old.source != source:
                 raise Conflict(f"endpoint {name} exists (source {old.source})", "name")
             ep = Endpoint(name, old.id if old else self._next_endpoint_id(), interface, tuple(ips),
-                          labels, source, audit, runtime_id, mac, by_mac=by_mac)
+                          labels, source, audit, runtime_id, mac, extra=extra or {}, by_mac=by_mac)
             if old is not None and old.to_record() == ep.to_record() and old.ifindex is not None:
                 return old
             if ifindex is None and interface:
@@ -322,6 +328,7 @@ class Agent(ServiceAPI):
             if ep is None:
                 raise NotFound(f"no endpoint named {name}", "name")
             self._release_locked(ep)
+            self.memberships.pop(name, None)
             self._save_endpoints_locked()
 
     def _save_endpoints_locked(self) -> None:
@@ -360,7 +367,7 @@ class Agent(ServiceAPI):
         with self._lock:
             self._on_link_locked(kind, link)
 
-    def _on_link_locked(self, kind: str, link: Link) -> None:
+    def _on_link_locked(self, kind: str, link: Link, at_start: bool = False) -> None:
         if kind == "del":
             self.links.pop(link.ifindex, None)
             self.attached.discard(link.ifindex)
@@ -390,7 +397,7 @@ class Agent(ServiceAPI):
                 self._write_endpoint_locked(waiting)
                 return
             if link.ifindex not in self.attached:
-                if self.dp is not None and link.ifindex not in self.dp.endpoint_ifindexes():
+                if at_start:
                     from ..datapath import list_attached
                     if not list_attached(link.ifindex):
                         self.unprotected.append(link.name)
@@ -490,7 +497,8 @@ class Agent(ServiceAPI):
                 if delta:
                     self.dp.check_capacity(delta)
                 for net in added_cidrs:
-                    self._set_ipcache_locked(str(net), self.cidr_ids[net].id, "cidr", None)
+                    if net not in self.service_cidrs:  # a service's identity takes the prefix
+                        self._set_ipcache_locked(str(net), self.cidr_ids[net].id, "cidr", None)
                 self.dp.apply_delta(delta)
             except BaseException as exc:
                 # Put the compiler back exactly as it was; the maps were not touched
@@ -515,7 +523,8 @@ class Agent(ServiceAPI):
                 self._reconcile_maps_locked()
                 raise
             for net in unused:
-                self._del_ipcache_locked(str(net))
+                if net not in self.service_cidrs:
+                    self._del_ipcache_locked(str(net))
                 self.identities.pop(self.cidr_ids[net].id, None)
                 del self.cidr_ids[net]
             self.policies = new

@@ -63,7 +63,8 @@ class Endpoint:
         """What is persisted (and compared to find out whether a spec changed)."""
         rec = {"name": self.name, "id": self.id, "interface": self.interface,
                 "ips": list(self.ips), "labels": self.labels.to_dict(), "source": self.source,
-                "audit": self.audit, "runtime_id": self.runtime_id, "mac": self.mac}
+                "audit": self.audit, "runtime_id": self.runtime_id, "mac": self.mac,
+                "extra": self.extra}
         if self.by_mac:
             rec["by_mac"] = True
             rec["interface"] = ""  # the tap's name changes with every VM start
@@ -74,7 +75,7 @@ class Endpoint:
         return cls(rec["name"], rec["id"], rec["interface"], tuple(rec["ips"]),
                    LabelSet.from_mapping(rec["labels"]), rec.get("source", "static"),
                    rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"),
-                   by_mac=rec.get("by_mac", False))
+                   extra=rec.get("extra") or {}, by_mac=rec.get("by_mac", False))
 
 
 def parse_labels(value, source: str, field_name: str = "labels") -> LabelSet:

@@ -50,7 +50,8 @@ class RuntimeSource:
                 self.agent.upsert_endpoint(name=name, interface=w.host_ifname, ips=w.ips,
                                            labels=labels, source=self.runtime, runtime_id=w.id,
                                            mac=w.mac if self.runtime == "libvirt" else None,
-                                           ifindex=w.host_ifindex)
+                                           ifindex=w.host_ifindex,
+                                           extra={"image": w.image})
             else:
                 ep = self.agent.endpoints.get(name)
                 if ep is not None and ep.source == self.runtime and ep.runtime_id == w.id:

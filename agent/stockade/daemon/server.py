@@ -271,6 +271,16 @@ def get_metrics(r: Request) -> Response:
     return Response(body=r.agent.metrics(), content_type=METRICS_TYPE)
 
 
+def get_services(r: Request) -> Response:
+    return Response(body={"services": r.agent.list_services(),
+                          "conflicts": r.agent.service_conflicts()})
+
+
+def put_services(r: Request) -> Response:
+    body = _object(r.body, {"services": (dict,)}, ("services",), "request")
+    return Response(body=r.agent.set_services(body["services"], dry_run=_bool(r.query, "dry_run")))
+
+
 NDJSON_TYPE = "application/x-ndjson"
 FLOW_LIST_PARAMS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port",
                     "to_port", "identity", "from_identity", "to_identity", "ip", "from_ip",
@@ -325,6 +335,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/policies", delete_all_policies, ("dry_run",)),
     Route("DELETE", "/v1/policies/{name}", delete_policy, ("namespace", "kind", "dry_run")),
     Route("GET", "/v1/metrics", get_metrics),
+    Route("GET", "/v1/services", get_services),
+    Route("PUT", "/v1/services", put_services, ("dry_run",), body=True),
     Route("GET", "/v1/flows", get_flows,
           FLOW_LIST_PARAMS + ("since", "last", "limit", "follow"), multi=FLOW_LIST_PARAMS),
 )

@@ -32,8 +32,11 @@ class ServiceAPI:
         for d in (0, 1):
             f = self.compiler.flags.get((ep.identity, d), DirectionPolicy()) if ep.identity else DirectionPolicy()
             enf[DIRECTION_NAMES[d]] = {"enforced": f.enforced, "default_deny": f.default_deny}
+        ident = self.identities.get(ep.identity) if ep.identity is not None else None
+        svc, matched = self.memberships.get(ep.name, (None, []))
         return {"name": ep.name, "id": ep.id, "interface": ep.interface, "ifindex": ep.ifindex,
-                "ips": list(ep.ips), "labels": ep.labels.to_dict(), "identity": ep.identity,
+                "ips": list(ep.ips), "labels": (ident.labels if ident else ep.labels).to_dict(),
+                "service": svc.name if svc else None, "identity": ep.identity,
                 "source": ep.source, "audit": ep.audit or self.config.audit, "state": ep.state,
                 "mac": ep.mac, "enforcement": enf}
 
