@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import InvalidRequest
-from .record import (DADDR, DIRECTION, DST_ID, DST_INFO, DPORT, IP_VERSION, PROTO, REASON,
+from .record import (RECORD, DADDR, DIRECTION, DST_ID, DST_INFO, DPORT, IP_VERSION, PROTO, REASON,
                      REASONS, SADDR, SPORT, SRC_ID, SRC_INFO, TIME, VERDICT, VERDICTS)
 
 LIST_KEYS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
@@ -222,7 +222,11 @@ class FlowFilter:
     def select(self, ring) -> list[tuple]:
         """Matching rows of ``ring``, oldest first, at most ``last`` (the newest)."""
         if self.last is None:
-            return [r for r in ring.rows() if self.match(r, ring.infos)]
+            infos, preds = ring.infos, self.preds
+            if not preds:
+                return ring.rows()
+            return [r for r in RECORD.iter_unpack(ring.snapshot())
+                    if all(p(r, infos) for p in preds)]
         out = []
         for r in ring.iter_rows_newest_first():
             if self.since_ns is not None and r[TIME] < self.since_ns:

@@ -60,9 +60,12 @@ class FlowRing:
 
     def rows(self) -> list[tuple]:
         """Every row in the ring, oldest first."""
+        return list(RECORD.iter_unpack(self.snapshot()))
+
+    def snapshot(self) -> bytes:
+        """A copy of every row's bytes, oldest first (unpack with RECORD.iter_unpack)."""
         with self.lock:
-            data = self._slice_locked(max(0, self.seq - self.capacity), self.seq)
-        return list(RECORD.iter_unpack(data))
+            return self._slice_locked(max(0, self.seq - self.capacity), self.seq)
 
     def iter_rows_newest_first(self) -> Iterator[tuple]:
         """Rows newest first, unpacked lazily from a copy taken under the lock."""
@@ -77,9 +80,7 @@ class FlowRing:
             return b""
         cap, size = self.capacity, RECORD_SIZE
         a, b = start % cap, end % cap
-        if end - start == cap or b <= a:
-            if end - start == cap and a == b:
-                return bytes(self.buf[a * size:]) + bytes(self.buf[:a * size])
+        if b <= a:  # wraps (a == b: the ring is full)
             return bytes(self.buf[a * size:]) + bytes(self.buf[:b * size])
         return bytes(self.buf[a * size:b * size])
 
