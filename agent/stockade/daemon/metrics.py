@@ -45,12 +45,7 @@ def instrument(agent) -> None:
 
 def _map_fill(dp) -> dict[str, tuple[int, int]]:
     """map -> (entries, max_entries), read from the maps themselves."""
-    ip = dp.ipcache_entries()
-    n6 = sum(1 for p in ip if ":" in p)
-    counts = {"endpoints": len(dp.endpoint_ifindexes()), "ipcache4": len(ip) - n6,
-              "ipcache6": n6, "policy": len(dp.policy_entries()),
-              "policy_flags": len(dp.policy_flags()), "conntrack": len(dp.ct_entries())}
-    return {name: (counts[name], dp.max_entries(name)) for name in MAPS}
+    return {name: (dp.count_entries(name), dp.max_entries(name)) for name in MAPS}
 
 
 class AgentCollector:

@@ -186,6 +186,20 @@ class Datapath(MapWriter):
     def poll_events(self, timeout_ms: int = 0) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
 
+    def count_entries(self, name: str) -> int:
+        """Entries in map ``name``, walking its keys only (no value reads): cheap enough
+        for a metrics scrape of a full conntrack map."""
+        import ctypes as ct
+        from bcc.libbcc import lib
+        fd = self.table(name).map_fd
+        size = self.map_info(name).key_size
+        keys = [(ct.c_uint8 * size)(), (ct.c_uint8 * size)()]
+        prev, n = None, 0
+        while lib.bpf_get_next_key(fd, prev, ct.byref(keys[n & 1])) == 0:
+            prev = ct.byref(keys[n & 1])
+            n += 1
+        return n
+
     def events_lost(self) -> dict[str, int]:
         """Events not delivered, summed over CPUs: {"rate_limit_new", "rate_limit_drop",
         "ringbuf_full"} -> count."""
