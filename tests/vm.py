@@ -581,7 +581,7 @@ class BridgeNamespace:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def get(self, ip: str, port: int = 8080, timeout: float = 2) -> str | None:
+    def get(self, ip: str, port: int = 8080, timeout: float = 1) -> str | None:
         """HTTP GET from inside the namespace; the body's first line, or None."""
         r = run("ip", "netns", "exec", self.ns, BUSYBOX, "sh", "-c",
                 f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | {BUSYBOX} nc -w {int(timeout)} {ip} {port}",
@@ -602,9 +602,9 @@ def _body(text: str) -> str | None:
     return body.strip() or None if sep else None
 
 
-def vm_get(vm, ip: str, port: int = 8080) -> str | None:
-    """HTTP GET from inside a VM (busybox nc); the body, or None."""
-    out, rc = vm.run(f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port}", timeout=15)
+def vm_get(vm, ip: str, port: int = 8080, wait: int = 1) -> str | None:
+    """HTTP GET from inside a VM (busybox nc, ``wait`` s connect timeout); the body, or None."""
+    out, rc = vm.run(f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w {wait} {ip} {port}", timeout=15)
     return _body(out) if rc == 0 else None
 
 

@@ -45,7 +45,7 @@ def endpoint(agent, name):
 
 
 def from_container(name, ip):
-    r = podman("exec", name, "sh", "-c", f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 8080",
+    r = podman("exec", name, "sh", "-c", f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 1 {ip} 8080",
                check=False, timeout=20)
     return r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else None
 
