@@ -464,10 +464,10 @@ def test_reload_keeps_pins_and_swaps_program_under_load(e):
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((e.b.ip4, 8080))
     srv.listen(1)
-    cli.settimeout(2)
+    cli.settimeout(10)
     cli.connect((e.b.ip4, 8080))
     conn, _ = srv.accept()
-    conn.settimeout(2)
+    conn.settimeout(10)
 
     def sender():
         try:
@@ -504,8 +504,9 @@ def test_reload_keeps_pins_and_swaps_program_under_load(e):
             ("egress", "to_endpoint"), ("ingress", "from_endpoint")]
         new_ids = prog_ids(e.a.host_if)
         assert len(new_ids) == 2 and not (new_ids & old_ids)
-        time.sleep(0.3)
-        assert received[0] > before               # the stream kept flowing
+        from traffic import eventually
+        assert eventually(lambda: received[0] > before, timeout=5)   # the stream kept flowing
+        assert not errors
         dp2.set_ipcache("10.213.99.0/24", 4242)   # a write through the new loader is seen
         assert e.dp.ipcache_entries()["10.213.99.0/24"] == 4242
     finally:
