@@ -20,13 +20,11 @@ Use from a test module or a conftest:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
-import tarfile
-import tempfile
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +34,13 @@ import pytest
 from stockade.discovery import PodmanService, start_podman_service, stop_podman_service
 
 TESTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR.parent / "scripts"))
+import bbimage  # noqa: E402  (the image builder shared with the demo)
 CONTAINERS_CONF = TESTS_DIR / "data" / "containers.conf"
 ARTIFACTS = TESTS_DIR / "artifacts"
 IMAGE = "localhost/stockade-bb:latest"
 NETWORK = "podman"
-BUSYBOX = "/bin/busybox"  # Debian's busybox-static: no shared libraries needed
-APPLETS = (
-    "sh", "nc", "httpd", "wget", "ping", "ping6", "ip", "ifconfig", "route", "sleep",
-    "cat", "echo", "ls", "ps", "kill", "true", "false", "hostname", "mkdir", "env",
-    "grep", "timeout", "nslookup", "udhcpc", "seq", "printf", "test", "[",
-)
+BUSYBOX = bbimage.BUSYBOX  # Debian's busybox-static: no shared libraries needed
 SESSION_LABEL = "stockade.test.session"
 SESSION_ID = uuid.uuid4().hex[:12]
 GLOBAL_ARGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")
@@ -73,29 +68,8 @@ def podman_available() -> bool:
 # -- image -------------------------------------------------------------------
 
 def ensure_image(image: str = IMAGE) -> str:
-    """Build the busybox image unless it exists. Idempotent; returns the reference."""
-    if podman("image", "exists", image, check=False).returncode == 0:
-        return image
-    with tempfile.TemporaryDirectory(prefix="stockade-bb-") as tmp:
-        tar_path = Path(tmp) / "rootfs.tar"
-        with tarfile.open(tar_path, "w") as tar:
-            for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "var/www", "root"):
-                info = tarfile.TarInfo(d)
-                info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-                tar.addfile(info)
-            tar.add(BUSYBOX, arcname="bin/busybox")
-            for applet in APPLETS:
-                info = tarfile.TarInfo(f"bin/{applet}")
-                info.type, info.linkname, info.mode = tarfile.SYMTYPE, "busybox", 0o777
-                tar.addfile(info)
-            for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
-                               ("etc/group", "root:x:0:\n"),
-                               ("var/www/index.html", "stockade\n")):
-                data = text.encode()
-                info = tarfile.TarInfo(name)
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
-        podman("import", "--change", 'CMD ["/bin/sh"]', str(tar_path), image)
+    """Build the busybox image unless it exists (scripts/bbimage.py). Idempotent."""
+    bbimage.ensure_image(image, podman=podman)
     return image
 
 
