@@ -58,8 +58,8 @@ TARGETS = {
          "podman.start_to_enforced_ms_p99", "ms", "< 100 ms", lambda v: v < 100),
         ("agent RSS: 1,000 endpoints + 10,000 policy entries, no flow records",
          "rss.rss_full_mb", "MB", "< 150 MB", lambda v: v < 150),
-        ("agent RSS with a full flow ring", "rss.rss_with_flows_mb", "MB", "< 200 MB",
-         lambda v: v < 200),
+        ("agent RSS with a full flow ring (estimate: the line above + the flow benchmark's "
+         "full-ring memory)", "rss.rss_with_flows_estimate_mb", "MB", "< 200 MB", lambda v: v < 200),
     ],
 }
 
@@ -162,7 +162,16 @@ def _block(name: str, when: str, results: dict, body: str) -> str:
             f"{commit}, by `make bench`._\n\n{body}\n<!-- END {name} -->")
 
 
+def _derive(results: dict) -> None:
+    """Figures that combine two benchmarks."""
+    rss = get(results, "controlplane.rss.rss_full_mb")
+    ring = get(results, "flows.ring_rss_mb")
+    if rss is not None and ring is not None:
+        results["controlplane"]["rss"]["rss_with_flows_estimate_mb"] = round(rss + ring, 1)
+
+
 def update_performance_md(results: dict) -> None:
+    _derive(results)
     text = DOC.read_text()
     blocks = {name: (name, lambda d, name=name: table(name, d)) for name in TARGETS}
     blocks.update(DETAILS)
@@ -172,6 +181,8 @@ def update_performance_md(results: dict) -> None:
             continue
         if "skipped" in data:
             body = f"Not measured: {data['skipped']}."
+        elif "error" in data:
+            body = f"Failed: {data['error']}"
         else:
             body = render(data)
         block = _block(name, data.get("measured", results["date"]), results, body)

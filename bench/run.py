@@ -25,9 +25,13 @@ def run_one(module: str) -> dict:
     import importlib.util
     if importlib.util.find_spec(module) is None:
         return {"skipped": f"{module} does not exist yet"}
-    out = subprocess.run([sys.executable, "-m", module], cwd=ROOT, stdout=subprocess.PIPE,
-                         text=True, check=True, timeout=1800)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        out = subprocess.run([sys.executable, "-m", module], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True, check=True, timeout=1800)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        # One failed benchmark must not lose the others' figures; its error is kept.
+        return {"error": f"{module} failed: {exc}"}
 
 
 def main(argv=None) -> int:
@@ -46,12 +50,12 @@ def main(argv=None) -> int:
         results[name]["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         results[name]["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
-        print(json.dumps(results[name], indent=1))
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps(results[name], indent=1), flush=True)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
     from bench.report import update_performance_md
     update_performance_md(results)
-    return 0
+    return 1 if any("error" in results[n] for n in names) else 0
 
 
 def _machine() -> dict:
