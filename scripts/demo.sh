@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# make demo: the offline policy tools on the demo inventory (the agent demo replaces
-# this once the agent lands).
+# make demo: the agent on this machine with Podman containers and a VM stand-in, the demo
+# inventory's policy, and a table of real connection attempts (playbooks/demo.yml).
+# Re-runnable; `make demo-down` removes it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-S=.venv/bin/stockade
-P=(inventories/demo/policies/*.yaml)
-echo "== stockade policy validate ${P[*]}"
-$S policy validate "${P[@]}"
+export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_CONFIG="$PWD/ansible.cfg"
+ansible-playbook -i inventories/demo/hosts.yml playbooks/demo.yml "$@"
+if [ -f /run/stockade-demo/table.txt ]; then
+  echo
+  echo "== Connection attempts (real traffic through the agent's eBPF datapath)"
+  cat /run/stockade-demo/table.txt
+fi
 echo
-echo "== stockade policy trace --src app=frontend --dst app=api --dport 8080/tcp"
-$S policy trace --src app=frontend --dst app=api --dport 8080/tcp "${P[@]}"
-echo
-echo "== stockade policy trace --src app=frontend --dst app=db --dport 5432/tcp"
-$S policy trace --src app=frontend --dst app=db --dport 5432/tcp "${P[@]}"
-echo
-echo "== stockade policy test inventories/demo/policy_tests.yaml"
-$S policy test inventories/demo/policy_tests.yaml "${P[@]}"
+echo "Agent: .venv/bin/stockade status   (socket /run/stockade/agent.sock, log /var/log/stockade/agent.log)"
+echo "Web UI: not part of this demo yet; it will be served by the agent host once the web UI lands."
+echo "Remove everything: make demo-down"
