@@ -511,9 +511,9 @@ def test_reload_keeps_pins_and_swaps_program_under_load(e):
         assert e.dp.ipcache_entries()["10.213.99.0/24"] == 4242
     finally:
         stop.set()
+        threads[0].join(5)                        # the sender, before shutting its socket
         cli.shutdown(socket.SHUT_WR)
-        for t in threads:
-            t.join(5)
+        threads[1].join(5)
         for s in (cli, conn, srv):
             s.close()
         for w in (e.a, e.b):                      # back to the session's program
