@@ -1,0 +1,143 @@
+"""The Ansible side as its users run it: ansible-doc, ansible-lint, the roles' install
+and systemd paths, the policy role against an agent, and the Molecule scenario."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MODULES = sorted(p.stem for p in (ROOT / "modules").glob("stockade_*.py"))
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+       "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
+       "ANSIBLE_NOCOLOR": "1", "NO_COLOR": "1"}
+
+
+def run(*argv, timeout=300, cwd=ROOT, **kw):
+    return subprocess.run(argv, cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def playbook(*args, timeout=300):
+    return run(str(BIN / "ansible-playbook"), *args, timeout=timeout)
+
+
+@pytest.mark.parametrize("module", MODULES, ids=MODULES)
+def test_ansible_doc_renders(module):
+    r = run(str(BIN / "ansible-doc"), "-M", "modules", module)
+    assert r.returncode == 0, r.stderr
+    assert f"> MODULE {module}" in r.stdout and "EXAMPLES:" in r.stdout and "RETURN VALUES:" in r.stdout
+
+
+def test_ansible_lint_production_profile():
+    r = run(str(BIN / "ansible-lint"), "--nocolor", timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "Profile 'production' was required, and it passed" in r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- stockade_policy role
+
+GOOD = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress: [{fromEndpoints: [{matchLabels: {app: web}}], toPorts: [{ports: [{port: "5432", protocol: TCP}]}]}]
+"""
+BAD = GOOD.replace('port: "5432"', 'port: "http2"')
+
+
+def inventory(tmp_path, socket, policy_text, extra=""):
+    inv = tmp_path / "inv"
+    (inv / "policies").mkdir(parents=True)
+    (inv / "policies" / "db.yaml").write_text(policy_text)
+    (inv / "hosts.yml").write_text(textwrap.dedent(f"""\
+        all:
+          hosts:
+            localhost:
+              ansible_connection: local
+              ansible_python_interpreter: /usr/bin/python3
+              stockade_policy_socket: {socket}
+              stockade_policies: [policies/*.yaml]
+              stockade_policy_tests:
+                - {{from: app=web, to: app=db, port: 5432/tcp, expect: allow}}
+                - {{from: app=other, to: app=db, port: 5432/tcp, expect: deny}}
+              stockade_endpoints:
+                - {{name: vm1, interface: tap9, ips: [10.90.0.9], labels: {{app: web}}}}
+        {extra}"""))
+    return str(inv / "hosts.yml")
+
+
+def test_policy_role_pushes_then_changes_nothing(agent, tmp_path):
+    inv = inventory(tmp_path, agent.socket_path, GOOD)
+    r = playbook("-i", inv, "playbooks/policy.yml", "--diff")
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "changed=2" in r.stdout, r.stdout[-1500:]  # endpoint + policies
+    assert [k[2] for k in agent.policies] == ["db"] and "vm1" in agent.endpoints
+    r = playbook("-i", inv, "playbooks/policy.yml")
+    assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-1500:]
+
+
+def test_policy_role_rejects_bad_policy_before_any_change(agent, tmp_path):
+    inv = inventory(tmp_path, agent.socket_path, BAD)
+    r = playbook("-i", inv, "playbooks/policy.yml")
+    assert r.returncode != 0
+    assert "policies/db.yaml: document 0 (db): spec.ingress[0].toPorts[0].ports[0].port" in r.stdout, r.stdout[-3000:]
+    assert not [c for c in agent.calls if c[0] in ("put_policies", "add_endpoint")]
+
+
+def test_policy_role_fails_on_failed_policy_test(agent, tmp_path):
+    inv = inventory(tmp_path, agent.socket_path, GOOD.replace("app: web", "app: nobody"))
+    r = playbook("-i", inv, "playbooks/policy.yml")
+    assert r.returncode != 0 and "policy tests failed" in r.stdout, r.stdout[-3000:]
+    assert not [c for c in agent.calls if c[0] in ("put_policies", "add_endpoint")]
+
+
+# ---------------------------------------------------------------- stockade_agent role
+
+def test_systemd_unit_verifies(tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze is missing: make setup installs the systemd package")
+    r = playbook("tests/ansible/playbooks/unit.yml", "-e", f"stockade_agent_run_dir={tmp_path}",
+                 "-e", f"stockade_agent_venv={ROOT / '.venv'}", "-e", "stockade_agent_project_dir=" + str(ROOT))
+    assert r.returncode == 0, r.stdout[-3000:]
+    unit = (tmp_path / "stockade-agent.service").read_text()
+    assert "Restart=on-failure" in unit and f"ExecStart={ROOT / '.venv'}/bin/stockade agent" in unit
+
+
+@pytest.mark.root
+def test_role_installs_into_fresh_venv(tmp_path):
+    """The role's real install path: wheel built on the controller, fresh venv with
+    --system-site-packages (bcc from Debian), then a second run installs nothing."""
+    venv = tmp_path / "venv"
+    args = ("tests/ansible/playbooks/install.yml", "-e", f"stockade_agent_venv={venv}",
+            "-e", f"stockade_agent_project_dir={ROOT}")
+    r = playbook(*args)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    v = subprocess.run([str(venv / "bin" / "stockade"), "--version"], capture_output=True, text=True)
+    assert v.returncode == 0 and "0.1.0" in v.stdout, v.stderr
+    bcc = subprocess.run([str(venv / "bin" / "python"), "-c", "import bcc"], capture_output=True)
+    assert bcc.returncode == 0, "the venv must see Debian's bcc (--system-site-packages)"
+    r = playbook(*args)
+    assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-2000:]
+
+
+# ---------------------------------------------------------------- molecule
+
+@pytest.mark.root
+@pytest.mark.timeout(900)
+def test_molecule_default_scenario():
+    """Two simulated hosts: converge, idempotence, verify (allowed across hosts by
+    label, DROPPED without the label and without the ipcache entries), destroy."""
+    r = run(str(BIN / "molecule"), "test", timeout=900)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+    assert r.returncode == 0, out[-6000:]
+    for step in ("converge", "idempotence", "verify", "destroy"):
+        assert f"{step}: Executed: Successful" in out, out[-6000:]
