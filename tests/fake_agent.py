@@ -78,8 +78,8 @@ class FakeAgent:
         name, iface = spec.get("name"), spec.get("interface")
         if not name:
             raise InvalidRequest("name must not be empty", "name")
-        if not iface:
-            raise InvalidRequest("interface must not be empty", "interface")
+        if not iface and not spec.get("mac"):
+            raise InvalidRequest("interface or mac is required", "interface")
         if not spec.get("ips"):
             raise InvalidRequest("ips needs at least one address", "ips")
         ips = []
@@ -91,7 +91,7 @@ class FakeAgent:
         labels = _source_labels(_labels(spec.get("labels")), "static")
         with self.lock:
             for other in self.endpoints.values():
-                if other["name"] != name and other["interface"] == iface:
+                if iface and other["name"] != name and other["interface"] == iface:
                     raise Conflict(f"interface {iface} belongs to endpoint {other['name']}",
                                    "interface")
             old = self.endpoints.get(name)
