@@ -14,6 +14,17 @@ $(STAMP): pyproject.toml scripts/setup.sh
 demo: $(STAMP)
 	@bash scripts/demo.sh
 
+# Stop the demo agent (detach, remove pins) and remove its containers and VM stand-in.
+demo-down: $(STAMP)
+	@bash scripts/demo.sh -e demo_state=absent
+
+# The Ansible side alone: module tests, ansible-doc, ansible-lint, roles, Molecule.
+test-ansible: $(STAMP)
+	$(PY) -m pytest tests/ansible
+
+molecule: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/molecule test
+
 test: $(STAMP)
 	@bash scripts/setup.sh >/dev/null
 	$(PY) -m pytest
