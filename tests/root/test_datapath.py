@@ -18,7 +18,9 @@ import time
 
 import pytest
 
+import traffic
 from netns import Topology  # tests/ is on sys.path (tests/conftest.py)
+from traffic import fam
 
 from stockade.datapath import (CapacityError, Datapath, Reason, Verdict, attach,
                                detach, list_attached)
@@ -94,56 +96,17 @@ def e(env):
     env.reset()
 
 
-# -- traffic helpers -----------------------------------------------------------
-def fam(addr: str) -> int:
-    return socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-
+# -- traffic helpers (tests/traffic.py), with this module's shorter timeout ------
 def tcp_ok(client, server, addr, port, timeout=FAIL_TIMEOUT) -> bool:
-    """Connect client -> server:port and echo one message back."""
-    srv = server.socket(fam(addr), socket.SOCK_STREAM)
-    cli = client.socket(fam(addr), socket.SOCK_STREAM)
-    try:
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((addr, port))
-        srv.listen(4)
-        srv.settimeout(timeout)
-        cli.settimeout(timeout)
-        try:
-            cli.connect((addr, port))
-            conn, _ = srv.accept()
-        except OSError:
-            return False
-        with conn:
-            conn.settimeout(timeout)
-            cli.sendall(b"ping")
-            conn.sendall(conn.recv(16))
-            return cli.recv(16) == b"ping"
-    finally:
-        cli.close()
-        srv.close()
+    return traffic.tcp_ok(client, server, addr, port, timeout)
 
 
 def udp_ok(client, server, addr, port, size=16, timeout=FAIL_TIMEOUT, src=None) -> bool:
-    srv = server.socket(fam(addr), socket.SOCK_DGRAM)
-    cli = client.socket(fam(addr), socket.SOCK_DGRAM)
-    try:
-        srv.bind((addr, port))
-        srv.settimeout(timeout)
-        if src:
-            cli.bind((src, 0))
-        cli.sendto(b"x" * size, (addr, port))
-        try:
-            return len(srv.recv(65535)) == size
-        except OSError:
-            return False
-    finally:
-        cli.close()
-        srv.close()
+    return traffic.udp_ok(client, server, addr, port, size, timeout, src)
 
 
 def ping_ok(w, addr) -> bool:
-    return w.exec("ping", "-c1", f"-W{FAIL_TIMEOUT}", addr, check=False).returncode == 0
+    return traffic.ping_ok(w, addr)
 
 
 def tcp_key(local, peer, direction, port, plen=16):
