@@ -106,17 +106,20 @@ def text(spec):
     return "" if spec is None else json.dumps(spec, indent=2, sort_keys=True) + "\n"
 
 
+ARGUMENT_SPEC = dict(
+    name=dict(type="str", required=True),
+    state=dict(type="str", choices=["present", "absent"], default="present"),
+    interface=dict(type="str"),
+    ips=dict(type="list", elements="str"),
+    labels=dict(type="dict", default={}),
+    audit=dict(type="bool", default=False),
+    mac=dict(type="str"),
+    **SOCKET_ARG)
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            name=dict(type="str", required=True),
-            state=dict(type="str", choices=["present", "absent"], default="present"),
-            interface=dict(type="str"),
-            ips=dict(type="list", elements="str"),
-            labels=dict(type="dict", default={}),
-            audit=dict(type="bool", default=False),
-            mac=dict(type="str"),
-            **SOCKET_ARG),
+        argument_spec=ARGUMENT_SPEC,
         required_if=[("state", "present", ("interface", "ips"))],
         supports_check_mode=True,
     )

@@ -115,11 +115,14 @@ def counters(text):
     return {"dropped": dropped, "forwarded": forwarded, "samples": samples}
 
 
+ARGUMENT_SPEC = dict(
+    gather=dict(type="list", elements="str", choices=GATHER, default=list(GATHER)),
+    **SOCKET_ARG)
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            gather=dict(type="list", elements="str", choices=GATHER, default=list(GATHER)),
-            **SOCKET_ARG),
+        argument_spec=ARGUMENT_SPEC,
         supports_check_mode=True,
     )
     client = AgentClient(module.params["socket"])

@@ -160,17 +160,20 @@ def line(prefix, labels, host):
     return "%s %s host=%s\n" % (prefix, ",".join(labels), host or "-")
 
 
+ARGUMENT_SPEC = dict(
+    entries=dict(type="list", elements="dict", default=[], options=dict(
+        prefix=dict(type="str", required=True),
+        labels=dict(type="dict", default={}),
+        host=dict(type="str"),
+        node=dict(type="bool", default=False))),
+    endpoints_by_host=dict(type="dict", default={}),
+    purge=dict(type="bool", default=True),
+    **SOCKET_ARG)
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            entries=dict(type="list", elements="dict", default=[], options=dict(
-                prefix=dict(type="str", required=True),
-                labels=dict(type="dict", default={}),
-                host=dict(type="str"),
-                node=dict(type="bool", default=False))),
-            endpoints_by_host=dict(type="dict", default={}),
-            purge=dict(type="bool", default=True),
-            **SOCKET_ARG),
+        argument_spec=ARGUMENT_SPEC,
         supports_check_mode=True,
     )
     want = desired_entries(module)

@@ -217,17 +217,20 @@ def absent(module, client, files):
     return changed, revision, diff
 
 
+ARGUMENT_SPEC = dict(
+    state=dict(type="str", choices=["present", "absent"], default="present"),
+    documents=dict(type="list", elements="dict", default=[]),
+    src=dict(type="list", elements="path", default=[]),
+    content=dict(type="list", elements="dict", default=[], no_log=False, options=dict(
+        name=dict(type="str", required=True),
+        text=dict(type="str", required=True))),
+    replace_all=dict(type="bool", default=False),
+    **SOCKET_ARG)
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            state=dict(type="str", choices=["present", "absent"], default="present"),
-            documents=dict(type="list", elements="dict", default=[]),
-            src=dict(type="list", elements="path", default=[]),
-            content=dict(type="list", elements="dict", default=[], no_log=False, options=dict(
-                name=dict(type="str", required=True),
-                text=dict(type="str", required=True))),
-            replace_all=dict(type="bool", default=False),
-            **SOCKET_ARG),
+        argument_spec=ARGUMENT_SPEC,
         supports_check_mode=True,
     )
     p = module.params

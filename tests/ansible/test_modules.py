@@ -172,3 +172,38 @@ def test_info_is_read_only(agent, run):
     assert r["counters"]["dropped"] == 0
     r = run("stockade_info", s(agent, gather=["endpoints"]))
     assert set(r) >= {"endpoints"} and "health" not in r
+
+
+# ---------------------------------------------------------------- docs agree with the spec
+
+def _compare(doc_opts: dict, spec: dict, where: str) -> list[str]:
+    problems = []
+    for name in sorted(set(doc_opts) | set(spec)):
+        d, s = doc_opts.get(name), spec.get(name)
+        if d is None or s is None:
+            problems.append(f"{where}{name}: only in {'the spec' if d is None else 'DOCUMENTATION'}")
+            continue
+        for key, default in (("type", "str"), ("elements", None), ("choices", None),
+                             ("default", None), ("required", False)):
+            dv, sv = d.get(key, default), s.get(key, default)
+            if dv != sv:
+                problems.append(f"{where}{name}.{key}: DOCUMENTATION {dv!r}, spec {sv!r}")
+        if "options" in s or "suboptions" in d:
+            problems += _compare(d.get("suboptions") or {}, s.get("options") or {},
+                                 f"{where}{name}.")
+    return problems
+
+
+MODULE_NAMES = ["stockade_info", "stockade_endpoint", "stockade_ipcache", "stockade_policy"]
+
+
+@pytest.mark.parametrize("name", MODULE_NAMES, ids=MODULE_NAMES)
+def test_documentation_agrees_with_argument_spec(modules, name):
+    import yaml
+    mod = modules[name]
+    doc = yaml.safe_load(mod.DOCUMENTATION)
+    assert _compare(doc["options"], mod.ARGUMENT_SPEC, "") == []
+    assert doc["attributes"]["check_mode"]["support"] == "full"
+    yaml.safe_load(mod.EXAMPLES)
+    ret = yaml.safe_load(mod.RETURN)
+    assert all("description" in v and "returned" in v for v in ret.values())
