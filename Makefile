@@ -16,7 +16,7 @@ demo: $(STAMP)
 
 # Stop the demo agent (detach, remove pins) and remove its containers and VM stand-in.
 demo-down: $(STAMP)
-	@bash scripts/demo.sh -e demo_state=absent
+	@bash scripts/demo.sh --down
 
 # The Ansible side alone: module tests, ansible-doc, ansible-lint, roles, Molecule.
 test-ansible: $(STAMP)

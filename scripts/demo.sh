@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # make demo: the agent on this machine with Podman containers and a VM stand-in, the demo
 # inventory's policy, and a table of real connection attempts (playbooks/demo.yml).
-# Re-runnable; `make demo-down` removes it all.
+# Re-runnable; `make demo-down` (scripts/demo.sh --down) removes it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_CONFIG="$PWD/ansible.cfg"
+if [ "${1:-}" = --down ]; then
+  exec ansible-playbook -i inventories/demo/hosts.yml playbooks/demo.yml -e demo_state=absent
+fi
 ansible-playbook -i inventories/demo/hosts.yml playbooks/demo.yml "$@"
 if [ -f /run/stockade-demo/table.txt ]; then
   echo
