@@ -129,6 +129,12 @@ check() {
       q ip netns pids "skm-$host-$name" && left+=("netns skm-$host-$name")
     done
   done
+  # processes: looked for (never killed) by what they were started with
+  for spec in "${HOSTS[@]}"; do
+    IFS=: read -r host _ _ <<< "$spec"
+    pgrep -f -- "--config /run/skm-$host/agent.yaml" >/dev/null && left+=("agent process of $host")
+  done
+  pgrep -f -- "-h $WWW" >/dev/null && left+=("workload httpd")
   if [ ${#left[@]} -gt 0 ]; then echo "left behind: ${left[*]}" >&2; exit 1; fi
   echo "nothing left"
 }
