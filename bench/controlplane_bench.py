@@ -235,7 +235,7 @@ spec:
             # Diagnosis: the same with the container's ARP retransmission at 10 ms instead
             # of 1 s (the container's first ARP request is dropped while it is unidentified).
             fast, fast_ready, _, _ = series("f", 20, ("--sysctl",
-                                                      "net.ipv4.neigh.default.retrans_time_ms=10"))
+                                                      "net.ipv4.neigh.eth0.retrans_time_ms=10"))
         return {"starts": starts,
                 "start_to_enforced_ms_p50": round(pct(lat_ms, 50), 2),
                 "start_to_enforced_ms_p99": round(pct(lat_ms, 99), 2),
