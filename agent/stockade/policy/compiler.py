@@ -91,7 +91,7 @@ class Compiler:
         self._rule_locals: dict[int, set[int]] = {}           # id(rule) -> local ids
         self._rules: dict[int, Rule] = {}
         self._sel_clauses: dict[Selector, set[Clause]] = {}
-        self._local_rules: dict[int, list[Rule]] = {}
+        self._local_rules: dict[int, dict[int, Rule]] = {}  # local -> id(rule) -> rule
         self._rule_index: dict = {}  # (key, value) or None -> ids of rules (see index_keys)
         self._pairs: dict[tuple[int, int], MapState] = {}
         self._peers_of: dict[int, set[int]] = {}              # local -> peers with a pair
@@ -109,7 +109,7 @@ class Compiler:
             self.local_ids.add(ident.id)
             rules = [self._rules[rid] for rid in self._rules_for_labels(ident)
                      if self._rules[rid].endpoint_selector.matches(ident.labels)]
-            self._local_rules[ident.id] = rules
+            self._local_rules[ident.id] = {id(r): r for r in rules}
             for r in rules:
                 self._rule_locals[id(r)].add(ident.id)
             self._recompute_locals({ident.id}, delta)
@@ -124,7 +124,7 @@ class Compiler:
             self._set_pair(loc, ident_id, {}, delta)
         if ident_id in self.local_ids:
             self.local_ids.discard(ident_id)
-            for r in self._local_rules.pop(ident_id, []):
+            for r in self._local_rules.pop(ident_id, {}).values():
                 self._rule_locals[id(r)].discard(ident_id)
             for peer in list(self._peers_of.get(ident_id, ())):
                 self._set_pair(ident_id, peer, {}, delta)
@@ -139,27 +139,25 @@ class Compiler:
         """Add or replace ``policies`` and drop ``remove`` in one step; each affected
         local identity is recomputed once."""
         delta = Delta({}, set(), {})
-        affected: set[int] = set()
+        affected: dict[int, set[int]] = {}  # local -> peers whose pairs may change
         for ref in remove:
-            affected |= self._drop_policy(ref)
+            self._drop_policy(ref, affected)
         for policy in policies:
-            affected |= self._drop_policy(policy.ref)
+            self._drop_policy(policy.ref, affected)
             self.policies[policy.ref] = policy
             for rule in policy.rules:
-                affected |= self._add_rule(rule)
-        self._recompute_locals(affected, delta)
+                self._add_rule(rule, affected)
+        self._recompute_locals(set(affected), delta, affected)
         return delta
 
     def remove_policy(self, ref: PolicyRef) -> Delta:
-        delta = Delta({}, set(), {})
-        self._recompute_locals(self._drop_policy(ref), delta)
-        return delta
+        return self.set_policies([], remove=[ref])
 
     def explain(self, local: int, peer: int, direction: int, proto: int,
                 port: int | None) -> list[tuple[Clause, bool]]:
         """Clauses that match a packet, each with whether it denies."""
         out = []
-        for rule in self._local_rules.get(local, []):
+        for rule in self._local_rules.get(local, {}).values():
             for c in self._clauses[id(rule)]:
                 if c.direction != direction or not self._clause_has_peer(c, peer):
                     continue
@@ -168,10 +166,10 @@ class Compiler:
         return out
 
     def rules_for(self, local: int) -> list[Rule]:
-        return list(self._local_rules.get(local, []))
+        return list(self._local_rules.get(local, {}).values())
 
     # rules -----------------------------------------------------------------------
-    def _add_rule(self, rule: Rule) -> set[int]:
+    def _add_rule(self, rule: Rule, affected: dict[int, set[int]]) -> None:
         rid = id(rule)
         self._rules[rid] = rule
         self._index_rule(rule, True)
@@ -183,9 +181,16 @@ class Compiler:
         locs = {i for i in self._candidates(rule)
                 if rule.endpoint_selector.matches(self.cache.identities[i].labels)}
         self._rule_locals[rid] = locs
+        peers = self._rule_peers(rid)
         for i in locs:
-            self._local_rules[i].append(rule)
-        return set(locs)
+            self._local_rules[i][rid] = rule
+            affected.setdefault(i, set()).update(peers)
+
+    def _rule_peers(self, rid: int) -> set[int]:
+        out: set[int] = set()
+        for c in self._clauses[rid]:
+            out |= self._clause_peers(c)
+        return out
 
     def _rules_for_labels(self, ident: Identity) -> set[int]:
         out = set(self._rule_index.get(None, ()))
@@ -202,11 +207,11 @@ class Compiler:
     def _candidates(self, rule: Rule) -> set[int]:
         return self.cache.candidates(rule.endpoint_selector, self.local_ids)
 
-    def _drop_policy(self, ref: PolicyRef) -> set[int]:
+    def _drop_policy(self, ref: PolicyRef, affected: dict[int, set[int]]) -> None:
         old = self.policies.pop(ref, None)
-        affected: set[int] = set()
         for rule in old.rules if old else []:
             rid = id(rule)
+            peers = self._rule_peers(rid)
             for c in self._clauses.pop(rid):
                 for sel in c.selectors:
                     self._sel_clauses[sel].discard(c)
@@ -215,11 +220,10 @@ class Compiler:
                     self.cache.remove_selector(sel)
             locs = self._rule_locals.pop(rid)
             for i in locs:
-                self._local_rules[i] = [r for r in self._local_rules[i] if r is not rule]
-            affected |= locs
+                del self._local_rules[i][rid]
+                affected.setdefault(i, set()).update(peers)
             self._index_rule(rule, False)
             del self._rules[rid]
-        return affected
 
     # recomputation ---------------------------------------------------------------
     def _clause_has_peer(self, c: Clause, peer: int) -> bool:
@@ -236,16 +240,22 @@ class Compiler:
         return out
 
     def _local_clauses(self, local: int) -> list[Clause]:
-        return [c for r in self._local_rules.get(local, []) for c in self._clauses[id(r)]]
+        return [c for r in self._local_rules.get(local, {}).values() for c in self._clauses[id(r)]]
 
-    def _recompute_locals(self, locals_: set[int], delta: Delta) -> None:
+    def _recompute_locals(self, locals_: set[int], delta: Delta,
+                          only_peers: dict[int, set[int]] | None = None) -> None:
+        """Recompute the pairs of each local (only those with ``only_peers[loc]`` when
+        given: a rule change touches just its own peers) and its flags."""
         for loc in locals_:
-            clauses = self._local_clauses(loc)
-            peers: set[int] = set()
-            for c in clauses:
-                peers |= self._clause_peers(c)
-            for peer in peers | self._peers_of.get(loc, set()):
-                self._set_pair(loc, peer, self._pair_entries(loc, peer, clauses), delta)
+            wanted = only_peers.get(loc) if only_peers is not None else None
+            by_peer: dict[int, list[Clause]] = {}
+            for c in self._local_clauses(loc):
+                peers = self._clause_peers(c)
+                for peer in peers if wanted is None else peers & wanted:
+                    by_peer.setdefault(peer, []).append(c)
+            todo = by_peer.keys() | self._peers_of.get(loc, set()) if wanted is None else wanted
+            for peer in todo:
+                self._set_pair(loc, peer, self._pair_entries(loc, peer, by_peer.get(peer, [])), delta)
             for d, flag in self._flags_for(loc).items():
                 self._set_flag(loc, d, flag, delta)
 
@@ -270,7 +280,7 @@ class Compiler:
                 if deny or not any(d.covers(k) for d in denies)}
 
     def _flags_for(self, loc: int) -> dict[int, DirectionPolicy]:
-        rules = self._local_rules.get(loc, [])
+        rules = list(self._local_rules.get(loc, {}).values())
         out = {}
         for d, name in ((INGRESS, "ingress"), (EGRESS, "egress")):
             if self.enforcement == "never":
