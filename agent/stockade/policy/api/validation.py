@@ -37,7 +37,60 @@ def render_path(parts) -> str:
     return out
 
 
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+_FAST_KEYWORDS = {"type", "properties", "additionalProperties", "required", "items", "not",
+                  "x-stockade-unsupported", "$ref", "const", "enum", "minItems", "minLength",
+                  "description", "title", "$schema", "$id", "$defs", "default"}
+
+
+def _fast_valid(doc: Any, schema: dict | bool) -> bool | None:
+    """A quick walk of schema.json for the keywords it uses: True (valid), False
+    (invalid: jsonschema then explains why) or None (a keyword this walk does not know)."""
+    if schema is True or schema == {}:
+        return True
+    if schema is False:
+        return False
+    if not _FAST_KEYWORDS.issuperset(schema):
+        return None
+    if "$ref" in schema:
+        return _fast_valid(doc, _SCHEMA["$defs"][schema["$ref"].rsplit("/", 1)[1]])
+    if "not" in schema:
+        return not _fast_valid(doc, schema["not"])
+    if "const" in schema and doc != schema["const"]:
+        return False
+    if "enum" in schema and doc not in schema["enum"]:
+        return False
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(isinstance(doc, _JSON_TYPES[t]) and not (t != "boolean" and isinstance(doc, bool))
+                   if t != "integer" else isinstance(doc, int) and not isinstance(doc, bool)
+                   for t in types):
+            return False
+    if isinstance(doc, str) and len(doc) < schema.get("minLength", 0):
+        return False
+    if isinstance(doc, list):
+        if len(doc) < schema.get("minItems", 0):
+            return False
+        if "items" in schema:
+            for item in doc:
+                r = _fast_valid(item, schema["items"])
+                if not r:
+                    return r
+    if isinstance(doc, dict):
+        if any(k not in doc for k in schema.get("required", ())):
+            return False
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for k, v in doc.items():
+            r = _fast_valid(v, props[k]) if k in props else _fast_valid(v, extra)
+            if not r:
+                return r
+    return True
+
+
 def schema_errors(doc: Any) -> list[PolicyError]:
+    if _fast_valid(doc, _SCHEMA):
+        return []
     errors = []
     for err in sorted(_VALIDATOR.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         path = list(err.absolute_path)
