@@ -77,6 +77,16 @@ def render_source(settings: Mapping[str, Any] | None = None, bpf_dir: Path = BPF
     return f"/* settings */\n{defines}\n\n" + inline((bpf_dir / MAIN_SOURCE).resolve())
 
 
+def _release_compiler_heap() -> None:
+    """clang/LLVM free most of their heap after a compile, but glibc keeps it mapped:
+    give it back (about 25 MB of the agent's RSS)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Datapath(MapWriter):
     """The compiled program plus its pinned maps.
 
@@ -102,6 +112,7 @@ class Datapath(MapWriter):
             raise
         except Exception as exc:  # bcc raises plain Exception on compile/load errors
             raise DatapathError("bpf/stockade.c", f"cannot compile or load: {exc}") from exc
+        _release_compiler_heap()
         try:
             self._check_pinned_maps()
         except DatapathError:
