@@ -137,6 +137,13 @@ class AgentClient:
         return self.request("DELETE", "/v1/policies/" + segment(name),
                             params={"namespace": namespace, "kind": kind, "dry_run": dry_run})
 
+    def services(self):
+        return self.request("GET", "/v1/services")
+
+    def put_services(self, services, dry_run=False):
+        return self.request("PUT", "/v1/services", body={"services": services},
+                            params={"dry_run": dry_run})
+
     def metrics(self):
         return self.request("GET", "/v1/metrics", raw=True)
 
@@ -187,3 +194,4 @@ def parse_metrics(text):
                     labels[k.strip()] = v.strip().strip('"')
         out.append({"name": name, "labels": labels, "value": value})
     return out
+

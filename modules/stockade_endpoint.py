@@ -10,8 +10,14 @@ short_description: Register or remove a static Stockade endpoint
 description:
   - Registers a workload that Stockade does not discover by itself (a VM's tap, a network
     namespace's veth) with the agent, with the labels that give it its identity.
+  - A VM is given by its tap's name (O(interface)) or by its guest MAC (O(mac) without
+    O(interface)); by MAC, the agent binds the endpoint to the tap whose host-side MAC is
+    the guest MAC with the first octet replaced by C(fe) (or equal to it), whatever the
+    tap's name, and again whenever the VM restarts on a new tap (docs/vms.md).
   - Registering the same spec again changes nothing; a different spec for the same name
-    replaces the old one.
+    replaces the old one. The spec is compared as the agent normalizes it (MAC in lower
+    case, addresses sorted, labels with their source); labels the endpoint gets from an
+    inventory service (source C(service)) are not part of its spec.
   - Uses only the Python standard library on the managed host.
 version_added: "0.1.0"
 author: Stockade contributors
@@ -26,7 +32,10 @@ options:
     choices: [present, absent]
     default: present
   interface:
-    description: Host-side interface of the workload (veth, tap), at most 15 characters.
+    description:
+      - Host-side interface of the workload (veth, tap), at most 15 characters.
+      - With O(state=present), O(interface) or O(mac) (or both) is required. Omitted with
+        O(mac) given means the tap is found from the MAC.
     type: str
   ips:
     description: The workload's addresses; at least one.
@@ -43,7 +52,10 @@ options:
     type: bool
     default: false
   mac:
-    description: The workload's MAC address (VM taps). Omitted means not checked.
+    description:
+      - The VM's guest MAC address (C(52:54:00:12:34:56)). Without O(interface) the
+        endpoint is bound to the tap found from it; with O(interface) it is recorded with
+        the endpoint. Omitted means no MAC.
     type: str
   socket:
     description: Path of the agent's API socket.
@@ -55,7 +67,7 @@ attributes:
   diff_mode:
     support: full
 notes:
-  - O(interface) and O(ips) are required with O(state=present).
+  - O(ips) and one of O(interface) and O(mac) are required with O(state=present).
   - Only static endpoints can be removed; container endpoints go when the container stops.
 """
 
@@ -66,6 +78,13 @@ EXAMPLES = r"""
     interface: tap0
     ips: [10.90.0.2]
     labels: {app: reports}
+
+- name: A Firecracker VM found by its guest MAC, whatever its tap is called
+  stockade_endpoint:
+    name: build-fc
+    mac: "06:00:ac:10:00:02"
+    ips: [10.90.0.3]
+    labels: {app: build}
 
 - name: Forget it
   stockade_endpoint:
@@ -87,19 +106,27 @@ diff:
 
 import ipaddress
 import json
+import re
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
                                            StockadeModuleError, fail, with_source)
 
 
+MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
 def comparable(ep):
-    """The fields a static spec sets, in the agent's normalized form."""
+    """The fields a static spec sets, in the agent's normalized form. An endpoint bound by
+    MAC has no interface in its spec (the agent reports the tap it found, or "")."""
     if ep is None:
         return None
-    return {"name": ep["name"], "interface": ep["interface"],
-            "ips": sorted(ep["ips"]), "labels": dict(sorted(ep["labels"].items())),
-            "audit": bool(ep.get("audit")), "mac": (ep.get("mac") or None)}
+    by_mac = ep.get("by_mac", bool(ep.get("mac")) and not ep.get("interface"))
+    return {"name": ep["name"], "interface": None if by_mac else ep["interface"],
+            "ips": sorted(ep["ips"]),
+            "labels": dict(sorted((k, v) for k, v in ep["labels"].items()
+                                  if not k.startswith("service:"))),
+            "audit": bool(ep.get("audit")), "mac": (ep.get("mac") or "").lower() or None}
 
 
 def text(spec):
@@ -120,7 +147,8 @@ ARGUMENT_SPEC = dict(
 def main():
     module = AnsibleModule(
         argument_spec=ARGUMENT_SPEC,
-        required_if=[("state", "present", ("interface", "ips"))],
+        required_if=[("state", "present", ("interface", "mac"), True),
+                     ("state", "present", ("ips",))],
         supports_check_mode=True,
     )
     p = module.params
@@ -134,10 +162,14 @@ def main():
         if p["state"] == "absent":
             after = None
         else:
-            iface = p["interface"]
-            if not iface or len(iface) > 15 or "/" in iface or any(c.isspace() for c in iface):
+            iface, mac = p["interface"], p["mac"]
+            if iface is not None and (not iface or len(iface) > 15 or "/" in iface
+                                      or any(c.isspace() for c in iface)):
                 module.fail_json(msg="interface: %r is not a host interface name (1 to 15 "
                                      "characters, no '/' or spaces)" % iface)
+            if mac is not None and not MAC_RE.match(mac):
+                module.fail_json(msg="mac: %r is not a MAC address (six hex pairs with ':', "
+                                     "e.g. 52:54:00:12:34:56)" % mac)
             ips = []
             for ip in p["ips"]:
                 try:
@@ -147,14 +179,16 @@ def main():
                                          "not prefixes)" % ip)
             if not ips:
                 module.fail_json(msg="ips: give at least one address of the workload")
-            spec = {"name": p["name"], "interface": p["interface"], "ips": ips,
+            spec = {"name": p["name"], "ips": ips,
                     "labels": {k: "" if v is None else str(v) for k, v in p["labels"].items()},
                     "audit": p["audit"]}
-            if p["mac"]:
-                spec["mac"] = p["mac"]
-            after = {"name": p["name"], "interface": p["interface"], "ips": sorted(ips),
+            if iface:
+                spec["interface"] = iface
+            if mac:
+                spec["mac"] = mac.lower()
+            after = {"name": p["name"], "interface": iface, "ips": sorted(ips),
                      "labels": dict(sorted(with_source(spec["labels"], "static").items())),
-                     "audit": p["audit"], "mac": p["mac"].lower() if p["mac"] else None}
+                     "audit": p["audit"], "mac": mac.lower() if mac else None}
         changed = before != after
         result = dict(changed=changed)
         if module._diff:

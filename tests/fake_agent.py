@@ -94,9 +94,13 @@ class FakeAgent:
                 if iface and other["name"] != name and other["interface"] == iface:
                     raise Conflict(f"interface {iface} belongs to endpoint {other['name']}",
                                    "interface")
+            mac = spec["mac"].lower() if spec.get("mac") else None
+            by_mac = not iface  # as the agent: bound to the tap found from the MAC
+            iface = iface or ""
             old = self.endpoints.get(name)
-            if old and (old["interface"], old["ips"], old["labels"], old["audit"]) != (
-                    iface, ips, labels, bool(spec.get("audit", False))):
+            if old and (old["by_mac"] or old["interface"], old["ips"], old["labels"], old["audit"],
+                        old["mac"]) != (by_mac or iface, ips, labels,
+                                        bool(spec.get("audit", False)), mac):
                 raise Conflict(f"endpoint {name} exists with another spec", "name")
             if old:
                 return dict(old)
@@ -104,6 +108,7 @@ class FakeAgent:
                   "ifindex": None, "ips": ips, "labels": labels,
                   "identity": self._identity_locked(labels), "source": "static",
                   "audit": bool(spec.get("audit", False)), "state": "waiting-for-interface",
+                  "mac": mac, "by_mac": by_mac,
                   "enforcement": {"ingress": {"enforced": False, "default_deny": False},
                                   "egress": {"enforced": False, "default_deny": False}}}
             self.endpoints[name] = ep
@@ -234,11 +239,30 @@ class FakeAgent:
     def set_services(self, data: dict, *, dry_run: bool = False) -> dict:
         self._call("set_services", data)
         from stockade.daemon.services import parse_services
-        parse_services(data)  # the real validation (InvalidRequest with a field)
-        changed = data != self.services
+        from stockade.daemon.services import membership
+        from stockade.policy.labels import LabelSet
+        new = parse_services(data)  # the real validation (InvalidRequest with a field)
+        old = parse_services(self.services)
+        relabeled, conflicts = [], []
+        with self.lock:
+            for name, ep in sorted(self.endpoints.items()):
+                view = {"name": name, "source": ep["source"], "interface": ep["interface"],
+                        "image": None, "labels": LabelSet()}
+                before, after = membership(old, view)[0], membership(new, view)
+                if len(after[1]) > 1:
+                    conflicts.append({"endpoint": name, "services": after[1],
+                                      "chosen": after[0].name})
+                if (before and before.name) != (after[0] and after[0].name):
+                    labels = sorted(f"{k}={v}" for k, v in ep["labels"].items())
+                    if after[0] is not None:
+                        labels = sorted(labels + after[0].labels.to_strings())
+                    relabeled.append({"endpoint": name, "service": after[0] and after[0].name,
+                                      "labels": labels})
+        changed = data != self.services or bool(relabeled)
         if not dry_run:
             self.services = dict(data)
-        return {"changed": changed, "dry_run": dry_run, "relabeled": [], "conflicts": []}
+        return {"changed": changed, "dry_run": dry_run, "relabeled": relabeled,
+                "conflicts": conflicts}
 
     def metrics(self) -> str:
         self._call("metrics")

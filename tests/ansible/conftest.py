@@ -26,7 +26,7 @@ _load("ansible.module_utils.stockade", ROOT / "module_utils" / "stockade.py")
 def modules():
     return {name: _load(f"stockade_modules_{name}", ROOT / "modules" / f"{name}.py")
             for name in ("stockade_info", "stockade_endpoint", "stockade_ipcache",
-                         "stockade_policy")}
+                         "stockade_policy", "stockade_services")}
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """The Stockade modules against a fake agent on a real unix socket: check mode changes
 nothing, diff shows what changes, a second run is not changed, bad input says what to fix."""
+import json
+
 import pytest
 
 WEB = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
@@ -111,11 +113,43 @@ def test_endpoint_check_diff_apply_idempotent(agent, run):
     assert not run("stockade_endpoint", s(agent, name="vm1", state="absent"))["changed"]
 
 
+VM_MAC = {"name": "build-fc", "mac": "06:00:AC:10:00:02", "ips": ["10.90.0.3"],
+          "labels": {"app": "build"}}
+
+
+def test_endpoint_by_mac_check_diff_apply_idempotent(agent, run):
+    r = run("stockade_endpoint", s(agent, **VM_MAC), check=True, diff=True)
+    assert r["changed"] and '"mac": "06:00:ac:10:00:02"' in r["diff"]["after"]
+    assert agent.endpoints == {}
+    assert run("stockade_endpoint", s(agent, **VM_MAC))["changed"]
+    ep = agent.endpoints["build-fc"]
+    assert ep["mac"] == "06:00:ac:10:00:02" and ep["by_mac"] and ep["interface"] == ""
+    assert [c[1] for c in agent.calls if c[0] == "add_endpoint"][-1].get("interface") is None
+    # the same MAC in another case, and the tap the agent found, change nothing
+    ep["interface"] = "tap-build"
+    assert not run("stockade_endpoint", s(agent, **{**VM_MAC, "mac": "06:00:ac:10:00:02"}))["changed"]
+    # pinning it to a tap by name is a change of spec
+    r = run("stockade_endpoint", s(agent, **{**VM_MAC, "interface": "tap-build"}), diff=True)
+    assert r["changed"] and '"interface": null' in r["diff"]["before"]
+    assert agent.endpoints["build-fc"]["interface"] == "tap-build"
+    assert not agent.endpoints["build-fc"]["by_mac"]
+    assert not run("stockade_endpoint", s(agent, **{**VM_MAC, "interface": "tap-build"}))["changed"]
+
+
+def test_endpoint_service_labels_are_not_its_spec(agent, run):
+    run("stockade_endpoint", s(agent, **EP))
+    agent.endpoints["vm1"]["labels"]["service:service"] = "reports"  # given by a service
+    assert not run("stockade_endpoint", s(agent, **EP))["changed"]
+
+
 @pytest.mark.parametrize("args,msg", [
-    ({"name": "vm1"}, "state is present but all of the following are missing: interface, ips"),
+    ({"name": "vm1", "ips": ["10.90.0.2"]},
+     "state is present but any of the following are missing: interface, mac"),
+    ({"name": "vm1", "mac": "06:00:ac:10:00:02"}, "missing: ips"),
+    ({**VM_MAC, "mac": "06:00:ac:10:00"}, "mac: '06:00:ac:10:00' is not a MAC address"),
     ({**EP, "ips": ["10.90.0.0/24"]}, "ips: '10.90.0.0/24' is not an IP address"),
     ({**EP, "interface": "much-too-long-name0"}, "interface: 'much-too-long-name0' is not a host interface name"),
-], ids=["missing", "prefix-not-ip", "long-ifname"])
+], ids=["no-interface-or-mac", "no-ips", "bad-mac", "prefix-not-ip", "long-ifname"])
 def test_endpoint_bad_input(agent, run, args, msg):
     r = run("stockade_endpoint", s(agent, **args))
     assert r["failed"] and msg in r["msg"], r["msg"]
@@ -174,6 +208,61 @@ def test_info_is_read_only(agent, run):
     assert set(r) >= {"endpoints"} and "health" not in r
 
 
+# ---------------------------------------------------------------- stockade_services
+
+SERVICES = {"db": {"labels": {"tier": "data"},
+                   "members": [{"endpoint": "pg-ns", "hosts": "dbservers"}]},
+            "backup": {"labels": {"tier": "storage"}, "cidrs": ["192.0.2.0/24"]}}
+
+
+def test_services_check_diff_apply_idempotent(agent, run):
+    run("stockade_endpoint", s(agent, name="pg-ns", interface="veth-pg", ips=["10.90.0.5"],
+                               labels={"app": "pg"}))
+    r = run("stockade_services", s(agent, services=SERVICES), check=True, diff=True)
+    assert r["changed"] and agent.services == {}
+    assert r["relabeled"] == [{"endpoint": "pg-ns", "service": "db",
+                               "labels": ["service:service=db", "service:tier=data",
+                                          "static:app=pg"]}]
+    assert "db: " in r["diff"]["after"] and "backup: " in r["diff"]["after"]
+    assert "relabel pg-ns -> db" in r["diff"]["after"] and r["diff"]["before"] == ""
+    r = run("stockade_services", s(agent, services=SERVICES), diff=True)
+    assert r["changed"] and set(agent.services) == {"db", "backup"}
+    # hosts is the role's business; the agent gets the members without it
+    assert agent.services["db"]["members"] == [{"endpoint": "pg-ns"}]
+    r = run("stockade_services", s(agent, services=SERVICES), diff=True)
+    assert not r["changed"] and r["diff"]["before"] == r["diff"]["after"] == ""
+    assert r["services"]["db"]["labels"] == {"tier": "data"}
+
+
+def test_services_change_and_removal_diff(agent, run):
+    run("stockade_services", s(agent, services=SERVICES))
+    r = run("stockade_services", s(agent, services={"db": SERVICES["db"]}), diff=True)
+    assert r["changed"] and set(agent.services) == {"db"}
+    assert r["diff"]["before"].startswith("backup: ") and r["diff"]["after"] == ""
+    r = run("stockade_services", s(agent, services={}))
+    assert r["changed"] and agent.services == {}
+
+
+def test_services_conflict_is_returned_and_warned(agent, run):
+    run("stockade_endpoint", s(agent, name="pg-ns", interface="veth-pg", ips=["10.90.0.5"]))
+    both = {"db": SERVICES["db"], "store": {"members": [{"interface": "veth-*"}]}}
+    r = run("stockade_services", s(agent, services=both))
+    assert r["conflicts"] == [{"endpoint": "pg-ns", "services": ["db", "store"], "chosen": "db"}]
+    assert "pg-ns matches services db, store" in json.dumps(r.get("warnings")), r
+
+
+@pytest.mark.parametrize("services,field", [
+    ({"db": {"members": [{"container_name": "a", "image": "b"}]}}, "services.db.members[0]"),
+    ({"db": {"labels": {"tier": "data"}}}, "services.db"),
+    ({"backup": {"cidrs": ["192.0.2.1/24"]}}, "services.backup.cidrs[0]"),
+    ({"Web": {"cidrs": ["192.0.2.0/24"]}}, "services.Web"),
+])
+def test_services_bad_input_names_the_field(agent, run, services, field):
+    r = run("stockade_services", s(agent, services=services))
+    assert r["failed"] and r["msg"].startswith(field + ":"), r["msg"]
+    assert agent.services == {}
+
+
 # ---------------------------------------------------------------- docs agree with the spec
 
 def _compare(doc_opts: dict, spec: dict, where: str) -> list[str]:
@@ -194,7 +283,8 @@ def _compare(doc_opts: dict, spec: dict, where: str) -> list[str]:
     return problems
 
 
-MODULE_NAMES = ["stockade_info", "stockade_endpoint", "stockade_ipcache", "stockade_policy"]
+MODULE_NAMES = ["stockade_info", "stockade_endpoint", "stockade_ipcache", "stockade_policy",
+                "stockade_services"]
 
 
 @pytest.mark.parametrize("name", MODULE_NAMES, ids=MODULE_NAMES)

@@ -100,6 +100,49 @@ def test_policy_role_fails_on_failed_policy_test(agent, tmp_path):
     assert not [c for c in agent.calls if c[0] in ("put_policies", "add_endpoint")]
 
 
+SERVICES = """\
+  children:
+            dbservers: {hosts: {localhost: {}}}
+            webservers: {hosts: {web9: {ansible_connection: local}}}
+          vars:
+            stockade_services:
+              db:
+                labels: {app: db}
+                members:
+                  - {endpoint: vm1, hosts: dbservers}
+                  - {container_name: "web-*", hosts: [webservers]}
+              backup: {cidrs: [192.0.2.0/24], labels: {tier: storage}}
+              %s
+"""
+
+
+def test_policy_role_pushes_services_for_this_host_before_policies(agent, tmp_path):
+    policy = GOOD.replace("ingress: [", "ingress: [{fromCIDRSet: [{cidrGroupRef: backup}]}, ")
+    policy += "---\n" + GOOD.replace("name: db", "name: ghost").replace("app: db", "app: ghost")
+    inv = inventory(tmp_path, agent.socket_path, policy, SERVICES % "")
+    r = playbook("-i", inv, "playbooks/policy.yml", "--diff", "--limit", "localhost")
+    assert r.returncode == 0, r.stdout[-4000:]
+    # the webservers member is not this host's; hosts is resolved, not sent
+    assert agent.services == {"db": {"labels": {"app": "db"}, "members": [{"endpoint": "vm1"}]},
+                              "backup": {"cidrs": ["192.0.2.0/24"], "labels": {"tier": "storage"}}}
+    calls = [c[0] for c in agent.calls if c[0] in ("set_services", "put_policies")]
+    assert calls.index("set_services") < calls.index("put_policies")
+    # a warning, not a failure: nothing selects app=ghost on any host
+    assert "policy ghost selects nothing on any host" in r.stdout, r.stdout[-3000:]
+    assert "relabel vm1 -> db" in r.stdout
+    r = playbook("-i", inv, "playbooks/policy.yml", "--limit", "localhost")
+    assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-1500:]
+
+
+def test_policy_role_rejects_bad_service_before_any_change(agent, tmp_path):
+    inv = inventory(tmp_path, agent.socket_path, GOOD,
+                    SERVICES % "bad: {members: [{image: x, container_name: y}]}")
+    r = playbook("-i", inv, "playbooks/policy.yml", "--limit", "localhost")
+    assert r.returncode != 0
+    assert "stockade_services.bad.members[0]: a member has exactly one of" in r.stdout, r.stdout[-3000:]
+    assert not [c for c in agent.calls if c[0] in ("put_policies", "add_endpoint", "set_services")]
+
+
 # ---------------------------------------------------------------- stockade_agent role
 
 def test_systemd_unit_verifies(tmp_path):

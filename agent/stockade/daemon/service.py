@@ -38,7 +38,7 @@ class ServiceAPI:
                 "ips": list(ep.ips), "labels": (ident.labels if ident else ep.labels).to_dict(),
                 "service": svc.name if svc else None, "identity": ep.identity,
                 "source": ep.source, "audit": ep.audit or self.config.audit, "state": ep.state,
-                "mac": ep.mac, "enforcement": enf}
+                "mac": ep.mac, "by_mac": ep.by_mac, "enforcement": enf}
 
     def list_endpoints(self) -> list[dict]:
         with self._lock:
