@@ -16,5 +16,5 @@ if [ -f /run/stockade-demo/table.txt ]; then
 fi
 echo
 echo "Agent: .venv/bin/stockade status   (socket /run/stockade/agent.sock, log /var/log/stockade/agent.log)"
-echo "Web UI: not part of this demo yet; it will be served by the agent host once the web UI lands."
+echo "Web UI: http://127.0.0.1:8470/   (login token: sudo cat /etc/stockade/webui.token; log /var/log/stockade/webui.log)"
 echo "Remove everything: make demo-down"

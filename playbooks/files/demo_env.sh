@@ -47,7 +47,10 @@ case "$1" in
     state="$("${PODMAN[@]}" container inspect --format '{{.State.Status}}' "$name" 2>/dev/null || true)"
     if [ "$state" = running ]; then echo running; exit 0; fi
     [ -n "$state" ] && "${PODMAN[@]}" rm -f -t 0 "$name" >/dev/null
-    "${PODMAN[@]}" run -d --name "$name" --label "app=$2" --network stockade-demo "$IMAGE" \
+    # $4: the container's own labels ("-": none; its identity then comes from a service)
+    labels=()
+    [ "${4:-app=$2}" != - ] && labels=(--label "${4:-app=$2}")
+    "${PODMAN[@]}" run -d --name "$name" "${labels[@]}" --network stockade-demo "$IMAGE" \
       sh -c "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p $3 -h /www" >/dev/null
     echo started ;;
   ip)

@@ -153,6 +153,45 @@ def test_systemd_unit_verifies(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:]
     unit = (tmp_path / "stockade-agent.service").read_text()
     assert "Restart=on-failure" in unit and f"ExecStart={ROOT / '.venv'}/bin/stockade agent" in unit
+    unit = (tmp_path / "stockade-webui.service").read_text()
+    assert (f"ExecStart={ROOT / '.venv'}/bin/stockade webui --token-file /etc/stockade/webui.token "
+            "--user stockade-webui --bind 127.0.0.1:8470 --socket=localhost=") in unit
+
+
+@pytest.mark.root
+def test_role_webui_starts_answers_and_is_removed(agent, tmp_path):
+    """stockade_agent_webui_enabled: user, root-only token made once, background process
+    with PID file and log, GET /login 200; a second run changes nothing; absent removes."""
+    import socket as sk
+    import urllib.request
+    with sk.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token, ctl = tmp_path / "webui.token", tmp_path / "stockade-webuictl"
+    args = ("tests/ansible/playbooks/webui.yml",
+            "-e", f"stockade_agent_venv={ROOT / '.venv'}", "-e", f"stockade_agent_project_dir={ROOT}",
+            "-e", f"stockade_agent_socket={agent.socket_path}",
+            "-e", f"stockade_agent_run_dir={tmp_path}", "-e", f"stockade_agent_log_file={tmp_path}/agent.log",
+            "-e", f"stockade_agent_webui_bind=127.0.0.1:{port}", "-e", f"stockade_agent_webui_token_file={token}",
+            "-e", f"stockade_agent_webui_ctl={ctl}")
+    try:
+        r = playbook(*args, "-e", "webui_step=present")
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert oct(token.stat().st_mode & 0o777) == "0o600" and token.stat().st_uid == 0
+        first = token.read_text()
+        pid = int((tmp_path / "webui.pid").read_text())
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+        assert uid != 0, "the web UI must drop root"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/login", headers={"Host": "127.0.0.1"})
+        assert urllib.request.urlopen(req, timeout=5).status == 200
+        r = playbook(*args, "-e", "webui_step=present")
+        assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-2000:]
+        assert token.read_text() == first and int((tmp_path / "webui.pid").read_text()) == pid
+    finally:
+        r = playbook(*args, "-e", "webui_step=absent")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert not token.exists() and not ctl.exists() and not Path(f"/proc/{pid}").exists()
 
 
 @pytest.mark.root
