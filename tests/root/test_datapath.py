@@ -301,13 +301,14 @@ def test_unknown_endpoint(e):
     assert not ping_ok(c, e.b.ip4)
     assert e.count(EGRESS, Verdict.DROPPED, Reason.UNKNOWN_ENDPOINT) >= 1
     e.dp.set_config(forward_unidentified=True)
-    assert ping_ok(c, e.b.ip4)
+    # the failed ARP resolution above is retried by the kernel after a while: poll
+    assert traffic.eventually(lambda: ping_ok(c, e.b.ip4), timeout=10)
     assert e.count(EGRESS, Verdict.FORWARDED, Reason.UNKNOWN_ENDPOINT) >= 1
     e.dp.set_config()
     e.dp.set_endpoint(c.host_ifindex, 3, 1003, c.ips, unidentified=True)
     assert not ping_ok(c, e.b.ip4)
     e.dp.set_endpoint(c.host_ifindex, 3, 1003, c.ips)
-    assert ping_ok(c, e.b.ip4)
+    assert traffic.eventually(lambda: ping_ok(c, e.b.ip4), timeout=10)
 
 
 @pytest.mark.parametrize("how", ["global", "endpoint"])
