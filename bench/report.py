@@ -152,6 +152,8 @@ DETAILS = {
     "datapath-detail": ("datapath", datapath_detail),
     "controlplane-detail": ("controlplane", controlplane_detail),
     "flows": ("flows", generic),
+    "vm": ("vm", generic),
+    "services": ("services", generic),
 }
 
 

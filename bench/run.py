@@ -15,6 +15,8 @@ BENCHES = {
     "datapath": "bench.datapath_bench",
     "controlplane": "bench.controlplane_bench",
     "flows": "bench.flows_bench",  # written with the flows feature; skipped while absent
+    "vm": "bench.vm_bench",
+    "services": "bench.services_bench",
     "profile": "bench.profile",
 }
 
