@@ -188,6 +188,15 @@ def test_role_webui_starts_answers_and_is_removed(agent, tmp_path):
         r = playbook(*args, "-e", "webui_step=present")
         assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-2000:]
         assert token.read_text() == first and int((tmp_path / "webui.pid").read_text()) == pid
+        # a changed setting rewrites the start script and restarts the UI with it
+        r = playbook(*args, "-e", "webui_step=present",
+                     "-e", '{"stockade_agent_webui_trusted_hosts": ["ui.example.net"]}')
+        assert r.returncode == 0, r.stdout[-3000:]
+        assert "RUNNING HANDLER [stockade_agent : Restart the Stockade web UI (process)]" in r.stdout
+        old, pid = pid, int((tmp_path / "webui.pid").read_text())
+        assert pid != old and not Path(f"/proc/{old}").exists()
+        assert "--trusted-host=ui.example.net" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " ")
+        assert urllib.request.urlopen(req, timeout=5).status == 200
     finally:
         r = playbook(*args, "-e", "webui_step=absent")
     assert r.returncode == 0, r.stdout[-3000:]
