@@ -190,3 +190,10 @@ def test_api_oversized_is_413_json(client):
     r = client.post("/api/v1/review", headers=BEARER,
                     json={"files": [{"name": "x.yaml", "text": "#" * (100 * 1024)}]})
     assert r.status_code == 413 and r.json["error"]["status"] == 413
+
+
+def test_review_page_has_one_form_and_a_plain_title(logged_in, post):
+    for page in (logged_in.get("/review").get_data(as_text=True),
+                 post(text="apiVersion: cilium.io/v2\nkind: Nope\n").get_data(as_text=True)):
+        assert page.count('class="review-form"') == 1
+        assert "<title>Review · Stockade</title>" in page
