@@ -15,6 +15,7 @@ import pytest
 
 from agentproc import AgentProcess
 from netns import Topology
+from policydocs import ingress_policy
 from traffic import eventually, tcp_ok
 
 pytestmark = pytest.mark.root
@@ -25,49 +26,12 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
-LIVE = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: db}
-spec:
-  endpointSelector: {matchLabels: {app: db}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: web}}]
-      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: cache}
-spec:
-  endpointSelector: {matchLabels: {app: cache}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: web}}]
-      toPorts: [{ports: [{port: "6379", protocol: TCP}]}]
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: api}
-spec:
-  endpointSelector: {matchLabels: {app: api}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: web}}]
-      toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
-  ingressDeny:
-    - fromEndpoints: [{matchLabels: {app: web}}]
-      toPorts: [{ports: [{port: "22", protocol: TCP}]}]
-"""
+LIVE = "---\n".join([ingress_policy("db", "db", "web", 5432),
+                      ingress_policy("cache", "cache", "web", 6379),
+                      ingress_policy("api", "api", "web", 8080, deny_port=22)])
 
 # The proposal moves db behind api: web -> db:5432 would be blocked, api -> db allowed.
-PROPOSED = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: db}
-spec:
-  endpointSelector: {matchLabels: {app: db}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: api}}]
-      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
-"""
+PROPOSED = ingress_policy("db", "db", "api", 5432)
 
 WEB_TO_DB = 5
 

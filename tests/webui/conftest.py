@@ -7,34 +7,16 @@ import re
 
 import pytest
 from fake_agent import FakeAgent
+from policydocs import ingress_policy
 
 from stockade.daemon.server import APIServer
 from stockade_webui import create_app
 
 TOKEN = "test-token-0123456789abcdef"
 
-DB_POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: db}
-spec:
-  endpointSelector: {matchLabels: {app: db}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: web}}]
-      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
-"""
-
+DB_POLICY = ingress_policy("db", "db", "web", 5432)
 # The proposal: db only from api, so web -> db:5432 would be blocked.
-PROPOSED = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: db}
-spec:
-  endpointSelector: {matchLabels: {app: db}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: api}}]
-      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
-"""
+PROPOSED = ingress_policy("db", "db", "api", 5432)
 
 
 def _iso(seconds_ago: float) -> str:
