@@ -202,7 +202,7 @@ class FakeAgent:
                 for p in load_text(f["text"], f["name"]):
                     loaded[(p.ref.kind, p.ref.namespace or None, p.ref.name)] = {
                         **p.ref.to_dict(), "source": p.source, "document": p.document,
-                        "rules": len(p.rules)}
+                        "rules": len(p.rules), "description": p.description, "problems": []}
             except PolicyErrors as exc:
                 errors.extend(exc.errors)
         if errors:

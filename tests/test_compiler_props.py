@@ -30,13 +30,17 @@ ports_st = st.lists(port_st, min_size=1, max_size=2)
 
 
 def peer_rule(direction):
+    """One rule element: at most one peer kind (Cilium refuses to combine them),
+    sometimes given as an empty list (selects no peer)."""
     pre = "from" if direction == "in" else "to"
-    return st.fixed_dictionaries({}, optional={
-        f"{pre}Endpoints": st.lists(selector_st, min_size=1, max_size=2),
-        f"{pre}Entities": st.lists(st.sampled_from(["world", "host", "cluster", "all"]), min_size=1, max_size=2),
-        f"{pre}CIDR": st.lists(st.sampled_from(CIDRS), min_size=1, max_size=1),
-        "toPorts": st.builds(lambda p: [{"ports": p}], ports_st),
-    })
+    peers = st.one_of(
+        st.just({}),
+        st.builds(lambda v: {f"{pre}Endpoints": v}, st.lists(selector_st, max_size=2)),
+        st.builds(lambda v: {f"{pre}Entities": v},
+                  st.lists(st.sampled_from(["world", "host", "cluster", "all"]), max_size=2)),
+        st.builds(lambda v: {f"{pre}CIDR": v}, st.lists(st.sampled_from(CIDRS), max_size=1)))
+    l4 = st.fixed_dictionaries({}, optional={"toPorts": st.builds(lambda p: [{"ports": p}], ports_st)})
+    return st.builds(lambda a, b: {**a, **b}, peers, l4)
 
 
 spec_st = st.fixed_dictionaries({"endpointSelector": selector_st}, optional={

@@ -258,6 +258,22 @@ INVALID = {
                                 "invalid regular expression: missing )")],
     "l7-http-in-deny.yaml": [(0, "spec.ingressDeny[0].toPorts[0].rules", "deny rules cannot have L7 rules")],
     "not-a-mapping.yaml": [(0, "", "must be of type object, not str")],
+    # Shapes Cilium's rule validation refuses, with its wording.
+    "combine-endpoints-cidr.yaml": [
+        (0, "spec.ingress[0]", "Combining FromEndpoints and FromCIDR is not supported yet"),
+        (0, "spec.ingressDeny[0]", "Combining FromEndpoints and FromEntities is not supported yet"),
+        (0, "spec.egress[0]", "Combining ToEndpoints and ToEntities is not supported yet")],
+    "combine-tocidr-tocidrset.yaml": [
+        (0, "spec.egress[0]", "Combining ToCIDR and ToCIDRSet is not supported yet"),
+        (0, "spec.ingress[0]", "Combining FromCIDR and FromCIDRSet is not supported yet")],
+    "icmps-with-toports.yaml": [
+        (0, "spec.egress[0]", "The ICMPs block may only be present without ToPorts. "
+                              "Define a separate rule to use ToPorts."),
+        (0, "spec.ingressDeny[0]", "The ICMPs block may only be present without ToPorts.")],
+    "endpointselector-other-namespace.yaml": [
+        (0, "spec.endpointSelector", "a policy in namespace ns1 selects only workloads of that "
+                                     "namespace; io.kubernetes.pod.namespace=ns2 names another"),
+        (1, "spec.endpointSelector", "namespace notin (ns1) names another")],
 }
 
 

@@ -230,3 +230,105 @@ def test_relabel_endpoint_changes_verdict(e):
     finally:
         agent.client.add_endpoint(name="c", interface=w["c"].host_if, ips=w["c"].ips, labels={"app": "other"})
     assert not tcp_ok(w["c"], w["b"], w["b"].ip4, 5432)
+
+
+@pytest.mark.parametrize("peers", ["fromEndpoints: []", "fromEntities: []", "fromCIDR: []",
+                                   "fromCIDRSet: []"])
+def test_empty_peer_list_allows_nobody(e, peers):
+    """An explicitly empty peer list next to toPorts selects no peer (it was a fail-open:
+    every peer was let in on the port)."""
+    agent, w = e
+    doc = cnp("db", f"""
+endpointSelector: {{matchLabels: {{app: db}}}}
+ingress:
+  - {peers}
+    toPorts: [{{ports: [{{port: "5432", protocol: TCP}}]}}]
+""")
+    result = apply(agent, doc)
+    lines = result["diff"]["rules"]["added"]
+    assert lines and all("any peer" not in line for line in lines), lines
+    assert any("selects none" in line for line in lines), lines
+    for src in ("a", "c", "x"):
+        assert tcp_ok(w[src], w["b"], w["b"].ip4, 5432) is False, src
+
+
+def test_empty_peer_list_egress_allows_nothing(e):
+    agent, w = e
+    apply(agent, cnp("web", """
+endpointSelector: {matchLabels: {app: web}}
+egress:
+  - toEndpoints: []
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  - toCIDR: []
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"""))
+    assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432) is False
+    assert tcp_ok(w["a"], w["x"], w["x"].ip4, 5432) is False
+
+
+def test_stored_policy_this_version_refuses_stays_enforced():
+    """A policy stored by an earlier version in a shape this one refuses (peer kinds
+    combined) is not dropped at start, which would open what it denies: it is compiled as
+    stored, named in status, refused if pushed again as is, and cleared by a fix."""
+    import json
+    with Topology("s") as topo:
+        w = {t: topo.add_workload(t, [f"10.213.21.{i}/24"]) for i, t in enumerate("abcx", start=1)}
+        with AgentProcess() as agent:
+            for name, app in (("a", "web"), ("b", "db"), ("c", "other")):
+                agent.client.add_endpoint(name=name, interface=w[name].host_if, ips=w[name].ips,
+                                          labels={"app": app})
+            apply(agent, cnp("db", DB_FROM_WEB))
+            agent.kill()
+            stored = agent.run_dir / "state" / "policies.json"
+            records = json.loads(stored.read_text())
+            combined = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                        "metadata": {"name": "db"},
+                        "spec": {"endpointSelector": {"matchLabels": {"app": "db"}},
+                                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}],
+                                              "fromCIDR": [f"{w['x'].ip4}/32"],
+                                              "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]}]}}
+            records[0]["document"] = combined
+            stored.write_text(json.dumps(records))
+            agent.start()
+            health = agent.client.health()
+            assert health["status"] == "degraded"
+            assert health["policy_problems"] == [
+                "policy db: spec.ingress[0]: Combining FromEndpoints and FromCIDR is not supported yet"]
+            [info] = agent.client.policies()
+            assert info["problems"] and info["name"] == "db"
+            assert "REFUSED" in agent.cli("policy", "get").stdout
+            assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432) is True
+            assert tcp_ok(w["x"], w["b"], w["b"].ip4, 5432) is True
+            assert tcp_ok(w["c"], w["b"], w["b"].ip4, 5432) is False
+            # Pushing it again as it is: refused, the stored one keeps working.
+            import yaml as _yaml
+            from stockade.client import ClientError
+            with pytest.raises(ClientError, match="Combining FromEndpoints and FromCIDR"):
+                apply(agent, {"name": "db.yaml", "text": _yaml.safe_dump(combined)})
+            assert tcp_ok(w["x"], w["b"], w["b"].ip4, 5432) is True
+            # A fix clears it.
+            apply(agent, cnp("db", DB_FROM_WEB))
+            health = agent.client.health()
+            assert health["status"] == "ok" and health["policy_problems"] == []
+            assert tcp_ok(w["x"], w["b"], w["b"].ip4, 5432) is False
+            assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432) is True
+
+
+def test_cidr_rules_survive_a_restart():
+    """A CIDR's identity reaches the ipcache again after a restart: before, the restart
+    removed it, so a CIDR deny stopped denying (its addresses fell back to world)."""
+    with Topology("r") as topo:
+        w = {t: topo.add_workload(t, [f"10.213.22.{i}/24"]) for i, t in enumerate("ax", start=1)}
+        with AgentProcess() as agent:
+            agent.client.add_endpoint(name="a", interface=w["a"].host_if, ips=w["a"].ips,
+                                      labels={"app": "web"})
+            apply(agent, cnp("web", f"""
+endpointSelector: {{matchLabels: {{app: web}}}}
+egress: [{{toEntities: [world]}}]
+egressDeny: [{{toCIDR: ["{w['x'].ip4}/32"]}}]
+"""))
+            assert tcp_ok(w["a"], w["x"], w["x"].ip4, 80) is False
+            agent.kill()
+            agent.start()
+            assert f"{w['x'].ip4}/32" in {e["prefix"] for e in agent.client.ipcache()}
+            assert tcp_ok(w["a"], w["x"], w["x"].ip4, 80) is False

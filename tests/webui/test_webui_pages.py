@@ -170,3 +170,14 @@ def test_several_agents_each_show_their_state(auth_for, agent_socket, tmp_path):
 def test_unknown_route_is_404(logged_in):
     assert logged_in.get("/nope").status_code == 404
     assert logged_in.get("/api/v1/nope").json["error"]["status"] == 404
+
+
+def test_policies_page_shows_the_description(own_agent, auth_for):
+    agent, sock = own_agent
+    agent.put_policies([{"name": "d.yaml", "text": (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+        "description: Only the web tier may reach the database\n"
+        "metadata: {name: described}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n"
+        "  ingress: [{fromEndpoints: [{matchLabels: {app: web}}]}]\n")}])
+    c = auth_for(sock)
+    assert "Only the web tier may reach the database" in text(c.get("/policies"))

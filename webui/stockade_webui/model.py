@@ -111,7 +111,8 @@ def describe_policy(p: Policy) -> list[dict]:
                                  "from": "nothing" if direction == "ingress" else subject,
                                  "to": subject if direction == "ingress" else "nothing",
                                  "ports": "-", "path": f"{rule.path}.{pr.path.split('.')[-1]}",
-                                 "text": f"{subject}: {direction} default deny, no peer allowed"})
+                                 "text": f"{subject}: {direction} default deny, no peer allowed"
+                                         + (f" ({describe_peers(pr)})" if pr.empty_fields else "")})
                     continue
                 peers, ports = describe_peers(pr), describe_l4(pr)
                 src, dst = (peers, subject) if direction == "ingress" else (subject, peers)

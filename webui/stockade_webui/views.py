@@ -99,7 +99,8 @@ def policies(h: Host) -> dict:
         disp = f"{info['namespace']}/{info['name']}" if info.get("namespace") else info["name"]
         p = by_ref.get(disp)
         out.append({"name": disp, "kind": info.get("kind"), "source": info.get("source"),
-                    "rules": info.get("rules"), "clauses": model.describe_policy(p) if p else [],
+                    "description": info.get("description") or "",
+                    "problems": info.get("problems") or [], "rules": info.get("rules"), "clauses": model.describe_policy(p) if p else [],
                     "yaml": yaml.safe_dump(info.get("document"), sort_keys=False)})
     health = h.get("health") or {}
     return {"host": h.name, "policies": out, "audit_endpoints": audit_eps,

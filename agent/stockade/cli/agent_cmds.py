@@ -82,6 +82,8 @@ def status(socket_path, output):
             click.echo(f"{k + ':':<{width + 1}} {v}")
         if h.get("unprotected_interfaces"):
             click.echo(f"{'unprotected:':<{width + 1}} {', '.join(h['unprotected_interfaces'])}")
+        for problem in h.get("policy_problems") or []:
+            click.echo(f"refused stored policy: {problem}")
         for e in h.get("errors") or []:
             click.echo(f"error: {e}")
     if h["status"] != "ok":
@@ -345,9 +347,15 @@ def policy_get(names, namespace, socket_path, output):
     if output == "yaml":
         click.echo(yaml.safe_dump_all([p["document"] for p in pols], sort_keys=False), nl=False)
         return
-    print_table(["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE"],
-                [[p["kind"], p.get("namespace"), p["name"], p["rules"], p["source"]]
+    print_table(["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE", "DESCRIPTION"],
+                [[p["kind"], p.get("namespace"), p["name"], p["rules"], p["source"],
+                  _one_line(p.get("description") or "") + (" [REFUSED BY THIS VERSION]" if p.get("problems") else "")]
                  for p in pols])
+
+
+def _one_line(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 @click.command("delete")

@@ -90,7 +90,23 @@ def trace(src, dst, dport, enforcement, files, output):
     if output == "json":
         emit_json(result)
         return
+    echo_trace(result)
+
+
+def echo_trace(result: dict) -> None:
+    """The trace in words (the JSON shape is Tracer.trace's)."""
     click.echo(f"{result['src']['selector']} -> {result['dst']['selector']} {result['port']}")
+    if result.get("parts"):
+        click.echo("  the prefix is split by the policies' own prefixes:")
+        for part in result["parts"]:
+            click.echo(f"  {_part_words(part)}: {part['verdict'].upper()} ({part['reason']})")
+        if result["verdict"] == "partial":
+            allowed = [p for p in result["parts"] if p["verdict"] == "allow"]
+            click.echo(f"Final verdict: PARTIAL ({len(allowed)} of {len(result['parts'])} "
+                       "parts allowed, the others denied)")
+        else:
+            click.echo(f"Final verdict: {result['verdict'].upper()} (every part)")
+        return
     for side, who in (("egress", "source"), ("ingress", "destination")):
         r = result[side]
         click.echo(f"  {side} of {who}: {r['verdict'].upper()} ({r['reason']})")
@@ -99,6 +115,13 @@ def trace(src, dst, dport, enforcement, files, output):
         if r["policies"] and not r["rules"]:
             click.echo(f"    policies: {', '.join(r['policies'])}")
     click.echo(f"Final verdict: {result['verdict'].upper()}")
+
+
+def _part_words(part: dict) -> str:
+    text = f"cidr:{part['cidr']}"
+    if part.get("except"):
+        text += f" except {', '.join(part['except'])}"
+    return text
 
 
 @click.command("test")

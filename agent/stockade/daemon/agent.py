@@ -138,14 +138,11 @@ class Agent(ServiceAPI, ServiceOps):
             self.remote[rec["prefix"]] = {"labels": parse_labels(rec["labels"], "remote"),
                                           "host": rec.get("host"), "node": rec.get("node", False)}
             self._ipcache_remote_locked(rec["prefix"])
-        docs = self.store.read("policies.json", [])
-        policies = []
-        for d in docs:
-            try:
-                policies.append(sanitize_document(d["document"], source=d.get("source", "")))
-            except PolicyErrors as exc:
-                self._error(f"stored policy {d.get('source')} no longer valid: {exc}")
+        policies = [self._stored_policy(i, d) for i, d in
+                    enumerate(self.store.read("policies.json", []))]
         self._set_cidr_identities_locked(policies)
+        for net, ident in self.cidr_ids.items():  # services' prefixes override (below)
+            self._set_ipcache_locked(str(net), ident.id, "cidr", None)
         self.compiler.set_policies(policies)
         self.policies = {p.ref: p for p in policies}
         self.revision = self.store.read("revision.json", 0)
@@ -162,6 +159,24 @@ class Agent(ServiceAPI, ServiceOps):
                 ep.ifindex = link.ifindex
                 self.by_ifindex[link.ifindex] = ep.name
             self._identify_locked(ep)
+
+    def _stored_policy(self, index: int, record: dict):
+        """A policy from policies.json. One this version refuses is still read as the
+        version that stored it compiled it (never dropped: that would open what it
+        denies); it is named in status until it is replaced or deleted."""
+        where = f"{self.store.path('policies.json')}: document {index}"
+        try:
+            return sanitize_document(record["document"], source=record.get("source", ""))
+        except PolicyErrors as exc:
+            try:
+                policy = sanitize_document(record["document"], source=record.get("source", ""),
+                                           strict=False)
+            except PolicyErrors:
+                raise StockadeError(f"{where}: stored policy cannot be read: {exc}") from None
+        for problem in policy.problems:  # health() reports them while the policy stays
+            log.error("stored policy %s is refused by this version (still enforced as "
+                      "stored; replace or delete it): %s", policy.ref.display, problem)
+        return policy
 
     def _reconcile_maps_locked(self) -> None:
         """Make the (possibly pinned, possibly stale) maps equal the model."""

@@ -8,6 +8,8 @@ SAMPLE = 50
 
 
 def describe_peers(pr: PeerRule) -> str:
+    if pr.empty_fields:
+        return "no peer (" + ", ".join(f"{f}: []" for f in pr.empty_fields) + " selects none)"
     parts = [f"endpoints {s}" for s in pr.endpoints]
     parts += [f"cidr {c}" for c in pr.cidrs]
     parts += [f"entity {e}" for e in pr.entities]
@@ -28,7 +30,8 @@ def describe_rule(rule: Rule) -> list[str]:
                                 ("egress allow", rule.egress, "->"), ("egress deny", rule.egress_deny, "->")):
         for pr in items:
             if pr.selects_nothing:
-                out.append(f"{name}: {label.split()[0]} default-deny for {rule.endpoint_selector}")
+                why = f" ({describe_peers(pr)})" if pr.empty_fields else ""
+                out.append(f"{name}: {label.split()[0]} default-deny for {rule.endpoint_selector}{why}")
             else:
                 out.append(f"{name}: {label} {rule.endpoint_selector} {arrow} {describe_peers(pr)} "
                            f"on {describe_l4(pr)}")

@@ -17,7 +17,10 @@ class ServiceAPI:
     # health ---------------------------------------------------------------------
     def health(self) -> dict:
         with self._lock:
-            return {"status": "degraded" if self.errors else "ok", "version": __version__,
+            problems = [f"policy {p.ref.display}: {msg}" for p in self.policies.values()
+                        for msg in p.problems]
+            return {"status": "degraded" if self.errors or problems else "ok",
+                    "version": __version__, "policy_problems": problems,
                     "uptime_s": round(time.time() - self.started, 1),
                     "enforcement": self.config.enforcement, "audit": self.config.audit,
                     "host": self.config.host_name,
@@ -141,7 +144,8 @@ class ServiceAPI:
     def list_policies(self) -> list[dict]:
         with self._lock:
             return [{**p.ref.to_dict(), "source": p.source, "document": p.document,
-                     "rules": len(p.rules)}
+                     "rules": len(p.rules), "description": p.description,
+                     "problems": list(p.problems)}
                     for p in sorted(self.policies.values(), key=lambda p: p.ref)]
 
     def put_policies(self, files: list[dict], *, replace_all: bool = False,

@@ -11,6 +11,9 @@ import re
 from typing import Iterable, Mapping, NamedTuple
 
 ANY_SOURCE = "any"
+# Two spellings of a workload's namespace: Stockade's and Kubernetes' (as Cilium writes
+# it). Either one matches the other, whatever the label's source.
+NAMESPACE_KEYS = ("namespace", "io.kubernetes.pod.namespace")
 SOURCES = {"any", "container", "docker", "podman", "libvirt", "static", "service",
            "reserved", "cidr", "unspec", "k8s", "remote"}
 
@@ -85,6 +88,8 @@ class LabelSet(tuple):
         return cls.from_mapping(mapping, source)
 
     def values_of(self, source: str, key: str) -> list[str]:
+        if key in NAMESPACE_KEYS:
+            return [l.value for l in self if l.key in NAMESPACE_KEYS]
         return [l.value for l in self if l.key == key and (source == ANY_SOURCE or l.source == source)]
 
     def has(self, source: str, key: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Hashable
 from .api.entity import RESERVED
 from .api.selector import EndpointSelector
 from .identity import CIDR_KIND, RESERVED_KIND, WORKLOAD_KIND, Identity
+from .labels import NAMESPACE_KEYS
 
 Selector = tuple[str, Hashable]
 ALL = ("entity", "all")  # compiles to the wildcard peer, never expanded
@@ -39,6 +40,11 @@ def selects(selector: Selector, ident: Identity) -> bool:
     return ident.id == RESERVED.get(value)
 
 
+def _index_names(key: str) -> tuple[str, ...]:
+    """The label keys a requirement on ``key`` looks at (both namespace spellings)."""
+    return NAMESPACE_KEYS if key in NAMESPACE_KEYS else (key,)
+
+
 class SelectorCache:
     def __init__(self):
         self.identities: dict[int, Identity] = {}
@@ -55,7 +61,7 @@ class SelectorCache:
         if not reqs:
             return None
         best = min(reqs, key=lambda r: len(r.values))
-        return [(best.key, v) for v in best.values]
+        return [(k, v) for k in _index_names(best.key) for v in best.values]
 
     def _index_selector(self, sel: Selector, add: bool) -> None:
         keys = self.index_keys(sel[1]) if sel[0] == "endpoints" else None
@@ -75,7 +81,8 @@ class SelectorCache:
         best = None
         for req in sel.requirements:
             if req.operator == "In":
-                ids = set().union(*(self._index.get((req.key, v), ()) for v in req.values))
+                ids = set().union(*(self._index.get((k, v), ()) for k in _index_names(req.key)
+                                    for v in req.values))
                 if best is None or len(ids) < len(best):
                     best = ids
         pool = self.identities if among is None else among

@@ -3,8 +3,15 @@
 The source's egress and the destination's ingress are each looked up exactly as the
 datapath does (mapstate.lookup); the connection is allowed when both allow. Only
 workloads (label selectors) have policy; CIDR and entity peers are not enforced.
+
+A CIDR side stands for every address in its prefix. The policies' own prefixes split it
+into parts (a more specific prefix inside it has an identity of its own, e.g. an
+``except``); when the parts get different verdicts the answer is ``partial``, with the
+verdict of each part.
 """
 from __future__ import annotations
+
+import ipaddress
 
 from .api.entity import RESERVED
 from .api.rule import Policy
@@ -40,6 +47,45 @@ class Tracer:
         return ident.id
 
     def trace(self, src: PeerSpec, dst: PeerSpec, proto: int, port: int) -> dict:
+        """The verdict for one connection. A CIDR side facing a workload may be split
+        into parts (``_parts``): then ``parts`` lists each with its verdict, and the
+        verdict is ``partial`` when they differ."""
+        side = "dst" if dst.kind == "cidr" and src.kind == "workload" else (
+            "src" if src.kind == "cidr" and dst.kind == "workload" else None)
+        parts = self._parts(dst if side == "dst" else src) if side else []
+        if len(parts) <= 1:
+            return self._trace_one(src, dst, proto, port)
+        results, out = [], []
+        for spec, desc in parts:
+            r = self._trace_one(src if side == "dst" else spec, spec if side == "dst" else dst,
+                                proto, port)
+            results.append(r)
+            reasons = "; ".join(f"{d}: {r[d]['reason']}" for d in ("egress", "ingress"))
+            out.append({**desc, "verdict": r["verdict"], "reason": reasons})
+        result = dict(results[0])
+        result["src"] = {"selector": str(src), "identity": result["src"]["identity"]}
+        result["dst"] = {"selector": str(dst), "identity": result["dst"]["identity"]}
+        if len({r["verdict"] for r in results}) > 1:
+            result["verdict"] = "partial"
+        result["parts"] = out
+        return result
+
+    def _parts(self, spec: PeerSpec) -> list[tuple[PeerSpec, dict]]:
+        """A CIDR spec split by the policies' prefixes inside it: [(spec of the part,
+        {"cidr", "except"})]; one part when no policy prefix lies inside it."""
+        net = ipaddress.ip_network(spec.prefix)
+        inner = [p for p in self.cidr_ids if p.version == net.version and p != net and p.subnet_of(net)]
+        out = []
+        for part in [net] + sorted(inner, key=lambda n: (n.network_address, n.prefixlen)):
+            holes = [p for p in inner if p != part and p.subnet_of(part)]
+            top = [h for h in holes if not any(o != h and h.subnet_of(o) for o in holes)]
+            desc = {"cidr": str(part)}
+            if top:
+                desc["except"] = [str(h) for h in sorted(top, key=lambda n: n.network_address)]
+            out.append((PeerSpec("cidr", prefix=str(part)), desc))
+        return out
+
+    def _trace_one(self, src: PeerSpec, dst: PeerSpec, proto: int, port: int) -> dict:
         sid, did = self.identity_of(src), self.identity_of(dst)
         egress = self._side(src, sid, did, EGRESS, proto, port)
         ingress = self._side(dst, did, sid, INGRESS, proto, port)

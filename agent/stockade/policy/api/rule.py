@@ -41,6 +41,10 @@ class PeerRule:
     No peer field (endpoints, cidrs, entities) means every peer, but only if the rule has
     ``toPorts`` or ``icmps``; an element with neither selects nothing (it still makes its
     direction default-deny). No ``toPorts``/``icmps`` means every protocol and port.
+
+    A peer field given as an empty list (``fromEndpoints: []``) is not the same as an
+    absent one: as in Cilium, it selects no peer at all, whatever else the element says.
+    ``empty_fields`` names such fields, so the difference survives to the compiler.
     """
 
     path: str  # e.g. "spec.ingress[0]"
@@ -49,6 +53,7 @@ class PeerRule:
     entities: tuple[str, ...] = ()
     to_ports: tuple[PortRule, ...] = ()
     icmps: tuple[ICMPField, ...] = ()
+    empty_fields: tuple[str, ...] = ()  # peer fields given as [] (e.g. "fromEndpoints")
 
     @property
     def has_peers(self) -> bool:
@@ -60,7 +65,7 @@ class PeerRule:
 
     @property
     def selects_nothing(self) -> bool:
-        return not self.has_peers and not self.has_l4
+        return bool(self.empty_fields) or (not self.has_peers and not self.has_l4)
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,7 @@ class Policy:
     source: str = ""          # file path, "inline", "inventory:..." ...
     document: dict = field(default_factory=dict)
     has_l7: bool = False
+    description: str = ""     # the document's top-level ``description``
+    # Set when a stored policy no longer passes this version's validation: it is still
+    # compiled the way the version that accepted it did (see validation.sanitize_document).
+    problems: tuple[str, ...] = ()

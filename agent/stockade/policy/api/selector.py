@@ -2,7 +2,9 @@
 
 ``matchLabels`` (key -> value, all must hold) and ``matchExpressions`` (key, operator
 In/NotIn/Exists/DoesNotExist, values), as in Kubernetes label selectors. A key may carry
-a source prefix (``container:app``); without one it matches labels of any source.
+a source prefix (``container:app``); without one it matches labels of any source. The
+namespace keys (``namespace``, ``io.kubernetes.pod.namespace``) match each other and
+ignore sources (labels.NAMESPACE_KEYS).
 
 An empty selector (``{}``) selects every workload identity, never reserved entities
 (host, world, ...) nor CIDR identities. A selector selects a reserved identity only when
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..labels import ANY_SOURCE, LabelSet, split_source
+from ..labels import ANY_SOURCE, NAMESPACE_KEYS, LabelSet, split_source
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -60,10 +62,10 @@ class EndpointSelector:
               ) -> "EndpointSelector":
         reqs = set()
         for key, value in match_labels.items():
-            source, name = split_source(key)
+            source, name = _split(key)
             reqs.add(Requirement(source, name, "In", (str(value),)))
         for key, op, values in expressions:
-            source, name = split_source(key)
+            source, name = _split(key)
             reqs.add(Requirement(source, name, op, tuple(sorted(set(values)))))
         return cls(tuple(sorted(reqs)))
 
@@ -74,6 +76,11 @@ class EndpointSelector:
     def names_key(self, key: str) -> bool:
         return any(r.key == key for r in self.requirements)
 
+    @property
+    def names_namespace(self) -> bool:
+        """Whether a requirement is on either namespace key (then no namespace is implied)."""
+        return any(r.key in NAMESPACE_KEYS for r in self.requirements)
+
     def with_requirement(self, req: Requirement) -> "EndpointSelector":
         return EndpointSelector(tuple(sorted(set(self.requirements) | {req})))
 
@@ -82,3 +89,9 @@ class EndpointSelector:
 
     def __str__(self) -> str:
         return "{" + ", ".join(r.describe() for r in self.requirements) + "}"
+
+
+def _split(key: str) -> tuple[str, str]:
+    """(source, key) of a selector key; namespace keys match labels of every source."""
+    source, name = split_source(key)
+    return (ANY_SOURCE, name) if name in NAMESPACE_KEYS else (source, name)

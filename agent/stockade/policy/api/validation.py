@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 
 from ...errors import PolicyError, PolicyErrors
-from ..labels import check_key, check_value, split_source
+from ..labels import NAMESPACE_KEYS, Label, LabelSet, check_key, check_value, split_source
 from .cidr import CIDRRule, parse_network
 from .entity import ENTITIES
 from .ports import ICMP_FAMILIES, PROTOCOLS, HTTPRule, ICMPField, PortProtocol, PortRule
@@ -118,16 +118,39 @@ def _types(value) -> str:
     return " or ".join(value) if isinstance(value, list) else str(value)
 
 
-class _Sanitizer:
-    """Builds sanitized types from a schema-valid document, collecting every error."""
+# Peer fields of one rule element, by direction, with the names Cilium's rule validation
+# uses in its messages. Cilium refuses to combine two of them in one element.
+PEER_FIELDS = {
+    "from": (("fromEndpoints", "FromEndpoints"), ("fromCIDR", "FromCIDR"),
+             ("fromCIDRSet", "FromCIDRSet"), ("fromEntities", "FromEntities")),
+    "to": (("toEndpoints", "ToEndpoints"), ("toCIDR", "ToCIDR"),
+           ("toCIDRSet", "ToCIDRSet"), ("toEntities", "ToEntities")),
+}
+ICMPS_WITH_TOPORTS = ("The ICMPs block may only be present without ToPorts. "
+                      "Define a separate rule to use ToPorts.")
 
-    def __init__(self, namespace: str):
+
+class _Sanitizer:
+    """Builds sanitized types from a schema-valid document, collecting every error.
+
+    ``strict=False`` is for documents an earlier version accepted (the agent's stored
+    policies): shapes this version refuses but can still compile as that version did
+    are collected in ``problems`` instead of ``errors``.
+    """
+
+    def __init__(self, namespace: str, strict: bool = True):
         self.namespace = namespace
+        self.strict = strict
         self.errors: list[PolicyError] = []
+        self.problems: list[PolicyError] = []
         self.has_l7 = False
 
     def fail(self, path: str, msg: str) -> None:
         self.errors.append(PolicyError(path, msg))
+
+    def refuse(self, path: str, msg: str) -> None:
+        """A shape this version refuses that an earlier one accepted and compiled."""
+        (self.errors if self.strict else self.problems).append(PolicyError(path, msg))
 
     # selectors -----------------------------------------------------------------
     def selector(self, raw: dict, path: str, *, peer: bool) -> EndpointSelector:
@@ -157,9 +180,23 @@ class _Sanitizer:
                     self.fail(f"{epath}.values[{j}]", why)
             exprs.append((key, op, values))
         sel = EndpointSelector.build(labels, exprs)
-        if self.namespace and not sel.names_key("namespace") and not (peer and sel.names_reserved):
-            sel = sel.with_requirement(Requirement("any", "namespace", "In", (self.namespace,)))
-        return sel
+        if not self.namespace:
+            return sel
+        own = Requirement("any", "namespace", "In", (self.namespace,))
+        if peer:
+            # A peer selector that names a namespace (either key) may reach across
+            # namespaces; one that names a reserved identity is not namespaced at all.
+            return sel if sel.names_namespace or sel.names_reserved else sel.with_requirement(own)
+        # A namespaced policy selects only its own namespace's workloads.
+        own_ns = LabelSet([Label("any", "namespace", self.namespace)])
+        other = [r for r in sel.requirements if r.key in NAMESPACE_KEYS and not r.matches(own_ns)]
+        if other:
+            self.refuse(path, f"a policy in namespace {self.namespace} selects only workloads "
+                              f"of that namespace; {other[0].describe()} names another "
+                              "(use a CiliumClusterwideNetworkPolicy)")
+            if not self.strict:
+                return sel  # as the version that stored it compiled it
+        return sel.with_requirement(own)
 
     # peers ---------------------------------------------------------------------
     def cidr(self, text: str, path: str):
@@ -196,6 +233,12 @@ class _Sanitizer:
 
     def peer_rule(self, raw: dict, path: str, *, ingress: bool, deny: bool) -> PeerRule:
         pre = "from" if ingress else "to"
+        given = [(fld, go) for fld, go in PEER_FIELDS[pre] if raw.get(fld)]
+        if len(given) > 1:
+            self.refuse(path, f"Combining {given[0][1]} and {given[1][1]} is not supported yet")
+        if raw.get("icmps") and raw.get("toPorts"):
+            self.refuse(path, ICMPS_WITH_TOPORTS)
+        empty = tuple(fld for fld, _ in PEER_FIELDS[pre] if raw.get(fld, None) == [])
         endpoints = tuple(self.selector(s, f"{path}.{pre}Endpoints[{i}]", peer=True)
                           for i, s in enumerate(raw.get(f"{pre}Endpoints") or []))
         cidrs = []
@@ -219,7 +262,7 @@ class _Sanitizer:
         icmps = tuple(f for i, ic in enumerate(raw.get("icmps") or [])
                       for f in self.icmp_rule(ic, f"{path}.icmps[{i}]"))
         return PeerRule(path, endpoints, tuple(cidrs), tuple(sorted(set(entities))),
-                        to_ports, icmps)
+                        to_ports, icmps, empty)
 
     # L4 ------------------------------------------------------------------------
     def port_rule(self, raw: dict, path: str, *, deny: bool) -> PortRule:
@@ -328,9 +371,14 @@ def _net_key(n):
     return (n.version, n.network_address, n.prefixlen)
 
 
-def sanitize_document(doc: Any, *, source: str = "", allow_l7: bool = False) -> Policy:
+def sanitize_document(doc: Any, *, source: str = "", allow_l7: bool = False,
+                      strict: bool = True) -> Policy:
     """One raw document -> Policy, or PolicyErrors with every problem (paths only; the
-    caller adds file and document)."""
+    caller adds file and document).
+
+    ``strict=False`` reads a document that an earlier version accepted: shapes this
+    version refuses (see ``_Sanitizer.refuse``) are compiled as before and listed in
+    ``Policy.problems``; everything else is checked as usual."""
     errors = schema_errors(doc)
     if errors:
         raise PolicyErrors(errors)
@@ -343,7 +391,7 @@ def sanitize_document(doc: Any, *, source: str = "", allow_l7: bool = False) -> 
     if "spec" not in doc and "specs" not in doc:
         raise PolicyErrors([PolicyError("spec", "is required (or specs)")])
     ref = PolicyRef(kind, namespace, meta["name"])
-    s = _Sanitizer(namespace)
+    s = _Sanitizer(namespace, strict)
     for field_, text in (("metadata.name", meta["name"]), ("metadata.namespace", namespace)):
         if text and not re.match(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", text):
             s.fail(field_, f"{text!r} must be lower-case letters, digits, '-' and '.'")
@@ -357,4 +405,5 @@ def sanitize_document(doc: Any, *, source: str = "", allow_l7: bool = False) -> 
         s.fail(s.l7_path, L7_NOT_ENFORCED)
     if s.errors:
         raise PolicyErrors(s.errors)
-    return Policy(ref, rules, source, doc, s.has_l7)
+    return Policy(ref, rules, source, doc, s.has_l7, doc.get("description", ""),
+                  tuple(str(e) for e in s.problems))
