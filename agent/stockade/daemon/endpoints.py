@@ -37,8 +37,10 @@ def tap_matches_mac(link_kind: str | None, link_mac: str | None, guest_mac: str 
     return link_mac == guest_mac or link_mac == "fe:" + guest_mac.split(":", 1)[1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Endpoint:
+    """One workload; immutable (a change is a new Endpoint, see dataclasses.replace)."""
+
     name: str
     id: int
     interface: str
