@@ -9,6 +9,8 @@ import threading
 import httpx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fake_agent import FakeAgent
 from prometheus_client.core import CounterMetricFamily
 
@@ -91,6 +93,30 @@ def test_hostile_labels_are_bounded_and_typed():
     ep = Endpoint("c", 1, "veth0", ("10.0.0.2",), labels,
                   dropped_labels=admit_labels({f"static:k{i}": "v" for i in range(500)}, "podman")[1])
     assert len(ep.dropped_labels) == MAX_LISTED
+
+
+_keys = st.one_of(st.text(max_size=80),
+                  st.sampled_from(["app", "container:app", "static:role", "service:service",
+                                   "reserved:host", "any:app", "libvirt:vm", "k8s:x", "cidr:y"]),
+                  st.integers())
+_values = st.one_of(st.text(max_size=300), st.none(), st.integers(), st.booleans(),
+                    st.lists(st.text(max_size=3), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.dictionaries(_keys, _values, max_size=12),
+       image=st.one_of(st.none(), st.dictionaries(st.text(max_size=20), st.text(max_size=20))),
+       endpoint_source=st.sampled_from(["podman", "docker", "libvirt", "static"]))
+def test_admit_labels_takes_anything_and_forges_nothing(raw, image, endpoint_source):
+    """Whatever a source gives: no exception, each key kept or dropped once, every kept
+    label of the endpoint's own source, every drop explained and bounded."""
+    labels, dropped = admit_labels(raw, endpoint_source, image_labels=image)
+    own = {"podman": "container", "docker": "container"}.get(endpoint_source, endpoint_source)
+    assert all(l.source == own for l in labels)
+    assert len(labels) + len(dropped) == len(raw)
+    assert all(d.cause in ("other-source", "reserved", "invalid", "image") and d.reason
+               and len(d.label) <= MAX_TEXT for d in dropped)
+    assert len({l.key for l in labels}) == len(labels)     # one value per key
 
 
 # ---------------------------------------------------------------- the sources
