@@ -89,7 +89,7 @@ def test_hostile_labels_are_bounded_and_typed():
     labels, out = admit_labels({"k": "v" * 10_000, 7: "x", "n": {"a": 1}, "none": None}, "docker")
     assert labels.to_strings() == ["container:none"]
     assert sorted(d.cause for d in out) == ["invalid", "invalid", "invalid"]
-    assert all(len(d.label) <= MAX_TEXT for d in out)
+    assert all(len(d.label) <= MAX_TEXT and len(d.reason) <= 2 * MAX_TEXT for d in out)
     ep = Endpoint("c", 1, "veth0", ("10.0.0.2",), labels,
                   dropped_labels=admit_labels({f"static:k{i}": "v" for i in range(500)}, "podman")[1])
     assert len(ep.dropped_labels) == MAX_LISTED
@@ -115,7 +115,7 @@ def test_admit_labels_takes_anything_and_forges_nothing(raw, image, endpoint_sou
     assert all(l.source == own for l in labels)
     assert len(labels) + len(dropped) == len(raw)
     assert all(d.cause in ("other-source", "reserved", "invalid", "image") and d.reason
-               and len(d.label) <= MAX_TEXT for d in dropped)
+               and len(d.label) <= MAX_TEXT and len(d.reason) <= 2 * MAX_TEXT for d in dropped)
     assert len({l.key for l in labels}) == len(labels)     # one value per key
 
 

@@ -61,9 +61,12 @@ class DroppedLabel:
         return cls(str(d["label"]), str(d["reason"]), str(d["cause"]))
 
 
+def _cut(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _text(key, value) -> str:
-    text = f"{key}={value}" if value != "" else str(key)
-    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 1] + "…"
+    return _cut(f"{key}={value}" if value != "" else str(key))
 
 
 def _why_dropped(key, value, source: str, image_labels: Mapping | None
@@ -117,6 +120,7 @@ def admit_labels(raw: Mapping, endpoint_source: str, *, image_labels: Mapping | 
         if cause is None:
             kept[result.key] = (key, result)
         else:
-            dropped.append(DroppedLabel(_text(key, "" if value is None else value), result,
-                                        cause, key=key if isinstance(key, str) else repr(key)))
+            dropped.append(DroppedLabel(_text(key, "" if value is None else value),
+                                        _cut(result, 2 * MAX_TEXT), cause,
+                                        key=key if isinstance(key, str) else repr(key)))
     return LabelSet(label for _, label in kept.values()), dropped
