@@ -51,6 +51,7 @@ class Agent(ServiceAPI, ServiceOps):
         self.compiler = Compiler(config.enforcement)
         self.endpoints: dict[str, Endpoint] = {}
         self.by_ifindex: dict[int, str] = {}
+        self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.identities: dict[int, Identity] = {}
         self._local_refs: collections.Counter = collections.Counter()
         self._remote_refs: collections.Counter = collections.Counter()
@@ -280,7 +281,7 @@ class Agent(ServiceAPI, ServiceOps):
 
     def upsert_endpoint(self, *, name: str, interface: str, ips, labels, source: str,
                         audit: bool = False, runtime_id=None, mac=None, ifindex=None,
-                        extra: dict | None = None) -> Endpoint:
+                        extra: dict | None = None, dropped_labels=()) -> Endpoint:
         with self._lock:
             old = self.endpoints.get(name)
             by_mac = not interface
@@ -300,9 +301,13 @@ class Agent(ServiceAPI, ServiceOps):
             if old is not None and old.source != source:
                 raise Conflict(f"endpoint {name} exists (source {old.source})", "name")
             ep = Endpoint(name, old.id if old else self._next_endpoint_id(), interface, tuple(ips),
-                          labels, source, audit, runtime_id, mac, extra=extra or {}, by_mac=by_mac)
-            if old is not None and old.to_record() == ep.to_record() and old.ifindex is not None:
+                          labels, source, audit, runtime_id, mac, extra=extra or {}, by_mac=by_mac,
+                          dropped_labels=dropped_labels)
+            same = old is not None and old.to_record() == ep.to_record()
+            if same and old.ifindex is not None:
                 return old
+            if not same and dropped_labels:
+                self._report_dropped_labels_locked(name, source, dropped_labels)
             if ifindex is None and interface:
                 link = next((l for l in self.links.values() if l.name == interface), None)
                 if link is None and self.dp is not None:
@@ -336,6 +341,13 @@ class Agent(ServiceAPI, ServiceOps):
                 self._identify_locked(ep)
             self._save_endpoints_locked()
             return ep
+
+    def _report_dropped_labels_locked(self, name: str, source: str, dropped) -> None:
+        """Log and count the labels a new or changed endpoint does not get (labelsources)."""
+        for d in dropped:
+            self.labels_dropped[(source, d.cause)] += 1
+        log.warning("endpoint %s (%s): %d label(s) dropped: %s", name, source, len(dropped),
+                    "; ".join(f"{d.label}: {d.reason}" for d in dropped[:10]))
 
     def drop_endpoint(self, name: str) -> None:
         with self._lock:

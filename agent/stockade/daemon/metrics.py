@@ -63,10 +63,12 @@ class AgentCollector:
                 "stockade_ipcache_entries": ("ipcache entries", len(a.ipcache)),
                 "stockade_policy_map_entries": ("Entries in the policy map", len(a.compiler.entries)),
             }
+            dropped = dict(a.labels_dropped)
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+        yield _labels_dropped(dropped)
         if a.dp is None:
             return
         pk = CounterMetricFamily("stockade_packets", "Packets by direction, verdict and reason",
@@ -129,6 +131,19 @@ class AgentCollector:
         cap = GaugeMetricFamily("stockade_flow_buffer_capacity", "Flow ring capacity (records)")
         cap.add_metric([], fs.ring.capacity)
         yield cap
+
+
+def _labels_dropped(counts: dict) -> CounterMetricFamily:
+    """Every (source, cause) that can happen, from 0, so that increase() sees the first."""
+    from .labelsources import POSSIBLE
+    fam = CounterMetricFamily(
+        "stockade_labels_dropped", "Labels of new or changed endpoints that were dropped, by "
+        "endpoint source and cause (other-source, reserved, invalid, image)",
+        labels=["source", "cause"])
+    keys = {(s, c) for s, causes in POSSIBLE.items() for c in causes} | set(counts)
+    for source, cause in sorted(keys):
+        fam.add_metric([source, cause], counts.get((source, cause), 0))
+    return fam
 
 
 def render(agent) -> str:

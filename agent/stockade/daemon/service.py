@@ -41,7 +41,8 @@ class ServiceAPI:
                 "ips": list(ep.ips), "labels": (ident.labels if ident else ep.labels).to_dict(),
                 "service": svc.name if svc else None, "identity": ep.identity,
                 "source": ep.source, "audit": ep.audit or self.config.audit, "state": ep.state,
-                "mac": ep.mac, "by_mac": ep.by_mac, "enforcement": enf}
+                "mac": ep.mac, "by_mac": ep.by_mac, "enforcement": enf,
+                "dropped_labels": [d.to_dict() for d in ep.dropped_labels]}
 
     def list_endpoints(self) -> list[dict]:
         with self._lock:
@@ -50,7 +51,8 @@ class ServiceAPI:
     def add_endpoint(self, spec: dict) -> dict:
         s = parse_spec(spec)
         ep = self.upsert_endpoint(name=s["name"], interface=s["interface"], ips=s["ips"],
-                                  labels=s["labels"], source="static", audit=s["audit"], mac=s["mac"])
+                                  labels=s["labels"], source="static", audit=s["audit"], mac=s["mac"],
+                                  dropped_labels=s["dropped_labels"])
         with self._lock:
             return self._endpoint_dict(ep)
 
