@@ -44,6 +44,9 @@ options:
   labels:
     description:
       - Labels that give the identity. Keys without a source get C(static:).
+      - A key naming another source (C(container:), C(libvirt:), C(service:), C(k8s:) ...)
+        is dropped by the agent, which lists it in the endpoint's C(dropped_labels); the
+        module warns and leaves it out of the compared spec. C(reserved:) keys are refused.
       - Omitted means no labels.
     type: dict
     default: {}
@@ -186,8 +189,13 @@ def main():
                 spec["interface"] = iface
             if mac:
                 spec["mac"] = mac.lower()
+            for k in sorted(spec["labels"]):
+                if ":" in k and k.split(":", 1)[0] not in ("static", "reserved"):
+                    module.warn("labels.%s: a static endpoint's labels have source static; "
+                                "the agent drops this one (see the endpoint's dropped_labels)" % k)
             after = {"name": p["name"], "interface": iface, "ips": sorted(ips),
-                     "labels": dict(sorted(with_source(spec["labels"], "static").items())),
+                     "labels": dict(sorted((k, v) for k, v in with_source(spec["labels"], "static").items()
+                                           if k.split(":", 1)[0] in ("static", "reserved"))),
                      "audit": p["audit"], "mac": mac.lower() if mac else None}
         changed = before != after
         result = dict(changed=changed)

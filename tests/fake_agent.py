@@ -10,6 +10,7 @@ import ipaddress
 import threading
 import time
 
+from stockade.daemon.endpoints import static_labels
 from stockade.errors import Conflict, InvalidRequest, NotFound
 from stockade.policy.api.loader import load_text
 
@@ -88,7 +89,9 @@ class FakeAgent:
                 ips.append(str(ipaddress.ip_address(ip)))
             except ValueError:
                 raise InvalidRequest(f"{ip!r} is not an IP address", f"ips[{i}]") from None
-        labels = _source_labels(_labels(spec.get("labels")), "static")
+        # The agent's own rule: source static; other sources dropped, reserved/invalid refused.
+        label_set, dropped = static_labels(spec.get("labels"))
+        labels = label_set.to_dict()
         with self.lock:
             for other in self.endpoints.values():
                 if iface and other["name"] != name and other["interface"] == iface:
@@ -108,7 +111,7 @@ class FakeAgent:
                   "ifindex": None, "ips": ips, "labels": labels,
                   "identity": self._identity_locked(labels), "source": "static",
                   "audit": bool(spec.get("audit", False)), "state": "waiting-for-interface",
-                  "mac": mac, "by_mac": by_mac,
+                  "mac": mac, "by_mac": by_mac, "dropped_labels": [d.to_dict() for d in dropped],
                   "enforcement": {"ingress": {"enforced": False, "default_deny": False},
                                   "egress": {"enforced": False, "default_deny": False}}}
             self.endpoints[name] = ep

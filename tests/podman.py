@@ -12,6 +12,8 @@ Use from a test module or a conftest:
   (runc, cgroupfs, no ulimits, file events); the host's config is untouched.
 * podman_image builds localhost/stockade-bb:latest from busybox-static
   (rootfs tarball -> podman import), once; skipped when it already exists.
+* labelled_image builds, once per session, an image FROM it whose own LABELs are
+  IMAGE_LABELS (podman build), and removes it by ID at the end.
 * podman_service starts `podman system service` on a private socket under
   /run/stockade-test/ and stops it by its PID at the end of the session.
 * Containers are labelled stockade.test.session=SESSION_ID, so
@@ -25,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +74,19 @@ def ensure_image(image: str = IMAGE) -> str:
     """Build the busybox image unless it exists (scripts/bbimage.py). Idempotent."""
     bbimage.ensure_image(image, podman=podman)
     return image
+
+
+IMAGE_LABELS = {"app": "db", "tier": "from-image"}
+
+
+def build_labelled_image(tag: str, labels: dict[str, str], base: str = IMAGE) -> str:
+    """`podman build` image ``tag`` FROM ``base`` with ``labels`` as LABELs; its ID."""
+    with tempfile.TemporaryDirectory(prefix="stockade-img-") as ctx:
+        text = f"FROM {base}\n" + "".join(f"LABEL {json.dumps(k)}={json.dumps(v)}\n"
+                                          for k, v in labels.items())
+        Path(ctx, "Containerfile").write_text(text)
+        podman("build", "-q", "-t", tag, "-f", str(Path(ctx, "Containerfile")), ctx, timeout=120)
+    return podman("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
 
 
 # -- containers --------------------------------------------------------------
@@ -156,6 +172,15 @@ def podman_image() -> str:
     if not podman_available():
         pytest.skip("needs root, podman and /bin/busybox (busybox-static)")
     return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def labelled_image(podman_image) -> str:
+    """An image whose own labels are IMAGE_LABELS; removed (by ID) at session end."""
+    tag = f"localhost/stockade-bb-labelled:{SESSION_ID}"
+    image_id = build_labelled_image(tag, IMAGE_LABELS)
+    yield tag
+    podman("rmi", "-f", image_id, check=False)
 
 
 @pytest.fixture(scope="session")

@@ -142,6 +142,16 @@ def test_endpoint_service_labels_are_not_its_spec(agent, run):
     assert not run("stockade_endpoint", s(agent, **EP))["changed"]
 
 
+def test_endpoint_labels_of_another_source_warn_and_stay_idempotent(agent, run):
+    forged = {**EP, "labels": {"app": "reports", "container:role": "gateway"}}
+    r = run("stockade_endpoint", s(agent, **forged), diff=True)
+    assert r["changed"] and "container:role" not in r["diff"]["after"]
+    warnings = [w["event"]["msg"] if isinstance(w, dict) else w for w in r["warnings"]]
+    assert any("labels.container:role" in w and "drops" in w for w in warnings), warnings
+    assert [d["label"] for d in r["endpoint"]["dropped_labels"]] == ["container:role=gateway"]
+    assert not run("stockade_endpoint", s(agent, **forged))["changed"]
+
+
 @pytest.mark.parametrize("args,msg", [
     ({"name": "vm1", "ips": ["10.90.0.2"]},
      "state is present but any of the following are missing: interface, mac"),

@@ -15,7 +15,9 @@ from pyroute2 import IPRoute
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for podman.py
 
 from podman import (  # noqa: E402  (fixtures are used by name)
+    IMAGE_LABELS,
     bridge_name,
+    labelled_image,
     leftover_containers,
     podman,
     podman_image,
@@ -36,7 +38,7 @@ from stockade.discovery import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.root
-__all__ = ["podman_image", "podman_service", "run_container"]
+__all__ = ["labelled_image", "podman_image", "podman_service", "run_container"]
 
 ADD_DEADLINE = 1.0  # seconds from `podman run` returning to "added", API stream only
 FAST_ADD_DEADLINE = 0.1  # the same with Podman's events.log followed by inotify
@@ -186,14 +188,29 @@ def test_docker_api_path_against_podman_compat(podman_service, run_container):
         assert c.id in {s["Id"] for s in api.list_containers()}
         data = api.inspect(c.id)
         assert api.inspect("no-such-container-stockade") is None
-    w = workload_from_inspect("docker", data)
+        image_labels = api.image_labels(data["Image"])
+    w = workload_from_inspect("docker", data, image_labels=image_labels)
     assert (w.runtime, w.id, w.labels["app"]) == ("docker", c.id, "compat")
+    assert w.image_labels == {}  # the imported busybox image has no LABELs
     _assert_host_veth(w)
     watcher = DockerWatcher(podman_service.socket_path, "docker")
     try:
         assert w in watcher.snapshot()
     finally:
         watcher.close()
+
+
+def test_image_labels_through_podman_compat(podman_service, run_container, labelled_image):
+    """GET /images/{id}/json gives the image's own labels; Podman merged them into the
+    container's, which is why they are told apart."""
+    c = run_container(unique_name("imglbl"), image=labelled_image, labels={"tier": "mine"})
+    watcher = DockerWatcher(podman_service.socket_path, "podman")
+    try:
+        w = watcher.inspect(c.id)
+    finally:
+        watcher.close()
+    assert {k: w.image_labels[k] for k in IMAGE_LABELS} == IMAGE_LABELS
+    assert w.labels["app"] == "db" and w.labels["tier"] == "mine"
 
 
 def test_docker_shaped_inspect_document():

@@ -112,6 +112,64 @@ def test_metadata_change_updates_labels(env):
     assert endpoint(agent, DOMAIN)["state"] == "ready"
 
 
+# web's 8080 only for static:role=gateway (restored at the end of the test that uses it).
+GATE = {"name": "gate.yaml", "text": """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: lvgate}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {"static:role": gateway}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""}
+
+
+def set_labels(vm, labels: dict) -> None:
+    import libvirt
+    xml = ("<endpoint>" + "".join(f'<label key="{k}">{v}</label>' for k, v in labels.items())
+           + f"<ip>{VM_IP}</ip></endpoint>")
+    vm.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, "stockade",
+                       "https://stockade.dev/xmlns/endpoint/1", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def test_metadata_claiming_another_source_gives_no_identity(env):
+    """A domain's metadata saying static:role=gateway (or reserved:host) gets neither: the
+    VM is denied what a policy grants static:role=gateway; a real static endpoint with
+    role=gateway is allowed."""
+    agent, vm, web, nsb = env["agent"], env["vm"], env["web"], env["nsb"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def dropped():
+        return {d["label"]: d["cause"] for d in endpoint(agent, DOMAIN)["dropped_labels"]}
+
+    def count(cause):
+        return sum(s.value for f in text_string_to_metric_families(agent.client.metrics())
+                   for s in f.samples if s.name == "stockade_labels_dropped_total"
+                   and s.labels == {"source": "libvirt", "cause": cause})
+
+    before = {c: count(c) for c in ("other-source", "reserved")}
+    set_labels(vm, {"app": "lvdb", "tier": "front", "static:role": "gateway", "reserved:host": ""})
+    try:
+        assert eventually(lambda: dropped() == {"static:role=gateway": "other-source",
+                                                "reserved:host": "reserved"})
+        ep = endpoint(agent, DOMAIN)
+        assert ep["state"] == "ready" and ep["labels"] == {"libvirt:app": "lvdb", "libvirt:tier": "front"}
+        assert count("other-source") == before["other-source"] + 1
+        assert count("reserved") == before["reserved"] + 1
+        agent.client.put_policies([GATE])
+        agent.client.add_endpoint(name="lvnsb", interface=nsb.host_if, ips=[nsb.ip],
+                                  labels={"app": "nsb", "role": "gateway"})
+        assert eventually(lambda: nsb.get(web.ip) == "web"), "static role=gateway is allowed"
+        assert vm_get(vm, web.ip) is None, "the VM's static:role=gateway gave it access"
+    finally:
+        agent.client.delete_policy("lvgate")
+        agent.client.add_endpoint(name="lvnsb", interface=nsb.host_if, ips=[nsb.ip],
+                                  labels={"app": "nsb"})
+        set_labels(vm, {"app": "lvdb", "tier": "front"})
+    assert eventually(lambda: endpoint(agent, DOMAIN)["dropped_labels"] == [])
+
+
 def test_restart_via_virsh_reattaches_and_enforces(env):
     agent, vm, web, nsb = env["agent"], env["vm"], env["web"], env["nsb"]
     old_tap = vm.tap()

@@ -54,6 +54,19 @@ def test_endpoint_counters_count_the_last_hour_by_hook(logged_in):
     assert "✓12" in text(logged_in.get("/endpoints"))
 
 
+def test_endpoints_page_shows_dropped_labels(own_agent, auth_for):
+    agent, sock = own_agent
+    agent.add_endpoint({"name": "forger1", "interface": "vf1", "ips": ["10.9.0.9"],
+                        "labels": {"app": "web", "container:role": "gateway"}})
+    c = auth_for(sock)
+    html = c.get("/endpoints").get_data(as_text=True)
+    assert re.search(r'<span class="label dropped" title="source container is not static[^"]*">'
+                     r'container:role=gateway</span> <span class="muted">\(other-source\)</span>', html)
+    assert 'title="static:app=web">app=web<' in html
+    [ep] = [e for e in c.get("/api/v1/endpoints").json["endpoints"] if e["name"] == "forger1"]
+    assert [d["label"] for d in ep["dropped_labels"]] == ["container:role=gateway"]
+
+
 def cell(data, src_name, dst_name):
     ids = {i["name"]: i["id"] for i in data["identities"]}
     row = next(r for r in data["rows"] if r["src"] == ids[src_name])

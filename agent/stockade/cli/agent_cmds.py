@@ -104,6 +104,9 @@ def endpoint():
 def endpoint_list(socket_path, output):
     """List endpoints with their identity, state and enforcement.
 
+    DROPPED counts the labels its source gave that the endpoint does not get (another
+    source's, reserved, invalid, or its image's); -o json lists them in dropped_labels.
+
     \b
     Examples:
       stockade endpoint list
@@ -120,10 +123,11 @@ def endpoint_list(socket_path, output):
                          "on" if d.get(x, {}).get("enforced") else "off") for x in ("ingress", "egress"))
 
     print_table(["NAME", "ID", "INTERFACE", "IPS", "IDENTITY", "STATE", "IN/OUT", "AUDIT",
-                 "SOURCE", "LABELS"],
+                 "SOURCE", "DROPPED", "LABELS"],
                 [[e["name"], e["id"], e["interface"], ",".join(e["ips"]), e["identity"],
                   e["state"], enf(e), "yes" if e["audit"] else "no", e["source"],
-                  _labels_text(e["labels"])] for e in eps])
+                  len(e.get("dropped_labels") or []) or None, _labels_text(e["labels"])]
+                 for e in eps])
 
 
 @endpoint.command("add")
@@ -154,6 +158,8 @@ def endpoint_add(name, interface, mac, ips, labels, audit, socket_path, output):
         return emit_json(ep)
     click.echo(f"endpoint {ep['name']} (id {ep['id']}) on {ep['interface']}: identity "
                f"{ep['identity']}, {ep['state']}")
+    for d in ep.get("dropped_labels") or []:
+        click.echo(f"warning: label {d['label']} dropped: {d['reason']}", err=True)
 
 
 @endpoint.command("remove")

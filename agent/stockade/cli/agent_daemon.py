@@ -33,6 +33,9 @@ def _opt(name, **kw):
               help="Start `podman system service` when its socket does not answer.")
 @_opt("podman_events_log", help="Podman events.log to follow for fast start detection.")
 @_opt("docker_socket", help="Docker API socket ('' to disable) [/var/run/docker.sock].")
+@click.option("--trust-image-labels/--no-trust-image-labels", "trust_image_labels", default=None,
+              help="Give containers the labels their image sets (its author then chooses "
+              "their identity) [off: such labels are dropped and reported].")
 @_opt("libvirt_uri", help="Discover VMs through libvirt, e.g. qemu:///system ('' to disable) [off].")
 @click.option("--libvirt-trust-guest-agent/--no-libvirt-trust-guest-agent", "libvirt_trust_guest_agent",
               default=None, help="Take VM addresses from the guest agent when metadata and DHCP "

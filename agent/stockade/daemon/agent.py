@@ -57,6 +57,7 @@ class Agent:
         self.links: dict[int, Link] = {}
         self.attached: set[int] = set()
         self.unprotected: list[str] = []
+        self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.errors: collections.deque = collections.deque(maxlen=20)
         self.started = time.time()
         self.version = 0

@@ -53,7 +53,8 @@ class AgentAPI:
                 "service": member.service.name if member and member.service else None,
                 "identity": ep.identity, "source": ep.source,
                 "audit": ep.audit or self.agent.config.audit, "state": ep.state,
-                "mac": ep.mac, "by_mac": ep.by_mac, "enforcement": enf}
+                "mac": ep.mac, "by_mac": ep.by_mac, "enforcement": enf,
+                "dropped_labels": [d.to_dict() for d in ep.dropped_labels]}
 
     def list_endpoints(self) -> list[dict]:
         snap = self.agent.snapshot()
@@ -62,7 +63,8 @@ class AgentAPI:
     def add_endpoint(self, spec: dict) -> dict:
         s = parse_spec(spec)
         ep = self.agent.submit(UpsertEndpoint(s["name"], s["interface"], s["ips"], s["labels"],
-                                              "static", s["audit"], mac=s["mac"]))
+                                              "static", s["audit"], mac=s["mac"],
+                                              dropped_labels=s["dropped_labels"]))
         snap = self.agent.snapshot()
         return self._endpoint_dict(snap, ep)
 

@@ -55,6 +55,7 @@ class UpsertEndpoint(Change):
     mac: str | None = None
     ifindex: int | None = None
     extra: dict = field(default_factory=dict)
+    dropped_labels: tuple = ()    # labelsources.DroppedLabel: what it claimed and did not get
     what = "endpoint"
 
     def apply(self, txn: Txn) -> Endpoint:
@@ -79,9 +80,13 @@ class UpsertEndpoint(Change):
             raise Conflict(f"endpoint {self.name} exists (source {old.source})", "name")
         ep = Endpoint(self.name, old.id if old else next_endpoint_id(txn), interface,
                       tuple(self.ips), self.labels, self.source, self.audit, self.runtime_id,
-                      self.mac, extra=dict(self.extra), by_mac=by_mac)
-        if old is not None and old.to_record() == ep.to_record() and old.ifindex is not None:
+                      self.mac, extra=dict(self.extra), by_mac=by_mac,
+                      dropped_labels=tuple(self.dropped_labels))
+        same = old is not None and old.to_record() == ep.to_record()
+        if same and old.ifindex is not None:
             return old
+        if not same and self.dropped_labels:
+            report_dropped_labels(txn, ep)
         if ifindex is None and interface:
             link = next((l for l in agent.links.values() if l.name == interface), None)
             if link is None and agent.live:
@@ -302,6 +307,14 @@ class SetServices(Change):
 
 
 # ---------------------------------------------------------------- shared operations
+def report_dropped_labels(txn: Txn, ep: Endpoint) -> None:
+    """Log and count the labels a new or changed endpoint does not get (labelsources)."""
+    for d in ep.dropped_labels:
+        txn.agent.labels_dropped[(ep.source, d.cause)] += 1
+    log.warning("endpoint %s (%s): %d label(s) dropped: %s", ep.name, ep.source,
+                len(ep.dropped_labels), "; ".join(f"{d.label}: {d.reason}" for d in ep.dropped_labels[:10]))
+
+
 def next_endpoint_id(txn: Txn) -> int:
     used = {e.id for e in txn.state.endpoints.values()}
     n = 1

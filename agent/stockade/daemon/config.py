@@ -33,6 +33,10 @@ class AgentConfig:
     podman_start_service: bool = False
     podman_events_log: str | None = "/run/libpod/events/events.log"
     docker_socket: str | None = "/var/run/docker.sock"
+    # Docker and Podman merge an image's LABELs into its containers' labels: by default a
+    # container label whose key and value are its image's own is dropped (labelsources.py).
+    # True lets an image's author give its containers identities (docs/agent.md).
+    trust_image_labels: bool = False
     # libvirt connection for VM discovery (e.g. qemu:///system); None: off. Off by default
     # so that a host without VMs never loads the bindings; the agent reconnects when
     # libvirtd starts later.

@@ -13,7 +13,10 @@ Endpoint   {"name": str, "id": int, "interface": str, "ifindex": int|None,
             "source": "static"|"podman"|"docker"|"libvirt", "audit": bool,
             "state": "ready"|"waiting-for-interface"|"unidentified",
             "enforcement": {"ingress": {"enforced": bool, "default_deny": bool},
-                            "egress": {...}}}
+                            "egress": {...}},
+            "dropped_labels": [{"label": "key=value", "reason": str,
+                                "cause": "other-source"|"reserved"|"invalid"|"image"}]
+                              (labels its source gave that it does not get: labelsources.py)}
 Identity   {"id": int, "labels": ["source:key=value", ...], "kind": "reserved"|"workload"|"cidr",
             "prefix": str (cidr only), "endpoints": [endpoint names], "local": bool}
 IPCacheEntry {"prefix": "10.0.0.5/32", "identity": int, "labels": [...],
@@ -63,6 +66,8 @@ class AgentService(Protocol):
     def add_endpoint(self, spec: dict) -> dict:
         """spec: {"name": str (required), "interface": str (required), "ips": [str]
         (required, at least one), "labels": {k: v} or "k=v,..." , "audit": bool}.
+        Labels get source static; keys naming another source are dropped (dropped_labels),
+        reserved: and invalid ones are InvalidRequest.
         Conflict if the name or interface is taken by another endpoint; the same spec
         again is accepted (idempotent)."""
 

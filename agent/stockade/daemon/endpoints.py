@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidRequest
 from ..policy.labels import LabelSet, check_key, check_value, split_source
+from .labelsources import MAX_LISTED, DroppedLabel, admit_labels
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-@]{1,15}$")
@@ -54,6 +55,11 @@ class Endpoint:
     identity: int | None = None
     extra: dict = field(default_factory=dict)
     by_mac: bool = False  # the interface is found from ``mac`` (tap_matches_mac)
+    # Labels its source gave that it does not get (labelsources.py), at most MAX_LISTED.
+    dropped_labels: tuple[DroppedLabel, ...] = ()
+
+    def __post_init__(self):
+        self.dropped_labels = tuple(self.dropped_labels)[:MAX_LISTED]
 
     @property
     def state(self) -> str:
@@ -66,7 +72,8 @@ class Endpoint:
         rec = {"name": self.name, "id": self.id, "interface": self.interface,
                 "ips": list(self.ips), "labels": self.labels.to_dict(), "source": self.source,
                 "audit": self.audit, "runtime_id": self.runtime_id, "mac": self.mac,
-                "extra": self.extra}
+                "extra": self.extra,
+                "dropped_labels": [d.to_dict() for d in self.dropped_labels]}
         if self.by_mac:
             rec["by_mac"] = True
             rec["interface"] = ""  # the tap's name changes with every VM start
@@ -77,13 +84,14 @@ class Endpoint:
         return cls(rec["name"], rec["id"], rec["interface"], tuple(rec["ips"]),
                    LabelSet.from_mapping(rec["labels"]), rec.get("source", "static"),
                    rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"),
-                   extra=rec.get("extra") or {}, by_mac=rec.get("by_mac", False))
+                   extra=rec.get("extra") or {}, by_mac=rec.get("by_mac", False),
+                   dropped_labels=[DroppedLabel.from_dict(d) for d in rec.get("dropped_labels") or []])
 
 
-def parse_labels(value, source: str, field_name: str = "labels") -> LabelSet:
-    """Labels as a mapping or ``k=v,k=v``; keys without a source get ``source``."""
+def label_mapping(value, field_name: str = "labels") -> dict:
+    """Labels as given to the API: a mapping or ``k=v,k=v`` (None: none)."""
     if value is None:
-        return LabelSet()
+        return {}
     if isinstance(value, str):
         items = {}
         for part in filter(None, (p.strip() for p in value.split(","))):
@@ -94,6 +102,13 @@ def parse_labels(value, source: str, field_name: str = "labels") -> LabelSet:
         value = items
     if not isinstance(value, dict):
         raise InvalidRequest("labels must be a mapping or k=v,k=v", field_name)
+    return value
+
+
+def parse_labels(value, source: str, field_name: str = "labels") -> LabelSet:
+    """Labels as a mapping or ``k=v,k=v``; keys without a source get ``source``, keys with
+    one keep it (remote workloads' labels: ipcache). Endpoints use static_labels."""
+    value = label_mapping(value, field_name)
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)) and v is not None:
             raise InvalidRequest(f"label {k!r} must map to a string", f"{field_name}.{k}")
@@ -104,6 +119,16 @@ def parse_labels(value, source: str, field_name: str = "labels") -> LabelSet:
         if split_source(k)[0] == "reserved":
             raise InvalidRequest("reserved labels cannot be given to endpoints", f"{field_name}.{k}")
     return LabelSet.from_mapping({k: "" if v is None else str(v) for k, v in value.items()}, source)
+
+
+def static_labels(value, field_name: str = "labels") -> tuple[LabelSet, list[DroppedLabel]]:
+    """A static endpoint's labels (source static) and those dropped for naming another
+    source (labelsources.py); invalid and reserved labels are refused (InvalidRequest)."""
+    labels, dropped = admit_labels(label_mapping(value, field_name), "static")
+    for d in dropped:
+        if d.cause in ("invalid", "reserved"):
+            raise InvalidRequest(d.reason, f"{field_name}.{d.key}")
+    return labels, dropped
 
 
 def parse_ips(value, field_name: str = "ips") -> tuple[str, ...]:
@@ -149,6 +174,7 @@ def parse_spec(spec) -> dict:
     if iface is not None and (not isinstance(iface, str) or not IFNAME_RE.match(iface)):
         raise InvalidRequest("interface must be a host interface name (max 15 chars)",
                              "interface")
+    labels, dropped = static_labels(spec.get("labels"))
     return {"name": name, "interface": iface, "ips": parse_ips(spec.get("ips")),
-            "labels": parse_labels(spec.get("labels"), "static"), "audit": audit,
+            "labels": labels, "dropped_labels": dropped, "audit": audit,
             "mac": mac.lower() if mac else None}

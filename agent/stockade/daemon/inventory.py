@@ -15,7 +15,10 @@ A definition (what Ansible pushes, already narrowed to this host):
 
 A workload that matches several services gets the labels of the first of them in name
 order; the others are reported as conflicts (API, CLI, log). Service labels carry the
-source ``service``; they are merged with the workload's own labels.
+source ``service``; they are merged with the workload's own labels. A key may say
+``service:`` itself; a key naming another source (``static:role``) is refused, as is
+``service`` (the name gives it), so a definition cannot claim what another source vouches
+for (labelsources.py).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidRequest
 from ..policy.api.selector import EndpointSelector
-from ..policy.labels import Label, LabelSet, check_key, check_value
+from ..policy.labels import Label, LabelSet, check_key, check_value, split_source
 
 MATCHERS = ("container_name", "image", "container_labels", "libvirt_domain", "endpoint", "interface")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-.]{0,61}[a-z0-9])?$")
@@ -79,11 +82,12 @@ def parse_services(data) -> dict[str, Service]:
             if k not in ("labels", "members", "cidrs", "hosts", "description"):
                 raise InvalidRequest(f"unknown field {k!r}", f"{path}.{k}")
         labels = {"service": name}
-        for k, v in (d.get("labels") or {}).items():
-            why = check_key(k) or check_value(str(v))
-            if why or ":" in k:
-                raise InvalidRequest(why or "service labels take no source prefix", f"{path}.labels.{k}")
-            labels[k] = str(v)
+        raw = d.get("labels") or {}
+        if not isinstance(raw, dict):
+            raise InvalidRequest("labels must be a mapping of key -> value", f"{path}.labels")
+        for k, v in raw.items():
+            key, value = _service_label(k, v, f"{path}.labels.{k}")
+            labels[key] = value
         members = []
         for i, m in enumerate(d.get("members") or []):
             members.append(_member(m, f"{path}.members[{i}]"))
@@ -98,6 +102,25 @@ def parse_services(data) -> dict[str, Service]:
         out[name] = Service(name, LabelSet(Label("service", k, v) for k, v in labels.items()),
                             tuple(members), tuple(cidrs), d)
     return out
+
+
+def _service_label(key, value, path: str) -> tuple[str, str]:
+    """(key without source, value) of one label of a definition; InvalidRequest names ``path``."""
+    if not isinstance(key, str):
+        raise InvalidRequest(f"label key {key!r} is not a string", path)
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        raise InvalidRequest(f"label {key!r} must map to a string", path)
+    source, name = split_source(key, "service")
+    if source != "service":
+        raise InvalidRequest(f"label source {source!r} is not service: a service's labels "
+                             f"always have source service (write {name!r})", path)
+    if name == "service":
+        raise InvalidRequest("the service label is the service's name, added automatically", path)
+    value = "" if value is None else str(value)
+    why = check_key(name) or check_value(value)
+    if why:
+        raise InvalidRequest(why, path)
+    return name, value
 
 
 def _member(m, path: str) -> Member:

@@ -42,6 +42,7 @@ class AgentCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+        yield _labels_dropped(dict(a.labels_dropped))
         if a.dp is None:
             return
         pk = CounterMetricFamily("stockade_packets", "Packets by direction, verdict and reason",
@@ -104,6 +105,19 @@ class AgentCollector:
         cap = GaugeMetricFamily("stockade_flow_buffer_capacity", "Flow ring capacity (records)")
         cap.add_metric([], fs.ring.capacity)
         yield cap
+
+
+def _labels_dropped(counts: dict) -> CounterMetricFamily:
+    """Every (source, cause) that can happen, from 0, so that increase() sees the first."""
+    from .labelsources import POSSIBLE
+    fam = CounterMetricFamily(
+        "stockade_labels_dropped", "Labels of new or changed endpoints that were dropped, by "
+        "endpoint source and cause (other-source, reserved, invalid, image)",
+        labels=["source", "cause"])
+    keys = {(s, c) for s, causes in POSSIBLE.items() for c in causes} | set(counts)
+    for source, cause in sorted(keys):
+        fam.add_metric([source, cause], counts.get((source, cause), 0))
+    return fam
 
 
 def render(agent) -> str:

@@ -5,6 +5,12 @@ Each configured runtime socket gets a DockerWatcher; its events become endpoints
 With ``libvirt_uri`` set, a LibvirtWatcher does the same for VMs (name = domain name,
 labels = the domain's Stockade metadata, interface = the tap, mac = the guest MAC).
 After the first listing, endpoints of that source that no longer run are removed.
+
+Labels get the runtime's own source (``container:``, ``libvirt:``); labels that name
+another source, are invalid, or (unless ``trust_image_labels``) come from the container's
+image are dropped and reported with the endpoint (labelsources.py). A container whose
+image labels cannot be read is not identified while they are not trusted: its interface
+stays closed and the error shows in ``stockade status``.
 """
 from __future__ import annotations
 
@@ -16,14 +22,12 @@ from ..discovery import DockerWatcher, ensure_podman_service, stop_podman_servic
 from ..discovery.workload import WorkloadEvent
 from ..errors import StockadeError
 from .changes import RemoveEndpoint, UpsertEndpoint
-from .endpoints import parse_labels
+from .labelsources import admit_labels
 
 log = logging.getLogger("stockade.runtimes")
 
 
 class RuntimeSource:
-    LABEL_SOURCE = {"libvirt": "libvirt"}  # default: "container"
-
     def __init__(self, agent, runtime: str, socket_path: str | None, events_log: str | None,
                  stop_event: threading.Event, service=None, watcher=None):
         self.agent, self.runtime, self.service = agent, runtime, service
@@ -44,14 +48,21 @@ class RuntimeSource:
                              self.runtime, name)
                     return
                 self._seen.add(name)
-                labels = parse_labels({k: v for k, v in w.labels.items() if _label_ok(k, v)},
-                                      self.LABEL_SOURCE.get(self.runtime, "container"))
+                image_labels = None
+                if self.runtime in ("podman", "docker") and not self.agent.config.trust_image_labels:
+                    if w.image_labels is None:
+                        self.agent.error(f"{self.runtime} container {name}: the labels of its "
+                                         f"image {w.image!r} cannot be read, so its own cannot "
+                                         "be told from the image's; not identified")
+                        return
+                    image_labels = w.image_labels
+                labels, dropped = admit_labels(w.labels, self.runtime, image_labels=image_labels)
                 # Containers: no MAC (their veth MAC is not the workload's to keep).
                 # VMs: the guest MAC libvirt configured.
                 self.agent.submit(UpsertEndpoint(
                     name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
                     mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
-                    extra={"image": w.image}))
+                    extra={"image": w.image}, dropped_labels=dropped))
             else:
                 self.agent.submit(RemoveEndpoint(name, source=self.runtime, runtime_id=w.id))
         except StockadeError as exc:
@@ -74,11 +85,6 @@ class RuntimeSource:
         self.watcher.close()
         if self.service is not None:
             stop_podman_service(self.service)
-
-
-def _label_ok(key: str, value) -> bool:
-    from ..policy.labels import check_key, check_value
-    return check_key(key) is None and check_value(str(value)) is None
 
 
 def start_runtime_watchers(agent, stop_event: threading.Event) -> list:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,8 @@ from .veth import find_host_veth
 from .workload import Workload
 
 API_VERSION = "v1.41"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+IMAGE_CACHE_MAX = 256  # images whose labels are kept (an image ID never changes its labels)
 
 # Container actions the watcher acts on. "init" is Podman's (network and PID
 # exist, user process not yet exec'd): reacting on it gives policy a head
@@ -53,6 +56,7 @@ class DockerAPI:
         self._timeout = timeout
         self._transport_override = transport
         self._client = self._new_client(httpx.Timeout(timeout))
+        self._image_labels: dict[str, dict[str, str]] = {}  # image ID -> Config.Labels
 
     def _new_client(self, timeout: httpx.Timeout) -> httpx.Client:
         transport = self._transport_override or httpx.HTTPTransport(uds=self.socket_path)
@@ -104,6 +108,31 @@ class DockerAPI:
     def inspect(self, container: str) -> dict | None:
         """GET /containers/{id}/json; None when the container does not exist."""
         return self._get_json(f"/containers/{container}/json")
+
+    def image_labels(self, image_id: str | None) -> dict[str, str] | None:
+        """Config.Labels of GET /images/{id}/json: {} for a container without an image
+        (``--rootfs``), None when the image is gone or ``image_id`` is not an image ID.
+
+        Cached by ID: an image ID is the hash of its config, labels included, so a cached
+        entry never goes stale. Only IDs ("sha256:<hex>"), never names, which move.
+        """
+        if not image_id:
+            return {}
+        if _HEX64.match(image_id):
+            image_id = "sha256:" + image_id
+        if not image_id.startswith("sha256:") or not _HEX64.match(image_id[7:]):
+            return None
+        cached = self._image_labels.get(image_id)
+        if cached is not None:
+            return dict(cached)
+        data = self._get_json(f"/images/{image_id}/json")
+        if not isinstance(data, dict):
+            return None
+        labels = dict((data.get("Config") or {}).get("Labels") or {})
+        if len(self._image_labels) >= IMAGE_CACHE_MAX:
+            self._image_labels.pop(next(iter(self._image_labels)))
+        self._image_labels[image_id] = labels
+        return dict(labels)
 
     def events(self, since: int | None = None) -> EventStream:
         """Open GET /events?filters={"type":["container"]}; see EventStream.
@@ -217,11 +246,14 @@ def _mac(settings: dict) -> str | None:
     return None
 
 
-def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True) -> Workload:
+def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True,
+                          image_labels: dict[str, str] | None = None) -> Workload:
     """Build a Workload from a /containers/{id}/json document.
 
     resolve_veth: look up the host-side veth (netlink, needs CAP_SYS_ADMIN);
     when False, host_ifname and host_ifindex stay None.
+    image_labels: the labels of the container's image (DockerAPI.image_labels of the
+    document's top-level "Image", its ID); None: unknown.
     """
     config = data.get("Config") or {}
     state = data.get("State") or {}
@@ -237,6 +269,7 @@ def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True
         name=(data.get("Name") or "").lstrip("/"),
         image=config.get("Image") or data.get("Image") or "",
         labels=dict(config.get("Labels") or {}),
+        image_labels=image_labels,
         ips=_ips(settings),
         host_ifname=veth.ifname if veth else None,
         host_ifindex=veth.ifindex if veth else None,

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from .docker_api import EVENT_ACTIONS, DockerAPI, EventStream, workload_from_inspect
-from .errors import DiscoveryError, RuntimeUnavailable
+from .errors import DiscoveryError, RuntimeAPIError, RuntimeUnavailable
 from .podman_events import PodmanEventsLog
 from .workload import Workload, WorkloadEvent
 
@@ -96,7 +96,13 @@ class DockerWatcher:
         state = data.get("State") or {}
         if not state.get("Pid") and not state.get("Running"):
             return None  # created or exited: no process, no netns to police
-        return workload_from_inspect(self.runtime_name, data, resolve_veth=self.resolve_veth)
+        try:
+            image_labels = self._api.image_labels(data.get("Image"))
+        except RuntimeAPIError as exc:  # the agent reports the container (unknown image labels)
+            log.warning("%s: image of %s: %s", self.runtime_name, container_id[:12], exc)
+            image_labels = None
+        return workload_from_inspect(self.runtime_name, data, resolve_veth=self.resolve_veth,
+                                     image_labels=image_labels)
 
     def snapshot(self) -> list[Workload]:
         """Every running container, inspected; sorted by ID."""

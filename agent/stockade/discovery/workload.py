@@ -16,7 +16,11 @@ class Workload:
     id: the runtime's full container ID.
     name: container name without Docker's leading "/".
     image: the image reference the container was created from (Config.Image).
-    labels: container labels; empty dict when it has none.
+    labels: container labels; empty dict when it has none. Docker and Podman merge
+        the image's labels into them.
+    image_labels: the labels of the image itself (to tell which container labels came
+        from the image); None when unknown (the image could not be read, or a workload
+        without an image).
     ips: every IPv4 and IPv6 address the runtime reports, first seen first.
     host_ifname / host_ifindex: the host end of the container's veth, in the
         agent's network namespace; None when the container has no veth (host
@@ -30,6 +34,7 @@ class Workload:
     name: str
     image: str
     labels: dict[str, str] = field(default_factory=dict, hash=False)
+    image_labels: dict[str, str] | None = field(default=None, hash=False)
     ips: tuple[str, ...] = ()
     host_ifname: str | None = None
     host_ifindex: int | None = None

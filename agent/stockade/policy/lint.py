@@ -10,14 +10,16 @@ from typing import Iterable, Mapping
 
 from .api.rule import Policy
 from .api.selector import EndpointSelector
-from .labels import Label, LabelSet
+from .labels import Label, LabelSet, split_source
 
 
 def service_label_sets(services: Mapping) -> list[LabelSet]:
     """From a ``stockade_services`` mapping (name -> {labels: ...})."""
     out = []
     for name, d in (services or {}).items():
-        labels = {"service": name, **{k: str(v) for k, v in ((d or {}).get("labels") or {}).items()}}
+        labels = {split_source(k, "service")[1]: str(v)
+                  for k, v in ((d or {}).get("labels") or {}).items()}
+        labels["service"] = name
         out.append(LabelSet(Label("service", k, v) for k, v in labels.items()))
     return out
 
