@@ -23,10 +23,10 @@ def post(logged_in, auth):
 
 
 def assert_nothing_applied(agent):
-    puts = [c for c in agent.calls if c[0] == "put_policies"]
-    assert puts and all(c[3] is True for c in puts), puts      # dry_run every time
-    assert [p["name"] for p in agent.list_policies()] == ["db"]
-    assert agent.policies[("CiliumNetworkPolicy", None, "db")]["source"] == "db.yaml"
+    assert [c for c in agent.calls if c[0] == "review"]        # the agent's own plan
+    assert not [c for c in agent.calls if c[0] == "put_policies" and not c[-1]]
+    [live] = agent.list_policies()
+    assert (live["name"], live["source"]) == ("db", "db.yaml")
 
 
 def test_pasted_proposal_shows_diff_pairs_and_flows_it_would_change(post, agent):
@@ -94,7 +94,7 @@ def test_replace_all_removes_what_is_not_in_the_set(post, agent):
     body = text(r)
     assert "− db" in body and "+ other" in body
     assert "would allow 1 connection" in body         # api -> db no longer restricted
-    assert [c[2] for c in agent.calls if c[0] == "put_policies"] == [True]  # replace_all sent
+    assert [c[2] for c in agent.calls if c[0] == "review"] == [True]  # replace_all sent
 
 
 def test_invalid_yaml_names_file_and_line(post, agent):

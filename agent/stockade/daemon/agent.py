@@ -22,7 +22,7 @@ from ..errors import StockadeError
 from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityAllocator
 from . import restore
-from .changes import Change, LinkChange
+from .changes import Change, ChangePolicies, LinkChange
 from .config import AgentConfig
 from .links import Link, LinkWatcher, list_links
 from .state import Snapshot, State
@@ -174,7 +174,7 @@ class Agent:
             self._committed_locked()
             return result
         finally:
-            if change.what == "policy change":
+            if isinstance(change, ChangePolicies):
                 self.policy_apply_seconds.observe(time.perf_counter() - started)
 
     def try_submit_locked(self, change: Change) -> None:

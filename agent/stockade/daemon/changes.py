@@ -239,7 +239,7 @@ class DeleteRemote(Change):
 class ChangePolicies(Change):
     upsert: list[Policy]
     remove: list[PolicyRef] = field(default_factory=list)
-    what = "policy change"
+    what = "policy apply"
 
     def apply(self, txn: Txn) -> dict:
         st, engine = txn.state, txn.agent.engine

@@ -15,11 +15,12 @@ from ..flows import connections, flow_port
 from ..policy.api.cidr import Network
 from ..policy.api.entity import RESERVED
 from ..policy.api.rule import Policy
+from ..policy.api.selector import EndpointSelector
 from ..policy.describe import clause_rows
 from ..policy.evaluate import Evaluator, affected_pairs, pair_changes
-from ..policy.identity import CIDR_BASE, WORKLOAD_KIND, Identity, most_specific
+from ..policy.identity import CIDR_BASE, CIDR_KIND, WORKLOAD_KIND, Identity, most_specific
 from ..policy.labels import LabelSet
-from ..policy.mapstate import EGRESS, INGRESS, PROTO_NAMES
+from ..policy.mapstate import EGRESS, INGRESS, PROTO_NAMES, DirectionPolicy
 from ..policy.sel import PeerSpec, parse_port, parse_sel
 from ..policy.trace import trace
 from .changes import ChangePolicies
@@ -101,24 +102,18 @@ def live_trace(agent: "Agent", src: str, dst: str, dport: str) -> dict:
 
 
 # ---------------------------------------------------------------- the matrix
-def matrix_identities(agent: "Agent", label: str = "") -> list[Identity]:
-    """Rows and columns: workloads (local first) plus host and world, filtered by
-    ``label`` (``k=v,k`` as the web UI's filter: every item must hold)."""
+def matrix_identities(agent: "Agent", label: str = "", cidrs: bool = False) -> list[Identity]:
+    """Rows and columns: workloads (local first) plus host and world (and, with
+    ``cidrs``, the CIDR identities policies and services name), filtered by ``label``
+    (``k=v,k``: every item must hold; a bare key: the label exists)."""
     e = agent.engine
     keep = [i for i in e.identities.values()
-            if i.kind == WORKLOAD_KIND or i.id in (RESERVED["host"], RESERVED["world"])]
-    keep = [i for i in keep if label_filter_matches(i.labels, label)]
+            if i.kind == WORKLOAD_KIND or i.id in (RESERVED["host"], RESERVED["world"])
+            or (cidrs and i.kind == CIDR_KIND)]
+    if label:
+        sel = EndpointSelector.from_filter(label)
+        keep = [i for i in keep if sel.matches(i.labels)]
     return sorted(keep, key=lambda i: (i.kind != WORKLOAD_KIND, i.id not in e.local_ids, i.id))
-
-
-def label_filter_matches(labels: LabelSet, text: str) -> bool:
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        k, sep, v = item.partition("=")
-        source, _, key = k.rpartition(":")
-        if not any(l.key == key and (not source or l.source == source) and (not sep or l.value == v)
-                   for l in labels):
-            return False
-    return True
 
 
 def audit_ids(agent: "Agent") -> set[int]:
@@ -133,8 +128,9 @@ def _identity_dict(agent: "Agent", i: Identity) -> dict:
 
 def matrix(agent: "Agent", query: dict) -> dict:
     """``query``: label (filter), port (``80/tcp``: a verdict per pair for that port),
-    offset and limit (rows)."""
+    offset and limit (rows), cidrs (``true``: CIDR identities too)."""
     label = query.get("label") or ""
+    cidrs = str(query.get("cidrs") or "false").lower() == "true"
     try:
         offset = int(query.get("offset") or 0)
         limit = int(query.get("limit") or MATRIX_LIMIT)
@@ -150,7 +146,7 @@ def matrix(agent: "Agent", query: dict) -> dict:
             raise InvalidRequest(str(exc), "port") from None
     with agent._lock:
         e = agent.engine
-        idents = matrix_identities(agent, label)
+        idents = matrix_identities(agent, label, cidrs)
         ev = Evaluator(e.entries, e.flags, e.local_ids)
         audited = audit_ids(agent)
         rows = []
@@ -177,8 +173,8 @@ def _audited(ev: Evaluator, audited: set[int], src: int, dst: int, proto: int,
     """Would a drop of this pair only be logged? (every side that denies is in audit)."""
     deciders = []
     for local, peer, direction in ((src, dst, EGRESS), (dst, src, INGRESS)):
-        if port is None:
-            denies = ev.enforced(src, dst) and local in ev.local_ids
+        if port is None:  # the whole cell: every side that enforces policy may deny
+            denies = local in ev.local_ids and ev.flags.get((local, direction), DirectionPolicy()).enforced
         else:
             denies = ev.side(local, peer, direction, proto, port)[0] in ("deny", "default-deny")
         if denies:

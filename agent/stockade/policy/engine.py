@@ -21,7 +21,7 @@ from typing import Iterable
 from .api.rule import Policy, PolicyRef, Rule
 from .compiler import Clause, Compiler
 from .identity import WORKLOAD_KIND, Identity
-from .mapstate import BeforeView, Delta, FlagState, MapState
+from .mapstate import BeforeView, Delta, DirectionPolicy, FlagState, MapState
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Plan:
         return BeforeView(current, self.delta.prior)
 
     def flags_before(self, current: FlagState) -> BeforeView:
-        return BeforeView(current, self.delta.prior_flags)
+        return BeforeView(current, self.delta.prior_flags, absent=DirectionPolicy())
 
 
 class PolicyEngine:

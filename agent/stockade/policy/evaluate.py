@@ -46,7 +46,7 @@ class Segment:
 class Cell:
     """What one (source, destination) pair may do, over every protocol and port."""
 
-    state: str                          # open | any | ports | closed
+    state: str                          # open | any (all but ``deny``) | ports | closed
     allow: list[str] = field(default_factory=list)
     deny: list[str] = field(default_factory=list)   # denied by a deny rule
     remote: bool = False                # neither side has policy on this host
@@ -133,17 +133,17 @@ class Evaluator:
         cached = self._cells.get(sig)
         if cached is not None:
             return cached
-        allow, deny, everything = [], [], True
+        allow, deny, defaulted = [], [], False
         for proto, top in CELL_PROTOCOLS:
             for seg in self.segments(src, dst, proto, top, keys):
                 if seg.verdict == "allow":
                     allow.append(seg.describe(proto, top))
+                elif seg.verdict == "deny":
+                    deny.append(seg.describe(proto, top))
                 else:
-                    everything = False
-                    if seg.verdict == "deny":
-                        deny.append(seg.describe(proto, top))
-        if everything:
-            cell = Cell("any")
+                    defaulted = True
+        if not defaulted:  # everything but what deny rules name
+            cell = Cell("any", [], deny)
         else:
             cell = Cell("ports" if allow else "closed", allow, deny)
         self._cells[sig] = cell
@@ -188,7 +188,7 @@ def affected_pairs(keys: Iterable[Key], flag_pairs: Iterable[tuple[int, int]],
 
 def _allowed_runs(ev: Evaluator, src: int, dst: int, proto: int, top: int,
                   cell: Cell) -> list[tuple[int, int]]:
-    if cell.state in ("open", "any"):
+    if cell.state == "open":
         return [(0, top)]
     return [(s.first, s.last) for s in ev.segments(src, dst, proto, top) if s.verdict == "allow"]
 

@@ -214,28 +214,31 @@ class BeforeView(Mapping):
     """Read-only view of the entries (or flags) as they were before ``delta``, given
     the current ones: what a plan's review compares against, without a copy."""
 
-    def __init__(self, current: Mapping, prior: Mapping):
-        self.current, self.prior = current, prior
+    def __init__(self, current: Mapping, prior: Mapping, absent=None):
+        """``absent``: the prior value that means the key was not there (None for
+        entries, ``DirectionPolicy()`` for flags)."""
+        self.current, self.prior, self.absent = current, prior, absent
 
     def __getitem__(self, key):
         if key in self.prior:
             value = self.prior[key]
-            if value is None:
+            if value is None or value == self.absent:
                 raise KeyError(key)
             return value
         return self.current[key]
 
     def __contains__(self, key) -> bool:
         if key in self.prior:
-            return self.prior[key] is not None
+            value = self.prior[key]
+            return value is not None and value != self.absent
         return key in self.current
 
     def __iter__(self):
         for k in self.current:
             if k not in self.prior:
                 yield k
-        for k, v in self.prior.items():
-            if v is not None:
+        for k in self.prior:
+            if k in self:
                 yield k
 
     def __len__(self) -> int:

@@ -11,9 +11,9 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..errors import SelectorError
+from ..errors import InvalidRequest, SelectorError
 from .api.entity import RESERVED
-from .labels import LabelSet, check_key, check_value, split_source
+from .labels import LabelSet, check_key, check_value, parse_pairs, split_source
 from .mapstate import PROTO_ICMP, PROTO_ICMPV6, PROTO_NUMBERS
 
 
@@ -59,12 +59,10 @@ def parse_sel(value: str | Mapping[str, str]) -> PeerSpec:
         if not name:
             raise SelectorError(f"{text!r}: endpoint:<name> needs a name")
         return PeerSpec("endpoint", name=name)
-    items = {}
-    for part in text.split(","):
-        key, sep, val = part.strip().partition("=")
-        if not sep:
-            raise SelectorError(f"{text!r}: {part!r} is not key=value")
-        items[key.strip()] = val.strip()
+    try:
+        items = dict(parse_pairs(text, text, bare=False))
+    except InvalidRequest as exc:
+        raise SelectorError(str(exc)) from None
     return _labels(items, text)
 
 
