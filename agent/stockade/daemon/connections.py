@@ -92,8 +92,9 @@ class SocketReader(io.RawIOBase):
                 raise HeadersTooLarge
             view = view[:self.budget]
         if self.nonblocking:
+            self.sock.settimeout(0.0)  # with a timeout, Python would wait for data
             try:
-                n = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+                n = self.sock.recv_into(view)
             except BlockingIOError:
                 return None
         else:
