@@ -425,3 +425,17 @@ def test_review_changes_nothing(http, agent):
     err = assert_error(http.post("/v1/review", json={"files": [{"name": "w.yaml", "text": bad}]}),
                        400, "spec.ingress[0].toPorts[0].ports[0].port", "w.yaml")
     assert err["errors"][0]["file"] == "w.yaml"
+
+
+def test_client_speaks_trace_matrix_and_review(server):
+    from stockade.client import APIError, Client
+    text = POLICY.replace(", namespace: shop", "")
+    with Client(server.socket_path) as c:
+        plan = c.review([{"name": "web.yaml", "text": text}], replace_all=True)
+        assert plan["diff"]["added"] == ["web"] and c.policies() == []
+        c.put_policies([{"name": "web.yaml", "text": text}])
+        assert c.trace("app=lb", "app=web", "80/tcp")["verdict"] == "allow"
+        assert c.matrix(limit=1)["limit"] == 1
+        with pytest.raises(APIError) as e:
+            c.matrix(limit=0)
+        assert e.value.status == 400 and e.value.field == "limit"

@@ -162,6 +162,11 @@ class Client:
                      dry_run: bool = False) -> dict:
         """files: paths (read here; the name sent is the path as given) or
         ``{"name", "text"}`` dicts. Returns the agent's PolicyResult."""
+        return self._json("PUT", "/v1/policies", json={"files": self._policy_files(files)},
+                          params={"replace_all": replace_all, "dry_run": dry_run})
+
+    @staticmethod
+    def _policy_files(files: Iterable[str | os.PathLike | dict]) -> list[dict]:
         body = []
         for f in files:
             if isinstance(f, dict):
@@ -172,8 +177,7 @@ class Client:
             except (OSError, UnicodeDecodeError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
                 raise PolicyErrors([PolicyError("", f"cannot read: {reason}", file=str(f))]) from exc
-        return self._json("PUT", "/v1/policies", json={"files": body},
-                          params={"replace_all": replace_all, "dry_run": dry_run})
+        return body
 
     def delete_policy(self, name: str, namespace: str | None = None, kind: str | None = None,
                       *, dry_run: bool = False) -> dict:
@@ -193,6 +197,26 @@ class Client:
     def put_services(self, services: dict, *, dry_run: bool = False) -> dict:
         return self._json("PUT", "/v1/services", params={"dry_run": dry_run},
                           json={"services": services})
+
+    # ---------------------------------------------------------------- review (read-only)
+    def trace(self, src: str, dst: str, dport: str) -> dict:
+        """What the live policy does with one connection (the shape of the offline
+        ``policy trace -o json``). src/dst: ``app=web``, ``cidr:10.0.0.0/8``,
+        ``entity:world``, ``endpoint:NAME``; dport: ``80/tcp``."""
+        return self._json("GET", "/v1/trace", params={"src": src, "dst": dst, "dport": dport})
+
+    def matrix(self, *, label: str | None = None, port: str | None = None,
+               offset: int | None = None, limit: int | None = None) -> dict:
+        """A page of identity pairs with what each may do."""
+        return self._json("GET", "/v1/matrix", params={"label": label, "port": port,
+                                                       "offset": offset, "limit": limit})
+
+    def review(self, files: Iterable[str | os.PathLike | dict], *,
+               replace_all: bool = False) -> dict:
+        """The agent's plan for a proposed policy set; changes nothing. files as
+        put_policies'."""
+        return self._json("POST", "/v1/review", json={"files": self._policy_files(files),
+                                                      "replace_all": replace_all})
 
     # ---------------------------------------------------------------- flows
     @staticmethod

@@ -60,6 +60,10 @@ class Limits:
     members_streams: int = 16           # flow streams of all members together
     root_streams: int = 32
 
+    def __post_init__(self):
+        if not 0 <= self.root_workers < self.workers:
+            raise ValueError("root_workers must leave members at least one of the workers")
+
     def body_deadline(self, length: int) -> float:
         return self.body_timeout + length / self.body_rate
 
