@@ -136,7 +136,7 @@ class Connection:
         self.sock, self.cred = sock, cred
         self.uid = cred.uid if cred is not None else -1
         self.raw = SocketReader(sock)
-        self.rfile = io.BufferedReader(self.raw, 64 * 1024)
+        self.rfile = io.BufferedReader(self.raw, 16 * 1024)
         self.wfile = SocketWriter(sock, limits.write_timeout)
         self.last_active = time.monotonic()
         self.closed = False
