@@ -7,12 +7,15 @@ errors are real PolicyErrors. Every call is recorded in ``calls``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import threading
 import time
 
 from stockade.daemon.endpoints import static_labels
-from stockade.errors import Conflict, InvalidRequest, NotFound
+from stockade.errors import Conflict, InvalidRequest, NotFound, PolicyErrors
 from stockade.policy.api.loader import load_text
+from stockade.policy.sel import parse_port, parse_sel
+from stockade.policy.trace import Tracer
 
 FIRST_WORKLOAD_ID = 256
 
@@ -194,12 +197,8 @@ class FakeAgent:
                          "entries": {"added": len(rules_added), "removed": len(rules_removed),
                                      "sample": []}}}
 
-    def put_policies(self, files: list[dict], *, replace_all: bool = False,
-                     dry_run: bool = False) -> dict:
-        self._call("put_policies", files, replace_all, dry_run)
-        loaded = {}
-        from stockade.errors import PolicyErrors
-        errors = []
+    def _load(self, files: list[dict]) -> dict:
+        loaded, errors = {}, []
         for f in files:
             try:
                 for p in load_text(f["text"], f["name"]):
@@ -210,6 +209,12 @@ class FakeAgent:
                 errors.extend(exc.errors)
         if errors:
             raise PolicyErrors(errors)
+        return loaded
+
+    def put_policies(self, files: list[dict], *, replace_all: bool = False,
+                     dry_run: bool = False) -> dict:
+        self._call("put_policies", files, replace_all, dry_run)
+        loaded = self._load(files)
         with self.lock:
             new = dict(loaded) if replace_all else {**self.policies, **loaded}
             return self._result_locked(dict(self.policies), new, dry_run)
@@ -288,3 +293,47 @@ class FakeAgent:
         self._call("follow_flows", criteria)
         FlowFilter.parse(criteria)
         return iter([])
+
+    # review: a dry run's diff; no evaluation of pairs or observed flows (the agent's)
+    def review(self, files: list[dict], replace_all: bool = False) -> dict:
+        self._call("review", files, replace_all)
+        loaded = self._load(files)
+        with self.lock:
+            new = dict(loaded) if replace_all else {**self.policies, **loaded}
+            result = self._result_locked(dict(self.policies), new, dry_run=True)
+        return {"revision": result["revision"], "diff": result["diff"], "pairs": [],
+                "flows": [], "flows_checked": 0}
+
+    def _peer(self, text: str):
+        if text.startswith("endpoint:"):
+            with self.lock:
+                ep = self.endpoints.get(text[len("endpoint:"):])
+            if ep is None:
+                raise NotFound(f"no endpoint named {text[len('endpoint:'):]!r}", "src")
+            return parse_sel({k.split(":", 1)[-1]: v for k, v in ep["labels"].items()})
+        return parse_sel(text)
+
+    def trace(self, src: str, dst: str, dport: str) -> dict:
+        """The real offline tracer over the stored documents."""
+        self._call("trace", src, dst, dport)
+        s, d = self._peer(src), self._peer(dst)
+        proto, port = parse_port(dport)
+        with self.lock:
+            docs = [p["document"] for p in self.policies.values()]
+        policies = [p for i, doc in enumerate(docs)
+                    for p in load_text(json.dumps(doc), f"live-{i}.json")]
+        return Tracer(policies).trace(s, d, proto, port)
+
+    def matrix(self, query: dict) -> dict:
+        """Every pair of known identities, each cell open (no policy evaluation here)."""
+        self._call("matrix", query)
+        ids = [{"id": i["id"], "name": ",".join(i["labels"]), "labels": i["labels"]}
+               for i in self.list_identities()]
+        label = query.get("label") or ""
+        pairs = [(a, b) for a in ids for b in ids
+                 if not label or any(label in x for x in a["labels"] + b["labels"])]
+        page = pairs[query["offset"]:query["offset"] + query["limit"]]
+        return {"rows": [{"src": a, "dst": b,
+                          "cell": {"state": "open", "allow": [], "deny": [], "audit": False,
+                                   "remote": False}} for a, b in page],
+                "total": len(pairs), "offset": query["offset"], "limit": query["limit"]}
