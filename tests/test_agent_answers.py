@@ -101,7 +101,7 @@ def test_review_is_the_agents_plan_and_changes_nothing(api):
     proposed = doc("db", DB_FROM_WEB.replace("app: web", "app: api"))
     r = api.review([proposed])
     assert r["diff"]["changed"] == ["db"]
-    pairs = {(p["src_name"], p["dst_name"], tuple(p["allowed"]), tuple(p["denied"])) for p in r["pairs"]}
+    pairs = {(p["src"], p["dst"], tuple(p["allowed"]), tuple(p["denied"])) for p in r["pairs"]}
     assert ("app=web", "app=db", (), ("5432/tcp",)) in pairs
     assert ("app=api", "app=db", ("5432/tcp",), ()) in pairs
     assert api.list_policies() == before and dict(api.agent.engine.entries) == entries

@@ -115,7 +115,7 @@ def test_metrics_is_prometheus_text(http):
     r = http.get("/v1/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert "stockade_policy_revision 1" in r.text
+    assert "stockade_policy_revision 0" in r.text
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server):
@@ -402,16 +402,18 @@ def test_trace_uses_the_live_policy(http):
 
 
 def test_matrix_pages_and_defaults(http, agent):
-    http.post("/v1/endpoints", json=EP)
+    for i in range(3):
+        http.post("/v1/endpoints", json={**EP, "name": f"web{i}", "interface": f"veth-web{i}",
+                                          "ips": [f"10.0.0.{5 + i}"], "labels": {"app": "web", "n": str(i)}})
     r = http.get("/v1/matrix")
     assert r.status_code == 200 and (r.json()["offset"], r.json()["limit"]) == (0, 100)
-    assert ("matrix", {"offset": 0, "limit": 100}) in agent.calls
+    assert ("matrix", {"offset": 0, "limit": 100, "cidrs": False}) in agent.calls
     r = http.get("/v1/matrix", params={"label": "app=web", "offset": "1", "limit": "2",
                                        "port": "80/tcp"})
     m = r.json()
     assert len(m["rows"]) == 2 and m["total"] >= 3 and m["offset"] == 1
-    assert ("matrix", {"label": "app=web", "port": "80/tcp", "offset": 1, "limit": 2}) \
-        in agent.calls
+    assert ("matrix", {"label": "app=web", "port": "80/tcp", "offset": 1, "limit": 2,
+                       "cidrs": False}) in agent.calls
 
 
 def test_review_changes_nothing(http, agent):

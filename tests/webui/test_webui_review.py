@@ -154,7 +154,7 @@ def test_api_review_json(client, agent):
                     json={"files": [{"name": "db.yaml", "text": PROPOSED}]})
     assert r.status_code == 200
     d = r.json
-    assert d["valid"] and d["agent"]["dry_run"] is True
+    assert d["valid"] and d["agent"]["changed"] is True  # the agent's plan: a change
     flows = {(g["from"], g["to"], g["port"], g["change"]): g["count"] for g in d["flows"]}
     assert flows == {("app=web", "app=db", "5432/tcp", "block"): 12,
                      ("app=api", "app=db", "5432/tcp", "allow"): 1}

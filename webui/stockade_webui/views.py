@@ -188,8 +188,7 @@ def review(h: Host, files: list[dict], replace_all: bool = False) -> dict:
         return out
     out.update(valid=True, agent={"diff": result["diff"], "changed": result["changed"],
                                   "revision": result["revision"]},
-               pairs=[{**p, "src": p["src_name"], "dst": p["dst_name"],
-                       "src_id": p["src"], "dst_id": p["dst"]} for p in result["pairs"]],
+               pairs=result["pairs"],
                flows=result["flows"], flows_checked=result["flows_checked"],
                flows_available=result["flows_available"], policies=result["policies"])
     return out

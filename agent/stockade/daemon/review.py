@@ -204,7 +204,8 @@ def review(agent: "Agent", proposed: list[Policy], replace_all: bool) -> dict:
             changes = pair_changes(before, after, sorted(p for p in pairs
                                                          if p[0] in idents and p[1] in idents))
             for c in changes:
-                c["src_name"], c["dst_name"] = idents[c["src"]].short_name, idents[c["dst"]].short_name
+                c["src_id"], c["dst_id"] = c["src"], c["dst"]
+                c["src"], c["dst"] = idents[c["src_id"]].short_name, idents[c["dst_id"]].short_name
             audited = audit_ids(agent)
             flow_rows = flow_changes(flows, before, after, audited, e.identities) if flows is not None else []
         finally:
