@@ -382,6 +382,17 @@ def test_openapi_documents_exactly_the_routes():
         assert ("403" in op["responses"]) == (r.access is not Access.READ), r.template
 
 
+def test_flow_filters_are_one_table():
+    """GET /v1/flows takes exactly the flow filter keys (stockade.flows.filters.KEYS),
+    plus follow and limit; the list-valued ones may repeat."""
+    from stockade.flows.filters import KEYS, LIST_KEYS
+    with open(OPENAPI) as f:
+        op = yaml.safe_load(f)["paths"]["/v1/flows"]["get"]
+    params = {p["name"]: p for p in op["parameters"]}
+    assert set(params) == set(KEYS) | {"follow", "limit"}
+    assert {n for n, p in params.items() if p["schema"].get("type") == "array"} == set(LIST_KEYS)
+
+
 def test_the_package_ships_the_document():
     from stockade.daemon.apischema import load_document
     with open(OPENAPI) as f:

@@ -69,7 +69,10 @@ def parse_pairs(text: str, what: str = "labels", *, bare: bool = True) -> list[t
     source. ``bare=False``: every item needs ``=``."""
     from ..errors import InvalidRequest
     out = []
-    for item in filter(None, (p.strip() for p in str(text).split(","))):
+    items = [p.strip() for p in str(text).split(",")]
+    if not bare and len(items) > 1 and "" in items:
+        raise InvalidRequest(f"{what}: '' is not key=value", what)  # a stray comma
+    for item in filter(None, items):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not key or (not sep and not bare):
