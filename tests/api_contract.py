@@ -118,7 +118,7 @@ def run_schemathesis(socket_path: str, *, max_examples: int = 15, mutating: bool
                     check()
                 except Unsatisfiable:
                     pass  # nothing in this operation can be made invalid
-                except Exception as exc:  # noqa: BLE001 - collect, report all at the end
+                except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collect all
                     failures.append(f"{op.method.upper()} {op.path} ({mode.value}): {exc}")
     finally:
         session.close()

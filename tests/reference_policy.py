@@ -29,7 +29,8 @@ deviations (docs/policy.md, docs/services.md):
   ``io.kubernetes.pod.namespace`` are one key, whatever the source (issue 12). An empty
   selector ``{}`` selects every workload and nothing else; a selector selects a reserved
   identity only when it names a ``reserved:`` key; a CIDR identity is selected by its
-  labels (an inventory service's CIDRs carry the service's labels).
+  labels (an inventory service's CIDRs carry the service's labels), and only by a
+  selector with a positive requirement (In, Exists): never for lacking a label.
 - Entities: ``all`` is every peer; ``world`` the world identity and every CIDR identity;
   ``cluster`` every workload and every reserved identity but world; the others (host,
   remote-node, health, init, unmanaged) their reserved identity.
@@ -115,6 +116,8 @@ def selector_selects(sel: EndpointSelector, ident: Ident) -> bool:
         return ident.kind == WORKLOAD
     if ident.kind == RESERVED and not any(r.source == "reserved" for r in reqs):
         return False
+    if ident.kind == CIDR and all(r.operator in ("NotIn", "DoesNotExist") for r in reqs):
+        return False  # a CIDR identity is selected for labels it has, never for lacking one
     return all(_requirement_holds(r, ident.labels) for r in reqs)
 
 

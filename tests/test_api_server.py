@@ -12,8 +12,12 @@ import yaml
 from fake_agent import FakeAgent
 
 from stockade.daemon import server as srv
-from stockade.daemon.server import APIServer, PeerCred, Response, Route, check_permission
-from stockade.errors import Conflict, PermissionDenied, StockadeError
+from stockade.daemon.routes import Access
+from stockade.daemon.server import APIServer, Limits, Response, Route, status_for
+from stockade.datapath.errors import CapacityError, DatapathError
+from stockade.errors import (Conflict, HTTPError, IdentityError, InvalidRequest, NotFound,
+                             PermissionDenied, PolicyError, PolicyErrors, SelectorError,
+                             StockadeError)
 
 OPENAPI = os.path.join(os.path.dirname(__file__), "..", "docs", "api", "openapi.yaml")
 
@@ -60,7 +64,8 @@ def assert_error(resp, status, field=None, contains=""):
 # ---------------------------------------------------------------- successes
 
 @pytest.mark.parametrize("path", ["/v1/health", "/v1/endpoints", "/v1/identities",
-                                  "/v1/ipcache", "/v1/policies"])
+                                  "/v1/ipcache", "/v1/policies", "/v1/services", "/v1/flows",
+                                  "/v1/matrix", "/v1/trace?src=app=a&dst=app=b&dport=80/tcp"])
 def test_get_routes_answer_json(http, path):
     r = http.get(path)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
@@ -110,7 +115,7 @@ def test_metrics_is_prometheus_text(http):
     r = http.get("/v1/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert "stockade_policy_revision 1" in r.text
+    assert "stockade_policy_revision 0" in r.text
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server):
@@ -144,7 +149,34 @@ def test_keep_alive_serves_several_requests_on_one_connection(server):
      415, "Content-Type", "application/json"),
     ("POST", "/v1/ipcache", {"json": {"prefix": "10.0.0.0/8"}}, 400, "labels", "required"),
     ("POST", "/v1/ipcache", {"json": {"prefix": "x", "labels": {"a": "b"}}}, 400, "prefix", ""),
-    ("PUT", "/v1/policies", {"json": {"files": [{"name": "a"}]}}, 400, "text", "files[0]"),
+    ("PUT", "/v1/policies", {"json": {"files": [{"name": "a"}]}}, 400, "files[0].text",
+     "files[0]: text is required"),
+    ("PUT", "/v1/policies", {"json": {"files": [{"name": "a", "text": 1}]}}, 400,
+     "files[0].text", "must be a string"),
+    ("PUT", "/v1/policies", {"json": {"files": {}}}, 400, "files", "must be a list"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "labels": 5}}, 400, "labels",
+     "an object or a string"),
+    ("POST", "/v1/endpoints", {"json": {"name": "a", "ips": []}}, 400, "interface",
+     "interface or mac is required"),
+    ("POST", "/v1/endpoints", {"json": {**EP, "name": None}}, 400, "name", "not null"),
+    ("POST", "/v1/ipcache", {"json": {"prefix": "10.0.0.0/8", "node": "yes"}}, 400, "node",
+     "true or false"),
+    ("PUT", "/v1/services", {"json": {"services": {"web": 1}}}, 400, "services.web",
+     "an object"),
+    ("POST", "/v1/review", {"json": {"files": [], "replace_all": "no"}}, 400, "replace_all",
+     "true or false"),
+    ("POST", "/v1/review", {"json": {"files": [], "force": True}}, 400, "force", "unknown field"),
+    ("POST", "/v1/review", {"json": {}}, 400, "files", "required"),
+    ("GET", "/v1/trace?src=app=a&dst=app=b", {}, 400, "dport", "required"),
+    ("GET", "/v1/trace?src=app=a&dst=&dport=80/tcp", {}, 400, "dst", "must not be empty"),
+    ("GET", "/v1/trace?src=app=a&dst=app=b&dport=http", {}, 400, None, "http"),
+    ("GET", "/v1/trace?src=nolabel&dst=app=b&dport=80/tcp", {}, 400, None, "key=value"),
+    ("GET", "/v1/trace?src=endpoint:nope&dst=app=b&dport=80/tcp", {}, 404, "src", "nope"),
+    ("GET", "/v1/matrix?limit=5000", {}, 400, "limit", "at most 1000"),
+    ("GET", "/v1/matrix?offset=-1", {}, 400, "offset", "at least 0"),
+    ("GET", "/v1/matrix?offset=x", {}, 400, "offset", "an integer"),
+    ("GET", "/v1/flows?last=0", {}, 400, "last", "at least 1"),
+    ("GET", "/v1/flows?follow=1", {}, 400, "follow", "true"),
     ("PUT", "/v1/policies", {"json": {"file": []}}, 400, "file", "unknown field"),
     ("PUT", "/v1/policies?dry_run=yes", {"json": {"files": []}}, 400, "dry_run", "true"),
     ("PUT", "/v1/policies?force=true", {"json": {"files": []}}, 400, "force", "unknown query"),
@@ -179,12 +211,16 @@ def test_policy_errors_carry_every_problem(http, agent):
     assert agent.policies == {}
 
 
-def test_body_over_the_limit_is_413(server, monkeypatch):
-    monkeypatch.setattr(srv, "MAX_BODY", 1024)
-    with httpx.Client(transport=httpx.HTTPTransport(uds=server.socket_path),
-                      base_url="http://x") as c:
+def test_body_over_the_limit_is_413(agent, tmp_path):
+    with APIServer(agent, str(tmp_path / "a.sock"), limits=Limits(root_body=1024)) as s, \
+            httpx.Client(transport=httpx.HTTPTransport(uds=s.socket_path),
+                         base_url="http://x") as c:
         r = c.put("/v1/policies", content=b"x" * 2048, headers={"content-type": "application/json"})
-    assert_error(r, 413, None, "over the limit")
+        assert_error(r, 413, None, "over the limit of 1024 bytes for root")
+        ok = c.put("/v1/policies", content=b'{"files": []}' + b" " * 1000,
+                   headers={"content-type": "application/json"})
+        assert ok.status_code == 200, ok.text
+    assert not any(call[0] == "put_policies" and call[1] != [] for call in agent.calls)
 
 
 def test_chunked_request_body_is_411(http):
@@ -194,8 +230,27 @@ def test_chunked_request_body_is_411(http):
 
 
 @pytest.mark.parametrize("exc,status", [
+    (InvalidRequest("bad", "x"), 400),
+    (PolicyError("spec", "bad"), 400),
+    (PolicyErrors([PolicyError("spec", "bad")]), 400),
+    (SelectorError("bad selector"), 400),
+    (PermissionDenied("needs root"), 403),
+    (NotFound("none", "name"), 404),
     (Conflict("taken", "name"), 409),
-    (type("CapacityError", (StockadeError,), {})("map full"), 507),
+    (HTTPError(413, "too big"), 413),
+    (CapacityError("policy map", "full"), 507),
+    (DatapathError("policy map", "write failed"), 500),
+    (IdentityError("identity store is read-only"), 500),
+    (StockadeError("something"), 500),
+], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else None)
+def test_error_classes_carry_their_status(exc, status):
+    assert status_for(exc) == status
+    assert status_for(RuntimeError("not ours")) == 500
+
+
+@pytest.mark.parametrize("exc,status", [
+    (Conflict("taken", "name"), 409),
+    (CapacityError("policy map", "a delta of 9 entries does not fit"), 507),
     (StockadeError("identity store is read-only"), 500),
 ], ids=["conflict", "capacity", "stockade-error"])
 def test_agent_errors_map_to_status(http, agent, exc, status):
@@ -223,26 +278,12 @@ def test_malformed_request_line_gets_a_json_error(server):
 
 
 # ---------------------------------------------------------------- permissions
-
-@pytest.mark.parametrize("method,cred,allowed", [
-    ("GET", PeerCred(1, 1000, 1000), True),
-    ("GET", None, True),
-    ("POST", PeerCred(1, 0, 0), True),
-    ("PUT", PeerCred(1, 1000, 0), False),
-    ("DELETE", PeerCred(1, 65534, 65534), False),
-    ("POST", None, False),
-], ids=["get-user", "get-unknown", "post-root", "put-user", "delete-nobody", "post-unknown"])
-def test_check_permission(method, cred, allowed):
-    if allowed:
-        check_permission(method, cred)
-    else:
-        with pytest.raises(PermissionDenied, match="needs root"):
-            check_permission(method, cred)
-
+# (the permission table, limits, caps and timeouts: tests/test_api_limits.py)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid to nobody")
 def test_non_root_peer_may_read_but_not_change(agent):
-    """A forked child that drops to nobody: GET works, POST is 403."""
+    """A forked child that drops to nobody (SO_PEERCRED is real here): GET, a dry run and
+    a review work, POST is 403."""
     d = tempfile.mkdtemp()
     os.chmod(d, 0o755)
     with APIServer(agent, os.path.join(d, "agent.sock"), group=None, mode=0o666) as s:
@@ -257,8 +298,12 @@ def test_non_root_peer_may_read_but_not_change(agent):
                 with httpx.Client(transport=httpx.HTTPTransport(uds=s.socket_path),
                                   base_url="http://x") as c:
                     get = c.get("/v1/health").status_code
+                    files = {"files": [{"name": "web.yaml", "text": POLICY}]}
+                    dry = c.put("/v1/policies?dry_run=true", json=files).status_code
+                    review = c.post("/v1/review", json=files).status_code
                     post = c.post("/v1/endpoints", json=EP)
-                os.write(wr, json.dumps([get, post.status_code, post.json()]).encode())
+                os.write(wr, json.dumps([get, dry, review, post.status_code,
+                                         post.json()]).encode())
                 code = 0
             finally:
                 os._exit(code)
@@ -267,8 +312,8 @@ def test_non_root_peer_may_read_but_not_change(agent):
         os.close(rd)
         _, status = os.waitpid(pid, 0)
     assert status == 0
-    get, post, body = json.loads(out)
-    assert get == 200 and post == 403
+    get, dry, review, post, body = json.loads(out)
+    assert (get, dry, review, post) == (200, 200, 200, 403)
     assert "uid 65534" in body["error"]["message"]
     assert not any(c[0] == "add_endpoint" for c in agent.calls)
 
@@ -323,6 +368,9 @@ def test_stream_stops_when_server_stops(server, http):
 # ---------------------------------------------------------------- the document
 
 def test_openapi_documents_exactly_the_routes():
+    """The route table and the document agree: the same (method, path) pairs, and a 403
+    is documented exactly where a member can be refused (every route that is not READ).
+    Query parameters and bodies are the document's own (the server validates with it)."""
     with open(OPENAPI) as f:
         doc = yaml.safe_load(f)
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops
@@ -331,10 +379,76 @@ def test_openapi_documents_exactly_the_routes():
     assert documented == served
     for r in srv.ROUTES:
         op = doc["paths"][r.template][r.method.lower()]
-        query = {p.get("name") or p["$ref"].rsplit("/", 1)[1] for p in op.get("parameters", [])
-                 if p.get("in", "query") == "query" and "$ref" not in p} | {
-            doc["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]]["name"]
-            for p in op.get("parameters", []) if "$ref" in p
-            and doc["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]]["in"] == "query"}
-        assert query == set(r.params), r.template
-        assert ("requestBody" in op) == r.body, r.template
+        assert ("403" in op["responses"]) == (r.access is not Access.READ), r.template
+
+
+def test_flow_filters_are_one_table():
+    """GET /v1/flows takes exactly the flow filter keys (stockade.flows.filters.KEYS),
+    plus follow and limit; the list-valued ones may repeat."""
+    from stockade.flows.filters import KEYS, LIST_KEYS
+    with open(OPENAPI) as f:
+        op = yaml.safe_load(f)["paths"]["/v1/flows"]["get"]
+    params = {p["name"]: p for p in op["parameters"]}
+    assert set(params) == set(KEYS) | {"follow", "limit"}
+    assert {n for n, p in params.items() if p["schema"].get("type") == "array"} == set(LIST_KEYS)
+
+
+def test_the_package_ships_the_document():
+    from stockade.daemon.apischema import load_document
+    with open(OPENAPI) as f:
+        assert load_document() == yaml.safe_load(f)
+
+
+# ---------------------------------------------------------------- trace, matrix, review
+
+def test_trace_uses_the_live_policy(http):
+    text = POLICY.replace(", namespace: shop", "")
+    http.put("/v1/policies", json={"files": [{"name": "web.yaml", "text": text}]})
+    r = http.get("/v1/trace", params={"src": "app=lb", "dst": "app=web", "dport": "80/tcp"})
+    assert r.status_code == 200, r.text
+    t = r.json()
+    assert t["verdict"] == "allow" and t["ingress"]["policies"] == ["web"]
+    r = http.get("/v1/trace", params={"src": "app=x", "dst": "app=web", "dport": "80/tcp"})
+    assert r.json()["verdict"] == "deny"
+
+
+def test_matrix_pages_and_defaults(http, agent):
+    for i in range(3):
+        http.post("/v1/endpoints", json={**EP, "name": f"web{i}", "interface": f"veth-web{i}",
+                                          "ips": [f"10.0.0.{5 + i}"], "labels": {"app": "web", "n": str(i)}})
+    r = http.get("/v1/matrix")
+    assert r.status_code == 200 and (r.json()["offset"], r.json()["limit"]) == (0, 100)
+    assert ("matrix", {"offset": 0, "limit": 100, "cidrs": False}) in agent.calls
+    r = http.get("/v1/matrix", params={"label": "app=web", "offset": "1", "limit": "2",
+                                       "port": "80/tcp"})
+    m = r.json()
+    assert len(m["rows"]) == 2 and m["total"] >= 3 and m["offset"] == 1
+    assert ("matrix", {"label": "app=web", "port": "80/tcp", "offset": 1, "limit": 2,
+                       "cidrs": False}) in agent.calls
+
+
+def test_review_changes_nothing(http, agent):
+    files = [{"name": "web.yaml", "text": POLICY}]
+    r = http.post("/v1/review", json={"files": files, "replace_all": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["diff"]["added"] == ["shop/web"]
+    assert http.get("/v1/policies").json() == []
+    assert ("review", files, True) in agent.calls
+    bad = POLICY.replace('port: "80"', 'port: "http2"')
+    err = assert_error(http.post("/v1/review", json={"files": [{"name": "w.yaml", "text": bad}]}),
+                       400, "spec.ingress[0].toPorts[0].ports[0].port", "w.yaml")
+    assert err["errors"][0]["file"] == "w.yaml"
+
+
+def test_client_speaks_trace_matrix_and_review(server):
+    from stockade.client import APIError, Client
+    text = POLICY.replace(", namespace: shop", "")
+    with Client(server.socket_path) as c:
+        plan = c.review([{"name": "web.yaml", "text": text}], replace_all=True)
+        assert plan["diff"]["added"] == ["web"] and c.policies() == []
+        c.put_policies([{"name": "web.yaml", "text": text}])
+        assert c.trace("app=lb", "app=web", "80/tcp")["verdict"] == "allow"
+        assert c.matrix(limit=1)["limit"] == 1
+        with pytest.raises(APIError) as e:
+            c.matrix(limit=0)
+        assert e.value.status == 400 and e.value.field == "limit"

@@ -112,7 +112,7 @@ def test_endpoint_commands(sock):
     assert json.loads(r.output)[0]["labels"] == {"static:app": "web", "static:tier": "front"}
     assert run(sock, "endpoint", "remove", "web1").exit_code == 0
     r = run(sock, "endpoint", "remove", "web1")
-    assert r.exit_code == 1 and "no endpoint named 'web1'" in r.stderr
+    assert r.exit_code == 1 and "no endpoint named web1" in r.stderr
 
 
 @pytest.mark.parametrize("args,code,text", [

@@ -20,7 +20,7 @@ from stockade.daemon.labelsources import MAX_LISTED, MAX_TEXT, DroppedLabel, adm
 from stockade.daemon.metrics import _labels_dropped
 from stockade.daemon.runtimes import RuntimeSource
 from stockade.daemon.server import APIServer
-from stockade.daemon.services import parse_services
+from stockade.daemon.inventory import parse_services
 from stockade.discovery import DockerAPI, DockerWatcher, Workload, WorkloadEvent
 from stockade.discovery.libvirt import parse_metadata
 from stockade.errors import InvalidRequest
@@ -243,17 +243,16 @@ class _Watcher:
 
 
 class _Agent:
-    """What RuntimeSource uses of the agent: records upserts and errors."""
+    """What RuntimeSource uses of the agent: records the changes it submits, and errors."""
 
     def __init__(self, trust: bool):
         self.config = type("Config", (), {"trust_image_labels": trust})()
-        self._lock = threading.RLock()
-        self.endpoints, self.upserts, self.errors = {}, [], []
+        self.upserts, self.errors = [], []
 
-    def upsert_endpoint(self, **kw):
-        self.upserts.append(kw)
+    def submit(self, change):
+        self.upserts.append(vars(change))
 
-    def _error(self, msg):
+    def error(self, msg):
         self.errors.append(msg)
 
 

@@ -289,7 +289,7 @@ def test_parse_sel_labels_default_to_unspec():
 
 
 @pytest.mark.parametrize("value, error", [
-    ("", "a selector is cidr:<prefix>, entity:<name> or k=v,..."),
+    ("", "a selector is cidr:<prefix>, entity:<name>, endpoint:<name> or k=v,..."),
     ("   ", "a selector is cidr:<prefix>"),
     (None, "a selector is cidr:<prefix>"),
     ("cidr:10.0.0.0/33", "'cidr:10.0.0.0/33': "),

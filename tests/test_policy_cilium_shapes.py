@@ -62,7 +62,7 @@ def test_absent_peer_list_is_every_peer_but_empty_is_none():
 
 
 def test_empty_peer_list_is_described_as_no_peer():
-    from stockade.daemon.policydiff import describe_rule
+    from stockade.policy.describe import describe_rule
     [p] = [p for p in load_file(VALID / "empty-peer-lists.yaml") if p.ref.name == "empty-from-endpoints"]
     [line] = describe_rule(p.rules[0])
     assert "any peer" not in line

@@ -2,7 +2,7 @@
 import pytest
 
 from stockade.errors import InvalidRequest
-from stockade.daemon.services import effective_labels, membership, parse_services
+from stockade.daemon.inventory import effective_labels, membership, parse_services
 from stockade.policy.api.loader import load_text
 from stockade.policy.labels import LabelSet
 from stockade.policy.lint import service_label_sets, unmatched_selectors, workload_label_sets

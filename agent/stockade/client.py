@@ -158,10 +158,9 @@ class Client:
     def policies(self) -> list[dict]:
         return self._json("GET", "/v1/policies")
 
-    def put_policies(self, files: Iterable[str | os.PathLike | dict], *, replace_all: bool = False,
-                     dry_run: bool = False) -> dict:
-        """files: paths (read here; the name sent is the path as given) or
-        ``{"name", "text"}`` dicts. Returns the agent's PolicyResult."""
+    @staticmethod
+    def _files(files: Iterable[str | os.PathLike | dict]) -> list[dict]:
+        """Paths (read here; the name sent is the path as given) or ``{"name", "text"}``."""
         body = []
         for f in files:
             if isinstance(f, dict):
@@ -172,8 +171,31 @@ class Client:
             except (OSError, UnicodeDecodeError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
                 raise PolicyErrors([PolicyError("", f"cannot read: {reason}", file=str(f))]) from exc
-        return self._json("PUT", "/v1/policies", json={"files": body},
+        return body
+
+    def put_policies(self, files: Iterable[str | os.PathLike | dict], *, replace_all: bool = False,
+                     dry_run: bool = False) -> dict:
+        """Returns the agent's PolicyResult."""
+        return self._json("PUT", "/v1/policies", json={"files": self._files(files)},
                           params={"replace_all": replace_all, "dry_run": dry_run})
+
+    def trace(self, src: str, dst: str, dport: str) -> dict:
+        """The live trace: SELs as the CLI's (``endpoint:NAME`` too), ``dport`` like 80/tcp."""
+        return self._json("GET", "/v1/trace", params={"src": src, "dst": dst, "dport": dport})
+
+    def matrix(self, *, label: str | None = None, port: str | None = None,
+               offset: int | None = None, limit: int | None = None,
+               cidrs: bool | str | None = None) -> dict:
+        if isinstance(cidrs, str):
+            cidrs = cidrs.lower() == "true"
+        return self._json("GET", "/v1/matrix", params={"label": label, "port": port,
+                                                        "offset": offset, "limit": limit,
+                                                        "cidrs": cidrs})
+
+    def review(self, files: Iterable[str | os.PathLike | dict], *, replace_all: bool = False) -> dict:
+        """The agent's plan of a proposed policy set, discarded: never changes anything."""
+        return self._json("POST", "/v1/review", json={"files": self._files(files),
+                                                       "replace_all": replace_all})
 
     def delete_policy(self, name: str, namespace: str | None = None, kind: str | None = None,
                       *, dry_run: bool = False) -> dict:

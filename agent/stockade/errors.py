@@ -5,11 +5,17 @@
     ├── PolicyErrors              several PolicyErrors found in one load (a file is rejected whole)
     ├── SelectorError             a command-line selector (SEL) that cannot be parsed
     ├── IdentityError             identity allocation or persistence failed
-    ├── InvalidRequest            API/CLI input that fails validation (HTTP 400)
-    ├── NotFound                  no such endpoint, policy or ipcache entry (HTTP 404)
-    ├── Conflict                  clashes with existing state (HTTP 409)
-    ├── PermissionDenied          a change asked for by a non-root peer (HTTP 403)
+    ├── InvalidRequest            API/CLI input that fails validation
+    ├── NotFound                  no such endpoint, policy or ipcache entry
+    ├── Conflict                  clashes with existing state
+    ├── PermissionDenied          a change asked for by a non-root peer
+    ├── HTTPError                 the API server's own refusal (no such route, body too large...)
     └── (datapath.errors.DatapathError, discovery.errors.DiscoveryError, client.ClientError)
+
+Each class says which HTTP status the API answers it with (``http_status``): 500 unless
+a class below says otherwise; 400 for PolicyError, PolicyErrors, SelectorError and
+InvalidRequest, 403 PermissionDenied, 404 NotFound, 409 Conflict, 507 for the datapath's
+CapacityError, and an HTTPError's own status.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ class StockadeError(Exception):
     """Base class; carries a message and, where it applies, the offending field."""
 
     field: str | None = None
+    http_status: int = 500
 
     def to_dict(self) -> dict:
         return {"message": str(self), "field": self.field}
@@ -29,6 +36,8 @@ class PolicyError(StockadeError):
     Renders as ``file: document 2 (web-policy): spec.ingress[0].toPorts[1].ports[0].port:
     "http2" is not a port number``.
     """
+
+    http_status = 400
 
     def __init__(self, path: str, msg: str, *, file: str | None = None,
                  doc_index: int | None = None, doc_name: str | None = None):
@@ -67,6 +76,8 @@ class PolicyError(StockadeError):
 class PolicyErrors(StockadeError):
     """Every problem found while loading; nothing from the load is used."""
 
+    http_status = 400
+
     def __init__(self, errors: list[PolicyError]):
         self.errors = errors
         super().__init__("\n".join(str(e) for e in errors))
@@ -84,6 +95,8 @@ class PolicyErrors(StockadeError):
 class SelectorError(StockadeError):
     """A SEL argument (``cidr:``, ``entity:`` or ``k=v,...``) that cannot be parsed."""
 
+    http_status = 400
+
 
 class IdentityError(StockadeError):
     """Identity numbers could not be allocated or persisted."""
@@ -91,6 +104,8 @@ class IdentityError(StockadeError):
 
 class InvalidRequest(StockadeError):
     """An API/CLI input that fails validation; ``field`` names the offending field."""
+
+    http_status = 400
 
     def __init__(self, msg: str, field: str | None = None):
         super().__init__(msg)
@@ -100,6 +115,8 @@ class InvalidRequest(StockadeError):
 class NotFound(StockadeError):
     """The named endpoint, policy or ipcache entry does not exist."""
 
+    http_status = 404
+
     def __init__(self, msg: str, field: str | None = None):
         super().__init__(msg)
         self.field = field
@@ -108,6 +125,8 @@ class NotFound(StockadeError):
 class Conflict(StockadeError):
     """The request clashes with existing state (a name or interface already in use)."""
 
+    http_status = 409
+
     def __init__(self, msg: str, field: str | None = None):
         super().__init__(msg)
         self.field = field
@@ -115,3 +134,17 @@ class Conflict(StockadeError):
 
 class PermissionDenied(StockadeError):
     """A change was asked for by a peer that is not uid 0."""
+
+    http_status = 403
+
+
+class HTTPError(StockadeError):
+    """A refusal of the API server itself, before the agent is asked: no such route
+    (404), wrong method (405), a body the peer may not send or that is too large (411,
+    413), not JSON (415), too slow (408), too many connections (503). ``headers`` go
+    out with the answer (``Allow`` for a 405)."""
+
+    def __init__(self, status: int, msg: str, field: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(msg)
+        self.http_status, self.field, self.headers = status, field, headers or {}

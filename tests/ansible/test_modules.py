@@ -138,7 +138,8 @@ def test_endpoint_by_mac_check_diff_apply_idempotent(agent, run):
 
 def test_endpoint_service_labels_are_not_its_spec(agent, run):
     run("stockade_endpoint", s(agent, **EP))
-    agent.endpoints["vm1"]["labels"]["service:service"] = "reports"  # given by a service
+    agent.set_services({"reports": {"members": [{"endpoint": "vm1"}]}})  # a service labels it
+    assert agent.endpoints["vm1"]["labels"]["service:service"] == "reports"
     assert not run("stockade_endpoint", s(agent, **EP))["changed"]
 
 

@@ -1,5 +1,8 @@
 """The web UI in a real browser (Playwright + Debian's chromium) against `stockade webui`
-under waitress and a real agent with real endpoints and real traffic.
+under waitress and a real agent with real endpoints and real traffic, deployed as the
+role deploys it: the UI started as root with ``--user``, so it reads its token and then
+runs as an unprivileged user whose only access to the agent is the socket group. Its
+Review page shows the agent's own plan (a read-only request a group member may make).
 
 Screenshots go to tests/artifacts/webui/ (kept after the run, gitignored).
 """
@@ -43,13 +46,30 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
+def ui_user():
+    """An unprivileged system user for the UI (the role's stockade-webui); removed after."""
+    import pwd
+    name = f"sk-webui-{__import__('os').getpid()}"
+    subprocess.run(["groupadd", "--system", "-f", "stockade"], check=True)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Four namespaced workloads as agent endpoints (cache in audit mode), live policy,
     real connections."""
     with Topology("ui") as topo:
         ws = {name: topo.add_workload(name, [f"10.213.71.{i}/24"])
               for i, name in enumerate(("web", "db", "api", "cache"), start=1)}
-        with AgentProcess() as agent:
+        agent = AgentProcess()
+        import os
+        os.chmod(agent.run_dir, 0o711)  # the UI reaches the socket; the socket's mode decides
+        with agent:
             c = agent.client
             for name, w in ws.items():
                 c.add_endpoint(name=f"{name}1", interface=w.host_if, ips=[w.ip4],
@@ -66,7 +86,7 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(world, tmp_path_factory):
+def server(world, ui_user, tmp_path_factory):
     d = tmp_path_factory.mktemp("webui")
     token_file = d / "webui.token"
     r = subprocess.run([sys.executable, "-m", "stockade.cli.main", "webui", "--init-token",
@@ -77,8 +97,9 @@ def server(world, tmp_path_factory):
     log = open(d / "webui.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "stockade.cli.main", "webui",
                              "--bind", f"127.0.0.1:{port}", "--token-file", str(token_file),
-                             "--socket", f"host1={world['agent'].socket}"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                             "--socket", f"host1={world['agent'].socket}",
+                             "--user", ui_user.pw_name],
+                            stdout=log, stderr=subprocess.STDOUT, cwd="/")
     try:
         def up():
             try:
@@ -87,6 +108,9 @@ def server(world, tmp_path_factory):
             except OSError:
                 return proc.poll() is not None
         assert eventually(up, timeout=20) and proc.poll() is None, (d / "webui.log").read_text()
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uid = next(l.split()[1:] for l in status.splitlines() if l.startswith("Uid:"))
+        assert set(uid) == {str(ui_user.pw_uid)}, status  # not root: the deployed set-up
         yield {"url": f"http://127.0.0.1:{port}", "token": token_file.read_text().strip(), "dir": d}
     finally:
         proc.terminate()
@@ -169,6 +193,7 @@ def test_browser_login_matrix_review(page, server, world, tmp_path):
     page.set_input_files("#files", str(proposed))
     page.click("button.primary")
     page.wait_for_selector("#review-flows")
+    assert "review failed" not in page.inner_text("main")  # the agent answered a non-root UI
     flows_text = page.inner_text("#review-flows")
     m = re.search(r"would block (\d+) connections seen in the last hour from app=web,tier=front "
                   r"to app=db,tier=back:5432", flows_text)

@@ -1,14 +1,18 @@
-"""Fixtures for the web UI: the real API server over a unix socket with the fake agent
-behind it (plus canned flows), an app wired to it, and a logged-in test client."""
+"""Fixtures for the web UI: the real API server over a unix socket with the real agent
+behind it, in-process (its engine and reconciler over a recording datapath, plus canned
+flows), an app wired to it, and a logged-in test client."""
 from __future__ import annotations
 
 import datetime as dt
 import re
 
 import pytest
-from fake_agent import FakeAgent
 from policydocs import ingress_policy
+from recording_datapath import RecordingDatapath
 
+from stockade.daemon.agent import Agent
+from stockade.daemon.api import AgentAPI
+from stockade.daemon.config import AgentConfig
 from stockade.daemon.server import APIServer
 from stockade_webui import create_app
 
@@ -42,15 +46,32 @@ def flow(src: dict, dst: dict, sport: int, dport: int, verdict="FORWARDED", ago=
             "connection": conn}
 
 
-class FlowAgent(FakeAgent):
-    """The fake agent plus a flow ring, filtered on verdict, ports and labels."""
+class FlowAgent(AgentAPI):
+    """The real agent in-process (its real engine and reconciler, a recording datapath,
+    no kernel) with canned flows: the pages ask it what the deployed agent would answer.
+    Every API call is recorded in ``calls`` as (method, *args, *kwargs values)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, state_dir: str):
+        cfg = AgentConfig(state_dir=state_dir, host_name="h1", podman_socket=None,
+                          docker_socket=None, podman_events_log=None)
+        agent = Agent(cfg)
+        agent.start(RecordingDatapath(), watch_links=False, watch_runtimes=False, flows=False)
+        super().__init__(agent)
         self.flow_ring: list[dict] = []
+        self.calls: list[tuple] = []
+        for name in ("health", "list_endpoints", "add_endpoint", "remove_endpoint",
+                     "list_identities", "list_ipcache", "list_policies", "put_policies",
+                     "delete_policy", "trace", "matrix", "review", "list_services"):
+            setattr(self, name, self._recorded(name, getattr(self, name)))
+
+    def _recorded(self, name, fn):
+        def call(*args, **kwargs):
+            self.calls.append((name, *args, *kwargs.values()))
+            return fn(*args, **kwargs)
+        return call
 
     def flows(self, criteria: dict) -> dict:
-        self._call("flows", criteria)
+        self.calls.append(("flows", criteria))
         out = list(self.flow_ring)
         for key, vals in criteria.items():
             vals = vals if isinstance(vals, list) else [vals]
@@ -76,6 +97,16 @@ class FlowAgent(FakeAgent):
                 "buffer": {"size": len(self.flow_ring), "capacity": 1024}}
 
 
+class _CannedFlows:
+    """What the agent's review reads: the same canned flows as the pages."""
+
+    def __init__(self, api: FlowAgent):
+        self.api = api
+
+    def query(self, criteria: dict) -> dict:
+        return self.api.flows(criteria)
+
+
 def populate(agent: FlowAgent) -> dict:
     web = agent.add_endpoint({"name": "web1", "interface": "vweb1", "ips": ["10.9.0.2"],
                               "labels": {"app": "web"}})
@@ -84,6 +115,7 @@ def populate(agent: FlowAgent) -> dict:
     api = agent.add_endpoint({"name": "api1", "interface": "vapi1", "ips": ["10.9.0.4"],
                               "labels": {"app": "api"}, "audit": False})
     agent.put_policies([{"name": "db.yaml", "text": DB_POLICY}])
+    agent.agent.flow_source = _CannedFlows(agent)
     agent.flow_ring = [flow(web, db, 40000 + i, 5432, ago=30 + i) for i in range(12)]
     agent.flow_ring += [flow(api, db, 41000, 5432, verdict="DROPPED", ago=120)]
     agent.flow_ring += [flow(web, api, 42000, 8080, ago=7200)]   # older than an hour
@@ -94,7 +126,7 @@ def populate(agent: FlowAgent) -> dict:
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory):
     """One agent for every test that does not change it (reviews are dry runs)."""
-    a = FlowAgent()
+    a = FlowAgent(str(tmp_path_factory.mktemp("state")))
     populate(a)
     with APIServer(a, str(tmp_path_factory.mktemp("agent") / "agent.sock")) as s:
         yield a, s.socket_path
@@ -115,7 +147,7 @@ def agent_socket(shared_server):
 @pytest.fixture
 def own_agent(tmp_path):
     """An agent of the test's own, to change freely: (agent, socket path)."""
-    a = FlowAgent()
+    a = FlowAgent(str(tmp_path / "state"))
     populate(a)
     with APIServer(a, str(tmp_path / "agent.sock")) as s:
         yield a, s.socket_path

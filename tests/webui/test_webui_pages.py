@@ -109,8 +109,10 @@ def test_matrix_shows_deny_and_audit_distinctly(own_agent, auth_for):
     data = c.get("/api/v1/matrix").json
     web = cell(data, "app=api", "app=web")
     assert web["state"] == "any" and web["deny"] == ["22/tcp"] and web["css"] == "open"
-    # put api1 into audit: its denies are only logged
-    agent.endpoints["db1"]["audit"] = True
+    # put db1 into audit: its denies are only logged
+    db = next(e for e in agent.list_endpoints() if e["name"] == "db1")
+    agent.add_endpoint({"name": "db1", "interface": db["interface"], "ips": db["ips"],
+                        "labels": {"app": "db"}, "audit": True})
     data = c.get("/api/v1/matrix").json
     assert cell(data, "app=api", "app=db")["css"] == "audit"
     html = c.get("/matrix").get_data(as_text=True)
@@ -167,7 +169,7 @@ def test_unreachable_agent_shows_on_every_page(auth_for, tmp_path):
 
 
 def test_several_agents_each_show_their_state(auth_for, agent_socket, tmp_path):
-    other = FlowAgent()
+    other = FlowAgent(str(tmp_path / "other"))
     other.add_endpoint({"name": "cache1", "interface": "vc1", "ips": ["10.8.0.9"], "labels": {"app": "cache"}})
     with APIServer(other, str(tmp_path / "b.sock")) as s:
         c = auth_for(f"alpha={agent_socket}", f"beta={s.socket_path}")

@@ -23,10 +23,10 @@ def post(logged_in, auth):
 
 
 def assert_nothing_applied(agent):
-    puts = [c for c in agent.calls if c[0] == "put_policies"]
-    assert puts and all(c[3] is True for c in puts), puts      # dry_run every time
-    assert [p["name"] for p in agent.list_policies()] == ["db"]
-    assert agent.policies[("CiliumNetworkPolicy", None, "db")]["source"] == "db.yaml"
+    assert [c for c in agent.calls if c[0] == "review"]        # the agent's own plan
+    assert not [c for c in agent.calls if c[0] == "put_policies" and not c[-1]]
+    [live] = agent.list_policies()
+    assert (live["name"], live["source"]) == ("db", "db.yaml")
 
 
 def test_pasted_proposal_shows_diff_pairs_and_flows_it_would_change(post, agent):
@@ -94,7 +94,7 @@ def test_replace_all_removes_what_is_not_in_the_set(post, agent):
     body = text(r)
     assert "− db" in body and "+ other" in body
     assert "would allow 1 connection" in body         # api -> db no longer restricted
-    assert [c[2] for c in agent.calls if c[0] == "put_policies"] == [True]  # replace_all sent
+    assert [c[2] for c in agent.calls if c[0] == "review"] == [True]  # replace_all sent
 
 
 def test_invalid_yaml_names_file_and_line(post, agent):
@@ -154,7 +154,7 @@ def test_api_review_json(client, agent):
                     json={"files": [{"name": "db.yaml", "text": PROPOSED}]})
     assert r.status_code == 200
     d = r.json
-    assert d["valid"] and d["agent"]["dry_run"] is True
+    assert d["valid"] and d["agent"]["changed"] is True  # the agent's plan: a change
     flows = {(g["from"], g["to"], g["port"], g["change"]): g["count"] for g in d["flows"]}
     assert flows == {("app=web", "app=db", "5432/tcp", "block"): 12,
                      ("app=api", "app=db", "5432/tcp", "allow"): 1}

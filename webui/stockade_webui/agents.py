@@ -75,6 +75,19 @@ class Host:
                 self._cache[what] = default
         return self._cache[what]
 
+    def call(self, what: str, **kwargs):
+        """``client.what(**kwargs)``, once per request; an error is recorded on the host
+        and None returned."""
+        key = (what, tuple(sorted(kwargs.items())))
+        if key not in self._cache:
+            try:
+                self._cache[key] = getattr(self.client, what)(**kwargs)
+            except ClientError as exc:
+                if str(exc) not in self.errors:
+                    self.errors.append(str(exc))
+                self._cache[key] = None
+        return self._cache[key]
+
     @property
     def reachable(self) -> bool:
         return self.get("health") is not None

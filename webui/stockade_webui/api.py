@@ -4,7 +4,7 @@
     GET  /api/v1/overview
     GET  /api/v1/endpoints?host=&q=     endpoints, identities, ipcache
     GET  /api/v1/policies?host=
-    GET  /api/v1/matrix?host=&label=
+    GET  /api/v1/matrix?host=&label=&port=    the agent's matrix; port=80/tcp: a verdict per pair
     GET  /api/v1/flows?host=&verdict=&from_label=&...   (stockade observe filters)
     GET  /api/v1/map?host=&...
     POST /api/v1/review?host=           {"files": [{"name", "text"}], "replace_all": false}
@@ -52,7 +52,9 @@ def policies():
 
 @bp.get("/matrix")
 def matrix():
-    return jsonify(views.matrix(host(request.args.get("host")), request.args.get("label", "").strip()))
+    return jsonify(views.matrix(host(request.args.get("host")), request.args.get("label", "").strip(),
+                                request.args.get("port", "").strip(),
+                                **{k: request.args.get(k) for k in ("offset", "limit", "cidrs")}))
 
 
 @bp.get("/flows")

@@ -18,5 +18,6 @@ def index():
 @bp.route("/matrix")
 def matrix():
     h = host(request.args.get("host"))
-    return render_template("matrix.html", data=views.matrix(h, request.args.get("label", "").strip()),
+    return render_template("matrix.html", data=views.matrix(h, request.args.get("label", "").strip(),
+                                                            request.args.get("port", "").strip()),
                            current=h)

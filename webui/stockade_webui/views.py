@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stockade.errors import PolicyError, PolicyErrors, StockadeError
 from stockade.client import APIError, ClientError
-from stockade.policy.api.loader import load_text
+from stockade.flows import flow_port
 
 from . import model
 from .agents import Host, iso_ago
@@ -79,58 +78,51 @@ def _flat(obj):
 
 
 # ---------------------------------------------------------------- policies
-def _live(h: Host) -> tuple[list, list[dict]]:
-    infos = h.get("policies", []) or []
-    try:
-        return model.parse_live(infos), infos
-    except PolicyErrors as exc:
-        h.errors.append(f"a live policy cannot be read here: {exc}")
-        return [], infos
-
-
 def policies(h: Host) -> dict:
-    parsed, infos = _live(h)
-    by_ref = {p.ref.display: p for p in parsed}
+    """The live policies as the agent describes them (clauses in words included)."""
+    import yaml
     eps = h.get("endpoints", []) or []
     audit_eps = sorted(e["name"] for e in eps if e.get("audit"))
     out = []
-    import yaml
-    for info in infos:
+    for info in h.get("policies", []) or []:
         disp = f"{info['namespace']}/{info['name']}" if info.get("namespace") else info["name"]
-        p = by_ref.get(disp)
         out.append({"name": disp, "kind": info.get("kind"), "source": info.get("source"),
                     "description": info.get("description") or "",
-                    "problems": info.get("problems") or [], "rules": info.get("rules"), "clauses": model.describe_policy(p) if p else [],
+                    "problems": info.get("problems") or [], "rules": info.get("rules"),
+                    "clauses": info.get("clauses") or [],
                     "yaml": yaml.safe_dump(info.get("document"), sort_keys=False)})
     health = h.get("health") or {}
     return {"host": h.name, "policies": out, "audit_endpoints": audit_eps,
             "agent_audit": bool(health.get("audit")), "errors": h.errors}
 
 
-def evaluator(h: Host, parsed=None) -> model.Evaluator:
-    if parsed is None:
-        parsed, _ = _live(h)
-    health = h.get("health") or {}
-    eps = h.get("endpoints", []) or []
-    return model.Evaluator(parsed, h.get("identities", []) or [],
-                           enforcement=health.get("enforcement", "default"),
-                           audit_ids=model.audit_identities(eps, health))
+# ---------------------------------------------------------------- matrix
+CELL_CSS = {"open": "open", "any": "open", "ports": "allow", "closed": "deny"}
 
 
-def matrix(h: Host, label: str = "") -> dict:
-    idents = model.matrix_identities(h.get("identities", []) or [], label)
-    ev = evaluator(h)
-    rows = model.matrix(ev, idents)
-    return {"host": h.name, "label": label,
-            "identities": [{"id": i["id"], "name": model.identity_name(i), "local": i.get("local", False),
-                            "reserved": i.get("kind") == "reserved", "labels": i.get("labels")}
-                           for i in idents],
-            "rows": [{"src": r["src"]["id"], "name": model.identity_name(r["src"]),
-                      "local": r["src"].get("local", False),
-                      "reserved": r["src"].get("kind") == "reserved",
-                      "cells": [{"dst": c["dst"], "css": c["cell"].css, **c["cell"].to_dict()}
-                                for c in r["cells"]]} for r in rows],
-            "errors": h.errors}
+def cell_css(c: dict) -> str:
+    if "verdict" in c:  # one port asked
+        return "audit" if c.get("audit") else ("allow" if c["verdict"] == "allow" else "deny")
+    if c.get("audit") and (c.get("deny") or c.get("state") == "closed"):
+        return "audit"
+    return CELL_CSS.get(c.get("state"), "")
+
+
+def matrix(h: Host, label: str = "", port: str = "", **query) -> dict:
+    """The agent's own matrix (GET /v1/matrix), with what the page needs to draw it;
+    ``query``: the agent's other matrix parameters (offset, limit, cidrs)."""
+    data = h.call("matrix", label=label or None, port=port or None,
+                  **{k: v for k, v in query.items() if v not in (None, "")}) or {}
+    idents = data.get("identities", [])
+    by_id = {i["id"]: i for i in idents}
+    return {"host": h.name, "label": label, "port": port,
+            "identities": [{**i, "reserved": i.get("kind") == "reserved"} for i in idents],
+            "rows": [{"src": r["src"], "name": by_id[r["src"]]["name"],
+                      "local": by_id[r["src"]].get("local", False),
+                      "reserved": by_id[r["src"]].get("kind") == "reserved",
+                      "cells": [{**c, "css": cell_css(c)} for c in r["cells"]]}
+                     for r in data.get("rows", [])],
+            "total": data.get("total", 0), "errors": h.errors}
 
 
 # ---------------------------------------------------------------- review
@@ -168,64 +160,37 @@ def files_from_path(path: str, max_files: int, max_bytes: int) -> list[dict]:
 
 
 def review(h: Host, files: list[dict], replace_all: bool = False) -> dict:
-    """The proposed set against what is live, without changing anything:
-    offline validation, the agent's own dry run, changed identity pairs, and the
-    observed connections whose verdict would change."""
+    """The agent's own plan of the proposed set (POST /v1/review), never applied: its
+    diff, the identity pairs newly allowed or denied, and the observed connections whose
+    verdict would change. Invalid input comes back as the agent's errors."""
     out = {"host": h.name, "files": [f["name"] for f in files], "replace_all": replace_all,
            "valid": False, "errors": [], "agent": None, "pairs": [], "flows": [],
            "flows_checked": 0, "flows_available": False, "policies": [], "host_errors": h.errors}
-    proposed, errors = [], []
-    for f in files:
-        try:
-            proposed.extend(load_text(f["text"], f["name"]))
-        except PolicyErrors as exc:
-            errors.extend(model.error_rows(exc))
     if not files:
-        errors.append({"file": None, "document": None, "name": None, "path": "",
-                       "message": "no policy files given", "text": "no policy files given"})
-    if errors:
-        out["errors"] = errors
+        out["errors"] = [{"file": None, "document": None, "name": None, "path": "",
+                          "message": "no policy files given", "text": "no policy files given"}]
         return out
-    seen = {}
-    for p in proposed:
-        if p.ref in seen:
-            errors.append(model.error_rows(PolicyError(
-                "metadata.name", f"policy {p.ref.display} is also defined in {seen[p.ref]}",
-                file=p.source))[0])
-        seen[p.ref] = p.source
-    if errors:
-        out["errors"] = errors
-        return out
-    out["valid"] = True
-    out["policies"] = [{"name": p.ref.display, "source": p.source,
-                        "clauses": model.describe_policy(p)} for p in proposed]
     try:
-        result = h.client.put_policies(files, replace_all=replace_all, dry_run=True)
-        out["agent"] = result
+        result = h.client.review(files, replace_all=replace_all)
     except APIError as exc:
-        if exc.errors:
+        if exc.errors or exc.status == 400:
             out["errors"] = [{"file": e.get("file"), "document": e.get("document"),
                               "name": e.get("name"), "path": e.get("field") or "",
                               "message": e.get("reason") or e.get("message"),
-                              "text": e.get("message")} for e in exc.errors]
-            out["valid"] = False
+                              "text": e.get("message")} for e in exc.errors] or [
+                {"file": None, "document": None, "name": None, "path": exc.field or "",
+                 "message": str(exc), "text": str(exc)}]
             return out
-        h.errors.append(f"the agent's dry run failed: {exc}")
-    except ClientError as exc:
-        h.errors.append(f"the agent's dry run failed: {exc}")
-    live, _ = _live(h)
-    try:
-        old, new = evaluator(h, live), evaluator(h, model.merged(live, proposed, replace_all))
-    except StockadeError as exc:
-        h.errors.append(f"cannot evaluate: {exc}")
+        h.errors.append(f"the agent's review failed: {exc}")
         return out
-    idents = model.matrix_identities(h.get("identities", []) or [])
-    out["pairs"] = model.pair_changes(old, new, idents)
-    flows = h.flows(since="1h") if h.flows_supported() else None
-    if flows is not None:
-        out["flows_available"] = True
-        out["flows_checked"] = len(model.connections(flows))
-        out["flows"] = model.flow_changes(flows, old, new)
+    except ClientError as exc:
+        h.errors.append(f"the agent's review failed: {exc}")
+        return out
+    out.update(valid=True, agent={"diff": result["diff"], "changed": result["changed"],
+                                  "revision": result["revision"]},
+               pairs=result["pairs"],
+               flows=result["flows"], flows_checked=result["flows_checked"],
+               flows_available=result["flows_available"], policies=result["policies"])
     return out
 
 
@@ -254,7 +219,7 @@ def flows(h: Host, filters: dict, limit: int) -> dict:
     idents = {i["id"]: i for i in (h.get("identities", []) or [])}
     rows = []
     for f in reversed(got or []):  # newest first
-        proto, port = model.flow_port(f)
+        proto, port = flow_port(f)
         l4 = f.get("l4") or {}
         rows.append({**f, "from": model.flow_label(f, "source", idents),
                      "to": model.flow_label(f, "destination", idents),

@@ -13,6 +13,7 @@ import yaml
 
 from ..client import DEFAULT_SOCKET, Client
 from ..errors import InvalidRequest
+from ..policy.labels import parse_pairs
 from .common import emit_json, handle_errors, output_option
 
 socket_option = click.option(
@@ -28,13 +29,7 @@ def make_client(socket_path: str) -> Client:
 
 def parse_labels(text: str, what: str = "labels") -> dict:
     """``k=v,k=v`` -> dict; empty values are allowed, empty keys are not."""
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        k, sep, v = item.partition("=")
-        if not sep or not k.strip():
-            raise InvalidRequest(f"--{what}: {item!r} is not key=value", what)
-        out[k.strip()] = v.strip()
-    return out
+    return dict(parse_pairs(text, f"--{what}", bare=False))
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:

@@ -106,6 +106,7 @@ def run_cleanup(cfg: AgentConfig) -> int:
 
 def run(cfg: AgentConfig) -> int:
     from ..daemon.agent import Agent
+    from ..daemon.api import AgentAPI
     from ..daemon.server import APIServer
     from ..errors import StockadeError
     log = logging.getLogger("stockade")
@@ -115,7 +116,7 @@ def run(cfg: AgentConfig) -> int:
     try:
         a = Agent(cfg)
         a.start()
-        server = APIServer(a, cfg.socket, group=cfg.socket_group)
+        server = APIServer(AgentAPI(a), cfg.socket, group=cfg.socket_group)
         server.start()
     except StockadeError as exc:
         log.error("cannot start: %s", exc)

@@ -66,15 +66,21 @@ def _read_data(path: str):
 
 
 @click.command("trace")
-@click.option("--src", required=True, help="Source: k=v,... labels, cidr:<prefix> or entity:<name>.")
+@click.option("--src", required=True,
+              help="Source: k=v,... labels, cidr:<prefix>, entity:<name> (live: endpoint:<name>).")
 @click.option("--dst", required=True, help="Destination, as --src.")
 @click.option("--dport", required=True, help="Destination port/protocol: 80/tcp, 53/udp, 8/icmp.")
+@click.option("--live", is_flag=True,
+              help="Ask the agent: its loaded policies and identities (no FILES).")
+@click.option("--socket", "socket_path", default=None, envvar="STOCKADE_SOCKET",
+              help="The agent's API socket, with --live [/run/stockade/agent.sock].")
 @enforcement_option
-@files_arg
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @output_option
 @handle_errors
-def trace(src, dst, dport, enforcement, files, output):
-    """Show what the policy in FILES does with one connection, and why.
+def trace(src, dst, dport, live, socket_path, enforcement, files, output):
+    """Show what the policy in FILES (or, with --live, the agent's) does with one
+    connection, and why. Both answer from the same engine, in the same JSON shape.
 
     A verdict of deny still exits 0; exit 1 means invalid input.
 
@@ -82,11 +88,21 @@ def trace(src, dst, dport, enforcement, files, output):
     Examples:
       stockade policy trace --src app=web --dst app=db --dport 5432/tcp policies/*.yaml
       stockade policy trace --src cidr:203.0.113.0/24 --dst app=web --dport 443/tcp p.yaml
+      stockade policy trace --live --src endpoint:web1 --dst app=db --dport 5432/tcp
     """
-    policies = load_files(files)
-    s, d = parse_sel(src), parse_sel(dst)
-    proto, port = parse_port(dport)
-    result = Tracer(policies, enforcement).trace(s, d, proto, port)
+    if live:
+        if files:
+            raise click.UsageError("--live asks the agent: give no FILES")
+        from .agent_cmds import make_client
+        with make_client(socket_path) as c:
+            result = c.trace(src, dst, dport)
+    else:
+        if not files:
+            raise click.UsageError("give policy FILES, or --live to ask the agent")
+        policies = load_files(files)
+        s, d = parse_sel(src), parse_sel(dst)
+        proto, port = parse_port(dport)
+        result = Tracer(policies, enforcement).trace(s, d, proto, port)
     if output == "json":
         emit_json(result)
         return

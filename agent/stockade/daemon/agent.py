@@ -1,112 +1,110 @@
-"""The agent: endpoints, identities, ipcache and policy, kept in the BPF maps.
+"""The agent: the one reconciler between what sources say and what the kernel enforces.
 
-Data flows one way: sources (API, Podman/Docker events, netlink) change the model
-(endpoints, identities, policies); the compiler turns each change into a delta; the
-datapath writes it. Every change happens under one lock, in an order that never opens
-the datapath: a new interface is attached and marked unidentified (dropped) before its
-workload is known; an endpoint's identity and policy entries are written before the
-endpoint entry that points at them; a failed write keeps the previous state.
+Data flows one way. Sources (the API, Podman/Docker/libvirt events, netlink link events)
+submit a change (changes.py); under one lock the agent plans it in a transaction
+(txn.Txn: the model, the policy engine, the datapath writes in order), writes it, then
+commits and persists it, or discards it and puts the maps back. Readers (the API, flows,
+metrics, the web UI) get an immutable ``Snapshot`` of the last committed version.
+
+Methods named ``*_locked`` expect the lock to be held.
 """
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import threading
 import time
+from typing import Any
 
-from .. import __version__
-from ..errors import Conflict, InvalidRequest, NotFound, PolicyError, PolicyErrors, StockadeError
-from ..policy.api.loader import load_text
-from ..policy.api.validation import sanitize_document
-from ..policy.compiler import Compiler
-from ..policy.identity import (CIDR_KIND, Identity, IdentityAllocator, RESERVED_KIND,
-                               reserved_identities)
-from ..policy.api.entity import RESERVED
-from ..policy.mapstate import DIRECTIONS, Delta, DirectionPolicy, diff as state_diff
-from . import policydiff
+from prometheus_client import Histogram
+
+from ..errors import StockadeError
+from ..policy.engine import PolicyEngine
+from ..policy.identity import IdentityAllocator
+from . import restore
+from .changes import Change, ChangePolicies, LinkChange
 from .config import AgentConfig
-from .endpoints import Endpoint, parse_labels, parse_spec, tap_matches_mac
-from .links import Link, LinkWatcher, host_addresses, list_links, matches_any
-from .service import ServiceAPI
-from .serviceops import ServiceOps
-from .state import StateStore
+from .links import Link, LinkWatcher, list_links
+from .state import Snapshot, State
+from .store import StateStore
+from .txn import Txn
 
 log = logging.getLogger("stockade.agent")
-HOST_ID = RESERVED["host"]
-REMOTE_NODE_ID = RESERVED["remote-node"]
+
+# What each state file holds, written when a transaction marks it dirty.
+STATE_FILES = {
+    "endpoints": ("endpoints.json", lambda st, eng: [e.to_record() for e in st.endpoints.values()]),
+    "ipcache": ("ipcache.json", lambda st, eng: [
+        {"prefix": p, "labels": r.labels.to_dict(), "host": r.host, "node": r.node}
+        for p, r in sorted(st.remote.items())]),
+    "policies": ("policies.json", lambda st, eng: [{"source": p.source, "document": p.document}
+                                                   for p in eng.policies.values()]),
+    "revision": ("revision.json", lambda st, eng: st.revision),
+    "services": ("services.json", lambda st, eng: {k: v.raw for k, v in st.services.items()}),
+}
 
 
-def host_prefix(ip: str) -> str:
-    addr = ipaddress.ip_address(ip)
-    return f"{addr}/{addr.max_prefixlen}"
-
-
-class Agent(ServiceAPI, ServiceOps):
+class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self._lock = threading.RLock()
         self.store = StateStore(config.state_dir)
         self.alloc = IdentityAllocator(self.store.path("identities.json"))
-        self.compiler = Compiler(config.enforcement)
-        self.endpoints: dict[str, Endpoint] = {}
-        self.by_ifindex: dict[int, str] = {}
-        self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
-        self.identities: dict[int, Identity] = {}
-        self._local_refs: collections.Counter = collections.Counter()
-        self._remote_refs: collections.Counter = collections.Counter()
-        self.ipcache: dict[str, dict] = {}    # prefix -> {identity, source, host}
-        self.remote: dict[str, dict] = {}     # prefix -> {labels, host, node}
-        self.policies: dict = {}              # PolicyRef -> Policy
-        self.cidr_ids: dict = {}              # network -> Identity
-        self.host_ips: list[str] = []
-        self.revision = 0
-        self.errors: collections.deque = collections.deque(maxlen=20)
-        self.attached: set[int] = set()
+        self.engine = PolicyEngine(config.enforcement)
+        self.state = State()
+        self.dp: Any = None
+        self.live = False          # talks to the kernel: links, host addresses
         self.links: dict[int, Link] = {}
+        self.attached: set[int] = set()
         self.unprotected: list[str] = []
+        self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
+        self.errors: collections.deque = collections.deque(maxlen=20)
         self.started = time.time()
-        self.dp = None
-        self._watchers: list = []
+        self.version = 0
+        self._snapshot: Snapshot | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.on_change = []  # callbacks(kind) for metrics/flows, outside the lock
-        self.flow_source = None  # daemon.flowsource.FlowSource, from start()
-        self.services: dict = {}        # name -> services.Service
-        self.memberships: dict = {}     # endpoint name -> (Service or None, [matched names])
-        self.service_cidrs: dict = {}   # network -> Identity (CIDR identity with service labels)
-        for ident in reserved_identities():
-            self.identities[ident.id] = ident
-            self.compiler.add_identity(ident)
+        self._watchers: list = []
+        self.flow_source = None
+        self.policy_apply_seconds = Histogram(
+            "stockade_policy_apply_seconds",
+            "Time to plan and write a policy change (dry runs included)", registry=None,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, datapath=None, *, watch_links: bool = True, watch_runtimes: bool = True) -> None:
-        from ..datapath import Datapath
+    def start(self, datapath=None, *, watch_links: bool = True, watch_runtimes: bool = True,
+              flows: bool = True) -> None:
+        """``datapath``: the real one by default; a test may give a recording one (then
+        nothing here touches the kernel's links)."""
         cfg = self.config
-        self.dp = datapath or Datapath(cfg.datapath_settings())
+        if datapath is None:
+            from ..datapath import Datapath
+            datapath = Datapath(cfg.datapath_settings())
+            self.live = True
+        self.dp = datapath
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
-            self._restore_locked()
-            self._reconcile_maps_locked()
+            restore.restore(self)
+            restore.reconcile(self)
+            self._committed_locked()
         if watch_links:
-            self._link_watcher = LinkWatcher(self._on_link)
-            self._link_watcher.start()
-            self._watchers.append(self._link_watcher)
+            watcher = LinkWatcher(self.on_link)
+            watcher.start()
+            self._watchers.append(watcher)
             with self._lock:  # links that appeared before the watcher started
                 for link in list_links():
-                    self._on_link_locked("new", link, at_start=True)
+                    self.try_submit_locked(LinkChange("new", link, at_start=True))
         if watch_runtimes:
             from .runtimes import start_runtime_watchers
             self._watchers += start_runtime_watchers(self, self._stop)
         t = threading.Thread(target=self._gc_loop, name="stockade-ct-gc", daemon=True)
         t.start()
         self._threads.append(t)
-        from .flowsource import start_flows
-        from .metrics import instrument
-        instrument(self)
-        self.flow_source = start_flows(self)
+        if flows:
+            from .flowsource import start_flows
+            self.flow_source = start_flows(self)
         log.info("agent started: %d endpoints, %d policies, revision %d",
-                 len(self.endpoints), len(self.policies), self.revision)
+                 len(self.state.endpoints), len(self.engine.policies), self.state.revision)
 
     def stop(self) -> None:
         """Stop watching; the datapath keeps enforcing the last policy."""
@@ -119,449 +117,102 @@ class Agent(ServiceAPI, ServiceOps):
         for t in self._threads:
             t.join(timeout=2)
 
+    @property
+    def stopping(self) -> threading.Event:
+        return self._stop
+
+    def add_thread(self, t: threading.Thread) -> None:
+        self._threads.append(t)
+
     def _gc_loop(self) -> None:
         while not self._stop.wait(self.config.ct_gc_interval):
             try:
                 self.dp.ct_gc()
             except StockadeError as exc:
-                self._error(f"conntrack gc: {exc}")
+                self.error(f"conntrack gc: {exc}")
 
-    def _error(self, msg: str) -> None:
+    def error(self, msg: str) -> None:
+        """An error shown in status (the last 20) and the log."""
         log.error("%s", msg)
-        self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {msg}")
+        with self._lock:
+            self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {msg}")
+            self.version += 1
 
-    # ------------------------------------------------------------------ restore
-    def _restore_locked(self) -> None:
-        self.host_ips = host_addresses()
-        for ip in self.host_ips:
-            self.ipcache[host_prefix(ip)] = {"identity": HOST_ID, "source": "host", "host": None}
-        for rec in self.store.read("ipcache.json", []):
-            self.remote[rec["prefix"]] = {"labels": parse_labels(rec["labels"], "remote"),
-                                          "host": rec.get("host"), "node": rec.get("node", False)}
-            self._ipcache_remote_locked(rec["prefix"])
-        policies = [self._stored_policy(i, d) for i, d in
-                    enumerate(self.store.read("policies.json", []))]
-        self._set_cidr_identities_locked(policies)
-        for net, ident in self.cidr_ids.items():  # services' prefixes override (below)
-            self._set_ipcache_locked(str(net), ident.id, "cidr", None)
-        self.compiler.set_policies(policies)
-        self.policies = {p.ref: p for p in policies}
-        self.revision = self.store.read("revision.json", 0)
-        self._restore_services_locked()
-        links = {l.name: l for l in list_links()}
-        for rec in self.store.read("endpoints.json", []):
-            ep = Endpoint.from_record(rec)
-            self.endpoints[ep.name] = ep
-            link = links.get(ep.interface) if ep.interface else self._tap_for_mac(
-                links.values(), ep.mac) if ep.by_mac else None
-            if link is not None and ep.by_mac:
-                ep.interface = link.name
-            if link is not None:
-                ep.ifindex = link.ifindex
-                self.by_ifindex[link.ifindex] = ep.name
-            self._identify_locked(ep)
+    # ------------------------------------------------------------------ changes
+    def submit(self, change: Change, *, dry_run: bool = False) -> Any:
+        """Plan ``change``; unless ``dry_run``, write it, commit it and persist it. A
+        failed write is discarded and the maps are put back: the previous state keeps
+        working."""
+        with self._lock:
+            return self.submit_locked(change, dry_run=dry_run)
 
-    def _stored_policy(self, index: int, record: dict):
-        """A policy from policies.json. One this version refuses is still read as the
-        version that stored it compiled it (never dropped: that would open what it
-        denies); it is named in status until it is replaced or deleted."""
-        where = f"{self.store.path('policies.json')}: document {index}"
+    def submit_locked(self, change: Change, *, dry_run: bool = False) -> Any:
+        started = time.perf_counter()
+        txn = Txn(self, dry_run=dry_run)
         try:
-            return sanitize_document(record["document"], source=record.get("source", ""))
-        except PolicyErrors as exc:
             try:
-                policy = sanitize_document(record["document"], source=record.get("source", ""),
-                                           strict=False)
-            except PolicyErrors:
-                raise StockadeError(f"{where}: stored policy cannot be read: {exc}") from None
-        for problem in policy.problems:  # health() reports them while the policy stays
-            log.error("stored policy %s is refused by this version (still enforced as "
-                      "stored; replace or delete it): %s", policy.ref.display, problem)
-        return policy
-
-    def _reconcile_maps_locked(self) -> None:
-        """Make the (possibly pinned, possibly stale) maps equal the model."""
-        dp = self.dp
-        delta = state_diff(dp.policy_entries(), self.compiler.entries, dp.policy_flags(),
-                           self.compiler.flags)
-        dp.apply_delta(delta)
-        current = dp.ipcache_entries()
-        for prefix, e in self.ipcache.items():
-            if current.get(prefix) != e["identity"]:
-                dp.set_ipcache(prefix, e["identity"])
-        for prefix in set(current) - set(self.ipcache):
-            dp.del_ipcache(prefix)
-        live = {l.ifindex: l for l in list_links()}
-        for ifindex in dp.endpoint_ifindexes():
-            if ifindex not in live:
-                dp.del_endpoint(ifindex)
-        for ep in self.endpoints.values():
-            if ep.ifindex is not None:
-                self._attach_locked(ep.ifindex, live.get(ep.ifindex))
-                self._write_endpoint_locked(ep)
-
-    # ------------------------------------------------------------------ identities
-    def _ref_identity_locked(self, labels, local: bool) -> Identity:
-        ident = self.alloc.workload(labels)
-        was_local = self._local_refs[ident.id] > 0
-        was_known = was_local or self._remote_refs[ident.id] > 0
-        (self._local_refs if local else self._remote_refs)[ident.id] += 1
-        if local and not was_local:
-            if was_known:
-                self._apply_locked(self.compiler.remove_identity(ident.id))
-            self._apply_locked(self.compiler.add_identity(ident, local=True))
-        elif not was_known:
-            self._apply_locked(self.compiler.add_identity(ident, local=False))
-        self.identities[ident.id] = ident
-        return ident
-
-    def _unref_identity_locked(self, ident_id: int, local: bool) -> None:
-        refs = self._local_refs if local else self._remote_refs
-        refs[ident_id] -= 1
-        if refs[ident_id] > 0:
-            return
-        del refs[ident_id]
-        if local and self._remote_refs[ident_id] > 0:
-            self._apply_locked(self.compiler.remove_identity(ident_id))
-            self._apply_locked(self.compiler.add_identity(self.identities[ident_id], local=False))
-        elif self._local_refs[ident_id] <= 0 and self._remote_refs[ident_id] <= 0:
-            self._apply_locked(self.compiler.remove_identity(ident_id))
-            self.identities.pop(ident_id, None)
-
-    def _apply_locked(self, delta: Delta) -> None:
-        if self.dp is not None and delta:
-            self.dp.apply_delta(delta)
-
-    # ------------------------------------------------------------------ endpoints
-    def _identify_locked(self, ep: Endpoint) -> None:
-        """Give ``ep`` its identity; write its policy, ipcache and endpoint entries."""
-        old = ep.identity
-        ident = self._ref_identity_locked(self._effective_labels_locked(ep), local=True)
-        ep.identity = ident.id
-        for ip in ep.ips:
-            self._set_ipcache_locked(host_prefix(ip), ident.id, "local", self.config.host_name)
-        if ep.ifindex is not None and self.dp is not None:
-            self._write_endpoint_locked(ep)
-        if old is not None:
-            self._unref_identity_locked(old, local=True)
-
-    def _write_endpoint_locked(self, ep: Endpoint) -> None:
-        if self.dp is None or ep.ifindex is None:
-            return
-        if ep.identity is None:
-            self.dp.set_endpoint(ep.ifindex, ep.id, 0, unidentified=True)
-        else:
-            self.dp.set_endpoint(ep.ifindex, ep.id, ep.identity, ips=ep.ips, mac=ep.mac,
-                                 audit=ep.audit)
-
-    def _release_locked(self, ep: Endpoint) -> None:
-        """Take ``ep`` out: its interface (if still there and managed) is left attached
-        and unidentified, so it stays closed."""
-        if ep.ifindex is not None and self.dp is not None:
-            link = self.links.get(ep.ifindex)
-            if link is not None and self._managed(link, ignore=ep.name):
-                self.dp.set_endpoint(ep.ifindex, 0, 0, unidentified=True)
-            else:
-                self._detach_locked(ep.ifindex)
-            self.by_ifindex.pop(ep.ifindex, None)
-        for ip in ep.ips:
-            p = host_prefix(ip)
-            if self.ipcache.get(p, {}).get("identity") == ep.identity:
-                self._del_ipcache_locked(p)
-        if ep.identity is not None:
-            self._unref_identity_locked(ep.identity, local=True)
-        ep.identity = None
-
-    def _next_endpoint_id(self) -> int:
-        used = {e.id for e in self.endpoints.values()}
-        n = 1
-        while n in used:
-            n += 1
-        return n
-
-    def upsert_endpoint(self, *, name: str, interface: str, ips, labels, source: str,
-                        audit: bool = False, runtime_id=None, mac=None, ifindex=None,
-                        extra: dict | None = None, dropped_labels=()) -> Endpoint:
-        with self._lock:
-            old = self.endpoints.get(name)
-            by_mac = not interface
-            if by_mac:
-                # A VM given by its guest MAC: bind to its tap when (and whenever) it exists.
-                if not mac:
-                    raise InvalidRequest("interface or mac is required", "interface")
-                link = self._tap_for_mac(self.links.values(), mac)
-                if link is None and self.dp is not None:
-                    link = self._tap_for_mac(list_links(), mac)
-                interface = link.name if link is not None else ""
-                ifindex = link.ifindex if link is not None else None
-            for other in self.endpoints.values():
-                if interface and other.name != name and other.interface == interface:
-                    raise Conflict(f"interface {interface} already belongs to endpoint {other.name}",
-                                   "interface")
-            if old is not None and old.source != source:
-                raise Conflict(f"endpoint {name} exists (source {old.source})", "name")
-            ep = Endpoint(name, old.id if old else self._next_endpoint_id(), interface, tuple(ips),
-                          labels, source, audit, runtime_id, mac, extra=extra or {}, by_mac=by_mac,
-                          dropped_labels=dropped_labels)
-            same = old is not None and old.to_record() == ep.to_record()
-            if same and old.ifindex is not None:
-                return old
-            if not same and dropped_labels:
-                self._report_dropped_labels_locked(name, source, dropped_labels)
-            if ifindex is None and interface:
-                link = next((l for l in self.links.values() if l.name == interface), None)
-                if link is None and self.dp is not None:
-                    link = next((l for l in list_links() if l.name == interface), None)
-                    if link is not None:
-                        self.links[link.ifindex] = link
-                ifindex = link.ifindex if link else None
-            ep.ifindex = ifindex
-            if old is not None:
-                # New identity and entries first, then the old ones go.
-                ep.identity = None
-                self.endpoints[name] = ep
-                old_ident, old_ips = old.identity, old.ips
-                if ifindex is not None:
-                    self._attach_locked(ifindex, self.links.get(ifindex))
-                    self.by_ifindex[ifindex] = name
-                self._identify_locked(ep)
-                for ip in set(old_ips) - set(ep.ips):
-                    if self.ipcache.get(host_prefix(ip), {}).get("identity") == old_ident:
-                        self._del_ipcache_locked(host_prefix(ip))
-                if old_ident is not None:
-                    self._unref_identity_locked(old_ident, local=True)
-                if old.ifindex is not None and old.ifindex != ifindex:
-                    self.by_ifindex.pop(old.ifindex, None)
-                    self._detach_locked(old.ifindex)
-            else:
-                self.endpoints[name] = ep
-                if ifindex is not None:
-                    self._attach_locked(ifindex, self.links.get(ifindex))
-                    self.by_ifindex[ifindex] = name
-                self._identify_locked(ep)
-            self._save_endpoints_locked()
-            return ep
-
-    def _report_dropped_labels_locked(self, name: str, source: str, dropped) -> None:
-        """Log and count the labels a new or changed endpoint does not get (labelsources)."""
-        for d in dropped:
-            self.labels_dropped[(source, d.cause)] += 1
-        log.warning("endpoint %s (%s): %d label(s) dropped: %s", name, source, len(dropped),
-                    "; ".join(f"{d.label}: {d.reason}" for d in dropped[:10]))
-
-    def drop_endpoint(self, name: str) -> None:
-        with self._lock:
-            ep = self.endpoints.pop(name, None)
-            if ep is None:
-                raise NotFound(f"no endpoint named {name}", "name")
-            self._release_locked(ep)
-            self.memberships.pop(name, None)
-            self._save_endpoints_locked()
-
-    def _save_endpoints_locked(self) -> None:
-        self.store.write("endpoints.json", [e.to_record() for e in self.endpoints.values()])
-
-    # ------------------------------------------------------------------ links
-    def _managed(self, link: Link, ignore: str | None = None) -> bool:
-        cfg = self.config
-        if matches_any(link.name, cfg.managed_interfaces) or matches_any(link.master, cfg.managed_bridges):
-            return True
-        return any(e.interface == link.name or e.by_mac and tap_matches_mac(link.kind, link.mac, e.mac)
-                   for e in self.endpoints.values() if e.name != ignore)
-
-    @staticmethod
-    def _tap_for_mac(links, mac: str | None) -> Link | None:
-        """The tap of the VM with guest MAC ``mac`` (endpoints.tap_matches_mac), if any."""
-        return next((l for l in links if tap_matches_mac(l.kind, l.mac, mac)), None)
-
-    def _attach_locked(self, ifindex: int, link: Link | None) -> None:
-        from ..datapath import attach
-        if self.dp is None or ifindex in self.attached:
-            return
-        attach(ifindex, self.dp.from_endpoint_fd, self.dp.to_endpoint_fd)
-        self.attached.add(ifindex)
-
-    def _detach_locked(self, ifindex: int) -> None:
-        from ..datapath import detach
-        if self.dp is None:
-            return
-        self.dp.del_endpoint(ifindex)
-        if ifindex in self.attached:
-            detach(ifindex)
-            self.attached.discard(ifindex)
-
-    def _on_link(self, kind: str, link: Link) -> None:
-        with self._lock:
-            self._on_link_locked(kind, link)
-
-    def _on_link_locked(self, kind: str, link: Link, at_start: bool = False) -> None:
-        if kind == "del":
-            self.links.pop(link.ifindex, None)
-            self.attached.discard(link.ifindex)
-            name = self.by_ifindex.pop(link.ifindex, None)
-            if self.dp is not None:
-                self.dp.del_endpoint(link.ifindex)
-            if name and name in self.endpoints:
-                self.endpoints[name].ifindex = None
-                if self.endpoints[name].by_mac:
-                    self.endpoints[name].interface = ""  # the next tap may have another name
-            return
-        self.links[link.ifindex] = link
-        if not self._managed(link):
-            return
-        name = self.by_ifindex.get(link.ifindex)
-        if name is None:
-            waiting = next((e for e in self.endpoints.values()
-                            if e.ifindex is None and (e.interface == link.name or e.by_mac and
-                                                      tap_matches_mac(link.kind, link.mac, e.mac))),
-                           None)
-            if waiting is not None:
-                if waiting.by_mac:
-                    waiting.interface = link.name
-                waiting.ifindex = link.ifindex
-                self.by_ifindex[link.ifindex] = waiting.name
-                self._attach_locked(link.ifindex, link)
-                self._write_endpoint_locked(waiting)
-                return
-            if link.ifindex not in self.attached:
-                if at_start:
-                    from ..datapath import list_attached
-                    if not list_attached(link.ifindex):
-                        self.unprotected.append(link.name)
-                # Unknown until a runtime or the API identifies it: closed.
-                self.dp.set_endpoint(link.ifindex, 0, 0, unidentified=True)
-                self._attach_locked(link.ifindex, link)
-        elif link.ifindex not in self.attached:
-            self._attach_locked(link.ifindex, link)
-
-    # ------------------------------------------------------------------ ipcache
-    def _set_ipcache_locked(self, prefix: str, identity: int, source: str, host) -> None:
-        self.ipcache[prefix] = {"identity": identity, "source": source, "host": host}
-        if self.dp is not None:
-            self.dp.set_ipcache(prefix, identity)
-
-    def _del_ipcache_locked(self, prefix: str) -> None:
-        if self.ipcache.pop(prefix, None) is not None and self.dp is not None:
-            self.dp.del_ipcache(prefix)
-
-    def _ipcache_remote_locked(self, prefix: str) -> None:
-        rec = self.remote[prefix]
-        if rec["node"]:
-            ident_id = REMOTE_NODE_ID
-        else:
-            ident_id = self._ref_identity_locked(rec["labels"], local=False).id
-        rec["identity"] = ident_id
-        self._set_ipcache_locked(prefix, ident_id, "remote", rec["host"])
-
-    # ------------------------------------------------------------------ policies
-    def _prefixes(self, policies) -> set:
-        out = set()
-        for p in policies:
-            for r in p.rules:
-                for items in (r.ingress, r.egress, r.ingress_deny, r.egress_deny):
-                    for pr in items:
-                        for c in pr.cidrs:
-                            out.update(c.prefixes())
-        return out
-
-    def _set_cidr_identities_locked(self, policies) -> tuple[Delta, list, list]:
-        """Add CIDR identities the policies need (returns delta, added, unused)."""
-        need = self._prefixes(policies)
-        delta = Delta({}, set(), {})
-        added = []
-        for net in sorted(need - set(self.cidr_ids), key=lambda n: (n.version, n.network_address, n.prefixlen)):
-            ident = self.alloc.cidr(net)
-            self.cidr_ids[net] = ident
-            self.identities[ident.id] = ident
-            policydiff.merge(delta, self.compiler.add_identity(ident))
-            added.append(net)
-        unused = [n for n in self.cidr_ids if n not in need]
-        return delta, added, unused
-
-    def _load_files(self, files) -> list:
-        if not isinstance(files, list):
-            raise InvalidRequest("files must be a list of {name, text}", "files")
-        policies, errors, seen = [], [], {}
-        for i, f in enumerate(files):
-            if not isinstance(f, dict) or not isinstance(f.get("text"), str):
-                raise InvalidRequest("each file needs a name and a text", f"files[{i}]")
-            name = str(f.get("name") or f"files[{i}]")
-            try:
-                loaded = load_text(f["text"], name)
-            except PolicyErrors as exc:
-                errors.extend(exc.errors)
-                continue
-            for p in loaded:
-                if p.ref in seen:
-                    errors.append(PolicyError("metadata.name", f"policy {p.ref.display} is also "
-                                              f"defined in {seen[p.ref]}", file=name))
-                seen[p.ref] = name
-            policies.extend(loaded)
-        if errors:
-            raise PolicyErrors(errors)
-        return policies
-
-    def change_policies(self, upsert: list, remove: list, *, dry_run: bool) -> dict:
-        with self._lock:
-            old = dict(self.policies)
-            new = dict(old)
-            for ref in remove:
-                new.pop(ref, None)
-            for p in upsert:
-                new[p.ref] = p
-            changed = [p for p in upsert if p.ref not in old or old[p.ref].document != p.document]
-            removed = [r for r in remove if r in old]
-            delta, added_cidrs, _ = self._set_cidr_identities_locked(new.values())
-            policydiff.merge(delta, self.compiler.set_policies(changed, remove=removed))
-            unused = [n for n in self.cidr_ids if n not in self._prefixes(new.values())]
-            for net in unused:
-                policydiff.merge(delta, self.compiler.remove_identity(self.cidr_ids[net].id))
-            summary = policydiff.summarize(old, new, delta)
-            is_change = bool(delta) or bool(summary["added"] or summary["removed"] or summary["changed"])
-            try:
-                if dry_run:
-                    raise _Revert()
-                if delta:
-                    self.dp.check_capacity(delta)
-                for net in added_cidrs:
-                    if net not in self.service_cidrs:  # a service's identity takes the prefix
-                        self._set_ipcache_locked(str(net), self.cidr_ids[net].id, "cidr", None)
-                self.dp.apply_delta(delta)
-            except BaseException as exc:
-                # Put the compiler back exactly as it was; the maps were not touched
-                # (dry run, capacity) or the writer failed part way (logged below).
-                for net in unused:
-                    self.compiler.add_identity(self.cidr_ids[net])
-                self.compiler.set_policies([old[r] for r in removed] +
-                                           [old[p.ref] for p in changed if p.ref in old],
-                                           remove=[p.ref for p in changed if p.ref not in old])
-                for net in added_cidrs:
-                    self.compiler.remove_identity(self.cidr_ids[net].id)
-                    self.identities.pop(self.cidr_ids[net].id, None)
-                    del self.cidr_ids[net]
-                    self._del_ipcache_locked(str(net))
-                if isinstance(exc, _Revert):
-                    return {"revision": self.revision, "changed": is_change, "dry_run": True,
-                            "diff": summary}
-                if not isinstance(exc, StockadeError):
-                    raise
-                self._error(f"policy apply failed, previous policy kept: {exc}")
-                # The writer may have written part of the delta: write the old state back.
-                self._reconcile_maps_locked()
+                result = change.apply(txn)
+            except BaseException:
+                txn.discard()
                 raise
-            for net in unused:
-                if net not in self.service_cidrs:
-                    self._del_ipcache_locked(str(net))
-                self.identities.pop(self.cidr_ids[net].id, None)
-                del self.cidr_ids[net]
-            self.policies = new
-            if is_change:
-                self.revision += 1
-                self.store.write("revision.json", self.revision)
-            self.store.write("policies.json", [{"source": p.source, "document": p.document}
-                                               for p in self.policies.values()])
-            return {"revision": self.revision, "changed": is_change, "dry_run": False, "diff": summary}
+            if dry_run:
+                txn.discard()
+                return result
+            try:
+                if self.dp is not None:
+                    txn.write(self.dp)
+                self._persist_locked(txn.dirty)
+            except StockadeError as exc:
+                txn.discard()
+                self.error(f"{change.what} failed, previous state kept: {exc}")
+                if self.dp is not None:
+                    restore.reconcile(self)  # the writer may have written part of it
+                raise
+            txn.commit()
+            for line in txn.log:
+                log.info("%s", line)
+            self._committed_locked()
+            return result
+        finally:
+            if isinstance(change, ChangePolicies):
+                self.policy_apply_seconds.observe(time.perf_counter() - started)
 
+    def try_submit_locked(self, change: Change) -> None:
+        """Submit; an error goes to status and the log (for sources with no caller to tell)."""
+        try:
+            self.submit_locked(change)
+        except StockadeError as exc:
+            self.error(f"{change.what}: {exc}")
 
-class _Revert(Exception):
-    """Internal: undo a dry run."""
+    def on_link(self, kind: str, link: Link) -> None:
+        with self._lock:
+            self.try_submit_locked(LinkChange(kind, link))
+
+    def _persist_locked(self, dirty: set[str]) -> None:
+        for name in sorted(dirty):
+            path, build = STATE_FILES[name]
+            self.store.write(path, build(self.state, self.engine))
+
+    def _committed_locked(self) -> None:
+        self.version += 1
+
+    # ------------------------------------------------------------------ readers
+    def snapshot(self) -> Snapshot:
+        """The last committed version, as immutable copies (built once per version)."""
+        snap = self._snapshot
+        if snap is not None and snap.version == self.version:
+            return snap
+        with self._lock:
+            st, e = self.state, self.engine
+            snap = Snapshot(
+                version=self.version, endpoints=tuple(st.endpoints.values()),
+                by_ifindex=dict(st.by_ifindex), ipcache=dict(st.ipcache),
+                identities=dict(e.identities), local_ids=frozenset(e.local_ids),
+                flags=dict(e.flags), policies=dict(e.policies), services=dict(st.services),
+                memberships=dict(st.memberships), service_cidrs=dict(st.service_cidrs),
+                revision=st.revision, entries=len(e.entries), links=dict(self.links),
+                attached=frozenset(self.attached), unprotected=tuple(self.unprotected),
+                errors=tuple(self.errors))
+            self._snapshot = snap
+            return snap
+

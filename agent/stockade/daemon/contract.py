@@ -2,9 +2,16 @@
 
 The HTTP server (daemon/server.py) is a thin translation of these methods to routes
 under /v1; the real implementation is ``daemon.agent.Agent``. Every method is
-thread-safe. Errors are StockadeError subclasses (errors.py): InvalidRequest -> 400,
-PolicyErrors -> 400, PermissionDenied -> 403, NotFound -> 404, Conflict -> 409,
-DatapathError with ``capacity=True`` -> 507, any other StockadeError -> 500.
+thread-safe. Errors are StockadeError subclasses (errors.py), each with its HTTP status
+as ``http_status``: InvalidRequest, PolicyErrors, SelectorError -> 400, PermissionDenied
+-> 403, NotFound -> 404, Conflict -> 409, datapath CapacityError -> 507, any other
+StockadeError -> 500. The server has validated every body and query against
+docs/api/openapi.yaml before a method is called (types, required keys, no unknown keys);
+meaning (an IP that is not one, a selector that does not parse) is the method's to check.
+
+Read-only methods (members of the socket group may call them): health, the list_*
+methods, metrics, flows, follow_flows, trace, matrix, review, and put_policies,
+delete_policy and set_services with ``dry_run=True``. They must change nothing.
 
 Shapes (JSON-ready dicts):
 
@@ -49,6 +56,23 @@ Flow       {"time": RFC 3339 UTC, "verdict": "FORWARDED"|"DROPPED"|"AUDIT",
             "size": bytes, "connection": "tcp 10.0.0.1:40000 -> 10.0.0.2:5432"}
             A connection between two local endpoints gives two Flows (egress of the
             source, ingress of the destination) with the same "connection".
+Trace      the shape of stockade.policy.trace.Tracer.trace (``policy trace -o json``):
+           {"verdict": "allow"|"deny"|"partial", "src": {"selector", "identity"},
+            "dst": {...}, "port": "80/tcp", "egress": TraceSide, "ingress": TraceSide,
+            "parts": [...] (a CIDR side split by the policies' prefixes)}
+            TraceSide {"verdict", "enforced": bool, "policies": [str], "rules": [...],
+            "reason": str}
+Matrix     {"rows": [{"src": MatrixPeer, "dst": MatrixPeer, "cell": Cell}], "total": int
+            (pairs that match, before offset/limit), "offset": int, "limit": int}
+            MatrixPeer {"id": int, "name": str, "labels": [str]}
+            Cell {"state": "open"|"ports"|"any"|"closed"|"self", "allow": [port],
+                  "deny": [port], "audit": bool, "remote": bool}
+Review     {"revision": int, "diff": PolicyResult's diff,
+            "pairs": [{"src", "dst": str, "src_id", "dst_id": int, "allowed": [port],
+                       "denied": [port]}] (identity pairs whose verdict changes),
+            "flows": [{"from", "to": str, "port": str, "change": "allow"|"block",
+                       "audit": bool, "count": int, "text": str, ...}] (observed
+                       connections whose verdict would change), "flows_checked": int}
 FlowList   {"flows": [Flow, oldest first], "count": int, "connections": int (distinct
             "connection" values), "events_lost": {"rate_limit_new", "rate_limit_drop",
             "ringbuf_full": int}, "buffer": {"size": int, "capacity": int}}
@@ -107,3 +131,27 @@ class AgentService(Protocol):
         """An iterator of Flows as they are decoded (after the ``last`` newest, if given),
         with None now and then as a heartbeat; ends when ``stopping`` is set or the agent
         stops. Bad criteria raise InvalidRequest before the iterator is returned."""
+
+    def list_services(self) -> list[dict]:
+        """The inventory's services with their members on this host (ServiceList)."""
+
+    def service_conflicts(self) -> list[dict]:
+        """Workloads that more than one service matches, and the service chosen."""
+
+    def set_services(self, data: dict, *, dry_run: bool = False) -> dict:
+        """Replace the service definitions; returns a ServiceResult."""
+
+    def trace(self, src: str, dst: str, dport: str) -> dict:
+        """What the live policy does with one connection, and why (a Trace). src and
+        dst are SELs as the CLI's (``app=web,tier=x``, ``cidr:10.0.0.0/8``,
+        ``entity:world``, ``endpoint:NAME``); dport is ``80/tcp``. The agent's own
+        enforcement mode applies. Bad input: SelectorError or InvalidRequest."""
+
+    def matrix(self, query: dict) -> dict:
+        """Identity pairs and what each may do (a Matrix). query: {"label": filter on
+        either side (k=v,k2=v2) or absent, "port": "80/tcp" or absent (any port),
+        "offset": int >= 0, "limit": int 1..1000} (offset and limit always given)."""
+
+    def review(self, files: list[dict], replace_all: bool = False) -> dict:
+        """The plan of a proposed policy set, changing nothing (a Review): files as
+        put_policies'. Invalid files: PolicyErrors, as put_policies."""

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import InvalidRequest
-from ..policy.labels import LabelSet, check_key, check_value, split_source
+from ..policy.labels import LabelSet, check_key, check_value, parse_pairs, split_source
 from .labelsources import MAX_LISTED, DroppedLabel, admit_labels
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
@@ -38,8 +38,10 @@ def tap_matches_mac(link_kind: str | None, link_mac: str | None, guest_mac: str 
     return link_mac == guest_mac or link_mac == "fe:" + guest_mac.split(":", 1)[1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Endpoint:
+    """One workload; immutable (a change is a new Endpoint, see dataclasses.replace)."""
+
     name: str
     id: int
     interface: str
@@ -57,7 +59,7 @@ class Endpoint:
     dropped_labels: tuple[DroppedLabel, ...] = ()
 
     def __post_init__(self):
-        self.dropped_labels = tuple(self.dropped_labels)[:MAX_LISTED]
+        object.__setattr__(self, "dropped_labels", tuple(self.dropped_labels)[:MAX_LISTED])
 
     @property
     def state(self) -> str:
@@ -91,13 +93,7 @@ def label_mapping(value, field_name: str = "labels") -> dict:
     if value is None:
         return {}
     if isinstance(value, str):
-        items = {}
-        for part in filter(None, (p.strip() for p in value.split(","))):
-            k, sep, v = part.partition("=")
-            if not sep:
-                raise InvalidRequest(f"label {part!r} is not key=value", field_name)
-            items[k.strip()] = v.strip()
-        value = items
+        value = dict(parse_pairs(value, field_name, bare=False))
     if not isinstance(value, dict):
         raise InvalidRequest("labels must be a mapping or k=v,k=v", field_name)
     return value

@@ -44,34 +44,28 @@ class FlowSource:
         self.errors = 0
 
     # ------------------------------------------------------------------ snapshot
-    def _model_fingerprint(self) -> tuple:
-        a = self.agent
-        return (a.revision, len(a.endpoints), len(a.identities), len(a.ipcache),
-                len(a.by_ifindex), len(a.compiler.entries), len(a.compiler.flags))
-
     def refresh(self, force: bool = False) -> None:
-        fp = self._model_fingerprint()
-        if not force and fp == self._fingerprint and \
+        """A new resolver when the agent has committed a new version (or it is old)."""
+        a = self.agent
+        if not force and a.version == self._fingerprint and \
                 time.monotonic() - self._snapshot_at < SNAPSHOT_MAX_AGE_S:
             return
-        a = self.agent
-        with a._lock:
-            host = a.config.host_name
-            by_if = dict((i, n) for i, n in a.by_ifindex.items())
-            by_addr: dict[bytes, tuple] = {}
-            for prefix, e in a.ipcache.items():
-                net = ipaddress.ip_network(prefix)
-                if net.prefixlen == net.max_prefixlen and e.get("host"):
-                    by_addr[net.network_address.packed.ljust(16, b"\0")] = (None, e["host"])
-            for ep in a.endpoints.values():
-                for ip in ep.ips:
-                    by_addr[_padded(ip)] = (ep.name, host)
-            labels = {i: tuple(ident.labels.to_strings()) for i, ident in a.identities.items()}
-            ifnames = {i: l.name for i, l in a.links.items()}
-            for ep in a.endpoints.values():
-                if ep.ifindex is not None:
-                    ifnames[ep.ifindex] = ep.interface
-            entries, flags = a.compiler.entries, a.compiler.flags
+        snap = a.snapshot()
+        host = a.config.host_name
+        by_addr: dict[bytes, tuple] = {}
+        for prefix, e in snap.ipcache.items():
+            net = ipaddress.ip_network(prefix)
+            if net.prefixlen == net.max_prefixlen and e.host:
+                by_addr[net.network_address.packed.ljust(16, b"\0")] = (None, e.host)
+        for ep in snap.endpoints:
+            for ip in ep.ips:
+                by_addr[_padded(ip)] = (ep.name, host)
+        labels = {i: tuple(ident.labels.to_strings()) for i, ident in snap.identities.items()}
+        ifnames = {i: l.name for i, l in snap.links.items()}
+        for ep in snap.endpoints:
+            if ep.ifindex is not None:
+                ifnames[ep.ifindex] = ep.interface
+        entries, flags = a.engine.entries, a.engine.flags
 
         def policies(local, peer, direction, proto, port):
             _verdict, keys = policy_lookup(entries, flags, local, peer, direction, proto, port)
@@ -82,8 +76,9 @@ class FlowSource:
                     names |= set(e.policies)
             return sorted(names)
 
-        self.decoder.set_resolver(Resolver(by_if, by_addr, labels, policies, ifnames, host))
-        self._fingerprint = fp
+        self.decoder.set_resolver(Resolver(dict(snap.by_ifindex), by_addr, labels, policies,
+                                           ifnames, host))
+        self._fingerprint = snap.version
         self._snapshot_at = time.monotonic()
 
     # ------------------------------------------------------------------ thread
@@ -92,10 +87,10 @@ class FlowSource:
         self.agent.dp.open_events(self._pending.append, raw=True)
         self._thread = threading.Thread(target=self._run, name="stockade-flows", daemon=True)
         self._thread.start()
-        self.agent._threads.append(self._thread)
+        self.agent.add_thread(self._thread)
 
     def _run(self) -> None:
-        stop = self.agent._stop
+        stop = self.agent.stopping
         while not stop.is_set():
             try:
                 self.agent.dp.poll_events(POLL_MS)
@@ -145,7 +140,7 @@ class FlowSource:
             for r in f.select(self.ring):
                 yield self.ring.to_dict(r)
         f.last = None
-        stop = self.agent._stop
+        stop = self.agent.stopping
         quiet_since = time.monotonic()
         while not stop.is_set() and not (stopping is not None and stopping.is_set()):
             if not self.ring.wait(seq, 0.5):

@@ -8,7 +8,7 @@ endpoints may only give labels of its own source:
     podman, docker     container       whoever runs the container, and the image's author
     libvirt            libvirt         the domain's <metadata> (the host's administrator)
     static             static          the API (root on this host)
-    (services)         service         the inventory (services.py refuses other sources)
+    (services)         service         the inventory (inventory.py refuses other sources)
 
 A key without a source gets the endpoint's; a key that names the endpoint's own source
 keeps it. Everything else is dropped, never silently: the endpoint lists it in

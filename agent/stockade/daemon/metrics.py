@@ -1,16 +1,14 @@
-"""Prometheus metrics of one agent, collected at scrape time from the model and maps.
+"""Prometheus metrics of one agent, collected at scrape time.
 
-Everything is read when scraped (model sizes, BPF counters, map fill, flow verdicts,
-events lost), except the policy-apply duration histogram, which ``instrument(agent)``
-records around every ``Agent.change_policies`` call.
+Everything is read when scraped, from the agent's last committed snapshot and from the
+maps (BPF counters, map fill, flow verdicts, events lost); the policy-apply histogram
+is the agent's own (``Agent.policy_apply_seconds``).
 """
 from __future__ import annotations
 
-import functools
 import logging
-import time
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 DIRS = {0: "ingress", 1: "egress"}
@@ -18,29 +16,6 @@ log = logging.getLogger("stockade.metrics")
 
 # map name -> setting of its capacity; ipcache4/6 share IPCACHE_MAX
 MAPS = ("endpoints", "ipcache4", "ipcache6", "policy", "policy_flags", "conntrack")
-
-
-def instrument(agent) -> None:
-    """Give ``agent`` a policy-apply histogram and time every change_policies call
-    (wrapped on the instance, so the Agent class stays as it is)."""
-    if getattr(agent, "policy_apply_seconds", None) is not None:
-        return
-    hist = Histogram("stockade_policy_apply_seconds",
-                     "Time to compile and write a policy change (dry runs included)",
-                     registry=None,
-                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
-                              5, 10))
-    agent.policy_apply_seconds = hist
-    inner = agent.change_policies
-
-    @functools.wraps(inner)
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            hist.observe(time.perf_counter() - start)
-    agent.change_policies = timed
 
 
 def _map_fill(dp) -> dict[str, tuple[int, int]]:
@@ -54,21 +29,20 @@ class AgentCollector:
 
     def collect(self):
         a = self.agent
-        with a._lock:
-            gauges = {
-                "stockade_endpoints": ("Endpoints known to the agent", len(a.endpoints)),
-                "stockade_identities": ("Identities known to the agent", len(a.identities)),
-                "stockade_policies": ("Policies in force", len(a.policies)),
-                "stockade_policy_revision": ("Policy revision", a.revision),
-                "stockade_ipcache_entries": ("ipcache entries", len(a.ipcache)),
-                "stockade_policy_map_entries": ("Entries in the policy map", len(a.compiler.entries)),
-            }
-            dropped = dict(a.labels_dropped)
+        snap = a.snapshot()
+        gauges = {
+            "stockade_endpoints": ("Endpoints known to the agent", len(snap.endpoints)),
+            "stockade_identities": ("Identities known to the agent", len(snap.identities)),
+            "stockade_policies": ("Policies in force", len(snap.policies)),
+            "stockade_policy_revision": ("Policy revision", snap.revision),
+            "stockade_ipcache_entries": ("ipcache entries", len(snap.ipcache)),
+            "stockade_policy_map_entries": ("Entries in the policy map", snap.entries),
+        }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
-        yield _labels_dropped(dropped)
+        yield _labels_dropped(dict(a.labels_dropped))
         if a.dp is None:
             return
         pk = CounterMetricFamily("stockade_packets", "Packets by direction, verdict and reason",

@@ -21,6 +21,7 @@ import threading
 from ..discovery import DockerWatcher, ensure_podman_service, stop_podman_service
 from ..discovery.workload import WorkloadEvent
 from ..errors import StockadeError
+from .changes import RemoveEndpoint, UpsertEndpoint
 from .labelsources import admit_labels
 
 log = logging.getLogger("stockade.runtimes")
@@ -50,37 +51,33 @@ class RuntimeSource:
                 image_labels = None
                 if self.runtime in ("podman", "docker") and not self.agent.config.trust_image_labels:
                     if w.image_labels is None:
-                        self.agent._error(f"{self.runtime} container {name}: the labels of its "
-                                          f"image {w.image!r} cannot be read, so its own cannot "
-                                          "be told from the image's; not identified")
+                        self.agent.error(f"{self.runtime} container {name}: the labels of its "
+                                         f"image {w.image!r} cannot be read, so its own cannot "
+                                         "be told from the image's; not identified")
                         return
                     image_labels = w.image_labels
                 labels, dropped = admit_labels(w.labels, self.runtime, image_labels=image_labels)
                 # Containers: no MAC (their veth MAC is not the workload's to keep).
                 # VMs: the guest MAC libvirt configured.
-                self.agent.upsert_endpoint(name=name, interface=w.host_ifname, ips=w.ips,
-                                           labels=labels, source=self.runtime, runtime_id=w.id,
-                                           mac=w.mac if self.runtime == "libvirt" else None,
-                                           ifindex=w.host_ifindex,
-                                           extra={"image": w.image}, dropped_labels=dropped)
+                self.agent.submit(UpsertEndpoint(
+                    name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
+                    mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
+                    extra={"image": w.image}, dropped_labels=dropped))
             else:
-                ep = self.agent.endpoints.get(name)
-                if ep is not None and ep.source == self.runtime and ep.runtime_id == w.id:
-                    self.agent.drop_endpoint(name)
+                self.agent.submit(RemoveEndpoint(name, source=self.runtime, runtime_id=w.id))
         except StockadeError as exc:
-            self.agent._error(f"{self.runtime} container {name}: {exc}")
+            self.agent.error(f"{self.runtime} container {name}: {exc}")
         except Exception:
             log.exception("%s event for %s failed", self.runtime, name)
 
     def _reconcile_after_sync(self) -> None:
         if not self.watcher.synced.wait(timeout=60):
             return
-        with self.agent._lock:
-            stale = [e.name for e in self.agent.endpoints.values()
-                     if e.source == self.runtime and e.name not in self._seen]
+        stale = [e.name for e in self.agent.snapshot().endpoints
+                 if e.source == self.runtime and e.name not in self._seen]
         for name in stale:
             try:
-                self.agent.drop_endpoint(name)
+                self.agent.submit(RemoveEndpoint(name, source=self.runtime))
             except StockadeError:
                 pass
 
@@ -99,7 +96,7 @@ def start_runtime_watchers(agent, stop_event: threading.Event) -> list:
             try:
                 service = ensure_podman_service(cfg.podman_socket)
             except StockadeError as exc:
-                agent._error(f"podman service: {exc}")
+                agent.error(f"podman service: {exc}")
         if os.path.exists(cfg.podman_socket):
             log_path = cfg.podman_events_log if cfg.podman_events_log and os.path.exists(
                 cfg.podman_events_log) else None
@@ -111,7 +108,7 @@ def start_runtime_watchers(agent, stop_event: threading.Event) -> list:
             from ..discovery.libvirt import LibvirtWatcher, _libvirt
             _libvirt()
         except StockadeError as exc:
-            agent._error(f"libvirt: {exc}")
+            agent.error(f"libvirt: {exc}")
         else:
             # The watcher reconnects by itself: libvirtd may start after the agent.
             watcher = LibvirtWatcher(cfg.libvirt_uri, trust_guest_agent=cfg.libvirt_trust_guest_agent)

@@ -1,8 +1,8 @@
 """Errors raised by the datapath.
 
     StockadeError (stockade.errors, when present)
-     └── DatapathError            any failure to build, load, attach or write maps
-          └── CapacityError       a change would overflow a map; nothing was written
+     └── DatapathError            any failure to build, load, attach or write maps (HTTP 500)
+          └── CapacityError       a change would overflow a map; nothing was written (HTTP 507)
 
 bcc exceptions and ``OSError`` never leave this package: they are translated into
 ``DatapathError`` with ``raise ... from exc`` so the original stays attached.
@@ -25,4 +25,7 @@ class DatapathError(_Base):
 
 
 class CapacityError(DatapathError):
-    """A delta would not fit in a map; the map was left unchanged."""
+    """A delta would not fit in a map; the map was left unchanged (HTTP 507, Insufficient
+    Storage)."""
+
+    http_status = 507

@@ -169,6 +169,15 @@ class Datapath(MapWriter):
     def to_endpoint_fd(self) -> int:
         return self.to_endpoint.fd
 
+    def attach_interface(self, ifindex: int) -> None:
+        """Run both programs on host interface ``ifindex`` (replaces ours, if there)."""
+        from .attach import attach
+        attach(ifindex, self.from_endpoint_fd, self.to_endpoint_fd)
+
+    def detach_interface(self, ifindex: int) -> None:
+        from .attach import detach
+        detach(ifindex)
+
     def table(self, name: str):
         """The bcc table object of map ``name`` (see PINNED_MAPS, plus "events")."""
         try:

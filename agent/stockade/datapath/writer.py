@@ -208,9 +208,11 @@ class MapWriter:
             self._update("policy_flags", k, m.PolicyFlagsValue(
                 enforced=int(flag.enforced), default_deny=int(flag.default_deny)))
 
-    def apply_delta(self, delta: Delta) -> None:
-        """Write ``delta`` in the order described in the module docstring."""
-        self.check_capacity(delta)
+    def apply_delta(self, delta: Delta, *, checked: bool = False) -> None:
+        """Write ``delta`` in the order described in the module docstring. ``checked``:
+        the caller has already run ``check_capacity`` on it (or on a delta it is part of)."""
+        if not checked:
+            self.check_capacity(delta)
         old_entries, old_flags = self._shadow()
         loosen = {p: f for p, f in delta.flags.items()
                   if _rank(f) <= _rank(old_flags.get(p, DirectionPolicy()))}
@@ -226,14 +228,7 @@ class MapWriter:
         except BaseException:
             self._drop_shadow()  # partly written: read the maps again next time
             raise
-        for k in delta.removes:
-            old_entries.pop(k, None)
-        old_entries.update(delta.adds)
-        for p, f in delta.flags.items():
-            if f == DirectionPolicy():
-                old_flags.pop(p, None)
-            else:
-                old_flags[p] = f
+        delta.apply(old_entries, old_flags)
 
     def _write_ordered(self, deny_adds, loosen, allow_adds, tighten, removes) -> None:
         for k, e in deny_adds:

@@ -8,6 +8,7 @@
 
 The agent side (polling thread, API, flow log) is stockade.daemon.flowsource.
 """
+from .connections import connections, flow_port
 from .decode import EVENT, Decoder, Resolver
 from .filters import KEYS as FILTER_KEYS, LIST_KEYS as FILTER_LIST_KEYS, FlowFilter, parse_time
 from .flowlog import FlowLog
@@ -15,4 +16,5 @@ from .record import RECORD_SIZE, connection_key
 from .ring import FlowRing
 
 __all__ = ["EVENT", "FILTER_KEYS", "FILTER_LIST_KEYS", "Decoder", "FlowFilter", "FlowLog",
-           "FlowRing", "RECORD_SIZE", "Resolver", "connection_key", "parse_time"]
+           "FlowRing", "RECORD_SIZE", "Resolver", "connection_key", "connections", "flow_port",
+           "parse_time"]

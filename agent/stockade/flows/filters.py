@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import InvalidRequest
+from ..policy.api.selector import EndpointSelector
+from ..policy.labels import LabelSet
 from .record import (RECORD, DADDR, DIRECTION, DST_ID, DST_INFO, DPORT, IP_VERSION, PROTO, REASON,
                      REASONS, SADDR, SPORT, SRC_ID, SRC_INFO, TIME, VERDICT, VERDICTS)
 
@@ -64,35 +66,6 @@ def parse_time(text: str, now: float | None = None) -> int:
     if t.tzinfo is None:
         t = t.replace(tzinfo=_dt.timezone.utc)
     return int(t.timestamp() * 1e9)
-
-
-def parse_selector(text: str, where: str) -> tuple[tuple[str | None, str, str | None], ...]:
-    """``k=v,src:k2=v2,k3`` -> ((source|None, key, value|None), ...)."""
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        k, sep, v = item.partition("=")
-        k = k.strip()
-        if not k:
-            raise InvalidRequest(f"{where}: {item!r} has no key", where)
-        source = None
-        if ":" in k:
-            source, k = k.split(":", 1)
-        out.append((source or None, k, v.strip() if sep else None))
-    if not out:
-        raise InvalidRequest(f"{where}: empty label selector", where)
-    return tuple(out)
-
-
-def _label_index(labels) -> set:
-    """Label strings ``src:k=v`` / ``src:k`` -> set of (src, k, v) and (None, k, v),
-    (src, k, None), (None, k, None) for quick selector checks."""
-    out = set()
-    for s in labels:
-        src, _, rest = s.partition(":")
-        k, sep, v = rest.partition("=")
-        v = v if sep else ""
-        out.update({(src, k, v), (None, k, v), (src, k, None), (None, k, None)})
-    return out
 
 
 def _ports(values, where) -> set[int]:
@@ -191,7 +164,7 @@ class FlowFilter:
         for key, sides in (("label", (SRC_INFO, DST_INFO)), ("from_label", (SRC_INFO,)),
                            ("to_label", (DST_INFO,))):
             if get(key):
-                sels = [parse_selector(str(v), key) for v in get(key)]
+                sels = [EndpointSelector.from_filter(str(v), key) for v in get(key)]
                 p.append(_label_pred(sels, sides))
         for key, sides in (("endpoint", (SRC_INFO, DST_INFO)), ("from_endpoint", (SRC_INFO,)),
                            ("to_endpoint", (DST_INFO,))):
@@ -258,8 +231,8 @@ def _label_pred(selectors, sides):
             hit = cache.get(idx)
             if hit is None:
                 info = infos.values[idx]
-                have = _label_index(info[1]) if info else set()
-                hit = any(all(term in have for term in sel) for sel in selectors)
+                have = LabelSet.from_strings(info[1]) if info else LabelSet()
+                hit = any(sel.matches(have) for sel in selectors)
                 cache[idx] = hit
             if hit:
                 return True

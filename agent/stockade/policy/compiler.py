@@ -65,12 +65,11 @@ def l4_keys(pr: PeerRule) -> tuple[L4Key, ...]:
 
 def compile_rule(rule: Rule) -> list[Clause]:
     out = []
-    for direction, deny, items in ((INGRESS, False, rule.ingress), (INGRESS, True, rule.ingress_deny),
-                                   (EGRESS, False, rule.egress), (EGRESS, True, rule.egress_deny)):
-        for pr in items:
-            sels, any_peer = peer_selectors(pr)
-            if sels or any_peer:
-                out.append(Clause(rule, direction, deny, pr, sels, any_peer, l4_keys(pr)))
+    for direction, deny, pr in rule.clauses():
+        sels, any_peer = peer_selectors(pr)
+        if sels or any_peer:
+            out.append(Clause(rule, INGRESS if direction == "ingress" else EGRESS, deny, pr,
+                              sels, any_peer, l4_keys(pr)))
     return out
 
 
@@ -99,7 +98,7 @@ class Compiler:
 
     # public API ------------------------------------------------------------------
     def add_identity(self, ident: Identity, local: bool = False) -> Delta:
-        delta = Delta({}, set(), {})
+        delta = Delta()
         changed = self.cache.add_identity(ident)
         pairs = set()
         for sel in changed:
@@ -118,7 +117,7 @@ class Compiler:
         return delta
 
     def remove_identity(self, ident_id: int) -> Delta:
-        delta = Delta({}, set(), {})
+        delta = Delta()
         self.cache.remove_identity(ident_id)
         for loc in list(self._locals_of_peer.get(ident_id, ())):
             self._set_pair(loc, ident_id, {}, delta)
@@ -138,7 +137,7 @@ class Compiler:
     def set_policies(self, policies: list[Policy], remove: list[PolicyRef] = ()) -> Delta:
         """Add or replace ``policies`` and drop ``remove`` in one step; each affected
         local identity is recomputed once."""
-        delta = Delta({}, set(), {})
+        delta = Delta()
         affected: dict[int, set[int]] = {}  # local -> peers whose pairs may change
         for ref in remove:
             self._drop_policy(ref, affected)
@@ -296,14 +295,12 @@ class Compiler:
     def _set_pair(self, loc: int, peer: int, new: MapState, delta: Delta) -> None:
         old = self._pairs.get((loc, peer), {})
         for k in old.keys() - new.keys():
-            del self.entries[k]
-            delta.adds.pop(k, None)
-            delta.removes.add(k)
+            delta.remove(k, self.entries.pop(k))
         for k, v in new.items():
-            if old.get(k) != v:
+            prior = old.get(k)
+            if prior != v:
                 self.entries[k] = v
-                delta.adds[k] = v
-                delta.removes.discard(k)
+                delta.add(k, v, prior)
         if new:
             self._pairs[(loc, peer)] = new
             self._peers_of.setdefault(loc, set()).add(peer)
@@ -321,7 +318,7 @@ class Compiler:
             del self.flags[(loc, d)]
         else:
             self.flags[(loc, d)] = flag
-        delta.flags[(loc, d)] = flag
+        delta.set_flag((loc, d), flag, old)
 
 
 def full_compile(policies: list[Policy], identities: list[Identity], local_ids: set[int],

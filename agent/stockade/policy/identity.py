@@ -36,6 +36,15 @@ class Identity:
     def is_world(self) -> bool:
         return self.id == RESERVED["world"] or self.kind == CIDR_KIND
 
+    @property
+    def short_name(self) -> str:
+        """``app=web,tier=front`` (sources left out), ``cidr:10.0.0.0/8``, ``reserved:world``."""
+        if self.kind == CIDR_KIND and self.prefix is not None:
+            return f"cidr:{self.prefix}"
+        if self.kind == RESERVED_KIND:
+            return ",".join(str(l) for l in self.labels)
+        return ",".join(f"{l.key}={l.value}" if l.value else l.key for l in self.labels) or "(no labels)"
+
     def to_dict(self) -> dict:
         out = {"id": self.id, "labels": self.labels.to_strings(), "kind": self.kind}
         if self.prefix is not None:

@@ -63,6 +63,24 @@ def check_value(value: str, source: str = ANY_SOURCE) -> str | None:
     return None
 
 
+def parse_pairs(text: str, what: str = "labels", *, bare: bool = True) -> list[tuple[str, str | None]]:
+    """``k=v,container:k2=v2,k3`` -> [(key, value or None for a bare key)]: the one
+    reader of the ``k=v,...`` text the CLI, the API and filters take. A key may carry a
+    source. ``bare=False``: every item needs ``=``."""
+    from ..errors import InvalidRequest
+    out = []
+    items = [p.strip() for p in str(text).split(",")]
+    if not bare and len(items) > 1 and "" in items:
+        raise InvalidRequest(f"{what}: '' is not key=value", what)  # a stray comma
+    for item in filter(None, items):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not key or (not sep and not bare):
+            raise InvalidRequest(f"{what}: {item!r} is not key=value", what)
+        out.append((key, value.strip() if sep else None))
+    return out
+
+
 class LabelSet(tuple):
     """An immutable, sorted, de-duplicated tuple of Labels: the canonical form of an
     identity."""
@@ -81,11 +99,17 @@ class LabelSet(tuple):
     @classmethod
     def parse(cls, text: str, source: str = "unspec") -> "LabelSet":
         """``k=v,container:k2=v2`` -> LabelSet. Empty text gives the empty set."""
-        mapping: dict[str, str] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            key, sep, value = part.partition("=")
-            mapping[key.strip()] = value.strip() if sep else ""
-        return cls.from_mapping(mapping, source)
+        return cls.from_mapping({k: v or "" for k, v in parse_pairs(text)}, source)
+
+    @classmethod
+    def from_strings(cls, labels) -> "LabelSet":
+        """``["container:app=web", "reserved:world"]`` (``to_strings``) -> LabelSet."""
+        out = []
+        for text in labels:
+            source, _, rest = str(text).partition(":")
+            key, _, value = rest.partition("=")
+            out.append(Label(source, key, value))
+        return cls(out)
 
     def values_of(self, source: str, key: str) -> list[str]:
         if key in NAMESPACE_KEYS:

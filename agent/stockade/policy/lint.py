@@ -48,13 +48,12 @@ def unmatched_selectors(policies: list[Policy], label_sets: list[LabelSet],
     for p in policies:
         for r in p.rules:
             check(p, r.endpoint_selector, f"{r.path}.endpointSelector", "selects")
-            for items in (r.ingress, r.egress, r.ingress_deny, r.egress_deny):
-                for pr in items:
-                    field = "fromEndpoints" if ".ingress" in pr.path else "toEndpoints"
-                    for i, sel in enumerate(pr.endpoints):
-                        check(p, sel, f"{pr.path}.{field}[{i}]", "selects")
-                    for c in pr.cidrs:
-                        if c.group and service_names is not None and c.group not in service_names:
-                            warnings.append(f"policy {p.ref.display} selects nothing on any host: "
-                                            f"cidrGroupRef {c.group} in {pr.path} names no defined service")
+            for direction, _deny, pr in r.clauses():
+                field = "fromEndpoints" if direction == "ingress" else "toEndpoints"
+                for i, sel in enumerate(pr.endpoints):
+                    check(p, sel, f"{pr.path}.{field}[{i}]", "selects")
+                for c in pr.cidrs:
+                    if c.group and service_names is not None and c.group not in service_names:
+                        warnings.append(f"policy {p.ref.display} selects nothing on any host: "
+                                        f"cidrGroupRef {c.group} in {pr.path} names no defined service")
     return warnings

@@ -16,7 +16,8 @@ All fields are in host order here; the datapath converts ``port`` to network ord
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple
 
 ANY_PEER = 0
@@ -135,15 +136,68 @@ def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
 
 @dataclass
 class Delta:
-    """Changes that turn one compiled state into another; ``adds`` and ``removes`` never
-    share a key (a changed value is an add)."""
+    """Changes that turn one compiled state into another. ``adds`` and ``removes``
+    never share a key (a changed value is an add). ``prior`` holds, for every key the
+    delta touches, its value before (None: absent), and ``prior_flags`` the same for
+    flags: so a delta can be inverted, and the state before it can be read back
+    (``BeforeView``) without a copy."""
 
-    adds: MapState
-    removes: set[Key]
-    flags: FlagState  # new flags for the (local, direction) pairs that changed
+    adds: MapState = field(default_factory=dict)
+    removes: set[Key] = field(default_factory=set)
+    flags: FlagState = field(default_factory=dict)  # new flags of the pairs that changed
+    prior: dict[Key, Entry | None] = field(default_factory=dict)
+    prior_flags: FlagState = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.adds or self.removes or self.flags)
+
+    def __len__(self) -> int:
+        return len(self.adds) + len(self.removes) + len(self.flags)
+
+    def add(self, key: Key, entry: Entry, prior: Entry | None) -> None:
+        self.prior.setdefault(key, prior)
+        self.removes.discard(key)
+        if self.prior[key] == entry:  # back to where it started: no change
+            self.adds.pop(key, None)
+        else:
+            self.adds[key] = entry
+
+    def remove(self, key: Key, prior: Entry | None) -> None:
+        self.prior.setdefault(key, prior)
+        self.adds.pop(key, None)
+        if self.prior[key] is not None:
+            self.removes.add(key)
+
+    def set_flag(self, pair: tuple[int, int], flag: DirectionPolicy, prior: DirectionPolicy) -> None:
+        self.prior_flags.setdefault(pair, prior)
+        if self.prior_flags[pair] == flag:
+            self.flags.pop(pair, None)
+        else:
+            self.flags[pair] = flag
+
+    def then(self, later: "Delta") -> "Delta":
+        """Sequential composition, in place: applying the result equals applying
+        ``self`` and then ``later``."""
+        for k in later.removes:
+            self.remove(k, later.prior.get(k))
+        for k, v in later.adds.items():
+            self.add(k, v, later.prior.get(k))
+        for pair, flag in later.flags.items():
+            self.set_flag(pair, flag, later.prior_flags.get(pair, DirectionPolicy()))
+        return self
+
+    def inverse(self) -> "Delta":
+        """The delta that undoes this one."""
+        out = Delta()
+        for k in self.adds.keys() | self.removes:
+            before, now = self.prior.get(k), self.adds.get(k)
+            if before is None:
+                out.remove(k, now)
+            else:
+                out.add(k, before, now)
+        for pair, flag in self.flags.items():
+            out.set_flag(pair, self.prior_flags.get(pair, DirectionPolicy()), flag)
+        return out
 
     def apply(self, entries: MapState, flags: FlagState) -> None:
         for key in self.removes:
@@ -156,17 +210,54 @@ class Delta:
                 flags[k] = v
 
 
+class BeforeView(Mapping):
+    """Read-only view of the entries (or flags) as they were before ``delta``, given
+    the current ones: what a plan's review compares against, without a copy."""
+
+    def __init__(self, current: Mapping, prior: Mapping, absent=None):
+        """``absent``: the prior value that means the key was not there (None for
+        entries, ``DirectionPolicy()`` for flags)."""
+        self.current, self.prior, self.absent = current, prior, absent
+
+    def __getitem__(self, key):
+        if key in self.prior:
+            value = self.prior[key]
+            if value is None or value == self.absent:
+                raise KeyError(key)
+            return value
+        return self.current[key]
+
+    def __contains__(self, key) -> bool:
+        if key in self.prior:
+            value = self.prior[key]
+            return value is not None and value != self.absent
+        return key in self.current
+
+    def __iter__(self):
+        for k in self.current:
+            if k not in self.prior:
+                yield k
+        for k in self.prior:
+            if k in self:
+                yield k
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def diff(old: MapState, new: MapState, old_flags: FlagState | None = None,
          new_flags: FlagState | None = None) -> Delta:
-    adds = {k: v for k, v in new.items() if old.get(k) != v}
-    removes = {k for k in old if k not in new}
-    flags: FlagState = {}
+    out = Delta()
+    for k, v in new.items():
+        if old.get(k) != v:
+            out.add(k, v, old.get(k))
+    for k in old:
+        if k not in new:
+            out.remove(k, old[k])
     of, nf = old_flags or {}, new_flags or {}
     for k in set(of) | set(nf):
-        a, b = of.get(k, DirectionPolicy()), nf.get(k, DirectionPolicy())
-        if a != b:
-            flags[k] = b
-    return Delta(adds, removes, flags)
+        out.set_flag(k, nf.get(k, DirectionPolicy()), of.get(k, DirectionPolicy()))
+    return out
 
 
 def sorted_items(state: MapState) -> Iterator[tuple[Key, Entry]]:

@@ -1,7 +1,8 @@
 """Command-line selectors (SEL) and port specs, shared by trace and policy tests.
 
-SEL: ``cidr:<prefix>``, ``entity:<name>``, or ``k=v,k=v`` labels (a key may carry a
-source prefix, ``container:app=web``). PORT: ``80/tcp``, ``53/udp``, ``9/sctp``,
+SEL: ``cidr:<prefix>``, ``entity:<name>``, ``endpoint:<name>`` (an agent's endpoint: the
+live trace only), or ``k=v,k=v`` labels (a key may carry a source prefix,
+``container:app=web``). PORT: ``80/tcp``, ``53/udp``, ``9/sctp``,
 ``8/icmp`` (ICMP type), ``128/icmpv6``.
 """
 from __future__ import annotations
@@ -10,24 +11,27 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..errors import SelectorError
+from ..errors import InvalidRequest, SelectorError
 from .api.entity import RESERVED
-from .labels import LabelSet, check_key, check_value, split_source
+from .labels import LabelSet, check_key, check_value, parse_pairs, split_source
 from .mapstate import PROTO_ICMP, PROTO_ICMPV6, PROTO_NUMBERS
 
 
 @dataclass(frozen=True)
 class PeerSpec:
-    kind: str                   # "workload", "cidr" or "entity"
+    kind: str                   # "workload", "cidr", "entity" or "endpoint"
     labels: LabelSet = LabelSet()
     prefix: str = ""
     entity: str = ""
+    name: str = ""              # endpoint
 
     def __str__(self) -> str:
         if self.kind == "cidr":
             return f"cidr:{self.prefix}"
         if self.kind == "entity":
             return f"entity:{self.entity}"
+        if self.kind == "endpoint":
+            return f"endpoint:{self.name}"
         return ",".join(f"{l.key}={l.value}" if l.source == "unspec" else str(l) for l in self.labels)
 
 
@@ -36,7 +40,8 @@ def parse_sel(value: str | Mapping[str, str]) -> PeerSpec:
         items = {str(k): "" if v is None else str(v) for k, v in value.items()}
         return _labels(items, str(dict(value)))
     if not isinstance(value, str) or not value.strip():
-        raise SelectorError(f"{value!r}: a selector is cidr:<prefix>, entity:<name> or k=v,...")
+        raise SelectorError(f"{value!r}: a selector is cidr:<prefix>, entity:<name>, "
+                            "endpoint:<name> or k=v,...")
     text = value.strip()
     if text.startswith("cidr:"):
         try:
@@ -49,12 +54,15 @@ def parse_sel(value: str | Mapping[str, str]) -> PeerSpec:
         if name not in RESERVED:
             raise SelectorError(f"{text!r}: entity must be one of {', '.join(RESERVED)}")
         return PeerSpec("entity", entity=name)
-    items = {}
-    for part in text.split(","):
-        key, sep, val = part.strip().partition("=")
-        if not sep:
-            raise SelectorError(f"{text!r}: {part!r} is not key=value")
-        items[key.strip()] = val.strip()
+    if text.startswith("endpoint:"):
+        name = text[9:].strip()
+        if not name:
+            raise SelectorError(f"{text!r}: endpoint:<name> needs a name")
+        return PeerSpec("endpoint", name=name)
+    try:
+        items = dict(parse_pairs(text, text, bare=False))
+    except InvalidRequest as exc:
+        raise SelectorError(str(exc)) from None
     return _labels(items, text)
 
 

@@ -25,6 +25,11 @@ def selects(selector: Selector, ident: Identity) -> bool:
             return False
         if not value.requirements:
             return ident.kind == WORKLOAD_KIND
+        if ident.kind == CIDR_KIND and not any(r.operator in ("In", "Exists") for r in value.requirements):
+            # A CIDR identity is selected by what it has (a service's labels), never
+            # for lacking a label: else whether outside addresses match a NotIn
+            # selector would depend on which prefixes other policies name.
+            return False
         return value.matches(ident.labels)
     if kind == "cidrgroup":  # an inventory service's CIDRs (cidrGroupRef)
         return ident.kind == CIDR_KIND and value in ident.labels.values_of("service", "service")

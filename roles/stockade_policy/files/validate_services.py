@@ -6,7 +6,7 @@ Run on the controller by the stockade_policy role; prints `stockade_services.<fi
 import json
 import sys
 
-from stockade.daemon.services import parse_services
+from stockade.daemon.inventory import parse_services
 from stockade.errors import InvalidRequest
 
 try:

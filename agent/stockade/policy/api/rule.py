@@ -7,7 +7,7 @@ the rule that decided (``spec.ingress[1]``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from .cidr import CIDRRule
 from .ports import ICMPField, PortRule
@@ -82,6 +82,19 @@ class Rule:
     default_deny_egress: bool | None = None
     description: str = ""
     labels: tuple[str, ...] = ()
+
+    def clauses(self) -> Iterator[tuple[str, bool, PeerRule]]:
+        """Every element of the four direction lists: (direction, deny, element), in the
+        order ingress, ingressDeny, egress, egressDeny."""
+        for direction, deny, items in (("ingress", False, self.ingress),
+                                       ("ingress", True, self.ingress_deny),
+                                       ("egress", False, self.egress),
+                                       ("egress", True, self.egress_deny)):
+            for pr in items:
+                yield direction, deny, pr
+
+    def peer_rules(self) -> Iterator[PeerRule]:
+        return (pr for _, _, pr in self.clauses())
 
     def has_rules(self, direction: str) -> bool:
         if direction == "ingress":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..labels import ANY_SOURCE, NAMESPACE_KEYS, LabelSet, split_source
+from ..labels import ANY_SOURCE, NAMESPACE_KEYS, LabelSet, parse_pairs, split_source
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -56,6 +56,17 @@ class EndpointSelector:
     @classmethod
     def from_match_labels(cls, match_labels: dict[str, str]) -> "EndpointSelector":
         return cls.build(match_labels, [])
+
+    @classmethod
+    def from_filter(cls, text: str, what: str = "label") -> "EndpointSelector":
+        """A filter as the CLI and the web UI take it: ``k=v,src:k2=v2,k3`` (all must
+        hold; a bare key: the label exists)."""
+        from ...errors import InvalidRequest
+        pairs = parse_pairs(text, what)
+        if not pairs:
+            raise InvalidRequest(f"{what}: empty label selector", what)
+        return cls.build({k: v for k, v in pairs if v is not None},
+                         [(k, "Exists", []) for k, v in pairs if v is None])
 
     @classmethod
     def build(cls, match_labels: dict[str, str], expressions: list[tuple[str, str, list[str]]]

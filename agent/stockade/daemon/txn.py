@@ -1,0 +1,203 @@
+"""A transaction of the reconciler: one change, planned in full before anything is written.
+
+    txn = Txn(agent)
+    change.apply(txn)        # model via txn.j (a Journal), engine via txn.etx, writes as steps
+    txn.write(datapath)      # the steps, in the order the change made them
+    txn.commit() | txn.discard()
+
+The steps keep the order that never opens the datapath: a new identity's policy entries
+are written before the endpoint entry that points at them, the old identity's entries go
+after it; an interface is attached (and closed) before its workload is known. A change
+plans against the model as it is inside the transaction; nothing reaches the kernel
+until ``write``, and a failed write is followed by ``discard`` and a reconcile.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..policy.api.entity import RESERVED
+from ..policy.engine import Transaction
+from ..policy.identity import Identity
+from ..policy.labels import LabelSet
+from ..policy.mapstate import Delta
+from .endpoints import Endpoint
+from .state import IpcacheEntry, Journal, State
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+HOST_ID = RESERVED["host"]
+
+
+def host_prefix(ip: str) -> str:
+    addr = ipaddress.ip_address(ip)
+    return f"{addr}/{addr.max_prefixlen}"
+
+
+@dataclass
+class Step:
+    """One datapath write: policy (a Delta), ipcache, endpoint, attach or detach."""
+
+    kind: str
+    key: Any = None
+    value: Any = None
+
+
+@dataclass
+class Txn:
+    agent: "Agent"
+    dry_run: bool = False                            # planned to be discarded
+    j: Journal = field(default_factory=Journal)
+    steps: list[Step] = field(default_factory=list)
+    dirty: set[str] = field(default_factory=set)    # state files to write on commit
+    log: list[str] = field(default_factory=list)     # what happened, for the change log
+    etx: Transaction = field(init=False)
+
+    def __post_init__(self):
+        self.etx = self.agent.engine.begin()
+
+    @property
+    def state(self) -> State:
+        return self.agent.state
+
+    # ------------------------------------------------------------------ engine
+    def engine(self, delta: Delta) -> None:
+        if delta:
+            if self.steps and self.steps[-1].kind == "policy":
+                self.steps[-1].value.then(delta)
+            else:
+                self.steps.append(Step("policy", value=Delta().then(delta)))
+
+    def set_identity(self, ident: Identity, local: bool = False) -> None:
+        self.engine(self.etx.set_identity(ident, local))
+
+    def remove_identity(self, ident_id: int) -> None:
+        self.engine(self.etx.remove_identity(ident_id))
+
+    def ref_identity(self, labels: LabelSet, local: bool) -> Identity:
+        """The identity of ``labels``, counted as used by one more local endpoint (or
+        remote record); it joins the engine on first use, as local when it is."""
+        st = self.state
+        ident = self.agent.alloc.workload(labels)
+        was_local = st.local_refs.get(ident.id, 0) > 0
+        was_known = was_local or st.remote_refs.get(ident.id, 0) > 0
+        refs = st.local_refs if local else st.remote_refs
+        self.j.set(refs, ident.id, refs.get(ident.id, 0) + 1)
+        if local and not was_local:
+            self.set_identity(ident, local=True)
+        elif not was_known:
+            self.set_identity(ident, local=False)
+        return ident
+
+    def unref_identity(self, ident_id: int, local: bool) -> None:
+        st = self.state
+        refs = st.local_refs if local else st.remote_refs
+        left = refs.get(ident_id, 0) - 1
+        if left > 0:
+            self.j.set(refs, ident_id, left)
+            return
+        self.j.delete(refs, ident_id)
+        ident = self.agent.engine.identities.get(ident_id)
+        if local and st.remote_refs.get(ident_id, 0) > 0 and ident is not None:
+            self.set_identity(ident, local=False)
+        elif st.local_refs.get(ident_id, 0) <= 0 and st.remote_refs.get(ident_id, 0) <= 0:
+            self.remove_identity(ident_id)
+
+    # ------------------------------------------------------------------ ipcache
+    def set_ipcache(self, prefix: str, identity: int, source: str, host: str | None) -> None:
+        entry = IpcacheEntry(identity, source, host)
+        if self.state.ipcache.get(prefix) == entry:
+            return
+        self.j.set(self.state.ipcache, prefix, entry)
+        self.steps.append(Step("ipcache", prefix, identity))
+
+    def del_ipcache(self, prefix: str) -> None:
+        if prefix in self.state.ipcache:
+            self.j.delete(self.state.ipcache, prefix)
+            self.steps.append(Step("ipcache", prefix, None))
+
+    # ------------------------------------------------------------------ endpoints
+    def put_endpoint(self, ep: Endpoint) -> None:
+        self.j.set(self.state.endpoints, ep.name, ep)
+        self.dirty.add("endpoints")
+
+    def drop_endpoint(self, name: str) -> None:
+        self.j.delete(self.state.endpoints, name)
+        self.j.delete(self.state.memberships, name)
+        self.dirty.add("endpoints")
+
+    def bind(self, ifindex: int, name: str) -> None:
+        self.j.set(self.state.by_ifindex, ifindex, name)
+
+    def unbind(self, ifindex: int) -> None:
+        self.j.delete(self.state.by_ifindex, ifindex)
+
+    def write_endpoint(self, ep: Endpoint) -> None:
+        """The endpoint entry behind its interface: its identity, or closed while it has none."""
+        if ep.ifindex is None:
+            return
+        if ep.identity is None:
+            self.steps.append(Step("endpoint", ep.ifindex, {"endpoint_id": ep.id, "identity": 0,
+                                                            "unidentified": True}))
+        else:
+            self.steps.append(Step("endpoint", ep.ifindex, {
+                "endpoint_id": ep.id, "identity": ep.identity, "ips": ep.ips, "mac": ep.mac,
+                "audit": ep.audit}))
+
+    def close_interface(self, ifindex: int) -> None:
+        """Unknown until a runtime or the API identifies it: dropped."""
+        self.steps.append(Step("endpoint", ifindex, {"endpoint_id": 0, "identity": 0,
+                                                     "unidentified": True}))
+
+    def forget_interface(self, ifindex: int) -> None:
+        self.steps.append(Step("endpoint", ifindex, None))
+
+    def attach(self, ifindex: int) -> None:
+        self.steps.append(Step("attach", ifindex))
+
+    def detach(self, ifindex: int) -> None:
+        self.steps.append(Step("endpoint", ifindex, None))
+        self.steps.append(Step("detach", ifindex))
+
+    # ------------------------------------------------------------------ the end
+    def write(self, dp) -> None:
+        """Write every step, in order. Raises the datapath's error part way."""
+        agent = self.agent
+        # Every key any step adds, at once: a bound on the maps' size at every point.
+        peak = Delta()
+        for step in self.steps:
+            if step.kind == "policy":
+                peak.adds.update(step.value.adds)
+                peak.flags.update(step.value.flags)
+        if peak:
+            dp.check_capacity(peak)
+        for step in self.steps:
+            if step.kind == "policy":
+                dp.apply_delta(step.value, checked=True)
+            elif step.kind == "ipcache":
+                if step.value is None:
+                    dp.del_ipcache(step.key)
+                else:
+                    dp.set_ipcache(step.key, step.value)
+            elif step.kind == "endpoint":
+                if step.value is None:
+                    dp.del_endpoint(step.key)
+                else:
+                    dp.set_endpoint(step.key, **step.value)
+            elif step.kind == "attach":
+                if step.key not in agent.attached:
+                    dp.attach_interface(step.key)
+                    agent.attached.add(step.key)
+            elif step.kind == "detach":
+                if step.key in agent.attached:
+                    dp.detach_interface(step.key)
+                    agent.attached.discard(step.key)
+
+    def commit(self) -> None:
+        self.agent.engine.commit(self.etx)
+
+    def discard(self) -> None:
+        self.agent.engine.discard(self.etx)
+        self.j.undo()

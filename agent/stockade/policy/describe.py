@@ -1,0 +1,89 @@
+"""Rules and compiled changes in words: what the CLI, the API's dry runs and the web UI
+show an operator."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .api.rule import PeerRule, Policy, Rule
+from .mapstate import DIRECTION_NAMES, Delta, Key
+
+SAMPLE = 50
+ARROWS = {"ingress": "<-", "egress": "->"}
+
+
+def describe_peers(pr: PeerRule) -> str:
+    if pr.empty_fields:
+        return "no peer (" + ", ".join(f"{f}: []" for f in pr.empty_fields) + " selects none)"
+    parts = [f"endpoints {s}" for s in pr.endpoints]
+    parts += [f"cidr {c}" for c in pr.cidrs]
+    parts += [f"entity {e}" for e in pr.entities]
+    return ", ".join(parts) if parts else "any peer"
+
+
+def describe_l4(pr: PeerRule) -> str:
+    ports = [str(p) for r in pr.to_ports for p in r.ports]
+    ports += [str(i) for i in pr.icmps]
+    return ", ".join(ports) if ports else "any port"
+
+
+def describe_rule(rule: Rule) -> list[str]:
+    """One line per clause: ``db: ingress allow {app=db} <- endpoints {app=web} on 5432/TCP``."""
+    out = []
+    name = rule.ref.display
+    for direction, deny, pr in rule.clauses():
+        if pr.selects_nothing:
+            why = f" ({describe_peers(pr)})" if pr.empty_fields else ""
+            out.append(f"{name}: {direction} default-deny for {rule.endpoint_selector}{why}")
+        else:
+            verb = "deny" if deny else "allow"
+            out.append(f"{name}: {direction} {verb} {rule.endpoint_selector} {ARROWS[direction]} "
+                       f"{describe_peers(pr)} on {describe_l4(pr)}")
+    return out
+
+
+def clause_rows(policy: Policy) -> list[dict]:
+    """Who may reach whom, one row per clause (the web UI's Policies and Review pages)."""
+    rows = []
+    for rule in policy.rules:
+        subject = str(rule.endpoint_selector)
+        for direction, deny, pr in rule.clauses():
+            path = pr.path
+            if pr.selects_nothing:
+                why = f" ({describe_peers(pr)})" if pr.empty_fields else ""
+                rows.append({"verdict": "default-deny", "direction": direction,
+                             "from": "nothing" if direction == "ingress" else subject,
+                             "to": subject if direction == "ingress" else "nothing",
+                             "ports": "-", "path": path,
+                             "text": f"{subject}: {direction} default deny, no peer allowed{why}"})
+                continue
+            peers, ports = describe_peers(pr), describe_l4(pr)
+            src, dst = (peers, subject) if direction == "ingress" else (subject, peers)
+            verb = "may NOT reach" if deny else "may reach"
+            rows.append({"verdict": "deny" if deny else "allow", "direction": direction,
+                         "from": src, "to": dst, "ports": ports, "path": path,
+                         "text": f"{src} {verb} {dst} on {ports}"})
+    return rows
+
+
+def policy_lines(policies: Iterable[Policy]) -> set[str]:
+    return {line for p in policies for r in p.rules for line in describe_rule(r)}
+
+
+def describe_key(op: str, key: Key, entry=None) -> dict:
+    return {"op": op, "local": key.local, "peer": key.peer,
+            "direction": DIRECTION_NAMES[key.direction], "port": key.describe(),
+            "verdict": entry.verdict if entry is not None else None}
+
+
+def summarize(old: dict, new: dict, delta: Delta) -> dict:
+    """What a policy change does, for a dry run or an import: old/new {PolicyRef: Policy}."""
+    added = sorted(r.display for r in new.keys() - old.keys())
+    removed = sorted(r.display for r in old.keys() - new.keys())
+    changed = sorted(r.display for r in new.keys() & old.keys() if new[r].document != old[r].document)
+    old_lines, new_lines = policy_lines(old.values()), policy_lines(new.values())
+    sample = [describe_key("+", k, e) for k, e in sorted(delta.adds.items())[:SAMPLE]]
+    sample += [describe_key("-", k) for k in sorted(delta.removes)[:SAMPLE]]
+    return {"added": added, "removed": removed, "changed": changed,
+            "rules": {"added": sorted(new_lines - old_lines), "removed": sorted(old_lines - new_lines)},
+            "entries": {"added": len(delta.adds), "removed": len(delta.removes),
+                        "flags": len(delta.flags), "sample": sample}}
