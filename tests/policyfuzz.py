@@ -67,12 +67,14 @@ TAGS = ["!!int", "!!str", "!!float", "!!bool", "!!null", "!!seq", "!!map", "!!ti
 BOMB_ELEMENTS = ["x", "[1]", "{a: 1}", "{fromEntities: [world]}", "{port: '80'}",
                  "{toPorts: [{ports: [{port: '80'}]}]}", "[[a, b], {c: d}]"]
 BOMB_PLACES = ["description", "ingress", "ports", "unknown", "root-list", "list-items",
-               "merge", "labels"]
+               "merge", "labels", "valid"]
 
 
 def alias_bomb(levels: int, fan: int, element: str, place: str) -> str:
     """``levels`` anchors, each a list of ``fan`` aliases of the one before (the first
     holds ``element``), so the last expands to fan**levels elements, at ``place``."""
+    if place == "valid":
+        return valid_bomb(fan)
     chain = [f"&a0 {element}"]
     for i in range(1, levels + 1):
         chain.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * fan) + "]")
@@ -95,6 +97,18 @@ def alias_bomb(levels: int, fan: int, element: str, place: str) -> str:
                 f"x: &m {{a: {anchors}}}\nspec: {{<<: [*m, *m], endpointSelector: {{}}, y: {last}}}\n")
     return (f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
             f"metadata: {{name: l, labels: {{a: {anchors}, b: {last}}}}}\nspec: {{endpointSelector: {{}}}}\n")
+
+
+def valid_bomb(fan: int) -> str:
+    """A valid policy that aliases fan-out at four levels (specs, ingress, toPorts,
+    ports): fan**4 port entries, which the sanitizer then checks one by one."""
+    def fan_out(anchor: str, first: str) -> str:
+        return f"&{anchor}l [" + ", ".join([f"&{anchor} {first}"] + [f"*{anchor}"] * (fan - 1)) + "]"
+    ports = fan_out("p", "{port: '80', protocol: TCP}")
+    to_ports = fan_out("t", "{ports: " + ports + "}")
+    ingress = fan_out("i", "{fromEntities: [world], toPorts: " + to_ports + "}")
+    specs = fan_out("s", "{endpointSelector: {}, ingress: " + ingress + "}")
+    return f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: v}}\nspecs: {specs}\n"
 
 
 NEST_KINDS = ["flow-seq", "flow-map", "block-seq", "block-map", "json-seq", "json-map", "mixed"]
@@ -215,33 +229,37 @@ def _random_value(rng: random.Random, depth: int = 0):
     return {rng.choice(keys): _random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
 
 
-def random_input(rng: random.Random) -> tuple[str, str]:
-    """One input of a randomly chosen family."""
-    family = rng.randrange(6)
-    if family == 0:
+FAMILIES = ["structure", "corpus-mutation", "text-mutation", "alias-bomb", "nesting-bomb", "tag"]
+
+
+def random_input(rng: random.Random) -> tuple[str, str, str]:
+    """(family, text, file name): one input of a randomly chosen family."""
+    family = rng.choice(FAMILIES)
+    if family == "structure":
         doc = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
                "metadata": {"name": "r"}, "spec": _random_value(rng)}
-        return dump(doc, rng.choice(["block", "flow", "json"]))
-    if family == 1:
+        return (family, *dump(doc, rng.choice(["block", "flow", "json"])))
+    if family == "corpus-mutation":
         doc = mutate_doc(rng.choice(VALID_DOCS), [rng.randrange(100) for _ in range(rng.randrange(8))],
                          rng.choice(DOC_OPS), _random_value(rng))
-        return dump(doc, rng.choice(["block", "flow", "json"]))
-    if family == 2:
+        return (family, *dump(doc, rng.choice(["block", "flow", "json"])))
+    if family == "text-mutation":
         name, text = rng.choice(CORPUS_TEXTS)
         muts = []
         for _ in range(rng.randrange(1, 5)):
             payload = (rng.choice(SNIPPETS) if rng.random() < 0.5 else
                        "".join(rng.choice(SYNTAX + "ab01") for _ in range(rng.randrange(1, 6))))
             muts.append((rng.choice(MUTATION_OPS), rng.randrange(1 << 20), rng.randrange(40), payload))
-        return mutate_text(text, muts), name
-    if family == 3:
-        return alias_bomb(rng.randrange(1, 9), rng.randrange(1, 17), rng.choice(BOMB_ELEMENTS),
-                          rng.choice(BOMB_PLACES)), "bomb.yaml"
-    if family == 4:
+        return family, mutate_text(text, muts), name
+    if family == "alias-bomb":
+        return family, alias_bomb(rng.randrange(1, 11), rng.randrange(1, 21), rng.choice(BOMB_ELEMENTS),
+                                  rng.choice(BOMB_PLACES)), "bomb.yaml"
+    if family == "nesting-bomb":
         depth = rng.choice([1, 10, 63, 64, 65, 66, 100, 1000, 30000, rng.randrange(1, 100_000)])
-        return nesting_bomb(rng.choice(NEST_KINDS), depth, rng.random() < 0.5, rng.random() < 0.5)
+        return (family, *nesting_bomb(rng.choice(NEST_KINDS), depth, rng.random() < 0.5,
+                                      rng.random() < 0.5))
     tag, scalar = rng.choice(TAGS), rng.choice(SCALAR_TEXTS)
     quoted = f"'{scalar}'" if rng.random() < 0.3 else scalar
-    field = rng.choice(["port", "protocol", "endPort"])
-    return (HEADER + f"  ingress: [{{toPorts: [{{ports: [{{{field}: {tag} {quoted}}}]}}]}}]\n",
+    field = rng.choice(["port", "protocol", "endPort", "x"])
+    return (family, HEADER + f"  ingress: [{{toPorts: [{{ports: [{{{field}: {tag} {quoted}}}]}}]}}]\n",
             "tag.yaml")

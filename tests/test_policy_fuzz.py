@@ -148,22 +148,35 @@ plain = (st.sampled_from([s for s in pf.SCALAR_TEXTS if s and s[0] not in "-<=" 
 quoted = plain.map(lambda s: "'" + s + "'") | plain.map(lambda s: '"' + s + '"')
 tagged = st.tuples(st.sampled_from(["!!str", "!!int", "!!float", "!!bool", "!!null", "!"]),
                    plain | quoted).map(" ".join)
-anchor = st.sampled_from(["a", "b", "c"])
-leaf = plain | quoted | tagged | anchor.map("*{}".format) | st.tuples(anchor, plain).map(lambda t: f"&{t[0]} {t[1]}")
+scalar = plain | quoted | tagged
+# Every document defines anchors a (any node), b (a mapping) and c (a list) first; the
+# rest refers to them (an alias, a merge key) and sometimes defines one more, d.
+alias = st.sampled_from(["*a", "*b", "*c", "*d"])
+leaf = scalar | alias
+
+
+def _collections(inner):
+    seq = st.lists(inner, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]")
+    mapping = st.lists(st.tuples(scalar, inner), max_size=3).map(
+        lambda kv: "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}")
+    return seq | mapping
 
 
 def _flow(inner):
-    seq = st.lists(inner, max_size=4).map(lambda xs: "[" + ", ".join(xs) + "]")
-    mapping = st.lists(st.tuples(leaf, inner), max_size=4).map(
-        lambda kv: "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}")
-    merge = st.tuples(anchor, inner).map(lambda t: f"{{<<: *{t[0]}, k: {t[1]}}}")
-    return seq | mapping | merge | st.tuples(anchor, seq | mapping).map(lambda t: f"&{t[0]} {t[1]}")
+    merge = st.tuples(st.sampled_from(["*a", "*b", "[*b, *b]", "[*c]", "[{x: 1}, *b]"]), inner).map(
+        lambda t: f"{{<<: {t[0]}, k: {t[1]}}}")
+    return _collections(inner) | merge | _collections(inner).map(lambda n: f"&d {n}")
 
 
-node = st.recursive(leaf, _flow, max_leaves=16)
-document = st.lists(st.tuples(leaf, node), min_size=1, max_size=5).map(
-    lambda kv: "".join(f"{k}: {v}\n" for k, v in kv)) | node.map(lambda n: f"- {n}\n- {n}\n")
-stream = st.lists(document, min_size=1, max_size=3).map("---\n".join)
+node = st.recursive(leaf, _flow, max_leaves=10)
+plain_node = st.recursive(scalar, _collections, max_leaves=4)
+anchors = st.tuples(plain_node, scalar, plain_node, scalar).map(
+    lambda t: f"_a: &a {t[0]}\n_b: &b {{x: {t[1]}, y: {t[2]}}}\n_c: &c [{t[3]}]\n")
+body = st.lists(st.tuples(scalar, node), min_size=1, max_size=4).map(
+    lambda kv: "".join(f"{k}: {v}\n" for k, v in kv))
+document = st.tuples(anchors, body).map("".join) | st.tuples(anchors, node).map(
+    lambda t: f"- {t[0].replace(chr(10), chr(10) + '  ')[:-2]}- {t[1]}\n")
+stream = st.lists(document, min_size=1, max_size=2).map("---\n".join)
 
 
 def _norm(value):
