@@ -163,7 +163,7 @@ def loader_detail(data: dict) -> str:
     b = data.get("bench_file", {})
     cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
     rows = ["| measure | value |", "|---|---|",
-            f"| 100,000-entry file | {b.get('bytes', 0):,} bytes, {b.get('documents')} documents |",
+            f"| 100,000-entry file | {b.get('bytes', 0):,} bytes, {b.get('documents', 0):,} documents |",
             f"| load as before, wall / CPU | {b.get('before_wall_s')} s / {b.get('before_cpu_s')} s |",
             f"| load now, wall / CPU | {b.get('after_wall_s')} s / {b.get('after_cpu_s')} s |",
             f"| fuzz inputs / wall time | {f.get('inputs', 0):,} in {f.get('wall_s')} s "

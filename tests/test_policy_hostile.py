@@ -230,7 +230,7 @@ def test_huge_string_is_read_and_messages_stay_short():
     with pytest.raises(PolicyErrors) as info:
         load_text(HEAD.replace("{name: p}", "{name: " + name + "}") + "  ingress: *a\n", "x.yaml")
     [err] = info.value.errors
-    assert err.doc_name == "x" * 60 + "..." and err.path == "spec.ingress"
+    assert err.doc_name == "x" * 256 + "..." and err.path == "spec.ingress"
 
 
 def test_many_errors_stop_at_100():

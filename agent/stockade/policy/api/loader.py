@@ -68,7 +68,8 @@ def _located(exc: ReadError, name: str) -> PolicyError:
             index += i
     doc = conts[0] if conts else None
     if (isinstance(doc, dict) and doc.get("kind") == "List" and len(path) >= 2
-            and path[0] == "items" and isinstance(path[1], int) and isinstance(conts[1], list)):
+            and path[0] == "items" and isinstance(path[1], int) and len(conts) > 1
+            and isinstance(conts[1], list)):
         index += path[1]
         path, conts = path[2:], conts[2:]
         doc = conts[0] if conts else None
@@ -77,7 +78,8 @@ def _located(exc: ReadError, name: str) -> PolicyError:
 
 
 def _short(part):
-    return part if isinstance(part, int) or len(part) <= 60 else part[:60] + "..."
+    """A key or name for a message: one longer than any valid name (253) is cut."""
+    return part if isinstance(part, int) or len(part) <= 256 else part[:256] + "..."
 
 
 def _doc_name(doc: Any) -> str | None:

@@ -78,7 +78,7 @@ class ReadError(Exception):
         return f"{self.msg} (line {self.line}, column {self.column})"
 
 
-def show(value: Any, limit: int = 40) -> str:
+def _show(value: Any, limit: int = 40) -> str:
     """repr() of a value for an error message, cut to about ``limit`` characters."""
     text = repr(value[:limit + 1] if isinstance(value, str) else value)
     return text if len(text) <= limit + 2 else text[:limit] + "..."
@@ -114,7 +114,8 @@ def read_file(path: str | Path, limits: Limits = LIMITS) -> str:
 
 
 def _too_large(limits: Limits) -> str:
-    return f"larger than {limits.bytes // (1024 * 1024)} MiB"
+    mib, rest = divmod(limits.bytes, 1024 * 1024)
+    return f"larger than {mib} MiB" if mib and not rest else f"larger than {limits.bytes:,} bytes"
 
 
 # ---------------------------------------------------------------- scalars
@@ -125,11 +126,12 @@ class _Merge:
         return "<<"
 
 
-MERGE = _Merge()
+_MERGE = _Merge()
 
 
 class _Refused(Exception):
-    """A scalar that cannot be converted; the reader adds where it is."""
+    """Input the reader refuses (a scalar that is not of its tag's type, a limit); the
+    reader adds where it is."""
 
 
 _BOOLS = {"yes": True, "no": False, "true": True, "false": False, "on": True, "off": False}
@@ -176,7 +178,7 @@ def _to_int(text: str, limits: Limits):
         else:
             n = int(value)
     except ValueError:
-        raise _Refused(f"{show(text)} is not an integer") from None
+        raise _Refused(f"{_show(text)} is not an integer") from None
     if n >= big:
         raise _Refused(too_big)
     return sign * n
@@ -211,7 +213,7 @@ def _plain_resolvers(limits: Limits) -> dict:
         _FLOAT: _to_float,
         _INT: lambda v: _to_int(v, limits),
         _NULL: lambda v: None,
-        "tag:yaml.org,2002:merge": lambda v: MERGE,
+        "tag:yaml.org,2002:merge": lambda v: _MERGE,
     }
     # timestamp, value (``=``) and yaml stay strings.
     table = {}
@@ -227,19 +229,19 @@ def _explicit(tag: str, text: str, limits: Limits):
     if tag == _INT:
         if _INT_RX.match(text):
             return _to_int(text, limits)
-        raise _Refused(f"{show(text)} is not an integer")
+        raise _Refused(f"{_show(text)} is not an integer")
     if tag == _FLOAT:
         if _FLOAT_RX.match(text) or _DECIMAL_RX.match(text):
             return _to_float(text)
-        raise _Refused(f"{show(text)} is not a float")
+        raise _Refused(f"{_show(text)} is not a float")
     if tag == _BOOL:
         if text.lower() in _BOOLS:
             return _BOOLS[text.lower()]
-        raise _Refused(f"{show(text)} is not a boolean")
+        raise _Refused(f"{_show(text)} is not a boolean")
     if tag == _NULL:
         if _NULL_RX.match(text):
             return None
-        raise _Refused(f"{show(text)} is not null")
+        raise _Refused(f"{_show(text)} is not null")
     raise _Refused(_tag_refused(tag, "scalar"))
 
 
@@ -247,10 +249,10 @@ def _tag_refused(tag: str, kind: str) -> str:
     name = "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
     if name in ("!!seq", "!!map", "!!str", "!!int", "!!float", "!!bool", "!!null"):
         return f"tag {name} cannot be used on a {kind}"
-    return f"tag {show(name)[1:-1]} is not allowed (only {_ALLOWED_TAGS})"
+    return f"tag {_show(name)[1:-1]} is not allowed (only {_ALLOWED_TAGS})"
 
 
-def type_name(value: Any) -> str:
+def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -285,7 +287,7 @@ class _YAMLReader:
             if not is_map:
                 path.append(len(value))
             elif key is not _NOKEY:
-                path.append("<<" if key is MERGE else key)
+                path.append("<<" if key is _MERGE else key)
         mark = event.start_mark if event is not None else None
         return ReadError(msg, doc=self.doc, path=tuple(path),
                          containers=tuple(f[0] for f in frames), before=tuple(self.docs),
@@ -338,7 +340,7 @@ class _YAMLReader:
                                     break
                             if len(text) <= 32:
                                 cache[text] = value
-                        if value is MERGE and not (cur_map and cur_key is _NOKEY):
+                        if value is _MERGE and not (cur_map and cur_key is _NOKEY):
                             value = "<<"  # only a key merges
                     elif tag is None or tag == "!" or tag == _STR:
                         value = text
@@ -381,9 +383,9 @@ class _YAMLReader:
                 elif t is Alias:
                     entry = anchors.get(e.anchor)
                     if entry is None:
-                        raise _Refused(f"alias *{show(e.anchor)[1:-1]} refers to no anchor")
+                        raise _Refused(f"alias *{_show(e.anchor)[1:-1]} refers to no anchor")
                     if entry is _OPEN:
-                        raise _Refused(f"alias *{show(e.anchor)[1:-1]} is recursive (it is "
+                        raise _Refused(f"alias *{_show(e.anchor)[1:-1]} is recursive (it is "
                                        "inside the node it refers to)")
                     value, size = entry
                     nodes += size
@@ -411,11 +413,11 @@ class _YAMLReader:
                 elif not cur_map:
                     cur.append(value)
                 elif cur_key is _NOKEY:
-                    if type(value) is not str and value is not MERGE:
-                        raise _Refused(f"keys must be strings, not {type_name(value)}")
+                    if type(value) is not str and value is not _MERGE:
+                        raise _Refused(f"keys must be strings, not {_type_name(value)}")
                     cur_key = value
                 else:
-                    if cur_key is MERGE:
+                    if cur_key is _MERGE:
                         cur_merges = (cur_merges or []) + _merge_sources(value)
                     else:
                         cur[cur_key] = value
@@ -437,7 +439,7 @@ def _too_many(max_nodes: int) -> str:
 
 
 def _twice(anchor: str) -> str:
-    return f"anchor &{show(anchor)[1:-1]} is defined twice"
+    return f"anchor &{_show(anchor)[1:-1]} is defined twice"
 
 
 def _merge_sources(value) -> list:
@@ -449,7 +451,7 @@ def _merge_sources(value) -> list:
     if isinstance(value, list) and all(isinstance(v, dict) for v in value):
         return value[::-1]
     raise _Refused(f"a merge key (<<) needs a mapping or a list of mappings, not "
-                   f"{type_name(value)}")
+                   f"{_type_name(value)}")
 
 
 def read_yaml(data: bytes, limits: Limits = LIMITS) -> list:
