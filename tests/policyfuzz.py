@@ -58,6 +58,7 @@ SCALAR_TEXTS = [
     ".nan", "yes", "Yes", "YES", "no", "on", "Off", "true", "False", "y", "n", "~", "null",
     "Null", "NULL", "", "2001-12-14", "2001-12-14 21:59:43.10 -5", "2001-13-45", "<<", "=",
     "TCP", "app", "world", "a b", "9" * 30, "-0", "0_0", "_1", "1__0", "0x_", "- x",
+    "1:" * 180 + "1.5", "1:" * 99 + "1.5", "59:" * 2500 + "1", "9" * 400 + ".5",
 ]
 TAGS = ["!!int", "!!str", "!!float", "!!bool", "!!null", "!!seq", "!!map", "!!timestamp",
         "!!binary", "!!set", "!!omap", "!!merge", "!!python/name:os.system", "!foo", "!",

@@ -73,6 +73,9 @@ CASES = [
      [(0, "spec.description", "integer too large (more than 4,300 digits) (line 6, column 16)")]),
     ("sexagesimal-past-4300-digits", "x.yaml", HEAD + "  description: " + "59:" * 3000 + "1\n",
      [(0, "spec.description", "integer too large (more than 4,300 digits) (line 6, column 16)")]),
+    ("sexagesimal-float-of-101-parts", "x.yaml", HEAD + "  description: " + "1:" * 101 + "1.5\n",
+     [(0, "spec.description", "'" + "1:" * 19 + "1... is not a float (more than 100 ':' parts) "
+                              "(line 6, column 16)")]),
     ("json-int-4301-digits", "x.json", JHEAD + '"spec": {"x": ' + "1" * 4301 + "}}",
      [(0, "spec.x", "integer too large (more than 4,300 digits)")]),
     ("int-key", "x.yaml", HEAD + "  ingress: [{fromEndpoints: [{matchLabels: {1: db}}]}]\n",
@@ -254,6 +257,13 @@ def test_yaml_1_1_scalars_resolve_as_safeloader_does_timestamps_stay_strings():
     ref = yaml.safe_load(text)
     assert ref["h"] != "2001-12-14" and {k: v for k, v in ref.items() if k != "h"} == {
         k: v for k, v in doc.items() if k != "h"}
+
+
+@pytest.mark.parametrize("text", ["a: " + "1:" * 100 + "1.5\n", "a: " + "59:" * 2000 + "1\n",
+                                  "a: 0x" + "f" * 3500 + "\n", "a: 0" + "7" * 4700 + "\n"],
+                         ids=["float-100-parts", "int-2000-parts", "hex-3500-digits", "octal-4700-digits"])
+def test_numbers_up_to_the_limits_are_as_safeloader_reads_them(text):
+    assert read_yaml(check_size(text)) == [yaml.safe_load(text)]
 
 
 def test_merge_keys_work_as_in_safeloader():

@@ -140,8 +140,18 @@ _STR, _INT, _FLOAT, _BOOL, _NULL, _SEQ, _MAP = (
 _ALLOWED_TAGS = "!!str, !!int, !!float, !!bool, !!null, !!seq and !!map"
 
 
+_SEXAGESIMAL = "(?::[0-5]?[0-9])+"
+
+
+def _linear(rx: re.Pattern) -> re.Pattern:
+    """PyYAML's regex with its sexagesimal group possessive: the same strings match
+    (nothing after the group can use a part of it back), but without a backtracking
+    state per repetition (about 1 GB for a 16 MiB ``1:1:1...``)."""
+    return re.compile(rx.pattern.replace(_SEXAGESIMAL, _SEXAGESIMAL + "+"), rx.flags)
+
+
 def _implicit_regex(tag: str) -> re.Pattern:
-    return next(rx for rxs in Resolver.yaml_implicit_resolvers.values()
+    return next(_linear(rx) for rxs in Resolver.yaml_implicit_resolvers.values()
                 for t, rx in rxs if t == tag)
 
 
@@ -165,9 +175,9 @@ def _to_int(text: str, limits: Limits):
             n = int(value[2:], 16)
         elif value[0] == "0":
             n = int(value, 8)
-        elif ":" in value:
-            n = 0
-            for part in value.split(":"):
+        elif ":" in value:  # sexagesimal; the first part is not 0, so each part is a
+            n = 0            # factor of 60 at least: int_digits parts are far too many
+            for part in value.split(":", limits.int_digits):
                 if len(part) > limits.int_digits:
                     raise _Refused(too_big)
                 n = n * 60 + int(part)
@@ -184,6 +194,11 @@ def _to_int(text: str, limits: Limits):
     return sign * n
 
 
+# PyYAML's own computation (an int base times a float part) overflows at about 174
+# parts; more than this many are refused before any work.
+_FLOAT_PARTS = 100
+
+
 def _to_float(text: str) -> float:
     # PyYAML's SafeConstructor.construct_yaml_float, step for step.
     value = text.replace("_", "").lower()
@@ -195,14 +210,22 @@ def _to_float(text: str) -> float:
     if value == ".nan":
         return math.nan
     if ":" in value:
+        if value.count(":") > _FLOAT_PARTS:
+            raise _Refused(f"{_show(text)} is not a float (more than {_FLOAT_PARTS} ':' parts)")
         digits = [float(part) for part in value.split(":")]
         digits.reverse()
         base, total = 1, 0.0
-        for digit in digits:
-            total += digit * base
-            base *= 60
+        try:
+            for digit in digits:
+                total += digit * base
+                base *= 60
+        except OverflowError:
+            raise _Refused(f"{_show(text)} is not a float (too large)") from None
         return sign * total
-    return sign * float(value)
+    try:
+        return sign * float(value)
+    except ValueError:  # not reached through the regexes; kept so nothing else escapes
+        raise _Refused(f"{_show(text)} is not a float") from None
 
 
 def _plain_resolvers(limits: Limits) -> dict:
@@ -218,7 +241,7 @@ def _plain_resolvers(limits: Limits) -> dict:
     # timestamp, value (``=``) and yaml stay strings.
     table = {}
     for first, resolvers in Resolver.yaml_implicit_resolvers.items():
-        table[first] = [(rx.match, convert[tag]) for tag, rx in resolvers if tag in convert]
+        table[first] = [(_linear(rx).match, convert[tag]) for tag, rx in resolvers if tag in convert]
     return table
 
 
@@ -547,7 +570,10 @@ def _json_path(text: str, *, pos: int | None = None, depth: int | None = None) -
         elif tok == ",":
             frames[-1][1] = None if frames[-1][0] else frames[-1][1] + 1
         elif frames[-1][0] and frames[-1][1] is None:
-            frames[-1][1] = json.loads(tok)
+            try:
+                frames[-1][1] = json.loads(tok)
+            except ValueError:  # the string the decoder stopped in: good enough for a path
+                frames[-1][1] = tok[1:-1]
     path = []
     for is_map, key in frames:
         if key is None:
