@@ -411,6 +411,8 @@ class _YAMLReader:
                         raise _Refused(f"alias *{_show(e.anchor)[1:-1]} is recursive (it is "
                                        "inside the node it refers to)")
                     value, size = entry
+                    if value is _MERGE and not (cur_map and cur_key is _NOKEY):
+                        value = "<<"
                     nodes += size
                     alias_nodes += size
                     if nodes > max_nodes:
