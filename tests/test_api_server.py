@@ -452,3 +452,14 @@ def test_client_speaks_trace_matrix_and_review(server):
         with pytest.raises(APIError) as e:
             c.matrix(limit=0)
         assert e.value.status == 400 and e.value.field == "limit"
+
+
+@pytest.mark.parametrize("text, field, needle", [
+    ("[" * 30000, "[0]" * 63, "nesting deeper than 64 levels"),
+    (POLICY + "  egress: !!python/object/apply:os.system [true]\n", "spec.egress",
+     "tag !!python/object/apply:os.system is not allowed"),
+], ids=["30000-brackets", "python-tag"])
+def test_hostile_policy_text_is_a_400_naming_the_path(http, agent, text, field, needle):
+    r = http.put("/v1/policies", json={"files": [{"name": "bad.yaml", "text": text}]})
+    err = assert_error(r, 400, field, "bad.yaml: document 0")
+    assert needle in err["message"] and agent.policies == {}
