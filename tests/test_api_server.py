@@ -463,3 +463,22 @@ def test_hostile_policy_text_is_a_400_naming_the_path(http, agent, text, field, 
     r = http.put("/v1/policies", json={"files": [{"name": "bad.yaml", "text": text}]})
     err = assert_error(r, 400, field, "bad.yaml: document 0")
     assert needle in err["message"] and agent.policies == {}
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"[" * 100000, "nested too deeply"),
+    (b'{"files": ' + b"9" * 5000 + b"}", "cannot be read"),
+], ids=["deep", "huge-int"])
+def test_hostile_json_bodies_are_a_400(server, body, needle):
+    import http.client
+    import socket as _socket
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            self.sock.connect(server.socket_path)
+
+    c = Conn("localhost")
+    c.request("PUT", "/v1/policies", body=body, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 400 and needle in r.read().decode()
