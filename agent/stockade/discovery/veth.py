@@ -140,3 +140,52 @@ def find_host_veth(
     if host_name is None:
         return None
     return HostVeth(ifname=host_name, ifindex=peer_index, container_ifindex=c_index, mac=c_mac)
+
+
+def _link_local_of(ifindex: int | None, ifname: str) -> list[str]:
+    import ipaddress
+    import socket
+    with IPRoute() as ipr:
+        if ifindex is None:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return []
+            ifindex = found[0]
+        out = []
+        for msg in ipr.get_addr(family=socket.AF_INET6, index=ifindex):
+            addr = ipaddress.IPv6Address(msg.get_attr("IFA_ADDRESS"))
+            if addr.is_link_local and str(addr) not in out:
+                out.append(str(addr))
+        return out
+
+
+def link_local_addresses(
+    pid: int | None = None,
+    *,
+    netns_path: str | None = None,
+    ifindex: int | None = None,
+    ifname: str = "eth0",
+) -> list[str]:
+    """The IPv6 link-local addresses of a workload's interface, read in its network
+    namespace (tentative ones included: duplicate address detection claims them).
+
+    They may be stable-privacy (RFC 7217) rather than derived from the MAC, so the
+    datapath must be told them (``Datapath.set_endpoint(link_local=...)``): they are
+    the only fe80::/10 sources the endpoint may use. ``pid`` or ``netns_path`` names
+    the namespace (as for find_host_veth); ``ifindex`` (HostVeth.container_ifindex)
+    or ``ifname`` the interface. Returns [] when the namespace or interface is gone;
+    raises DiscoveryError when netlink fails.
+    """
+    path = f"/proc/{pid}/ns/net" if pid else netns_path
+    if not path:
+        return []
+    try:
+        return _run_in_netns(path, lambda: _link_local_of(ifindex, ifname))
+    except FileNotFoundError:
+        return []
+    except (OSError, NetlinkError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ESRCH):
+            return []
+        if isinstance(exc, NetlinkError) and exc.code == errno.ENODEV:
+            return []
+        raise DiscoveryError(f"reading addresses in {path}: {exc}") from exc
