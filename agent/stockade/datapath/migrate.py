@@ -184,5 +184,5 @@ def _copy_conntrack(dp, fd: int) -> int:
             val.owner_peer = dp._identity_of(new.family, bytes(new.saddr))
         if fd_update(new_fd, new, val, BPF_NOEXIST) == 0:
             charged[(new.ifindex, new.direction, val.owner_peer)] += 1
-    dp.ct_charge(charged)
+    dp.ct_charge({owner: -n for owner, n in charged.items()})   # added, not released
     return sum(charged.values())
