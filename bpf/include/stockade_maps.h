@@ -202,7 +202,8 @@ struct ct_value {
  * the endpoint itself (peer 0: flows it opens), at its ingress hook the endpoint and
  * the identity of the peer that opened the flow, so one peer filling its budget
  * leaves other peers' new flows to the same endpoint alone. Each owner may hold
- * CT_ENDPOINT_MAX entries. ct_created (hash, written by the programs only, atomic
+ * CT_ENDPOINT_MAX entries once the table holds CT_PRESSURE_ENTRIES (conntrack.h);
+ * the owner with ifindex 0 counts the whole table. ct_created (hash, written by the programs only, atomic
  * adds) counts entries an owner inserted; ct_released (hash, written by the agent
  * only) counts entries the agent deleted, minus entries it migrated in.
  * created - released (mod 2^64) is the owner's live entry count: each map has one

@@ -7,10 +7,12 @@
  *
  * The map is a plain hash: nothing is ever evicted to make room. Each owner (an
  * endpoint for the flows it opens; an endpoint and one peer identity for flows
- * opened toward it, see struct ct_owner) may hold CT_ENDPOINT_MAX entries, so a
- * workload opening flows fills only its own budget; a new flow over the budget or
- * refused by a full map is dropped and counted as REASON_CT_FULL, while the flows
- * already tracked keep passing.
+ * opened toward it, see struct ct_owner) has a budget of CT_ENDPOINT_MAX entries,
+ * enforced once the table holds CT_PRESSURE_ENTRIES: a workload opening flows can
+ * take the room nobody else needs, but never the last part of the table, which
+ * stays for owners within their budget. A new flow refused (budget spent under
+ * pressure, or the map full) is dropped and counted as REASON_CT_FULL, while the
+ * flows already tracked keep passing.
  *
  * Lifetimes: TCP SYN seen, no reply: CT_TIMEOUT_SYN_S; established:
  * CT_TIMEOUT_TCP_S; after FIN or RST from either side: CT_TIMEOUT_CLOSE_S (not
@@ -134,10 +136,21 @@ static __always_inline struct ct_count *ct_owner_counter(struct ct_owner *o)
 	return ct_created.lookup(o);
 }
 
+/* Live entries of owner @o whose created-counter is @created. */
+static __always_inline __s64 ct_owner_live(struct ct_owner *o, struct ct_count *created)
+{
+	struct ct_count *released = ct_released.lookup(o);
+
+	return (__s64)(released ? created->n - released->n : created->n);
+}
+
 /* Create the entry for the first packet @p of a flow allowed (or audited) at
  * (@ifindex, @dir), opened by identity @peer (see struct ct_owner). An expired
- * entry under the same key is reused in place (it is counted already).
- * Returns 0, or -1 when the owner's budget is spent or a map is full. */
+ * entry under the same key is reused in place (it is counted already). An owner
+ * past its budget may still add entries while the whole table holds fewer than
+ * CT_PRESSURE_ENTRIES (a busy server is not capped while there is room).
+ * Returns 0, or -1 when the owner's budget is spent under pressure or a map is
+ * full. */
 static __always_inline int ct_create(const struct pkt *p, __u32 ifindex, int dir,
 				     int audited, __u32 peer)
 {
@@ -145,8 +158,9 @@ static __always_inline int ct_create(const struct pkt *p, __u32 ifindex, int dir
 	struct ct_value v = {};
 	struct ct_value *old;
 	struct ct_owner o = { .ifindex = ifindex, .direction = dir };
-	struct ct_count *created, *released;
-	__u64 lifetime, live;
+	struct ct_owner all = {};      /* ifindex 0: the whole table */
+	struct ct_count *created, *total;
+	__u64 lifetime;
 
 	ct_key_build(&k, p, ifindex, dir, 0);
 	v.state = CT_STATE_NEW;
@@ -163,17 +177,18 @@ static __always_inline int ct_create(const struct pkt *p, __u32 ifindex, int dir
 	o.peer = dir == DIR_INGRESS ? peer : 0;
 	v.owner_peer = o.peer;
 	created = ct_owner_counter(&o);
-	if (!created)
+	total = ct_owner_counter(&all);
+	if (!created || !total)
 		return -1;
-	released = ct_released.lookup(&o);
-	live = released ? created->n - released->n : created->n;
-	if ((__s64)live >= CT_ENDPOINT_MAX)
+	if (ct_owner_live(&o, created) >= CT_ENDPOINT_MAX &&
+	    ct_owner_live(&all, total) >= CT_PRESSURE_ENTRIES)
 		return -1;
 	if (conntrack.insert(&k, &v) < 0) {
 		/* -EEXIST: another CPU created it meanwhile (counted there); else full */
 		return conntrack.lookup(&k) ? 0 : -1;
 	}
 	__sync_fetch_and_add(&created->n, 1);
+	__sync_fetch_and_add(&total->n, 1);
 	return 0;
 }
 

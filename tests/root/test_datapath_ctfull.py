@@ -23,7 +23,10 @@ pytestmark = pytest.mark.root
 
 PIN = f"/sys/fs/bpf/stockade-test-{os.getpid()}-ct"
 FULL = {"STOCKADE_PIN_DIR": PIN, "CT_MAX": 4}
-BUDGET = {"STOCKADE_PIN_DIR": PIN + "b", "CT_MAX": 256, "CT_ENDPOINT_MAX": 3}
+BUDGET = {"STOCKADE_PIN_DIR": PIN + "b", "CT_MAX": 256, "CT_ENDPOINT_MAX": 3,
+          "CT_PRESSURE_PCT": 0}      # budgets always enforced
+PRESSURE = {"STOCKADE_PIN_DIR": PIN + "p", "CT_MAX": 16, "CT_ENDPOINT_MAX": 2,
+            "CT_PRESSURE_PCT": 50}   # budgets enforced from 8 entries on
 ADDRS = {"a": ["10.213.8.1/24"], "b": ["10.213.8.2/24"], "c": ["10.213.8.3/24"]}
 DEFAULT_DENY = DirectionPolicy(enforced=True, default_deny=True)
 
@@ -182,6 +185,22 @@ def test_deleted_pair_is_judged_again(bud):
             lambda: bud.count(INGRESS, Verdict.DROPPED, Reason.POLICY_DENIED) >= 1)
     finally:
         stream.close()
+
+
+def test_budget_applies_under_pressure_only():
+    """Past its budget (2), A may still open flows while the table holds fewer than 8
+    entries; then A's new flows are refused and C's (within its budget) are not."""
+    with datapath_env(PRESSURE, ADDRS, tag="q") as env:
+        env.endpoints = {"a": ID_A, "b": ID_B, "c": ID_C}
+        env.reset()
+        a, b, c = env.a, env.b, env.c
+        for port in (45001, 45002, 45003, 45004):    # 2 entries each: A's egress, B's ingress
+            assert send_udp(a, b, port)
+        assert env.dp.ct_budgets(table=True)[(0, 0, 0)] == 8
+        assert not send_udp(a, b, 45005)
+        assert env.count(EGRESS, Verdict.DROPPED, Reason.CT_FULL) == 1
+        assert send_udp(c, b, 45006)
+        assert env.dp.ct_budgets()[(a.host_ifindex, DIR_EGRESS, 0)] == 4
 
 
 def test_pin_with_other_geometry_is_refused(small_ct):

@@ -100,7 +100,8 @@ def test_v1_pins_are_migrated(old_tree, link):
         echo, val = entries[(1, 0)]
         assert (echo.icmp_type, socket.ntohs(echo.sport), echo.dport) == (8, 7, 0)
         assert val.owner_peer == 1009                          # charged to the peer
-        assert dp.ct_budgets() == {(w.host_ifindex, 0, 1009): 1, (w.host_ifindex, 1, 0): 1}
+        assert dp.ct_budgets(table=True) == {(w.host_ifindex, 0, 1009): 1,
+                                             (w.host_ifindex, 1, 0): 1, (0, 0, 0): 2}
         assert dp.counters()[(1, Verdict.FORWARDED, Reason.NEIGH)] == (5, 500)
 
         # the previous build's programs are still attached somewhere: what they write

@@ -17,6 +17,9 @@ from typing import Callable, Iterable
 from . import maps as m
 
 
+TABLE = (0, 0, 0)   # the owner that counts the whole table (struct ct_owner, ifindex 0)
+
+
 def _lib():
     from bcc.libbcc import lib
     return lib
@@ -38,6 +41,9 @@ class ConntrackMaps:
         added by the agent (negative) for each owner (ct_released; the agent is its only
         writer). The programs count an owner's live entries as created - released."""
         released = self._owner_counts("ct_released")
+        counts = dict(counts)
+        total = sum(n for o, n in counts.items() if o != TABLE)
+        counts[TABLE] = counts.get(TABLE, 0) + total      # the whole table's count too
         for owner, n in sorted(counts.items()):
             if not n:
                 continue
@@ -45,12 +51,15 @@ class ConntrackMaps:
             total = (released.get(owner, 0) + n) % (1 << 64)
             self._update("ct_released", key, m.CtCount(n=total))
 
-    def ct_budgets(self) -> dict[tuple[int, int, int], int]:
+    def ct_budgets(self, table: bool = False) -> dict[tuple[int, int, int], int]:
         """Live entries per owner as the programs count them:
-        (ifindex, direction, peer identity or 0) -> n."""
+        (ifindex, direction, peer identity or 0) -> n; with ``table``, also the whole
+        table's count under (0, 0, 0)."""
         created = self._owner_counts("ct_created")
         released = self._owner_counts("ct_released")
         owners = set(created) | set(released)
+        if not table:
+            owners.discard(TABLE)
         out = {}
         for o in sorted(owners):
             live = (created.get(o, 0) - released.get(o, 0)) % (1 << 64)
@@ -90,7 +99,7 @@ class ConntrackMaps:
         # A program may be adding to an owner deleted here: the maps are not
         # preallocated (the memory stays valid), so at worst that one count is lost and
         # the owner's count is one low, which the programs clamp at zero.
-        for (ifindex, direction, peer), live in self.ct_budgets().items():
+        for (ifindex, direction, peer), live in self.ct_budgets().items():   # not TABLE
             if live == 0:
                 key = m.CtOwner(ifindex=ifindex, direction=direction, peer=peer)
                 self._delete("ct_created", key)

@@ -30,9 +30,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "CT_MAX": 65536,
     # Conntrack entries one owner may hold (an endpoint for the flows it opens; an
     # endpoint and one peer identity for flows opened toward it: struct ct_owner);
-    # None: CT_MAX / 8, at least 64. New flows over it drop as ct_full; other owners'
-    # flows are unaffected.
+    # None: CT_MAX / 8, at least 64. Enforced once the table is CT_PRESSURE_PCT full:
+    # then new flows over it drop as ct_full; other owners' flows are unaffected.
     "CT_ENDPOINT_MAX": None,
+    "CT_PRESSURE_PCT": 50,
     "CT_OWNERS_MAX": None,      # owners with a budget; None: CT_MAX / 4 + 2 * ENDPOINTS_MAX
     "FRAG_MAX": 8192,           # first fragments remembered (LRU)
     "CT_TIMEOUT_SYN_S": 60,
@@ -49,14 +50,18 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 
+DERIVED_SETTINGS = {"CT_PRESSURE_ENTRIES"}   # computed by resolved_settings, not set
+
+
 def resolved_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """DEFAULT_SETTINGS updated with ``settings``, derived defaults filled in."""
     merged = {**DEFAULT_SETTINGS, **(settings or {})}
-    unknown = set(merged) - set(DEFAULT_SETTINGS)
+    unknown = set(merged) - set(DEFAULT_SETTINGS) - DERIVED_SETTINGS
     if unknown:
         raise DatapathError("settings", f"unknown keys {sorted(unknown)}")
     if merged["CT_ENDPOINT_MAX"] is None:
         merged["CT_ENDPOINT_MAX"] = max(64, merged["CT_MAX"] // 8)
+    merged["CT_PRESSURE_ENTRIES"] = merged["CT_MAX"] * merged["CT_PRESSURE_PCT"] // 100
     if merged["CT_OWNERS_MAX"] is None:
         merged["CT_OWNERS_MAX"] = merged["CT_MAX"] // 4 + 2 * merged["ENDPOINTS_MAX"]
     return merged
