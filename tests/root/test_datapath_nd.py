@@ -24,7 +24,7 @@ from netns import run
 
 from stockade.datapath import Reason, Verdict, attach, detach
 from stockade.datapath.writer import eui64_link_local
-from stockade.discovery import link_local_addresses
+from stockade.discovery import link_local_addresses, peer_link_local_addresses
 from stockade.policy.mapstate import EGRESS, INGRESS, DirectionPolicy
 
 pytestmark = pytest.mark.root
@@ -279,6 +279,11 @@ def stable_privacy(e):
                                               "tentative").stdout.strip(), timeout=10)
 
 
+def stable_privacy_bridge(w) -> str:
+    """The bridge ``w``'s host veth is enslaved to (not a veth: no peer namespace)."""
+    return json.loads(run("ip", "-j", "link", "show", w.host_if).stdout)[0]["master"]
+
+
 def test_link_local_addresses_read_in_the_namespace(stable_privacy):
     c = stable_privacy
     shown = json.loads(c.exec("ip", "-j", "-6", "addr", "show", "dev", "eth0", "scope",
@@ -288,6 +293,9 @@ def test_link_local_addresses_read_in_the_namespace(stable_privacy):
     assert link_local_addresses(netns_path=f"/run/netns/{c.ns}") == want
     assert link_local_addresses(netns_path=f"/run/netns/{c.ns}", ifname="nope") == []
     assert link_local_addresses(netns_path="/run/netns/no-such-namespace") == []
+    # from the host end of the veth, as the agent has it for any endpoint
+    assert peer_link_local_addresses(c.host_ifindex) == want
+    assert peer_link_local_addresses(socket.if_nametoindex(stable_privacy_bridge(c))) == []
 
 
 def test_stable_privacy_link_local_needs_learning(e, stable_privacy):

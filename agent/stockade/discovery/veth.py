@@ -189,3 +189,60 @@ def link_local_addresses(
         if isinstance(exc, NetlinkError) and exc.code == errno.ENODEV:
             return []
         raise DiscoveryError(f"reading addresses in {path}: {exc}") from exc
+
+
+def _netns_candidates():
+    """Paths of network namespaces on this host: the named ones first (ip netns,
+    Podman's netavark, Docker), then every process's, each namespace once."""
+    import glob
+    seen = set()
+    paths = sorted(glob.glob("/run/netns/*")) + sorted(glob.glob("/run/docker/netns/*"))
+    paths += [f"/proc/{p}/ns/net" for p in sorted(os.listdir("/proc")) if p.isdigit()]
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            yield path
+
+
+def peer_netns(host_ifindex: int) -> tuple[str, int] | None:
+    """(namespace path, ifindex there) of the other end of the veth ``host_ifindex``
+    (in the agent's namespace), found by the peer namespace's id; None when the link
+    is not a veth into another namespace (a tap, a gone link)."""
+    try:
+        with IPRoute() as ipr:
+            (link,) = ipr.get_links(host_ifindex)
+            nsid, peer = link.get_attr("IFLA_LINK_NETNSID"), link.get_attr("IFLA_LINK")
+            if nsid is None or peer is None:
+                return None
+            for path in _netns_candidates():
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    found = ipr.get_netnsid(fd=fd)
+                except NetlinkError:
+                    continue
+                finally:
+                    os.close(fd)
+                if found and found.get("nsid") == nsid:
+                    return path, peer
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise DiscoveryError(f"looking up ifindex {host_ifindex}: {exc}") from exc
+    return None
+
+
+def peer_link_local_addresses(host_ifindex: int) -> list[str]:
+    """The IPv6 link-local addresses of the workload behind host-side veth
+    ``host_ifindex`` (link_local_addresses of its peer); [] for a tap or a veth whose
+    namespace cannot be found."""
+    found = peer_netns(host_ifindex)
+    if found is None:
+        return []
+    return link_local_addresses(netns_path=found[0], ifindex=found[1])
