@@ -235,8 +235,16 @@ class Agent(ServiceAPI, ServiceOps):
         if ep.identity is None:
             self.dp.set_endpoint(ep.ifindex, ep.id, 0, unidentified=True)
         else:
+            # its link-local addresses are the only fe80::/10 sources the datapath lets
+            # it use (stable-privacy ones are not derived from the MAC)
+            from ..discovery import DiscoveryError, peer_link_local_addresses
+            try:
+                link_local = peer_link_local_addresses(ep.ifindex)[:3]
+            except DiscoveryError as exc:
+                self._error(f"endpoint {ep.name}: link-local addresses: {exc}")
+                link_local = []
             self.dp.set_endpoint(ep.ifindex, ep.id, ep.identity, ips=ep.ips, mac=ep.mac,
-                                 audit=ep.audit)
+                                 audit=ep.audit, link_local=link_local)
 
     def _release_locked(self, ep: Endpoint) -> None:
         """Take ``ep`` out: its interface (if still there and managed) is left attached
