@@ -116,7 +116,7 @@ static __always_inline int handle_dhcp(struct __sk_buff *skb, const struct endpo
 		__u8 dst[6];
 		__u8 known = 0, same = 1;
 
-		if (pkt_load(skb, 0, dst, 6) < 0)
+		if (pkt_load_slow(skb, 0, dst, 6) < 0)
 			return -1;
 #pragma unroll
 		for (int i = 0; i < 6; i++) {
@@ -242,7 +242,7 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 		return handle_arp(skb, ep, dir);
 	}
 	if (proto == ETHERTYPE_IP) {
-		if (parse_ipv4(skb, ETH_HLEN_, &p) < 0)
+		if (parse_ipv4(skb, ETH_HLEN_, &p, 0) < 0)
 			return drop(skb, dir, bad, &p, local);
 	} else if (proto == ETHERTYPE_IPV6) {
 		if (parse_ipv6(skb, ETH_HLEN_, &p, 1) < 0)

@@ -158,7 +158,7 @@ static __always_inline int nd_on_link(const struct endpoint_info *ep, const stru
 static __always_inline int nd_target(struct __sk_buff *skb, const struct pkt *p,
 				     __u32 *target)
 {
-	return pkt_load(skb, p->l4_off + 8, target, 16);
+	return pkt_load_slow(skb, p->l4_off + 8, target, 16);
 }
 
 /* Neighbour discovery / MLD packet @p (not fragmented) of endpoint @ep in
@@ -240,7 +240,7 @@ static __always_inline int ep_check_arp(struct __sk_buff *skb, const struct endp
 {
 	__u8 arp[28];
 
-	if (pkt_load(skb, ETH_HLEN_, arp, sizeof(arp)) < 0)
+	if (pkt_load_slow(skb, ETH_HLEN_, arp, sizeof(arp)) < 0)
 		return REASON_INVALID;
 	__builtin_memcpy(arp_spa, &arp[14], 4);
 	__builtin_memcpy(arp_tpa, &arp[24], 4);

@@ -2,10 +2,13 @@
 /*
  * Packet parsing into struct pkt.
  *
- * Reads use direct packet access (skb->data .. skb->data_end, no helper call) when
- * the bytes are in the linear part of the skb, which holds the headers of nearly
- * every packet; bytes beyond it (paged data, long IPv6 extension chains) are read
- * with bpf_skb_load_bytes. Both give the same bytes: the choice is only speed.
+ * The headers every packet has (Ethernet type, the IPv4 or fixed IPv6 header, the L4
+ * header) are read with direct packet access (skb->data .. skb->data_end, no helper
+ * call) when they are in the linear part of the skb, as they nearly always are, else
+ * with bpf_skb_load_bytes (pkt_load). Rarer reads (IPv6 extension headers, ND
+ * targets, the packet quoted in an ICMP error, ARP) always use bpf_skb_load_bytes
+ * (pkt_load_slow): each direct read is two paths for the verifier, and the program
+ * must stay well within older kernels' verifier limits. Both give the same bytes.
  *
  * Fragments (IPv4 and IPv6): the first fragment is parsed like any packet and also
  * recorded in the frag map (datapath.h); a later fragment has no L4 header, so its
@@ -84,8 +87,15 @@ static __always_inline void *skb_data_end(struct __sk_buff *skb)
 	return p;
 }
 
-/* Copy @len bytes at offset @off of @skb into @to. Returns 0, or -1 when the packet
- * is shorter. @len must be a constant (the copy is unrolled into loads). */
+/* Copy @len bytes at offset @off of @skb into @to through the helper. Returns 0, or
+ * -1 when the packet is shorter. */
+static __always_inline int pkt_load_slow(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	return bpf_skb_load_bytes(skb, off, to, len) < 0 ? -1 : 0;
+}
+
+/* The same, straight from the packet when the bytes are linear. @len must be a
+ * constant (the copy is unrolled into loads). */
 static __always_inline int pkt_load(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
 {
 	void *data = skb_data(skb);
@@ -158,18 +168,20 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, int qu
 			if (pkt_load(skb, p->l4_off, buf, 14) < 0)
 				return -1;
 			p->tcp_flags = buf[13];
-		} else if (pkt_load(skb, p->l4_off, buf, 8) < 0) {
+		} else if (pkt_load_slow(skb, p->l4_off, buf, 8) < 0) {
 			return -1;
 		}
 		break;
 	case IPPROTO_UDP_:
 	case IPPROTO_SCTP_:
-		if (pkt_load(skb, p->l4_off, buf, 8) < 0)
+		if ((quoted ? pkt_load_slow(skb, p->l4_off, buf, 8) :
+			      pkt_load(skb, p->l4_off, buf, 8)) < 0)
 			return -1;
 		break;
 	case IPPROTO_ICMP_:
 	case IPPROTO_ICMPV6_:
-		if (pkt_load(skb, p->l4_off, buf, 8) < 0)
+		if ((quoted ? pkt_load_slow(skb, p->l4_off, buf, 8) :
+			      pkt_load(skb, p->l4_off, buf, 8)) < 0)
 			return -1;
 		p->icmp_type = buf[0];
 		p->icmp_code = buf[1];
@@ -186,13 +198,16 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, int qu
 	return 0;
 }
 
-/* Parse an IPv4 header at @off. Returns 0 or -1 (malformed/truncated). */
-static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+/* Parse an IPv4 header at @off (@quoted: inside an ICMP error).
+ * Returns 0 or -1 (malformed/truncated). */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct pkt *p,
+				      int quoted)
 {
 	struct iphdr ip;
 	__u16 fo;
 
-	if (pkt_load(skb, off, &ip, sizeof(ip)) < 0)
+	if ((quoted ? pkt_load_slow(skb, off, &ip, sizeof(ip)) :
+		      pkt_load(skb, off, &ip, sizeof(ip))) < 0)
 		return -1;
 	if (ip.version != 4 || ip.ihl < 5)
 		return -1;
@@ -217,7 +232,8 @@ static __always_inline int ip6_is_ext_header(__u8 nh)
 	return nh == 0 || nh == 43 || nh == 60 || nh == 44 || nh == 51;
 }
 
-/* Parse an IPv6 header at @off; with @walk_ext, walk up to IPV6_MAX_EXT_HEADERS
+/* Parse an IPv6 header at @off; with @walk_ext (the packet itself, not one quoted in
+ * an ICMP error), walk up to IPV6_MAX_EXT_HEADERS
  * extension headers (hop-by-hop, routing, destination options, fragment, AH),
  * stopping after a fragment header with a non-zero offset (p->proto is then its
  * next header and p->fragment FRAG_LATER). An atomic fragment (offset 0, no more
@@ -230,7 +246,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	__u8 nh;
 	__u8 ext[8];
 
-	if (pkt_load(skb, off, &ip6, sizeof(ip6)) < 0)
+	if ((walk_ext ? pkt_load(skb, off, &ip6, sizeof(ip6)) :
+			pkt_load_slow(skb, off, &ip6, sizeof(ip6))) < 0)
 		return -1;
 	if (ip6.version != 6)
 		return -1;
@@ -245,7 +262,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 		for (int i = 0; i < IPV6_MAX_EXT_HEADERS; i++) {
 			if (!ip6_is_ext_header(nh))
 				break;
-			if (pkt_load(skb, off, ext, 8) < 0)
+			if (pkt_load_slow(skb, off, ext, 8) < 0)
 				return -1;
 			if (nh == 44) {
 				__u16 fo = ((__u16)ext[2] << 8) | ext[3];
@@ -287,7 +304,7 @@ static __always_inline int parse_icmp_inner(struct __sk_buff *skb, struct pkt *o
 	int ret;
 
 	if (outer->family == 4)
-		ret = parse_ipv4(skb, off, inner);
+		ret = parse_ipv4(skb, off, inner, 1);
 	else
 		ret = parse_ipv6(skb, off, inner, 0);
 	if (ret < 0)
