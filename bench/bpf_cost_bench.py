@@ -19,7 +19,8 @@ reply: the established-flow path) and ``netbench crr`` (new connections, 4 clien
 policy lookups, conntrack creates, flow events), each 3 s, with bpf_stats switched on
 for that run only (the previous setting is restored). Reported: run count and ns per
 run of each program (from_endpoint: packets the server sends; to_endpoint: packets
-delivered to it), median over rounds, plus the packet rates.
+delivered to it), median over rounds, plus the packet rates. Then, without traffic
+noise, BPF_PROG_TEST_RUN of four fixed frames 200,000 times each (test_run_costs).
 
 Each build runs in its own process (``--child``; ``--pythonpath DIR`` puts DIR/agent
 first, which is how the baseline runs), one round at a time, the two builds taking
@@ -74,6 +75,50 @@ def policy_for(n: int, client_ip: str):
         for p in ports:
             entries[Key(SERVER_ID, ident, INGRESS, PROTO_TCP, p, 16)] = Entry(deny=False)
     return ipc, entries, {(SERVER_ID, INGRESS): DirectionPolicy(enforced=True, default_deny=True)}
+
+
+TEST_RUN_REPEAT = 200_000
+
+
+def _test_run_module():
+    """stockade.datapath.testrun of this checkout, also when the datapath package is
+    another build's (it only needs that package's DatapathError)."""
+    import importlib.util
+    path = ROOT / "agent" / "stockade" / "datapath" / "testrun.py"
+    spec = importlib.util.spec_from_file_location("stockade.datapath.testrun", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_costs(dp, srv, cli) -> dict:
+    """ns per run of fixed frames at the server's interface (BPF_PROG_TEST_RUN, the
+    same frame TEST_RUN_REPEAT times: warm caches, no traffic noise):
+    an established TCP segment to the server and its reply from the server, a denied
+    SYN (both policy lookups every time), and a neighbour solicitation from the server."""
+    import packets as P
+    tr = _test_run_module()
+    to_ep, from_ep = tr.ProgTestRun(dp.to_endpoint_fd), tr.ProgTestRun(dp.from_endpoint_fd)
+    c, s = cli, srv
+    seg = P.eth(s.mac, c.mac, P.ETH_IP, P.ipv4(c.ip4, s.ip4, P.TCP, P.tcp(40000, RR_PORT, 0x02)))
+    ack = P.eth(s.mac, c.mac, P.ETH_IP, P.ipv4(c.ip4, s.ip4, P.TCP, P.tcp(40000, RR_PORT, 0x10)))
+    reply = P.eth(c.mac, s.mac, P.ETH_IP, P.ipv4(s.ip4, c.ip4, P.TCP, P.tcp(RR_PORT, 40000, 0x10)))
+    denied = P.eth(s.mac, c.mac, P.ETH_IP, P.ipv4(c.ip4, s.ip4, P.TCP, P.tcp(40001, 9, 0x02)))
+    from ipaddress import IPv6Address
+    m = P.mac_bytes(s.mac)
+    ll = str(IPv6Address(b"\xfe\x80" + b"\0" * 6 + bytes([m[0] ^ 2]) + m[1:3] + b"\xff\xfe" + m[3:]))
+    target = "fe80::1"
+    ns = P.ns_frame(s.mac, P.multicast_mac(P.solicited_node(target)), ll,
+                    P.solicited_node(target), target)
+    idx = s.host_ifindex
+    to_ep(seg, idx)                      # opens the flow (the SYN is allowed)
+    out = {}
+    for name, run, frame in (("established_to_endpoint", to_ep, ack),
+                             ("reply_from_endpoint", from_ep, reply),
+                             ("denied_syn_to_endpoint", to_ep, denied),
+                             ("neighbour_solicitation_from_endpoint", from_ep, ns)):
+        out[name] = run(frame, idx, repeat=TEST_RUN_REPEAT)[1]
+    return out
 
 
 class CostBench:
@@ -142,7 +187,7 @@ class CostBench:
         med = {mode: {k: round(median([r[k] for r in runs]), 1) for k in runs[0]}
                for mode, runs in raw.items()}
         return {"policy_entries": len(entries), "write_s": round(write_s, 2),
-                "median": med, "raw": raw}
+                "median": med, "raw": raw, "test_run_ns": test_run_costs(dp, srv, cli)}
 
     def measure(self, dp, nb, srv, cli, mode) -> dict:
         fds = {"from_endpoint": dp.from_endpoint_fd, "to_endpoint": dp.to_endpoint_fd}
@@ -197,6 +242,8 @@ def interleaved(rounds: int) -> dict:
             for mode in ("rr", "crr"):
                 vals = [r["n"][n]["median"][mode] for r in rs]
                 meds[mode] = {k: round(median([v[k] for v in vals]), 1) for k in vals[0]}
+            tr = [r["n"][n]["test_run_ns"] for r in rs]
+            meds["test_run_ns"] = {k: median([t[k] for t in tr]) for k in tr[0]}
             res["n"][n][build] = meds
         for mode in ("rr", "crr"):
             for prog in ("from_endpoint", "to_endpoint"):
@@ -204,6 +251,9 @@ def interleaved(rounds: int) -> dict:
                 a = res["n"][n]["after"][mode][f"{prog}_ns"]
                 res["n"][n].setdefault("after_over_before", {})[f"{mode}_{prog}"] = \
                     round(a / b, 3) if b else None
+        for k, b in res["n"][n]["before"]["test_run_ns"].items():
+            a = res["n"][n]["after"]["test_run_ns"][k]
+            res["n"][n]["after_over_before"][f"test_run_{k}"] = round(a / b, 3) if b else None
     return res
 
 

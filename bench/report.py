@@ -158,6 +158,13 @@ def bpfcost_detail(data: dict) -> str:
                 rows.append(f"| {int(n):,} | {label} | {prog} | {b[f'{prog}_ns']} "
                             f"| {a[f'{prog}_ns']} | {ratio} | {b['rate_per_s']:.0f} "
                             f"| {a['rate_per_s']:.0f} |")
+    rows += ["", "BPF_PROG_TEST_RUN, one frame 200,000 times (warm caches, no traffic):", "",
+             "| N | frame | before ns/run | after ns/run | after / before |", "|---|---|---|---|---|"]
+    for n, res in sorted(data.get("n", {}).items(), key=lambda kv: int(kv[0])):
+        for k, b in res["before"].get("test_run_ns", {}).items():
+            a = res["after"]["test_run_ns"][k]
+            ratio = res.get("after_over_before", {}).get(f"test_run_{k}")
+            rows.append(f"| {int(n):,} | {k.replace('_', ' ')} | {b} | {a} | {ratio} |")
     base = data.get("baseline_commit", "")[:10]
     return "\n".join(rows) + (f"\n\nBefore: commit {base} (tests/oldbuild.py); "
                               f"median of {data.get('rounds')} interleaved rounds." if base else "")

@@ -41,7 +41,7 @@
  * ---------------
  *   A pinned map whose key or value layout (or meaning) changes gets a new layout
  *   version; version N > 1 is pinned as "<name>_vN" (version 1 has no suffix).
- *   stockade.datapath.loader.LAYOUT_VERSIONS lists them; stockade.datapath.migrate
+ *   stockade.datapath.pins.LAYOUT_VERSIONS lists them; stockade.datapath.migrate
  *   copies the entries of an older version's pin into the new map and removes the
  *   old pin. Versions of this header:
  *     endpoints    v2: host_ifindex, link-local addresses (ll[])
@@ -171,8 +171,8 @@ struct policy_flags_value {
 	__u8 pad[2];
 };
 
-/* conntrack (v2): a plain hash, never evicted; each hook (ifindex, direction)
- * may hold at most CT_ENDPOINT_MAX entries (see ct_created / ct_released). */
+/* conntrack (v2): a plain hash, never evicted; entries are charged to owners with
+ * budgets (see struct ct_owner). */
 struct ct_key {
 	__u32 ifindex;
 	__u8  saddr[16];  /* IPv4: first 4 bytes, rest zero */
@@ -203,9 +203,10 @@ struct ct_value {
  * the identity of the peer that opened the flow, so one peer filling its budget
  * leaves other peers' new flows to the same endpoint alone. Each owner may hold
  * CT_ENDPOINT_MAX entries once the table holds CT_PRESSURE_ENTRIES (conntrack.h);
- * the owner with ifindex 0 counts the whole table. ct_created (hash, written by the programs only, atomic
- * adds) counts entries an owner inserted; ct_released (hash, written by the agent
- * only) counts entries the agent deleted, minus entries it migrated in.
+ * the owner with ifindex 0 counts the whole table. ct_created (hash, written by the
+ * programs only, atomic adds) counts entries an owner inserted; ct_released (hash,
+ * written by the agent only) counts entries the agent deleted, minus entries it
+ * migrated in.
  * created - released (mod 2^64) is the owner's live entry count: each map has one
  * writer, so neither loses an update. ct_value.owner_peer says whom an entry is
  * charged to. */
