@@ -177,9 +177,34 @@ def loader_detail(data: dict) -> str:
     return "\n".join(rows)
 
 
+def bpfcost_detail(data: dict) -> str:
+    rows = ["| N | traffic | program | before ns/run | after ns/run | after / before "
+            "| rate before /s | rate after /s |", "|---|---|---|---|---|---|---|---|"]
+    for n, res in sorted(data.get("n", {}).items(), key=lambda kv: int(kv[0])):
+        for mode, label in (("rr", "request/response"), ("crr", "new connections")):
+            b, a = res["before"][mode], res["after"][mode]
+            for prog in ("to_endpoint", "from_endpoint"):
+                ratio = res.get("after_over_before", {}).get(f"{mode}_{prog}")
+                rows.append(f"| {int(n):,} | {label} | {prog} | {b[f'{prog}_ns']} "
+                            f"| {a[f'{prog}_ns']} | {ratio} | {b['rate_per_s']:.0f} "
+                            f"| {a['rate_per_s']:.0f} |")
+    rows += ["", "BPF_PROG_TEST_RUN, one frame 200,000 times (warm caches, no traffic):", "",
+             "| N | frame | before ns/run | after ns/run | after / before |", "|---|---|---|---|---|"]
+    for n, res in sorted(data.get("n", {}).items(), key=lambda kv: int(kv[0])):
+        for k, b in res["before"].get("test_run_ns", {}).items():
+            a = res["after"]["test_run_ns"][k]
+            ratio = res.get("after_over_before", {}).get(f"test_run_{k}")
+            rows.append(f"| {int(n):,} | {k.replace('_', ' ')} | {b} | {a} | {ratio} |")
+    base = data.get("baseline_commit", "")[:10]
+    return "\n".join(rows) + (f"\n\nBefore: commit {base} (tests/oldbuild.py); "
+                              f"median of {data.get('rounds')} interleaved rounds." if base else "")
+
+
 DETAILS = {
     "loader-detail": ("loader", loader_detail),
     "profile": ("profile", profile_detail),
+    "bpfcost": ("bpfcost", bpfcost_detail),
+    "fuzz": ("fuzz", generic),
     "datapath-detail": ("datapath", datapath_detail),
     "controlplane-detail": ("controlplane", controlplane_detail),
     "flows": ("flows", generic),

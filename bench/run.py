@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHES = {
     "compiler": "bench.compile_bench",
     "datapath": "bench.datapath_bench",
+    "bpfcost": "bench.bpf_cost_bench",
+    "fuzz": "bench.fuzz_bench",
     "controlplane": "bench.controlplane_bench",
     "flows": "bench.flows_bench",  # written with the flows feature; skipped while absent
     "vm": "bench.vm_bench",

@@ -10,7 +10,7 @@ APT_PACKAGES=(
   python3-bpfcc python3-venv python3-dev
   iproute2 iputils-ping podman runc nftables iptables iperf3 ethtool gcc libc6-dev linux-perf
   busybox-static curl ca-certificates chromium qemu-system-x86 python3-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-  systemd python3-apt python3-yaml
+  systemd python3-apt python3-yaml dnsmasq-base
 )
 # Kernel headers are checked separately (exact package or fallback).
 

@@ -30,7 +30,8 @@ class RecordingDatapath:
         self.config = flags
 
     def set_endpoint(self, ifindex: int, endpoint_id: int, identity: int, ips=(), mac=None,
-                     audit: bool = False, unidentified: bool = False) -> None:
+                     audit: bool = False, unidentified: bool = False, link_local=(),
+                     host_ifindex=None) -> None:
         self.endpoints[ifindex] = {"endpoint_id": endpoint_id, "identity": identity,
                                    "ips": tuple(ips), "unidentified": unidentified, "audit": audit}
         self.log.append(("endpoint", ifindex, identity))

@@ -86,3 +86,62 @@ def eventually(fn, timeout=10.0, interval=0.1):
         if v or time.monotonic() > deadline:
             return v
         time.sleep(interval)
+
+
+def send_frames(w, frames, ifname: str = "eth0") -> None:
+    """Send raw Ethernet frames out of ``w``'s ``ifname`` (AF_PACKET)."""
+    s = w.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.bind((ifname, 0))
+        for f in frames:
+            s.send(f)
+    finally:
+        s.close()
+
+
+class Capture:
+    """Frames arriving at ``w``'s ``ifname`` while the block runs (AF_PACKET, all
+    protocols; outgoing frames excluded).
+
+        with Capture(b) as cap:
+            send_frames(a, [frame])
+        assert cap.wait(lambda f: f[12:14] == b"\\x86\\xdd", timeout=1)
+    """
+
+    def __init__(self, w, ifname: str = "eth0"):
+        self.w, self.ifname = w, ifname
+        self.frames: list[bytes] = []
+
+    def __enter__(self) -> "Capture":
+        import threading
+        self.sock = self.w.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind((self.ifname, 0))
+        self.sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        PACKET_OUTGOING = 4
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if addr[2] != PACKET_OUTGOING:
+                self.frames.append(data)
+
+    def wait(self, match, timeout: float = 1.0) -> bool:
+        """Poll until a captured frame satisfies ``match`` (or the timeout)."""
+        return bool(eventually(lambda: any(match(f) for f in list(self.frames)), timeout, 0.02))
+
+    def seen(self, match) -> bool:
+        return any(match(f) for f in list(self.frames))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(2)
+        self.sock.close()

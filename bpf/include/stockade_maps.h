@@ -22,7 +22,8 @@
  *   peer and direction (72 bits, exact), then the protocol when it is not "any"
  *   (8 bits), then the top port_plen bits of port. A lookup uses prefixlen 96 when
  *   the packet has ports (TCP/UDP/SCTP; ICMP type stored in port) and 80 when it has
- *   none (non-first fragment, other protocols): then only entries with port_plen 0
+ *   none (other protocols; a later fragment has the ports of its first fragment,
+ *   see frag): then only entries with port_plen 0
  *   can match.
  *
  * Conntrack key
@@ -31,7 +32,23 @@
  *   hook (an endpoint's ingress or egress) keeps its own entries, so that a packet
  *   between two local endpoints is checked by both the sender's egress policy and
  *   the receiver's ingress policy. A reply is the reversed tuple seen at the same
- *   ifindex in the other direction.
+ *   ifindex in the other direction. ICMP: the type of the first packet is in the key
+ *   (icmp_type), the identifier of query messages (echo, timestamp...) in sport,
+ *   dport 0; only the reply type of a query (echo reply to echo request) matches
+ *   as a reply.
+ *
+ * Layout versions
+ * ---------------
+ *   A pinned map whose key or value layout (or meaning) changes gets a new layout
+ *   version; version N > 1 is pinned as "<name>_vN" (version 1 has no suffix).
+ *   stockade.datapath.pins.LAYOUT_VERSIONS lists them; stockade.datapath.migrate
+ *   copies the entries of an older version's pin into the new map and removes the
+ *   old pin. Versions of this header:
+ *     endpoints    v2: host_ifindex, link-local addresses (ll[])
+ *     conntrack    v2: icmp_type in the key, echo id in sport only; plain hash;
+ *                  owner_peer in the value (budgets)
+ *     counters     v2: reasons fragment_orphan and dhcp (NUM_REASONS 13)
+ *     ct_created, ct_released, frag: v1 (new in this version of the header)
  */
 #ifndef STOCKADE_MAPS_H
 #define STOCKADE_MAPS_H
@@ -58,7 +75,9 @@
 #define REASON_CT_ESTABLISHED   8 /* forwarded: later packet or reply of a tracked flow */
 #define REASON_CT_RELATED       9 /* forwarded: ICMP error for a known flow */
 #define REASON_NEIGH            10 /* forwarded: ARP / neighbour discovery */
-#define NUM_REASONS             11
+#define REASON_FRAGMENT_ORPHAN  11 /* a later IP fragment whose first fragment was not seen */
+#define REASON_DHCP             12 /* forwarded: DHCP client -> host server, or its reply */
+#define NUM_REASONS             13
 
 #define COUNTER_INDEX(dir, verdict, reason) \
 	(((dir) * NUM_VERDICTS + (verdict)) * NUM_REASONS + (reason))
@@ -78,6 +97,7 @@
 
 #define EP_MAX_IP4 4
 #define EP_MAX_IP6 4
+#define EP_MAX_LL  4
 
 /* One IPv6 address as 4 words (network order bytes); a struct rather than a 2-D
  * array because bcc's ctypes translation mishandles 2-D arrays. */
@@ -95,6 +115,16 @@ struct endpoint_info {
 	__u8  n_ip6;          /* used slots of ip6[] */
 	__be32 ip4[EP_MAX_IP4];
 	struct ip6_words ip6[EP_MAX_IP6];
+	/* Where DHCP requests (and, while unidentified, neighbour discovery) of this
+	 * endpoint go: 0 nowhere (dropped); the endpoint's own ifindex: the host stack
+	 * behind it (not bridged); another ifindex: redirected into that device (the
+	 * bridge the interface belongs to), never flooded to other ports. */
+	__u32 host_ifindex;
+	__u8  n_ll;           /* used slots of ll[] */
+	__u8  pad[3];
+	/* IPv6 link-local addresses of the endpoint (learned from its namespace, or
+	 * derived from its MAC): the only fe80::/10 sources it may use. */
+	struct ip6_words ll[EP_MAX_LL];
 };
 
 /* ipcache4 / ipcache6: LPM over the address (network order) */
@@ -141,17 +171,18 @@ struct policy_flags_value {
 	__u8 pad[2];
 };
 
-/* conntrack */
+/* conntrack (v2): a plain hash, never evicted; entries are charged to owners with
+ * budgets (see struct ct_owner). */
 struct ct_key {
 	__u32 ifindex;
 	__u8  saddr[16];  /* IPv4: first 4 bytes, rest zero */
 	__u8  daddr[16];
-	__be16 sport;     /* ICMP echo: identifier in both ports */
-	__be16 dport;
+	__be16 sport;     /* ICMP query messages: identifier; other ICMP: 0 */
+	__be16 dport;     /* ICMP: 0 */
 	__u8  proto;
 	__u8  direction;  /* direction of the first packet */
 	__u8  family;     /* 4 or 6 */
-	__u8  pad;
+	__u8  icmp_type;  /* ICMP / ICMPv6: type of the first packet; else 0 */
 };
 
 #define CT_STATE_NEW         0 /* TCP SYN seen, no reply yet; other protocols */
@@ -163,7 +194,52 @@ struct ct_value {
 	__u64 created;
 	__u8  state;      /* CT_STATE_* */
 	__u8  audited;    /* created by an audited would-be drop */
-	__u8  pad[6];
+	__u8  pad[2];
+	__u32 owner_peer; /* v2: ct_owner.peer this entry is charged to */
+};
+
+/* Conntrack budgets. Entries are charged to an owner: at an endpoint's egress hook
+ * the endpoint itself (peer 0: flows it opens), at its ingress hook the endpoint and
+ * the identity of the peer that opened the flow, so one peer filling its budget
+ * leaves other peers' new flows to the same endpoint alone. Each owner may hold
+ * CT_ENDPOINT_MAX entries once the table holds CT_PRESSURE_ENTRIES (conntrack.h);
+ * the owner with ifindex 0 counts the whole table. ct_created (hash, written by the
+ * programs only, atomic adds) counts entries an owner inserted; ct_released (hash,
+ * written by the agent only) counts entries the agent deleted, minus entries it
+ * migrated in.
+ * created - released (mod 2^64) is the owner's live entry count: each map has one
+ * writer, so neither loses an update. ct_value.owner_peer says whom an entry is
+ * charged to. */
+struct ct_owner {
+	__u32 ifindex;
+	__u8  direction;
+	__u8  pad[3];
+	__u32 peer;       /* DIR_INGRESS: identity of the peer; DIR_EGRESS: 0 */
+};
+
+struct ct_count {
+	__u64 n;
+};
+
+/* frag: LRU (source, destination, IP id, protocol) -> what the first fragment
+ * carried, so later fragments (which have no L4 header) are judged by the same
+ * ports. proto: IPv4 protocol / next header of the IPv6 fragment header. */
+struct frag_key {
+	__u8  family;
+	__u8  proto;
+	__u8  pad[2];
+	__u32 id;         /* IPv4: the 16-bit id (network order) in the low bytes; IPv6: 32-bit id */
+	__u8  saddr[16];
+	__u8  daddr[16];
+};
+
+struct frag_value {
+	__be16 sport;     /* as in struct pkt: ports, or ICMP query identifier */
+	__be16 dport;
+	__u8  l4_proto;   /* protocol of the L4 header found in the first fragment */
+	__u8  has_ports;
+	__u8  icmp_type;
+	__u8  icmp_code;
 };
 
 /* counters: per-CPU array, index COUNTER_INDEX(dir, verdict, reason) */

@@ -43,7 +43,7 @@ static __always_inline int policy_match(__u32 local, __u32 peer, int dir,
 	k.peer = peer;
 	k.direction = dir;
 	k.proto = p->proto;
-	if (p->has_ports && !p->fragment) {
+	if (p->has_ports) {
 		k.prefixlen = POLICY_PREFIX_FULL;
 		/* ICMP: the type, in the port's place (network order like a port) */
 		if (p->proto == IPPROTO_ICMP_ || p->proto == IPPROTO_ICMPV6_)

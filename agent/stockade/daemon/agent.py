@@ -94,6 +94,13 @@ class Agent:
             with self._lock:  # links that appeared before the watcher started
                 for link in list_links():
                     self.try_submit_locked(LinkChange("new", link, at_start=True))
+        if self.live:
+            # every managed interface runs this build's programs now: take over what the
+            # previous build's conntrack recorded meanwhile (datapath/migrate.py)
+            try:
+                self.dp.finish_upgrade()
+            except StockadeError as exc:
+                self.error(f"upgrade: {exc}")
         if watch_runtimes:
             from .runtimes import start_runtime_watchers
             self._watchers += start_runtime_watchers(self, self._stop)

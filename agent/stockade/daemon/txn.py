@@ -144,7 +144,20 @@ class Txn:
         else:
             self.steps.append(Step("endpoint", ep.ifindex, {
                 "endpoint_id": ep.id, "identity": ep.identity, "ips": ep.ips, "mac": ep.mac,
-                "audit": ep.audit}))
+                "audit": ep.audit, "link_local": self._link_local(ep)}))
+
+    def _link_local(self, ep: Endpoint) -> list[str]:
+        """The workload's own IPv6 link-local addresses, read from its namespace: the
+        only fe80::/10 sources the datapath lets it use (stable-privacy ones are not
+        derived from the MAC)."""
+        if not self.agent.live or ep.ifindex is None:
+            return []
+        from ..discovery import DiscoveryError, peer_link_local_addresses
+        try:
+            return peer_link_local_addresses(ep.ifindex)[:3]
+        except DiscoveryError as exc:
+            self.agent.error(f"endpoint {ep.name}: link-local addresses: {exc}")
+            return []
 
     def close_interface(self, ifindex: int) -> None:
         """Unknown until a runtime or the API identifies it: dropped."""

@@ -7,9 +7,10 @@
 """
 from .attach import Attachment, attach, detach, detach_all, list_attached
 from .errors import CapacityError, DatapathError
-from .loader import DEFAULT_SETTINGS, PINNED_MAPS, Datapath, render_source
+from .loader import DEFAULT_SETTINGS, Datapath, render_source
 from .maps import Reason, Verdict
+from .pins import LAYOUT_VERSIONS, PINNED_MAPS, pin_name
 
 __all__ = ["Attachment", "CapacityError", "DEFAULT_SETTINGS", "Datapath", "DatapathError",
-           "PINNED_MAPS", "Reason", "Verdict", "attach", "detach", "detach_all",
-           "list_attached", "render_source"]
+           "LAYOUT_VERSIONS", "PINNED_MAPS", "Reason", "Verdict", "attach", "detach",
+           "detach_all", "list_attached", "pin_name", "render_source"]

@@ -12,7 +12,10 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from .conntrack import ConntrackMaps
 from .errors import DatapathError
+from .migrate import check_no_newer_pins, finish_legacy, migrate_legacy_pins
+from .pins import PINNED_MAPS, fd_map_info, pin_name
 from .writer import MapWriter
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
@@ -24,8 +27,15 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "IPCACHE_MAX": 16384,
     "POLICY_MAX": 16384,
     "POLICY_FLAGS_MAX": 4096,
-    "CT_MAP_TYPE": "lru_hash",  # "hash" only for tests of ct_full
     "CT_MAX": 65536,
+    # Conntrack entries one owner may hold (an endpoint for the flows it opens; an
+    # endpoint and one peer identity for flows opened toward it: struct ct_owner);
+    # None: CT_MAX / 8, at least 64. Enforced once the table is CT_PRESSURE_PCT full:
+    # then new flows over it drop as ct_full; other owners' flows are unaffected.
+    "CT_ENDPOINT_MAX": None,
+    "CT_PRESSURE_PCT": 50,
+    "CT_OWNERS_MAX": None,      # owners with a budget; None: CT_MAX / 4 + 2 * ENDPOINTS_MAX
+    "FRAG_MAX": 8192,           # first fragments remembered (LRU)
     "CT_TIMEOUT_SYN_S": 60,
     "CT_TIMEOUT_TCP_S": 6 * 3600,
     "CT_TIMEOUT_CLOSE_S": 10,
@@ -39,8 +49,23 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "EVENTS_DROP_BURST": 1000,
 }
 
-PINNED_MAPS = ("endpoints", "ipcache4", "ipcache6", "policy", "policy_flags",
-               "conntrack", "counters", "config")
+
+DERIVED_SETTINGS = {"CT_PRESSURE_ENTRIES"}   # computed by resolved_settings, not set
+
+
+def resolved_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """DEFAULT_SETTINGS updated with ``settings``, derived defaults filled in."""
+    merged = {**DEFAULT_SETTINGS, **(settings or {})}
+    unknown = set(merged) - set(DEFAULT_SETTINGS) - DERIVED_SETTINGS
+    if unknown:
+        raise DatapathError("settings", f"unknown keys {sorted(unknown)}")
+    if merged["CT_ENDPOINT_MAX"] is None:
+        merged["CT_ENDPOINT_MAX"] = max(64, merged["CT_MAX"] // 8)
+    merged["CT_PRESSURE_ENTRIES"] = merged["CT_MAX"] * merged["CT_PRESSURE_PCT"] // 100
+    if merged["CT_OWNERS_MAX"] is None:
+        merged["CT_OWNERS_MAX"] = merged["CT_MAX"] // 4 + 2 * merged["ENDPOINTS_MAX"]
+    return merged
+
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
 
@@ -56,10 +81,7 @@ def _define(name: str, value: Any) -> str:
 def render_source(settings: Mapping[str, Any] | None = None, bpf_dir: Path = BPF_DIR) -> str:
     """The complete C text bcc compiles: settings as #defines, then stockade.c with
     its quoted includes inlined (each file once)."""
-    merged = {**DEFAULT_SETTINGS, **(settings or {})}
-    unknown = set(merged) - set(DEFAULT_SETTINGS)
-    if unknown:
-        raise DatapathError("settings", f"unknown keys {sorted(unknown)}")
+    merged = resolved_settings(settings)
     seen: set[Path] = set()
 
     def inline(path: Path) -> str:
@@ -74,7 +96,10 @@ def render_source(settings: Mapping[str, Any] | None = None, bpf_dir: Path = BPF
                             + inline((bpf_dir / m.group(1)).resolve()), text)
 
     defines = "\n".join(_define(k, v) for k, v in merged.items())
-    return f"/* settings */\n{defines}\n\n" + inline((bpf_dir / MAIN_SOURCE).resolve())
+    pins = "\n".join(f'#define PIN_{name} STOCKADE_PIN_DIR "/{pin_name(name)}"'
+                     for name in PINNED_MAPS)
+    return (f"/* settings */\n{defines}\n\n/* pins (layout versions) */\n{pins}\n\n"
+            + inline((bpf_dir / MAIN_SOURCE).resolve()))
 
 
 def _release_compiler_heap() -> None:
@@ -87,21 +112,25 @@ def _release_compiler_heap() -> None:
         pass
 
 
-class Datapath(MapWriter):
+class Datapath(MapWriter, ConntrackMaps):
     """The compiled program plus its pinned maps.
 
     ``Datapath(settings)`` compiles once; a second instance with the same pin
-    directory reuses the pinned maps (and their contents).
+    directory reuses the pinned maps (and their contents). Pins of an older layout
+    version (a previous build's) are migrated into the new maps and unpinned
+    (stockade.datapath.migrate); the old maps stay open until ``finish_upgrade()``.
     """
 
     def __init__(self, settings: Mapping[str, Any] | None = None):
-        self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self.settings = resolved_settings(settings)
         self.pin_dir = Path(self.settings["STOCKADE_PIN_DIR"])
         self.source = render_source(self.settings)
+        self._legacy: dict = {}
         try:
             self.pin_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatapathError(str(self.pin_dir), f"cannot create pin directory: {exc}") from exc
+        check_no_newer_pins(self.pin_dir)
         try:
             from bcc import BPF  # imported here: only this package may use bcc
             self._BPF = BPF
@@ -115,9 +144,18 @@ class Datapath(MapWriter):
         _release_compiler_heap()
         try:
             self._check_pinned_maps()
+            self._legacy = migrate_legacy_pins(self)
         except DatapathError:
             self.close()
             raise
+
+    def finish_upgrade(self) -> dict[str, int]:
+        """Call once every interface runs this build's programs: copies what the previous
+        build's programs still wrote into the old maps after ``__init__`` migrated them
+        (conntrack entries of flows opened meanwhile), then closes the old maps.
+        Returns {map: entries copied}; {} when there was nothing to upgrade."""
+        legacy, self._legacy = self._legacy, {}
+        return finish_legacy(self, legacy)
 
     def _check_pinned_maps(self) -> None:
         """bcc silently reuses a pinned map even when this build declares another
@@ -131,34 +169,25 @@ class Datapath(MapWriter):
             "policy": (ct.sizeof(m.PolicyKey), m.PolicyValue, "POLICY_MAX"),
             "policy_flags": (ct.sizeof(m.PolicyFlagsKey), m.PolicyFlagsValue, "POLICY_FLAGS_MAX"),
             "conntrack": (ct.sizeof(m.CtKey), m.CtValue, "CT_MAX"),
+            "ct_created": (ct.sizeof(m.CtOwner), m.CtCount, "CT_OWNERS_MAX"),
+            "ct_released": (ct.sizeof(m.CtOwner), m.CtCount, "CT_OWNERS_MAX"),
+            "frag": (ct.sizeof(m.FragKey), m.FragValue, "FRAG_MAX"),
+            "counters": (4, m.CounterValue, None),
         }
         for name, (key_size, value_type, setting) in expect.items():
             info = self.map_info(name)
-            want = (key_size, ct.sizeof(value_type), self.settings[setting])
+            want = (key_size, ct.sizeof(value_type),
+                    self.settings[setting] if setting else m.NUM_COUNTERS)
             have = (info.key_size, info.value_size, info.max_entries)
             if have != want:
                 raise DatapathError(
-                    str(self.pin_dir / name),
+                    str(self.pin_dir / pin_name(name)),
                     f"pinned map has key/value/max_entries {have}, this build needs {want}; "
                     "remove the pin (stale layout or changed settings)")
 
     def map_info(self, name: str):
         """The kernel's view of map ``name`` (type, sizes, max_entries)."""
-        import ctypes as ct
-        from bcc.libbcc import lib
-
-        class BpfMapInfo(ct.Structure):
-            _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
-                        ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
-                        ("map_flags", ct.c_uint32), ("name", ct.c_char * 16),
-                        ("rest", ct.c_uint8 * 64)]
-        info = BpfMapInfo()
-        size = ct.c_uint32(ct.sizeof(info))
-        fn = lib.bpf_obj_get_info
-        fn.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-        if fn(self.table(name).map_fd, ct.byref(info), ct.byref(size)) != 0:
-            raise DatapathError(name, f"cannot read map info (errno {ct.get_errno()})")
-        return info
+        return fd_map_info(self.table(name).map_fd, name)
 
     # -- program handles -------------------------------------------------------
     @property
@@ -236,7 +265,7 @@ class Datapath(MapWriter):
         """Unlink this datapath's pinned maps and the pin directory if empty."""
         for name in PINNED_MAPS:
             try:
-                os.unlink(self.pin_dir / name)
+                os.unlink(self.pin_dir / pin_name(name))
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -262,6 +291,9 @@ class Datapath(MapWriter):
 
     def close(self) -> None:
         """Release the program and map fds (pins stay)."""
+        for fd in getattr(self, "_legacy", {}).values():
+            os.close(fd)
+        self._legacy = {}
         bpf, self.bpf = getattr(self, "bpf", None), None
         if bpf is not None:
             bpf.cleanup()

@@ -19,6 +19,8 @@ CFG_F_FORWARD_UNIDENTIFIED = 1 << 1
 
 EP_MAX_IP4 = 4
 EP_MAX_IP6 = 4
+EP_MAX_LL = 4
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
 IDENTITY_ANY = 0
 IDENTITY_WORLD = 2
 
@@ -54,6 +56,8 @@ class Reason(enum.IntEnum):
     CT_ESTABLISHED = 8
     CT_RELATED = 9
     NEIGH = 10
+    FRAGMENT_ORPHAN = 11
+    DHCP = 12
 
 
 NUM_VERDICTS = len(Verdict)
@@ -69,17 +73,31 @@ class Ip6Words(ct.Structure):
     _fields_ = [("w", ct.c_uint32 * 4)]
 
 
+_ENDPOINT_V1_FIELDS = [
+    ("endpoint_id", ct.c_uint32),
+    ("identity", ct.c_uint32),
+    ("flags", ct.c_uint32),
+    ("mac", ct.c_uint8 * 6),
+    ("n_ip4", ct.c_uint8),
+    ("n_ip6", ct.c_uint8),
+    ("ip4", ct.c_uint32 * EP_MAX_IP4),
+    ("ip6", Ip6Words * EP_MAX_IP6),
+]
+
+
 class EndpointInfo(ct.Structure):
-    _fields_ = [
-        ("endpoint_id", ct.c_uint32),
-        ("identity", ct.c_uint32),
-        ("flags", ct.c_uint32),
-        ("mac", ct.c_uint8 * 6),
-        ("n_ip4", ct.c_uint8),
-        ("n_ip6", ct.c_uint8),
-        ("ip4", ct.c_uint32 * EP_MAX_IP4),
-        ("ip6", Ip6Words * EP_MAX_IP6),
+    """endpoints, layout v2."""
+    _fields_ = _ENDPOINT_V1_FIELDS + [
+        ("host_ifindex", ct.c_uint32),
+        ("n_ll", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("ll", Ip6Words * EP_MAX_LL),
     ]
+
+
+class EndpointInfoV1(ct.Structure):
+    """endpoints, layout v1 (pinned as "endpoints"): for migration only."""
+    _fields_ = _ENDPOINT_V1_FIELDS
 
 
 class Ipcache4Key(ct.Structure):
@@ -119,6 +137,7 @@ class PolicyFlagsValue(ct.Structure):
 
 
 class CtKey(ct.Structure):
+    """conntrack, layout v2: ICMP type in the key, query identifier in sport only."""
     _fields_ = [
         ("ifindex", ct.c_uint32),
         ("saddr", ct.c_uint8 * 16),
@@ -128,17 +147,68 @@ class CtKey(ct.Structure):
         ("proto", ct.c_uint8),
         ("direction", ct.c_uint8),
         ("family", ct.c_uint8),
+        ("icmp_type", ct.c_uint8),
+    ]
+
+
+class CtKeyV1(ct.Structure):
+    """conntrack, layout v1 (pinned as "conntrack"): ICMP echo identifier in both
+    ports, no ICMP type. For migration only."""
+    _fields_ = [
+        ("ifindex", ct.c_uint32),
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("direction", ct.c_uint8),
+        ("family", ct.c_uint8),
         ("pad", ct.c_uint8),
     ]
 
 
 class CtValue(ct.Structure):
+    """conntrack value, layout v2 (v1 had 6 bytes of padding where pad and owner_peer
+    are: the same size, owner_peer 0)."""
     _fields_ = [
         ("expires", ct.c_uint64),
         ("created", ct.c_uint64),
         ("state", ct.c_uint8),
         ("audited", ct.c_uint8),
-        ("pad", ct.c_uint8 * 6),
+        ("pad", ct.c_uint8 * 2),
+        ("owner_peer", ct.c_uint32),
+    ]
+
+
+class CtOwner(ct.Structure):
+    """ct_created / ct_released key: whom conntrack entries are charged to."""
+    _fields_ = [("ifindex", ct.c_uint32), ("direction", ct.c_uint8), ("pad", ct.c_uint8 * 3),
+                ("peer", ct.c_uint32)]
+
+
+class CtCount(ct.Structure):
+    _fields_ = [("n", ct.c_uint64)]
+
+
+class FragKey(ct.Structure):
+    _fields_ = [
+        ("family", ct.c_uint8),
+        ("proto", ct.c_uint8),
+        ("pad", ct.c_uint8 * 2),
+        ("id", ct.c_uint32),
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+    ]
+
+
+class FragValue(ct.Structure):
+    _fields_ = [
+        ("sport", ct.c_uint16),  # network order
+        ("dport", ct.c_uint16),
+        ("l4_proto", ct.c_uint8),
+        ("has_ports", ct.c_uint8),
+        ("icmp_type", ct.c_uint8),
+        ("icmp_code", ct.c_uint8),
     ]
 
 
@@ -200,6 +270,10 @@ LAYOUTS = {
     "policy_flags_value": PolicyFlagsValue,
     "ct_key": CtKey,
     "ct_value": CtValue,
+    "ct_owner": CtOwner,
+    "ct_count": CtCount,
+    "frag_key": FragKey,
+    "frag_value": FragValue,
     "counter_value": CounterValue,
     "config_value": ConfigValue,
     "flow_event": FlowEvent,

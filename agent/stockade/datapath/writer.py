@@ -20,7 +20,6 @@ import ctypes as ct
 import errno
 import ipaddress
 import socket
-import time
 from typing import Iterable
 
 from stockade.policy.mapstate import (ANY_PROTO, FIXED_PREFIX_BITS, DirectionPolicy,
@@ -50,6 +49,29 @@ def _key_from_c(k: m.PolicyKey) -> Key:
         return Key(k.local, k.peer, k.direction)
     return Key(k.local, k.peer, k.direction, k.proto, socket.ntohs(k.port),
                k.prefixlen - FIXED_PREFIX_BITS - 8)
+
+
+def eui64_link_local(mac: bytes) -> ipaddress.IPv6Address | None:
+    """fe80::/64 with the modified EUI-64 interface id of ``mac`` (RFC 4291 2.5.1), the
+    address Linux gives an interface by default; None for an unset (all-zero) MAC."""
+    if len(mac) != 6 or not any(mac):
+        return None
+    iid = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + iid)
+
+
+def delivery_ifindex(ifindex: int) -> int:
+    """Where an endpoint's DHCP requests go: the master (bridge) of ``ifindex``, or
+    ``ifindex`` itself when it has none (the host stack is right behind it); 0 when
+    the interface does not exist."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    try:
+        with IPRoute() as ipr:
+            (link,) = ipr.get_links(ifindex)
+    except (NetlinkError, ValueError, OSError):
+        return 0
+    return link.get_attr("IFLA_MASTER") or ifindex
 
 
 def _rank(flag: DirectionPolicy) -> int:
@@ -102,12 +124,36 @@ class MapWriter:
     # -- endpoints and ipcache -------------------------------------------------
     def set_endpoint(self, ifindex: int, endpoint_id: int, identity: int,
                      ips: Iterable[str] = (), mac: str | None = None,
-                     audit: bool = False, unidentified: bool = False) -> None:
-        """Write the endpoint behind host-side interface ``ifindex`` (replaces it)."""
+                     audit: bool = False, unidentified: bool = False,
+                     link_local: Iterable[str] = (), host_ifindex: int | None = None) -> None:
+        """Write the endpoint behind host-side interface ``ifindex`` (replaces it).
+
+        ``link_local``: the workload's IPv6 link-local addresses (for a container,
+        discovery.veth.link_local_addresses); the one derived from ``mac`` (EUI-64) is
+        always added. They are the only fe80::/10 sources the endpoint may use.
+        ``host_ifindex``: where its DHCP requests go (stockade_maps.h); None: the
+        interface's bridge, or the interface itself when it has no master."""
         info = m.EndpointInfo(endpoint_id=endpoint_id, identity=identity)
         info.flags = (m.EP_F_AUDIT if audit else 0) | (m.EP_F_UNIDENTIFIED if unidentified else 0)
+        info.host_ifindex = delivery_ifindex(ifindex) if host_ifindex is None else host_ifindex
+        lls = []
         if mac:
             info.mac[:] = list(bytes.fromhex(mac.replace(":", "")))
+            derived = eui64_link_local(bytes(info.mac))
+            if derived is not None:
+                lls.append(derived)
+        for ip in link_local:
+            addr = ipaddress.ip_address(ip)
+            if addr.version != 6 or not addr.is_link_local:
+                raise DatapathError(f"endpoint {endpoint_id}", f"{ip} is not an IPv6 link-local "
+                                                               "address")
+            if addr not in lls:
+                lls.append(addr)
+        if len(lls) > m.EP_MAX_LL:
+            raise DatapathError(f"endpoint {endpoint_id}", "too many IPv6 link-local addresses")
+        for i, addr in enumerate(lls):
+            ct.memmove(ct.addressof(info.ll[i]), addr.packed, 16)
+        info.n_ll = len(lls)
         for ip in ips:
             addr = ipaddress.ip_address(ip)
             if addr.version == 4:
@@ -265,15 +311,6 @@ class MapWriter:
         for i in range(m.NUM_COUNTERS):
             t[t.Key(i)] = t.Leaf()
 
-    def ct_entries(self) -> list[tuple[m.CtKey, m.CtValue]]:
-        return self._items("conntrack", m.CtKey, m.CtValue)
-
-    def ct_gc(self, now_ns: int | None = None) -> int:
-        """Delete expired conntrack entries; returns how many were deleted."""
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
-        expired = [k for k, v in self.ct_entries() if v.expires < now]
-        return sum(1 for k in expired if self._delete("conntrack", k))
-
     def flush(self, names: Iterable[str] = ("endpoints", "ipcache4", "ipcache6", "policy",
                                             "policy_flags", "conntrack")) -> None:
         """Delete every entry of the given hash/LPM maps, reset config and counters."""
@@ -281,10 +318,12 @@ class MapWriter:
                  "ipcache4": (m.Ipcache4Key, m.IpcacheValue),
                  "ipcache6": (m.Ipcache6Key, m.IpcacheValue),
                  "policy": (m.PolicyKey, m.PolicyValue),
-                 "policy_flags": (m.PolicyFlagsKey, m.PolicyFlagsValue),
-                 "conntrack": (m.CtKey, m.CtValue)}
+                 "policy_flags": (m.PolicyFlagsKey, m.PolicyFlagsValue)}
         self._drop_shadow()
         for name in names:
+            if name == "conntrack":
+                self.ct_flush()  # charged to the hooks' budgets
+                continue
             for k, _v in self._items(name, *types[name]):
                 self._delete(name, k)
         self.set_config()

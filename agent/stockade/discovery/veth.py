@@ -140,3 +140,109 @@ def find_host_veth(
     if host_name is None:
         return None
     return HostVeth(ifname=host_name, ifindex=peer_index, container_ifindex=c_index, mac=c_mac)
+
+
+def _link_local_of(ifindex: int | None, ifname: str) -> list[str]:
+    import ipaddress
+    import socket
+    with IPRoute() as ipr:
+        if ifindex is None:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return []
+            ifindex = found[0]
+        out = []
+        for msg in ipr.get_addr(family=socket.AF_INET6, index=ifindex):
+            addr = ipaddress.IPv6Address(msg.get_attr("IFA_ADDRESS"))
+            if addr.is_link_local and str(addr) not in out:
+                out.append(str(addr))
+        return out
+
+
+def link_local_addresses(
+    pid: int | None = None,
+    *,
+    netns_path: str | None = None,
+    ifindex: int | None = None,
+    ifname: str = "eth0",
+) -> list[str]:
+    """The IPv6 link-local addresses of a workload's interface, read in its network
+    namespace (tentative ones included: duplicate address detection claims them).
+
+    They may be stable-privacy (RFC 7217) rather than derived from the MAC, so the
+    datapath must be told them (``Datapath.set_endpoint(link_local=...)``): they are
+    the only fe80::/10 sources the endpoint may use. ``pid`` or ``netns_path`` names
+    the namespace (as for find_host_veth); ``ifindex`` (HostVeth.container_ifindex)
+    or ``ifname`` the interface. Returns [] when the namespace or interface is gone;
+    raises DiscoveryError when netlink fails.
+    """
+    path = f"/proc/{pid}/ns/net" if pid else netns_path
+    if not path:
+        return []
+    try:
+        return _run_in_netns(path, lambda: _link_local_of(ifindex, ifname))
+    except FileNotFoundError:
+        return []
+    except (OSError, NetlinkError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ESRCH):
+            return []
+        if isinstance(exc, NetlinkError) and exc.code == errno.ENODEV:
+            return []
+        raise DiscoveryError(f"reading addresses in {path}: {exc}") from exc
+
+
+def _netns_candidates():
+    """Paths of network namespaces on this host: the named ones first (ip netns,
+    Podman's netavark, Docker), then every process's, each namespace once."""
+    import glob
+    seen = set()
+    paths = sorted(glob.glob("/run/netns/*")) + sorted(glob.glob("/run/docker/netns/*"))
+    paths += [f"/proc/{p}/ns/net" for p in sorted(os.listdir("/proc")) if p.isdigit()]
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            yield path
+
+
+def peer_netns(host_ifindex: int) -> tuple[str, int] | None:
+    """(namespace path, ifindex there) of the other end of the veth ``host_ifindex``
+    (in the agent's namespace), found by the peer namespace's id; None when the link
+    is not a veth into another namespace (a tap, a gone link)."""
+    try:
+        with IPRoute() as ipr:
+            (link,) = ipr.get_links(host_ifindex)
+            nsid, peer = link.get_attr("IFLA_LINK_NETNSID"), link.get_attr("IFLA_LINK")
+            if nsid is None or peer is None:
+                return None
+            for path in _netns_candidates():
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    found = ipr.get_netnsid(fd=fd)
+                except NetlinkError:
+                    continue
+                finally:
+                    os.close(fd)
+                if found and found.get("nsid") == nsid:
+                    return path, peer
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise DiscoveryError(f"looking up ifindex {host_ifindex}: {exc}") from exc
+    return None
+
+
+def peer_link_local_addresses(host_ifindex: int) -> list[str]:
+    """The IPv6 link-local addresses of the workload behind host-side veth
+    ``host_ifindex`` (link_local_addresses of its peer); [] for a tap or a veth whose
+    namespace cannot be found."""
+    found = peer_netns(host_ifindex)
+    if found is None:
+        return []
+    return link_local_addresses(netns_path=found[0], ifindex=found[1])

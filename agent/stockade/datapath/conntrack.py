@@ -1,0 +1,150 @@
+"""Conntrack from the agent's side: reading, gc, deletion, and hook budgets (mixed
+into ``Datapath``).
+
+The programs insert entries and count them per hook in ct_created; only the agent
+deletes entries, and it counts every deletion in ct_released (struct ct_owner in
+bpf/include/stockade_maps.h). Every deletion must therefore go through ``ct_delete``
+(or ``ct_charge`` for entries the agent itself adds, as the migration does), or the
+hook's budget drifts.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import time
+from typing import Callable, Iterable
+
+from . import maps as m
+
+
+TABLE = (0, 0, 0)   # the owner that counts the whole table (struct ct_owner, ifindex 0)
+
+
+def _lib():
+    from bcc.libbcc import lib
+    return lib
+
+
+class ConntrackMaps:
+    """Needs ``self.table(name)``, ``self._items`` and ``self._delete`` (MapWriter)."""
+
+    def ct_entries(self) -> list[tuple[m.CtKey, m.CtValue]]:
+        return self._items("conntrack", m.CtKey, m.CtValue)
+
+    # -- budgets -----------------------------------------------------------------
+    def _owner_counts(self, name: str) -> dict[tuple[int, int, int], int]:
+        return {(k.ifindex, k.direction, k.peer): v.n
+                for k, v in self._items(name, m.CtOwner, m.CtCount)}
+
+    def ct_charge(self, counts: dict[tuple[int, int, int], int]) -> None:
+        """Record ``counts[(ifindex, direction, peer)]`` entries deleted (positive) or
+        added by the agent (negative) for each owner (ct_released; the agent is its only
+        writer). The programs count an owner's live entries as created - released."""
+        released = self._owner_counts("ct_released")
+        counts = dict(counts)
+        total = sum(n for o, n in counts.items() if o != TABLE)
+        counts[TABLE] = counts.get(TABLE, 0) + total      # the whole table's count too
+        for owner, n in sorted(counts.items()):
+            if not n:
+                continue
+            key = m.CtOwner(ifindex=owner[0], direction=owner[1], peer=owner[2])
+            total = (released.get(owner, 0) + n) % (1 << 64)
+            self._update("ct_released", key, m.CtCount(n=total))
+
+    def ct_budgets(self, table: bool = False) -> dict[tuple[int, int, int], int]:
+        """Live entries per owner as the programs count them:
+        (ifindex, direction, peer identity or 0) -> n; with ``table``, also the whole
+        table's count under (0, 0, 0)."""
+        created = self._owner_counts("ct_created")
+        released = self._owner_counts("ct_released")
+        owners = set(created) | set(released)
+        if not table:
+            owners.discard(TABLE)
+        out = {}
+        for o in sorted(owners):
+            live = (created.get(o, 0) - released.get(o, 0)) % (1 << 64)
+            out[o] = live if live < (1 << 63) else 0   # as the programs clamp it
+        return out
+
+    # -- deletion ----------------------------------------------------------------
+    def ct_delete(self, keys: Iterable[m.CtKey],
+                  still: Callable[[m.CtValue], bool] | None = None) -> int:
+        """Delete entries ``keys`` (with ``still``, only those whose value, read again
+        just before, still passes it) and charge them to their hooks. Returns how many
+        were deleted."""
+        lib = _lib()
+        fd = self.table("conntrack").map_fd
+        freed: collections.Counter = collections.Counter()
+        for k in keys:
+            v = m.CtValue()
+            if lib.bpf_lookup_elem(fd, ct.byref(k), ct.byref(v)) != 0:
+                continue
+            if still is not None and not still(v):
+                continue
+            if self._delete("conntrack", k):
+                freed[(k.ifindex, k.direction, v.owner_peer)] += 1
+        self.ct_charge(freed)
+        return sum(freed.values())
+
+    def ct_gc(self, now_ns: int | None = None) -> int:
+        """Delete expired conntrack entries; returns how many were deleted. Also forgets
+        the budgets of owners that have no entry left."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+        expired = [k for k, v in self.ct_entries() if v.expires < now]
+        n = self.ct_delete(expired, still=lambda v: v.expires < now)
+        self._prune_owners()
+        return n
+
+    def _prune_owners(self) -> None:
+        # A program may be adding to an owner deleted here: the maps are not
+        # preallocated (the memory stays valid), so at worst that one count is lost and
+        # the owner's count is one low, which the programs clamp at zero.
+        for (ifindex, direction, peer), live in self.ct_budgets().items():   # not TABLE
+            if live == 0:
+                key = m.CtOwner(ifindex=ifindex, direction=direction, peer=peer)
+                self._delete("ct_created", key)
+                self._delete("ct_released", key)
+
+    def ct_flush(self) -> int:
+        """Delete every conntrack entry (charged to its owner); forget empty owners."""
+        n = self.ct_delete([k for k, _ in self.ct_entries()])
+        self._prune_owners()
+        return n
+
+    # -- by identity ---------------------------------------------------------------
+    def _identity_of(self, family: int, addr: bytes) -> int:
+        """The ipcache identity of ``addr`` (longest prefix; miss: world), as the
+        programs look it up."""
+        if family == 4:
+            key, name = m.Ipcache4Key(prefixlen=32), "ipcache4"
+            ct.memmove(key.addr, addr[:4], 4)
+        else:
+            key, name = m.Ipcache6Key(prefixlen=128), "ipcache6"
+            ct.memmove(key.addr, addr[:16], 16)
+        val = m.IpcacheValue()
+        if _lib().bpf_lookup_elem(self.table(name).map_fd, ct.byref(key), ct.byref(val)) != 0:
+            return m.IDENTITY_WORLD
+        return val.identity
+
+    def ct_delete_pairs(self, pairs: Iterable[tuple[int, int]]) -> int:
+        """Delete the entries of flows between identities ``(local, peer)``: entries at
+        the hooks of endpoints whose identity is ``local`` whose other end resolves (in
+        the ipcache, as the programs see it) to ``peer``, both directions. For a policy
+        change that revokes what was allowed: the next packet of such a flow is judged
+        by the new policy. Returns how many were deleted."""
+        wanted = set(pairs)
+        if not wanted:
+            return 0
+        local_of = {k.value: v.identity
+                    for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo)
+                    if not v.flags & m.EP_F_UNIDENTIFIED}
+        doomed = []
+        for k, _v in self.ct_entries():
+            local = local_of.get(k.ifindex)
+            if local is None:
+                continue
+            # the peer is the destination of a flow the endpoint started, else the source
+            addr = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
+            if (local, self._identity_of(k.family, addr)) in wanted:
+                doomed.append(k)
+        return self.ct_delete(doomed)
