@@ -13,7 +13,7 @@
   virtio_net (that order), configures eth0 from the kernel command line
   (stockade.ip=ADDR/LEN, stockade.gw=ADDR) and runs a control loop on the second serial
   port (ttyS1): each line received is run by sh, its output is followed by a line
-  "@@RC <exit status>@@". Kernel messages go to ttyS0 (a log file for plain QEMU).
+  "@@RC <token> <exit status>@@". Kernel messages go to ttyS0 (a log file for plain QEMU).
 * Plain QEMU VMs get their own tap (ip tuntap), put on ``bridge``; the tap and the QEMU
   process (by PID) are removed on exit, also after a failure.
 * Addresses reserved for VM tests on Podman's 10.88.0.0/16: 10.88.250.0/24 (VMs) and
@@ -41,7 +41,7 @@ MODULES = ("kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio
            "kernel/drivers/virtio/virtio_pci_legacy_dev.ko", "kernel/drivers/virtio/virtio_pci.ko",
            "kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko",
            "kernel/drivers/net/virtio_net.ko")
-INITRD_VERSION = "3"  # bump when INIT changes
+INITRD_VERSION = "4"  # bump when INIT changes
 
 INIT = r"""#!/bin/sh
 /bin/busybox --install -s /bin
@@ -62,9 +62,9 @@ mkdir -p /www && echo vm > /www/index.html
 echo STOCKADE-VM-UP > /dev/ttyS0
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 while true; do
-  while read -r line; do
+  while read -r tok line; do
     sh -c "$line" 2>&1
-    echo "@@RC $?@@"
+    echo "@@RC $tok $?@@"
   done < /dev/ttyS1 > /dev/ttyS1
   sleep 0.2
 done
@@ -201,18 +201,24 @@ class Console:
         return out
 
     def run(self, command: str, timeout: float = 20) -> tuple[str, int]:
+        """Each command carries a token its reply repeats, so a late reply to an earlier
+        command (one that timed out) is skipped, never taken as this one's."""
         assert self.sock is not None
-        self.sock.sendall(command.encode() + b"\n")
+        self._token = getattr(self, "_token", 0) + 1
+        token = b"%d" % self._token
+        self.sock.sendall(token + b" " + command.encode() + b"\n")
         deadline = time.monotonic() + timeout
         while True:
             i = self.buf.find(b"@@RC ")
             if i >= 0:
                 j = self.buf.find(b"@@", i + 5)
                 if j >= 0:
+                    tok, _, rc = self.buf[i + 5:j].partition(b" ")
                     out = self.buf[:i].decode(errors="replace")
-                    rc = int(self.buf[i + 5:j])
                     self.buf = self.buf[j + 2:].lstrip(b"\r\n")
-                    return out, rc
+                    if tok != token:
+                        continue  # an earlier command's late reply
+                    return out, int(rc)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no answer to {command!r}; got {self.buf[-300:]!r}")

@@ -98,7 +98,7 @@ def test_policy_on_libvirt_vm(env):
     vm, web, nsb = env["vm"], env["web"], env["nsb"]
     assert eventually(lambda: from_container(web.name, VM_IP) == "vm")
     assert nsb.get(VM_IP) is None
-    assert vm_get(vm, web.ip) == "web"   # no egress policy on the VM
+    assert eventually(lambda: vm_get(vm, web.ip) == "web")   # no egress policy on the VM
 
 
 def test_metadata_change_updates_labels(env):
