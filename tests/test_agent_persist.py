@@ -134,3 +134,35 @@ def test_a_damaged_state_stops_the_start_before_the_datapath(tmp_path):
     with pytest.raises(StateError, match=r"policies.json: \$: \{\} is not of type 'array'"):
         agent.start(dp, watch_links=False, watch_runtimes=False, flows=False)
     assert dp.log == [] and agent.dp is None
+
+
+RECORDS = [
+    ("policies.json", [{"document": {"kind": "CiliumNetworkPolicy"}}],
+     "policies.json: document 0: stored policy cannot be read"),
+    ("identities.json", {"a": 300, "b": 300}, "identities.json: identity 300 is given to two label sets"),
+    ("endpoints.json", [{"name": "a", "id": 1, "interface": "x", "ips": ["nope"], "labels": {}}],
+     "endpoints.json: [0] (a): 'nope' does not appear to be an IPv4 or IPv6 address"),
+    ("endpoints.json", [{"name": "a", "id": 1, "interface": "x", "ips": [], "labels": {"reserved:host": ""}}],
+     "endpoints.json: [0] (a): labels.reserved:host: reserved labels cannot be given to endpoints"),
+    ("endpoints.json", [{"name": "a", "id": 1, "interface": "x", "ips": [], "labels": {}},
+                        {"name": "a", "id": 2, "interface": "y", "ips": [], "labels": {}}],
+     "endpoints.json: [1] (a): its name or id is given twice"),
+    ("ipcache.json", [{"prefix": "10.0.0.1/8", "labels": {"app": "x"}}],
+     "ipcache.json: [0]: 10.0.0.1/8 has host bits set"),
+    ("services.json", {"s": {"cidrs": ["10.0.0.1/8"]}}, "services.json: $: services.s.cidrs[0]: "),
+]
+
+
+@pytest.mark.parametrize("name,data,message", RECORDS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(RECORDS)])
+def test_a_record_the_schema_admits_but_the_agent_cannot_read_refuses_the_start(tmp_path, name, data,
+                                                                                message):
+    from stockade.daemon.store import StateStore
+    state = tmp_path / "state"
+    StateStore(state).commit({name: data})
+    cfg = AgentConfig(state_dir=str(state), host_name="h1", podman_socket=None,
+                      docker_socket=None, podman_events_log=None)
+    agent, dp = Agent(cfg), RecordingDatapath()
+    with pytest.raises(StateError) as err:
+        agent.start(dp, watch_links=False, watch_runtimes=False, flows=False)
+    assert str(err.value).startswith(f"{state}/{message}"), str(err.value)
+    assert dp.log == []

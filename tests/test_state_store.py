@@ -46,28 +46,27 @@ def test_generations_move_up_together(store):
     store.commit({"revision.json": 4})
     d = store.dir
     assert {n for n in os.listdir(d) if n.startswith(("policies", "revision", "state"))} == {
-        "policies.json", "policies.json.1", *(f"{f}{s}" for f in ("revision.json", "state.json")
-                                              for s in ("", ".1", ".2", ".3"))}
+        "policies.json", "policies.json.1", "policies.json.2",
+        *(f"{f}{s}" for f in ("revision.json", "state.json") for s in ("", ".1", ".2", ".3"))}
     got = [(store.load(n).number, store.load(n)["revision.json"], len(store.load(n)["policies.json"]))
            for n in range(4)]
-    # generation N of every file is from the same commit, the unchanged ones too
-    assert got == [(4, 4, 0), (3, 3, 0), (2, 2, 1), (1, 1, 1)]
-    # a file is kept once per version: policies.json changed twice
-    assert not (d / "policies.json.2").exists()
-    assert os.stat(d / "policies.json").st_nlink == 1   # no version shares its inode
+    # generation 1 is a copy of the working files; N of every file is from the same commit
+    assert got == [(4, 4, 0), (4, 4, 0), (3, 3, 0), (2, 2, 1)]
+    assert os.stat(d / "policies.json").st_ino != os.stat(d / "policies.json.1").st_ino
 
 
 def test_a_change_that_changes_nothing_makes_no_generation(store):
     assert store.commit({"revision.json": 2, "policies.json": [POLICY]}) == 2
-    assert not (store.dir / "state.json.2").exists()
+    assert not (store.dir / "state.json.3").exists()
 
 
-def test_a_file_changed_in_place_damages_one_version_only(store):
-    store.commit({"policies.json": [], "revision.json": 3})
+def test_a_working_file_changed_in_place_leaves_its_copy_whole(store):
+    store.commit({"revision.json": 3})
     (store.dir / "policies.json").write_text("{}")      # as an editor writing in place does
     with pytest.raises(StateError, match=r"policies.json: \$: \{\} is not of type 'array'"):
         StateStore(store.dir).load()
-    assert StateStore(store.dir).load(1)["policies.json"] == [POLICY]
+    gen = StateStore(store.dir).load(1)
+    assert (gen.number, gen["policies.json"], gen["revision.json"]) == (3, [POLICY], 3)
 
 
 PROBLEMS = [
@@ -111,8 +110,8 @@ def test_a_file_in_the_wrong_shape_is_refused_naming_it(store, legacy, name, con
      "does not match state.json"),
     (lambda d: (d / "revision.json").unlink(), "missing, but state.json (generation 2) lists it"),
     (lambda d: (d / "services.json").unlink() or (d / "x.json").write_text("{}"), "missing, but"),
-    (lambda d: (d / "revision.json").rename(d / "revision.json.1") or (d / "revision.json").write_text("9"),
-     None),                                          # a commit cut short: the committed one is .1
+    (lambda d: [(d / "revision.json").write_text("9"), (d / ".state.json.x1.tmp").write_text("{")],
+     None),                                      # a commit cut short: the committed one is in .1
     (lambda d: (d / "revision.json").unlink() or (d / "revision.json").mkdir(), "cannot read"),
     (lambda d: (d / "state.json").write_text(json.dumps({"format": 2, "generation": 3, "files": {}})),
      "format 2 was written by a newer version"),
@@ -143,10 +142,11 @@ class Fault:
         monkeypatch.setattr(os, name, call)
 
 
-@pytest.mark.parametrize("name,n", [("write", 1), ("write", 2), ("write", 3), ("fsync", 1),
-                                    ("fsync", 2), ("fsync", 3), ("fsync", 4),
-                                    *[("rename", n) for n in range(1, 12)], ("link", 1),
-                                    ("link", 2), ("link", 3)])
+# Every call a commit of two files makes (6 writes, 7 fsyncs, up to 14 renames, 3 links)
+# and more: a fault past the last one never fails, and then the commit must be whole.
+@pytest.mark.parametrize("name,n", [(name, n) for name, calls in (("write", 7), ("fsync", 8),
+                                                                  ("rename", 15), ("link", 4))
+                                    for n in range(1, calls + 1)])
 def test_a_write_failing_at_any_point_keeps_the_previous_generation(store, monkeypatch, name, n):
     before = files_of(store.dir)
     Fault(monkeypatch, name, n)
@@ -178,17 +178,37 @@ def test_other_write_errors_answer_500(store, monkeypatch):
 def test_restore_makes_a_generation_current_again(store):
     store.commit({"policies.json": [], "services.json": {"s": {"cidrs": ["192.0.2.0/24"]}}})
     assert store.load()["services.json"]
-    number = StateStore(store.dir).restore(2)      # the first commit: one policy, revision 1
+    number = StateStore(store.dir).restore(3)      # the first commit: one policy, revision 1
     gen = StateStore(store.dir).load()
     assert (number, gen["revision.json"], len(gen["policies.json"]), gen["services.json"]) == (4, 1, 1, {})
-    assert StateStore(store.dir).load(1)["services.json"]          # what it replaced, kept
+    assert StateStore(store.dir).load(2)["services.json"]          # what it replaced, kept
 
 
 def test_restore_works_over_a_damaged_current_state(store):
     (store.dir / "state.json").write_text("{")
-    (store.dir / "revision.json").write_text("{}")
+    (store.dir / "policies.json").write_text("{}")
     StateStore(store.dir).restore(1)
-    assert StateStore(store.dir).load()["revision.json"] == 1
+    gen = StateStore(store.dir).load()
+    assert (gen.number, gen["revision.json"], gen["policies.json"]) == (3, 2, [POLICY])
+
+
+def test_a_commit_cut_short_by_a_crash_is_rolled_back_at_load(store, monkeypatch):
+    """A crash between the renames: its temporary manifest stays behind; the next start
+    takes the committed generation from the versions kept and puts it back in place."""
+    def crash(src, dst, real=os.rename):
+        if dst.endswith("/revision.json"):
+            raise SystemExit("power lost")
+        real(src, dst)
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(SystemExit):
+        store.commit({"policies.json": [], "revision.json": 3})
+    monkeypatch.undo()
+    assert (store.dir / "policies.json").read_text().strip() == "[]"    # moved before the crash
+    assert StateStore(store.dir, create=False).load()["policies.json"] == [POLICY]
+    assert (store.dir / "policies.json").read_text().strip() == "[]"    # a reader repairs nothing
+    gen = StateStore(store.dir).load()
+    assert (gen.number, gen["revision.json"], gen["policies.json"]) == (2, 2, [POLICY])
+    assert StateStore(store.dir).load().number == 2 and temps(store.dir) == []
 
 
 def test_leftover_temporary_files_are_removed(store):

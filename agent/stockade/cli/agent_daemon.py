@@ -138,7 +138,7 @@ def run_restore_state(cfg: AgentConfig, back: int) -> int:
         return EX_CONFIG
     click.echo(f"generation {back} (#{report.number}) is current again, as #{number}: "
                f"{report.policies} policies, revision {report.revision}, {report.endpoints} "
-               "endpoints; the state it replaced is kept as generation 1")
+               "endpoints; the generations before it are kept")
     return 0
 
 

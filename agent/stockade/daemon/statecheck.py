@@ -41,7 +41,7 @@ def check_generation(cfg: AgentConfig, back: int) -> GenerationReport:
     try:
         gen = agent.store.load(back)
     except StateError as exc:
-        return GenerationReport(back, None, str(exc))
+        return GenerationReport(back, agent.store.number_of(back) or None, str(exc))
     try:
         with agent._lock:
             restore(agent, gen)

@@ -3,27 +3,30 @@ checked when read.
 
     state.json        the manifest: format, generation number, each file's SHA-256 and size
     identities.json … the state files (statefiles.py says what each holds and its schema)
-    NAME.1 … NAME.3   the three versions of each file before its current one, and the
-                      three manifests before the current one (state.json.N: generation N back)
+    NAME.1            a copy of NAME as it was last written (generation 1: the last good one)
+    NAME.2, NAME.3    the two versions of NAME before it
+    state.json.N      the manifest of generation N (1: a copy of the current one)
 
-A generation is what one committed change leaves: its manifest names every file's
-content by hash. ``commit`` writes the files that change to temporary files in the
-directory and fsyncs them; then each of them (and state.json) moves up one version
-(NAME.2 -> NAME.3, NAME.1 -> NAME.2, a hard link NAME -> NAME.1), the new files are renamed
-over theirs, state.json last, and the directory is fsynced. Only renames and links happen
-after the data is on disk, so a full disk fails before anything moved; any failure undoes
-the moves that were made, in reverse, and removes the temporary files: the previous
-generation stays whole and current. Files a change does not touch are not rewritten;
-generation N's version of a file is the one among NAME, NAME.1 … NAME.3 whose hash
-state.json.N names (a file changes at most once a generation, so the last three
-generations are always complete).
+A generation is what one committed change leaves; its manifest names every file's
+content by hash. ``commit`` writes each file that changes twice, to temporary files in
+the directory (the new NAME and its copy NAME.1), and the new manifest the same way, and
+fsyncs them. Then each of those names moves up one version (NAME.2 -> NAME.3,
+NAME.1 -> NAME.2), the copies and the new files are renamed into place (the files they
+replace held by a hard link until the end), state.json last, and the directory is
+fsynced. Only renames and links happen after the data is on disk, so a full disk fails
+before anything moved; any failure undoes the moves that were made, in reverse, and
+removes the temporary files: the previous generation stays whole and current. Files that do not change are not rewritten: generation N's version of a file is
+the one among NAME.1 … NAME.3 (or NAME itself) whose hash state.json.N names; a file
+changes at most once a generation, so the last three generations are always complete,
+and damage to a working file (an editor writing into it) never reaches its copies.
 
 ``load`` reads a generation and refuses it (StateError, naming the file and the
 problem) when a file cannot be read, is not JSON, does not have its schema's shape, or
-does not match its manifest (cut short, truncated, changed by hand). A commit that was
-cut short by a crash before state.json moved left the committed version of a file it
-was replacing at NAME.1: ``load`` takes it from there. A directory without state.json
-is from before format 1: its files are checked by shape alone.
+does not match its manifest (cut short, truncated, changed by hand). A commit that a
+crash cut short leaves its temporary manifest behind; then, and only then, ``load``
+takes each file of the committed generation from whichever version holds it and puts it
+back in place. A directory without state.json is from before format 1: its files are
+checked by shape alone.
 """
 from __future__ import annotations
 
@@ -44,24 +47,24 @@ from jsonschema.exceptions import best_match
 from ..errors import StateError
 from .statefiles import EMPTY, FILES, FORMAT, MANIFEST, MANIFEST_SCHEMA, SCHEMAS, json_path
 
-GENERATIONS = 3            # kept beside the current one
+GENERATIONS = 3            # kept beside the working files
 _NAMES = FILES + (MANIFEST,)
-log = logging.getLogger("stockade.state")
 _VALIDATORS = {name: Draft202012Validator(schema) for name, schema in
                {**SCHEMAS, MANIFEST: MANIFEST_SCHEMA}.items()}
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 MAX_MESSAGE = 300
+log = logging.getLogger("stockade.state")
 
 
 @dataclass
 class Generation:
-    """One generation's files, read and checked. ``back``: 0 the current one, 1-3 the
-    ones before; ``number``: its generation number (0: written before format 1, or none)."""
+    """One generation's files, read and checked. ``back``: 0 the working files, 1-3 the
+    generations kept; ``number``: its generation number (0: before format 1, or none)."""
 
     back: int
     number: int
     data: dict[str, Any] = field(default_factory=dict)
-    present: tuple[str, ...] = ()       # files that exist (others read as EMPTY)
+    present: tuple[str, ...] = ()       # files it has (the others read as EMPTY)
 
     def __getitem__(self, name: str) -> Any:
         return self.data[name]
@@ -71,33 +74,40 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
 
 
-def _suffix(back: int) -> str:
-    return f".{back}" if back else ""
+def _suffix(n: int) -> str:
+    return f".{n}" if n else ""
 
 
 def _encode(data) -> bytes:
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
 
+def _entry(raw: bytes) -> dict:
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+
+
 class StateStore:
     def __init__(self, state_dir: str | Path, *, create: bool = True):
+        """``create``: make the directory and clean up after a crash; False only reads."""
         self.dir = Path(state_dir)
         self.number = 0            # the current generation's number, once read or written
         self._files: dict[str, dict] | None = None   # the current manifest's entries
+        self.interrupted = False   # a commit was cut short (its manifest was never moved)
+        self.read_only = not create
         if create:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 os.chmod(self.dir, 0o750)
             except OSError as exc:
                 raise StateError(self.dir, f"cannot create the state directory: {exc.strerror}") from exc
-            self._remove_leftovers()
+        self._leftovers(remove=create)
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     # ------------------------------------------------------------------ reading
     def load(self, back: int = 0) -> Generation:
-        """Generation ``back`` (0: the current one), checked; raises StateError."""
+        """Generation ``back`` (0: the working files), checked; raises StateError."""
         manifest = self._read_manifest(back)
         if manifest is None and back:
             raise StateError(self.path(f"{MANIFEST}.{back}"), "no such generation")
@@ -114,10 +124,9 @@ class StateStore:
             else:
                 entry = manifest["files"].get(name)
                 if entry is None:
-                    if back == 0 and os.path.lexists(self.path(name)):
-                        log.warning("%s is not part of generation %d (a write cut short?); "
-                                    "ignored", self.path(name), number)
                     gen.data[name] = EMPTY[name]
+                    if back == 0 and os.path.lexists(self.path(name)):
+                        self._not_committed(name, number)
                     continue
                 gen.data[name] = self._version(name, entry, back, number)
             present.append(name)
@@ -125,30 +134,43 @@ class StateStore:
         if back == 0:
             self.number = number
             self._files = dict(manifest["files"]) if manifest else None
+            self.interrupted = False
         return gen
 
     def _version(self, name: str, entry: dict, back: int, number: int):
-        """The version of ``name`` whose hash ``entry`` names: the current file, else
-        (a commit cut short) NAME.1, or for an older generation any NAME.N kept."""
+        """The version of ``name`` whose hash ``entry`` names: for the working generation
+        the file itself (after a commit cut short, any version, put back in place); for
+        generation N, whichever version kept holds it."""
         where = f"{MANIFEST}{_suffix(back)} (generation {number})"
-        for n in range(0, (back or 1) + 1):
-            p = self.path(name + _suffix(n))
-            raw = self._read_bytes(p)
-            if raw is not None and hashlib.sha256(raw).hexdigest() == entry["sha256"]:
-                if back == 0 and n:
-                    log.warning("%s: a write was cut short; generation %d's version is %s",
-                                self.path(name), number, p)
-                return self._parse(p, name, raw)
-        if back:
-            raise StateError(self.path(name), f"the version {where} names is no longer kept")
         p = self.path(name)
-        raw = self._read_bytes(p)
-        if raw is None:
-            raise StateError(p, f"missing, but {where} lists it")
-        self._parse(p, name, raw)   # a problem of shape is the clearer message
-        raise StateError(p, f"does not match {where}: {len(raw)} bytes where "
-                            f"{entry.get('bytes', '?')} were written; cut short, truncated or "
-                            "changed outside the agent")
+        if back == 0 and not self.interrupted:
+            raw = self._read_bytes(p)
+            if raw is None:
+                raise StateError(p, f"missing, but {where} lists it")
+            value = self._parse(p, name, raw)     # a problem of shape is the clearer message
+            if _entry(raw)["sha256"] != entry["sha256"]:
+                raise StateError(p, f"does not match {where}: {len(raw)} bytes where "
+                                    f"{entry.get('bytes', '?')} were written; cut short, "
+                                    "truncated or changed outside the agent")
+            return value
+        for n in (0, *range(1, GENERATIONS + 1)) if back == 0 else (*range(1, GENERATIONS + 1), 0):
+            q = self.path(name + _suffix(n))
+            raw = self._read_bytes(q)
+            if raw is not None and _entry(raw)["sha256"] == entry["sha256"]:
+                if back == 0 and n:
+                    log.warning("%s: a write was cut short; generation %d's version is back "
+                                "from %s", p, number, q)
+                    self._put_back(name, raw)
+                return self._parse(q, name, raw)
+        raise StateError(p, f"no version kept matches {where}")
+
+    def _not_committed(self, name: str, number: int) -> None:
+        if not self.interrupted:
+            raise StateError(self.path(name), f"is not part of generation {number} "
+                                              f"({MANIFEST} does not list it)")
+        log.warning("%s: a write was cut short; it is not part of generation %d",
+                    self.path(name), number)
+        self._to_trash_now(name)
 
     def _read_manifest(self, back: int) -> dict | None:
         p = self.path(MANIFEST + _suffix(back))
@@ -184,46 +206,52 @@ class StateStore:
         return value
 
     def available(self) -> list[int]:
-        """The generations back (1..3) that have a manifest."""
+        """The generations kept (1..3): those with a manifest."""
         return [n for n in range(1, GENERATIONS + 1) if self.path(f"{MANIFEST}.{n}").exists()]
 
     # ------------------------------------------------------------------ writing
-    def commit(self, files: dict[str, Any]) -> int:
+    def commit(self, files: dict[str, Any], *, force: bool = False) -> int:
         """Write ``files`` (name -> data; None removes the file) as the next generation;
-        the others carry over unchanged. Returns its number. Raises StateError (507 for a
-        full disk) with the previous generation left whole and current."""
+        the others carry over unchanged. Returns its number (the current one when nothing
+        changes, unless ``force``). Raises StateError (507 for a full disk) with the
+        previous generation left whole and current."""
         files_now = self._current_files()
         encoded = {name: None if data is None else _encode(data) for name, data in files.items()}
-        files = {name: data for name, data in files.items() if _entry(encoded[name]) != files_now.get(name)
-                 or data is None and os.path.lexists(self.path(name))}
-        if not files:
-            return self.number        # nothing changes: no new generation
+        changed = [name for name, raw in encoded.items()
+                   if (raw is None and (name in files_now or os.path.lexists(self.path(name)))) or
+                   (raw is not None and (force or _entry(raw) != files_now.get(name)))]
+        if not changed:
+            return self.number
         number = self.number + 1
-        temps: dict[str, str] = {}
-        ops: list[tuple[str, str, str]] = []
+        for name in changed:
+            if encoded[name] is None:
+                files_now.pop(name, None)
+            else:
+                files_now[name] = _entry(encoded[name])
+        encoded[MANIFEST] = _encode({"format": FORMAT, "generation": number, "files": files_now,
+                                     "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        changed.append(MANIFEST)
+        temps: list[tuple[str, str]] = []      # (temporary file, its name)
+        ops: list[tuple[str, str]] = []        # renames made (src, dst), to undo
         trash: list[str] = []
         try:
-            for name in files:
-                raw = encoded[name]
-                if raw is None:
-                    files_now.pop(name, None)
-                    continue
-                temps[name] = self._write_temp(name, raw)
-                files_now[name] = _entry(raw)
-            temps[MANIFEST] = self._write_temp(MANIFEST, _encode({
-                "format": FORMAT, "generation": number, "files": files_now,
-                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-            for name in [*files, MANIFEST]:
+            for name in changed:
+                if encoded[name] is not None:
+                    temps.append((self._write_temp(name, encoded[name]), name + _suffix(1)))
+                    temps.append((self._write_temp(name, encoded[name]), name))
+            manifest_temps = temps[-2:]   # written last, moved last
+            for name in changed:
                 self._rotate(name, ops, trash)
-            for name, data in files.items():
-                if data is None and os.path.lexists(self.path(name)):
+                if encoded[name] is None and os.path.lexists(self.path(name)):
                     self._to_trash(name, str(self.path(name)), ops, trash)
-            for name in [n for n in temps if n != MANIFEST] + [MANIFEST]:
-                self._op("rename", temps[name], str(self.path(name)), ops)
+            for tmp, target in temps[:-2] + manifest_temps:
+                if os.path.lexists(self.path(target)):   # kept until committed, for the undo
+                    self._keep(target, ops, trash)
+                self._rename(tmp, str(self.path(target)), ops)
             self._fsync_dir()
         except OSError as exc:
             self._undo(ops)
-            for tmp in temps.values():
+            for tmp, _ in temps:
                 _unlink(tmp)
             raise StateError(self.path(getattr(exc, "_state_name", MANIFEST)),
                              f"cannot write: {exc.strerror or exc}; the previous state is kept",
@@ -244,7 +272,7 @@ class StateStore:
         if manifest is not None:
             self.number = manifest["generation"]
             return dict(manifest["files"])
-        self.number = max([self.number] + [self._number_of(n) for n in self.available()])
+        self.number = max([self.number] + [self.number_of(n) for n in self.available()])
         out: dict[str, dict] = {}
         for name in FILES:
             raw = self._read_bytes(self.path(name))
@@ -252,7 +280,8 @@ class StateStore:
                 out[name] = _entry(raw)
         return out
 
-    def _number_of(self, back: int) -> int:
+    def number_of(self, back: int) -> int:
+        """The number of generation ``back`` as its manifest says (0: unknown)."""
         try:
             m = self._read_manifest(back)
         except StateError:
@@ -275,41 +304,47 @@ class StateStore:
         return tmp
 
     def _rotate(self, name: str, ops: list, trash: list) -> None:
+        """NAME.2 -> NAME.3, NAME.1 -> NAME.2 (NAME.3 goes)."""
         p = lambda n: str(self.path(name + _suffix(n)))  # noqa: E731
         if os.path.lexists(p(GENERATIONS)):
             self._to_trash(name, p(GENERATIONS), ops, trash)
         for n in range(GENERATIONS - 1, 0, -1):
             if os.path.lexists(p(n)):
-                self._op("rename", p(n), p(n + 1), ops)
-        if os.path.lexists(p(0)):
-            self._op("link", p(0), p(1), ops)
+                self._rename(p(n), p(n + 1), ops)
 
     def _to_trash(self, name: str, path: str, ops: list, trash: list) -> None:
         """Move ``path`` out of the way under a temporary name (deleted once committed)."""
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.old.", suffix=".tmp")
         os.close(fd)
         try:
-            self._op("rename", path, tmp, ops)
+            self._rename(path, tmp, ops)
         except OSError:
             _unlink(tmp)
             raise
         trash.append(tmp)
 
+    def _keep(self, name: str, ops: list, trash: list) -> None:
+        """A hard link to the file ``name`` is about to replace, so that an undo can put
+        it back (removed with the trash once committed)."""
+        keep = str(self.path(f".{name}.old.{os.urandom(6).hex()}.tmp"))
+        os.link(self.path(name), keep)
+        ops.append(("link", str(self.path(name)), keep))
+        trash.append(keep)
+
     @staticmethod
-    def _op(kind: str, src: str, dst: str, ops: list) -> None:
-        if kind == "rename":
-            os.rename(src, dst)
-        else:
-            os.link(src, dst)
-        ops.append((kind, src, dst))
+    def _rename(src: str, dst: str, ops: list) -> None:
+        os.rename(src, dst)
+        ops.append(("rename", src, dst))
 
     def _undo(self, ops: list) -> None:
         for kind, src, dst in reversed(ops):
             try:
-                if kind == "rename" or not os.path.lexists(src):
-                    os.rename(dst, src)   # a link whose source was replaced: the old file is back
+                if kind == "rename":
+                    os.rename(dst, src)
+                elif os.path.lexists(src):
+                    os.unlink(dst)        # the file it kept was not replaced after all
                 else:
-                    os.unlink(dst)
+                    os.rename(dst, src)   # the replaced file is back
             except OSError:
                 pass
         try:
@@ -324,30 +359,52 @@ class StateStore:
         finally:
             os.close(fd)
 
-    def _remove_leftovers(self) -> None:
-        """Temporary files of a write that a crash interrupted."""
+    def _put_back(self, name: str, raw: bytes) -> None:
+        """``raw`` as the working file ``name`` again (after a commit cut short)."""
+        if self.read_only:
+            return
+        try:
+            tmp = self._write_temp(name, raw)
+            os.rename(tmp, self.path(name))
+            self._fsync_dir()
+        except OSError as exc:
+            raise StateError(self.path(name), f"cannot put the committed version back: "
+                                              f"{exc.strerror or exc}") from exc
+
+    def _to_trash_now(self, name: str) -> None:
+        if self.read_only:
+            return
+        try:
+            os.unlink(self.path(name))
+            self._fsync_dir()
+        except OSError as exc:
+            raise StateError(self.path(name), f"cannot remove: {exc.strerror or exc}") from exc
+
+    def _leftovers(self, remove: bool) -> None:
+        """Temporary files of a commit that a crash cut short (a manifest among them
+        says so: ``interrupted``); removed unless only reading."""
         try:
             names = os.listdir(self.dir)
         except OSError:
             return
         for n in names:
             if n.startswith(".") and n.endswith(".tmp") and any(n.startswith(f".{f}.") for f in _NAMES):
-                _unlink(str(self.dir / n))
+                if n.startswith(f".{MANIFEST}.") and not n.startswith(f".{MANIFEST}.old."):
+                    self.interrupted = True
+                if remove:
+                    _unlink(str(self.dir / n))
 
     # ------------------------------------------------------------------ operators
     def restore(self, back: int) -> int:
-        """Make generation ``back`` (1-3) current again, as a new generation (the one it
-        replaces becomes generation 1). Raises StateError when it does not check out."""
+        """Make generation ``back`` (1-3) current again, as a new generation (every
+        working file written again). Raises StateError when it does not check out or
+        cannot be written."""
         gen = self.load(back)
         self._files = None
         self._current_files()
         self.number = max(self.number, gen.number)
         return self.commit({name: gen.data[name] if name in gen.present else None
-                            for name in FILES})
-
-
-def _entry(raw: bytes | None) -> dict | None:
-    return None if raw is None else {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+                            for name in FILES}, force=True)
 
 
 def _unlink(path: str) -> None:
