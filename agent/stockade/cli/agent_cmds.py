@@ -79,6 +79,8 @@ def status(socket_path, output):
             click.echo(f"{'unprotected:':<{width + 1}} {', '.join(h['unprotected_interfaces'])}")
         for problem in h.get("policy_problems") or []:
             click.echo(f"refused stored policy: {problem}")
+        for mismatch in h.get("binding_mismatches") or []:
+            click.echo(f"not bound: {mismatch}")
         for e in h.get("errors") or []:
             click.echo(f"error: {e}")
     if h["status"] != "ok":

@@ -62,7 +62,8 @@ class RuntimeSource:
                 self.agent.submit(UpsertEndpoint(
                     name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
                     mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
-                    extra={"image": w.image}, dropped_labels=dropped))
+                    extra={"image": w.image}, dropped_labels=dropped,
+                    netns=(w.netns_inode, w.netns_path) if w.netns_inode else None))
             else:
                 self.agent.submit(RemoveEndpoint(name, source=self.runtime, runtime_id=w.id))
         except StockadeError as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from .errors import RuntimeAPIError, RuntimeUnavailable
+from .netns import netns_inode
 from .veth import find_host_veth
 from .workload import Workload
 
@@ -263,6 +264,8 @@ def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True
     veth = None
     if resolve_veth and (pid or settings.get("SandboxKey")):
         veth = find_host_veth(pid, netns_path=settings.get("SandboxKey") or None, mac=mac)
+    netns_path = settings.get("SandboxKey") or (f"/proc/{pid}/ns/net" if pid else None)
+    netns_ino = netns_inode(netns_path) if netns_path and resolve_veth else None
     return Workload(
         runtime=runtime,
         id=data["Id"],
@@ -275,4 +278,6 @@ def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True
         host_ifindex=veth.ifindex if veth else None,
         mac=(veth.mac if veth and veth.mac else mac),
         pid=pid,
+        netns_path=netns_path if netns_ino else None,
+        netns_inode=netns_ino,
     )

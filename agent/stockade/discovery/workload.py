@@ -27,6 +27,8 @@ class Workload:
         network, macvlan, no network) or it could not be resolved.
     mac: the container interface's MAC address; None when unknown.
     pid: the container's init PID on the host; None when not running.
+    netns_path / netns_inode: the container's network namespace (the runtime's
+        SandboxKey, else /proc/PID/ns/net) and its inode (netns.py); None when unknown.
     """
 
     runtime: str
@@ -40,6 +42,8 @@ class Workload:
     host_ifindex: int | None = None
     mac: str | None = None
     pid: int | None = None
+    netns_path: str | None = None
+    netns_inode: int | None = None
 
 
 @dataclass
