@@ -56,6 +56,10 @@ def _opt(name, **kw):
 @_opt("drop_events_rate", type=int, help="Drop events per second per CPU [5000].")
 @_opt("drop_events_burst", type=int, help="Burst of drop events per CPU [1000].")
 @_opt("ct_gc_interval", type=float, help="Seconds between conntrack collections [30].")
+@_opt("runtime_probe_interval", type=float,
+      help="Seconds of a quiet runtime event stream before the runtime is pinged [5].")
+@_opt("runtime_relist_interval", type=float,
+      help="Seconds between full listings of a runtime's containers [60].")
 @_opt("metrics_listen", help="Also serve /metrics on HOST:PORT (e.g. 127.0.0.1:9962).")
 @_opt("policy_map_size", type=int)
 @_opt("endpoints_map_size", type=int)

@@ -216,6 +216,16 @@ class Agent:
         self.version += 1
 
     # ------------------------------------------------------------------ readers
+    def source_health(self) -> list[dict]:
+        """Each runtime source's health as it is now (runtimes.RuntimeSource.health)."""
+        out = []
+        for w in list(self._watchers):
+            health = getattr(w, "health", None)
+            h = health() if callable(health) else None
+            if h is not None:
+                out.append(h)
+        return out
+
     def snapshot(self) -> Snapshot:
         """The last committed version, as immutable copies (built once per version)."""
         snap = self._snapshot
@@ -231,8 +241,7 @@ class Agent:
                 memberships=dict(st.memberships), service_cidrs=dict(st.service_cidrs),
                 revision=st.revision, entries=len(e.entries), links=dict(self.links),
                 attached=frozenset(self.attached), unprotected=tuple(self.unprotected),
-                errors=tuple(self.errors), mismatches=dict(st.mismatches),
-                sources=tuple(w.health() for w in self._watchers if hasattr(w, "health")))
+                errors=tuple(self.errors), mismatches=dict(st.mismatches))
             self._snapshot = snap
             return snap
 

@@ -109,4 +109,3 @@ class Snapshot:
     unprotected: tuple[str, ...]
     errors: tuple[str, ...]
     mismatches: dict[str, str] = field(default_factory=dict)
-    sources: tuple[dict, ...] = ()     # runtime sources' health (runtimes.py)

@@ -159,12 +159,16 @@ class EventStream:
     def __init__(self, api: DockerAPI, url: str, params: dict[str, str]) -> None:
         self._api = api
         self._aborted = False
-        timeout = httpx.Timeout(api._timeout, read=None)  # events may be hours apart
-        self._client = api._new_client(timeout)
+        # The headers must come within the timeout (a stopped runtime accepts the
+        # connection and never answers); events may then be hours apart: no read
+        # timeout for the body (the watcher's watchdog pings a quiet runtime instead).
+        self._client = api._new_client(httpx.Timeout(api._timeout))
+        request = self._client.build_request("GET", url, params=params)
         with api._errors(f"GET {url}"):
-            self._resp = self._client.send(
-                self._client.build_request("GET", url, params=params), stream=True
-            )
+            self._resp = self._client.send(request, stream=True)
+        timeouts = request.extensions.get("timeout")
+        if isinstance(timeouts, dict):
+            timeouts["read"] = None   # read by the transport when the body's first chunk is
         if self._resp.status_code >= 400:
             self._resp.read()
             msg = _error_message(self._resp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-EventKind = Literal["added", "removed"]
+EventKind = Literal["added", "removed", "synced"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,10 @@ class WorkloadEvent:
     kind "added" is an upsert: the same ID may be added again (restart, or a
     resync after reconnecting) and the newest workload replaces the old one.
     kind "removed" carries the last workload that was added for that ID.
+    kind "synced" (watchers asked for it) follows every full listing: ``workload`` is
+    None and ``workloads`` holds every running workload.
     """
 
     kind: EventKind
-    workload: Workload
+    workload: Workload | None
+    workloads: tuple[Workload, ...] = ()
