@@ -26,8 +26,12 @@ STOCKADE = [str(Path(sys.executable).parent / "stockade")]
 class AgentProcess:
     _count = 0
 
-    def __init__(self, **settings):
+    def __init__(self, command: list[str] | None = None, env: dict | None = None, **settings):
+        """``command`` (default: this checkout's ``stockade``) runs another build, with
+        ``env`` added to the environment (e.g. its PYTHONPATH)."""
         AgentProcess._count += 1
+        self.command = command or STOCKADE
+        self.env = env
         tag = f"{os.getpid()}-{AgentProcess._count}"
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"stockade-test-{tag}-", dir="/run"))
         self.settings = {
@@ -65,8 +69,9 @@ class AgentProcess:
     def start(self, timeout: float = 60) -> "AgentProcess":
         self.config_path.write_text(yaml.safe_dump(self.settings))
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*STOCKADE, "agent", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen([*self.command, "agent", "--config", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -101,8 +106,8 @@ class AgentProcess:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
-        subprocess.run([*STOCKADE, "agent", "--config", str(self.config_path), "--cleanup"],
-                       capture_output=True, timeout=60)
+        subprocess.run([*self.command, "agent", "--config", str(self.config_path), "--cleanup"],
+                       capture_output=True, timeout=60, env={**os.environ, **(self.env or {})})
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> "AgentProcess":
