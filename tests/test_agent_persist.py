@@ -166,3 +166,21 @@ def test_a_record_the_schema_admits_but_the_agent_cannot_read_refuses_the_start(
         agent.start(dp, watch_links=False, watch_runtimes=False, flows=False)
     assert str(err.value).startswith(f"{state}/{message}"), str(err.value)
     assert dp.log == []
+
+
+def test_a_new_link_whose_binding_cannot_be_written_stays_attached_and_closed(tmp_path, monkeypatch):
+    """Undoing never opens: the link an endpoint waited for appears, the record that now
+    names its MAC cannot be written, and the link is left closed, not unfiltered."""
+    from stockade.daemon.changes import LinkChange
+    api = start(tmp_path / "state")
+    api.add_endpoint({"name": "late", "interface": "vlate", "ips": ["10.9.0.9"], "labels": {"app": "x"}})
+    link = Link(20, "vlate", None, "veth", "02:00:00:00:00:20")
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(StateError):
+        api.agent.submit(LinkChange("new", link))
+    monkeypatch.undo()
+    dp = api.agent.dp
+    assert 20 in dp.attached and dp.endpoints[20]["unidentified"] is True
+    assert api.list_endpoints()[0]["state"] == "waiting-for-interface"
+    api.agent.stop()

@@ -101,7 +101,7 @@ class UpsertEndpoint(Change):
         txn.put_endpoint(ep)
         txn.j.delete(st.mismatches, self.name)
         if ifindex is not None:
-            txn.attach(ifindex)
+            txn.attach(ifindex, closed_on_undo=link is not None and managed_by_config(agent, link))
             txn.bind(ifindex, self.name)
         ep = identify(txn, ep)  # the new identity and entries first, then the old ones go
         if old is not None:
@@ -206,7 +206,7 @@ class LinkChange(Change):
             txn.put_endpoint(ep)
             txn.j.delete(st.mismatches, ep.name)
             txn.bind(link.ifindex, ep.name)
-            txn.attach(link.ifindex)
+            txn.attach(link.ifindex, closed_on_undo=True)
             txn.write_endpoint(ep)
             return
         if link.ifindex not in agent.attached:
@@ -215,7 +215,7 @@ class LinkChange(Change):
                 if not list_attached(link.ifindex):
                     agent.unprotected.append(link.name)
             txn.close_interface(link.ifindex)
-            txn.attach(link.ifindex)
+            txn.attach(link.ifindex, closed_on_undo=True)
 
 
 # ---------------------------------------------------------------- other hosts' workloads
@@ -367,9 +367,13 @@ def find_link(agent, name: str, ifindex: int | None) -> Link | None:
     return link
 
 
+def managed_by_config(agent, link: Link) -> bool:
+    cfg = agent.config
+    return matches_any(link.name, cfg.managed_interfaces) or matches_any(link.master, cfg.managed_bridges)
+
+
 def managed(txn: Txn, link: Link, ignore: str | None = None) -> bool:
-    cfg = txn.agent.config
-    if matches_any(link.name, cfg.managed_interfaces) or matches_any(link.master, cfg.managed_bridges):
+    if managed_by_config(txn.agent, link):
         return True
     return any(e.interface == link.name or e.by_mac and tap_matches_mac(link.kind, link.mac, e.mac)
                for e in txn.state.endpoints.values() if e.name != ignore)

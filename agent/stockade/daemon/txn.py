@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 HOST_ID = RESERVED["host"]
+CLOSED = {"endpoint_id": 0, "identity": 0, "unidentified": True}   # an unidentified interface
 
 
 def host_prefix(ip: str) -> str:
@@ -162,14 +163,15 @@ class Txn:
 
     def close_interface(self, ifindex: int) -> None:
         """Unknown until a runtime or the API identifies it: dropped."""
-        self.steps.append(Step("endpoint", ifindex, {"endpoint_id": 0, "identity": 0,
-                                                     "unidentified": True}))
+        self.steps.append(Step("endpoint", ifindex, CLOSED))
 
     def forget_interface(self, ifindex: int) -> None:
         self.steps.append(Step("endpoint", ifindex, None))
 
-    def attach(self, ifindex: int) -> None:
-        self.steps.append(Step("attach", ifindex))
+    def attach(self, ifindex: int, *, closed_on_undo: bool = False) -> None:
+        """``closed_on_undo``: the interface is managed (a new link): undoing this
+        leaves it attached and closed, never unfiltered."""
+        self.steps.append(Step("attach", ifindex, closed_on_undo))
 
     def detach(self, ifindex: int) -> None:
         self.steps.append(Step("endpoint", ifindex, None))
@@ -208,7 +210,9 @@ class Txn:
         if step.kind == "endpoint":
             return Step("endpoint", step.key, agent.endpoint_entries.get(step.key))
         if step.kind == "attach":
-            return None if step.key in agent.attached else Step("detach", step.key)
+            if step.key in agent.attached:
+                return None
+            return Step("endpoint", step.key, CLOSED) if step.value else Step("detach", step.key)
         if step.kind == "detach":
             return Step("attach", step.key) if step.key in agent.attached else None
         raise ValueError(step.kind)
