@@ -61,6 +61,17 @@ TARGETS = {
         ("agent RSS with a full flow ring (estimate: the line above + the flow benchmark's "
          "full-ring memory)", "rss.rss_with_flows_estimate_mb", "MB", "< 200 MB", lambda v: v < 200),
     ],
+    "loader": [
+        ("100,000-entry file (10,000 documents): load as before (PyYAML CSafeLoader), CPU",
+         "bench_file.before_cpu_s", "s", "-", None),
+        ("same file, load now (safeload), CPU", "bench_file.after_cpu_s", "s", "-", None),
+        ("now / before", "bench_file.after_vs_before", "", "<= 1.00", lambda v: v <= 1),
+        ("fuzz inputs loaded (2 worker processes, stopped at 30 min)", "fuzz.inputs", "",
+         ">= 1,000,000", lambda v: v >= 1_000_000),
+        ("fuzz failures (an exception other than PolicyErrors, a crash, > 1 s CPU)",
+         "fuzz.failures", "", "0", lambda v: v == 0),
+        ("slowest fuzz input, CPU", "fuzz.slowest_cpu_s", "s", "< 1 s", lambda v: v < 1),
+    ],
 }
 
 
@@ -147,7 +158,27 @@ def profile_detail(data: dict) -> str:
     return "\n".join(out)
 
 
+def loader_detail(data: dict) -> str:
+    f = data.get("fuzz", {})
+    b = data.get("bench_file", {})
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    rows = ["| measure | value |", "|---|---|",
+            f"| 100,000-entry file | {b.get('bytes', 0):,} bytes, {b.get('documents', 0):,} documents |",
+            f"| load as before, wall / CPU | {b.get('before_wall_s')} s / {b.get('before_cpu_s')} s |",
+            f"| load now, wall / CPU | {b.get('after_wall_s')} s / {b.get('after_cpu_s')} s |",
+            f"| fuzz inputs / wall time | {f.get('inputs', 0):,} in {f.get('wall_s')} s "
+            f"({f.get('inputs_per_s')} per s){' (stopped by the cap)' if f.get('stopped_by_cap') else ''} |",
+            f"| inputs per family | {cell(', '.join(f'{k} {v:,}' for k, v in sorted(f.get('families', {}).items())))} |",
+            f"| slowest input | {f.get('slowest_cpu_s')} s CPU, {f.get('slowest_family')} "
+            f"({f.get('slowest_name')}) |",
+            f"| slowest input, its first 200 characters | `{cell(f.get('slowest_input', ''))}` |"]
+    for ex in f.get("failure_examples", []):
+        rows.append(f"| failure | {cell(ex)} |")
+    return "\n".join(rows)
+
+
 DETAILS = {
+    "loader-detail": ("loader", loader_detail),
     "profile": ("profile", profile_detail),
     "datapath-detail": ("datapath", datapath_detail),
     "controlplane-detail": ("controlplane", controlplane_detail),

@@ -452,3 +452,33 @@ def test_client_speaks_trace_matrix_and_review(server):
         with pytest.raises(APIError) as e:
             c.matrix(limit=0)
         assert e.value.status == 400 and e.value.field == "limit"
+
+
+@pytest.mark.parametrize("text, field, needle", [
+    ("[" * 30000, "[0]" * 63, "nesting deeper than 64 levels"),
+    (POLICY + "  egress: !!python/object/apply:os.system [true]\n", "spec.egress",
+     "tag !!python/object/apply:os.system is not allowed"),
+], ids=["30000-brackets", "python-tag"])
+def test_hostile_policy_text_is_a_400_naming_the_path(http, agent, text, field, needle):
+    r = http.put("/v1/policies", json={"files": [{"name": "bad.yaml", "text": text}]})
+    err = assert_error(r, 400, field, "bad.yaml: document 0")
+    assert needle in err["message"] and agent.policies == {}
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"[" * 100000, "nested too deeply"),
+    (b'{"files": ' + b"9" * 5000 + b"}", "cannot be read"),
+], ids=["deep", "huge-int"])
+def test_hostile_json_bodies_are_a_400(server, body, needle):
+    import http.client
+    import socket as _socket
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            self.sock.connect(server.socket_path)
+
+    c = Conn("localhost")
+    c.request("PUT", "/v1/policies", body=body, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 400 and needle in r.read().decode()

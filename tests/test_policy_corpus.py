@@ -251,7 +251,8 @@ INVALID = {
     "wrong-kind.yaml": [(0, "kind", "'NetworkPolicy' is not one of")],
     "ccnp-namespace.yaml": [(0, "metadata.namespace", "CiliumClusterwideNetworkPolicy is not namespaced")],
     "duplicate-name.yaml": [(1, "metadata.name", "policy prod/web (CiliumNetworkPolicy) is defined twice (first in document 0)")],
-    "yaml-syntax.yaml": [(None, "", "cannot parse at line 7, column 3: did not find expected ',' or '}'")],
+    "yaml-syntax.yaml": [(0, "spec.endpointSelector",
+                          "cannot parse at line 7, column 3: did not find expected ',' or '}'")],
     "one-of-three-bad.yaml": [(1, "spec.ingress[0].toPorts[0].ports[0].port", f"'http2' is not a port number {NS}")],
     "l7-http.yaml": [(0, "spec.ingress[0].toPorts[0].rules.http", L7_NOT_ENFORCED)],
     "l7-http-bad-regex.yaml": [(0, "spec.ingress[0].toPorts[0].rules.http[0].path",
@@ -311,7 +312,8 @@ def test_invalid_file_rejected(name, expected):
     ("missing-name.yaml", "{f}: document 0: metadata.name: is required"),
     ("l7-http.yaml", "{f}: document 0 (p): spec.ingress[0].toPorts[0].rules.http: " + L7_NOT_ENFORCED),
     ("yaml-syntax.yaml",
-     "{f}: cannot parse at line 7, column 3: did not find expected ',' or '}}'"),
+     "{f}: document 0 (p): spec.endpointSelector: "
+     "cannot parse at line 7, column 3: did not find expected ',' or '}}'"),
 ], ids=["port", "second-of-three", "ccnp-namespace", "unsupported", "no-name", "l7", "yaml-syntax"])
 def test_error_rendering(name, rendered):
     path = CORPUS / "invalid" / name

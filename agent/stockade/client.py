@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import quote
 
 import httpx
 
 from .errors import PolicyError, PolicyErrors, StockadeError
+from .policy.api.safeload import ReadError, read_file
 
 DEFAULT_SOCKET = "/run/stockade/agent.sock"
 DEFAULT_TIMEOUT = 30.0
@@ -167,10 +167,12 @@ class Client:
                 body.append({"name": f["name"], "text": f["text"]})
                 continue
             try:
-                body.append({"name": str(f), "text": Path(f).read_text()})
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
+                body.append({"name": str(f), "text": read_file(f)})
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
                 raise PolicyErrors([PolicyError("", f"cannot read: {reason}", file=str(f))]) from exc
+            except ReadError as exc:  # too large, or not UTF-8
+                raise PolicyErrors([PolicyError("", exc.msg, file=str(f))]) from None
         return body
 
     def put_policies(self, files: Iterable[str | os.PathLike | dict], *, replace_all: bool = False,

@@ -197,3 +197,15 @@ def test_review_page_has_one_form_and_a_plain_title(logged_in, post):
                  post(text="apiVersion: cilium.io/v2\nkind: Nope\n").get_data(as_text=True)):
         assert page.count('class="review-form"') == 1
         assert "<title>Review · Stockade</title>" in page
+
+
+@pytest.mark.parametrize("pasted, needle", [
+    ("[" * 30000, "nesting deeper than 64 levels"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"b{i}: &b{i} [{', '.join([f'*b{i - 1}' if i else '*a'] * 9)}]\n" for i in range(8)),
+     "aliases expand to more than 100,000 nodes"),
+], ids=["30000-brackets", "alias-bomb"])
+def test_hostile_paste_is_an_error_row_not_a_crash(post, agent, pasted, needle):
+    r = post(text=pasted)
+    assert r.status_code == 400 and needle in text(r)
+    assert not [c for c in agent.calls if c[0] == "put_policies"]

@@ -148,10 +148,12 @@ def files_from_path(path: str, max_files: int, max_bytes: int) -> list[dict]:
             raise ReviewInputError(f"{p} holds {len(found)} policy files; the limit is {max_files}")
         total, out = 0, []
         for f in found:
-            total += f.stat().st_size
+            with f.open("rb") as fh:  # at most what is left of the limit (stat may not tell)
+                data = fh.read(max_bytes - total + 1)
+            total += len(data)
             if total > max_bytes:
                 raise ReviewInputError(f"{p}: the files are larger than {max_bytes // 1024} KiB")
-            out.append({"name": str(f), "text": f.read_text()})
+            out.append({"name": str(f), "text": data.decode("utf-8")})
         return out
     except OSError as exc:
         raise ReviewInputError(f"cannot read {exc.filename or p}: {exc.strerror}") from exc

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from ..policy.api.loader import load_files
+from ..policy.api.loader import load_data_file, load_files
 from ..policy.compiler import ENFORCEMENT_MODES
 from ..policy.sel import parse_port, parse_sel
 from ..policy.testing import load_cases, run_cases
@@ -57,12 +57,7 @@ def validate(files, services_file, workloads_file, output):
 
 
 def _read_data(path: str):
-    import yaml
-    from ..errors import InvalidRequest
-    try:
-        return yaml.safe_load(open(path).read())
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc}") from exc
+    return load_data_file(path)
 
 
 @click.command("trace")

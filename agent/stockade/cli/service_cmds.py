@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import click
-import yaml
 
-from ..errors import InvalidRequest
 from .agent_cmds import make_client, print_table, socket_option
 from .common import emit_json, handle_errors, output_option
 
@@ -52,10 +50,8 @@ def apply(file, dry_run, socket_path, output):
     Example:
       stockade service apply services.yaml --dry-run
     """
-    try:
-        data = yaml.safe_load(open(file).read()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidRequest(f"{file}: cannot read: {exc}") from exc
+    from ..policy.api.loader import load_data_file
+    data = load_data_file(file) or {}  # the policy files' limits: no crash, no stall
     if isinstance(data, dict) and "stockade_services" in data:
         data = data["stockade_services"]
     r = make_client(socket_path).put_services(data, dry_run=dry_run)

@@ -196,6 +196,10 @@ class _Exchange(http.server.BaseHTTPRequestHandler):
             body = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("request body is nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer over 4,300 digits
+            raise InvalidRequest(f"request body cannot be read: {exc}") from None
         del data
         if not isinstance(body, dict):
             raise InvalidRequest("request body must be a JSON object")

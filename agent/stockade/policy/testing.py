@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from ..errors import PolicyError, PolicyErrors, SelectorError
+from .api.loader import load_data_file
 from .api.rule import Policy
 from .sel import PeerSpec, parse_port, parse_sel
 from .trace import Tracer
@@ -64,14 +63,7 @@ def parse_cases(data, name: str) -> list[Case]:
 
 
 def load_cases(path: str | Path) -> list[Case]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise PolicyErrors([PolicyError("", f"cannot read: {exc.strerror}", file=str(path))]) from exc
-    except yaml.YAMLError as exc:
-        raise PolicyErrors([PolicyError("", f"cannot parse: {exc}", file=str(path))]) from exc
-    return parse_cases(data, str(path))
+    return parse_cases(load_data_file(path), str(path))
 
 
 def run_cases(cases: list[Case], policies: list[Policy], enforcement: str = "default") -> list[dict]:

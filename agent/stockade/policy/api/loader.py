@@ -5,61 +5,107 @@ document (index and name) and the field path.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
 from ...errors import PolicyError, PolicyErrors
 from .rule import Policy
-from .validation import sanitize_document
+from .safeload import LIMITS, Limits, ReadError, check_size, read_file, read_json, read_yaml
+from .validation import render_path, sanitize_document
 
-# libyaml's parser when PyYAML has it (about 10x faster), else the pure-Python one.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# A file with more errors than this is reported with the first ones only (the rest of
+# its documents are not checked: thousands of errors help nobody and cost time).
+MAX_ERRORS = 100
 
 
-def parse_documents(text: str, name: str) -> list[Any]:
-    """Raw documents of a file: YAML streams (``---``), JSON objects or lists of them."""
+def parse_documents(text: str, name: str, *, limits: Limits = LIMITS) -> list[Any]:
+    """Raw documents of a file: YAML streams (``---``), JSON objects or lists of them;
+    a top-level list's items and a ``kind: List``'s items are documents. Any problem,
+    limits included (safeload.Limits), is PolicyErrors naming the file, document and
+    field path."""
+    is_json = name.endswith(".json")
     try:
-        if name.endswith(".json"):
-            data = json.loads(text)
-            docs = data if isinstance(data, list) else [data]
-        else:
-            docs = []
-            for d in yaml.load_all(text, Loader=_YAML_LOADER):
-                if isinstance(d, list):
-                    docs.extend(d)
-                elif d is not None:
-                    docs.append(d)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else (
-            f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "")
-        problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or str(exc)
-        raise PolicyErrors([PolicyError("", f"cannot parse{where}: {problem}", file=name)]) from exc
+        data = check_size(text, limits)
+        streams = [read_json(text.removeprefix("\ufeff"), limits)] if is_json else read_yaml(data, limits)
+    except ReadError as exc:
+        raise PolicyErrors([_located(exc, name)]) from None
     out = []
-    for d in docs:
-        if isinstance(d, dict) and d.get("kind") == "List" and isinstance(d.get("items"), list):
-            out.extend(d["items"])
-        else:
-            out.append(d)
+    for d in streams:
+        out.extend(_documents(d, is_json=is_json))
     return out
 
 
-def load_text(text: str, name: str, *, allow_l7: bool = False) -> list[Policy]:
+def _documents(stream_doc: Any, *, is_json: bool = False) -> list:
+    if isinstance(stream_doc, list):
+        items = stream_doc
+    elif stream_doc is None and not is_json:
+        items = []  # an empty YAML document
+    else:
+        items = [stream_doc]
+    out = []
+    for d in items:
+        out.extend(d["items"] if _is_list_kind(d) else [d])
+    return out
+
+
+def _is_list_kind(d: Any) -> bool:
+    return isinstance(d, dict) and d.get("kind") == "List" and isinstance(d.get("items"), list)
+
+
+def _located(exc: ReadError, name: str) -> PolicyError:
+    """A reader's error, with the document index and path as load_text counts them
+    (a top-level list's items and a List's items are documents of their own)."""
+    msg = exc.detail
+    if exc.doc is None:
+        return PolicyError("", msg, file=name)
+    index = sum(len(_documents(d)) for d in exc.before)
+    path, conts = list(exc.path), list(exc.containers)
+    if path and isinstance(path[0], int):  # in a top-level list
+        i = path.pop(0)
+        if conts:
+            index += sum(len(d["items"]) if _is_list_kind(d) else 1 for d in conts.pop(0)[:i])
+        else:  # the JSON token scan knows no values: one document per item
+            index += i
+    doc = conts[0] if conts else None
+    if (isinstance(doc, dict) and doc.get("kind") == "List" and len(path) >= 2
+            and path[0] == "items" and isinstance(path[1], int) and len(conts) > 1
+            and isinstance(conts[1], list)):
+        index += path[1]
+        path, conts = path[2:], conts[2:]
+        doc = conts[0] if conts else None
+    return PolicyError(render_path(_short(p) for p in path), msg, file=name, doc_index=index,
+                       doc_name=_doc_name(doc))
+
+
+def _short(part):
+    """A key or name for a message: one longer than any valid name (253) is cut."""
+    return part if isinstance(part, int) or len(part) <= 256 else part[:256] + "..."
+
+
+def _doc_name(doc: Any) -> str | None:
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return _short(name) if isinstance(name, str) else None
+
+
+def load_text(text: str, name: str, *, allow_l7: bool = False,
+              limits: Limits = LIMITS) -> list[Policy]:
     errors: list[PolicyError] = []
     policies = []
     indexes = {}
-    for index, doc in enumerate(parse_documents(text, name)):
-        doc_name = None
-        if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
-            doc_name = doc["metadata"].get("name")
+    docs = parse_documents(text, name, limits=limits)
+    checked = len(docs)
+    for index, doc in enumerate(docs):
+        if len(errors) >= MAX_ERRORS:
+            checked = index
+            break
+        doc_name = _doc_name(doc)
         try:
             policies.append(sanitize_document(doc, source=name, allow_l7=allow_l7))
             indexes[id(policies[-1])] = index
         except PolicyErrors as exc:
-            errors.extend(e.located(file=name, doc_index=index, doc_name=doc_name) for e in exc.errors)
+            errors.extend(e.located(file=name, doc_index=index, doc_name=doc_name)
+                          for e in exc.errors[:MAX_ERRORS])
     seen = {}
     for p in policies:
         if p.ref in seen:
@@ -67,18 +113,45 @@ def load_text(text: str, name: str, *, allow_l7: bool = False) -> list[Policy]:
                                       f"is defined twice (first in document {indexes[id(seen[p.ref])]})",
                                       file=name, doc_index=indexes[id(p)], doc_name=p.ref.name))
         seen[p.ref] = p
+    if len(errors) >= MAX_ERRORS:
+        unchecked = f"; documents {checked} to {len(docs) - 1} were not checked" if checked < len(docs) else ""
+        errors = errors[:MAX_ERRORS] + [PolicyError(
+            "", f"stopped after {MAX_ERRORS} errors (there may be more){unchecked}", file=name)]
     if errors:
         raise PolicyErrors(errors)
     return policies
 
 
-def load_file(path: str | Path, *, allow_l7: bool = False) -> list[Policy]:
-    path = Path(path)
+def read_policy_file(path: str | Path, *, limits: Limits = LIMITS) -> str:
+    """A policy file's text (at most ``limits.bytes``, UTF-8), or PolicyErrors."""
     try:
-        text = path.read_text()
+        return read_file(path, limits)
     except OSError as exc:
-        raise PolicyErrors([PolicyError("", f"cannot read: {exc.strerror}", file=str(path))]) from exc
-    return load_text(text, str(path), allow_l7=allow_l7)
+        raise PolicyErrors([PolicyError("", f"cannot read: {exc.strerror or exc}",
+                                        file=str(path))]) from None
+    except ReadError as exc:
+        raise PolicyErrors([_located(exc, str(path))]) from None
+
+
+def load_file(path: str | Path, *, allow_l7: bool = False, limits: Limits = LIMITS) -> list[Policy]:
+    return load_text(read_policy_file(path, limits=limits), str(path), allow_l7=allow_l7,
+                     limits=limits)
+
+
+def load_data_file(path: str | Path) -> Any:
+    """The one YAML (or JSON) document of a data file that goes with policies (policy
+    tests, services, workloads), read within the same limits; None if it is empty.
+    Problems are PolicyErrors naming the file and the field path."""
+    text = read_policy_file(path)
+    try:
+        docs = read_yaml(check_size(text))
+    except ReadError as exc:
+        raise PolicyErrors([PolicyError(render_path(_short(p) for p in exc.path), exc.detail,
+                                        file=str(path))]) from None
+    if len(docs) > 1:
+        raise PolicyErrors([PolicyError("", "expected one YAML document, found several",
+                                        file=str(path))])
+    return docs[0] if docs else None
 
 
 def load_files(paths: Iterable[str | Path], *, allow_l7: bool = False) -> list[Policy]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..labels import ANY_SOURCE, NAMESPACE_KEYS, LabelSet, parse_pairs, split_source
+from ..labels import (ANY_SOURCE, NAMESPACE_KEYS, LabelSet, check_key, check_value, parse_pairs,
+                      split_source)
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -65,6 +66,10 @@ class EndpointSelector:
         pairs = parse_pairs(text, what)
         if not pairs:
             raise InvalidRequest(f"{what}: empty label selector", what)
+        for key, value in pairs:
+            why = check_key(key) or (check_value(value, split_source(key)[0]) if value else None)
+            if why:
+                raise InvalidRequest(f"{what}: {why}", what)
         return cls.build({k: v for k, v in pairs if v is not None},
                          [(k, "Exists", []) for k, v in pairs if v is None])
 
