@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from ..errors import StateError
+from .atomicdir import DirMoves, fsync_dir, suffixed, unlink
 from .statefiles import EMPTY, FILES, FORMAT, MANIFEST, MANIFEST_SCHEMA, SCHEMAS, json_path
 
 GENERATIONS = 3            # kept beside the working files
@@ -170,7 +170,7 @@ class StateStore:
                                               f"({MANIFEST} does not list it)")
         log.warning("%s: a write was cut short; it is not part of generation %d",
                     self.path(name), number)
-        self._to_trash_now(name)
+        self._remove_uncommitted(name)
 
     def _read_manifest(self, back: int) -> dict | None:
         p = self.path(MANIFEST + _suffix(back))
@@ -231,33 +231,26 @@ class StateStore:
         encoded[MANIFEST] = _encode({"format": FORMAT, "generation": number, "files": files_now,
                                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         changed.append(MANIFEST)
-        temps: list[tuple[str, str]] = []      # (temporary file, its name)
-        ops: list[tuple[str, str]] = []        # renames made (src, dst), to undo
-        trash: list[str] = []
+        moves = DirMoves(self.dir)
         try:
+            targets = []                          # (temporary file, the name it becomes)
             for name in changed:
                 if encoded[name] is not None:
-                    temps.append((self._write_temp(name, encoded[name]), name + _suffix(1)))
-                    temps.append((self._write_temp(name, encoded[name]), name))
-            manifest_temps = temps[-2:]   # written last, moved last
+                    targets.append((moves.write_temp(name, encoded[name]), suffixed(name, 1)))
+                    targets.append((moves.write_temp(name, encoded[name]), name))
             for name in changed:
-                self._rotate(name, ops, trash)
+                moves.rotate(name, GENERATIONS)
                 if encoded[name] is None and os.path.lexists(self.path(name)):
-                    self._to_trash(name, str(self.path(name)), ops, trash)
-            for tmp, target in temps[:-2] + manifest_temps:
-                if os.path.lexists(self.path(target)):   # kept until committed, for the undo
-                    self._keep(target, ops, trash)
-                self._rename(tmp, str(self.path(target)), ops)
-            self._fsync_dir()
+                    moves.to_trash(name, str(self.path(name)))
+            for tmp, target in targets:           # the manifest was written last: moved last
+                moves.replace(tmp, target)
+            moves.fsync()
         except OSError as exc:
-            self._undo(ops)
-            for tmp, _ in temps:
-                _unlink(tmp)
-            raise StateError(self.path(getattr(exc, "_state_name", MANIFEST)),
+            moves.undo()
+            raise StateError(self.path(getattr(exc, "state_name", MANIFEST)),
                              f"cannot write: {exc.strerror or exc}; the previous state is kept",
                              no_space=exc.errno in _NO_SPACE) from exc
-        for t in trash:
-            _unlink(t)
+        moves.done()
         self.number, self._files = number, files_now
         return number
 
@@ -288,95 +281,26 @@ class StateStore:
             return 0
         return m["generation"] if m else 0
 
-    def _write_temp(self, name: str, raw: bytes) -> str:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            _unlink(tmp)
-            exc._state_name = name  # type: ignore[attr-defined]
-            raise
-        os.close(fd)
-        return tmp
-
-    def _rotate(self, name: str, ops: list, trash: list) -> None:
-        """NAME.2 -> NAME.3, NAME.1 -> NAME.2 (NAME.3 goes)."""
-        p = lambda n: str(self.path(name + _suffix(n)))  # noqa: E731
-        if os.path.lexists(p(GENERATIONS)):
-            self._to_trash(name, p(GENERATIONS), ops, trash)
-        for n in range(GENERATIONS - 1, 0, -1):
-            if os.path.lexists(p(n)):
-                self._rename(p(n), p(n + 1), ops)
-
-    def _to_trash(self, name: str, path: str, ops: list, trash: list) -> None:
-        """Move ``path`` out of the way under a temporary name (deleted once committed)."""
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.old.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self._rename(path, tmp, ops)
-        except OSError:
-            _unlink(tmp)
-            raise
-        trash.append(tmp)
-
-    def _keep(self, name: str, ops: list, trash: list) -> None:
-        """A hard link to the file ``name`` is about to replace, so that an undo can put
-        it back (removed with the trash once committed)."""
-        keep = str(self.path(f".{name}.old.{os.urandom(6).hex()}.tmp"))
-        os.link(self.path(name), keep)
-        ops.append(("link", str(self.path(name)), keep))
-        trash.append(keep)
-
-    @staticmethod
-    def _rename(src: str, dst: str, ops: list) -> None:
-        os.rename(src, dst)
-        ops.append(("rename", src, dst))
-
-    def _undo(self, ops: list) -> None:
-        for kind, src, dst in reversed(ops):
-            try:
-                if kind == "rename":
-                    os.rename(dst, src)
-                elif os.path.lexists(src):
-                    os.unlink(dst)        # the file it kept was not replaced after all
-                else:
-                    os.rename(dst, src)   # the replaced file is back
-            except OSError:
-                pass
-        try:
-            self._fsync_dir()
-        except OSError:
-            pass
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _put_back(self, name: str, raw: bytes) -> None:
         """``raw`` as the working file ``name`` again (after a commit cut short)."""
         if self.read_only:
             return
+        moves = DirMoves(self.dir)
         try:
-            tmp = self._write_temp(name, raw)
-            os.rename(tmp, self.path(name))
-            self._fsync_dir()
+            moves.replace(moves.write_temp(name, raw), name)
+            moves.fsync()
         except OSError as exc:
+            moves.undo()
             raise StateError(self.path(name), f"cannot put the committed version back: "
                                               f"{exc.strerror or exc}") from exc
+        moves.done()
 
-    def _to_trash_now(self, name: str) -> None:
+    def _remove_uncommitted(self, name: str) -> None:
         if self.read_only:
             return
         try:
             os.unlink(self.path(name))
-            self._fsync_dir()
+            fsync_dir(self.dir)
         except OSError as exc:
             raise StateError(self.path(name), f"cannot remove: {exc.strerror or exc}") from exc
 
@@ -392,7 +316,7 @@ class StateStore:
                 if n.startswith(f".{MANIFEST}.") and not n.startswith(f".{MANIFEST}.old."):
                     self.interrupted = True
                 if remove:
-                    _unlink(str(self.dir / n))
+                    unlink(str(self.dir / n))
 
     # ------------------------------------------------------------------ operators
     def restore(self, back: int) -> int:
@@ -407,8 +331,3 @@ class StateStore:
                             for name in FILES}, force=True)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
