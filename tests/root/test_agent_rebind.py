@@ -11,8 +11,7 @@ import pytest
 
 from agentproc import AgentProcess
 from netns import Topology, run
-from podman import (bridge_name, podman, podman_image, podman_service, run_container,  # noqa: F401
-                    unique_name)
+from podman import PrivatePodman, podman_available
 from traffic import eventually, tcp_ok
 
 from stockade.discovery import find_host_veth
@@ -118,46 +117,48 @@ def host_veth(agent, name) -> str:
     return endpoint(agent, name)["interface"]
 
 
-def test_a_container_is_bound_by_its_network_namespace_not_its_veth_name(podman_service, run_container):
+def test_a_container_is_bound_by_its_network_namespace_not_its_veth_name():
     """Container A is removed while the agent is down; container B's veth gets A's old
     name. A's record does not take it: after the restart B is identified as B (it was 409
     before), A is removed once Podman lists without it, and a container that kept running
     is bound again at once, without Podman."""
-    bridge = bridge_name()
-    agent = AgentProcess(podman_socket=podman_service.socket_path, managed_bridges=[bridge])
-    try:
-        agent.start()
-        agent.client.put_policies([DB_FROM_WEB])
-        a = run_container(unique_name("skrba"), labels={"app": "web"})
-        keep = run_container(unique_name("skrbk"), labels={"app": "keep"})
-        assert eventually(lambda: all((endpoint(agent, c.name) or {}).get("state") == "ready"
-                                      for c in (a, keep)))
-        a_veth = host_veth(agent, a.name)
-        agent.kill()
-        podman("rm", "-f", "-t", "0", a.id)
-        b = run_container(unique_name("skrbb"), labels={"app": "other"})
-        b_veth = find_host_veth(b.pid).ifname
-        run("ip", "link", "set", "dev", b_veth, "down")
-        run("ip", "link", "set", "dev", b_veth, "name", a_veth)
-        run("ip", "link", "set", "dev", a_veth, "up")
+    if not podman_available():
+        pytest.fail("needs root, podman and /bin/busybox (busybox-static): make setup")
+    with PrivatePodman(subnet="10.213.44.0/24") as pp:
+        agent = AgentProcess(podman_socket=pp.socket, managed_bridges=[pp.bridge])
+        try:
+            agent.start()
+            agent.client.put_policies([DB_FROM_WEB])
+            a, keep = pp.run("skrba", {"app": "web"}), pp.run("skrbk", {"app": "keep"})
+            assert eventually(lambda: all((endpoint(agent, n) or {}).get("state") == "ready"
+                                          for n in ("skrba", "skrbk")))
+            a_veth = host_veth(agent, "skrba")
+            agent.kill()
+            pp.remove(a)
+            b = pp.run("skrbb", {"app": "other"})
+            pid = json.loads(pp.podman("inspect", b).stdout)[0]["State"]["Pid"]
+            b_veth = find_host_veth(pid).ifname
+            run("ip", "link", "set", "dev", b_veth, "down")
+            run("ip", "link", "set", "dev", b_veth, "name", a_veth)
+            run("ip", "link", "set", "dev", a_veth, "up")
 
-        # Without Podman: the state alone. keep is bound (its namespace is the one
-        # recorded); A's record does not take B's veth.
-        agent.settings["podman_socket"] = None
-        agent.start()
-        assert endpoint(agent, keep.name)["state"] == "ready"
-        assert endpoint(agent, a.name)["state"] == "waiting-for-interface"
-        [m] = mismatches(agent)
-        assert m.startswith(f"endpoint {a.name}: interface {a_veth} does not lead into the network "
-                            f"namespace of container {a.id[:12]}")
-        # With Podman: B is announced on that veth and identified as itself; A goes.
-        agent.kill(signal.SIGTERM)
-        agent.settings["podman_socket"] = podman_service.socket_path
-        agent.start()
-        assert eventually(lambda: (endpoint(agent, b.name) or {}).get("state") == "ready", timeout=20)
-        ep = endpoint(agent, b.name)
-        assert ep["interface"] == a_veth and ep["labels"]["container:app"] == "other"
-        assert eventually(lambda: endpoint(agent, a.name) is None, timeout=20)
-        assert mismatches(agent) == []
-    finally:
-        agent.stop()
+            # Without Podman: the state alone. keep is bound (its namespace is the one
+            # recorded); A's record does not take B's veth.
+            agent.settings["podman_socket"] = None
+            agent.start()
+            assert endpoint(agent, "skrbk")["state"] == "ready"
+            assert endpoint(agent, "skrba")["state"] == "waiting-for-interface"
+            [m] = mismatches(agent)
+            assert m.startswith(f"endpoint skrba: interface {a_veth} does not lead into the network "
+                                f"namespace of container {a[:12]}"), m
+            # With Podman: B is announced on that veth and identified as itself; A goes.
+            agent.kill(signal.SIGTERM)
+            agent.settings["podman_socket"] = pp.socket
+            agent.start()
+            assert eventually(lambda: (endpoint(agent, "skrbb") or {}).get("state") == "ready", timeout=20)
+            ep = endpoint(agent, "skrbb")
+            assert ep["interface"] == a_veth and ep["labels"]["container:app"] == "other"
+            assert eventually(lambda: endpoint(agent, "skrba") is None, timeout=20)
+            assert mismatches(agent) == []
+        finally:
+            agent.stop()
