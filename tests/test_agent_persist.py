@@ -42,7 +42,7 @@ def start(state_dir) -> AgentAPI:
     cfg = AgentConfig(state_dir=str(state_dir), host_name="h1", podman_socket=None,
                       docker_socket=None, podman_events_log=None)
     agent = Agent(cfg)
-    agent.links.update({l.ifindex: l for l in LINKS})   # the host's links, as netlink gave them
+    agent.links.update({link.ifindex: link for link in LINKS})   # the host's links, as netlink gave them
     agent.start(RecordingDatapath(), watch_links=False, watch_runtimes=False, flows=False)
     return AgentAPI(agent)
 

@@ -129,7 +129,8 @@ def test_a_container_is_bound_by_its_network_namespace_not_its_veth_name():
         try:
             agent.start()
             agent.client.put_policies([DB_FROM_WEB])
-            a, keep = pp.run("skrba", {"app": "web"}), pp.run("skrbk", {"app": "keep"})
+            a = pp.run("skrba", {"app": "web"})
+            pp.run("skrbk", {"app": "keep"})
             assert eventually(lambda: all((endpoint(agent, n) or {}).get("state") == "ready"
                                           for n in ("skrba", "skrbk")))
             a_veth = host_veth(agent, "skrba")

@@ -358,13 +358,14 @@ def tap_for_mac(links, mac: str | None) -> Link | None:
 
 def find_link(agent, name: str, ifindex: int | None) -> Link | None:
     """The host link ``ifindex`` (when given) or named ``name``: the agent's, else the kernel's."""
-    match = (lambda l: l.ifindex == ifindex) if ifindex is not None else (lambda l: l.name == name)
-    link = next((l for l in agent.links.values() if match(l)), None)
-    if link is None and agent.live:
-        link = next((l for l in list_links() if match(l)), None)
-        if link is not None:
-            agent.links[link.ifindex] = link
-    return link
+    def match(link: Link) -> bool:
+        return link.ifindex == ifindex if ifindex is not None else link.name == name
+    found = next((link for link in agent.links.values() if match(link)), None)
+    if found is None and agent.live:
+        found = next((link for link in list_links() if match(link)), None)
+        if found is not None:
+            agent.links[found.ifindex] = found
+    return found
 
 
 def managed_by_config(agent, link: Link) -> bool:

@@ -122,7 +122,7 @@ def _restore_endpoints(agent: "Agent", txn: Txn, recs: list) -> bool:
     st = txn.state
     records = _Records(agent, "endpoints.json")
     links = list_links() if agent.live else list(agent.links.values())
-    by_name = {l.name: l for l in links}
+    by_name = {link.name: link for link in links}
     names, ids, changed = set(), set(), False
     for i, rec in enumerate(recs):
         ep = _endpoint(records, i, rec)
