@@ -132,6 +132,15 @@ class Topology:
         self.workloads[tag] = w
         return w
 
+    def remove_workload(self, tag: str) -> None:
+        """Delete one workload's namespace and veth (as a runtime removes a container);
+        its names may be used again by ``add_workload``."""
+        w = self.workloads.pop(tag)
+        run("ip", "link", "del", w.host_if, check=False)
+        run("ip", "netns", "del", w.ns, check=False)
+        self._links.remove(w.host_if)
+        self._netns.remove(w.ns)
+
     def close(self) -> None:
         """Delete what we created, newest first; errors are ignored (gone already)."""
         for name in reversed(self._links):

@@ -22,9 +22,11 @@ Use from a test module or a conftest:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -219,3 +221,105 @@ def run_container(podman_image):
     yield run
     for cid in reversed(started):
         remove_container(cid)
+
+
+# -- a Podman of the test's own ----------------------------------------------
+
+class PrivatePodman:
+    """Podman with its own storage, state, events log and network (bridge), and its API
+    service on its own socket: an agent pointed at it sees only this test's containers,
+    and its managed bridge carries only them. For tests that stop, SIGSTOP and restart
+    the service. Everything is removed on exit (containers by ID, the service by PID).
+
+        with PrivatePodman(subnet="10.213.50.0/24") as pp:
+            c = pp.run("web", {"app": "web"})
+            pp.pause(); pp.resume(); pp.stop_service(); pp.start_service()
+    """
+
+    _count = 0
+
+    def __init__(self, subnet: str):
+        PrivatePodman._count += 1
+        tag = f"{os.getpid()}-{PrivatePodman._count}"
+        self.base = Path(tempfile.mkdtemp(prefix=f"stockade-pp-{tag}-", dir="/var/tmp"))
+        self.args = ("--root", str(self.base / "root"), "--runroot", str(self.base / "run"),
+                     "--tmpdir", str(self.base / "tmp"), "--network-config-dir", str(self.base / "net"))
+        self.socket = f"/run/stockade-test/pp-{tag}.sock"
+        self.network = f"skpp{os.getpid()}x{PrivatePodman._count}"
+        self.subnet = subnet
+        self.bridge = ""
+        self.service: PodmanService | None = None
+        self.started: list[str] = []
+
+    def podman(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return podman(*self.args, *args, check=check, timeout=timeout)
+
+    def __enter__(self) -> "PrivatePodman":
+        try:
+            (self.base / "net").mkdir()
+            bbimage.ensure_image(IMAGE, podman=self.podman)
+            self.podman("network", "create", "--subnet", self.subnet, "--disable-dns", self.network)
+            self.bridge = json.loads(self.podman("network", "inspect", self.network).stdout)[0][
+                "network_interface"]
+            self.start_service()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start_service(self) -> None:
+        self.service = start_podman_service(
+            self.socket, containers_conf=str(CONTAINERS_CONF), extra_args=self.args,
+            log_path=str(self.base / "service.log"))
+
+    def stop_service(self) -> None:
+        if self.service is not None:
+            self.resume()
+            stop_podman_service(self.service)
+            self.service = None
+
+    def pause(self) -> None:
+        """SIGSTOP the service: it accepts connections and answers nothing (hung)."""
+        os.kill(self.service.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.service is not None:
+            os.kill(self.service.pid, signal.SIGCONT)
+
+    def run(self, name: str, labels: dict[str, str], cmd=("sleep", "3600"), timeout: float = 120) -> str:
+        """``podman run -d`` on the private network; returns the container ID."""
+        args = ["run", "-d", "--name", name, "--network", self.network,
+                "--label", f"{SESSION_LABEL}={SESSION_ID}"]
+        for k, v in labels.items():
+            args += ["--label", f"{k}={v}"]
+        proc = self.podman(*args, IMAGE, *cmd, check=False, timeout=timeout)
+        cid = container_id_in(self, name)
+        if cid:
+            self.started.append(cid)
+        if proc.returncode != 0:
+            raise RuntimeError(f"podman run {name} failed: {proc.stderr.strip()}")
+        return cid
+
+    def remove(self, cid: str) -> None:
+        self.podman("rm", "-f", "-t", "0", cid, check=False)
+
+    def close(self) -> None:
+        self.resume()
+        for cid in reversed(self.started):
+            self.remove(cid)
+        self.stop_service()
+        if self.bridge:
+            self.podman("network", "rm", "-f", self.network, check=False)
+        self.podman("rmi", "-a", "-f", check=False)
+        subprocess.run(["umount", "-R", str(self.base / "root" / "overlay")], capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+
+
+def container_id_in(pp: PrivatePodman, name: str) -> str | None:
+    proc = pp.podman("container", "inspect", "--format", "{{.Id}}", name, check=False)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None

@@ -5,6 +5,7 @@
     ├── PolicyErrors              several PolicyErrors found in one load (a file is rejected whole)
     ├── SelectorError             a command-line selector (SEL) that cannot be parsed
     ├── IdentityError             identity allocation or persistence failed
+    ├── StateError                a state file that cannot be read, is damaged, or cannot be written
     ├── InvalidRequest            API/CLI input that fails validation
     ├── NotFound                  no such endpoint, policy or ipcache entry
     ├── Conflict                  clashes with existing state
@@ -15,7 +16,7 @@
 Each class says which HTTP status the API answers it with (``http_status``): 500 unless
 a class below says otherwise; 400 for PolicyError, PolicyErrors, SelectorError and
 InvalidRequest, 403 PermissionDenied, 404 NotFound, 409 Conflict, 507 for the datapath's
-CapacityError, and an HTTPError's own status.
+CapacityError and for a StateError of a full disk, and an HTTPError's own status.
 """
 from __future__ import annotations
 
@@ -100,6 +101,17 @@ class SelectorError(StockadeError):
 
 class IdentityError(StockadeError):
     """Identity numbers could not be allocated or persisted."""
+
+
+class StateError(StockadeError):
+    """A state file (``path``) that cannot be read, is damaged or in the wrong shape, or
+    cannot be written (``problem`` says which). Renders as ``path: problem``. A write
+    that failed for want of space answers 507, any other 500."""
+
+    def __init__(self, path, problem: str, *, no_space: bool = False):
+        self.path, self.problem = str(path), problem
+        self.http_status = 507 if no_space else 500
+        super().__init__(f"{self.path}: {problem}")
 
 
 class InvalidRequest(StockadeError):

@@ -288,7 +288,8 @@ def test_stored_policy_this_version_refuses_stays_enforced():
                                               "fromCIDR": [f"{w['x'].ip4}/32"],
                                               "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]}]}}
             records[0]["document"] = combined
-            stored.write_text(json.dumps(records))
+            from stockade.daemon.store import StateStore   # as the version that stored it wrote it
+            StateStore(stored.parent).commit({"policies.json": records})
             agent.start()
             health = agent.client.health()
             assert health["status"] == "degraded"

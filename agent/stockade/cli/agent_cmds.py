@@ -79,6 +79,19 @@ def status(socket_path, output):
             click.echo(f"{'unprotected:':<{width + 1}} {', '.join(h['unprotected_interfaces'])}")
         for problem in h.get("policy_problems") or []:
             click.echo(f"refused stored policy: {problem}")
+        for mismatch in h.get("binding_mismatches") or []:
+            click.echo(f"not bound: {mismatch}")
+        for src in h.get("sources") or []:
+            state = "connected" if src["connected"] else "NOT CONNECTED"
+            line = (f"source {src['name']} ({src['where']}): {state}"
+                    f"{' since ' + src['since'] if src.get('since') else ''}, "
+                    f"last event {src.get('last_event') or 'none'}, "
+                    f"last listing {src.get('last_sync') or 'none'}, {src['errors']} errors")
+            if src.get("retrying"):
+                line += f", {src['retrying']} inspects to retry"
+            click.echo(line)
+            if src.get("last_error"):
+                click.echo(f"  last error ({src.get('last_error_at')}): {src['last_error']}")
         for e in h.get("errors") or []:
             click.echo(f"error: {e}")
     if h["status"] != "ok":

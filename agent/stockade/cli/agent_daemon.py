@@ -1,7 +1,9 @@
-"""``stockade agent``: run the agent in the foreground (or clean up after it)."""
+"""``stockade agent``: run the agent in the foreground (or clean up after it, or check
+and restore its state)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -11,6 +13,10 @@ import click
 from ..daemon.config import AgentConfig, load
 
 DEFAULT_CONFIG = "/etc/stockade/agent.yaml"
+EX_CONFIG = os.EX_CONFIG  # 78: the unit's RestartPreventExitStatus, systemd does not loop
+REFUSED = ("The datapath keeps enforcing the last policy it was given. "
+           "`stockade agent --check-state` reports the state and the generations kept "
+           "before it; `stockade agent --restore-state N` puts generation N back.")
 
 
 def _opt(name, **kw):
@@ -50,6 +56,10 @@ def _opt(name, **kw):
 @_opt("drop_events_rate", type=int, help="Drop events per second per CPU [5000].")
 @_opt("drop_events_burst", type=int, help="Burst of drop events per CPU [1000].")
 @_opt("ct_gc_interval", type=float, help="Seconds between conntrack collections [30].")
+@_opt("runtime_probe_interval", type=float,
+      help="Seconds of a quiet runtime event stream before the runtime is pinged [5].")
+@_opt("runtime_relist_interval", type=float,
+      help="Seconds between full listings of a runtime's containers [60].")
 @_opt("metrics_listen", help="Also serve /metrics on HOST:PORT (e.g. 127.0.0.1:9962).")
 @_opt("policy_map_size", type=int)
 @_opt("endpoints_map_size", type=int)
@@ -57,14 +67,26 @@ def _opt(name, **kw):
 @_opt("ct_map_size", type=int)
 @_opt("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--cleanup", is_flag=True, help="Detach every program and remove the pins, then exit.")
-def agent(config_path, cleanup, **flags):
+@click.option("--check-state", "check_state", is_flag=True,
+              help="Check the state directory and the generations kept, without starting; "
+              f"exits {EX_CONFIG} if the current state would be refused.")
+@click.option("--restore-state", "restore_state", type=click.IntRange(1, 3), metavar="N",
+              help="Make generation N (1-3, see --check-state) current again, then exit. "
+              "The agent must be stopped.")
+def agent(config_path, cleanup, check_state, restore_state, **flags):
     """Run the Stockade agent in the foreground.
+
+    A damaged state file (unreadable, cut short, the wrong shape) makes it refuse to
+    start: it exits 78 (EX_CONFIG) with a message naming the file and the problem, and
+    the datapath keeps enforcing the last policy.
 
     \b
     Examples:
       stockade agent --config /etc/stockade/agent.yaml
       stockade agent --socket /run/h1/agent.sock --bpffs-dir /run/h1/bpf --state-dir /run/h1/state
       stockade agent --cleanup --bpffs-dir /sys/fs/bpf/stockade
+      stockade agent --check-state
+      stockade agent --restore-state 1
     """
     for k in ("podman_socket", "docker_socket", "podman_events_log", "metrics_listen",
               "flow_log_path", "libvirt_uri"):
@@ -84,7 +106,44 @@ def agent(config_path, cleanup, **flags):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cleanup:
         sys.exit(run_cleanup(cfg))
+    if check_state:
+        sys.exit(run_check_state(cfg))
+    if restore_state:
+        sys.exit(run_restore_state(cfg, restore_state))
     sys.exit(run(cfg))
+
+
+def run_check_state(cfg: AgentConfig) -> int:
+    from ..daemon.statecheck import check_state
+    reports = check_state(cfg)
+    click.echo(f"state directory {cfg.state_dir}")
+    for r in reports:
+        click.echo(f"  {r.line()}")
+    if reports[0].ok:
+        return 0
+    good = [r.back for r in reports[1:] if r.ok]
+    click.echo("The agent would refuse to start. " + (
+        f"`stockade agent --restore-state {good[0]}` puts generation {good[0]} back."
+        if good else "No generation kept before it checks out."), err=True)
+    return EX_CONFIG
+
+
+def run_restore_state(cfg: AgentConfig, back: int) -> int:
+    from ..daemon.statecheck import agent_running, restore_generation
+    from ..errors import StateError
+    if agent_running(cfg.socket):
+        click.echo(f"error: the agent answers on {cfg.socket}; stop it first (it would write "
+                   "its own state over the restored one)", err=True)
+        return 1
+    try:
+        report, number = restore_generation(cfg, back)
+    except StateError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EX_CONFIG
+    click.echo(f"generation {back} (#{report.number}) is current again, as #{number}: "
+               f"{report.policies} policies, revision {report.revision}, {report.endpoints} "
+               "endpoints; the generations before it are kept")
+    return 0
 
 
 def run_cleanup(cfg: AgentConfig) -> int:
@@ -108,7 +167,7 @@ def run(cfg: AgentConfig) -> int:
     from ..daemon.agent import Agent
     from ..daemon.api import AgentAPI
     from ..daemon.server import APIServer
-    from ..errors import StockadeError
+    from ..errors import StateError, StockadeError
     log = logging.getLogger("stockade")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -118,6 +177,10 @@ def run(cfg: AgentConfig) -> int:
         a.start()
         server = APIServer(AgentAPI(a), cfg.socket, group=cfg.socket_group)
         server.start()
+    except StateError as exc:
+        log.error("cannot start: state %s", exc)
+        click.echo(f"stockade agent: cannot start: state {exc}\n{REFUSED}", err=True)
+        return EX_CONFIG
     except StockadeError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -26,36 +26,27 @@ from .changes import Change, ChangePolicies, LinkChange
 from .config import AgentConfig
 from .links import Link, LinkWatcher, list_links
 from .state import Snapshot, State
+from .statefiles import BUILDERS
 from .store import StateStore
 from .txn import Txn
 
 log = logging.getLogger("stockade.agent")
 
-# What each state file holds, written when a transaction marks it dirty.
-STATE_FILES = {
-    "endpoints": ("endpoints.json", lambda st, eng: [e.to_record() for e in st.endpoints.values()]),
-    "ipcache": ("ipcache.json", lambda st, eng: [
-        {"prefix": p, "labels": r.labels.to_dict(), "host": r.host, "node": r.node}
-        for p, r in sorted(st.remote.items())]),
-    "policies": ("policies.json", lambda st, eng: [{"source": p.source, "document": p.document}
-                                                   for p in eng.policies.values()]),
-    "revision": ("revision.json", lambda st, eng: st.revision),
-    "services": ("services.json", lambda st, eng: {k: v.raw for k, v in st.services.items()}),
-}
-
-
 class Agent:
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig, *, read_only: bool = False):
+        """``read_only``: only to read the state (statecheck.py): nothing is created or
+        cleaned up in the state directory."""
         self.config = config
         self._lock = threading.RLock()
-        self.store = StateStore(config.state_dir)
-        self.alloc = IdentityAllocator(self.store.path("identities.json"))
+        self.store = StateStore(config.state_dir, create=not read_only)
+        self.alloc = IdentityAllocator()   # its numbers come with the state (restore)
         self.engine = PolicyEngine(config.enforcement)
         self.state = State()
         self.dp: Any = None
         self.live = False          # talks to the kernel: links, host addresses
         self.links: dict[int, Link] = {}
         self.attached: set[int] = set()
+        self.endpoint_entries: dict[int, dict] = {}   # what this agent wrote per ifindex
         self.unprotected: list[str] = []
         self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.errors: collections.deque = collections.deque(maxlen=20)
@@ -75,17 +66,27 @@ class Agent:
     def start(self, datapath=None, *, watch_links: bool = True, watch_runtimes: bool = True,
               flows: bool = True) -> None:
         """``datapath``: the real one by default; a test may give a recording one (then
-        nothing here touches the kernel's links)."""
+        nothing here touches the kernel's links).
+
+        The state is read and checked first: a state file that is damaged raises
+        StateError before the datapath is built, so the pinned maps and programs keep
+        enforcing what they enforced (nothing is reconciled from a damaged model)."""
         cfg = self.config
+        self.live = datapath is None
+        with self._lock:
+            changed = restore.restore(self, self.store.load())
         if datapath is None:
             from ..datapath import Datapath
             datapath = Datapath(cfg.datapath_settings())
-            self.live = True
         self.dp = datapath
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
-            restore.restore(self)
             restore.reconcile(self)
+            if changed:   # records that gained what identifies them, numbers allocated
+                try:
+                    self._persist_locked(changed)
+                except StockadeError as exc:
+                    self.error(f"state after start: {exc}")
             self._committed_locked()
         if watch_links:
             watcher = LinkWatcher(self.on_link)
@@ -170,10 +171,8 @@ class Agent:
                     txn.write(self.dp)
                 self._persist_locked(txn.dirty)
             except StockadeError as exc:
-                txn.discard()
+                self._roll_back_locked(txn)
                 self.error(f"{change.what} failed, previous state kept: {exc}")
-                if self.dp is not None:
-                    restore.reconcile(self)  # the writer may have written part of it
                 raise
             txn.commit()
             for line in txn.log:
@@ -183,6 +182,19 @@ class Agent:
         finally:
             if isinstance(change, ChangePolicies):
                 self.policy_apply_seconds.observe(time.perf_counter() - started)
+
+    def _roll_back_locked(self, txn: Txn) -> None:
+        """The maps back to what they were (the inverse of what was written), then the
+        model: the previous generation everywhere."""
+        try:
+            if self.dp is not None:
+                txn.unwrite(self.dp)
+        except StockadeError as exc:
+            self.error(f"undoing a failed change: {exc}; reconciling the maps with the model")
+            txn.discard()
+            restore.reconcile(self)
+            return
+        txn.discard()
 
     def try_submit_locked(self, change: Change) -> None:
         """Submit; an error goes to status and the log (for sources with no caller to tell)."""
@@ -196,14 +208,31 @@ class Agent:
             self.try_submit_locked(LinkChange(kind, link))
 
     def _persist_locked(self, dirty: set[str]) -> None:
+        """The files ``dirty`` names, as one generation (store.StateStore.commit)."""
+        dirty = set(dirty) | ({"identities"} if self.alloc.unsaved else set())
+        if not dirty:
+            return
+        files = {}
         for name in sorted(dirty):
-            path, build = STATE_FILES[name]
-            self.store.write(path, build(self.state, self.engine))
+            path, build = BUILDERS[name]
+            files[path] = build(self)
+        self.store.commit(files)
+        self.alloc.saved()
 
     def _committed_locked(self) -> None:
         self.version += 1
 
     # ------------------------------------------------------------------ readers
+    def source_health(self) -> list[dict]:
+        """Each runtime source's health as it is now (runtimes.RuntimeSource.health)."""
+        out = []
+        for w in list(self._watchers):
+            health = getattr(w, "health", None)
+            h = health() if callable(health) else None
+            if h is not None:
+                out.append(h)
+        return out
+
     def snapshot(self) -> Snapshot:
         """The last committed version, as immutable copies (built once per version)."""
         snap = self._snapshot
@@ -219,7 +248,7 @@ class Agent:
                 memberships=dict(st.memberships), service_cidrs=dict(st.service_cidrs),
                 revision=st.revision, entries=len(e.entries), links=dict(self.links),
                 attached=frozenset(self.attached), unprotected=tuple(self.unprotected),
-                errors=tuple(self.errors))
+                errors=tuple(self.errors), mismatches=dict(st.mismatches))
             self._snapshot = snap
             return snap
 

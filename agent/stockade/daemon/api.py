@@ -31,13 +31,17 @@ class AgentAPI:
         a, snap = self.agent, self.agent.snapshot()
         problems = [f"policy {p.ref.display}: {msg}" for p in snap.policies.values()
                     for msg in p.problems]
-        return {"status": "degraded" if snap.errors or problems else "ok",
+        mismatches = [f"endpoint {name}: {why}" for name, why in sorted(snap.mismatches.items())]
+        sources = a.source_health()
+        down = any(not s["connected"] for s in sources)
+        return {"status": "degraded" if snap.errors or problems or mismatches or down else "ok",
                 "version": __version__, "uptime_s": round(time.time() - a.started, 1),
                 "enforcement": a.config.enforcement, "audit": a.config.audit,
                 "host": a.config.host_name, "policy_revision": snap.revision,
                 "endpoints": len(snap.endpoints), "identities": len(snap.identities),
                 "policies": len(snap.policies), "ipcache": len(snap.ipcache),
                 "errors": list(snap.errors), "policy_problems": problems,
+                "binding_mismatches": mismatches, "sources": sources,
                 "unprotected_interfaces": sorted(set(snap.unprotected))}
 
     # ------------------------------------------------------------------ endpoints

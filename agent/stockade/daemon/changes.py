@@ -21,6 +21,7 @@ from ..policy.api.rule import Policy, PolicyRef
 from ..policy.describe import summarize
 from ..policy.labels import LabelSet
 from ..policy.trace import policy_prefixes
+from .binding import RUNTIMES as RUNTIME_SOURCES, binding_problem
 from .endpoints import Endpoint, tap_matches_mac
 from .inventory import Service, effective_labels, membership
 from .links import Link, list_links, matches_any
@@ -43,7 +44,11 @@ class Change:
 # ---------------------------------------------------------------- endpoints
 @dataclass
 class UpsertEndpoint(Change):
-    """Register or update a workload (static endpoints, runtimes, libvirt)."""
+    """Register or update a workload (static endpoints, runtimes, libvirt).
+
+    A runtime's or libvirt's announcement, and an API registration, bind the endpoint
+    to the interface they name: they know which one it is. Binding from a record
+    (restore, a link that appears) is binding.py's business."""
 
     name: str
     interface: str | None
@@ -56,6 +61,7 @@ class UpsertEndpoint(Change):
     ifindex: int | None = None
     extra: dict = field(default_factory=dict)
     dropped_labels: tuple = ()    # labelsources.DroppedLabel: what it claimed and did not get
+    netns: tuple[int, str | None] | None = None   # a container's namespace (inode, path)
     what = "endpoint"
 
     def apply(self, txn: Txn) -> Endpoint:
@@ -63,6 +69,7 @@ class UpsertEndpoint(Change):
         old = st.endpoints.get(self.name)
         interface, ifindex = self.interface or "", self.ifindex
         by_mac = not interface
+        link = None
         if by_mac:
             # A VM given by its guest MAC: bound to its tap when (and whenever) it exists.
             if not self.mac:
@@ -71,33 +78,30 @@ class UpsertEndpoint(Change):
             if link is None and agent.live:
                 link = tap_for_mac(list_links(), self.mac)
             interface = link.name if link is not None else ""
-            ifindex = link.ifindex if link is not None else None
-        for other in st.endpoints.values():
+        elif interface:
+            link = find_link(agent, interface, ifindex)
+        ifindex = link.ifindex if link is not None else (None if by_mac else self.ifindex)
+        for other in list(st.endpoints.values()):
             if interface and other.name != self.name and other.interface == interface:
-                raise Conflict(f"interface {interface} already belongs to endpoint {other.name}",
-                               "interface")
+                self._settle(txn, other, link)
         if old is not None and old.source != self.source:
             raise Conflict(f"endpoint {self.name} exists (source {old.source})", "name")
         ep = Endpoint(self.name, old.id if old else next_endpoint_id(txn), interface,
                       tuple(self.ips), self.labels, self.source, self.audit, self.runtime_id,
                       self.mac, extra=dict(self.extra), by_mac=by_mac,
-                      dropped_labels=tuple(self.dropped_labels))
+                      dropped_labels=tuple(self.dropped_labels), netns=self.netns,
+                      link_mac=link.mac if link is not None else (
+                          old.link_mac if old is not None and old.interface == interface else None))
         same = old is not None and old.to_record() == ep.to_record()
-        if same and old.ifindex is not None:
+        if same and old.ifindex is not None and old.ifindex == ifindex:
             return old
         if not same and self.dropped_labels:
             report_dropped_labels(txn, ep)
-        if ifindex is None and interface:
-            link = next((l for l in agent.links.values() if l.name == interface), None)
-            if link is None and agent.live:
-                link = next((l for l in list_links() if l.name == interface), None)
-                if link is not None:
-                    agent.links[link.ifindex] = link
-            ifindex = link.ifindex if link else None
         ep = replace(ep, ifindex=ifindex)
         txn.put_endpoint(ep)
+        txn.j.delete(st.mismatches, self.name)
         if ifindex is not None:
-            txn.attach(ifindex)
+            txn.attach(ifindex, closed_on_undo=link is not None and managed_by_config(agent, link))
             txn.bind(ifindex, self.name)
         ep = identify(txn, ep)  # the new identity and entries first, then the old ones go
         if old is not None:
@@ -113,6 +117,25 @@ class UpsertEndpoint(Change):
         txn.log.append(f"endpoint {self.name} ({self.source}) {'updated' if old else 'added'}: "
                        f"identity {ep.identity}, {', '.join(ep.ips)}")
         return ep
+
+    def _settle(self, txn: Txn, other: Endpoint, link: Link | None) -> None:
+        """``other`` names the same interface. It keeps it when it holds that very link,
+        unless this is a runtime's announcement from another network namespace (the
+        runtime found the link from inside that namespace: ``other``'s record is stale,
+        it waits and is removed when the runtime lists without it). A static name is
+        refused twice over. An endpoint that only waits for a link of that name does
+        not hold it."""
+        holds = other.ifindex is not None and (link is None or other.ifindex == link.ifindex)
+        if holds and self.source in RUNTIME_SOURCES and other.source == self.source and \
+                self.netns is not None and other.netns != self.netns:
+            txn.unbind(other.ifindex)
+            txn.put_endpoint(replace(other, ifindex=None))
+            txn.log.append(f"endpoint {other.name}: interface {other.interface} now belongs to "
+                           f"{self.source} container {(self.runtime_id or '?')[:12]}")
+            return
+        if holds or (other.source == "static" and self.source == "static"):
+            raise Conflict(f"interface {other.interface} already belongs to endpoint {other.name}",
+                           "interface")
 
 
 @dataclass
@@ -137,6 +160,7 @@ class RemoveEndpoint(Change):
                                  "workload stops", "name")
         release(txn, ep)
         txn.drop_endpoint(self.name)
+        txn.j.delete(txn.state.mismatches, self.name)
         txn.log.append(f"endpoint {self.name} ({ep.source}) removed")
         return True
 
@@ -170,15 +194,19 @@ class LinkChange(Change):
             if link.ifindex not in agent.attached:
                 txn.attach(link.ifindex)
             return
-        waiting = next((e for e in st.endpoints.values()
-                        if e.ifindex is None and (e.interface == link.name or e.by_mac and
-                                                  tap_matches_mac(link.kind, link.mac, e.mac))), None)
-        if waiting is not None:
-            ep = replace(waiting, ifindex=link.ifindex,
+        for waiting in [e for e in st.endpoints.values() if e.ifindex is None and (
+                e.interface == link.name or e.by_mac and tap_matches_mac(link.kind, link.mac, e.mac))]:
+            problem = binding_problem(waiting, link)
+            if problem is not None:
+                txn.j.set(st.mismatches, waiting.name, problem)
+                txn.log.append(f"endpoint {waiting.name} not bound: {problem}")
+                continue
+            ep = replace(waiting, ifindex=link.ifindex, link_mac=link.mac,
                          interface=link.name if waiting.by_mac else waiting.interface)
             txn.put_endpoint(ep)
+            txn.j.delete(st.mismatches, ep.name)
             txn.bind(link.ifindex, ep.name)
-            txn.attach(link.ifindex)
+            txn.attach(link.ifindex, closed_on_undo=True)
             txn.write_endpoint(ep)
             return
         if link.ifindex not in agent.attached:
@@ -187,7 +215,7 @@ class LinkChange(Change):
                 if not list_attached(link.ifindex):
                     agent.unprotected.append(link.name)
             txn.close_interface(link.ifindex)
-            txn.attach(link.ifindex)
+            txn.attach(link.ifindex, closed_on_undo=True)
 
 
 # ---------------------------------------------------------------- other hosts' workloads
@@ -328,9 +356,25 @@ def tap_for_mac(links, mac: str | None) -> Link | None:
     return next((l for l in links if tap_matches_mac(l.kind, l.mac, mac)), None)
 
 
+def find_link(agent, name: str, ifindex: int | None) -> Link | None:
+    """The host link ``ifindex`` (when given) or named ``name``: the agent's, else the kernel's."""
+    def match(link: Link) -> bool:
+        return link.ifindex == ifindex if ifindex is not None else link.name == name
+    found = next((link for link in agent.links.values() if match(link)), None)
+    if found is None and agent.live:
+        found = next((link for link in list_links() if match(link)), None)
+        if found is not None:
+            agent.links[found.ifindex] = found
+    return found
+
+
+def managed_by_config(agent, link: Link) -> bool:
+    cfg = agent.config
+    return matches_any(link.name, cfg.managed_interfaces) or matches_any(link.master, cfg.managed_bridges)
+
+
 def managed(txn: Txn, link: Link, ignore: str | None = None) -> bool:
-    cfg = txn.agent.config
-    if matches_any(link.name, cfg.managed_interfaces) or matches_any(link.master, cfg.managed_bridges):
+    if managed_by_config(txn.agent, link):
         return True
     return any(e.interface == link.name or e.by_mac and tap_matches_mac(link.kind, link.mac, e.mac)
                for e in txn.state.endpoints.values() if e.name != ignore)

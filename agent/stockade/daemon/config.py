@@ -56,6 +56,11 @@ class AgentConfig:
     drop_events_rate: int = 5000
     drop_events_burst: int = 1000
     ct_gc_interval: float = 30.0
+    # Runtime sources (Podman, Docker): a quiet event stream is probed this often (a
+    # runtime that does not answer within 2 s is taken as hung: reconnect and re-list),
+    # and every container is listed again this often whatever the events said.
+    runtime_probe_interval: float = 5.0
+    runtime_relist_interval: float = 60.0
     metrics_listen: str | None = None  # e.g. 127.0.0.1:9962
     policy_map_size: int = 65536
     endpoints_map_size: int = 4096
@@ -74,6 +79,9 @@ class AgentConfig:
                      "ipcache_map_size", "ct_map_size", "flow_events_rate", "flow_events_burst",
                      "drop_events_rate", "drop_events_burst"):
             if getattr(self, name) <= 0:
+                raise InvalidRequest(f"{where}: {name} must be positive", name)
+        for name in ("runtime_probe_interval", "runtime_relist_interval"):
+            if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{where}: {name} must be positive", name)
         if self.flow_log_max_bytes < 0 or self.flow_log_backups < 0:
             raise InvalidRequest(f"{where}: flow_log_max_bytes and flow_log_backups must not "

@@ -3,7 +3,8 @@
 A static endpoint names its host interface, or (VMs) only the guest's MAC: then the
 agent binds it to the tap whose host-side MAC follows from the guest MAC (see
 ``tap_matches_mac``) and re-binds it whenever such a tap appears again (a restarted VM
-gets a new tap and a new ifindex).
+gets a new tap and a new ifindex). What identifies an endpoint's interface is recorded
+with it (``link_mac``, ``netns``) and checked before it is bound again (binding.py).
 """
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ class Endpoint:
     by_mac: bool = False  # the interface is found from ``mac`` (tap_matches_mac)
     # Labels its source gave that it does not get (labelsources.py), at most MAX_LISTED.
     dropped_labels: tuple[DroppedLabel, ...] = ()
+    # What identifies its interface (binding.py): the host-side MAC of the link it was
+    # bound to, and a container's network namespace as (inode, path).
+    link_mac: str | None = None
+    netns: tuple[int, str | None] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dropped_labels", tuple(self.dropped_labels)[:MAX_LISTED])
@@ -77,6 +82,10 @@ class Endpoint:
         if self.by_mac:
             rec["by_mac"] = True
             rec["interface"] = ""  # the tap's name changes with every VM start
+        if self.link_mac is not None:
+            rec["link_mac"] = self.link_mac
+        if self.netns is not None:
+            rec["netns"] = {"inode": self.netns[0], "path": self.netns[1]}
         return rec
 
     @classmethod
@@ -85,7 +94,9 @@ class Endpoint:
                    LabelSet.from_mapping(rec["labels"]), rec.get("source", "static"),
                    rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"),
                    extra=rec.get("extra") or {}, by_mac=rec.get("by_mac", False),
-                   dropped_labels=[DroppedLabel.from_dict(d) for d in rec.get("dropped_labels") or []])
+                   dropped_labels=[DroppedLabel.from_dict(d) for d in rec.get("dropped_labels") or []],
+                   link_mac=rec.get("link_mac"),
+                   netns=(rec["netns"]["inode"], rec["netns"].get("path")) if rec.get("netns") else None)
 
 
 def label_mapping(value, field_name: str = "labels") -> dict:

@@ -4,7 +4,9 @@ Each configured runtime socket gets a DockerWatcher; its events become endpoints
 (name = container name, labels = container labels, interface = host-side veth).
 With ``libvirt_uri`` set, a LibvirtWatcher does the same for VMs (name = domain name,
 labels = the domain's Stockade metadata, interface = the tap, mac = the guest MAC).
-After the first listing, endpoints of that source that no longer run are removed.
+After every full listing, each running workload is an endpoint and endpoints of that
+source that no longer run are removed (RuntimeSource); each source's health (connected,
+last event, last listing, errors) is in ``stockade status``.
 
 Labels get the runtime's own source (``container:``, ``libvirt:``); labels that name
 another source, are invalid, or (unless ``trust_image_labels``) come from the container's
@@ -28,17 +30,30 @@ log = logging.getLogger("stockade.runtimes")
 
 
 class RuntimeSource:
+    """One runtime (or libvirt) as a source of endpoints.
+
+    Level-triggered: after every full listing of the runtime (at start, after a
+    reconnect, and every ``runtime_relist_interval``) each running workload must be a
+    ready endpoint on its interface, and endpoints of this source that no longer run
+    are removed; events only make that happen sooner."""
+
     def __init__(self, agent, runtime: str, socket_path: str | None, events_log: str | None,
                  stop_event: threading.Event, service=None, watcher=None):
+        cfg = agent.config
         self.agent, self.runtime, self.service = agent, runtime, service
-        self.watcher = watcher or DockerWatcher(socket_path, runtime, events_log=events_log)
-        self._seen: set[str] = set()
-        self._reconciled = False
+        self.watcher = watcher or DockerWatcher(
+            socket_path, runtime, events_log=events_log, sync_events=True,
+            probe_interval=cfg.runtime_probe_interval, relist_interval=cfg.runtime_relist_interval)
         self._thread = self.watcher.start(self._on_event, stop_event)
-        threading.Thread(target=self._reconcile_after_sync, daemon=True,
-                         name=f"stockade-sync-{runtime}").start()
+
+    def health(self) -> dict | None:
+        h = getattr(self.watcher, "health", None)
+        return h.to_dict() if h is not None else None
 
     def _on_event(self, ev: WorkloadEvent) -> None:
+        if ev.kind == "synced":
+            self._reconcile(ev.workloads)
+            return
         w = ev.workload
         name = w.name
         try:
@@ -47,7 +62,6 @@ class RuntimeSource:
                     log.info("%s workload %s has no host interface or address; not managed",
                              self.runtime, name)
                     return
-                self._seen.add(name)
                 image_labels = None
                 if self.runtime in ("podman", "docker") and not self.agent.config.trust_image_labels:
                     if w.image_labels is None:
@@ -62,7 +76,8 @@ class RuntimeSource:
                 self.agent.submit(UpsertEndpoint(
                     name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
                     mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
-                    extra={"image": w.image}, dropped_labels=dropped))
+                    extra={"image": w.image}, dropped_labels=dropped,
+                    netns=(w.netns_inode, w.netns_path) if w.netns_inode else None))
             else:
                 self.agent.submit(RemoveEndpoint(name, source=self.runtime, runtime_id=w.id))
         except StockadeError as exc:
@@ -70,16 +85,20 @@ class RuntimeSource:
         except Exception:
             log.exception("%s event for %s failed", self.runtime, name)
 
-    def _reconcile_after_sync(self) -> None:
-        if not self.watcher.synced.wait(timeout=60):
-            return
-        stale = [e.name for e in self.agent.snapshot().endpoints
-                 if e.source == self.runtime and e.name not in self._seen]
-        for name in stale:
+    def _reconcile(self, workloads) -> None:
+        """Every running workload an endpoint ready on its interface (submitted again if
+        an earlier attempt failed); endpoints of this source that do not run removed."""
+        mine = {e.name: e for e in self.agent.snapshot().endpoints if e.source == self.runtime}
+        for w in workloads:
+            ep = mine.get(w.name)
+            if ep is None or ep.runtime_id != w.id or ep.state != "ready" or \
+                    ep.interface != (w.host_ifname or ""):
+                self._on_event(WorkloadEvent("added", w))
+        for name in sorted(set(mine) - {w.name for w in workloads}):
             try:
                 self.agent.submit(RemoveEndpoint(name, source=self.runtime))
-            except StockadeError:
-                pass
+            except StockadeError as exc:
+                self.agent.error(f"{self.runtime}: removing {name}: {exc}")
 
     def stop(self) -> None:
         self.watcher.close()
@@ -111,6 +130,7 @@ def start_runtime_watchers(agent, stop_event: threading.Event) -> list:
             agent.error(f"libvirt: {exc}")
         else:
             # The watcher reconnects by itself: libvirtd may start after the agent.
-            watcher = LibvirtWatcher(cfg.libvirt_uri, trust_guest_agent=cfg.libvirt_trust_guest_agent)
+            watcher = LibvirtWatcher(cfg.libvirt_uri, trust_guest_agent=cfg.libvirt_trust_guest_agent,
+                                     sync_events=True)
             out.append(RuntimeSource(agent, "libvirt", None, None, stop_event, watcher=watcher))
     return out

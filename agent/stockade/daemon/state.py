@@ -78,6 +78,8 @@ class State:
     memberships: dict[str, Membership] = field(default_factory=dict)     # endpoint name ->
     local_refs: dict[int, int] = field(default_factory=dict)    # identity -> local endpoints
     remote_refs: dict[int, int] = field(default_factory=dict)   # identity -> remote records
+    # endpoint name -> why the interface that has its name now is not its own (binding.py)
+    mismatches: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=lambda: {"revision": 0, "host_ips": ()})
 
     @property
@@ -106,3 +108,4 @@ class Snapshot:
     attached: frozenset[int]
     unprotected: tuple[str, ...]
     errors: tuple[str, ...]
+    mismatches: dict[str, str] = field(default_factory=dict)

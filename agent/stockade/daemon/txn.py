@@ -9,7 +9,15 @@ The steps keep the order that never opens the datapath: a new identity's policy 
 are written before the endpoint entry that points at them, the old identity's entries go
 after it; an interface is attached (and closed) before its workload is known. A change
 plans against the model as it is inside the transaction; nothing reaches the kernel
-until ``write``, and a failed write is followed by ``discard`` and a reconcile.
+until ``write``.
+
+``write`` keeps, for every step it writes (or begins to), the step that undoes it: the
+inverse policy delta, the ipcache entry and endpoint entry as they were, the attachment
+as it was. When the write or the persisting of the state after it fails, ``unwrite``
+writes those, last first (so the undo keeps the safe order too: an endpoint goes back to
+its old identity before that identity's new entries go), then ``discard`` puts the model,
+the engine and the identity numbers back: the maps, the model and the state files are
+the previous generation again, and the caller's answer is the error.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 HOST_ID = RESERVED["host"]
+CLOSED = {"endpoint_id": 0, "identity": 0, "unidentified": True}   # an unidentified interface
 
 
 def host_prefix(ip: str) -> str:
@@ -43,6 +52,7 @@ class Step:
     kind: str
     key: Any = None
     value: Any = None
+    prior: Any = None      # ipcache: the identity the entry had (None: none)
 
 
 @dataclass
@@ -54,9 +64,12 @@ class Txn:
     dirty: set[str] = field(default_factory=set)    # state files to write on commit
     log: list[str] = field(default_factory=list)     # what happened, for the change log
     etx: Transaction = field(init=False)
+    undo: list[Step] = field(default_factory=list)   # inverses of the steps written
+    on_commit: list = field(default_factory=list)    # callables, run once committed
 
     def __post_init__(self):
         self.etx = self.agent.engine.begin()
+        self._alloc_mark = self.agent.alloc.mark()
 
     @property
     def state(self) -> State:
@@ -108,15 +121,17 @@ class Txn:
     # ------------------------------------------------------------------ ipcache
     def set_ipcache(self, prefix: str, identity: int, source: str, host: str | None) -> None:
         entry = IpcacheEntry(identity, source, host)
-        if self.state.ipcache.get(prefix) == entry:
+        old = self.state.ipcache.get(prefix)
+        if old == entry:
             return
         self.j.set(self.state.ipcache, prefix, entry)
-        self.steps.append(Step("ipcache", prefix, identity))
+        self.steps.append(Step("ipcache", prefix, identity, old.identity if old else None))
 
     def del_ipcache(self, prefix: str) -> None:
-        if prefix in self.state.ipcache:
+        old = self.state.ipcache.get(prefix)
+        if old is not None:
             self.j.delete(self.state.ipcache, prefix)
-            self.steps.append(Step("ipcache", prefix, None))
+            self.steps.append(Step("ipcache", prefix, None, old.identity))
 
     # ------------------------------------------------------------------ endpoints
     def put_endpoint(self, ep: Endpoint) -> None:
@@ -161,14 +176,15 @@ class Txn:
 
     def close_interface(self, ifindex: int) -> None:
         """Unknown until a runtime or the API identifies it: dropped."""
-        self.steps.append(Step("endpoint", ifindex, {"endpoint_id": 0, "identity": 0,
-                                                     "unidentified": True}))
+        self.steps.append(Step("endpoint", ifindex, CLOSED))
 
     def forget_interface(self, ifindex: int) -> None:
         self.steps.append(Step("endpoint", ifindex, None))
 
-    def attach(self, ifindex: int) -> None:
-        self.steps.append(Step("attach", ifindex))
+    def attach(self, ifindex: int, *, closed_on_undo: bool = False) -> None:
+        """``closed_on_undo``: the interface is managed (a new link): undoing this
+        leaves it attached and closed, never unfiltered."""
+        self.steps.append(Step("attach", ifindex, closed_on_undo))
 
     def detach(self, ifindex: int) -> None:
         self.steps.append(Step("endpoint", ifindex, None))
@@ -176,8 +192,8 @@ class Txn:
 
     # ------------------------------------------------------------------ the end
     def write(self, dp) -> None:
-        """Write every step, in order. Raises the datapath's error part way."""
-        agent = self.agent
+        """Write every step, in order. Raises the datapath's error part way; ``unwrite``
+        then undoes what was written."""
         # Every key any step adds, at once: a bound on the maps' size at every point.
         peak = Delta()
         for step in self.steps:
@@ -187,30 +203,64 @@ class Txn:
         if peak:
             dp.check_capacity(peak)
         for step in self.steps:
-            if step.kind == "policy":
-                dp.apply_delta(step.value, checked=True)
-            elif step.kind == "ipcache":
-                if step.value is None:
-                    dp.del_ipcache(step.key)
-                else:
-                    dp.set_ipcache(step.key, step.value)
-            elif step.kind == "endpoint":
-                if step.value is None:
-                    dp.del_endpoint(step.key)
-                else:
-                    dp.set_endpoint(step.key, **step.value)
-            elif step.kind == "attach":
-                if step.key not in agent.attached:
-                    dp.attach_interface(step.key)
-                    agent.attached.add(step.key)
-            elif step.kind == "detach":
-                if step.key in agent.attached:
-                    dp.detach_interface(step.key)
-                    agent.attached.discard(step.key)
+            inverse = self._inverse(step)
+            if inverse is not None:
+                self.undo.append(inverse)   # before the write: a half-done one is undone too
+            _write_step(self.agent, dp, step)
+
+    def unwrite(self, dp) -> None:
+        """Write the inverse of every step written, last first."""
+        while self.undo:
+            _write_step(self.agent, dp, self.undo[-1])
+            self.undo.pop()
+
+    def _inverse(self, step: Step) -> Step | None:
+        agent = self.agent
+        if step.kind == "policy":
+            return Step("policy", value=step.value.inverse())
+        if step.kind == "ipcache":
+            return Step("ipcache", step.key, step.prior)
+        if step.kind == "endpoint":
+            return Step("endpoint", step.key, agent.endpoint_entries.get(step.key))
+        if step.kind == "attach":
+            if step.key in agent.attached:
+                return None
+            return Step("endpoint", step.key, CLOSED) if step.value else Step("detach", step.key)
+        if step.kind == "detach":
+            return Step("attach", step.key) if step.key in agent.attached else None
+        raise ValueError(step.kind)
 
     def commit(self) -> None:
         self.agent.engine.commit(self.etx)
+        for fn in self.on_commit:
+            fn()
 
     def discard(self) -> None:
         self.agent.engine.discard(self.etx)
         self.j.undo()
+        self.agent.alloc.undo(self._alloc_mark)
+
+
+def _write_step(agent: "Agent", dp, step: Step) -> None:
+    if step.kind == "policy":
+        dp.apply_delta(step.value, checked=True)
+    elif step.kind == "ipcache":
+        if step.value is None:
+            dp.del_ipcache(step.key)
+        else:
+            dp.set_ipcache(step.key, step.value)
+    elif step.kind == "endpoint":
+        if step.value is None:
+            dp.del_endpoint(step.key)
+            agent.endpoint_entries.pop(step.key, None)
+        else:
+            dp.set_endpoint(step.key, **step.value)
+            agent.endpoint_entries[step.key] = step.value
+    elif step.kind == "attach":
+        if step.key not in agent.attached:
+            dp.attach_interface(step.key)
+            agent.attached.add(step.key)
+    elif step.kind == "detach":
+        if step.key in agent.attached:
+            dp.detach_interface(step.key)
+            agent.attached.discard(step.key)

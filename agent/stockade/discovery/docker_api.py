@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from .errors import RuntimeAPIError, RuntimeUnavailable
+from .netns import netns_inode
 from .veth import find_host_veth
 from .workload import Workload
 
@@ -158,12 +159,16 @@ class EventStream:
     def __init__(self, api: DockerAPI, url: str, params: dict[str, str]) -> None:
         self._api = api
         self._aborted = False
-        timeout = httpx.Timeout(api._timeout, read=None)  # events may be hours apart
-        self._client = api._new_client(timeout)
+        # The headers must come within the timeout (a stopped runtime accepts the
+        # connection and never answers); events may then be hours apart: no read
+        # timeout for the body (the watcher's watchdog pings a quiet runtime instead).
+        self._client = api._new_client(httpx.Timeout(api._timeout))
+        request = self._client.build_request("GET", url, params=params)
         with api._errors(f"GET {url}"):
-            self._resp = self._client.send(
-                self._client.build_request("GET", url, params=params), stream=True
-            )
+            self._resp = self._client.send(request, stream=True)
+        timeouts = request.extensions.get("timeout")
+        if isinstance(timeouts, dict):
+            timeouts["read"] = None   # read by the transport when the body's first chunk is
         if self._resp.status_code >= 400:
             self._resp.read()
             msg = _error_message(self._resp)
@@ -263,6 +268,8 @@ def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True
     veth = None
     if resolve_veth and (pid or settings.get("SandboxKey")):
         veth = find_host_veth(pid, netns_path=settings.get("SandboxKey") or None, mac=mac)
+    netns_path = settings.get("SandboxKey") or (f"/proc/{pid}/ns/net" if pid else None)
+    netns_ino = netns_inode(netns_path) if netns_path and resolve_veth else None
     return Workload(
         runtime=runtime,
         id=data["Id"],
@@ -275,4 +282,6 @@ def workload_from_inspect(runtime: str, data: dict, *, resolve_veth: bool = True
         host_ifindex=veth.ifindex if veth else None,
         mac=(veth.mac if veth and veth.mac else mac),
         pid=pid,
+        netns_path=netns_path if netns_ino else None,
+        netns_inode=netns_ino,
     )

@@ -30,7 +30,10 @@ created the tap (the tap stays closed meanwhile: the agent attaches every manage
 as unidentified). To bind sooner, a netlink thread watches for new tun/macvtap links
 and triggers a listing at once (coalesced): the starting domain's live XML already
 names its tap, so the endpoint is ready ~0.1 s after the tap appears. When libvirtd goes away the connection is reopened with
-backoff (0.1 s doubling to 5 s) and everything is listed again.
+backoff (0.1 s doubling to 5 s) and everything is listed again. A hung libvirtd is found by
+libvirt's keepalive (KEEPALIVE_INTERVAL s, KEEPALIVE_COUNT unanswered: the connection is
+closed, then reopened). ``health`` (health.SourceHealth) says how it is going; with
+``sync_events`` every listing is also yielded as a "synced" WorkloadEvent.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 
 from .errors import RuntimeAPIError, RuntimeUnavailable
+from .health import SourceHealth
 from .workload import Workload, WorkloadEvent
 
 log = logging.getLogger(__name__)
@@ -131,13 +135,16 @@ class LibvirtWatcher:
     runtime_name = "libvirt"
     BACKOFF_MIN = 0.1
     BACKOFF_MAX = 5.0
+    KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 3
 
     def __init__(self, uri: str = DEFAULT_URI, *, trust_guest_agent: bool = False,
-                 resync_interval: float = 10.0) -> None:
+                 resync_interval: float = 10.0, sync_events: bool = False) -> None:
         self.uri = uri
         self.trust_guest_agent = trust_guest_agent
         self.resync_interval = resync_interval
+        self.sync_events = sync_events
         self.synced = threading.Event()
+        self.health = SourceHealth("libvirt", uri)
         self._conn = None
         self._callbacks: list[int] = []
         self._close_cb = False
@@ -152,7 +159,13 @@ class LibvirtWatcher:
         except libvirt.libvirtError as exc:
             raise RuntimeUnavailable(self.uri, str(exc)) from exc
         if inbox is not None:
+            try:
+                conn.setKeepAlive(self.KEEPALIVE_INTERVAL, self.KEEPALIVE_COUNT)
+            except libvirt.libvirtError as exc:   # a local driver without keepalive
+                log.debug("libvirt keepalive: %s", exc)
+
             def on_domain(_conn, dom, *_args) -> None:
+                self.health.event()
                 inbox.put((_DOMAIN, dom.UUIDString()))
 
             for ev in (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
@@ -160,6 +173,7 @@ class LibvirtWatcher:
                        libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE):
                 self._callbacks.append(conn.domainEventRegisterAny(None, ev, on_domain, None))
             conn.registerCloseCallback(lambda *_: inbox.put((_SYNC, "closed")), None)
+            self.health.up()
             self._close_cb = True
         self._conn = conn
         return conn
@@ -287,6 +301,7 @@ class LibvirtWatcher:
                     try:
                         self._open(inbox)
                     except RuntimeUnavailable as exc:
+                        self.health.down(str(exc))
                         log.warning("libvirt: %s; retrying in %.1fs", exc, backoff)
                         stop_event.wait(backoff)
                         backoff = min(backoff * 2, self.BACKOFF_MAX)
@@ -302,17 +317,23 @@ class LibvirtWatcher:
                 try:
                     if kind == _SYNC:
                         if item == "closed":
+                            self.health.down("the connection to libvirtd closed")
                             self.close()
                             continue
                         if item == "link":
                             self._pending_link_sync.clear()  # later taps queue a new one
                         log.debug("libvirt: listing domains (%s)", item)
-                        yield from self._diff(known, self.snapshot(), None)
+                        now = self.snapshot()
+                        yield from self._diff(known, now, None)
+                        if self.sync_events:
+                            yield WorkloadEvent("synced", None, tuple(now))
+                        self.health.synced()
                         self.synced.set()
                     else:
                         yield from self._domain_changed(known, item)
                 except (RuntimeUnavailable, RuntimeAPIError) as exc:
                     log.warning("libvirt: %s; reconnecting", exc)
+                    self.health.down(str(exc))
                     self.close()
         finally:
             halt.set()

@@ -27,10 +27,22 @@ containers and yields the difference (removed for vanished containers, added
 for new or changed ones), so nothing is lost in the gap. With give_up_after
 set, events() raises RuntimeUnavailable after that many seconds without a
 connection instead.
+
+Faults: an inspect that fails is tried again with backoff (0.2 s doubling to 5 s,
+RETRIES times); a container's event counts as handled (its position, the event's
+timestamp, moves on) only once it was inspected. A hung runtime answers nothing and
+closes nothing: when the stream has been quiet for ``probe_interval`` seconds the
+watchdog pings the API (2 s), and no answer aborts the stream, so the reader reconnects
+and the consumer re-lists. Every ``relist_interval`` seconds the consumer lists all
+containers again anyway (level-triggered: whatever was missed is found). ``health``
+(health.SourceHealth) says how it is going; with ``sync_events`` every listing is
+also yielded as a "synced" WorkloadEvent carrying every running workload.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -39,6 +51,7 @@ from collections.abc import Callable, Iterator
 
 from .docker_api import EVENT_ACTIONS, DockerAPI, EventStream, workload_from_inspect
 from .errors import DiscoveryError, RuntimeAPIError, RuntimeUnavailable
+from .health import SourceHealth
 from .podman_events import PodmanEventsLog
 from .workload import Workload, WorkloadEvent
 
@@ -51,6 +64,8 @@ _CHECK_ACTIONS = frozenset({"kill"})  # a signal, not always a death: ask the ru
 # Items on the internal queue: (_SYNC, None) after (re)connecting, (_RAW, event),
 # (_FAIL, exc) when the reader gives up, (_STOP, None) when stop_event is set.
 _SYNC, _RAW, _FAIL, _STOP = "sync", "raw", "fail", "stop"
+RETRIES = 8                  # inspects of one event (then the next listing finds it)
+RETRY_MIN, RETRY_MAX = 0.2, 5.0
 
 
 class DockerWatcher:
@@ -64,6 +79,7 @@ class DockerWatcher:
 
     BACKOFF_MIN = 0.1
     BACKOFF_MAX = 5.0
+    PING_TIMEOUT = 2.0
 
     def __init__(
         self,
@@ -73,15 +89,24 @@ class DockerWatcher:
         resolve_veth: bool = True,
         events_log: str | None = None,
         api: DockerAPI | None = None,
+        probe_interval: float = 5.0,
+        relist_interval: float = 60.0,
+        sync_events: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.runtime_name = runtime_name
         self.resolve_veth = resolve_veth
         self.events_log = events_log
+        self.probe_interval = probe_interval
+        self.relist_interval = relist_interval
+        self.sync_events = sync_events
+        self._own_api = api is None
         self._api = api or DockerAPI(socket_path)
         # Set once events() has listed the running containers after connecting
         # (readiness for the agent; tests wait on it before starting containers).
         self.synced = threading.Event()
+        self.health = SourceHealth(runtime_name, socket_path)
+        self._last_data = time.monotonic()
 
     def close(self) -> None:
         self._api.close()
@@ -141,6 +166,8 @@ class DockerWatcher:
                              name="stockade-watch-api", daemon=True),
             threading.Thread(target=self._wait_stop, args=(stop_event, halt, inbox, current),
                              name="stockade-watch-stop", daemon=True),
+            threading.Thread(target=self._watchdog, args=(halt, current),
+                             name="stockade-watch-probe", daemon=True),
         ]
         if self.events_log:
             tail = PodmanEventsLog(self.events_log)
@@ -151,25 +178,46 @@ class DockerWatcher:
             thread.start()
         known: dict[str, Workload] = {}
         last_ns: dict[str, int] = {}
+        retries: list = []                      # heap of (due, seq, raw, attempt)
+        seq = itertools.count()
+        next_list = None                        # monotonic time of the next full listing
         try:
             while True:
-                kind, item = inbox.get()
+                now = time.monotonic()
+                due = [t for t in (next_list, retries[0][0] if retries else None) if t is not None]
+                try:
+                    kind, item = inbox.get(timeout=max(0.0, min(due) - now) if due else None)
+                except queue.Empty:
+                    kind, item = None, None
                 if kind == _STOP or halt.is_set():
                     return
                 if kind == _FAIL:
                     raise item
-                if kind == _SYNC:
+                if kind == _RAW:
+                    self.health.event()
+                    event = self._translate(item, known, last_ns, retries, seq, 1)
+                    if event is not None:
+                        yield event
+                    continue
+                now = time.monotonic()
+                while retries and retries[0][0] <= now:
+                    _, _, raw, attempt = heapq.heappop(retries)
+                    self.health.retrying = len(retries)
+                    event = self._translate(raw, known, last_ns, retries, seq, attempt)
+                    if event is not None:
+                        yield event
+                if kind == _SYNC or (next_list is not None and now >= next_list):
                     try:
                         yield from self._resync(known)
                     except DiscoveryError as exc:
-                        log.warning("%s: resync failed, reconnecting: %s", self.runtime_name, exc)
+                        log.warning("%s: listing failed, reconnecting: %s", self.runtime_name, exc)
+                        self.health.down(f"listing containers: {exc}")
+                        next_list = None
                         _abort(current)
                         continue
+                    next_list = time.monotonic() + self.relist_interval
+                    self.health.synced()
                     self.synced.set()
-                    continue
-                event = self._translate(item, known, last_ns)
-                if event is not None:
-                    yield event
         finally:
             halt.set()
             _abort(current)
@@ -182,6 +230,7 @@ class DockerWatcher:
             except DiscoveryError as exc:
                 now = time.monotonic()
                 down_since = down_since or now
+                self.health.down(str(exc))
                 if give_up_after is not None and now - down_since >= give_up_after:
                     inbox.put((_FAIL, exc))
                     return
@@ -190,6 +239,7 @@ class DockerWatcher:
                 backoff = min(backoff * 2, self.BACKOFF_MAX)
                 continue
             backoff, down_since = self.BACKOFF_MIN, None
+            self._last_data = time.monotonic()
             current[0] = stream
             try:
                 if halt.is_set():
@@ -198,14 +248,37 @@ class DockerWatcher:
                 # in between shows up in both, and the dedup makes that harmless.
                 inbox.put((_SYNC, None))
                 for raw in stream:
+                    self._last_data = time.monotonic()
                     inbox.put((_RAW, raw))
                 if not stream.aborted and not halt.is_set():
                     log.warning("%s: event stream ended, reconnecting", self.runtime_name)
+                    self.health.down("the event stream ended")
             except RuntimeUnavailable as exc:
                 log.warning("%s: %s", self.runtime_name, exc)
+                self.health.down(str(exc))
             finally:
                 current[0] = None
                 stream.close()
+
+    def _watchdog(self, halt, current) -> None:
+        """Ping the API when the stream has been quiet for probe_interval; no answer
+        (a hung or stopped runtime) aborts the stream so the reader reconnects."""
+        while not halt.wait(min(1.0, self.probe_interval)):
+            if current[0] is None or time.monotonic() - self._last_data < self.probe_interval:
+                continue
+            if self._ping():
+                self._last_data = time.monotonic()
+                continue
+            why = f"no answer to /_ping within {self.PING_TIMEOUT:g}s (hung?)"
+            log.warning("%s: %s; reconnecting", self.runtime_name, why)
+            self.health.down(why)
+            _abort(current)
+
+    def _ping(self) -> bool:
+        if not self._own_api:
+            return self._api.ping()
+        with DockerAPI(self.socket_path, timeout=self.PING_TIMEOUT) as api:
+            return api.ping()
 
     @staticmethod
     def _wait_stop(stop_event, halt, inbox, current) -> None:
@@ -226,9 +299,11 @@ class DockerWatcher:
             if known.get(cid) != workload:
                 known[cid] = workload
                 yield WorkloadEvent("added", workload)
+        if self.sync_events:
+            yield WorkloadEvent("synced", None, tuple(w for _, w in sorted(now.items())))
 
-    def _translate(self, raw: dict, known: dict[str, Workload], last_ns: dict[str, int]
-                   ) -> WorkloadEvent | None:
+    def _translate(self, raw: dict, known: dict[str, Workload], last_ns: dict[str, int],
+                   retries: list, seq, attempt: int) -> WorkloadEvent | None:
         if raw.get("Type", raw.get("type")) not in (None, "container"):
             return None
         action = raw.get("Action") or raw.get("status") or ""
@@ -238,26 +313,24 @@ class DockerWatcher:
         if not cid:
             return None
         ns = raw.get("timeNano")
-        if isinstance(ns, int):
-            if ns <= last_ns.get(cid, 0):
-                return None  # already handled from the other source
-            last_ns[cid] = ns
-        if action in _ADD_ACTIONS:
+        if isinstance(ns, int) and ns <= last_ns.get(cid, 0):
+            return None  # already handled (from the other source, or a retry overtaken)
+        if action in _ADD_ACTIONS or (action in _CHECK_ACTIONS and cid in known):
             try:
                 workload = self.inspect(cid)
             except DiscoveryError as exc:
-                log.warning("%s: inspect %s after %s: %s", self.runtime_name, cid[:12], action, exc)
+                self._retry(raw, retries, seq, attempt, f"inspect {cid[:12]} after {action}: {exc}")
                 return None
+        if isinstance(ns, int):
+            last_ns[cid] = ns          # handled: the position moves on
+        if action in _ADD_ACTIONS:
             if workload is None or known.get(cid) == workload:
                 return None
             known[cid] = workload
             return WorkloadEvent("added", workload)
         if action in _CHECK_ACTIONS and cid in known:
-            try:
-                if self.inspect(cid) is not None:
-                    return None
-            except DiscoveryError:
-                pass
+            if workload is not None:
+                return None
             return WorkloadEvent("removed", known.pop(cid))
         if action in _REMOVE_ACTIONS and cid in known:
             if action == "remove":
@@ -266,6 +339,17 @@ class DockerWatcher:
         if action == "remove":
             last_ns.pop(cid, None)
         return None
+
+    def _retry(self, raw: dict, retries: list, seq, attempt: int, why: str) -> None:
+        self.health.error(why)
+        if attempt >= RETRIES:
+            log.warning("%s: %s; giving up after %d tries (the next listing finds it)",
+                        self.runtime_name, why, attempt)
+            return
+        delay = min(RETRY_MIN * 2 ** (attempt - 1), RETRY_MAX)
+        log.warning("%s: %s; trying again in %.1fs", self.runtime_name, why, delay)
+        heapq.heappush(retries, (time.monotonic() + delay, next(seq), raw, attempt + 1))
+        self.health.retrying = len(retries)
 
 
 def _abort(current: list) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-EventKind = Literal["added", "removed"]
+EventKind = Literal["added", "removed", "synced"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Workload:
         network, macvlan, no network) or it could not be resolved.
     mac: the container interface's MAC address; None when unknown.
     pid: the container's init PID on the host; None when not running.
+    netns_path / netns_inode: the container's network namespace (the runtime's
+        SandboxKey, else /proc/PID/ns/net) and its inode (netns.py); None when unknown.
     """
 
     runtime: str
@@ -40,6 +42,8 @@ class Workload:
     host_ifindex: int | None = None
     mac: str | None = None
     pid: int | None = None
+    netns_path: str | None = None
+    netns_inode: int | None = None
 
 
 @dataclass
@@ -49,7 +53,10 @@ class WorkloadEvent:
     kind "added" is an upsert: the same ID may be added again (restart, or a
     resync after reconnecting) and the newest workload replaces the old one.
     kind "removed" carries the last workload that was added for that ID.
+    kind "synced" (watchers asked for it) follows every full listing: ``workload`` is
+    None and ``workloads`` holds every running workload.
     """
 
     kind: EventKind
-    workload: Workload
+    workload: Workload | None
+    workloads: tuple[Workload, ...] = ()

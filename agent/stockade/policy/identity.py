@@ -8,11 +8,7 @@ outside this host depends on a number: other hosts' workloads are known by IP + 
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import IdentityError
 from .api.cidr import Network
@@ -62,16 +58,26 @@ def cidr_labels(prefix: Network) -> LabelSet:
 
 
 class IdentityAllocator:
-    """Label set -> number, stable across restarts when given a ``path`` to persist to."""
+    """Label set -> number, stable across restarts: the agent persists ``numbers()`` in
+    its state (identities.json) and gives them back here.
 
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else None
+    Numbers allocated since the last ``saved()`` are remembered in order, so that a
+    transaction that is discarded (a dry run, a failed write) gives back the numbers it
+    took: ``mark()`` before, ``undo(mark)`` after.
+    """
+
+    def __init__(self, numbers: dict[str, int] | None = None):
         self._numbers: dict[str, int] = {}
-        if self.path and self.path.exists():
-            try:
-                self._numbers = {k: int(v) for k, v in json.loads(self.path.read_text()).items()}
-            except (OSError, ValueError) as exc:
-                raise IdentityError(f"{self.path}: cannot read identities: {exc}") from exc
+        owners: dict[int, str] = {}
+        for key, n in (numbers or {}).items():
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise IdentityError(f"{key!r}: identity {n!r} is not a positive integer")
+            if n in owners:
+                raise IdentityError(f"identity {n} is given to two label sets: {owners[n]!r} "
+                                    f"and {key!r}")
+            owners[n] = key
+            self._numbers[key] = n
+        self._added: list[str] = []
 
     def _next(self, base: int) -> int:
         used = {n for n in self._numbers.values() if (n >= CIDR_BASE) == (base >= CIDR_BASE)}
@@ -88,20 +94,28 @@ class IdentityAllocator:
     def _number(self, key: str, base: int) -> int:
         if key not in self._numbers:
             self._numbers[key] = self._next(base)
-            self._save()
+            self._added.append(key)
         return self._numbers[key]
 
-    def _save(self) -> None:
-        if not self.path:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".identities.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._numbers, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            raise IdentityError(f"{self.path}: cannot persist identities: {exc}") from exc
+    # -- persistence, by the agent's state store ------------------------------------
+    def numbers(self) -> dict[str, int]:
+        return dict(self._numbers)
+
+    @property
+    def unsaved(self) -> bool:
+        return bool(self._added)
+
+    def saved(self) -> None:
+        self._added.clear()
+
+    def mark(self) -> int:
+        return len(self._added)
+
+    def undo(self, mark: int) -> None:
+        """Forget the numbers allocated since ``mark``."""
+        for key in self._added[mark:]:
+            self._numbers.pop(key, None)
+        del self._added[mark:]
 
 
 def most_specific(prefixes: dict[Network, int], addr_or_net: str) -> int | None:

@@ -1,0 +1,218 @@
+"""The state directory (daemon/store.py): generations written atomically, every kind of
+damage refused with the file and the problem, a write that fails at any point leaving the
+previous generation whole and no temporary file behind."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+
+import pytest
+
+from stockade.daemon.store import StateStore
+from stockade.errors import StateError
+
+pytestmark = pytest.mark.pure
+
+POLICY = {"source": "p.yaml", "document": {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                                           "metadata": {"name": "p"}, "spec": {"endpointSelector": {}}}}
+
+
+def files_of(d) -> dict[str, bytes]:
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d)) if (d / n).is_file()}
+
+
+def temps(d) -> list[str]:
+    return [n for n in os.listdir(d) if n.endswith(".tmp")]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = StateStore(tmp_path / "state")
+    s.commit({"policies.json": [POLICY], "revision.json": 1, "identities.json": {"app=web": 256},
+              "endpoints.json": [], "ipcache.json": [], "services.json": {}})
+    s.commit({"revision.json": 2})
+    return s
+
+
+def test_an_empty_directory_is_an_empty_state(tmp_path):
+    gen = StateStore(tmp_path / "new").load()
+    assert gen.number == 0 and gen["policies.json"] == [] and gen["revision.json"] == 0
+
+
+def test_generations_move_up_together(store):
+    store.commit({"policies.json": [], "revision.json": 3})
+    store.commit({"revision.json": 4})
+    d = store.dir
+    assert {n for n in os.listdir(d) if n.startswith(("policies", "revision", "state"))} == {
+        "policies.json", "policies.json.1", "policies.json.2",
+        *(f"{f}{s}" for f in ("revision.json", "state.json") for s in ("", ".1", ".2", ".3"))}
+    got = [(store.load(n).number, store.load(n)["revision.json"], len(store.load(n)["policies.json"]))
+           for n in range(4)]
+    # generation 1 is a copy of the working files; N of every file is from the same commit
+    assert got == [(4, 4, 0), (4, 4, 0), (3, 3, 0), (2, 2, 1)]
+    assert os.stat(d / "policies.json").st_ino != os.stat(d / "policies.json.1").st_ino
+
+
+def test_a_change_that_changes_nothing_makes_no_generation(store):
+    assert store.commit({"revision.json": 2, "policies.json": [POLICY]}) == 2
+    assert not (store.dir / "state.json.3").exists()
+
+
+def test_a_working_file_changed_in_place_leaves_its_copy_whole(store):
+    store.commit({"revision.json": 3})
+    (store.dir / "policies.json").write_text("{}")      # as an editor writing in place does
+    with pytest.raises(StateError, match=r"policies.json: \$: \{\} is not of type 'array'"):
+        StateStore(store.dir).load()
+    gen = StateStore(store.dir).load(1)
+    assert (gen.number, gen["policies.json"], gen["revision.json"]) == (3, [POLICY], 3)
+
+
+PROBLEMS = [
+    ("policies.json", b"{}", "$: {} is not of type 'array'"),
+    ("policies.json", b"[{}]", "$[0]: 'document' is a required property"),
+    ("policies.json", b"null", "$: None is not of type 'array'"),
+    ("policies.json", b'[{"document": {"a": 1}, "sourc": "x"}]', "$[0]: Additional properties"),
+    ("policies.json", b'[{"source": "p.yaml", "document": {"apiVers', "not JSON: Unterminated string"),
+    ("policies.json", b"\xff\xfe[]", "not JSON: not UTF-8 at byte 0"),
+    ("revision.json", b'"7"', "$: '7' is not of type 'integer'"),
+    ("revision.json", b"1.5", "$: 1.5 is not of type 'integer'"),
+    ("revision.json", b"-3", "$: -3 is less than the minimum of 0"),
+    ("identities.json", b'{"app=web": "x"}', "$.app=web: 'x' is not of type 'integer'"),
+    ("endpoints.json", b'[{"id": 1, "interface": "v", "ips": [], "labels": {}}]',
+     "$[0]: 'name' is a required property"),
+    ("endpoints.json", b'[{"name": "a", "id": 1, "interface": "v", "ips": [], "labels": {}, '
+                       b'"mac": "zz"}]', "$[0].mac: 'zz' does not match"),
+    ("ipcache.json", b'[{"prefix": 10, "labels": {}}]', "$[0].prefix: 10 is not of type 'string'"),
+    ("services.json", b"[]", "$: [] is not of type 'object'"),
+]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["format-1", "before-format-1"])
+@pytest.mark.parametrize("name,content,message", PROBLEMS, ids=[f"{n}:{c[:24]!r}" for n, c, _ in PROBLEMS])
+def test_a_file_in_the_wrong_shape_is_refused_naming_it(store, legacy, name, content, message):
+    if legacy:
+        for n in os.listdir(store.dir):
+            if n.startswith("state.json"):
+                os.unlink(store.dir / n)
+    (store.dir / name).write_bytes(content)
+    with pytest.raises(StateError) as err:
+        StateStore(store.dir).load()
+    assert err.value.path == str(store.dir / name)
+    assert message in err.value.problem, err.value.problem
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "revision.json").write_text("2\n"), None),   # same bytes: fine
+    (lambda d: (d / "revision.json").write_text("5"), "does not match state.json (generation 2)"),
+    (lambda d: (d / "policies.json").write_bytes((d / "policies.json").read_bytes()[:-1] + b" "),
+     "does not match state.json"),
+    (lambda d: (d / "revision.json").unlink(), "missing, but state.json (generation 2) lists it"),
+    (lambda d: (d / "services.json").unlink() or (d / "x.json").write_text("{}"), "missing, but"),
+    (lambda d: [(d / "revision.json").write_text("9"), (d / ".state.json.x1.tmp").write_text("{")],
+     None),                                      # a commit cut short: the committed one is in .1
+    (lambda d: (d / "revision.json").unlink() or (d / "revision.json").mkdir(), "cannot read"),
+    (lambda d: (d / "state.json").write_text(json.dumps({"format": 2, "generation": 3, "files": {}})),
+     "format 2 was written by a newer version"),
+    (lambda d: (d / "state.json").write_text('{"format": 1}'), "'generation' is a required property"),
+], ids=["unchanged", "changed", "truncated-same-shape", "missing", "unlisted", "cut-short",
+        "unreadable", "newer-format", "manifest-shape"])
+def test_a_file_that_does_not_match_its_generation_is_refused(store, damage, message):
+    damage(store.dir)
+    if message is None:
+        gen = StateStore(store.dir).load()
+        assert gen["revision.json"] == 2 and gen["services.json"] == {}
+        return
+    with pytest.raises(StateError, match=re.escape(message)):
+        StateStore(store.dir).load()
+
+
+class Fault:
+    """Make the n-th call of ``os.<name>`` fail with ``err``."""
+
+    def __init__(self, monkeypatch, name: str, n: int, err: int = errno.ENOSPC):
+        self.calls, real = 0, getattr(os, name)
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls == n:
+                raise OSError(err, os.strerror(err))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(os, name, call)
+
+
+# Every call a commit of two files makes (6 writes, 7 fsyncs, up to 14 renames, 3 links)
+# and more: a fault past the last one never fails, and then the commit must be whole.
+@pytest.mark.parametrize("name,n", [(name, n) for name, calls in (("write", 7), ("fsync", 8),
+                                                                  ("rename", 15), ("link", 4))
+                                    for n in range(1, calls + 1)])
+def test_a_write_failing_at_any_point_keeps_the_previous_generation(store, monkeypatch, name, n):
+    before = files_of(store.dir)
+    Fault(monkeypatch, name, n)
+    try:
+        store.commit({"policies.json": [POLICY, POLICY], "revision.json": 3})
+    except StateError as exc:
+        assert "the previous state is kept" in str(exc)
+        assert exc.http_status == 507
+        monkeypatch.undo()
+        assert files_of(store.dir) == before
+        assert temps(store.dir) == []
+        assert StateStore(store.dir).load()["revision.json"] == 2
+        store.commit({"revision.json": 3})        # and the next write works
+        assert StateStore(store.dir).load().number == 3
+    else:   # the fault came after the commit point (or never): the new generation is whole
+        monkeypatch.undo()
+        gen = StateStore(store.dir).load()
+        assert (gen.number, gen["revision.json"], len(gen["policies.json"])) == (3, 3, 2)
+        assert temps(store.dir) == []
+
+
+def test_other_write_errors_answer_500(store, monkeypatch):
+    Fault(monkeypatch, "write", 1, errno.EIO)
+    with pytest.raises(StateError) as err:
+        store.commit({"revision.json": 3})
+    assert err.value.http_status == 500
+
+
+def test_restore_makes_a_generation_current_again(store):
+    store.commit({"policies.json": [], "services.json": {"s": {"cidrs": ["192.0.2.0/24"]}}})
+    assert store.load()["services.json"]
+    number = StateStore(store.dir).restore(3)      # the first commit: one policy, revision 1
+    gen = StateStore(store.dir).load()
+    assert (number, gen["revision.json"], len(gen["policies.json"]), gen["services.json"]) == (4, 1, 1, {})
+    assert StateStore(store.dir).load(2)["services.json"]          # what it replaced, kept
+
+
+def test_restore_works_over_a_damaged_current_state(store):
+    (store.dir / "state.json").write_text("{")
+    (store.dir / "policies.json").write_text("{}")
+    StateStore(store.dir).restore(1)
+    gen = StateStore(store.dir).load()
+    assert (gen.number, gen["revision.json"], gen["policies.json"]) == (3, 2, [POLICY])
+
+
+def test_a_commit_cut_short_by_a_crash_is_rolled_back_at_load(store, monkeypatch):
+    """A crash between the renames: its temporary manifest stays behind; the next start
+    takes the committed generation from the versions kept and puts it back in place."""
+    def crash(src, dst, real=os.rename):
+        if dst.endswith("/revision.json"):
+            raise SystemExit("power lost")
+        real(src, dst)
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(SystemExit):
+        store.commit({"policies.json": [], "revision.json": 3})
+    monkeypatch.undo()
+    assert (store.dir / "policies.json").read_text().strip() == "[]"    # moved before the crash
+    assert StateStore(store.dir, create=False).load()["policies.json"] == [POLICY]
+    assert (store.dir / "policies.json").read_text().strip() == "[]"    # a reader repairs nothing
+    gen = StateStore(store.dir).load()
+    assert (gen.number, gen["revision.json"], gen["policies.json"]) == (2, 2, [POLICY])
+    assert StateStore(store.dir).load().number == 2 and temps(store.dir) == []
+
+
+def test_leftover_temporary_files_are_removed(store):
+    (store.dir / ".policies.json.abc123.tmp").write_text("half")
+    (store.dir / ".unrelated.tmp").write_text("not ours")
+    StateStore(store.dir)
+    assert temps(store.dir) == [".unrelated.tmp"]
