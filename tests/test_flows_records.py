@@ -13,17 +13,21 @@ from stockade.flows import Decoder, FlowFilter, FlowLog, FlowRing, Resolver, par
 from stockade.flows.record import RECORD_SIZE
 
 WEB, DB, WORLD = 1001, 1002, 2
+POLICY_DB = 7  # the policy_id of the entry that allows db:5432 (events carry it)
 A4, B4, X4 = "10.9.0.1", "10.9.0.2", "192.0.2.7"
 A6, B6 = "fd00::1", "fd00::2"
 
 
 def raw_event(src, dst, direction, verdict=0, reason=0, proto=6, sport=40000, dport=5432,
               src_id=WEB, dst_id=DB, ifindex=11, flags=0x02, icmp_type=0, match=m.MATCH_ALLOW,
-              ts=None) -> bytes:
+              ts=None, policy_exact=None, policy_any=0) -> bytes:
     ev = m.FlowEvent(timestamp=ts if ts is not None else time.monotonic_ns(), ifindex=ifindex,
                      src_identity=src_id, dst_identity=dst_id, direction=direction,
                      verdict=verdict, reason=reason, proto=proto, sport=sport, dport=dport,
-                     tcp_flags=flags, icmp_type=icmp_type, pkt_len=74, policy_match=match)
+                     tcp_flags=flags, icmp_type=icmp_type, pkt_len=74, policy_match=match,
+                     policy_exact=(POLICY_DB if dport == 5432 and match & 0x0F == m.MATCH_ALLOW
+                                   else 0) if policy_exact is None else policy_exact,
+                     policy_any=policy_any)
     sa, da = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     ev.ip_version = sa.version
     ev.saddr[:] = list(sa.packed.ljust(16, b"\0"))
@@ -42,7 +46,7 @@ def resolver():
                            pad(A6): ("web", "h1"), pad(B6): ("db", "h1")},
         labels={WEB: ("k8s:app=web", "k8s:tier=front"), DB: ("k8s:app=db",),
                 WORLD: ("reserved:world",)},
-        policies=lambda local, peer, d, proto, port: ["default/db"] if port == 5432 else [],
+        policies=lambda exact, any_peer, deny: ["default/db"] if POLICY_DB in (exact, any_peer) else [],
         ifnames={11: "vethweb", 12: "vethdb"}, host="h1")
 
 

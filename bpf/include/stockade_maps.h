@@ -155,7 +155,7 @@ struct policy_key {
 struct policy_value {
 	__u8  deny;
 	__u8  pad[3];
-	__u32 reserved;   /* later: index of the deciding policy */
+	__u32 policy_id;  /* which policies made this entry (the agent's table); events carry it */
 };
 
 /* policy_flags: (local identity, direction) -> enforcement. Absent = not enforced. */
@@ -305,6 +305,8 @@ struct flow_event {
 	__u8  policy_match;   /* MATCH_* | MATCH_F_* */
 	__u8  icmp_code;
 	__u8  pad[2];
+	__u32 policy_exact;   /* policy_id of the exact-peer entry that matched (0: none) */
+	__u32 policy_any;     /* policy_id of the any-peer entry that matched (0: none) */
 };
 
 #endif /* STOCKADE_MAPS_H */

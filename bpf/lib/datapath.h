@@ -194,7 +194,7 @@ static __always_inline int handle_ip(struct __sk_buff *skb, const struct endpoin
 
 	/* New flow: policy between the endpoint and the peer's identity. */
 	peer = ipcache_identity(p->family, dir == DIR_EGRESS ? p->daddr : p->saddr);
-	reason = policy_decide(local, peer, dir, p, &p->match);
+	reason = policy_decide(local, peer, dir, p, &p->match, p->policy_ids);
 	audit = 0;
 	if (reason != REASON_NONE) {
 		if ((cfg & CFG_F_AUDIT) || (ep->flags & EP_F_AUDIT)) {

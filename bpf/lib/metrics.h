@@ -88,6 +88,8 @@ static __always_inline void emit_event(struct __sk_buff *skb, int dir, int verdi
 	ev.is_reply = is_reply;
 	ev.pkt_len = skb->len;
 	ev.policy_match = p->match;
+	ev.policy_exact = p->policy_ids[0];
+	ev.policy_any = p->policy_ids[1];
 	if (events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
 		count_lost(EVENTS_LOST_RINGBUF);
 }

@@ -64,6 +64,7 @@ struct pkt {
 	__u8 pad[2];
 	__u32 frag_id;      /* IP identification (IPv4: 16 bits, network order) */
 	__u32 l4_off;       /* offset of the L4 header in the skb */
+	__u32 policy_ids[2]; /* policy_id of the exact and the any-peer entry that matched */
 };
 
 /* skb->data and skb->data_end, each read straight from the context register: clang

@@ -32,9 +32,10 @@ static __always_inline __u32 ipcache_identity(__u8 family, const __u32 *a)
 	return v ? v->identity : IDENTITY_WORLD;
 }
 
-/* One LPM lookup. Returns -1 on miss, else the entry's deny flag (0/1). */
+/* One LPM lookup. Returns -1 on miss, else the entry's deny flag (0/1); @id: out,
+ * the entry's policy_id (which policies made it: flows name them as of that moment). */
 static __always_inline int policy_match(__u32 local, __u32 peer, int dir,
-					const struct pkt *p)
+					const struct pkt *p, __u32 *id)
 {
 	struct policy_key k = {};
 	struct policy_value *v;
@@ -57,14 +58,16 @@ static __always_inline int policy_match(__u32 local, __u32 peer, int dir,
 	v = policy.lookup(&k);
 	if (!v)
 		return -1;
+	*id = v->policy_id;
 	return v->deny ? 1 : 0;
 }
 
 /* Decide packet @p between @local and @peer in direction @dir.
  * @match: out, MATCH_* | MATCH_F_* (how it was decided, for events).
+ * @ids: out, the policy_id of the exact and the any-peer entry that matched (0: none).
  * Returns REASON_NONE (allow), REASON_POLICY_DENY_RULE or REASON_POLICY_DENIED. */
 static __always_inline int policy_decide(__u32 local, __u32 peer, int dir,
-					 const struct pkt *p, __u8 *match)
+					 const struct pkt *p, __u8 *match, __u32 *ids)
 {
 	struct policy_flags_key fk = {};
 	struct policy_flags_value *f;
@@ -77,9 +80,10 @@ static __always_inline int policy_decide(__u32 local, __u32 peer, int dir,
 		*match = MATCH_NOT_ENFORCED;
 		return REASON_NONE;
 	}
-	exact = policy_match(local, peer, dir, p);
+	ids[0] = ids[1] = 0;
+	exact = policy_match(local, peer, dir, p, &ids[0]);
 	if (peer != IDENTITY_ANY)
-		any = policy_match(local, IDENTITY_ANY, dir, p);
+		any = policy_match(local, IDENTITY_ANY, dir, p, &ids[1]);
 	*match = (exact >= 0 ? MATCH_F_EXACT : 0) | (any >= 0 ? MATCH_F_ANY : 0);
 	if (exact == 1 || any == 1) {
 		*match |= MATCH_DENY;

@@ -293,3 +293,26 @@ def test_flood_of_drops(env):
     # the flow log rotated under the flood and kept its number of backups
     logs = sorted(p.name for p in (agent.run_dir / "flows").iterdir())
     assert logs == ["flows.log", "flows.log.1", "flows.log.2"]
+
+
+def test_old_flows_keep_the_policy_that_decided_them(env):
+    """A flow names what decided it when it happened (the policy_id in the policy map's
+    value, carried by the event), not what decides such a flow now."""
+    agent, w, _ = env
+    renamed = {"name": "db2.yaml", "text": POLICY["text"].replace("db-from-web", "db-from-web-v2")}
+    try:
+        assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432)
+        agent.client.put_policies([renamed], replace_all=True)
+        assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432)
+
+        def both():
+            got = agent.client.flows(to_port=5432, verdict="FORWARDED", direction="ingress")["flows"]
+            return {tuple(f["policy"]) for f in got} >= {("db-from-web",), ("db-from-web-v2",)} and got
+        flows = eventually(both)
+        assert flows, agent.client.flows(to_port=5432)["flows"][-4:]
+        names = [tuple(f["policy"]) for f in flows]
+        # every flow before the change names the old policy, every one after the new
+        first_new = names.index(("db-from-web-v2",))
+        assert set(names[:first_new]) <= {("db-from-web",)} and set(names[first_new:]) == {("db-from-web-v2",)}
+    finally:
+        agent.client.put_policies([POLICY], replace_all=True)

@@ -123,3 +123,36 @@ def test_drop_events_rate_limited_counters_exact_new_budget_separate(env):
     f = ring.to_dict(ring.rows()[0])
     assert f["verdict"] == "DROPPED" and f["drop_reason"] == "policy_denied"
     assert f["policy_match"] == "default-deny" and f["direction"] == "ingress"
+
+
+def test_events_carry_what_decided_them_at_the_time(env):
+    """The policy map's value holds a number for the policies behind the entry; the event
+    carries the numbers of the entries that matched, so decoding after a policy change
+    still names the policy that decided the packet (issue 13: attribution at the time)."""
+    from stockade.flows import Resolver
+    dp, a, b, events = env
+    key = Key(ID_B, ID_A, INGRESS, PROTO_TCP, 7001, 16)
+    set_policy(dp, {key: Entry(deny=False, policies=frozenset({"old-policy"}))},
+               {(ID_B, INGRESS): DEFAULT_DENY})
+    dp.poll_events(50)
+    events.clear()
+    assert tcp_ok(a, b, b.ip4, 7001)
+    dp.poll_events(50)
+    raw = list(events)
+    events.clear()
+    # the policy changes before anyone decodes the event
+    set_policy(dp, {key: Entry(deny=False, policies=frozenset({"new-policy"}))},
+               {(ID_B, INGRESS): DEFAULT_DENY})
+    ring = FlowRing(64)
+    dec = Decoder(ring, Resolver(policies=dp.policy_names))
+    rows = [r for r in dec.rows(raw) if r[16] == PROTO_TCP and r[14] == INGRESS]
+    assert rows, "no event for the connection"
+    assert ring.to_dict(rows[0])["policy"] == ["old-policy"]
+    assert tcp_ok(a, b, b.ip4, 7001)
+    dp.poll_events(50)
+    new = [r for r in dec.rows(list(events)) if r[16] == PROTO_TCP and r[14] == INGRESS]
+    events.clear()
+    assert new and ring.to_dict(new[0])["policy"] == ["new-policy"]
+    # the raw event holds the entry's number, the same the map's value holds
+    ev = EVENT.unpack(next(e for e in raw if EVENT.unpack(e)[12] == PROTO_TCP and EVENT.unpack(e)[4] == INGRESS))
+    assert ev[-2] == dp.policy_id(Entry(deny=False, policies=frozenset({"old-policy"}))) and ev[-1] == 0

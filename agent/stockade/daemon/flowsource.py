@@ -2,9 +2,10 @@
 batches into the flow ring (stockade.flows), writes the optional flow log, and
 answers flow queries and follows for the API.
 
-The decoder resolves endpoints, labels and policy names from a ``Resolver``
-snapshot of the agent's model, rebuilt under the agent's lock when the model looks
-changed (a cheap fingerprint) or every ``SNAPSHOT_MAX_AGE_S``.
+The decoder resolves endpoints and labels from a ``Resolver`` built from the agent's
+last committed snapshot (a new one when the agent commits, or every
+``SNAPSHOT_MAX_AGE_S``), and policy names from the policy_ids the events carry (the
+datapath's table: what decided a flow when it happened).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import time
 from typing import Iterator
 
 from ..flows import Decoder, FlowFilter, FlowLog, FlowRing, Resolver, connection_key
-from ..policy.mapstate import lookup as policy_lookup
 
 log = logging.getLogger("stockade.flows")
 
@@ -65,19 +65,8 @@ class FlowSource:
         for ep in snap.endpoints:
             if ep.ifindex is not None:
                 ifnames[ep.ifindex] = ep.interface
-        entries, flags = a.engine.entries, a.engine.flags
-
-        def policies(local, peer, direction, proto, port):
-            _verdict, keys = policy_lookup(entries, flags, local, peer, direction, proto, port)
-            names = set()
-            for k in keys:
-                e = entries.get(k)
-                if e is not None:
-                    names |= set(e.policies)
-            return sorted(names)
-
-        self.decoder.set_resolver(Resolver(dict(snap.by_ifindex), by_addr, labels, policies,
-                                           ifnames, host))
+        self.decoder.set_resolver(Resolver(dict(snap.by_ifindex), by_addr, labels,
+                                           a.dp.policy_names, ifnames, host))
         self._fingerprint = snap.version
         self._snapshot_at = time.monotonic()
 

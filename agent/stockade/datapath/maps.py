@@ -124,7 +124,7 @@ class PolicyKey(ct.Structure):
 
 
 class PolicyValue(ct.Structure):
-    _fields_ = [("deny", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("reserved", ct.c_uint32)]
+    _fields_ = [("deny", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("policy_id", ct.c_uint32)]
 
 
 class PolicyFlagsKey(ct.Structure):
@@ -246,6 +246,8 @@ class FlowEvent(ct.Structure):
         ("policy_match", ct.c_uint8),
         ("icmp_code", ct.c_uint8),
         ("pad", ct.c_uint8 * 2),
+        ("policy_exact", ct.c_uint32),
+        ("policy_any", ct.c_uint32),
     ]
 
     def addresses(self) -> tuple[str, str]:

@@ -81,6 +81,29 @@ def _rank(flag: DirectionPolicy) -> int:
     return 2 if flag.default_deny else 1
 
 
+class PolicyIds:
+    """Entry (allow/deny and the policies behind it) <-> the number in a policy value.
+
+    Numbers are never reused while the agent runs, so a flow event names the policies
+    that decided it at the time, whatever changed since. The table holds each distinct
+    (verdict, set of policy names) once: it grows with new combinations of policies,
+    not with entries or traffic."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[Entry, int] = {}
+        self._entries: dict[int, Entry] = {}
+
+    def number(self, entry: Entry) -> int:
+        n = self._numbers.get(entry)
+        if n is None:
+            n = self._numbers[entry] = len(self._numbers) + 1
+            self._entries[n] = entry
+        return n
+
+    def entry(self, number: int) -> Entry | None:
+        return self._entries.get(number)
+
+
 class MapWriter:
     """Needs ``self.table(name)`` (see loader.Datapath)."""
 
@@ -213,9 +236,37 @@ class MapWriter:
         self._update("config", ct.c_uint32(0), m.ConfigValue(flags=flags))
 
     # -- policy ----------------------------------------------------------------
+    # -- which policies made an entry: a number in the value, events carry it ---------
+    def _policy_ids(self) -> "PolicyIds":
+        if getattr(self, "_ids", None) is None:
+            self._ids = PolicyIds()
+        return self._ids
+
+    def policy_id(self, entry: Entry) -> int:
+        return self._policy_ids().number(entry)
+
+    def policy_names(self, exact: int, any_peer: int, deny: bool) -> tuple[str, ...]:
+        """The policies behind a decision, from the two policy_ids a flow event carries
+        (the exact-peer and the any-peer entry that matched): those of the entries that
+        agree with the decision, as they were when the event happened."""
+        ids = self._policy_ids()
+        names: set[str] = set()
+        for number in (exact, any_peer):
+            entry = ids.entry(number)
+            if entry is not None and entry.deny == deny:
+                names |= entry.policies
+        return tuple(sorted(names))
+
     def policy_entries(self) -> MapState:
-        return {_key_from_c(k): Entry(deny=bool(v.deny))
-                for k, v in self._items("policy", m.PolicyKey, m.PolicyValue)}
+        """What the policy map holds; an entry whose policy_id this writer did not give
+        (a previous agent's) reads with no policy names, so it is written again."""
+        ids = self._policy_ids()
+        out = {}
+        for k, v in self._items("policy", m.PolicyKey, m.PolicyValue):
+            entry = ids.entry(v.policy_id)
+            out[_key_from_c(k)] = entry if entry is not None and entry.deny == bool(v.deny) \
+                else Entry(deny=bool(v.deny))
+        return out
 
     def policy_flags(self) -> FlagState:
         return {(k.identity, k.direction): DirectionPolicy(bool(v.enforced), bool(v.default_deny))
@@ -278,11 +329,11 @@ class MapWriter:
 
     def _write_ordered(self, deny_adds, loosen, allow_adds, tighten, removes) -> None:
         for k, e in deny_adds:
-            self._update("policy", _policy_key(k), m.PolicyValue(deny=1))
+            self._update("policy", _policy_key(k), m.PolicyValue(deny=1, policy_id=self.policy_id(e)))
         for p, f in sorted(loosen.items()):
             self._write_flag(p, f)
         for k, e in allow_adds:
-            self._update("policy", _policy_key(k), m.PolicyValue(deny=0))
+            self._update("policy", _policy_key(k), m.PolicyValue(deny=0, policy_id=self.policy_id(e)))
         for p, f in sorted(tighten.items()):
             self._write_flag(p, f)
         for k in removes:

@@ -2,7 +2,8 @@
 
 The decoder knows nothing of the agent: a ``Resolver`` snapshot tells it which
 endpoint sits behind an ifindex or an address, an identity's labels and which
-policies decided a (local, peer, direction, proto, port). The agent builds a new
+policies are behind the policy_ids an event carries (the datapath wrote them in the
+policy map's values, so a flow names what decided it when it happened). The agent builds a new
 snapshot when its model changes (flowsource.py); decoding itself takes no lock.
 """
 from __future__ import annotations
@@ -13,15 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..datapath.maps import (DIR_EGRESS, MATCH_ALLOW, MATCH_DEFAULT_DENY, MATCH_DENY,
-                             FlowEvent)
+from ..datapath.maps import DIR_EGRESS, MATCH_DENY, FlowEvent
 from .ring import FlowRing
 
 # struct flow_event (bpf/include/stockade_maps.h), little-endian host
-EVENT = struct.Struct("<QIIIBBBB16s16sHHBBBBIBB2x")
+EVENT = struct.Struct("<QIIIBBBB16s16sHHBBBBIBB2xII")
 assert EVENT.size == __import__("ctypes").sizeof(FlowEvent), "flow_event layout changed"
 
-_POLICY_MATCHES = frozenset({MATCH_ALLOW, MATCH_DENY, MATCH_DEFAULT_DENY})
 CACHE_MAX = 8192  # per-snapshot cache of policy lookups (ports of a scan would grow it)
 
 
@@ -32,8 +31,9 @@ class Resolver:
     endpoints_by_ifindex  ifindex -> endpoint name
     endpoints_by_addr     16-byte address (IPv4 zero-padded) -> (endpoint name|None, host)
     labels                identity -> tuple of label strings
-    policies              callable(local, peer, direction, proto, port|None) -> tuple of
-                          policy names (cached per snapshot)
+    policies              callable(exact id, any id, deny) -> tuple of policy names: the
+                          policies behind the entries that decided (policy_ids the event
+                          carries, as written at the time; Datapath.policy_names)
     """
 
     endpoints_by_ifindex: dict = field(default_factory=dict)
@@ -68,18 +68,15 @@ class Decoder:
             self._info_cache[key] = idx
         return idx
 
-    def _policy(self, local, peer, direction, proto, port) -> int:
-        key = (local, peer, direction, proto, port)
+    def _policy(self, exact: int, any_peer: int, deny: bool) -> int:
+        key = (exact, any_peer, deny)
         idx = self._policy_cache.get(key)
         if idx is None:
             if len(self._policy_cache) >= CACHE_MAX:
                 self._policy_cache.clear()
-            names = ()
+            names: tuple = ()
             if self.resolver.policies is not None:
-                try:
-                    names = tuple(self.resolver.policies(local, peer, direction, proto, port))
-                except Exception:  # a racing model change: better no name than no flow
-                    names = ()
+                names = tuple(self.resolver.policies(exact, any_peer, deny))
             idx = self.ring.policies.add(names)
             self._policy_cache[key] = idx
         return idx
@@ -98,7 +95,7 @@ class Decoder:
         append = out.append
         # The hot loop: cache hits inline, misses through info() / policy().
         for (ts, ifindex, sid, did, direction, verdict, reason, ipv, saddr, daddr, sport, dport,
-             proto, flags, itype, is_reply, size, pmatch, icode) in EVENT.iter_unpack(data):
+             proto, flags, itype, is_reply, size, pmatch, icode, pexact, pany) in EVENT.iter_unpack(data):
             local_name = by_if.get(ifindex)
             lhost = host if local_name else None
             if direction == DIR_EGRESS:
@@ -112,12 +109,11 @@ class Decoder:
                 pname, phost = by_addr.get(saddr, no_peer)
                 src_info = icache.get((sid, pname, phost)) or info(sid, pname, phost)
             pol = 0
-            if pmatch & 0x0F in _POLICY_MATCHES:
-                port = itype if proto == 1 or proto == 58 else (
-                    dport if proto == 6 or proto == 17 or proto == 132 else None)
-                pol = pcache.get((local, remote, direction, proto, port))
+            if pexact or pany:
+                deny = pmatch & 0x0F == MATCH_DENY
+                pol = pcache.get((pexact, pany, deny))
                 if pol is None:
-                    pol = policy(local, remote, direction, proto, port)
+                    pol = policy(pexact, pany, deny)
             vk = (verdict, direction, reason)
             verdicts[vk] = verdicts.get(vk, 0) + 1
             append((ts + offset, ifindex, sid, did, src_info, dst_info, pol, size, saddr, daddr,
