@@ -83,7 +83,7 @@ class UpsertEndpoint(Change):
                       self.mac, extra=dict(self.extra), by_mac=by_mac,
                       dropped_labels=tuple(self.dropped_labels))
         same = old is not None and old.to_record() == ep.to_record()
-        if same and old.ifindex is not None:
+        if old is not None and same and old.ifindex is not None:
             return old
         if not same and self.dropped_labels:
             report_dropped_labels(txn, ep)

@@ -85,7 +85,7 @@ class Endpoint:
                    LabelSet.from_mapping(rec["labels"]), rec.get("source", "static"),
                    rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"),
                    extra=rec.get("extra") or {}, by_mac=rec.get("by_mac", False),
-                   dropped_labels=[DroppedLabel.from_dict(d) for d in rec.get("dropped_labels") or []])
+                   dropped_labels=tuple(DroppedLabel.from_dict(d) for d in rec.get("dropped_labels") or []))
 
 
 def label_mapping(value, field_name: str = "labels") -> dict:

@@ -31,7 +31,7 @@ class RuntimeSource:
     def __init__(self, agent, runtime: str, socket_path: str | None, events_log: str | None,
                  stop_event: threading.Event, service=None, watcher=None):
         self.agent, self.runtime, self.service = agent, runtime, service
-        self.watcher = watcher or DockerWatcher(socket_path, runtime, events_log=events_log)
+        self.watcher = watcher or DockerWatcher(socket_path or "", runtime, events_log=events_log)
         self._seen: set[str] = set()
         self._reconciled = False
         self._thread = self.watcher.start(self._on_event, stop_event)
@@ -62,7 +62,7 @@ class RuntimeSource:
                 self.agent.submit(UpsertEndpoint(
                     name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
                     mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
-                    extra={"image": w.image}, dropped_labels=dropped))
+                    extra={"image": w.image}, dropped_labels=tuple(dropped)))
             else:
                 self.agent.submit(RemoveEndpoint(name, source=self.runtime, runtime_id=w.id))
         except StockadeError as exc:

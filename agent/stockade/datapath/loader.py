@@ -123,6 +123,7 @@ class Datapath(MapWriter):
         """bcc silently reuses a pinned map even when this build declares another
         size; refuse to run on a pin whose geometry differs from the settings."""
         import ctypes as ct
+
         from . import maps as m
         expect = {
             "endpoints": (4, m.EndpointInfo, "ENDPOINTS_MAX"),
@@ -145,6 +146,7 @@ class Datapath(MapWriter):
     def map_info(self, name: str):
         """The kernel's view of map ``name`` (type, sizes, max_entries)."""
         import ctypes as ct
+
         from bcc.libbcc import lib
 
         class BpfMapInfo(ct.Structure):
@@ -189,6 +191,7 @@ class Datapath(MapWriter):
         """Call ``callback(FlowEvent)`` (a copy) for each event during ``poll_events``;
         with ``raw``, ``callback(bytes)`` with the event's bytes (for batch decoding)."""
         import ctypes as ct
+
         from .maps import FlowEvent
         size = ct.sizeof(FlowEvent)
 
@@ -210,6 +213,7 @@ class Datapath(MapWriter):
         """Entries in map ``name``, walking its keys only (no value reads): cheap enough
         for a metrics scrape of a full conntrack map."""
         import ctypes as ct
+
         from bcc.libbcc import lib
         fd = self.table(name).map_fd
         size = self.map_info(name).key_size
@@ -248,6 +252,7 @@ class Datapath(MapWriter):
 
     def endpoint_ifindexes(self) -> list[int]:
         import ctypes as ct
+
         from . import maps
         return sorted(k.value for k, _ in self._items("endpoints", ct.c_uint32, maps.EndpointInfo))
 

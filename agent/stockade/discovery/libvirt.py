@@ -41,6 +41,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from .errors import RuntimeAPIError, RuntimeUnavailable
 from .workload import Workload, WorkloadEvent
@@ -96,16 +97,18 @@ def parse_metadata(text: str | None) -> tuple[dict[str, str], list[str], dict[st
         root = ET.fromstring(text)
     except ET.ParseError as exc:
         raise RuntimeAPIError("libvirt metadata", f"not XML: {exc}") from exc
-    labels, ips, by_mac = {}, [], {}
+    labels: dict[str, str] = {}
+    ips: list[str] = []
+    by_mac: dict[str, list[str]] = {}
     for el in root:
-        tag = el.tag.split("}", 1)[-1]
-        if tag == "label" and el.get("key"):
-            labels[el.get("key")] = (el.text or "").strip()
-        elif tag == "ip" and (el.text or "").strip():
-            ips.append(el.text.strip())
-        elif tag == "interface" and el.get("mac"):
-            by_mac[el.get("mac").lower()] = [i.text.strip() for i in el
-                                             if i.tag.split("}", 1)[-1] == "ip" and (i.text or "").strip()]
+        tag, key, mac, text = el.tag.split("}", 1)[-1], el.get("key"), el.get("mac"), (el.text or "").strip()
+        if tag == "label" and key:
+            labels[key] = text
+        elif tag == "ip" and text:
+            ips.append(text)
+        elif tag == "interface" and mac:
+            by_mac[mac.lower()] = [(i.text or "").strip() for i in el
+                                   if i.tag.split("}", 1)[-1] == "ip" and (i.text or "").strip()]
     return labels, ips, by_mac
 
 
@@ -115,9 +118,10 @@ def domain_interfaces(xml: str) -> list[tuple[str, str | None]]:
     out = []
     for iface in root.findall("./devices/interface"):
         mac_el, target = iface.find("mac"), iface.find("target")
-        if mac_el is None or not mac_el.get("address"):
+        mac = mac_el.get("address") if mac_el is not None else None
+        if not mac:
             continue
-        out.append((mac_el.get("address").lower(), target.get("dev") if target is not None else None))
+        out.append((mac.lower(), target.get("dev") if target is not None else None))
     return out
 
 
@@ -138,7 +142,7 @@ class LibvirtWatcher:
         self.trust_guest_agent = trust_guest_agent
         self.resync_interval = resync_interval
         self.synced = threading.Event()
-        self._conn = None
+        self._conn: Any = None  # a libvirt.virConnect (the bindings load lazily)
         self._callbacks: list[int] = []
         self._close_cb = False
         self._pending_link_sync = threading.Event()

@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..datapath.maps import (DIR_EGRESS, MATCH_ALLOW, MATCH_DEFAULT_DENY, MATCH_DENY,
-                             FlowEvent)
+from ..datapath.maps import DIR_EGRESS, MATCH_ALLOW, MATCH_DEFAULT_DENY, MATCH_DENY, FlowEvent
 from .ring import FlowRing
 
 # struct flow_event (bpf/include/stockade_maps.h), little-endian host
