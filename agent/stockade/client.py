@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import quote
 
@@ -167,7 +168,7 @@ class Client:
                 body.append({"name": f["name"], "text": f["text"]})
                 continue
             try:
-                body.append({"name": str(f), "text": read_file(f)})
+                body.append({"name": str(f), "text": read_file(Path(f))})
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 raise PolicyErrors([PolicyError("", f"cannot read: {reason}", file=str(f))]) from exc
@@ -220,9 +221,9 @@ class Client:
 
     # ---------------------------------------------------------------- flows
     @staticmethod
-    def _flow_params(filters: dict) -> list[tuple[str, str]]:
+    def _flow_params(filters: dict) -> list[tuple[str, str | int | float | bool | None]]:
         """filters: {key: value or list of values}; a list repeats the parameter (OR)."""
-        out = []
+        out: list[tuple[str, str | int | float | bool | None]] = []
         for k, v in filters.items():
             if v is None or v == [] or v == ():
                 continue

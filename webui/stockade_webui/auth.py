@@ -19,8 +19,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from flask import (Blueprint, abort, current_app, g, jsonify, redirect, render_template,
-                   request, session, url_for)
+from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
 
 bp = Blueprint("auth", __name__)
 
@@ -71,7 +70,7 @@ def _fingerprint(token: str) -> str:
 
 def check_token(given: str | None) -> bool:
     want = current_app.config["TOKEN"]
-    return bool(given) and hmac.compare_digest(given.strip().encode(), want.encode())
+    return given is not None and bool(given) and hmac.compare_digest(given.strip().encode(), want.encode())
 
 
 def logged_in() -> bool:

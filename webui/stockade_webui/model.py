@@ -9,6 +9,7 @@ from __future__ import annotations
 from stockade.errors import PolicyError, PolicyErrors
 from stockade.flows import connections
 
+
 def short_labels(labels: list[str]) -> str:
     """``["static:app=web", "static:tier=front"]`` -> ``app=web,tier=front``; reserved
     identities keep their source (``reserved:world``)."""

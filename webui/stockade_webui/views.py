@@ -105,7 +105,7 @@ def cell_css(c: dict) -> str:
         return "audit" if c.get("audit") else ("allow" if c["verdict"] == "allow" else "deny")
     if c.get("audit") and (c.get("deny") or c.get("state") == "closed"):
         return "audit"
-    return CELL_CSS.get(c.get("state"), "")
+    return CELL_CSS.get(c.get("state") or "", "")
 
 
 def matrix(h: Host, label: str = "", port: str = "", **query) -> dict:
@@ -198,7 +198,7 @@ def review(h: Host, files: list[dict], replace_all: bool = False) -> dict:
 
 # ---------------------------------------------------------------- flows
 def flow_filters(args) -> dict:
-    out = {}
+    out: dict = {}
     for key in FLOW_FILTERS:
         vals = [v.strip() for v in args.getlist(key) for v in v.split(" ") if v.strip()] \
             if key not in ("from_label", "to_label", "label") else \

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import webui_cmd
-from . import agent_cmds, agent_daemon, observe, policy_offline, service_cmds
+from . import agent_cmds, agent_daemon, observe, policy_offline, service_cmds, webui_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

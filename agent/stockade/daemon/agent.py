@@ -56,7 +56,7 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watchers: list = []
-        self.flow_source = None
+        self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
         self.policy_apply_seconds = Histogram(
             "stockade_policy_apply_seconds",
             "Time to plan and write a policy change (dry runs included)", registry=None,

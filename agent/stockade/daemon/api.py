@@ -7,16 +7,14 @@ import ipaddress
 import time
 
 from .. import __version__
-from ..errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound, PolicyError, PolicyErrors
 from ..policy.api.loader import load_text
 from ..policy.api.rule import KINDS
 from ..policy.describe import clause_rows
-from ..errors import PolicyError, PolicyErrors
 from ..policy.mapstate import DIRECTION_NAMES, DirectionPolicy
 from . import review
 from .agent import Agent
-from .changes import (ChangePolicies, DeleteRemote, PutRemote, RemoveEndpoint, SetServices,
-                      UpsertEndpoint, conflicts)
+from .changes import ChangePolicies, DeleteRemote, PutRemote, RemoveEndpoint, SetServices, UpsertEndpoint, conflicts
 from .endpoints import parse_labels, parse_spec
 from .inventory import parse_services
 from .state import Snapshot
@@ -213,7 +211,9 @@ def load_files(files) -> list:
     """Policy files from an API body, validated as one set: every error, or the policies."""
     if not isinstance(files, list):
         raise InvalidRequest("files must be a list of {name, text}", "files")
-    policies, errors, seen = [], [], {}
+    policies: list = []
+    errors: list[PolicyError] = []
+    seen: dict = {}
     for i, f in enumerate(files):
         if not isinstance(f, dict) or not isinstance(f.get("text"), str):
             raise InvalidRequest("each file needs a name and a text", f"files[{i}]")

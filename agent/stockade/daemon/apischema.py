@@ -70,12 +70,12 @@ class Operation:
         """Query pairs -> {name: value} converted and checked; a parameter that is
         omitted takes its documented default, or is absent."""
         given: dict[str, list[str]] = {}
-        for name, value in pairs:
+        for name, text in pairs:
             if name not in self.params:
                 allowed = ", ".join(self.params) or "none"
                 raise InvalidRequest(f"unknown query parameter {name!r} (allowed: {allowed})",
                                      name)
-            given.setdefault(name, []).append(value)
+            given.setdefault(name, []).append(text)
         out: dict[str, Any] = {}
         for name, p in self.params.items():
             values = given.get(name)
@@ -85,8 +85,9 @@ class Operation:
                 if "default" in p.schema:
                     out[name] = p.schema["default"]
                 continue
+            value: Any
             if p.schema.get("type") == "array":
-                value: Any = [_from_text(name, v, p.schema.get("items", {})) for v in values]
+                value = [_from_text(name, v, p.schema.get("items", {})) for v in values]
             elif len(values) > 1:
                 raise InvalidRequest(f"query parameter {name!r} given twice", name)
             else:

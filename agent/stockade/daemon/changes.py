@@ -21,7 +21,8 @@ from ..policy.api.rule import Policy, PolicyRef
 from ..policy.describe import summarize
 from ..policy.labels import LabelSet
 from ..policy.trace import policy_prefixes
-from .binding import RUNTIMES as RUNTIME_SOURCES, binding_problem
+from .binding import RUNTIMES as RUNTIME_SOURCES
+from .binding import binding_problem
 from .endpoints import Endpoint, tap_matches_mac
 from .inventory import Service, effective_labels, membership
 from .links import Link, list_links, matches_any

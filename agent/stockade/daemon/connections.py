@@ -273,7 +273,7 @@ class WorkerPool:
                 conn = None
                 while not self._stopping and (conn := self._take_locked()) is None:
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping or conn is None:
                     self._threads.discard(me)
                     if conn is not None:
                         conn.close()

@@ -44,7 +44,8 @@ class Member:
     def matches(self, w: dict) -> bool:
         """``w``: {"name", "source", "interface", "image", "labels": LabelSet (own)}."""
         if self.kind == "container_labels":
-            return w["source"] in ("podman", "docker") and self.selector.matches(w["labels"])
+            return (w["source"] in ("podman", "docker") and self.selector is not None
+                    and self.selector.matches(w["labels"]))
         value = {
             "container_name": w["name"] if w["source"] in ("podman", "docker") else None,
             "image": w.get("image") if w["source"] in ("podman", "docker") else None,
@@ -134,7 +135,6 @@ def _member(m, path: str) -> Member:
     if kind == "container_labels":
         if not isinstance(value, dict) or set(value) - {"matchLabels", "matchExpressions"}:
             raise InvalidRequest("container_labels takes matchLabels and/or matchExpressions", f"{path}.{kind}")
-        from ..errors import PolicyErrors
         from ..policy.api.validation import _Sanitizer
         s = _Sanitizer("")
         sel = s.selector(value, f"{path}.{kind}", peer=True)

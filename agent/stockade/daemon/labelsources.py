@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ..policy.labels import LabelSet, Label, check_key, check_value, split_source
+from ..policy.labels import Label, LabelSet, check_key, check_value, split_source
 
 # endpoint source -> the label source it gives
 LABEL_SOURCE = {"podman": "container", "docker": "container", "libvirt": "libvirt",
@@ -112,15 +112,15 @@ def admit_labels(raw: Mapping, endpoint_source: str, *, image_labels: Mapping | 
     """
     source = LABEL_SOURCE[endpoint_source]
     kept: dict[str, tuple[str, Label]] = {}   # label key -> (raw key, label)
-    dropped = []
+    dropped: list[DroppedLabel] = []
     for key, value in sorted(raw.items(), key=lambda kv: str(kv[0])):
         cause, result = _why_dropped(key, value, source, image_labels)
-        if cause is None and result.key in kept:
+        if isinstance(result, Label) and result.key in kept:
             cause, result = "invalid", f"label {result.key!r} is also given as {kept[result.key][0]!r}"
-        if cause is None:
+        if isinstance(result, Label):
             kept[result.key] = (key, result)
         else:
             dropped.append(DroppedLabel(_text(key, "" if value is None else value),
-                                        _cut(result, 2 * MAX_TEXT), cause,
+                                        _cut(result, 2 * MAX_TEXT), cause or "invalid",
                                         key=key if isinstance(key, str) else repr(key)))
     return LabelSet(label for _, label in kept.values()), dropped

@@ -10,6 +10,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 DIRS = {0: "ingress", 1: "egress"}
 log = logging.getLogger("stockade.metrics")
@@ -23,7 +24,7 @@ def _map_fill(dp) -> dict[str, tuple[int, int]]:
     return {name: (dp.count_entries(name), dp.max_entries(name)) for name in MAPS}
 
 
-class AgentCollector:
+class AgentCollector(Collector):
     def __init__(self, agent):
         self.agent = agent
 

@@ -22,8 +22,7 @@ from ..policy.api.validation import sanitize_document
 from ..policy.identity import IdentityAllocator, reserved_identities
 from ..policy.mapstate import diff as state_diff
 from .binding import binding_problem
-from .changes import (drop_cidr_identities, identify, put_remote, sync_cidr_identities,
-                      tap_for_mac, write_service_cidrs)
+from .changes import drop_cidr_identities, identify, put_remote, sync_cidr_identities, tap_for_mac, write_service_cidrs
 from .endpoints import Endpoint, parse_labels
 from .inventory import parse_services
 from .links import host_addresses, list_links

@@ -265,7 +265,7 @@ def flow_changes(flows: list[dict], before: Evaluator, after: Evaluator, audited
 
 def _flow_name(f: dict, side: str, identities: dict[int, Identity]) -> str:
     peer = f.get(side) or {}
-    ident = identities.get(peer.get("identity"))
+    ident = identities.get(peer.get("identity") or 0)
     if ident is not None:
         return ident.short_name
     return (f.get("ip") or {}).get(side) or f"identity {peer.get('identity')}"

@@ -61,8 +61,7 @@ from ..errors import HTTPError, InvalidRequest, StockadeError
 from .apischema import ApiSchema
 from .connections import Acceptor, Connection, HeadersTooLarge, Limits, WorkerPool
 from .contract import AgentService
-from .routes import (JSON_TYPE, ROUTES, Access, Grant, PeerCred, Request, Response, Route,
-                     Router, grant)
+from .routes import JSON_TYPE, ROUTES, Access, Grant, PeerCred, Request, Response, Route, Router, grant
 
 __all__ = ["APIServer", "Access", "Grant", "HTTPError", "Limits", "PeerCred", "Request",
            "Response", "Route", "ROUTES", "grant", "peer_cred", "status_for"]
@@ -234,6 +233,7 @@ class _Exchange(http.server.BaseHTTPRequestHandler):
         stream: Iterator[bytes] | None = None
         if isinstance(body, Iterator):
             try:
+                assert self.api.pool is not None  # the server is running
                 self.api.pool.begin_stream(self.conn)
                 stream = body
             except HTTPError as exc:
@@ -311,6 +311,7 @@ class APIServer:
     # ---------------------------------------------------------------- connections
     def _accept(self, sock: socket.socket) -> Connection | None:
         conn = Connection(sock, peer_cred(sock), self.limits)
+        assert self.pool is not None  # started: start() made it before accepting
         why = self.pool.admit(conn)
         if why is None:
             return conn
@@ -433,7 +434,8 @@ class APIServer:
         if self._thread:
             self._thread.join(timeout=5)
         self._listener.close()
-        self.pool.stop()
+        if self.pool is not None:
+            self.pool.stop()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:

@@ -16,7 +16,6 @@ from typing import Callable, Iterable
 
 from . import maps as m
 
-
 TABLE = (0, 0, 0)   # the owner that counts the whole table (struct ct_owner, ifindex 0)
 
 

@@ -9,13 +9,10 @@ bcc exceptions and ``OSError`` never leave this package: they are translated int
 """
 from __future__ import annotations
 
-try:  # the project-wide base class lives in stockade/errors.py (owned elsewhere)
-    from stockade.errors import StockadeError as _Base
-except ImportError:  # pragma: no cover - until stockade/errors.py exists
-    _Base = Exception
+from stockade.errors import StockadeError
 
 
-class DatapathError(_Base):
+class DatapathError(StockadeError):
     """The kernel datapath refused an operation. ``what`` names the object."""
 
     def __init__(self, what: str, msg: str):

@@ -161,6 +161,7 @@ class Datapath(MapWriter, ConntrackMaps):
         """bcc silently reuses a pinned map even when this build declares another
         size; refuse to run on a pin whose geometry differs from the settings."""
         import ctypes as ct
+
         from . import maps as m
         expect = {
             "endpoints": (4, m.EndpointInfo, "ENDPOINTS_MAX"),
@@ -218,6 +219,7 @@ class Datapath(MapWriter, ConntrackMaps):
         """Call ``callback(FlowEvent)`` (a copy) for each event during ``poll_events``;
         with ``raw``, ``callback(bytes)`` with the event's bytes (for batch decoding)."""
         import ctypes as ct
+
         from .maps import FlowEvent
         size = ct.sizeof(FlowEvent)
 
@@ -239,6 +241,7 @@ class Datapath(MapWriter, ConntrackMaps):
         """Entries in map ``name``, walking its keys only (no value reads): cheap enough
         for a metrics scrape of a full conntrack map."""
         import ctypes as ct
+
         from bcc.libbcc import lib
         fd = self.table(name).map_fd
         size = self.map_info(name).key_size
@@ -277,6 +280,7 @@ class Datapath(MapWriter, ConntrackMaps):
 
     def endpoint_ifindexes(self) -> list[int]:
         import ctypes as ct
+
         from . import maps
         return sorted(k.value for k, _ in self._items("endpoints", ct.c_uint32, maps.EndpointInfo))
 

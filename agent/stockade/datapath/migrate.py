@@ -36,8 +36,7 @@ from pathlib import Path
 
 from . import maps as m
 from .errors import DatapathError
-from .pins import (BPF_NOEXIST, LAYOUT_VERSIONS, fd_items, fd_map_info, fd_update, obj_get,
-                   parse_pin_name, pin_name)
+from .pins import BPF_NOEXIST, LAYOUT_VERSIONS, fd_items, fd_map_info, fd_update, obj_get, parse_pin_name, pin_name
 
 NUM_REASONS_V1 = 11
 NUM_COUNTERS_V1 = 2 * m.NUM_VERDICTS * NUM_REASONS_V1
@@ -133,8 +132,8 @@ def _copy_endpoints(dp, fd: int) -> int:
 
 
 def _copy_counters(dp, fd: int) -> None:
-    from bcc.utils import get_possible_cpus
     from bcc.libbcc import lib
+    from bcc.utils import get_possible_cpus
     ncpu = len(get_possible_cpus())
     old_t = m.CounterValue * ncpu
     new_fd = dp.table("counters").map_fd
@@ -149,7 +148,7 @@ def _copy_counters(dp, fd: int) -> None:
         new_idx = ct.c_uint32(m.counter_index(direction, verdict, reason))
         cur = old_t()
         lib.bpf_lookup_elem(new_fd, ct.byref(new_idx), ct.byref(cur))
-        for a, b in zip(cur, old):
+        for a, b in zip(cur, old, strict=False):
             a.packets += b.packets
             a.bytes += b.bytes
         if lib.bpf_update_elem(new_fd, ct.byref(new_idx), ct.byref(cur), 0) != 0:

@@ -22,8 +22,16 @@ import ipaddress
 import socket
 from typing import Iterable
 
-from stockade.policy.mapstate import (ANY_PROTO, FIXED_PREFIX_BITS, DirectionPolicy,
-                                      Delta, Entry, FlagState, Key, MapState)
+from stockade.policy.mapstate import (
+    ANY_PROTO,
+    FIXED_PREFIX_BITS,
+    Delta,
+    DirectionPolicy,
+    Entry,
+    FlagState,
+    Key,
+    MapState,
+)
 
 from . import maps as m
 from .errors import CapacityError, DatapathError

@@ -13,8 +13,8 @@
 """
 
 from .docker_api import DockerAPI, EventStream, workload_from_inspect
-from .libvirt import METADATA_NS, LibvirtWatcher
 from .errors import DiscoveryError, RuntimeAPIError, RuntimeUnavailable, ServiceStartError
+from .libvirt import METADATA_NS, LibvirtWatcher
 from .podman_events import DEFAULT_EVENTS_LOG, PodmanEventsLog
 from .podman_service import (
     PodmanService,

@@ -94,7 +94,7 @@ def start_podman_service(
     except OSError as exc:
         raise ServiceStartError(f"cannot run {podman}: {exc}") from exc
     finally:
-        if log_path:
+        if not isinstance(out, int):
             out.close()
     service = PodmanService(pid=proc.pid, socket_path=socket_path, process=proc, log_path=log_path)
     deadline = time.monotonic() + timeout

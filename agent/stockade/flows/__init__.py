@@ -10,7 +10,9 @@ The agent side (polling thread, API, flow log) is stockade.daemon.flowsource.
 """
 from .connections import connections, flow_port
 from .decode import EVENT, Decoder, Resolver
-from .filters import KEYS as FILTER_KEYS, LIST_KEYS as FILTER_LIST_KEYS, FlowFilter, parse_time
+from .filters import KEYS as FILTER_KEYS
+from .filters import LIST_KEYS as FILTER_LIST_KEYS
+from .filters import FlowFilter, parse_time
 from .flowlog import FlowLog
 from .record import RECORD_SIZE, connection_key
 from .ring import FlowRing

@@ -22,7 +22,7 @@ def connections(flows: list[dict]) -> list[dict]:
             (f.get("l4") or {}).get("protocol"), (f.get("l4") or {}).get("source_port"),
             (f.get("l4") or {}).get("destination_port"))
         old = best.get(key)
-        if old is None or SEVERITY.get(f.get("verdict"), 0) > SEVERITY.get(old.get("verdict"), 0):
+        if old is None or SEVERITY.get(f.get("verdict") or "", 0) > SEVERITY.get(old.get("verdict") or "", 0):
             best[key] = f
     return list(best.values())
 

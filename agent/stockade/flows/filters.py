@@ -36,8 +36,25 @@ from typing import Callable
 from ..errors import InvalidRequest
 from ..policy.api.selector import EndpointSelector
 from ..policy.labels import LabelSet
-from .record import (RECORD, DADDR, DIRECTION, DST_ID, DST_INFO, DPORT, IP_VERSION, PROTO, REASON,
-                     REASONS, SADDR, SPORT, SRC_ID, SRC_INFO, TIME, VERDICT, VERDICTS)
+from .record import (
+    DADDR,
+    DIRECTION,
+    DPORT,
+    DST_ID,
+    DST_INFO,
+    IP_VERSION,
+    PROTO,
+    REASON,
+    REASONS,
+    RECORD,
+    SADDR,
+    SPORT,
+    SRC_ID,
+    SRC_INFO,
+    TIME,
+    VERDICT,
+    VERDICTS,
+)
 
 LIST_KEYS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
              "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip",
@@ -177,7 +194,7 @@ class FlowFilter:
             f.since_ns = since if isinstance(since, int) else parse_time(str(since))
             p.insert(0, lambda r, i, t=f.since_ns: r[TIME] >= t)
         last = criteria.get("last")
-        if last not in (None, ""):
+        if last is not None and last != "":
             try:
                 f.last = int(last)
                 if f.last <= 0:

@@ -24,8 +24,16 @@ import ipaddress
 import struct
 import threading
 
-from ..datapath.maps import (MATCH_ALLOW, MATCH_DEFAULT_ALLOW, MATCH_DEFAULT_DENY, MATCH_DENY,
-                             MATCH_NONE, MATCH_NOT_ENFORCED, Reason, Verdict)
+from ..datapath.maps import (
+    MATCH_ALLOW,
+    MATCH_DEFAULT_ALLOW,
+    MATCH_DEFAULT_DENY,
+    MATCH_DENY,
+    MATCH_NONE,
+    MATCH_NOT_ENFORCED,
+    Reason,
+    Verdict,
+)
 
 RECORD = struct.Struct("<QIIIIIII16s16sHHBBBBBBBBBBxx")
 RECORD_SIZE = RECORD.size

@@ -9,13 +9,25 @@ applying every delta to the old state always equals it (tests/test_compiler_prop
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from .api.rule import PeerRule, Policy, PolicyRef, Rule
 from .identity import WORKLOAD_KIND, Identity
-from .mapstate import (ANY_PEER, ANY_PROTO, EGRESS, INGRESS, Delta, DirectionPolicy, Entry,
-                       FlagState, Key, MapState, port_prefixes)
-from .selectorcache import ALL, Selector, SelectorCache
+from .mapstate import (
+    ANY_PEER,
+    ANY_PROTO,
+    EGRESS,
+    INGRESS,
+    Delta,
+    DirectionPolicy,
+    Entry,
+    FlagState,
+    Key,
+    MapState,
+    port_prefixes,
+)
+from .selectorcache import Selector, SelectorCache
 
 ENFORCEMENT_MODES = ("default", "always", "never")
 L4Key = tuple[int, int, int]  # (proto, port, port_plen)
@@ -44,7 +56,7 @@ def peer_selectors(pr: PeerRule) -> tuple[tuple[Selector, ...], bool]:
         return (), False
     if not pr.has_peers or "all" in pr.entities:
         return (), True
-    sels = [("endpoints", s) for s in pr.endpoints]
+    sels: list[Selector] = [("endpoints", s) for s in pr.endpoints]
     sels += [("cidrgroup", c.group) if c.group else ("cidr", c) for c in pr.cidrs]
     sels += [("entity", e) for e in pr.entities]
     return tuple(dict.fromkeys(sels)), False
@@ -53,7 +65,7 @@ def peer_selectors(pr: PeerRule) -> tuple[tuple[Selector, ...], bool]:
 def l4_keys(pr: PeerRule) -> tuple[L4Key, ...]:
     if not pr.has_l4:
         return ((ANY_PROTO, 0, 0),)
-    keys = []
+    keys: list[L4Key] = []
     for port_rule in pr.to_ports:
         for pp in port_rule.ports:
             lo, hi = pp.range
@@ -91,7 +103,7 @@ class Compiler:
         self._rules: dict[int, Rule] = {}
         self._sel_clauses: dict[Selector, set[Clause]] = {}
         self._local_rules: dict[int, dict[int, Rule]] = {}  # local -> id(rule) -> rule
-        self._rule_index: dict = {}  # (key, value) or None -> ids of rules (see index_keys)
+        self._rule_index: dict[tuple[str, str] | None, set[int]] = {}  # see index_keys
         self._pairs: dict[tuple[int, int], MapState] = {}
         self._peers_of: dict[int, set[int]] = {}              # local -> peers with a pair
         self._locals_of_peer: dict[int, set[int]] = {}        # peer -> locals with a pair
@@ -100,7 +112,7 @@ class Compiler:
     def add_identity(self, ident: Identity, local: bool = False) -> Delta:
         delta = Delta()
         changed = self.cache.add_identity(ident)
-        pairs = set()
+        pairs: set[tuple[int, int]] = set()
         for sel in changed:
             for clause in self._sel_clauses.get(sel, ()):
                 pairs.update((loc, ident.id) for loc in self._rule_locals[id(clause.rule)])
@@ -134,7 +146,7 @@ class Compiler:
     def set_policy(self, policy: Policy) -> Delta:
         return self.set_policies([policy])
 
-    def set_policies(self, policies: list[Policy], remove: list[PolicyRef] = ()) -> Delta:
+    def set_policies(self, policies: Iterable[Policy], remove: Iterable[PolicyRef] = ()) -> Delta:
         """Add or replace ``policies`` and drop ``remove`` in one step; each affected
         local identity is recomputed once."""
         delta = Delta()
@@ -198,12 +210,16 @@ class Compiler:
         return out
 
     def _index_rule(self, rule: Rule, add: bool) -> None:
-        keys = self.cache.index_keys(rule.endpoint_selector)
-        for k in keys if keys is not None else [None]:
+        found = self.cache.index_keys(rule.endpoint_selector)
+        keys: list[tuple[str, str] | None] = [None] if found is None else list(found)
+        for k in keys:
             bucket = self._rule_index.setdefault(k, set())
-            bucket.add(id(rule)) if add else bucket.discard(id(rule))
+            if add:
+                bucket.add(id(rule))
+            else:
+                bucket.discard(id(rule))
 
-    def _candidates(self, rule: Rule) -> set[int]:
+    def _candidates(self, rule: Rule) -> Collection[int]:
         return self.cache.candidates(rule.endpoint_selector, self.local_ids)
 
     def _drop_policy(self, ref: PolicyRef, affected: dict[int, set[int]]) -> None:

@@ -18,9 +18,21 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .mapstate import (ANY_PEER, EGRESS, INGRESS, PROTO_ICMP, PROTO_ICMPV6,
-                       PROTO_NAMES, PROTO_SCTP, PROTO_TCP, PROTO_UDP, DirectionPolicy, Entry,
-                       Key, lookup)
+from .mapstate import (
+    ANY_PEER,
+    EGRESS,
+    INGRESS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_NAMES,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    DirectionPolicy,
+    Entry,
+    Key,
+    lookup,
+)
 
 # The protocols a matrix cell reports, with the last port (or ICMP type) of each.
 CELL_PROTOCOLS = ((PROTO_TCP, 65535), (PROTO_UDP, 65535), (PROTO_SCTP, 65535),
@@ -112,7 +124,7 @@ class Evaluator:
                 cuts.update((lo, min(hi, top) + 1))
         bounds = sorted(c for c in cuts if c <= top + 1)
         out: list[Segment] = []
-        for lo, nxt in zip(bounds, bounds[1:]):
+        for lo, nxt in zip(bounds, bounds[1:], strict=False):
             v = self.verdict(src, dst, proto, lo)
             if out and out[-1].verdict == v and out[-1].last == lo - 1:
                 out[-1] = Segment(out[-1].first, nxt - 1, v)

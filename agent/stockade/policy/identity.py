@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..errors import IdentityError
-from .api.cidr import Network
+from .api.cidr import Network, inside
 from .api.entity import RESERVED
 from .labels import Label, LabelSet
 
@@ -87,8 +87,8 @@ class IdentityAllocator:
     def workload(self, labels: LabelSet) -> Identity:
         return Identity(self._number(str(labels), FIRST_WORKLOAD), labels, WORKLOAD_KIND)
 
-    def cidr(self, prefix: Network, extra: LabelSet = LabelSet()) -> Identity:
-        labels = cidr_labels(prefix).merged(extra)
+    def cidr(self, prefix: Network, extra: LabelSet | None = None) -> Identity:
+        labels = cidr_labels(prefix).merged(extra or ())
         return Identity(self._number(str(labels), CIDR_BASE), labels, CIDR_KIND, prefix)
 
     def _number(self, key: str, base: int) -> int:
@@ -123,7 +123,7 @@ def most_specific(prefixes: dict[Network, int], addr_or_net: str) -> int | None:
     net = ipaddress.ip_network(addr_or_net, strict=False)
     best = None
     for prefix, ident in prefixes.items():
-        if prefix.version == net.version and net.subnet_of(prefix):
+        if inside(net, prefix):
             if best is None or prefix.prefixlen > best[0].prefixlen:
                 best = (prefix, ident)
     return best[1] if best else None

@@ -255,8 +255,8 @@ def diff(old: MapState, new: MapState, old_flags: FlagState | None = None,
         if k not in new:
             out.remove(k, old[k])
     of, nf = old_flags or {}, new_flags or {}
-    for k in set(of) | set(nf):
-        out.set_flag(k, nf.get(k, DirectionPolicy()), of.get(k, DirectionPolicy()))
+    for pair in set(of) | set(nf):
+        out.set_flag(pair, nf.get(pair, DirectionPolicy()), of.get(pair, DirectionPolicy()))
     return out
 
 
@@ -264,7 +264,8 @@ def sorted_items(state: MapState) -> Iterator[tuple[Key, Entry]]:
     return iter(sorted(state.items()))
 
 
-def lookup(entries: MapState, flags: FlagState, local: int, peer: int, direction: int,
+def lookup(entries: Mapping[Key, Entry], flags: Mapping[tuple[int, int], DirectionPolicy],
+           local: int, peer: int, direction: int,
            proto: int, port: int | None) -> tuple[str, list[Key]]:
     """Reference lookup, in the datapath's order. Returns (verdict, deciding keys)
     where verdict is 'allow', 'deny' (deny rule), 'default-deny' or 'not-enforced'."""
@@ -284,7 +285,7 @@ def lookup(entries: MapState, flags: FlagState, local: int, peer: int, direction
     return ("default-deny" if flag.default_deny else "allow"), []
 
 
-def _longest_match(entries: MapState, local: int, peer: int, direction: int, proto: int,
+def _longest_match(entries: Mapping[Key, Entry], local: int, peer: int, direction: int, proto: int,
                    port: int | None) -> Key | None:
     candidates: Iterable[Key] = [Key(local, peer, direction)]
     if port is None:

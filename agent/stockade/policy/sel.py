@@ -60,7 +60,7 @@ def parse_sel(value: str | Mapping[str, str]) -> PeerSpec:
             raise SelectorError(f"{text!r}: endpoint:<name> needs a name")
         return PeerSpec("endpoint", name=name)
     try:
-        items = dict(parse_pairs(text, text, bare=False))
+        items = {k: v or "" for k, v in parse_pairs(text, text, bare=False)}
     except InvalidRequest as exc:
         raise SelectorError(str(exc)) from None
     return _labels(items, text)

@@ -7,14 +7,16 @@ selectorcache.go). Selections are frozensets, so callers can keep them.
 """
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Collection
+from typing import Any
 
 from .api.entity import RESERVED
 from .api.selector import EndpointSelector
 from .identity import CIDR_KIND, RESERVED_KIND, WORKLOAD_KIND, Identity
 from .labels import NAMESPACE_KEYS
 
-Selector = tuple[str, Hashable]
+# ("endpoints", EndpointSelector) | ("cidr", CIDRRule) | ("cidrgroup", str) | ("entity", str)
+Selector = tuple[str, Any]
 ALL = ("entity", "all")  # compiles to the wildcard peer, never expanded
 
 
@@ -56,7 +58,7 @@ class SelectorCache:
         self.selections: dict[Selector, frozenset[int]] = {}
         self._users: dict[Selector, int] = {}
         self._index: dict[tuple[str, str], set[int]] = {}  # (key, value) -> identity ids
-        self._sel_index: dict = {}  # (key, value) or None (unindexed) -> selectors
+        self._sel_index: dict[tuple[str, str] | None, set[Selector]] = {}  # None: unindexed
 
     @staticmethod
     def index_keys(sel: EndpointSelector) -> list[tuple[str, str]] | None:
@@ -69,10 +71,14 @@ class SelectorCache:
         return [(k, v) for k in _index_names(best.key) for v in best.values]
 
     def _index_selector(self, sel: Selector, add: bool) -> None:
-        keys = self.index_keys(sel[1]) if sel[0] == "endpoints" else None
-        for k in keys if keys is not None else [None]:
+        found = self.index_keys(sel[1]) if sel[0] == "endpoints" else None
+        keys: list[tuple[str, str] | None] = [None] if found is None else list(found)
+        for k in keys:
             bucket = self._sel_index.setdefault(k, set())
-            bucket.add(sel) if add else bucket.discard(sel)
+            if add:
+                bucket.add(sel)
+            else:
+                bucket.discard(sel)
 
     def _selectors_for(self, ident: Identity):
         out = set(self._sel_index.get(None, ()))
@@ -80,7 +86,7 @@ class SelectorCache:
             out |= self._sel_index.get((label.key, label.value), set())
         return out
 
-    def candidates(self, sel: EndpointSelector, among=None) -> set[int] | dict:
+    def candidates(self, sel: EndpointSelector, among: Collection[int] | None = None) -> Collection[int]:
         """Identities that may match ``sel``: narrowed through the label index by its
         smallest ``In`` requirement; ``among`` (default: all identities) otherwise."""
         best = None

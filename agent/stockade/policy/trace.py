@@ -20,7 +20,7 @@ import ipaddress
 from typing import Iterable, Protocol
 
 from ..errors import SelectorError
-from .api.cidr import Network
+from .api.cidr import Network, inside
 from .api.entity import RESERVED
 from .api.rule import Policy
 from .engine import PolicyEngine
@@ -66,11 +66,11 @@ def _parts(world: World, spec: PeerSpec) -> list[tuple[PeerSpec, dict]]:
     """A CIDR spec split by the prefixes inside it: [(spec of the part, {"cidr",
     "except"})]."""
     net = ipaddress.ip_network(spec.prefix)
-    inner = [p for p in world.prefixes() if p.version == net.version and p != net and p.subnet_of(net)]
+    inner = [p for p in world.prefixes() if p != net and inside(p, net)]
     out = []
     for part in [net] + sorted(inner, key=lambda n: (n.network_address, n.prefixlen)):
-        holes = [p for p in inner if p != part and p.subnet_of(part)]
-        top = [h for h in holes if not any(o != h and h.subnet_of(o) for o in holes)]
+        holes = [p for p in inner if p != part and inside(p, part)]
+        top = [h for h in holes if not any(o != h and inside(h, o) for o in holes)]
         desc: dict = {"cidr": str(part)}
         if top:
             desc["except"] = [str(h) for h in sorted(top, key=lambda n: n.network_address)]

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def inside(inner: Network, outer: Network) -> bool:
+    """``inner`` lies in ``outer`` (same family; False across families)."""
+    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class CIDRRule:
     """Selects addresses inside ``cidr`` and outside every prefix in ``excepts``; or,
@@ -18,16 +23,16 @@ class CIDRRule:
 
     def prefixes(self) -> tuple[Network, ...]:
         """Every prefix this rule needs an identity for (a group's come from its service)."""
-        return () if self.group else (self.cidr,) + self.excepts
+        if self.group or self.cidr is None:
+            return ()
+        return (self.cidr,) + self.excepts
 
     def selects(self, prefix: Network) -> bool:
         """Does this rule select the CIDR identity of ``prefix`` (a prefix that is at
         least as specific as the rule's and outside its exceptions)?"""
-        if self.group:
+        if self.group or self.cidr is None or not inside(prefix, self.cidr):
             return False
-        if prefix.version != self.cidr.version or not prefix.subnet_of(self.cidr):
-            return False
-        return not any(prefix.subnet_of(e) for e in self.excepts if e.version == prefix.version)
+        return not any(inside(prefix, e) for e in self.excepts)
 
     def __str__(self) -> str:
         if self.group:

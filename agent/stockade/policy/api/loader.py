@@ -42,7 +42,7 @@ def _documents(stream_doc: Any, *, is_json: bool = False) -> list:
         items = []  # an empty YAML document
     else:
         items = [stream_doc]
-    out = []
+    out: list[Any] = []
     for d in items:
         out.extend(d["items"] if _is_list_kind(d) else [d])
     return out
@@ -106,7 +106,7 @@ def load_text(text: str, name: str, *, allow_l7: bool = False,
         except PolicyErrors as exc:
             errors.extend(e.located(file=name, doc_index=index, doc_name=doc_name)
                           for e in exc.errors[:MAX_ERRORS])
-    seen = {}
+    seen: dict = {}
     for p in policies:
         if p.ref in seen:
             errors.append(PolicyError("metadata.name", f"policy {p.ref.display} ({p.ref.kind}) "

@@ -39,6 +39,7 @@ import yaml
 from yaml import events as ev
 from yaml.resolver import Resolver
 
+_Parser: Any
 try:
     from yaml._yaml import CParser as _Parser  # libyaml: the normal case
 except ImportError:  # pragma: no cover - PyYAML built without libyaml
@@ -305,7 +306,7 @@ class _YAMLReader:
 
     def _error(self, msg: str, event, frames: list) -> ReadError:
         """frames: [(container, is_map, pending key)], outermost first."""
-        path = []
+        path: list = []
         for value, is_map, key in frames:
             if not is_map:
                 path.append(len(value))
@@ -341,7 +342,8 @@ class _YAMLReader:
         root = e = None
         # saved frames: (container, is_map, key, anchor, first node, merges)
         stack: list = []
-        cur, cur_map, cur_key, cur_anchor, cur_start, cur_merges = None, None, _NOKEY, None, 0, None
+        cur: Any = None
+        cur_map, cur_key, cur_anchor, cur_start, cur_merges = None, _NOKEY, None, 0, None
         try:
             while True:
                 e = get()
@@ -577,7 +579,7 @@ def _json_path(text: str, *, pos: int | None = None, depth: int | None = None) -
             except ValueError:  # the string the decoder stopped in: good enough for a path
                 frames[-1][1] = tok[1:-1]
     path = []
-    for is_map, key in frames:
+    for _is_map, key in frames:
         if key is None:
             break
         path.append(key)

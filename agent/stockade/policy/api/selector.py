@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..labels import (ANY_SOURCE, NAMESPACE_KEYS, LabelSet, check_key, check_value, parse_pairs,
-                      split_source)
+from ..labels import ANY_SOURCE, NAMESPACE_KEYS, LabelSet, check_key, check_value, parse_pairs, split_source
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 

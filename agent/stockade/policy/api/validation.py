@@ -7,7 +7,6 @@ port strings, ICMP names) happens as the sanitized types are built.
 """
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import json
 import re
@@ -18,7 +17,7 @@ import jsonschema
 
 from ...errors import PolicyError, PolicyErrors
 from ..labels import NAMESPACE_KEYS, Label, LabelSet, check_key, check_value, split_source
-from .cidr import CIDRRule, parse_network
+from .cidr import CIDRRule, inside, parse_network
 from .entity import ENTITIES
 from .ports import ICMP_FAMILIES, PROTOCOLS, HTTPRule, ICMPField, PortProtocol, PortRule
 from .rule import CCNP, DIRECTION_FIELDS, PeerRule, Policy, PolicyRef, Rule
@@ -230,7 +229,7 @@ class _Sanitizer:
             ex = self.cidr(text, f"{path}.except[{i}]")
             if ex is None or net is None:
                 continue
-            if ex.version != net.version or not ex.subnet_of(net):
+            if not inside(ex, net):
                 self.fail(f"{path}.except[{i}]", f"{ex} is not inside {net}")
                 continue
             excepts.append(ex)
@@ -278,7 +277,7 @@ class _Sanitizer:
                 ports.append(pp)
         if not raw.get("ports"):
             self.fail(f"{path}.ports", "at least one port is required")
-        http = ()
+        http: tuple[HTTPRule, ...] = ()
         rules = raw.get("rules") or {}
         if "http" in rules:
             if deny:
