@@ -107,7 +107,7 @@ def _restore_ipcache(agent: "Agent", txn: Txn, recs: list) -> None:
 
 def _endpoint(records: _Records, i: int, rec: dict) -> Endpoint:
     try:
-        for j, ip in enumerate(rec["ips"]):
+        for ip in rec["ips"]:
             ipaddress.ip_address(ip)
         labels = parse_labels(rec["labels"], "unspec")
     except (StockadeError, ValueError) as exc:

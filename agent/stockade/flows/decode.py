@@ -99,12 +99,10 @@ class Decoder:
             local_name = by_if.get(ifindex)
             lhost = host if local_name else None
             if direction == DIR_EGRESS:
-                local, remote = sid, did
                 src_info = icache.get((sid, local_name, lhost)) or info(sid, local_name, lhost)
                 pname, phost = by_addr.get(daddr, no_peer)
                 dst_info = icache.get((did, pname, phost)) or info(did, pname, phost)
             else:
-                local, remote = did, sid
                 dst_info = icache.get((did, local_name, lhost)) or info(did, local_name, lhost)
                 pname, phost = by_addr.get(saddr, no_peer)
                 src_info = icache.get((sid, pname, phost)) or info(sid, pname, phost)
