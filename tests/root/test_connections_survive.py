@@ -87,14 +87,19 @@ def build_with_other_programs(dest: Path, marker: int) -> list[str]:
 
 @contextmanager
 def builds():
-    """The builds the agent is upgraded through, in order, as (name, command, env);
-    the test ends on this tree's own build. To add the build before the pinned maps'
-    layout versions (the integrity branch: tests/oldbuild.py), start the list with it."""
+    """The builds the agent runs: first the build before the pinned maps got layout
+    versions (tests/oldbuild.py: the upgrade from it changes the layout of conntrack,
+    endpoints and counters), then the ones it is upgraded through, in order, as (name,
+    command, env); the test ends on this tree's own build."""
+    from oldbuild import RUN_AGENT, old_build
     tmp = Path(tempfile.mkdtemp(prefix="stockade-builds-", dir="/run"))
     try:
-        other = build_with_other_programs(tmp / "marked", 1)
-        yield [("marked", other, {"PYTHONPATH": str(tmp / "marked" / "agent")}),
-               ("this", None, None)]
+        with old_build() as old:
+            other = build_with_other_programs(tmp / "marked", 1)
+            yield (RUN_AGENT, {"PYTHONPATH": str(old / "agent")}), [
+                ("this-new-layout", None, None),
+                ("marked", other, {"PYTHONPATH": str(tmp / "marked" / "agent")}),
+                ("this", None, None)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -146,10 +151,12 @@ def test_connections_survive_restarts_upgrades_imports_and_churn():
     if not podman_available():
         pytest.fail("needs root, podman and /bin/busybox (busybox-static): make setup")
     figures: dict[str, dict] = {}
-    with Topology("cs") as topo, PrivatePodman(subnet="10.213.61.0/24") as pp, builds() as upgrades:
+    with Topology("cs") as topo, PrivatePodman(subnet="10.213.61.0/24") as pp, \
+            builds() as ((old_command, old_env), upgrades):
         w = {n: topo.add_workload(n, [f"{NET4}{i}/24"]) for i, n in enumerate("abc", start=1)}
-        agent = AgentProcess(podman_socket=pp.socket, managed_bridges=[pp.bridge],
-                             runtime_probe_interval=1.0, runtime_relist_interval=5.0)
+        # the old build first: it knows none of this build's newer settings
+        agent = AgentProcess(podman_socket=pp.socket, managed_bridges=[pp.bridge])
+        agent.command, agent.env = old_command, old_env
         pump = None
         try:
             agent.start()
@@ -172,7 +179,8 @@ def test_connections_survive_restarts_upgrades_imports_and_churn():
 
             def restart(command=None, env=None, sig=signal.SIGKILL) -> dict:
                 agent.kill(sig)
-                agent.command, agent.env = command or agent.command, env
+                if command is not None:  # another build; else the same one again
+                    agent.command, agent.env = command, env
                 t = time.monotonic()
                 agent.start()
                 return {"restart_s": round(time.monotonic() - t, 2)}
@@ -186,7 +194,8 @@ def test_connections_survive_restarts_upgrades_imports_and_churn():
                 before = program_tags(w["a"].host_if)
 
                 def upgrade(command=command, env=env):
-                    out = restart(command or STOCKADE, env, sig=signal.SIGTERM)
+                    agent.settings.update(runtime_probe_interval=1.0, runtime_relist_interval=5.0)
+                    out = restart(command or STOCKADE, env or {}, sig=signal.SIGTERM)
                     after = program_tags(w["a"].host_if)
                     assert after and after != before, f"program tags did not change: {before} {after}"
                     return {**out, "tags": after}
