@@ -11,6 +11,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping podman runc nftables iptables iperf3 ethtool gcc libc6-dev linux-perf
   busybox-static curl ca-certificates chromium qemu-system-x86 python3-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   systemd python3-apt python3-yaml dnsmasq-base
+  etcd-server etcd-client haproxy prometheus wrk debootstrap dnsmasq cpio gzip openssh-client
 )
 # Kernel headers are checked separately (exact package or fallback).
 
@@ -28,6 +29,13 @@ apt_update() { if [ $apt_updated = 0 ]; then apt-get update -qq; apt_updated=1; 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt_update
+  # Packages such as etcd-server, prometheus and dnsmasq start a service on install; the
+  # tests start their own instances, so keep the package scripts from starting any.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
