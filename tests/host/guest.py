@@ -27,7 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.host import image
+from . import image
 
 QEMU = "qemu-system-x86_64"
 BRIDGE = "hosttbr0"

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("STOCKADE_HOST_CACHE", "/var/cache/stockade-host"))
-IMAGE_VERSION = "2"  # bump when the package list or the baked-in files change
+IMAGE_VERSION = "3"  # bump when the package list or the baked-in files change
 MIRROR = "http://deb.debian.org/debian"
 SECURITY = "http://deb.debian.org/debian-security"
 SUITE = "bookworm"
@@ -48,6 +48,9 @@ PACKAGES = [
     "iputils-ping", "procps", "kmod", "nftables", "iptables",
     "podman", "runc", "conmon", "containernetworking-plugins",
     "python3", "python3-venv", "python3-bpfcc",
+    # what the agent role's apt task installs (skipped for this guest), and what
+    # ansible.builtin.pip needs on the host
+    "python3-yaml", "ca-certificates", "python3-packaging", "python3-setuptools",
     "initramfs-tools",
 ]
 
@@ -267,6 +270,7 @@ def build(project: Path | None = None, python: str | None = None) -> dict:
     t0 = time.monotonic()
     times: dict = {}
     debs = CACHE / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
     seeded = seed_debs(debs) if os.environ.get("STOCKADE_HOST_SEED", "1") == "1" else 0
     log(f"seeded {seeded} packages from /var/cache/apt/archives")
 
