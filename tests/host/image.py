@@ -302,6 +302,9 @@ def build(project: Path | None = None, python: str | None = None) -> dict:
         (work / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         work.rename(out)
+        for old in CACHE.glob("image-v*"):  # images of other versions are never booted again
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if work.exists():
             subprocess.run(["umount", "-R", "-l", str(root)], capture_output=True)
