@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-MODULES = sorted(p.stem for p in (ROOT / "modules").glob("stockade_*.py"))
+COLLECTION = ROOT / "ansible_collections" / "stockade" / "fleet"
+MODULES = sorted(p.stem for p in (COLLECTION / "plugins" / "modules").glob("stockade_*.py"))
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
        "ANSIBLE_NOCOLOR": "1", "NO_COLOR": "1"}
@@ -30,9 +31,9 @@ def playbook(*args, timeout=300):
 
 @pytest.mark.parametrize("module", MODULES, ids=MODULES)
 def test_ansible_doc_renders(module):
-    r = run(str(BIN / "ansible-doc"), "-M", "modules", module)
+    r = run(str(BIN / "ansible-doc"), f"stockade.fleet.{module}")
     assert r.returncode == 0, r.stderr
-    assert f"> MODULE {module}" in r.stdout and "EXAMPLES:" in r.stdout and "RETURN VALUES:" in r.stdout
+    assert f"> MODULE stockade.fleet.{module}" in r.stdout and "EXAMPLES:" in r.stdout and "RETURN VALUES:" in r.stdout
 
 
 def test_ansible_lint_production_profile():
@@ -77,17 +78,17 @@ def inventory(tmp_path, socket, policy_text, extra=""):
 
 def test_policy_role_pushes_then_changes_nothing(agent, tmp_path):
     inv = inventory(tmp_path, agent.socket_path, GOOD)
-    r = playbook("-i", inv, "playbooks/policy.yml", "--diff")
+    r = playbook("-i", inv, "stockade.fleet.policy", "--diff")
     assert r.returncode == 0, r.stdout[-4000:]
     assert "changed=2" in r.stdout, r.stdout[-1500:]  # endpoint + policies
     assert [k[2] for k in agent.policies] == ["db"] and "vm1" in agent.endpoints
-    r = playbook("-i", inv, "playbooks/policy.yml")
+    r = playbook("-i", inv, "stockade.fleet.policy")
     assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-1500:]
 
 
 def test_policy_role_rejects_bad_policy_before_any_change(agent, tmp_path):
     inv = inventory(tmp_path, agent.socket_path, BAD)
-    r = playbook("-i", inv, "playbooks/policy.yml")
+    r = playbook("-i", inv, "stockade.fleet.policy")
     assert r.returncode != 0
     assert "policies/db.yaml: document 0 (db): spec.ingress[0].toPorts[0].ports[0].port" in r.stdout, r.stdout[-3000:]
     assert not [c for c in agent.calls if c[0] in ("put_policies", "add_endpoint")]
@@ -95,7 +96,7 @@ def test_policy_role_rejects_bad_policy_before_any_change(agent, tmp_path):
 
 def test_policy_role_fails_on_failed_policy_test(agent, tmp_path):
     inv = inventory(tmp_path, agent.socket_path, GOOD.replace("app: web", "app: nobody"))
-    r = playbook("-i", inv, "playbooks/policy.yml")
+    r = playbook("-i", inv, "stockade.fleet.policy")
     assert r.returncode != 0 and "policy tests failed" in r.stdout, r.stdout[-3000:]
     assert not [c for c in agent.calls if c[0] in ("put_policies", "add_endpoint")]
 
@@ -120,7 +121,7 @@ def test_policy_role_pushes_services_for_this_host_before_policies(agent, tmp_pa
     policy = GOOD.replace("ingress: [", "ingress: [{fromCIDRSet: [{cidrGroupRef: backup}]}, ")
     policy += "---\n" + GOOD.replace("name: db", "name: ghost").replace("app: db", "app: ghost")
     inv = inventory(tmp_path, agent.socket_path, policy, SERVICES % "")
-    r = playbook("-i", inv, "playbooks/policy.yml", "--diff", "--limit", "localhost")
+    r = playbook("-i", inv, "stockade.fleet.policy", "--diff", "--limit", "localhost")
     assert r.returncode == 0, r.stdout[-4000:]
     # the webservers member is not this host's; hosts is resolved, not sent
     assert agent.services == {"db": {"labels": {"app": "db"}, "members": [{"endpoint": "vm1"}]},
@@ -130,14 +131,14 @@ def test_policy_role_pushes_services_for_this_host_before_policies(agent, tmp_pa
     # a warning, not a failure: nothing selects app=ghost on any host
     assert "policy ghost selects nothing on any host" in r.stdout, r.stdout[-3000:]
     assert "relabel vm1 -> db" in r.stdout
-    r = playbook("-i", inv, "playbooks/policy.yml", "--limit", "localhost")
+    r = playbook("-i", inv, "stockade.fleet.policy", "--limit", "localhost")
     assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-1500:]
 
 
 def test_policy_role_rejects_bad_service_before_any_change(agent, tmp_path):
     inv = inventory(tmp_path, agent.socket_path, GOOD,
                     SERVICES % "bad: {members: [{image: x, container_name: y}]}")
-    r = playbook("-i", inv, "playbooks/policy.yml", "--limit", "localhost")
+    r = playbook("-i", inv, "stockade.fleet.policy", "--limit", "localhost")
     assert r.returncode != 0
     assert "stockade_services.bad.members[0]: a member has exactly one of" in r.stdout, r.stdout[-3000:]
     assert not [c for c in agent.calls if c[0] in ("put_policies", "add_endpoint", "set_services")]
@@ -192,7 +193,7 @@ def test_role_webui_starts_answers_and_is_removed(agent, tmp_path):
         r = playbook(*args, "-e", "webui_step=present",
                      "-e", '{"stockade_agent_webui_trusted_hosts": ["ui.example.net"]}')
         assert r.returncode == 0, r.stdout[-3000:]
-        assert "RUNNING HANDLER [stockade_agent : Restart the Stockade web UI (process)]" in r.stdout
+        assert "RUNNING HANDLER [stockade.fleet.stockade_agent : Restart the Stockade web UI (process)]" in r.stdout
         old, pid = pid, int((tmp_path / "webui.pid").read_text())
         assert pid != old and not Path(f"/proc/{old}").exists()
         assert "--trusted-host=ui.example.net" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " ")

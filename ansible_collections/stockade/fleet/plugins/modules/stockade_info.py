@@ -37,11 +37,11 @@ notes:
 
 EXAMPLES = r"""
 - name: Read everything the agent knows
-  stockade_info:
+  stockade.fleet.stockade_info:
   register: stockade
 
 - name: Only endpoints, from a non-default socket
-  stockade_info:
+  stockade.fleet.stockade_info:
     socket: /run/h1/agent.sock
     gather: [endpoints]
   register: h1
@@ -92,7 +92,7 @@ counters:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, StockadeModuleError,
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, StockadeModuleError,
                                            fail, parse_metrics)
 
 GATHER = ["health", "endpoints", "identities", "ipcache", "policies", "counters"]

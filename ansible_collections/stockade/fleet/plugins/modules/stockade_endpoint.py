@@ -76,21 +76,21 @@ notes:
 
 EXAMPLES = r"""
 - name: A VM on tap0 is the reports service
-  stockade_endpoint:
+  stockade.fleet.stockade_endpoint:
     name: reports-vm
     interface: tap0
     ips: [10.90.0.2]
     labels: {app: reports}
 
 - name: A Firecracker VM found by its guest MAC, whatever its tap is called
-  stockade_endpoint:
+  stockade.fleet.stockade_endpoint:
     name: build-fc
     mac: "06:00:ac:10:00:02"
     ips: [10.90.0.3]
     labels: {app: build}
 
 - name: Forget it
-  stockade_endpoint:
+  stockade.fleet.stockade_endpoint:
     name: reports-vm
     state: absent
 """
@@ -112,7 +112,7 @@ import json
 import re
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
                                            StockadeModuleError, fail, with_source)
 
 

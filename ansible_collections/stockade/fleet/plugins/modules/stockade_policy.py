@@ -74,7 +74,7 @@ notes:
 
 EXAMPLES = r"""
 - name: One inline policy
-  stockade_policy:
+  stockade.fleet.stockade_policy:
     documents:
       - apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
@@ -86,14 +86,14 @@ EXAMPLES = r"""
               toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
 
 - name: Exactly the inventory's policies, read on the controller
-  stockade_policy:
+  stockade.fleet.stockade_policy:
     content:
       - name: shop.yaml
         text: "{{ lookup('ansible.builtin.file', inventory_dir ~ '/policies/shop.yaml') }}"
     replace_all: true
 
 - name: Remove the policies in a file on the host
-  stockade_policy:
+  stockade.fleet.stockade_policy:
     src: [/etc/stockade/policies/old.yaml]
     state: absent
 """
@@ -114,7 +114,7 @@ policy_diff:
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
                                            StockadeModuleError, fail)
 
 EMPTY = {"added": [], "removed": [], "changed": [], "rules": {"added": [], "removed": []},

@@ -64,17 +64,17 @@ attributes:
 
 EXAMPLES = r"""
 - name: Two remote workloads, nothing else
-  stockade_ipcache:
+  stockade.fleet.stockade_ipcache:
     entries:
       - {prefix: 10.77.2.10, labels: {app: db}, host: host2}
       - {prefix: 10.77.3.0/24, labels: {app: batch}, host: host3}
 
 - name: Every other host's endpoints (see playbooks/site.yml)
-  stockade_ipcache:
+  stockade.fleet.stockade_ipcache:
     endpoints_by_host: "{{ peers }}"
 
 - name: Forget every remote entry
-  stockade_ipcache:
+  stockade.fleet.stockade_ipcache:
     entries: []
 """
 
@@ -100,7 +100,7 @@ entries:
 import ipaddress
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
                                            StockadeModuleError, fail, label_strings)
 
 NODE_LABEL = "reserved:remote-node"

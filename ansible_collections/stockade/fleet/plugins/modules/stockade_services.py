@@ -50,7 +50,7 @@ notes:
 
 EXAMPLES = r"""
 - name: The database container by name, a backup appliance by CIDR
-  stockade_services:
+  stockade.fleet.stockade_services:
     services:
       db:
         labels: {tier: data}
@@ -61,7 +61,7 @@ EXAMPLES = r"""
         cidrs: [192.0.2.0/24]
 
 - name: Remove every service definition
-  stockade_services:
+  stockade.fleet.stockade_services:
     services: {}
 """
 
@@ -88,7 +88,7 @@ conflicts:
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
                                            StockadeModuleError, fail)
 
 
