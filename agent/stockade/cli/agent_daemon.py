@@ -11,6 +11,7 @@ import threading
 import click
 
 from ..daemon.config import AgentConfig, ConfigError, load, schema
+from .common import quiet_libraries
 
 DEFAULT_CONFIG = "/etc/stockade/agent.yaml"
 EX_CONFIG = os.EX_CONFIG  # 78: the unit's RestartPreventExitStatus, systemd does not loop
@@ -137,6 +138,7 @@ def agent(config_path, cleanup, check_state, restore_state, check_config, **flag
         sys.exit(EX_CONFIG)
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(cfg.log_level)
     if cleanup:
         sys.exit(run_cleanup(cfg))
     if check_state:

@@ -22,6 +22,7 @@ from ..errors import StockadeError
 from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityAllocator
 from . import restore
+from .changelog import ChangeLog
 from .changes import Change, ChangePolicies, LinkChange
 from .config import AgentConfig
 from .links import Link, LinkWatcher, list_links
@@ -57,6 +58,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._watchers: list = []
         self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
+        self.changes = ChangeLog(None if read_only else config.change_log_path)
         self.policy_apply_seconds = Histogram(
             "stockade_policy_apply_seconds",
             "Time to plan and write a policy change (dry runs included)", registry=None,
@@ -124,6 +126,7 @@ class Agent:
                 log.exception("stopping %s failed", w)
         for t in self._threads:
             t.join(timeout=2)
+        self.changes.close()
 
     @property
     def stopping(self) -> threading.Event:
@@ -175,8 +178,7 @@ class Agent:
                 self.error(f"{change.what} failed, previous state kept: {exc}")
                 raise
             txn.commit()
-            for line in txn.log:
-                log.info("%s", line)
+            self.changes.record(change, txn, self.state.revision)
             self._committed_locked()
             return result
         finally:

@@ -62,6 +62,8 @@ class AgentConfig:
     flow_log_path: str | None = None
     flow_log_max_bytes: int = 100 * 1024 * 1024
     flow_log_backups: int = 5
+    # Change log: every committed change as a JSON line (daemon/changelog.py), also on stderr.
+    change_log_path: str | None = None
     # Flow events per second per CPU (and burst) for new-connection verdicts and for
     # drops; over the budget events are counted as lost, packet counters stay exact.
     flow_events_rate: int = 20000
