@@ -51,6 +51,7 @@ class Agent:
         self.unprotected: list[str] = []
         self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.errors: collections.deque = collections.deque(maxlen=20)
+        self.error_count = 0   # every error since start (errors keeps the last 20)
         self.started = time.time()
         self.version = 0
         self._snapshot: Snapshot | None = None
@@ -146,6 +147,7 @@ class Agent:
         """An error shown in status (the last 20) and the log."""
         log.error("%s", msg)
         with self._lock:
+            self.error_count += 1
             self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {msg}")
             self.version += 1
 
