@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentproc import AgentProcess
+from agentproc import STOCKADE, AgentProcess
 from monitoring_files import NOT_FROM_A_PLAIN_AGENT, used_metrics
 from netns import Topology
 from policydocs import ingress_policy
+from stockade.flows import parse_time
 from traffic import eventually, tcp_ok
 
 pytestmark = pytest.mark.root
@@ -108,3 +111,27 @@ def test_metrics_on_socket_and_tcp_have_every_name_the_rules_and_dashboard_use(e
     # one registry: the process collector's start time is the agent's, every scrape
     starts = {samples(t)["process_start_time_seconds"][0].value for t in (on_socket, on_v1, on_tcp)}
     assert len(starts) == 1
+
+
+def test_observe_since_follow_prints_history_then_follows(env):
+    agent, w, _ = env
+    assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432)
+    proc = subprocess.Popen([*STOCKADE, "observe", "--socket", agent.socket, "--since", "10m", "-f",
+                             "-o", "jsonpb", "--to-endpoint", "op-b", "--to-port", "5432"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["flow"]["destination"]["pod_name"] == "op-b"
+        assert first["flow"]["l4"]["TCP"]["destination_port"] == 5432
+        assert first["node_name"] and first["time"] == first["flow"]["time"]
+        # a connection made now arrives on the same stream
+        marker = time.time()
+        assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432)
+        while True:
+            line = json.loads(proc.stdout.readline())
+            if parse_time(line["time"]) >= marker * 1e9:
+                break
+        assert line["flow"]["verdict"] == "FORWARDED"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
