@@ -187,11 +187,10 @@ def parse_metrics(text):
         labels = {}
         name = head
         if "{" in head:
-            name, _, rest = head.partition("{")
+            name, _sep, rest = head.partition("{")
             for item in rest.rstrip("}").split(","):
                 if "=" in item:
-                    k, _, v = item.partition("=")
+                    k, _sep, v = item.partition("=")
                     labels[k.strip()] = v.strip().strip('"')
         out.append({"name": name, "labels": labels, "value": value})
     return out
-

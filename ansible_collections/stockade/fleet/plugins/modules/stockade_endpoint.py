@@ -1,6 +1,9 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
-# Copyright: Stockade contributors; Apache-2.0
+# Copyright: Stockade contributors
+# SPDX-License-Identifier: Apache-2.0 OR GPL-3.0-or-later
+# Apache License 2.0, or (at your option) the GNU General Public License v3.0+
+# (see https://www.apache.org/licenses/LICENSE-2.0 and https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -18,9 +21,10 @@ description:
     replaces the old one. The spec is compared as the agent normalizes it (MAC in lower
     case, addresses sorted, labels with their source); labels the endpoint gets from an
     inventory service (source C(service)) are not part of its spec.
-  - Uses only the Python standard library on the managed host.
 version_added: "0.1.0"
-author: Stockade contributors
+author: Stockade contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - stockade.fleet.agent
 options:
   name:
     description: Endpoint name, unique on this host (letters, digits, C(_), C(.), C(-); at most 63).
@@ -60,15 +64,6 @@ options:
         endpoint is bound to the tap found from it; with O(interface) it is recorded with
         the endpoint. Omitted means no MAC.
     type: str
-  socket:
-    description: Path of the agent's API socket.
-    type: path
-    default: /run/stockade/agent.sock
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 notes:
   - O(ips) and one of O(interface) and O(mac) are required with O(state=present).
   - Only static endpoints can be removed; container endpoints go when the container stops.
@@ -112,8 +107,9 @@ import json
 import re
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
-                                           StockadeModuleError, fail, with_source)
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (
+    SOCKET_ARG, AgentClient, AgentRefused, StockadeModuleError, fail, with_source,
+)
 
 
 MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")

@@ -1,6 +1,9 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
-# Copyright: Stockade contributors; Apache-2.0
+# Copyright: Stockade contributors
+# SPDX-License-Identifier: Apache-2.0 OR GPL-3.0-or-later
+# Apache License 2.0, or (at your option) the GNU General Public License v3.0+
+# (see https://www.apache.org/licenses/LICENSE-2.0 and https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -11,14 +14,11 @@ description:
   - Asks the Stockade agent on the managed host for its health, endpoints, identities,
     ipcache, policies and packet counters, through its API socket.
   - Read-only; never reports C(changed).
-  - Uses only the Python standard library on the managed host.
 version_added: "0.1.0"
-author: Stockade contributors
+author: Stockade contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - stockade.fleet.agent.read_only
 options:
-  socket:
-    description: Path of the agent's API socket.
-    type: path
-    default: /run/stockade/agent.sock
   gather:
     description:
       - What to read. Omitted means everything.
@@ -26,13 +26,6 @@ options:
     elements: str
     choices: [health, endpoints, identities, ipcache, policies, counters]
     default: [health, endpoints, identities, ipcache, policies, counters]
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-notes:
-  - Fails when the agent cannot be reached, naming the socket it tried.
 """
 
 EXAMPLES = r"""
@@ -92,8 +85,9 @@ counters:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, StockadeModuleError,
-                                           fail, parse_metrics)
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (
+    SOCKET_ARG, AgentClient, StockadeModuleError, fail, parse_metrics,
+)
 
 GATHER = ["health", "endpoints", "identities", "ipcache", "policies", "counters"]
 

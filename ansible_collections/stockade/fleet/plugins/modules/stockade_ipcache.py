@@ -1,6 +1,9 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
-# Copyright: Stockade contributors; Apache-2.0
+# Copyright: Stockade contributors
+# SPDX-License-Identifier: Apache-2.0 OR GPL-3.0-or-later
+# Apache License 2.0, or (at your option) the GNU General Public License v3.0+
+# (see https://www.apache.org/licenses/LICENSE-2.0 and https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -11,12 +14,13 @@ description:
   - The ipcache maps addresses of workloads on other hosts to the identity of their
     labels, so that C(fromEndpoints) and C(toEndpoints) rules match them.
   - Entries are given directly (O(entries)) or as other hosts' endpoints, as
-    M(stockade_info) returns them (O(endpoints_by_host)); both may be given.
+    M(stockade.fleet.stockade_info) returns them (O(endpoints_by_host)); both may be given.
   - With O(purge=true) (the default) remote entries that are not in the list are removed,
     so the remote set becomes exactly the list. Local, CIDR and host entries are never touched.
-  - Uses only the Python standard library on the managed host.
 version_added: "0.1.0"
-author: Stockade contributors
+author: Stockade contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - stockade.fleet.agent
 options:
   entries:
     description: Remote entries.
@@ -42,7 +46,7 @@ options:
   endpoints_by_host:
     description:
       - Host name to that host's endpoints (dicts with C(ips) and C(labels), as
-        M(stockade_info) returns them). Each address becomes an entry with the endpoint's
+        M(stockade.fleet.stockade_info) returns them). Each address becomes an entry with the endpoint's
         labels and the host name.
       - Endpoints without addresses or labels are skipped.
     type: dict
@@ -51,15 +55,6 @@ options:
     description: Remove remote entries that are not in the list.
     type: bool
     default: true
-  socket:
-    description: Path of the agent's API socket.
-    type: path
-    default: /run/stockade/agent.sock
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 """
 
 EXAMPLES = r"""
@@ -100,8 +95,9 @@ entries:
 import ipaddress
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
-                                           StockadeModuleError, fail, label_strings)
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (
+    SOCKET_ARG, AgentClient, AgentRefused, StockadeModuleError, fail, label_strings,
+)
 
 NODE_LABEL = "reserved:remote-node"
 

@@ -1,6 +1,9 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
-# Copyright: Stockade contributors; Apache-2.0
+# Copyright: Stockade contributors
+# SPDX-License-Identifier: Apache-2.0 OR GPL-3.0-or-later
+# Apache License 2.0, or (at your option) the GNU General Public License v3.0+
+# (see https://www.apache.org/licenses/LICENSE-2.0 and https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -18,7 +21,9 @@ description:
   - Uses only the Python standard library on the managed host (PyYAML only for
     O(state=absent) with YAML files or contents).
 version_added: "0.1.0"
-author: Stockade contributors
+author: Stockade contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - stockade.fleet.agent
 options:
   state:
     description:
@@ -58,15 +63,6 @@ options:
       - With O(replace_all=true) and no documents at all, every policy is removed.
     type: bool
     default: false
-  socket:
-    description: Path of the agent's API socket.
-    type: path
-    default: /run/stockade/agent.sock
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 notes:
   - Validate on the controller first (C(stockade policy validate)); the C(stockade_policy)
     role does so before it changes any host.
@@ -114,8 +110,9 @@ policy_diff:
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
-                                           StockadeModuleError, fail)
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (
+    SOCKET_ARG, AgentClient, AgentRefused, StockadeModuleError, fail,
+)
 
 EMPTY = {"added": [], "removed": [], "changed": [], "rules": {"added": [], "removed": []},
          "entries": {"added": 0, "removed": 0}}

@@ -1,6 +1,9 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
-# Copyright: Stockade contributors; Apache-2.0
+# Copyright: Stockade contributors
+# SPDX-License-Identifier: Apache-2.0 OR GPL-3.0-or-later
+# Apache License 2.0, or (at your option) the GNU General Public License v3.0+
+# (see https://www.apache.org/licenses/LICENSE-2.0 and https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -19,9 +22,10 @@ description:
     definitions that change and the workloads that get new labels.
   - Workloads that match more than one service are returned in RV(conflicts) and warned
     about; the agent gives them the first service by name.
-  - Uses only the Python standard library on the managed host.
 version_added: "0.1.0"
-author: Stockade contributors
+author: Stockade contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - stockade.fleet.agent
 options:
   services:
     description:
@@ -35,15 +39,6 @@ options:
         C(services.web.members[0]), and nothing changes.
     type: dict
     required: true
-  socket:
-    description: Path of the agent's API socket.
-    type: path
-    default: /run/stockade/agent.sock
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 notes:
   - Push services before the policies that select them; the C(stockade_policy) role does.
 """
@@ -88,8 +83,9 @@ conflicts:
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (SOCKET_ARG, AgentClient, AgentRefused,
-                                           StockadeModuleError, fail)
+from ansible_collections.stockade.fleet.plugins.module_utils.stockade import (
+    SOCKET_ARG, AgentClient, AgentRefused, StockadeModuleError, fail,
+)
 
 
 def without_hosts(services):
