@@ -300,9 +300,19 @@ MODULE_NAMES = ["stockade_info", "stockade_endpoint", "stockade_ipcache", "stock
 
 @pytest.mark.parametrize("name", MODULE_NAMES, ids=MODULE_NAMES)
 def test_documentation_agrees_with_argument_spec(modules, name):
+    """DOCUMENTATION with its doc fragments (stockade.fleet.agent[.VARIANT]) agrees with
+    the argument spec."""
     import yaml
+    from conftest import COLLECTION, _load
+    fragments = _load("stockade_doc_fragments_agent", COLLECTION / "plugins/doc_fragments/agent.py")
     mod = modules[name]
     doc = yaml.safe_load(mod.DOCUMENTATION)
+    for ref in doc["extends_documentation_fragment"]:
+        assert ref.startswith("stockade.fleet.agent"), ref
+        variant = ref.removeprefix("stockade.fleet.agent").lstrip(".").upper() or "DOCUMENTATION"
+        frag = yaml.safe_load(getattr(fragments.ModuleDocFragment, variant))
+        doc["options"] = {**frag["options"], **doc["options"]}
+        doc["attributes"] = {**frag["attributes"], **doc.get("attributes", {})}
     assert _compare(doc["options"], mod.ARGUMENT_SPEC, "") == []
     assert doc["attributes"]["check_mode"]["support"] == "full"
     yaml.safe_load(mod.EXAMPLES)
