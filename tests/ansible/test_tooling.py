@@ -19,8 +19,8 @@ ENV = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
        "ANSIBLE_NOCOLOR": "1", "NO_COLOR": "1"}
 
 
-def run(*argv, timeout=300, cwd=ROOT, **kw):
-    return subprocess.run(argv, cwd=cwd, env=ENV, capture_output=True, text=True,
+def run(*argv, timeout=300, cwd=ROOT, env=None, **kw):
+    return subprocess.run(argv, cwd=cwd, env=env or ENV, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 
@@ -204,20 +204,60 @@ def test_role_webui_starts_answers_and_is_removed(agent, tmp_path):
 
 
 @pytest.mark.root
-def test_role_installs_into_fresh_venv(tmp_path):
-    """The role's real install path: wheel built on the controller, fresh venv with
-    --system-site-packages (bcc from Debian), then a second run installs nothing."""
+@pytest.mark.timeout(900)
+def test_role_installs_upgrades_by_content_and_offline(tmp_path):
+    """The role's install path, as on a real host: a wheel built once on the controller
+    into a fresh venv with --system-site-packages (bcc from Debian); a second run installs
+    nothing; a user-supplied wheel of the SAME version with different content is installed
+    (the sha256 changed) and a run after it changes nothing; offline, from dependency wheels
+    carried from the controller, with every package index unreachable."""
     venv = tmp_path / "venv"
-    args = ("tests/ansible/playbooks/install.yml", "-e", f"stockade_agent_venv={venv}",
-            "-e", f"stockade_agent_project_dir={ROOT}")
-    r = playbook(*args)
+    args = ("tests/ansible/playbooks/install.yml", "-e", f"stockade_agent_venv={venv}")
+    VENV_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own stockade
+    r = playbook(*args, "-e", f"stockade_agent_project_dir={ROOT}")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    v = subprocess.run([str(venv / "bin" / "stockade"), "--version"], capture_output=True, text=True)
+    v = subprocess.run([str(venv / "bin" / "stockade"), "--version"], capture_output=True, text=True, env=VENV_ENV)
     assert v.returncode == 0 and "0.1.0" in v.stdout, v.stderr
     bcc = subprocess.run([str(venv / "bin" / "python"), "-c", "import bcc"], capture_output=True)
     assert bcc.returncode == 0, "the venv must see Debian's bcc (--system-site-packages)"
-    r = playbook(*args)
+    first = (venv / ".stockade-artifact").read_text()
+    r = playbook(*args, "-e", f"stockade_agent_project_dir={ROOT}")
     assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-2000:]
+
+    # a new build at the same version: only its content differs
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(f"git -C {ROOT} ls-files -z | tar -C {ROOT} --null -T - -cf - | tar -C {src} -xf -",
+                   shell=True, check=True)
+    init = src / "agent/stockade/__init__.py"
+    init.write_text(init.read_text() + "\nUPGRADE_MARKER = 'second'\n")
+    wheels = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
+                   check=True, env={**ENV, "SOURCE_DATE_EPOCH": "315532800"}, timeout=300)
+    wheel = next(wheels.glob("stockade-0.1.0-*.whl"))
+    r = playbook(*args, "-e", f"stockade_agent_wheel={wheel}")
+    assert r.returncode == 0 and "changed=0" not in r.stdout, r.stdout[-3000:]
+    marker = subprocess.run([str(venv / "bin" / "python"), "-c", "import stockade; print(stockade.UPGRADE_MARKER)"],
+                            capture_output=True, text=True, env=VENV_ENV)
+    assert marker.stdout.strip() == "second", marker.stderr
+    assert (venv / ".stockade-artifact").read_text() != first
+    r = playbook(*args, "-e", f"stockade_agent_wheel={wheel}")
+    assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-2000:]
+
+    # offline: dependency wheels made on the controller; no index reachable for the install
+    deps = tmp_path / "wheels"
+    d = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(deps), str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert d.returncode == 0, d.stderr
+    (deps / wheel.name).unlink()
+    offline = tmp_path / "offline-venv"
+    dead = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": ""}
+    r = run(str(BIN / "ansible-playbook"), "tests/ansible/playbooks/install.yml", "-e", f"stockade_agent_venv={offline}",
+            "-e", f"stockade_agent_wheel={wheel}", "-e", f"stockade_agent_offline_wheels_dir={deps}",
+            env={**ENV, **dead})
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    v = subprocess.run([str(offline / "bin" / "stockade"), "--version"], capture_output=True, text=True, env=VENV_ENV)
+    assert v.returncode == 0 and "0.1.0" in v.stdout, v.stderr
 
 
 # ---------------------------------------------------------------- molecule
