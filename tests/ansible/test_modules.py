@@ -303,6 +303,7 @@ def test_documentation_agrees_with_argument_spec(modules, name):
     """DOCUMENTATION with its doc fragments (stockade.fleet.agent[.VARIANT]) agrees with
     the argument spec."""
     import yaml
+
     from conftest import COLLECTION, _load
     fragments = _load("stockade_doc_fragments_agent", COLLECTION / "plugins/doc_fragments/agent.py")
     mod = modules[name]
