@@ -153,6 +153,16 @@ def test_systemd_unit_verifies(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:]
     unit = (tmp_path / "stockade-agent.service").read_text()
     assert "Restart=on-failure" in unit and f"ExecStart={ROOT / '.venv'}/bin/stockade agent" in unit
+    lines = set(unit.splitlines())
+    for line in ("Type=notify", "RuntimeDirectory=stockade", "RestartPreventExitStatus=78",
+                 "SyslogIdentifier=stockade-agent",
+                 "Before=podman-restart.service libvirt-guests.service docker.service containerd.service"):
+        assert line in lines, line
+    # hardening: no worse than the 5.1 the unit had before (systemd-analyze, offline)
+    sec = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager",
+                          str(tmp_path / "stockade-agent.service")], capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for stockade-agent.service: ([0-9.]+)", sec.stdout + sec.stderr)
+    assert score and float(score.group(1)) <= 5.1, sec.stdout[-2000:] + sec.stderr
     unit = (tmp_path / "stockade-webui.service").read_text()
     assert (f"ExecStart={ROOT / '.venv'}/bin/stockade webui --token-file /etc/stockade/webui.token "
             "--user stockade-webui --bind 127.0.0.1:8470 --socket=localhost=") in unit
