@@ -85,6 +85,31 @@ def test_policy_role_pushes_then_changes_nothing(agent, tmp_path):
     assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-1500:]
 
 
+def test_policy_role_pushes_policies_before_registering_endpoints(agent, tmp_path):
+    """No window: the endpoint vm1 (app=web) is registered only after the policies are in."""
+    inv = inventory(tmp_path, agent.socket_path, GOOD)
+    r = playbook("-i", inv, "stockade.fleet.policy")
+    assert r.returncode == 0, r.stdout[-4000:]
+    calls = [c[0] for c in agent.calls if c[0] in ("put_policies", "add_endpoint")]
+    assert calls and calls[-1] == "add_endpoint" and "put_policies" in calls, calls
+    assert calls.index("put_policies") < calls.index("add_endpoint")
+
+
+def test_policy_role_refuses_an_empty_set_unless_allowed(agent, tmp_path):
+    """A misspelt stockade_policies (here: none given) with replace_all must not wipe the
+    host: the module refuses, nothing is removed; stockade_policy_allow_empty=true means it."""
+    inv = inventory(tmp_path, agent.socket_path, GOOD)
+    assert playbook("-i", inv, "stockade.fleet.policy").returncode == 0
+    assert [k[2] for k in agent.policies] == ["db"]
+    empty = ("-e", '{"stockade_policies": [], "stockade_policy_tests": []}')
+    r = playbook("-i", inv, "stockade.fleet.policy", *empty)
+    assert r.returncode != 0 and "replace_all with an empty set of policies" in r.stdout, r.stdout[-3000:]
+    assert [k[2] for k in agent.policies] == ["db"]
+    r = playbook("-i", inv, "stockade.fleet.policy", *empty, "-e", "stockade_policy_allow_empty=true")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert agent.policies == {}
+
+
 def test_policy_role_rejects_bad_policy_before_any_change(agent, tmp_path):
     inv = inventory(tmp_path, agent.socket_path, BAD)
     r = playbook("-i", inv, "stockade.fleet.policy")
@@ -129,7 +154,8 @@ def test_policy_role_pushes_services_for_this_host_before_policies(agent, tmp_pa
     assert calls.index("set_services") < calls.index("put_policies")
     # a warning, not a failure: nothing selects app=ghost on any host
     assert "policy ghost selects nothing on any host" in r.stdout, r.stdout[-3000:]
-    assert "relabel vm1 -> db" in r.stdout
+    # vm1 is registered after the services and policies, and has db's identity at once
+    assert agent.endpoints["vm1"].get("service") == "db", agent.endpoints["vm1"]
     r = playbook("-i", inv, "stockade.fleet.policy", "--limit", "localhost")
     assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-1500:]
 

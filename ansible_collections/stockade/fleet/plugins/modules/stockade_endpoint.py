@@ -209,15 +209,12 @@ def main():
                     if exc.status != 404:
                         raise
             else:
-                try:
-                    result["endpoint"] = client.add_endpoint(spec)
-                except AgentRefused as exc:
-                    # An agent that will not update in place: replace (a short gap in which
-                    # the interface is not policed by this endpoint's identity).
-                    if exc.status != 409 or current is None:
-                        raise
-                    client.remove_endpoint(p["name"])
-                    result["endpoint"] = client.add_endpoint(spec)
+                # The agent updates an endpoint in place, in one transaction (the new
+                # identity and entries first, then the old ones go). A conflict (the name
+                # belongs to a runtime's endpoint, the interface to another endpoint) is
+                # the agent's answer, never worked around by removing and re-adding: that
+                # would leave the interface open in between.
+                result["endpoint"] = client.add_endpoint(spec)
     except StockadeModuleError as exc:
         fail(module, exc)
     module.exit_json(**result)

@@ -29,6 +29,8 @@ options:
     description:
       - C(present) adds or updates the documents; C(absent) deletes the policies they name
         (kind, namespace and name), whatever their live content.
+      - Both states take every input shape the agent takes, single documents, several
+        YAML documents in one file, JSON lists and documents of kind C(List) with C(items).
     type: str
     choices: [present, absent]
     default: present
@@ -60,7 +62,15 @@ options:
     description:
       - Make the live set exactly the given documents; live policies that are not given are
         removed. Only with O(state=present).
-      - With O(replace_all=true) and no documents at all, every policy is removed.
+      - An empty set (no documents at all, or files that hold none) is refused unless
+        O(allow_empty=true), since a misspelt variable or a missing file must not remove every
+        policy on the host.
+    type: bool
+    default: false
+  allow_empty:
+    description:
+      - With O(replace_all=true), allow an empty set of documents, which removes every live
+        policy.
     type: bool
     default: false
 notes:
@@ -92,6 +102,11 @@ EXAMPLES = r"""
   stockade.fleet.stockade_policy:
     src: [/etc/stockade/policies/old.yaml]
     state: absent
+
+- name: Remove every policy on the host (an empty set must be asked for)
+  stockade.fleet.stockade_policy:
+    replace_all: true
+    allow_empty: true
 """
 
 RETURN = r"""
@@ -141,22 +156,39 @@ def gather_files(module):
     return files
 
 
+def expand(doc):
+    """The policy documents in one parsed document, as the agent's loader reads them: a
+    JSON or YAML list, a kind: List with items, or one document."""
+    if isinstance(doc, list):
+        return [d for item in doc for d in expand(item)]
+    if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+        return expand(doc["items"])
+    return [doc]
+
+
+def parse(module, f):
+    """Every document of a file (name, text), JSON for .json, YAML otherwise."""
+    if f["name"].endswith(".json"):
+        try:
+            return [json.loads(f["text"])]
+        except ValueError as exc:
+            module.fail_json(msg="%s: cannot parse as JSON: %s" % (f["name"], exc))
+    try:
+        import yaml
+    except ImportError:
+        module.fail_json(msg="state=absent with YAML files needs PyYAML on the managed "
+                             "host (python3-yaml); or give the documents inline")
+    try:
+        return [d for d in yaml.safe_load_all(f["text"]) if d is not None]
+    except yaml.YAMLError as exc:
+        module.fail_json(msg="%s: cannot parse: %s" % (f["name"], exc))
+
+
 def refs(module, files):
     """(kind, namespace, name) of every document, for state=absent."""
     out = []
     for f in files:
-        if f["name"].endswith(".json"):
-            docs = [json.loads(f["text"])]
-        else:
-            try:
-                import yaml
-            except ImportError:
-                module.fail_json(msg="state=absent with YAML files needs PyYAML on the managed "
-                                     "host (python3-yaml); or give the documents inline")
-            try:
-                docs = [d for d in yaml.safe_load_all(f["text"]) if d is not None]
-            except yaml.YAMLError as exc:
-                module.fail_json(msg="%s: cannot parse: %s" % (f["name"], exc))
+        docs = [d for doc in parse(module, f) for d in expand(doc)]
         for i, d in enumerate(docs):
             meta = d.get("metadata") if isinstance(d, dict) else None
             if not isinstance(meta, dict) or not meta.get("name"):
@@ -187,9 +219,20 @@ def diff_text(d):
             "after_header": "live policy (rules that come)"}
 
 
+EMPTY_SET = ("replace_all with an empty set of policies would remove every policy on the "
+             "host; give the policies (check the variable and the files), or allow_empty=true "
+             "to mean it")
+
+
 def present(module, client, files):
     replace_all = module.params["replace_all"]
     dry = client.put_policies(files, replace_all=replace_all, dry_run=True)
+    if replace_all and not module.params["allow_empty"]:
+        # The agent parsed every shape: the set is empty when nothing would be added or
+        # changed and every live policy would go (then no given policy is live after).
+        d = dry["diff"]
+        if not d["added"] and not d["changed"] and len(d["removed"]) == len(client.policies()):
+            module.fail_json(msg=EMPTY_SET, policy_diff=d)
     if not dry["changed"] or module.check_mode:
         return dry["changed"], dry["revision"], dry["diff"]
     real = client.put_policies(files, replace_all=replace_all, dry_run=False)
@@ -222,6 +265,7 @@ ARGUMENT_SPEC = dict(
         name=dict(type="str", required=True),
         text=dict(type="str", required=True))),
     replace_all=dict(type="bool", default=False),
+    allow_empty=dict(type="bool", default=False),
     **SOCKET_ARG)
 
 
@@ -236,8 +280,10 @@ def main():
                              "state=present, replace_all=true and no documents")
     files = gather_files(module)
     if not files and not p["replace_all"]:
-        module.fail_json(msg="give documents, src or content (or replace_all=true with none, "
-                             "to remove every policy)")
+        module.fail_json(msg="give documents, src or content (or replace_all=true and "
+                             "allow_empty=true with none, to remove every policy)")
+    if not files and not p["allow_empty"]:
+        module.fail_json(msg=EMPTY_SET)
     client = AgentClient(p["socket"])
     try:
         if p["state"] == "present":
