@@ -1,5 +1,8 @@
 # -*- coding: utf-8 -*-
-# Copyright: Stockade contributors; Apache-2.0
+# Copyright: Stockade contributors
+# SPDX-License-Identifier: Apache-2.0 OR GPL-3.0-or-later
+# Apache License 2.0, or (at your option) the GNU General Public License v3.0+
+# (see https://www.apache.org/licenses/LICENSE-2.0 and https://www.gnu.org/licenses/gpl-3.0.txt)
 """stockade_services_for: narrow a stockade_services mapping to one inventory host.
 
 ``hosts:`` (a group or host name, or a list of them) on a member keeps that member only

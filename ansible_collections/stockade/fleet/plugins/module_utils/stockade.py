@@ -1,4 +1,8 @@
 # -*- coding: utf-8 -*-
+# Copyright: Stockade contributors
+# SPDX-License-Identifier: Apache-2.0 OR GPL-3.0-or-later
+# Apache License 2.0, or (at your option) the GNU General Public License v3.0+
+# (see https://www.apache.org/licenses/LICENSE-2.0 and https://www.gnu.org/licenses/gpl-3.0.txt)
 """Shared code of Stockade's Ansible modules: a stdlib-only client of the agent's API.
 
 Modules run under the managed host's Python, not the agent's virtualenv, so this file
