@@ -64,7 +64,7 @@ EXAMPLES = r"""
       - {prefix: 10.77.2.10, labels: {app: db}, host: host2}
       - {prefix: 10.77.3.0/24, labels: {app: batch}, host: host3}
 
-- name: Every other host's endpoints (see playbooks/site.yml)
+- name: Every other host's endpoints (see the playbook stockade.fleet.site)
   stockade.fleet.stockade_ipcache:
     endpoints_by_host: "{{ peers }}"
 
