@@ -65,6 +65,14 @@ def test_ansible_doc_from_the_installed_collection(installed, module):
     assert "socket" in r.stdout and "check_mode:" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("kind,name", [("filter", "stockade_services_for"), ("role", "stockade_agent"),
+                                       ("role", "stockade_policy")])
+def test_ansible_doc_of_the_filter_and_roles(installed, kind, name):
+    r = subprocess.run([str(BIN / "ansible-doc"), "-t", kind, f"stockade.fleet.{name}"], cwd=installed.parent,
+                       env=env(ANSIBLE_COLLECTIONS_PATH=str(installed)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"stockade.fleet.{name}" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.timeout(900)
 def test_ansible_test_sanity_passes(installed):
     cache = TEST_HOME / ".ansible/test/cache"
