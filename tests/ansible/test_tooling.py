@@ -250,6 +250,9 @@ def test_role_installs_upgrades_by_content_and_offline(tmp_path):
     venv = tmp_path / "venv"
     args = ("tests/ansible/playbooks/install.yml", "-e", f"stockade_agent_venv={venv}")
     VENV_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own stockade
+    r = playbook(*args, "-e", f"stockade_agent_project_dir={ROOT}", "--check")
+    assert r.returncode == 0 and "would install" in r.stdout and "changed=1" in r.stdout, r.stdout[-3000:]
+    assert not venv.exists(), "check mode installs nothing"
     r = playbook(*args, "-e", f"stockade_agent_project_dir={ROOT}")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     v = subprocess.run([str(venv / "bin" / "stockade"), "--version"], capture_output=True, text=True, env=VENV_ENV)
@@ -257,8 +260,9 @@ def test_role_installs_upgrades_by_content_and_offline(tmp_path):
     bcc = subprocess.run([str(venv / "bin" / "python"), "-c", "import bcc"], capture_output=True)
     assert bcc.returncode == 0, "the venv must see Debian's bcc (--system-site-packages)"
     first = (venv / ".stockade-artifact").read_text()
-    r = playbook(*args, "-e", f"stockade_agent_project_dir={ROOT}")
-    assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-2000:]
+    for check in ((), ("--check",)):
+        r = playbook(*args, "-e", f"stockade_agent_project_dir={ROOT}", *check)
+        assert r.returncode == 0 and "changed=0" in r.stdout, r.stdout[-2000:]
 
     # a new build at the same version: only its content differs
     src = tmp_path / "src"
