@@ -52,7 +52,7 @@ def test_tarball_holds_the_collection_and_no_tests_or_ignores(installed):
         assert (top / path).exists(), path
     assert sorted(p.stem for p in (top / "plugins/modules").glob("*.py")) == MODULES
     assert not list(top.glob("tests/sanity/ignore-*.txt"))
-    assert "requires_ansible: \">=2.19.14\"" in (top / "meta/runtime.yml").read_text()
+    assert "requires_ansible: \">=2.14.18\"" in (top / "meta/runtime.yml").read_text()
 
 
 @pytest.mark.parametrize("module", MODULES, ids=MODULES)
