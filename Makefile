@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stockade-installed
 
-.PHONY: setup demo test test-pure test-root test-host bench bench-quick lint clean
+.PHONY: setup demo test test-pure test-root test-host bench bench-quick lint clean collection
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,12 @@ demo: $(STAMP)
 demo-down: $(STAMP)
 	@bash scripts/demo.sh --down
 
+# The Ansible collection stockade.fleet as a tarball (docs/deploy.md installs it).
+COLLECTION_OUT ?= build
+collection:
+	@mkdir -p $(COLLECTION_OUT)
+	$(VENV)/bin/ansible-galaxy collection build ansible_collections/stockade/fleet --output-path $(COLLECTION_OUT) --force
+
 # The Ansible side alone: module tests, ansible-doc, ansible-lint, roles, Molecule.
 test-ansible: $(STAMP)
 	$(PY) -m pytest tests/ansible
@@ -25,8 +31,14 @@ test-ansible: $(STAMP)
 molecule: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/molecule test
 
+# ruff (pyflakes, bugbear, isort) and mypy, settings in pyproject.toml; make test runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check agent webui tests
+	$(VENV)/bin/mypy
+
 test: $(STAMP)
 	@bash scripts/setup.sh >/dev/null
+	@$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
 test-pure: $(STAMP)
