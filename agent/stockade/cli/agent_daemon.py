@@ -66,6 +66,14 @@ def _opt(name, **kw):
 @_opt("ipcache_map_size", type=int)
 @_opt("ct_map_size", type=int)
 @_opt("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
+@_opt("etcd_endpoints", metavar="URL[,URL...]",
+      help="The fleet store: etcd members, http:// or https:// ('' to disable) [off].")
+@_opt("etcd_ca", metavar="FILE", help="CA that signed the etcd members' certificates.")
+@_opt("etcd_cert", metavar="FILE", help="Client certificate for etcd (CN = host_name).")
+@_opt("etcd_key", metavar="FILE", help="The client certificate's key.")
+@_opt("etcd_prefix", metavar="PATH", help="Prefix of every fleet-store key [/stockade/v1].")
+@_opt("etcd_lease_ttl", type=int, metavar="SECONDS",
+      help="TTL of this agent's etcd leases; keepalive every TTL/3 [20].")
 @click.option("--cleanup", is_flag=True, help="Detach every program and remove the pins, then exit.")
 @click.option("--check-state", "check_state", is_flag=True,
               help="Check the state directory and the generations kept, without starting; "
@@ -95,8 +103,13 @@ def agent(config_path, cleanup, check_state, restore_state, **flags):
             flags[f"_{k}_off"] = True
     off = {k[1:-4] for k in list(flags) if k.startswith("_") and flags.pop(k)}
     from ..errors import StockadeError
+    etcd_off = flags.get("etcd_endpoints") == ""
+    if etcd_off:
+        flags.pop("etcd_endpoints")
     try:
         cfg = load(config_path, {k: v for k, v in flags.items() if v is not None})
+        if etcd_off:
+            cfg.etcd = None
         for k in off:
             setattr(cfg, k, None)
     except StockadeError as exc:

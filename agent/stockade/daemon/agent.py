@@ -57,6 +57,8 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._watchers: list = []
         self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
+        self.fleet: Any = None        # daemon.fleet.FleetSource with the etcd: settings
+        self.commit_hooks: list = []  # called (under the lock, must not block) on each commit
         self.policy_apply_seconds = Histogram(
             "stockade_policy_apply_seconds",
             "Time to plan and write a policy change (dry runs included)", registry=None,
@@ -108,6 +110,9 @@ class Agent:
         t = threading.Thread(target=self._gc_loop, name="stockade-ct-gc", daemon=True)
         t.start()
         self._threads.append(t)
+        if cfg.etcd is not None:
+            from .fleet import start_fleet
+            self.fleet = start_fleet(self)
         if flows:
             from .flowsource import start_flows
             self.flow_source = start_flows(self)
@@ -117,6 +122,8 @@ class Agent:
     def stop(self) -> None:
         """Stop watching; the datapath keeps enforcing the last policy."""
         self._stop.set()
+        if self.fleet is not None:
+            self.fleet.stop()
         for w in self._watchers:
             try:
                 w.stop()
@@ -221,6 +228,8 @@ class Agent:
 
     def _committed_locked(self) -> None:
         self.version += 1
+        for hook in self.commit_hooks:
+            hook()
 
     # ------------------------------------------------------------------ readers
     def source_health(self) -> list[dict]:
@@ -248,7 +257,8 @@ class Agent:
                 memberships=dict(st.memberships), service_cidrs=dict(st.service_cidrs),
                 revision=st.revision, entries=len(e.entries), links=dict(self.links),
                 attached=frozenset(self.attached), unprotected=tuple(self.unprotected),
-                errors=tuple(self.errors), mismatches=dict(st.mismatches))
+                errors=tuple(self.errors), mismatches=dict(st.mismatches),
+                kvstore=dict(st.kvstore))
             self._snapshot = snap
             return snap
 

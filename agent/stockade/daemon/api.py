@@ -32,7 +32,9 @@ class AgentAPI:
         mismatches = [f"endpoint {name}: {why}" for name, why in sorted(snap.mismatches.items())]
         sources = a.source_health()
         down = any(not s["connected"] for s in sources)
-        return {"status": "degraded" if snap.errors or problems or mismatches or down else "ok",
+        kvstore = a.fleet.status() if a.fleet is not None else None
+        down = down or (kvstore is not None and kvstore["state"] != "connected")
+        out = {"status": "degraded" if snap.errors or problems or mismatches or down else "ok",
                 "version": __version__, "uptime_s": round(time.time() - a.started, 1),
                 "enforcement": a.config.enforcement, "audit": a.config.audit,
                 "host": a.config.host_name, "policy_revision": snap.revision,
@@ -41,6 +43,9 @@ class AgentAPI:
                 "errors": list(snap.errors), "policy_problems": problems,
                 "binding_mismatches": mismatches, "sources": sources,
                 "unprotected_interfaces": sorted(set(snap.unprotected))}
+        if kvstore is not None:
+            out["kvstore"] = kvstore
+        return out
 
     # ------------------------------------------------------------------ endpoints
     def _endpoint_dict(self, snap: Snapshot, ep) -> dict:

@@ -14,6 +14,61 @@ import yaml
 from ..errors import InvalidRequest
 
 ENFORCEMENT = ("default", "always", "never")
+ETCD_KEYS = ("endpoints", "ca", "cert", "key", "prefix", "lease_ttl")
+
+
+@dataclass
+class EtcdConfig:
+    """The fleet store (docs/agent.md, "The fleet store"): the ``etcd:`` block."""
+
+    endpoints: list[str]
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    prefix: str = "/stockade/v1"
+    lease_ttl: int = 20
+
+    @classmethod
+    def parse(cls, value, where: str) -> "EtcdConfig | None":
+        if isinstance(value, EtcdConfig):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{where}: etcd must be a mapping of settings", "etcd")
+        unknown = sorted(set(value) - set(ETCD_KEYS))
+        if unknown:
+            raise InvalidRequest(f"{where}: unknown setting etcd.{unknown[0]}", f"etcd.{unknown[0]}")
+        eps = value.get("endpoints")
+        if isinstance(eps, str):
+            eps = [e.strip() for e in eps.split(",") if e.strip()]
+        if not eps:
+            return None
+        if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
+            raise InvalidRequest(f"{where}: etcd.endpoints must be a list of URLs", "etcd.endpoints")
+        cfg = cls(eps, **{k: value[k] for k in ETCD_KEYS[1:] if value.get(k) is not None})
+        from ..kvstore import KvstoreError
+        from ..kvstore.client import parse_endpoint
+        tls = False
+        for e in eps:
+            try:
+                tls |= parse_endpoint(e)[1]
+            except KvstoreError as exc:
+                raise InvalidRequest(f"{where}: etcd.endpoints: {exc}", "etcd.endpoints") from None
+        if tls and not cfg.ca:
+            raise InvalidRequest(f"{where}: etcd.ca is required with https:// endpoints", "etcd.ca")
+        if bool(cfg.cert) != bool(cfg.key):
+            raise InvalidRequest(f"{where}: etcd.cert and etcd.key go together", "etcd.cert")
+        if not isinstance(cfg.prefix, str) or not cfg.prefix.startswith("/") or \
+                cfg.prefix.endswith("/") or len(cfg.prefix) < 2:
+            raise InvalidRequest(f"{where}: etcd.prefix must be an absolute path without a "
+                                 "trailing /", "etcd.prefix")
+        try:
+            cfg.lease_ttl = int(cfg.lease_ttl)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"{where}: etcd.lease_ttl must be a number of seconds",
+                                 "etcd.lease_ttl") from None
+        if not 2 <= cfg.lease_ttl <= 3600:
+            raise InvalidRequest(f"{where}: etcd.lease_ttl must be 2-3600 seconds", "etcd.lease_ttl")
+        return cfg
 
 
 @dataclass
@@ -67,6 +122,8 @@ class AgentConfig:
     ipcache_map_size: int = 65536
     ct_map_size: int = 262144
     log_level: str = "info"
+    # The fleet store on etcd (EtcdConfig; None: off, nothing changes).
+    etcd: EtcdConfig | dict | None = None
 
     def validate(self, where: str = "config") -> "AgentConfig":
         if self.enforcement not in ENFORCEMENT:
@@ -83,6 +140,11 @@ class AgentConfig:
         for name in ("runtime_probe_interval", "runtime_relist_interval"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{where}: {name} must be positive", name)
+        if self.etcd is not None:
+            self.etcd = EtcdConfig.parse(self.etcd, where)
+            if self.etcd is not None and ("/" in self.host_name or not self.host_name):
+                raise InvalidRequest(f"{where}: host_name {self.host_name!r} cannot name etcd keys",
+                                     "host_name")
         if self.flow_log_max_bytes < 0 or self.flow_log_backups < 0:
             raise InvalidRequest(f"{where}: flow_log_max_bytes and flow_log_backups must not "
                                  "be negative", "flow_log_max_bytes")
@@ -127,5 +189,9 @@ def load(path: str | None, overrides: dict) -> AgentConfig:
             raise InvalidRequest(f"{path}: unknown setting {unknown[0]!r}", unknown[0])
     elif path and path != "/etc/stockade/agent.yaml":
         raise InvalidRequest(f"{path}: no such config file", "config")
+    etcd_flags = {k[5:]: overrides.pop(k) for k in list(overrides) if k.startswith("etcd_")}
+    etcd_flags = {k: v for k, v in etcd_flags.items() if v is not None}
+    if etcd_flags:
+        data["etcd"] = {**(data.get("etcd") or {}), **etcd_flags}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return AgentConfig(**data).validate(where)
