@@ -9,8 +9,7 @@ import time
 import pytest
 
 from etcd import EtcdCluster
-from stockade.kvstore import (Compacted, EtcdClient, LeaseNotFound, Mirror, PermissionDenied,
-                              Publisher, Unavailable)
+from stockade.kvstore import Compacted, EtcdClient, LeaseNotFound, Mirror, PermissionDenied, Publisher, Unavailable
 
 pytestmark = pytest.mark.pure
 

@@ -268,14 +268,22 @@ class FleetSource:
             ip = parts[2]
             if value is None:
                 self.eps.pop((host, ip), None)
-                self.ep_hosts.get(ip, set()).discard(host)
+                self.refusals.pop(f"endpoints/{host}/{ip}", None)
+                hosts = self.ep_hosts.get(ip, set())
+                hosts.discard(host)
+                if not hosts:
+                    self.ep_hosts.pop(ip, None)
             else:
                 self.eps[(host, ip)] = value
                 self.ep_hosts.setdefault(ip, set()).add(host)
             touched.add(ip)
             return
         for a in self.nodes.pop(host, []):   # nodes/<host>
-            self.addr_hosts.get(a, set()).discard(host)
+            hosts = self.addr_hosts.get(a, set())
+            hosts.discard(host)
+            if not hosts:
+                self.addr_hosts.pop(a, None)
+            self.refusals.pop(f"nodes/{host} {a}", None)
             touched.add(a)
         self.refusals.pop(f"nodes/{host}", None)
         if value is not None:
