@@ -83,7 +83,7 @@ def env(podman_service):
                 vm.sh("httpd -p 8080 -h /www")
                 web, other = containers
                 for c in containers:
-                    assert eventually(lambda: (endpoint(agent, c.name) or {}).get("state") == "ready")
+                    assert eventually(lambda c=c: (endpoint(agent, c.name) or {}).get("state") == "ready")
                 yield {"agent": agent, "vm": vm, "web": web, "other": other, "nsa": nsa, "nsb": nsb,
                        "bridge": bridge}
             finally:
