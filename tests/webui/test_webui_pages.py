@@ -4,10 +4,11 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import TOKEN, FlowAgent
+
 from stockade.daemon.server import APIServer
 from stockade_webui import create_app
+
 
 
 def text(resp) -> str:
