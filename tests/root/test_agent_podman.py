@@ -8,8 +8,16 @@ import time
 import pytest
 
 from agentproc import AgentProcess
-from podman import (IMAGE_LABELS, bridge_name, labelled_image, podman, podman_image,  # noqa: F401
-                    podman_service, run_container, unique_name)
+from podman import (  # noqa: F401
+    IMAGE_LABELS,
+    bridge_name,
+    labelled_image,
+    podman,
+    podman_image,
+    podman_service,
+    run_container,
+    unique_name,
+)
 from stockade.discovery import DEFAULT_EVENTS_LOG
 from traffic import eventually
 
