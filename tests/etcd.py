@@ -84,6 +84,12 @@ class CertAuthority:
         os.chmod(kpath, 0o600)
         return str(cpath), str(kpath)
 
+    def member(self, cn: str, addresses: list[str]) -> tuple[str, str]:
+        path = self.dir / f"{cn}.crt"
+        if path.exists():
+            return str(path), str(self.dir / f"{cn}.key")
+        return self.issue(cn, addresses, server=True)
+
     def client(self, cn: str) -> tuple[str, str]:
         path = self.dir / f"{cn}.crt"
         if path.exists():
@@ -123,7 +129,10 @@ class EtcdCluster:
                 "--election-timeout", "500", "--logger", "zap", "--log-level", "warn",
                 *self.extra]
         if self.tls:
-            cert, key = self.ca.issue(m["name"], [m["addr"]], server=True)
+            # every member's address: the members share the bridge of the root namespace,
+            # so a peer connection may leave from another member's address, and etcd
+            # checks a peer's certificate against the address it comes from
+            cert, key = self.ca.member(m["name"], sorted(set(self.addresses)))
             ca = str(self.ca.ca_path)
             argv += ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca,
                      "--client-cert-auth", "--peer-cert-file", cert, "--peer-key-file", key,
