@@ -101,8 +101,8 @@ def status(socket_path, output):
                        f"{'never' if age is None else f'{age}s ago'}")
             for r in kv.get("refusals") or []:
                 click.echo(f"  refused {r['key']}: {r['reason']}")
-            for c in kv.get("conflicts") or []:
-                click.echo(f"  conflict {c['prefix']}: {c['reason']}")
+            for conflict in kv.get("conflicts") or []:
+                click.echo(f"  conflict {conflict['prefix']}: {conflict['reason']}")
             if kv.get("last_error"):
                 click.echo(f"  last error: {kv['last_error']}")
         for e in h.get("errors") or []:

@@ -168,7 +168,7 @@ class EtcdClient:
         return self._call(rpc.KVStub, "Put", rpc.PutRequest(key=key, value=value, lease=lease),
                           "put").header.revision
 
-    def write(self, puts: list[tuple[bytes, bytes, int]], deletes: list[bytes] = ()) -> int:
+    def write(self, puts: list[tuple[bytes, bytes, int]], deletes: tuple[bytes, ...] | list[bytes] = ()) -> int:
         """Puts (key, value, lease) and deletes, in transactions of at most 128 operations
         (etcd's default limit); the last revision."""
         ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v, lease=lease))
