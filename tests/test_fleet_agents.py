@@ -151,6 +151,9 @@ def test_ownership_refusals(agents, kv, etcd):
     for ip in ("10.77.2.9", "10.99.0.1", "10.77.3.1", "10.77.1.7", "10.77.1.8"):
         assert entry(h2, f"{ip}/32") is None
     assert h2.health()["status"] == "ok"   # refusals are shown, not an outage
+    from stockade.daemon.metrics import render
+    text = render(h2.agent)
+    assert "stockade_kvstore_refused_entries 5.0" in text and "stockade_kvstore_connected 1.0" in text
     # the refusal goes when the key does
     kv.delete(f"{P}/endpoints/h1/10.99.0.1".encode())
     wait_for(lambda: h2.health()["kvstore"]["refused_entries"] == 4, what="4 refusals")
