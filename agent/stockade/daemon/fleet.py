@@ -59,6 +59,7 @@ class FleetSource:
         self.refusals: dict[str, str] = {}                   # key (and address) -> why
         self.conflicts: dict[str, str] = {}                  # prefix -> between which hosts
         self.refused_total = 0
+        self.last_listing: dict | None = None   # keys, list_s, total_s of the last listing
         self.last_change = 0.0
         self.reachable = 0
         self._queue: deque = deque()
@@ -177,9 +178,10 @@ class FleetSource:
     def _apply(self, batch: list) -> None:
         full = False
         touched: set[str] = set()
+        started, listed, keys = self.mirror.list_started, self.mirror.list_s, 0
         for kind, payload in batch:
             if kind == "listing":
-                full = True
+                full, keys = True, len(payload)
                 self.eps.clear()
                 self.refusals.clear()
                 self.nodes.clear()
@@ -222,6 +224,8 @@ class FleetSource:
             self._submit(KvstoreSync(puts, deletes, persist=self._persist_now()), puts, deletes)
         self.last_change = time.monotonic()
         if full:
+            self.last_listing = {"keys": keys, "list_s": round(listed, 3),
+                                 "total_s": round(self.last_change - started, 3)}
             self._local.set()   # our own subnets may have changed what the node record holds
 
     def _persist_now(self) -> bool:
@@ -397,7 +401,7 @@ class FleetSource:
                 "host": self.host, "prefix": self.prefix.rstrip("/"),
                 "endpoints": self.client.endpoints, "leases": len(pub.leases),
                 "leases_lost": pub.leases_lost, "published": len(pub.published),
-                "listings": m.listings, "conflicts": conflicts[:MAX_REPORTED],
+                "listings": m.listings, "last_listing": self.last_listing, "conflicts": conflicts[:MAX_REPORTED],
                 "conflicts_total": len(conflicts),
                 "refusals": [{"key": k, "reason": v} for k, v in
                              sorted(self.refusals.items())[:MAX_REPORTED]],

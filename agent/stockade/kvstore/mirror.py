@@ -36,6 +36,8 @@ class Mirror:
         self.synced_once = False
         self.last_response = 0.0          # monotonic time of the last watch answer
         self.listings = 0
+        self.list_started = 0.0            # monotonic time the last listing began
+        self.list_s = 0.0                  # how long its pages took
         self.last_error: str | None = None
         self.reconnects = 0
         self._stop = threading.Event()
@@ -66,7 +68,9 @@ class Mirror:
         backoff = Backoff()
         while not self._stop.is_set():
             try:
+                self.list_started = time.monotonic()
                 items, revision = self.client.list_prefix(self.prefix, self.page)
+                self.list_s = time.monotonic() - self.list_started
                 self.revision = revision
                 self.listings += 1
                 self.on_listing(items, revision)
