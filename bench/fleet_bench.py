@@ -31,7 +31,7 @@ import bench.common  # noqa: F401  (puts tests/ on sys.path)
 
 # isort: split
 from agentproc import AgentProcess
-from etcd import EtcdCluster
+from etcdcluster import EtcdCluster
 from stockade.kvstore import EtcdClient, KvstoreError
 
 P = "/stockade/v1"
@@ -192,6 +192,19 @@ def main() -> dict:
             out["rss_mb_no_entries"] = [round(r, 1) for r in rss0]
             out["rss_mb_20000_entries"] = [round(r, 1) for r in rss20]
             out["rss_mb_per_1000"] = round(max((b - a) / 20 for a, b in zip(rss0, rss20, strict=True)), 3)
+
+            # a local change -> its key in etcd (the agent's own publishing), 20 rounds
+            local = []
+            for r in range(20):
+                ip = f"10.250.0.{r + 1}"
+                t1 = time.monotonic()
+                agents[0].client.add_endpoint(name=f"local{r}", interface=f"nolink{r}", ips=[ip],
+                                              labels={"app": "local"})
+                k = f"{P}/endpoints/real0/{ip}".encode()
+                while c.get(k) is None:
+                    time.sleep(0.001)
+                local.append((time.monotonic() - t1) * 1000)
+            out["local_change_to_etcd_ms"] = {"p50": pct(local, 0.5), "max": pct(local, 1.0)}
 
             # churn at RATE changes/s, a member killed -9 during it
             pollers = [Poller(PinnedIpcache(a.settings["bpffs_dir"])) for a in agents]

@@ -66,6 +66,8 @@ TARGETS = {
          "publish_to_map_ms.p50", "ms", "-", None),
         ("publish -> entry in each real agent's ipcache map, p99", "publish_to_map_ms.p99", "ms",
          "< 500 ms", lambda v: v < 500),
+        ("a local change -> its key in etcd, p50 (API call to key readable, 20 rounds)",
+         "local_change_to_etcd_ms.p50", "ms", "< 100 ms", lambda v: v < 100),
         ("changes lost, an etcd member killed -9 during the churn", "changes_lost", "", "0",
          lambda v: v == 0),
         ("full re-list of 20,000 entries (listed, applied, persisted)", "relist_20000_s", "s", "-",

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from etcd import EtcdCluster
+from etcdcluster import EtcdCluster
 from recording_datapath import RecordingDatapath
 from stockade.daemon.agent import Agent
 from stockade.daemon.api import AgentAPI

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from etcd import EtcdCluster
+from etcdcluster import EtcdCluster
 from stockade.kvstore import Compacted, EtcdClient, LeaseNotFound, Mirror, PermissionDenied, Publisher, Unavailable
 
 pytestmark = pytest.mark.pure

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from agentproc import STOCKADE, AgentProcess
-from etcd import EtcdCluster
+from etcdcluster import EtcdCluster
 from fleetnet import Fabric
 from stockade.kvstore import EtcdClient, PermissionDenied
 from traffic import tcp_ok
