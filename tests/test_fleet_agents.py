@@ -139,24 +139,27 @@ def test_ownership_refusals(agents, kv, etcd):
     kv.put(f"{P}/endpoints/h1/10.77.1.7".encode(), json.dumps(
         {"labels": {"reserved:host": ""}, "host": "h1"}).encode())
     kv.put(f"{P}/endpoints/h1/10.77.1.8".encode(), b"not json")
+    kv.put(f"{P}/endpoints/h1/10.77.1.6".encode(), json.dumps(
+        {"labels": {f"container:k{i}": "v" for i in range(100)}, "host": "h1"}).encode())
     kv.put(f"{P}/endpoints/h1/10.77.1.9".encode(), body)       # fine
     wait_for(lambda: entry(h2, "10.77.1.9/32"), what="the good one")
-    st = wait_for(lambda: (s := h2.health()["kvstore"])["refused_entries"] == 5 and s,
-                  what="5 refusals")
+    st = wait_for(lambda: (s := h2.health()["kvstore"])["refused_entries"] == 6 and s,
+                  what="6 refusals")
     reasons = {r["key"]: r["reason"] for r in st["refusals"]}
     assert "inside this host's subnets" in reasons["endpoints/h4/10.77.2.9"]
     assert "outside h1's subnets" in reasons["endpoints/h1/10.99.0.1"]
     assert "no valid subnets" in reasons["endpoints/h3/10.77.3.1"]
     assert "reserved" in reasons["endpoints/h1/10.77.1.7"]
+    assert "more than 64 labels" in reasons["endpoints/h1/10.77.1.6"]
     for ip in ("10.77.2.9", "10.99.0.1", "10.77.3.1", "10.77.1.7", "10.77.1.8"):
         assert entry(h2, f"{ip}/32") is None
     assert h2.health()["status"] == "ok"   # refusals are shown, not an outage
     from stockade.daemon.metrics import render
     text = render(h2.agent)
-    assert "stockade_kvstore_refused_entries 5.0" in text and "stockade_kvstore_connected 1.0" in text
+    assert "stockade_kvstore_refused_entries 6.0" in text and "stockade_kvstore_connected 1.0" in text
     # the refusal goes when the key does
     kv.delete(f"{P}/endpoints/h1/10.99.0.1".encode())
-    wait_for(lambda: h2.health()["kvstore"]["refused_entries"] == 4, what="4 refusals")
+    wait_for(lambda: h2.health()["kvstore"]["refused_entries"] == 5, what="5 refusals")
     etcd.ctl("del", f"{P}/subnets/h4")
 
 

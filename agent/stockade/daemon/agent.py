@@ -184,7 +184,7 @@ class Agent:
             txn.commit()
             for line in txn.log:
                 log.info("%s", line)
-            self._committed_locked()
+            self._committed_locked(txn.dirty)
             return result
         finally:
             if isinstance(change, ChangePolicies):
@@ -226,10 +226,11 @@ class Agent:
         self.store.commit(files)
         self.alloc.saved()
 
-    def _committed_locked(self) -> None:
+    def _committed_locked(self, dirty: set[str] | None = None) -> None:
+        """``dirty``: the state files the change touched (None: anything may have changed)."""
         self.version += 1
         for hook in self.commit_hooks:
-            hook()
+            hook(dirty)
 
     # ------------------------------------------------------------------ readers
     def source_health(self) -> list[dict]:

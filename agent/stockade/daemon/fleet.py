@@ -29,8 +29,12 @@ from .state import RemoteRecord
 from .txn import host_prefix
 
 log = logging.getLogger("stockade.fleet")
-PERSIST_EVERY = 1.0       # kvstore.json at most this often while entries churn
+# kvstore.json (a cache of the view for a restart without etcd) is written by a change of
+# its own once the store has been quiet this long, or this long after it first differed
+PERSIST_QUIET, PERSIST_LATEST = 0.5, 10.0
 MAX_REPORTED = 20
+MAX_VALUE = 16384         # bytes of one published endpoint record
+MAX_LABELS = 64
 
 
 def _net(text: str):
@@ -67,13 +71,14 @@ class FleetSource:
         self._stop = threading.Event()
         self._local = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._last_persist = 0.0
-        self._persist_due = False
+        self._unsaved_since: float | None = None   # monotonic: kvstore.json behind since
+        self._parsed: dict[tuple[str, str], tuple] = {}   # (host, ip) -> (value, epoch, result)
+        self._epoch = 0                                    # + 1 whenever subnets change
         self._published_from: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self.agent.commit_hooks.append(self._local.set)
+        self.agent.commit_hooks.append(self._committed)
         self._local.set()
         self.publisher.start()
         self.mirror.start()
@@ -95,6 +100,11 @@ class FleetSource:
         self.client.close()
 
     # ------------------------------------------------------------------ publishing
+    def _committed(self, dirty: set[str] | None) -> None:
+        """Under the agent's lock: wake the publisher when local workloads may differ."""
+        if dirty is None or dirty & {"endpoints", "services", "identities"}:
+            self._local.set()
+
     def _local_loop(self) -> None:
         while not self._stop.is_set():
             self._local.wait(1.0)
@@ -160,7 +170,9 @@ class FleetSource:
                     self._apply(batch)
                 except Exception:
                     log.exception("fleet: applying the store's changes failed")
-            elif self._persist_due and now - self._last_persist >= PERSIST_EVERY:
+            since = self._unsaved_since
+            if since is not None and (not batch and now - self.last_change >= PERSIST_QUIET or
+                                      now - since >= PERSIST_LATEST):
                 self._submit(KvstorePersist())
 
     def _key(self, key: bytes) -> tuple[str, ...] | None:
@@ -176,6 +188,8 @@ class FleetSource:
         return None
 
     def _apply(self, batch: list) -> None:
+        if len(self._parsed) > 2 * max(len(self.eps), 1000):   # keys that went
+            self._parsed = {k: v for k, v in self._parsed.items() if k in self.eps}
         full = False
         touched: set[str] = set()
         started, listed, keys = self.mirror.list_started, self.mirror.list_s, 0
@@ -185,11 +199,13 @@ class FleetSource:
                 self.eps.clear()
                 self.refusals.clear()
                 self.nodes.clear()
-                self.subnets.clear()
+                old_subnets, self.subnets = self.subnets, {}
                 self.ep_hosts.clear()
                 self.addr_hosts.clear()
                 for kv in payload:
-                    self._update(kv.key, kv.value, touched)
+                    self._update(kv.key, kv.value, touched, old_subnets)
+                if set(old_subnets) != set(self.subnets):    # a host's subnets went
+                    self._epoch += 1
             else:
                 for ev in payload:
                     self._update(ev.key, ev.value if ev.kind == "put" else None, touched)
@@ -219,22 +235,14 @@ class FleetSource:
         if full:
             want = {p: r for p, r in self.records.items() if p not in deletes}
             want.update(puts)
-            self._submit(KvstoreSync(want, full=True, persist=self._persist_now()), want, [])
+            self._submit(KvstoreSync(want, full=True, persist=False), want, [])
         elif puts or deletes:
-            self._submit(KvstoreSync(puts, deletes, persist=self._persist_now()), puts, deletes)
+            self._submit(KvstoreSync(puts, deletes, persist=False), puts, deletes)
         self.last_change = time.monotonic()
         if full:
             self.last_listing = {"keys": keys, "list_s": round(listed, 3),
                                  "total_s": round(self.last_change - started, 3)}
             self._local.set()   # our own subnets may have changed what the node record holds
-
-    def _persist_now(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_persist >= PERSIST_EVERY:
-            self._last_persist, self._persist_due = now, False
-            return True
-        self._persist_due = True
-        return False
 
     def _submit(self, change, puts=None, deletes=None) -> None:
         try:
@@ -243,8 +251,10 @@ class FleetSource:
             self.agent.error(f"fleet store: {exc}")
             return
         if isinstance(change, KvstorePersist):
-            self._last_persist, self._persist_due = time.monotonic(), False
+            self._unsaved_since = None
             return
+        if self._unsaved_since is None:
+            self._unsaved_since = time.monotonic()
         if change.full:
             self.records = dict(puts)
         else:
@@ -252,16 +262,19 @@ class FleetSource:
                 self.records.pop(p, None)
             self.records.update(puts)
 
-    def _update(self, key: bytes, value: bytes | None, touched: set[str]) -> None:
+    def _update(self, key: bytes, value: bytes | None, touched: set[str],
+                old_subnets: dict | None = None) -> None:
         parts = self._key(key)
         if parts is None:
             return
         kind, host = parts[0], parts[1]
         if kind == "subnets":
-            self.subnets.pop(host, None)
+            old = self.subnets.pop(host, None) if old_subnets is None else old_subnets.get(host)
             self.refusals.pop(f"subnets/{host}", None)
             if value is not None:
                 self.subnets[host] = self._parse_subnets(host, value)
+            if self.subnets.get(host) != old:
+                self._epoch += 1
             touched.add("*")
             if host == self.host:
                 self._local.set()
@@ -337,7 +350,7 @@ class FleetSource:
         for host in sorted(self.ep_hosts.get(ip_text, ())):
             what = f"endpoints/{host}/{ip_text}"
             self.refusals.pop(what, None)
-            rec, why = self._endpoint(host, ip, self.eps.get((host, ip_text)))
+            rec, why = self._endpoint_cached(host, ip, ip_text)
             if why:
                 self._refuse(what, why)
             elif rec is not None:
@@ -356,6 +369,21 @@ class FleetSource:
                                       f"{found[0][0]}'s is used")
         return found[0][1] if found else None
 
+    def _endpoint_cached(self, host: str, ip, ip_text: str) -> tuple[RemoteRecord | None, str | None]:
+        """``_endpoint``, parsed again only when the value, a host's subnets or this host's
+        addresses changed (a re-list of an unchanged store parses nothing)."""
+        value = self.eps.get((host, ip_text))
+        if value is None:
+            self._parsed.pop((host, ip_text), None)
+            return None, None
+        epoch = (self._epoch, self.agent.state.meta.get("host_ips", ()))
+        hit = self._parsed.get((host, ip_text))
+        if hit is not None and hit[0] == value and hit[1] == epoch:
+            return hit[2]
+        result = self._endpoint(host, ip, value)
+        self._parsed[(host, ip_text)] = (value, epoch, result)
+        return result
+
     def _endpoint(self, host: str, ip, value: bytes | None) -> tuple[RemoteRecord | None, str | None]:
         if value is None:
             return None, None
@@ -367,11 +395,15 @@ class FleetSource:
         own = self._own(ip)
         if own:
             return None, own
+        if len(value) > MAX_VALUE:
+            return None, f"larger than {MAX_VALUE} bytes"
         try:
             doc = json.loads(value)
             labels = doc["labels"]
             if not isinstance(labels, dict) or not labels:
                 return None, "no labels"
+            if len(labels) > MAX_LABELS:
+                return None, f"more than {MAX_LABELS} labels"
             if any(str(k).startswith("reserved:") for k in labels):
                 return None, "reserved labels are never published"
             if doc.get("host", host) != host:
