@@ -226,6 +226,8 @@ def run(cfg: AgentConfig) -> int:
         from ..daemon.metrics import serve_metrics
         metrics_server = serve_metrics(a, cfg.metrics_listen)
     log.info("serving the API on %s", cfg.socket)
+    from ..daemon.sdnotify import notify
+    notify("READY=1")
     done.wait()
     log.info("stopping; the datapath keeps enforcing the last policy")
     server.stop()
