@@ -34,6 +34,9 @@ def _opt(name, **kw):
 @click.option("--audit/--no-audit", "audit", default=None, help="Forward would-be drops as AUDIT.")
 @_opt("unknown_endpoint", type=click.Choice(["drop", "forward"]),
       help="Packets of interfaces whose workload is not identified yet [drop].")
+@_opt("attach_mode", type=click.Choice(["auto", "tcx", "tc"]),
+      help="Attach programs as tcx BPF links (owned, pinned; Linux 6.6+) or tc filters [auto: "
+      "tcx where the kernel has it].")
 @_opt("podman_socket", help="Podman API socket ('' to disable) [/run/podman/podman.sock].")
 @click.option("--podman-start-service/--no-podman-start-service", "podman_start_service", default=None,
               help="Start `podman system service` when its socket does not answer.")
@@ -152,7 +155,7 @@ def run_cleanup(cfg: AgentConfig) -> int:
     from ..datapath import Datapath
     from ..errors import StockadeError
     try:
-        dp = Datapath(cfg.datapath_settings())
+        dp = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
         n = len(dp.endpoint_ifindexes())
         dp.cleanup()
         dp.close()

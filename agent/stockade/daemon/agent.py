@@ -47,7 +47,10 @@ class Agent:
         self.links: dict[int, Link] = {}
         self.attached: set[int] = set()
         self.endpoint_entries: dict[int, dict] = {}   # what this agent wrote per ifindex
-        self.unprotected: list[str] = []
+        self.unprotected: list[str] = []   # managed interfaces not running our programs now
+        self.attach_repairs = 0
+        self.attach_degraded: dict[tuple[str, str], float] = {}   # (interface, what) -> since
+        self.attach_guard: Any = None
         self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.errors: collections.deque = collections.deque(maxlen=20)
         self.started = time.time()
@@ -77,7 +80,7 @@ class Agent:
             changed = restore.restore(self, self.store.load())
         if datapath is None:
             from ..datapath import Datapath
-            datapath = Datapath(cfg.datapath_settings())
+            datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
         self.dp = datapath
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
@@ -96,6 +99,10 @@ class Agent:
                 for link in list_links():
                     self.try_submit_locked(LinkChange("new", link, at_start=True))
         if self.live:
+            from .attachguard import AttachGuard
+            self.attach_guard = AttachGuard(self)
+            self.attach_guard.start()
+            self._watchers.append(self.attach_guard)
             # every managed interface runs this build's programs now: take over what the
             # previous build's conntrack recorded meanwhile (datapath/migrate.py)
             try:
@@ -221,6 +228,43 @@ class Agent:
 
     def _committed_locked(self) -> None:
         self.version += 1
+
+    # ------------------------------------------------------------------ attachments
+    def note_degraded(self, interface: str, what: str, since: float) -> None:
+        """An attachment problem found (and repaired, or not): shown for DEGRADED_FOR s."""
+        with self._lock:
+            self.attach_degraded.setdefault((interface, what), since)
+            self.version += 1
+
+    def attach_status(self) -> dict:
+        """{"mode", "degraded": [{"interface", "what", "since"}]}, problems of the last
+        10 minutes."""
+        from .attachguard import DEGRADED_FOR
+        now = time.time()
+        with self._lock:
+            for key, since in list(self.attach_degraded.items()):
+                if now - since > DEGRADED_FOR:
+                    del self.attach_degraded[key]
+            items = sorted(self.attach_degraded.items(), key=lambda kv: kv[1])
+        att = getattr(self.dp, "_attachments", None)
+        mode = att.mode if att is not None else (
+            self.config.attach_mode if self.live else "none")
+        return {"mode": mode, "repairs": self.attach_repairs,
+                "degraded": [{"interface": i, "what": w,
+                              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))}
+                             for (i, w), t in items]}
+
+    def refresh_unprotected(self) -> None:
+        """``unprotected``: managed interfaces that do not run our programs right now."""
+        from .changes import managed_by_config
+        with self._lock:
+            named = {e.interface for e in self.state.endpoints.values() if e.interface}
+            now = sorted({link.name for idx, link in self.links.items()
+                          if idx not in self.attached and
+                          (link.name in named or managed_by_config(self, link))})
+            if now != self.unprotected:
+                self.unprotected = now
+                self.version += 1
 
     # ------------------------------------------------------------------ readers
     def source_health(self) -> list[dict]:

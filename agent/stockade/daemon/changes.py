@@ -212,10 +212,6 @@ class LinkChange(Change):
             txn.write_endpoint(ep)
             return
         if link.ifindex not in agent.attached:
-            if self.at_start:
-                from ..datapath import list_attached
-                if not list_attached(link.ifindex):
-                    agent.unprotected.append(link.name)
             txn.close_interface(link.ifindex)
             txn.attach(link.ifindex, closed_on_undo=True)
 

@@ -26,6 +26,9 @@ class AgentConfig:
     audit: bool = False
     # What happens to packets of an interface whose workload is not identified yet.
     unknown_endpoint: str = "drop"  # or "forward" (migrations)
+    # How programs are attached: tcx BPF links (pinned, owned: Linux 6.6+), tc clsact
+    # filters, or auto (tcx where the kernel has it).
+    attach_mode: str = "auto"
     managed_bridges: list[str] = field(default_factory=lambda: [
         "podman0", "cni-podman0", "docker0", "virbr*"])
     managed_interfaces: list[str] = field(default_factory=lambda: ["vnet*", "tap*"])
@@ -75,6 +78,8 @@ class AgentConfig:
         if self.unknown_endpoint not in ("drop", "forward"):
             raise InvalidRequest(f"{where}: unknown_endpoint must be drop or forward",
                                  "unknown_endpoint")
+        if self.attach_mode not in ("auto", "tcx", "tc"):
+            raise InvalidRequest(f"{where}: attach_mode must be auto, tcx or tc", "attach_mode")
         for name in ("flow_buffer_size", "policy_map_size", "endpoints_map_size",
                      "ipcache_map_size", "ct_map_size", "flow_events_rate", "flow_events_burst",
                      "drop_events_rate", "drop_events_burst"):

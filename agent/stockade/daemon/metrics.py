@@ -44,6 +44,10 @@ class AgentCollector(Collector):
             g.add_metric([], value)
             yield g
         yield _labels_dropped(dict(a.labels_dropped))
+        rep = CounterMetricFamily("stockade_attach_repairs",
+                                  "Attachments found missing or overtaken and restored")
+        rep.add_metric([], getattr(a, "attach_repairs", 0))
+        yield rep
         if a.dp is None:
             return
         pk = CounterMetricFamily("stockade_packets", "Packets by direction, verdict and reason",
