@@ -102,9 +102,10 @@ class AgentCollector(Collector):
         problems.add_metric(["policy"], len(health["policy_problems"]))
         problems.add_metric(["binding_mismatch"], len(health["binding_mismatches"]))
         problems.add_metric(["source_down"], sum(1 for s in health["sources"] if not s["connected"]))
+        problems.add_metric(["attach_degraded"], len(health["attach"]["degraded"]))
         yield problems
         unprotected = GaugeMetricFamily(
-            "stockade_unprotected_interfaces", "Managed interfaces found without the programs at start "
+            "stockade_unprotected_interfaces", "Managed interfaces that do not run the programs now "
             "(stockade status lists them)")
         unprotected.add_metric([], len(health["unprotected_interfaces"]))
         yield unprotected
