@@ -171,3 +171,49 @@ def test_cleanup_removes_links_and_pins(topo):
         assert not os.path.exists(agent.settings["bpffs_dir"])
     finally:
         agent.stop()
+
+
+def test_removed_endpoint_never_leaves_its_interface_open(topo):
+    """Issue 14.12: a managed interface goes back to unidentified (dropped); an unmanaged
+    one gets back what it ran before (here: nothing of ours; a program of another tool
+    attached before ours keeps running)."""
+    t, w = topo
+    from bcc import BPF
+    prog = BPF(text=b"int other_tool(struct __sk_buff *skb) { return -1; }")   # TCX_NEXT
+    fn = prog.load_func(b"other_tool", BPF.SCHED_CLS)
+    other = tcx.link_create(fn.fd, w["c"].host_ifindex, "ingress", first=True)
+    try:
+        # a: managed (by name); c: unmanaged, named by a static endpoint only
+        with AgentProcess(managed_interfaces=[w["a"].host_if]) as agent:
+            protect(agent, w)
+            assert programs_on(w["c"].host_ifindex)["ingress"] == ["from_endpoint", "other_tool"]
+            for n in "ac":
+                agent.client.remove_endpoint(n)
+            # a: still ours, closed
+            assert programs_on(w["a"].host_ifindex)["ingress"] == ["from_endpoint"]
+            assert not udp_ok(w["a"], w["b"], w["b"].ip4, 7010)
+            assert 'reason="unknown_endpoint"' in agent.client.metrics()
+            # c: its original state, the other tool's program alone
+            assert programs_on(w["c"].host_ifindex) == {"ingress": ["other_tool"], "egress": []}
+            time.sleep(1.0)                     # the guard leaves an interface let go alone
+            assert programs_on(w["c"].host_ifindex)["ingress"] == ["other_tool"]
+            assert repairs(agent) == 0
+    finally:
+        os.close(other)
+        prog.cleanup()
+
+
+def test_failed_endpoint_write_is_an_error_and_stays_closed(topo):
+    """Issue 14.3: an endpoints map too small for the bridge's ports: every port is
+    attached and dropped, the failure is an error in status, never silent."""
+    t, w = topo
+    extra = t.add_workload("d", [f"{NET4}4/24"])
+    with AgentProcess(managed_bridges=[t.bridge], endpoints_map_size=2) as agent:
+        h = agent.client.health()
+        assert h["status"] == "degraded"
+        assert any("endpoint" in e for e in h["errors"]), h["errors"]
+        for x in (*w.values(), extra):
+            assert programs_on(x.host_ifindex)["ingress"] == ["from_endpoint"], x.host_if
+        assert not udp_ok(w["a"], w["b"], w["b"].ip4, 7011)
+        assert not udp_ok(extra, w["c"], w["c"].ip4, 7012)
+        assert not udp_ok(w["c"], extra, extra.ip4, 7013)

@@ -238,8 +238,10 @@ class LinkChange(Change):
             txn.write_endpoint(ep)
             return
         if link.ifindex not in agent.attached:
-            txn.close_interface(link.ifindex)
+            # attached first: with no endpoint entry the programs drop its packets, so
+            # a failed entry write (a full map) leaves it closed, never open
             txn.attach(link.ifindex, closed_on_undo=True)
+            txn.close_interface(link.ifindex)
 
 
 # ---------------------------------------------------------------- other hosts' workloads

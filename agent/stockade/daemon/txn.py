@@ -25,6 +25,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StockadeError
 from ..policy.api.entity import RESERVED
 from ..policy.engine import Transaction
 from ..policy.identity import Identity
@@ -225,9 +226,11 @@ class Txn:
         if step.kind == "attach":
             if step.key in agent.attached:
                 return None
-            return Step("endpoint", step.key, CLOSED) if step.value else Step("detach", step.key)
+            return Step("close", step.key) if step.value else Step("detach", step.key)
         if step.kind == "detach":
             return Step("attach", step.key) if step.key in agent.attached else None
+        if step.kind == "close":
+            return None
         raise ValueError(step.kind)
 
     def commit(self) -> None:
@@ -256,6 +259,16 @@ def _write_step(agent: "Agent", dp, step: Step) -> None:
         else:
             dp.set_endpoint(step.key, **step.value)
             agent.endpoint_entries[step.key] = step.value
+    elif step.kind == "close":
+        # a managed interface stays attached and closed; when even the closed entry
+        # cannot be written (a full map) it goes: without an entry it is dropped as
+        # unidentified too, and a delete never fails for want of room
+        try:
+            dp.set_endpoint(step.key, **CLOSED)
+            agent.endpoint_entries[step.key] = CLOSED
+        except StockadeError:
+            dp.del_endpoint(step.key)
+            agent.endpoint_entries.pop(step.key, None)
     elif step.kind == "attach":
         if step.key not in agent.attached:
             dp.attach_interface(step.key)
