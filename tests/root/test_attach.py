@@ -217,3 +217,35 @@ def test_failed_endpoint_write_is_an_error_and_stays_closed(topo):
         assert not udp_ok(w["a"], w["b"], w["b"].ip4, 7011)
         assert not udp_ok(extra, w["c"], w["c"].ip4, 7012)
         assert not udp_ok(w["c"], extra, extra.ip4, 7013)
+
+
+def nft_table_exists(family: str, table: str) -> bool:
+    return run("nft", "list", "table", family, table, check=False).returncode == 0
+
+
+def test_new_workload_is_dropped_while_the_agent_is_stopped(topo):
+    """Issue 14.3: the kernel-side default (an nftables table of the agent's own) closes
+    a workload that appears while the agent is away, both directions; it stays across
+    the agent's kill, a restart keeps it, --cleanup removes it."""
+    t, w = topo
+    from stockade.datapath.kerneldefault import table_name
+    agent = AgentProcess(managed_bridges=[t.bridge], kernel_default_interfaces=[f"{t.prefix}*"])
+    table = table_name(None, agent.settings["bpffs_dir"])
+    try:
+        agent.start()
+        protect(agent, w)
+        assert nft_table_exists("bridge", table) and nft_table_exists("inet", table)
+        agent.kill()
+        late = t.add_workload("d", [f"{NET4}4/24"])     # a new workload, no agent to attach it
+        assert programs_on(late.host_ifindex) == {"ingress": [], "egress": []}
+        assert not udp_ok(late, w["a"], w["a"].ip4, 7020)
+        assert not udp_ok(w["a"], late, late.ip4, 7021)
+        assert not tcp_ok(late, w["a"], w["a"].ip4, 84)
+        assert tcp_ok(w["a"], w["b"], w["b"].ip4, 85)    # protected ones keep working
+        agent.start()                                     # attaches it (closed) and lets it be
+        assert programs_on(late.host_ifindex)["ingress"] == ["from_endpoint"]
+        agent.client.add_endpoint(name="d", interface=late.host_if, ips=late.ips, labels={"app": "a"})
+        assert eventually(lambda: tcp_ok(late, w["b"], w["b"].ip4, 86), timeout=5)
+    finally:
+        agent.stop()
+    assert not nft_table_exists("bridge", table) and not nft_table_exists("inet", table)

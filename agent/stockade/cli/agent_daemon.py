@@ -191,6 +191,10 @@ def run_cleanup(cfg: AgentConfig) -> int:
         n = len(dp.endpoint_ifindexes())
         dp.cleanup()
         dp.close()
+        from ..datapath.kerneldefault import KernelDefault, table_name
+        table = table_name(cfg.nft_table, cfg.bpffs_dir)
+        if KernelDefault(table, [], []).remove():
+            click.echo(f"removed nftables tables bridge/inet {table}")
     except StockadeError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

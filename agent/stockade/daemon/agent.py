@@ -52,6 +52,7 @@ class Agent:
         self.attach_repairs = 0
         self.attach_degraded: dict[tuple[str, str], float] = {}   # (interface, what) -> since
         self.attach_guard: Any = None
+        self.kernel_default: Any = None       # datapath.kerneldefault.KernelDefault
         self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.errors: collections.deque = collections.deque(maxlen=20)
         self.error_count = 0   # every error since start (errors keeps the last 20)
@@ -85,6 +86,8 @@ class Agent:
             from ..datapath import Datapath
             datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
         self.dp = datapath
+        if self.live and cfg.kernel_default:
+            self._install_kernel_default()
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
             restore.reconcile(self)
@@ -101,6 +104,9 @@ class Agent:
             with self._lock:  # links that appeared before the watcher started
                 for link in list_links():
                     self.try_submit_locked(LinkChange("new", link, at_start=True))
+        if self.kernel_default is not None:
+            with self._lock:   # the set is what this agent attached, nothing else
+                self._kernel_default("sync", set(self.attached))
         if self.live:
             from .attachguard import AttachGuard
             self.attach_guard = AttachGuard(self)
@@ -234,6 +240,36 @@ class Agent:
         self.version += 1
 
     # ------------------------------------------------------------------ attachments
+    def _install_kernel_default(self) -> None:
+        """The nftables table that closes managed interfaces without our programs
+        (datapath/kerneldefault.py), in place before any attach and before the API."""
+        from ..datapath.kerneldefault import KernelDefault, table_name
+        cfg = self.config
+        kd = KernelDefault(table_name(cfg.nft_table, cfg.bpffs_dir), cfg.managed_bridges,
+                           [*cfg.managed_interfaces, *cfg.kernel_default_interfaces],
+                           drop=cfg.unknown_endpoint == "drop")
+        try:
+            kd.install()
+        except StockadeError as exc:
+            self.error(f"kernel-side default (nftables table {kd.table}): {exc}")
+            return
+        self.kernel_default = kd
+        if not kd.bridge_meta and cfg.managed_bridges:
+            log.warning("nft has no bridge meta on this kernel: ports of %s are covered by "
+                        "the kernel-side default only when their names match "
+                        "managed_interfaces or kernel_default_interfaces",
+                        ", ".join(cfg.managed_bridges))
+
+    def _kernel_default(self, op: str, ifindexes) -> None:
+        """protect / unprotect / sync the kernel-side default's set; errors to status."""
+        kd = self.kernel_default
+        if kd is None:
+            return
+        try:
+            getattr(kd, op)(ifindexes)
+        except StockadeError as exc:
+            self.error(f"kernel-side default: {op} {sorted(ifindexes)}: {exc}")
+
     def note_degraded(self, interface: str, what: str, since: float) -> None:
         """An attachment problem found (and repaired, or not): shown for DEGRADED_FOR s."""
         with self._lock:

@@ -206,6 +206,8 @@ class LinkChange(Change):
         st, agent, link = txn.state, txn.agent, self.link
         if self.kind == "del":
             agent.links.pop(link.ifindex, None)
+            if link.ifindex in agent.attached:
+                agent._kernel_default("unprotect", [link.ifindex])
             agent.attached.discard(link.ifindex)
             name = st.by_ifindex.get(link.ifindex)
             txn.unbind(link.ifindex)

@@ -273,7 +273,9 @@ def _write_step(agent: "Agent", dp, step: Step) -> None:
         if step.key not in agent.attached:
             dp.attach_interface(step.key)
             agent.attached.add(step.key)
+            agent._kernel_default("protect", [step.key])   # the programs run: let it be
     elif step.kind == "detach":
         if step.key in agent.attached:
+            agent._kernel_default("unprotect", [step.key])
             dp.detach_interface(step.key)
             agent.attached.discard(step.key)
