@@ -91,6 +91,12 @@ class Agent:
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
             restore.reconcile(self)
+            if self.live and not cfg.audit:   # started out of audit mode: no audited flow stays
+                try:
+                    self.dp.ct_delete_audited([e.ifindex for e in self.state.endpoints.values()
+                                               if e.ifindex is not None and not e.audit])
+                except StockadeError as exc:
+                    self.error(f"conntrack: audited entries: {exc}")
             if changed:   # records that gained what identifies them, numbers allocated
                 try:
                     self._persist_locked(changed)

@@ -123,6 +123,8 @@ class UpsertEndpoint(Change):
             txn.attach(ifindex, closed_on_undo=link is not None and managed_by_config(agent, link))
             txn.bind(ifindex, self.name)
         ep = identify(txn, ep)  # the new identity and entries first, then the old ones go
+        if old is not None and old.audit and not ep.audit and ifindex is not None:
+            txn.audit_off.add(ifindex)   # its audited flows go once the entry says enforce
         if old is not None:
             for ip in set(old.ips) - set(ep.ips):
                 entry = st.ipcache.get(host_prefix(ip))

@@ -66,6 +66,7 @@ class Txn:
     log: list[str] = field(default_factory=list)     # what happened, for the change log
     etx: Transaction = field(init=False)
     undo: list[Step] = field(default_factory=list)   # inverses of the steps written
+    audit_off: set[int] = field(default_factory=set)  # interfaces leaving audit mode
     on_commit: list = field(default_factory=list)    # callables, run once committed
 
     def __post_init__(self):
@@ -208,6 +209,32 @@ class Txn:
             if inverse is not None:
                 self.undo.append(inverse)   # before the write: a half-done one is undone too
             _write_step(self.agent, dp, step)
+        self._cut_flows(dp)
+
+    def _cut_flows(self, dp) -> None:
+        """Once the new policy is in the maps: the conntrack entries of flows it may now
+        deny go (their next packet meets it), and those audited would-be drops created
+        at interfaces that left audit mode. Deleting an entry undoes nothing and opens
+        nothing: an allowed flow's next packet creates it again."""
+        if not hasattr(dp, "ct_delete_tightened"):
+            return
+        wide: set = set()
+        exact: set = set()
+        for step in self.steps:
+            if step.kind == "policy":
+                w, e = step.value.tightened()
+                wide |= w
+                exact |= e
+        from ..errors import StockadeError
+        try:
+            n = dp.ct_delete_tightened(wide, exact) if (wide or exact) else 0
+            if self.audit_off:
+                n += dp.ct_delete_audited(self.audit_off)
+        except StockadeError as exc:
+            self.agent.error(f"cutting flows the new policy denies: {exc}")
+            return
+        if n:
+            self.log.append(f"conntrack: {n} entries of flows the change may deny deleted")
 
     def unwrite(self, dp) -> None:
         """Write the inverse of every step written, last first."""

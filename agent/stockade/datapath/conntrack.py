@@ -154,3 +154,44 @@ class ConntrackMaps:
             if (local, self._identity_of(k.family, addr)) in wanted:
                 doomed.append(k)
         return self.ct_delete(doomed)
+
+    def ct_delete_tightened(self, wide: Iterable[tuple[int, int]],
+                            exact: Iterable[tuple[int, int, int]]) -> int:
+        """Delete the entries of flows a tighter policy may now deny, so that their next
+        packet is judged again: at the hooks of endpoints with identity ``local``, flows
+        opened in ``direction`` (the endpoint's egress: it opened them; ingress: toward
+        it), every peer for ``wide`` (local, direction), the peer identity resolved in
+        the ipcache for ``exact`` (local, peer, direction). Allowed flows only lose an
+        entry the next packet creates again. Returns how many were deleted."""
+        wide, exact = set(wide), set(exact)
+        if not wide and not exact:
+            return 0
+        local_of = {k.value: v.identity
+                    for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo)
+                    if not v.flags & m.EP_F_UNIDENTIFIED}
+        peers_of = collections.defaultdict(set)
+        for local, peer, direction in exact:
+            peers_of[(local, direction)].add(peer)
+        doomed = []
+        for k, _v in self.ct_entries():
+            local = local_of.get(k.ifindex)
+            if local is None:
+                continue
+            if (local, k.direction) in wide:
+                doomed.append(k)
+                continue
+            peers = peers_of.get((local, k.direction))
+            if peers:
+                addr = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
+                if self._identity_of(k.family, addr) in peers:
+                    doomed.append(k)
+        return self.ct_delete(doomed)
+
+    def ct_delete_audited(self, ifindexes: Iterable[int] | None = None) -> int:
+        """Delete the entries audited would-be drops created (at ``ifindexes``' hooks, or
+        everywhere): an endpoint leaving audit mode keeps none of the flows its policy
+        denies. Returns how many were deleted."""
+        only = None if ifindexes is None else set(ifindexes)
+        doomed = [k for k, v in self.ct_entries()
+                  if v.audited and (only is None or k.ifindex in only)]
+        return self.ct_delete(doomed, still=lambda v: bool(v.audited))
