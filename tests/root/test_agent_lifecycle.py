@@ -176,7 +176,8 @@ def test_cleanup_detaches_and_unpins(topo):
         assert _attached(w["a"].host_if)
         agent.kill()
         r = subprocess.run([*__import__("agentproc").STOCKADE, "agent", "--config",
-                            str(agent.config_path), "--cleanup"], capture_output=True, text=True)
+                            str(agent.config_path), "--cleanup"], capture_output=True, text=True,
+                           env=agent.environ())
         assert r.returncode == 0, r.stderr
         assert not _attached(w["a"].host_if)
         import os

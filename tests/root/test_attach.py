@@ -164,7 +164,7 @@ def test_cleanup_removes_links_and_pins(topo):
         protect(agent, w)
         agent.kill()
         r = subprocess.run([*STOCKADE, "agent", "--config", str(agent.config_path), "--cleanup"],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, env=agent.environ())
         assert r.returncode == 0, r.stderr
         for n in "abc":
             assert programs_on(w[n].host_ifindex) == {"ingress": [], "egress": []}

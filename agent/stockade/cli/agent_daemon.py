@@ -139,6 +139,13 @@ def agent(config_path, cleanup, check_state, restore_state, check_config, **flag
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries(cfg.log_level)
+    if (cleanup or not (check_state or restore_state)) and _nslock_wanted():
+        from ..daemon.nslock import LockHeld, take
+        try:
+            _HELD.append(take())     # before any map, link or container is touched
+        except LockHeld as exc:
+            click.echo(f"stockade agent: cannot start: {exc}", err=True)
+            sys.exit(1)
     if cleanup:
         sys.exit(run_cleanup(cfg))
     if check_state:
@@ -146,6 +153,14 @@ def agent(config_path, cleanup, check_state, restore_state, check_config, **flag
     if restore_state:
         sys.exit(run_restore_state(cfg, restore_state))
     sys.exit(run(cfg))
+
+
+_HELD: list = []   # the namespace lock, held for the process's life
+
+
+def _nslock_wanted() -> bool:
+    from ..daemon.nslock import wanted
+    return wanted()
 
 
 def run_check_state(cfg: AgentConfig) -> int:
