@@ -249,3 +249,32 @@ def test_new_workload_is_dropped_while_the_agent_is_stopped(topo):
     finally:
         agent.stop()
     assert not nft_table_exists("bridge", table) and not nft_table_exists("inet", table)
+
+
+def test_failed_attach_is_unprotected_in_status_and_retried(topo):
+    """Issue 14.3/14.5: an interface the agent cannot attach to (tc mode, a legacy
+    ingress qdisc in clsact's place) is listed as unprotected, live, with an error; once
+    the obstacle goes the guard attaches it."""
+    t, w = topo
+    run("tc", "qdisc", "add", "dev", w["c"].host_if, "ingress")
+    with AgentProcess(attach_mode="tc", managed_bridges=[t.bridge]) as agent:
+        assert eventually(lambda: w["c"].host_if in agent.client.health()["unprotected_interfaces"],
+                          timeout=3), (agent.client.health(), programs_on(w["c"].host_ifindex))
+        h = agent.client.health()
+        assert h["status"] == "degraded" and h["errors"]
+        assert 'stockade_unprotected_interfaces 1.0' in agent.client.metrics()
+        run("tc", "qdisc", "del", "dev", w["c"].host_if, "ingress")
+        assert eventually(lambda: agent.client.health()["unprotected_interfaces"] == [], timeout=10)
+        assert programs_on(w["c"].host_ifindex)["ingress"] == ["from_endpoint"]
+        assert not udp_ok(w["c"], w["a"], w["a"].ip4, 7030)      # attached, unidentified: closed
+        # while it runs: clsact swapped for an ingress qdisc; not repairable, so reported
+        # as unprotected, then repaired once the obstacle goes
+        b = w["b"].host_if
+        subprocess.run(["tc", "-batch", "-"], input=f"qdisc del dev {b} clsact\n"
+                       f"qdisc add dev {b} ingress\n", text=True, check=True, timeout=10)
+        assert eventually(lambda: b in agent.client.health()["unprotected_interfaces"], timeout=5)
+        whats = [d["what"] for d in agent.client.health()["attach"]["degraded"] if d["interface"] == b]
+        assert any("not repaired" in x for x in whats), whats
+        run("tc", "qdisc", "del", "dev", b, "ingress", check=False)
+        assert eventually(lambda: agent.client.health()["unprotected_interfaces"] == [], timeout=10)
+        assert programs_on(w["b"].host_ifindex) == {"ingress": ["from_endpoint"], "egress": ["to_endpoint"]}

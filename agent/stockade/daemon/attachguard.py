@@ -27,6 +27,7 @@ from ..errors import StockadeError
 log = logging.getLogger("stockade.attach")
 CHECK_INTERVAL = 0.5
 DEGRADED_FOR = 600.0
+RETRY_EVERY = 5.0
 
 
 class AttachGuard:
@@ -38,6 +39,7 @@ class AttachGuard:
         self._events: threading.Thread | None = None
         self._ipr: IPRoute | None = None
         self.passes = 0
+        self._retried: dict[int, float] = {}
 
     def start(self) -> None:
         try:
@@ -114,6 +116,21 @@ class AttachGuard:
                 self._repair(ifindex, problems)
         self.passes += 1
         a.refresh_unprotected()
+        self._retry_unprotected()
+
+    def _retry_unprotected(self) -> None:
+        """A managed interface whose attach failed is tried again (every RETRY_EVERY s)."""
+        from .changes import LinkChange
+        a = self.agent
+        now = time.monotonic()
+        with a._lock:
+            for idx, link in list(a.links.items()):
+                if link.name not in a.unprotected or idx in a.attached:
+                    continue
+                if now - self._retried.get(idx, 0.0) < RETRY_EVERY:
+                    continue
+                self._retried[idx] = now
+                a.try_submit_locked(LinkChange("new", link))
 
     def _repair(self, ifindex: int, problems) -> None:
         a = self.agent
@@ -129,6 +146,11 @@ class AttachGuard:
                 a.error(f"interface {name}: cannot restore its programs: {exc}")
                 for p in problems:
                     a.note_degraded(name, f"{p.hook}: {p.what}; not repaired", now)
+                # not ours any more: unprotected (retried), and the kernel-side default
+                # drops it again where it covers it
+                a._kernel_default("unprotect", [ifindex])
+                a.attached.discard(ifindex)
+                a.version += 1
                 return
             a.attach_repairs += 1
             for p in problems:

@@ -38,11 +38,19 @@ class Attachment:
 
 
 def _ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
+    """clsact on ``ifindex``. Another qdisc in its place (a legacy ``ingress`` qdisc
+    also takes handle ffff:) is an error: our filters would land on its one hook."""
     try:
         ipr.tc("add", "clsact", ifindex)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
+        kinds = {q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=ifindex)
+                 if q["handle"] == 0xFFFF0000}
+        if "clsact" not in kinds:
+            raise DatapathError(f"ifindex {ifindex}", f"a {'/'.join(sorted(k for k in kinds if k))} "
+                                "qdisc holds clsact's place (ffff:): remove it "
+                                "(tc qdisc del dev X ingress)") from exc
 
 
 def attach(ifindex: int, from_endpoint_fd: int, to_endpoint_fd: int,
@@ -56,6 +64,8 @@ def attach(ifindex: int, from_endpoint_fd: int, to_endpoint_fd: int,
                 ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fd, name=name,
                        parent=parent, prio=PRIO, classid=1, direct_action=True,
                        protocol=ETH_P_ALL)
+    except DatapathError:
+        raise
     except (NetlinkError, OSError) as exc:
         raise DatapathError(f"ifindex {ifindex}", f"cannot attach programs: {exc}") from exc
 
