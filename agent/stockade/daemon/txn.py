@@ -225,6 +225,11 @@ class Txn:
                 w, e = step.value.tightened()
                 wide |= w
                 exact |= e
+        # only identities that were local before can have flows judged by the old policy
+        # (a new endpoint's first flags are no reason to walk the table)
+        before = self.etx.locals_before
+        wide = {p for p in wide if p[0] in before}
+        exact = {p for p in exact if p[0] in before}
         from ..errors import StockadeError
         try:
             n = dp.ct_delete_tightened(wide, exact) if (wide or exact) else 0
