@@ -72,9 +72,12 @@ class AttachGuard:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([self._ipr], [], [], 0.5)
+                ipr = self._ipr
+                if ipr is None:
+                    return
+                ready, _, _ = select.select([ipr], [], [], 0.5)
                 if ready:
-                    self._ipr.get()
+                    ipr.get()
                     self._wake.set()
             except (OSError, ValueError):
                 if self._stop.is_set():

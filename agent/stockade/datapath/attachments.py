@@ -162,7 +162,7 @@ class Attachments:
         if fd is None:
             return []
         link_id = tcx.link_info(fd).id
-        out = []
+        out: list[tcx.Entry] = []
         for e in tcx.query(ifindex, hook):
             if e.link_id == link_id:
                 return out
@@ -241,7 +241,7 @@ class Attachments:
 
     def owned(self) -> list[int]:
         """Interfaces with a pinned link of ours (tcx, this pin directory)."""
-        out = set()
+        out: set[int] = set()
         try:
             names = os.listdir(self.links_dir)
         except FileNotFoundError:
@@ -254,7 +254,7 @@ class Attachments:
 
     def programs(self, ifindex: int) -> dict[str, list[str]]:
         """{hook: names of the programs run, in order} (tcx first, then tc), for status."""
-        out = {}
+        out: dict[str, list[str]] = {}
         for hook in HOOKS:
             names = []
             if self.mode == "tcx":
@@ -293,7 +293,7 @@ def _describe(prog_id: int) -> str:
 def programs_on(ifindex: int) -> dict[str, list[str]]:
     """{hook: names of the BPF programs run on ``ifindex``, tcx ones then tc ones}: what a
     test or an operator sees, whatever the mode."""
-    out = {}
+    out: dict[str, list[str]] = {}
     for hook in HOOKS:
         names = []
         if tcx.supported():

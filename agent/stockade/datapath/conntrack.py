@@ -174,13 +174,13 @@ class ConntrackMaps:
             peers_of[(local, direction)].add(peer)
         doomed = []
         for k, _v in self.ct_entries():
-            local = local_of.get(k.ifindex)
-            if local is None:
+            ident = local_of.get(k.ifindex)
+            if ident is None:
                 continue
-            if (local, k.direction) in wide:
+            if (ident, k.direction) in wide:
                 doomed.append(k)
                 continue
-            peers = peers_of.get((local, k.direction))
+            peers = peers_of.get((ident, k.direction))
             if peers:
                 addr = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
                 if self._identity_of(k.family, addr) in peers:

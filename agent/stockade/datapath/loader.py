@@ -124,7 +124,7 @@ class Datapath(MapWriter, ConntrackMaps):
     def __init__(self, settings: Mapping[str, Any] | None = None, attach_mode: str = "auto"):
         self.settings = resolved_settings(settings)
         self.attach_mode = attach_mode
-        self._attachments = None
+        self._attachments: Any = None
         self.pin_dir = Path(self.settings["STOCKADE_PIN_DIR"])
         self.source = render_source(self.settings)
         self._legacy: dict = {}

@@ -158,9 +158,12 @@ class Delta:
         so that their next packet meets the new policy."""
         wide: set[tuple[int, int]] = set()
         exact: set[tuple[int, int, int]] = set()
-        keys = [k for k in self.removes if (self.prior.get(k) is not None and not self.prior[k].deny)]
+        def was_allow(k: Key) -> bool:
+            before = self.prior.get(k)
+            return before is not None and not before.deny
+        keys = [k for k in self.removes if was_allow(k)]
         keys += [k for k, e in self.adds.items()
-                 if e.deny and (self.prior.get(k) is None or not self.prior[k].deny)]
+                 if e.deny and (self.prior.get(k) is None or was_allow(k))]
         for k in keys:
             if k.peer == ANY_PEER:
                 wide.add((k.local, k.direction))
