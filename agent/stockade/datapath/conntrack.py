@@ -172,8 +172,16 @@ class ConntrackMaps:
         peers_of = collections.defaultdict(set)
         for local, peer, direction in exact:
             peers_of[(local, direction)].add(peer)
+        from .pins import fd_keys
+        ifindexes = {i for i, ident in local_of.items()
+                     if any(w[0] == ident for w in wide) or any(p[0] == ident for p in peers_of)}
+        if not ifindexes:
+            return 0
+        resolved: dict[tuple[int, bytes], int] = {}
         doomed = []
-        for k, _v in self.ct_entries():
+        for k in fd_keys(self.table("conntrack").map_fd, m.CtKey):   # keys only: one call each
+            if k.ifindex not in ifindexes:
+                continue
             ident = local_of.get(k.ifindex)
             if ident is None:
                 continue
@@ -183,7 +191,10 @@ class ConntrackMaps:
             peers = peers_of.get((ident, k.direction))
             if peers:
                 addr = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
-                if self._identity_of(k.family, addr) in peers:
+                who = resolved.get((k.family, addr))
+                if who is None:
+                    who = resolved[(k.family, addr)] = self._identity_of(k.family, addr)
+                if who in peers:
                     doomed.append(k)
         return self.ct_delete(doomed)
 
