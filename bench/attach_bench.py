@@ -24,12 +24,16 @@ import json
 import sys
 import time
 
-from agentproc import AgentProcess  # noqa: E402
+# isort: off
 from bench.common import median  # puts tests/ on sys.path
+
+from agentproc import AgentProcess  # noqa: E402
 from netns import Topology, run  # noqa: E402
 from probe import Probe  # noqa: E402
-from stockade.datapath.attachments import programs_on  # noqa: E402
 from traffic import eventually, tcp_ok, udp_ok  # noqa: E402
+
+from stockade.datapath.attachments import programs_on  # noqa: E402
+# isort: on
 
 NET4 = "10.213.73."
 POLICY = {"name": "b.yaml", "text": """
