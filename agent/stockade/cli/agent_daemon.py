@@ -41,7 +41,8 @@ def _setting_options(props: dict, defaults, prefix: str = ""):
             continue
         flag = "--" + name.replace("__", "-").replace("_", "-")
         helptext = f"{prop.get('description', '')} [{_default_text(default)}]"
-        types = prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]
+        declared = prop.get("type")
+        types: list = declared if isinstance(declared, list) else [declared]
         kw: dict = {"default": None, "help": helptext}
         if "enum" in prop:
             kw["type"] = click.Choice([str(v) for v in prop["enum"]])
@@ -70,7 +71,8 @@ def _flag_overrides(flags: dict, props: dict) -> dict:
         for part in path[:-1]:
             prop = prop[part]["properties"]
         prop = prop[path[-1]]
-        types = prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]
+        declared = prop.get("type")
+        types: list = declared if isinstance(declared, list) else [declared]
         if "array" in types:
             value = [item.strip() for v in value for item in v.split(",") if item.strip()]
         elif value == "" and "null" in types:

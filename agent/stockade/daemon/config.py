@@ -194,8 +194,8 @@ def _build(cls, data: dict):
         if f.name not in data:
             continue
         value = data[f.name]
-        if f.default_factory is not MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
             if is_dataclass(default) and isinstance(value, dict):
                 value = _build(type(default), value)
         kw[f.name] = value
