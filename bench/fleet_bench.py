@@ -244,12 +244,14 @@ def main() -> dict:
             out["churn_changes"] = changes
             out["member_killed_at_s"] = round(killed or 0, 1)
             out["member_back_at_s"] = round(back or 0, 1)
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 30
             while time.monotonic() < deadline and any(p.pending for p in pollers):
                 time.sleep(0.1)
             for p in pollers:
                 p.stop.set()
             lost = sum(len(p.pending) for p in pollers)
+            out["never_seen"] = lost
+            out["never_seen_examples"] = [x[:2] for p in pollers for x in p.pending][:10]
             lat = [v for p in pollers for v in p.latencies]
             out["publish_to_map_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
                                         "max": pct(lat, 1.0), "samples": len(lat)}
@@ -261,6 +263,7 @@ def main() -> dict:
                 have = {e["prefix"] for e in a.client.ipcache() if e["source"] == "kvstore"
                         and e["host"] and e["host"].startswith("sim")}
                 lost += len(want ^ have)
+                out.setdefault("end_state_differences", []).append(len(want ^ have))
             out["changes_lost"] = lost
             cluster.wait_healthy()
 

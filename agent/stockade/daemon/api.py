@@ -34,7 +34,9 @@ class AgentAPI:
         down = any(not s["connected"] for s in sources)
         kvstore = a.fleet.status() if a.fleet is not None else None
         down = down or (kvstore is not None and kvstore["state"] != "connected")
-        out = {"status": "degraded" if snap.errors or problems or mismatches or down else "ok",
+        attach = a.attach_status()
+        bad = snap.errors or problems or mismatches or down or attach["degraded"] or snap.unprotected
+        out = {"status": "degraded" if bad else "ok", "attach": attach,
                 "version": __version__, "uptime_s": round(time.time() - a.started, 1),
                 "enforcement": a.config.enforcement, "audit": a.config.audit,
                 "host": a.config.host_name, "policy_revision": snap.revision,
@@ -208,7 +210,10 @@ class AgentAPI:
     def follow_flows(self, criteria: dict, stopping=None):
         src = self._flow_source()
         from ..flows import FlowFilter
-        FlowFilter.parse(criteria)  # bad criteria: 400 before the stream starts
+        f = FlowFilter.parse(criteria)  # bad criteria: 400 before the stream starts
+        if f.until_ns is not None or f.first is not None:
+            raise InvalidRequest("until and first select from the recorded flows; they cannot "
+                                 "be followed", "follow")
         return src.follow(criteria, stopping)
 
 

@@ -37,9 +37,23 @@ class Change:
     """What every change has: a short description for logs and errors."""
 
     what = "change"
+    action = "change"
 
     def apply(self, txn: Txn) -> Any:
         raise NotImplementedError
+
+    def describe(self) -> tuple[str, str]:
+        """(action, object) for the change log (changelog.py)."""
+        return self.action, ""
+
+    def origin(self) -> str:
+        """Who asked, when not an API peer: the runtime or the agent itself."""
+        return getattr(self, "source", None) or "agent"
+
+
+def _names(refs) -> str:
+    names = sorted({r.display for r in refs})
+    return ", ".join(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
 
 
 # ---------------------------------------------------------------- endpoints
@@ -64,6 +78,9 @@ class UpsertEndpoint(Change):
     dropped_labels: tuple = ()    # labelsources.DroppedLabel: what it claimed and did not get
     netns: tuple[int, str | None] | None = None   # a container's namespace (inode, path)
     what = "endpoint"
+
+    def describe(self) -> tuple[str, str]:
+        return "endpoint.upsert", self.name
 
     def apply(self, txn: Txn) -> Endpoint:
         st, agent = txn.state, txn.agent
@@ -106,6 +123,8 @@ class UpsertEndpoint(Change):
             txn.attach(ifindex, closed_on_undo=link is not None and managed_by_config(agent, link))
             txn.bind(ifindex, self.name)
         ep = identify(txn, ep)  # the new identity and entries first, then the old ones go
+        if old is not None and old.audit and not ep.audit and ifindex is not None:
+            txn.audit_off.add(ifindex)   # its audited flows go once the entry says enforce
         if old is not None:
             for ip in set(old.ips) - set(ep.ips):
                 entry = st.ipcache.get(host_prefix(ip))
@@ -148,6 +167,9 @@ class RemoveEndpoint(Change):
     source: str | None = None
     what = "endpoint removal"
 
+    def describe(self) -> tuple[str, str]:
+        return "endpoint.remove", self.name
+
     def apply(self, txn: Txn) -> bool:
         ep = txn.state.endpoints.get(self.name)
         if ep is None:
@@ -176,10 +198,18 @@ class LinkChange(Change):
     at_start: bool = False
     what = "link"
 
+    def describe(self) -> tuple[str, str]:
+        return "endpoint.bind", self.link.name
+
+    def origin(self) -> str:
+        return "netlink"
+
     def apply(self, txn: Txn) -> None:
         st, agent, link = txn.state, txn.agent, self.link
         if self.kind == "del":
             agent.links.pop(link.ifindex, None)
+            if link.ifindex in agent.attached:
+                agent._kernel_default("unprotect", [link.ifindex])
             agent.attached.discard(link.ifindex)
             name = st.by_ifindex.get(link.ifindex)
             txn.unbind(link.ifindex)
@@ -212,12 +242,10 @@ class LinkChange(Change):
             txn.write_endpoint(ep)
             return
         if link.ifindex not in agent.attached:
-            if self.at_start:
-                from ..datapath import list_attached
-                if not list_attached(link.ifindex):
-                    agent.unprotected.append(link.name)
-            txn.close_interface(link.ifindex)
+            # attached first: with no endpoint entry the programs drop its packets, so
+            # a failed entry write (a full map) leaves it closed, never open
             txn.attach(link.ifindex, closed_on_undo=True)
+            txn.close_interface(link.ifindex)
 
 
 # ---------------------------------------------------------------- other hosts' workloads
@@ -228,6 +256,12 @@ class PutRemote(Change):
     host: str | None
     node: bool = False
     what = "ipcache entry"
+
+    def describe(self) -> tuple[str, str]:
+        return "ipcache.put", self.prefix
+
+    def origin(self) -> str:
+        return "agent"
 
     def apply(self, txn: Txn) -> dict:
         st = txn.state
@@ -253,6 +287,9 @@ class PutRemote(Change):
 class DeleteRemote(Change):
     prefix: str
     what = "ipcache removal"
+
+    def describe(self) -> tuple[str, str]:
+        return "ipcache.delete", self.prefix
 
     def apply(self, txn: Txn) -> None:
         rec = txn.state.remote.get(self.prefix)
@@ -311,6 +348,11 @@ class ChangePolicies(Change):
     remove: list[PolicyRef] = field(default_factory=list)
     what = "policy apply"
 
+    def describe(self) -> tuple[str, str]:
+        if not self.upsert:
+            return "policy.delete", _names(self.remove)
+        return "policy.import", _names([p.ref for p in self.upsert] + list(self.remove))
+
     def apply(self, txn: Txn) -> dict:
         st, engine = txn.state, txn.agent.engine
         old = dict(engine.policies)
@@ -343,6 +385,9 @@ class ChangePolicies(Change):
 class SetServices(Change):
     services: dict[str, Service]
     what = "services change"
+
+    def describe(self) -> tuple[str, str]:
+        return "services.set", ", ".join(sorted(self.services)[:10]) or "(none)"
 
     def apply(self, txn: Txn) -> dict:
         st = txn.state

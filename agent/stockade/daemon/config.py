@@ -1,74 +1,62 @@
 """Agent configuration: /etc/stockade/agent.yaml, every key also a command-line flag.
 
-Keys use underscores in YAML and dashes as flags (``bpffs_dir`` <-> ``--bpffs-dir``).
-Unknown keys are an error naming the file and key.
+Keys use underscores in YAML and dashes as flags (``bpffs_dir`` <-> ``--bpffs-dir``; a key
+of a block such as ``etcd: {endpoints: [...]}`` <-> ``--etcd-endpoints``). The types live in
+agent.schema.json (JSON Schema, packaged beside this file), the defaults here. To add a key:
+a field below and a property in the schema (with its description, which is the flag's help);
+the flag is made from the schema (cli/agent_daemon.py). A block is a dataclass field with a
+dataclass default and an ``object`` property with its own ``properties``.
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import json
 import socket as _socket
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 from ..errors import InvalidRequest
 
 ENFORCEMENT = ("default", "always", "never")
-ETCD_KEYS = ("endpoints", "ca", "cert", "key", "prefix", "lease_ttl")
+
+
+class ConfigError(InvalidRequest):
+    """agent.yaml or a flag that does not match agent.schema.json (the agent exits 78)."""
 
 
 @dataclass
 class EtcdConfig:
-    """The fleet store (docs/agent.md, "The fleet store"): the ``etcd:`` block."""
+    """The fleet store (docs/agent.md, "The fleet store"): the ``etcd:`` block; no
+    endpoints: off."""
 
-    endpoints: list[str]
+    endpoints: list[str] = field(default_factory=list)
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
     prefix: str = "/stockade/v1"
     lease_ttl: int = 20
 
-    @classmethod
-    def parse(cls, value, where: str) -> "EtcdConfig | None":
-        if isinstance(value, EtcdConfig):
-            return value
-        if not isinstance(value, dict):
-            raise InvalidRequest(f"{where}: etcd must be a mapping of settings", "etcd")
-        unknown = sorted(set(value) - set(ETCD_KEYS))
-        if unknown:
-            raise InvalidRequest(f"{where}: unknown setting etcd.{unknown[0]}", f"etcd.{unknown[0]}")
-        eps = value.get("endpoints")
-        if isinstance(eps, str):
-            eps = [e.strip() for e in eps.split(",") if e.strip()]
-        if not eps:
-            return None
-        if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
-            raise InvalidRequest(f"{where}: etcd.endpoints must be a list of URLs", "etcd.endpoints")
-        cfg = cls(eps, **{k: value[k] for k in ETCD_KEYS[1:] if value.get(k) is not None})
+    def check(self, where: str, host_name: str) -> None:
+        """What the schema cannot say."""
         from ..kvstore import KvstoreError
         from ..kvstore.client import parse_endpoint
         tls = False
-        for e in eps:
+        for e in self.endpoints:
             try:
                 tls |= parse_endpoint(e)[1]
             except KvstoreError as exc:
-                raise InvalidRequest(f"{where}: etcd.endpoints: {exc}", "etcd.endpoints") from None
-        if tls and not cfg.ca:
-            raise InvalidRequest(f"{where}: etcd.ca is required with https:// endpoints", "etcd.ca")
-        if bool(cfg.cert) != bool(cfg.key):
-            raise InvalidRequest(f"{where}: etcd.cert and etcd.key go together", "etcd.cert")
-        if not isinstance(cfg.prefix, str) or not cfg.prefix.startswith("/") or \
-                cfg.prefix.endswith("/") or len(cfg.prefix) < 2:
-            raise InvalidRequest(f"{where}: etcd.prefix must be an absolute path without a "
-                                 "trailing /", "etcd.prefix")
-        try:
-            cfg.lease_ttl = int(cfg.lease_ttl)
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"{where}: etcd.lease_ttl must be a number of seconds",
-                                 "etcd.lease_ttl") from None
-        if not 2 <= cfg.lease_ttl <= 3600:
-            raise InvalidRequest(f"{where}: etcd.lease_ttl must be 2-3600 seconds", "etcd.lease_ttl")
-        return cfg
+                raise ConfigError(f"{where}: etcd.endpoints: {exc}", "etcd.endpoints") from None
+        if tls and not self.ca:
+            raise ConfigError(f"{where}: etcd.ca is required with https:// endpoints", "etcd.ca")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError(f"{where}: etcd.cert and etcd.key go together", "etcd.cert")
+        if "/" in host_name or not host_name:
+            raise ConfigError(f"{where}: host_name {host_name!r} cannot name etcd keys", "host_name")
 
 
 @dataclass
@@ -81,6 +69,14 @@ class AgentConfig:
     audit: bool = False
     # What happens to packets of an interface whose workload is not identified yet.
     unknown_endpoint: str = "drop"  # or "forward" (migrations)
+    # How programs are attached: tcx BPF links (pinned, owned: Linux 6.6+), tc clsact
+    # filters, or auto (tcx where the kernel has it).
+    attach_mode: str = "auto"
+    # The kernel-side default (datapath/kerneldefault.py): an nftables table dropping
+    # frames of managed interfaces that do not run the programs (while the agent is down).
+    kernel_default: bool = True
+    kernel_default_interfaces: list[str] = field(default_factory=list)
+    nft_table: str | None = None
     managed_bridges: list[str] = field(default_factory=lambda: [
         "podman0", "cni-podman0", "docker0", "virbr*"])
     managed_interfaces: list[str] = field(default_factory=lambda: ["vnet*", "tap*"])
@@ -104,6 +100,8 @@ class AgentConfig:
     flow_log_path: str | None = None
     flow_log_max_bytes: int = 100 * 1024 * 1024
     flow_log_backups: int = 5
+    # Change log: every committed change as a JSON line (daemon/changelog.py), also on stderr.
+    change_log_path: str | None = None
     # Flow events per second per CPU (and burst) for new-connection verdicts and for
     # drops; over the budget events are counted as lost, packet counters stay exact.
     flow_events_rate: int = 20000
@@ -122,33 +120,23 @@ class AgentConfig:
     ipcache_map_size: int = 65536
     ct_map_size: int = 262144
     log_level: str = "info"
-    # The fleet store on etcd (EtcdConfig; None: off, nothing changes).
-    etcd: EtcdConfig | dict | None = None
+    # The fleet store on etcd: off without endpoints (nothing changes then).
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
     def validate(self, where: str = "config") -> "AgentConfig":
-        if self.enforcement not in ENFORCEMENT:
-            raise InvalidRequest(f"{where}: enforcement must be one of {', '.join(ENFORCEMENT)}",
-                                 "enforcement")
-        if self.unknown_endpoint not in ("drop", "forward"):
-            raise InvalidRequest(f"{where}: unknown_endpoint must be drop or forward",
-                                 "unknown_endpoint")
-        for name in ("flow_buffer_size", "policy_map_size", "endpoints_map_size",
-                     "ipcache_map_size", "ct_map_size", "flow_events_rate", "flow_events_burst",
-                     "drop_events_rate", "drop_events_burst"):
-            if getattr(self, name) <= 0:
-                raise InvalidRequest(f"{where}: {name} must be positive", name)
-        for name in ("runtime_probe_interval", "runtime_relist_interval"):
-            if not getattr(self, name) > 0:
-                raise InvalidRequest(f"{where}: {name} must be positive", name)
-        if self.etcd is not None:
-            self.etcd = EtcdConfig.parse(self.etcd, where)
-            if self.etcd is not None and ("/" in self.host_name or not self.host_name):
-                raise InvalidRequest(f"{where}: host_name {self.host_name!r} cannot name etcd keys",
-                                     "host_name")
-        if self.flow_log_max_bytes < 0 or self.flow_log_backups < 0:
-            raise InvalidRequest(f"{where}: flow_log_max_bytes and flow_log_backups must not "
-                                 "be negative", "flow_log_max_bytes")
+        """Check every setting against agent.schema.json (raises ConfigError)."""
+        if isinstance(self.etcd, dict):
+            check({"etcd": self.etcd}, where)
+            self.etcd = _build(EtcdConfig, self.etcd)
+        check(self.to_dict(), where)
+        if self.etcd.endpoints:
+            self.etcd.check(where, self.host_name)
         return self
+
+    @property
+    def fleet_store(self) -> "EtcdConfig | None":
+        """The etcd settings when the fleet store is on."""
+        return self.etcd if self.etcd is not None and self.etcd.endpoints else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,25 +161,117 @@ def field_names() -> list[str]:
     return [f.name for f in fields(AgentConfig)]
 
 
+@functools.cache
+def schema() -> dict:
+    """The JSON Schema of agent.yaml (agent/stockade/daemon/agent.schema.json)."""
+    return json.loads(resources.files(__package__).joinpath("agent.schema.json").read_text())
+
+
+_TYPE_WORDS = {"boolean": "a boolean (true or false)", "integer": "an integer", "number": "a number",
+               "string": "a string", "array": "a list", "object": "a mapping", "null": "null"}
+
+
+def _type_word(t) -> str:
+    names = t if isinstance(t, list) else [t]
+    return " or ".join(_TYPE_WORDS.get(n, n) for n in names)
+
+
+def _given(value) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    text = json.dumps(value, default=str)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({kind})"
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _message(err: jsonschema.ValidationError, where: str, flags: bool) -> tuple[str, str]:
+    path = list(err.absolute_path)
+    if err.validator == "additionalProperties":
+        known = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(known))
+        key = _key_path(path + [extra[0]])
+        close = difflib.get_close_matches(extra[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return key, f"{where}: unknown setting {key!r}{hint}"
+    key = _key_path(path) or "(top)"
+    v = err.validator_value
+    expected = {
+        "type": lambda: _type_word(v),
+        "enum": lambda: "one of " + ", ".join(json.dumps(x) for x in v),
+        "minimum": lambda: f"a number >= {v}",
+        "exclusiveMinimum": lambda: f"a number > {v}",
+        "maximum": lambda: f"a number <= {v}",
+        "minLength": lambda: "a non-empty string",
+        "pattern": lambda: f"a string matching {v}",
+    }.get(str(err.validator), lambda: err.message)()
+    name = ("--" + key.replace(".", "-").replace("_", "-")) if flags else key
+    return key, f"{where}: {name}: expected {expected}, got {_given(err.instance)}"
+
+
+def check(data, where: str, *, flags: bool = False) -> None:
+    """Validate settings (a whole or partial agent.yaml) against the schema; every problem is
+    named in one ConfigError: the key, what was expected and what was given."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings, got {_given(data)}", None)
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        found = [_message(e, where, flags) for e in errors]
+        raise ConfigError("\n".join(m for _, m in found), found[0][0])
+
+
+def _build(cls, data: dict):
+    """A settings dataclass from a mapping; blocks (fields whose default is a dataclass,
+    e.g. ``etcd:``) are built from their own mappings, keeping their defaults."""
+    kw = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
+            if is_dataclass(default) and isinstance(value, dict):
+                value = _build(type(default), value)
+        kw[f.name] = value
+    return cls(**kw)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", "config") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}", "config") from exc
+    data = {} if data is None else data
+    check(data, path)
+    return data
+
+
 def load(path: str | None, overrides: dict) -> AgentConfig:
-    """Config file (if given and present) then non-None overrides (from flags)."""
+    """Config file (if given and present) then overrides (from flags: a value of None there
+    sets the key to null; a block is a nested mapping). Raises ConfigError."""
     data: dict = {}
-    where = path or "flags"
     if path and Path(path).exists():
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InvalidRequest(f"{path}: cannot parse: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InvalidRequest(f"{path}: must be a mapping of settings")
-        unknown = sorted(set(data) - set(field_names()))
-        if unknown:
-            raise InvalidRequest(f"{path}: unknown setting {unknown[0]!r}", unknown[0])
+        data = read_file(path)
     elif path and path != "/etc/stockade/agent.yaml":
-        raise InvalidRequest(f"{path}: no such config file", "config")
-    etcd_flags = {k[5:]: overrides.pop(k) for k in list(overrides) if k.startswith("etcd_")}
-    etcd_flags = {k: v for k, v in etcd_flags.items() if v is not None}
-    if etcd_flags:
-        data["etcd"] = {**(data.get("etcd") or {}), **etcd_flags}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return AgentConfig(**data).validate(where)
+        raise ConfigError(f"{path}: no such config file", "config")
+    check(overrides, "flags", flags=True)
+    return _build(AgentConfig, _merge(data, overrides)).validate(path or "flags")

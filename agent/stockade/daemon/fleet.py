@@ -43,7 +43,7 @@ def _net(text: str):
 
 class FleetSource:
     def __init__(self, agent):
-        cfg, etcd = agent.config, agent.config.etcd
+        cfg, etcd = agent.config, agent.config.fleet_store
         self.agent, self.host, self.ttl = agent, cfg.host_name, etcd.lease_ttl
         self.prefix = etcd.prefix.rstrip("/") + "/"
         self.client = EtcdClient(etcd.endpoints, ca=etcd.ca, cert=etcd.cert, key=etcd.key,
@@ -441,7 +441,7 @@ class FleetSource:
 
 
 def start_fleet(agent) -> FleetSource | None:
-    if agent.config.etcd is None:
+    if agent.config.fleet_store is None:
         return None
     try:
         fleet = FleetSource(agent)
