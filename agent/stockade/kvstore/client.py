@@ -109,7 +109,9 @@ class EtcdClient:
             ch = self._channels.get(i)
             if ch is None:
                 target, tls = self._targets[i]
-                opts = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 3000),
+                # etcd answers pings more often than every 5 s with GOAWAY (too_many_pings),
+                # which cuts the watch stream: the live-watch check does the fast part
+                opts = [("grpc.keepalive_time_ms", 15000), ("grpc.keepalive_timeout_ms", 5000),
                         ("grpc.keepalive_permit_without_calls", 1),
                         ("grpc.initial_reconnect_backoff_ms", 200),
                         ("grpc.max_reconnect_backoff_ms", 2000),
