@@ -258,7 +258,8 @@ def main() -> dict:
             out["publish_to_map_ms_p99_per_agent"] = [pct(p.latencies, 0.99) for p in pollers]
             # the end state: etcd's keys and every agent's entries
             items, _ = c.list_prefix(f"{P}/endpoints/".encode())
-            want = {kv.key.decode().rsplit("/", 1)[1] + "/32" for kv in items}
+            want = {kv.key.decode().rsplit("/", 1)[1] + "/32" for kv in items
+                    if kv.key.decode().split("/")[-2].startswith("sim")}
             for a in agents:
                 have = {e["prefix"] for e in a.client.ipcache() if e["source"] == "kvstore"
                         and e["host"] and e["host"].startswith("sim")}
