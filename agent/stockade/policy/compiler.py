@@ -20,6 +20,7 @@ from .mapstate import (
     ANY_PROTO,
     EGRESS,
     INGRESS,
+    PROTO_TCP,
     Delta,
     DirectionPolicy,
     Entry,
@@ -28,7 +29,6 @@ from .mapstate import (
     L7Key,
     L7State,
     MapState,
-    PROTO_TCP,
     port_prefixes,
 )
 from .selectorcache import Selector, SelectorCache

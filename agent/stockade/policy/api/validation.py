@@ -288,7 +288,7 @@ class _Sanitizer:
                          for i, h in enumerate(rules["http"]))
             if not http:
                 http = (HTTPRule(),)  # ``http: []``: as ``[{}]``, every request (visibility)
-            for i, pp in zip(indexes, ports):
+            for i, pp in zip(indexes, ports, strict=True):
                 if pp.port == 0 or pp.end_port or pp.protocol not in ("TCP", "ANY"):
                     self.fail(f"{path}.ports[{i}]", L7_SINGLE_TCP_PORT)
             self.has_l7 = True
