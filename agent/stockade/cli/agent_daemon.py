@@ -55,6 +55,16 @@ def _opt(name, **kw):
 @_opt("flow_events_burst", type=int, help="Burst of new-connection flow events per CPU [2000].")
 @_opt("drop_events_rate", type=int, help="Drop events per second per CPU [5000].")
 @_opt("drop_events_burst", type=int, help="Burst of drop events per CPU [1000].")
+@_opt("l7_haproxy", help="HAProxy binary of the L7 proxy [/usr/sbin/haproxy].")
+@_opt("l7_user", help="User the L7 proxy runs as [haproxy].")
+@_opt("l7_run_dir", help="The L7 proxy's configuration, maps and sockets [/run/stockade/l7].")
+@_opt("l7_proxy_port", type=int, help="The L7 proxy's transparent listener port [15001].")
+@_opt("l7_mark", type=int, help="Mark of packets steered to the L7 proxy [0x5D170000].")
+@_opt("l7_route_table", type=int, help="Route table of steered packets [2317].")
+@_opt("l7_rule_priority", type=int, help="ip rule preference of steered packets [2317].")
+@_opt("l7_nft_table", help="nft table (family inet) of L7 steering [stockade_l7].")
+@_opt("l7_slots", type=int, help="HTTP rules per rule set before the proxy restarts [8].")
+@_opt("l7_match_limit", type=int, help="PCRE2 match limit of each HTTP pattern [100000].")
 @_opt("ct_gc_interval", type=float, help="Seconds between conntrack collections [30].")
 @_opt("runtime_probe_interval", type=float,
       help="Seconds of a quiet runtime event stream before the runtime is pinged [5].")
@@ -156,6 +166,10 @@ def run_cleanup(cfg: AgentConfig) -> int:
         n = len(dp.endpoint_ifindexes())
         dp.cleanup()
         dp.close()
+        from ..l7.host import remove_host_steering
+        remove_host_steering(cfg)
+        import shutil
+        shutil.rmtree(cfg.l7_run_dir, ignore_errors=True)
     except StockadeError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

@@ -57,6 +57,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._watchers: list = []
         self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
+        self.l7: Any = None           # l7.proxy.L7Proxy when live
         self.policy_apply_seconds = Histogram(
             "stockade_policy_apply_seconds",
             "Time to plan and write a policy change (dry runs included)", registry=None,
@@ -79,6 +80,10 @@ class Agent:
             from ..datapath import Datapath
             datapath = Datapath(cfg.datapath_settings())
         self.dp = datapath
+        if self.live:
+            from ..l7.proxy import L7Proxy
+            self.l7 = L7Proxy(self)
+            self.l7.start()
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
             restore.reconcile(self)
@@ -124,6 +129,8 @@ class Agent:
                 log.exception("stopping %s failed", w)
         for t in self._threads:
             t.join(timeout=2)
+        if self.l7 is not None:
+            self.l7.stop(remove_host=False)  # steered ports stay closed, not open
 
     @property
     def stopping(self) -> threading.Event:
@@ -221,6 +228,11 @@ class Agent:
 
     def _committed_locked(self) -> None:
         self.version += 1
+        if self.l7 is not None:
+            try:
+                self.l7.sync_locked()
+            except StockadeError as exc:
+                self.error(f"l7: {exc}")
 
     # ------------------------------------------------------------------ readers
     def source_health(self) -> list[dict]:
