@@ -56,6 +56,13 @@ class Recorder(BaseHTTPRequestHandler):
         pass
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that reset (smuggling, slowloris) are expected here
+
+
 def l7_settings(run_dir_tag: str) -> dict:
     return {"l7_run_dir": f"/run/stockade-l7-test-{os.getpid()}-{run_dir_tag}",
             "l7_proxy_port": 15100 + TAG, "l7_nft_table": f"stockade_l7_t{os.getpid()}",
@@ -70,8 +77,7 @@ def env():
         subprocess.run(["ip", "addr", "add", f"{HOST4}/24", "dev", topo.bridge], check=True)
         for t in "abc":
             w[t].exec("ip", "route", "add", "default", "via", HOST4)
-        server = in_netns(w["b"].ns, ThreadingHTTPServer, (w["b"].ip4, PORT), Recorder)
-        server.daemon_threads = True
+        server = in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), Recorder)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             with AgentProcess(**l7_settings("a")) as agent:

@@ -153,14 +153,13 @@ class RuntimeAPI:
         self.path, self.timeout = str(path), timeout
 
     def command(self, line: str, payload: str | None = None) -> str:
+        # a payload ends with an empty line (``payload`` ends with a newline)
         data = line if payload is None else f"{line} <<\n{payload}"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(self.timeout)
             try:
                 s.connect(self.path)
                 s.sendall(data.encode() + b"\n")
-                if payload is not None:
-                    s.sendall(b"\n")
                 chunks = []
                 while True:
                     chunk = s.recv(65536)
