@@ -19,7 +19,8 @@ from .migrate import check_no_newer_pins, finish_legacy, migrate_legacy_pins
 from .pins import PINNED_MAPS, fd_map_info, pin_name
 from .writer import MapWriter
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+# bpf/ of the checkout (a link here), or its copy inside an installed wheel
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
 MAIN_SOURCE = "stockade.c"
 
 DEFAULT_SETTINGS: dict[str, Any] = {
