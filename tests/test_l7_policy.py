@@ -50,6 +50,13 @@ def test_l7_in_deny_refused():
     assert errors_of(spec) == [("spec.ingressDeny[0].toPorts[0].rules", "deny rules cannot have L7 rules")]
 
 
+def test_egress_http_refused_until_enforced():
+    spec = ("{endpointSelector: {}, egress: [{toPorts: [{ports: [{port: '80', protocol: TCP}], "
+            "rules: {http: [{method: GET}]}}]}]}")
+    [(path, msg)] = errors_of(spec)
+    assert path == "spec.egress[0].toPorts[0].rules" and "egress" in msg and "not enforced" in msg
+
+
 @pytest.mark.parametrize("pattern, why", [
     ("(a)\\\\1", "invalid escape sequence"),       # backreference
     ("/(?=admin)", "invalid perl operator"),       # lookahead
