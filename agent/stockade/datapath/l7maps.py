@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import maps as m
 
@@ -22,6 +22,11 @@ def _port_key(addr: str, port: int) -> m.L7PortKey:
 
 class L7Maps:
     """Needs MapWriter's ``_update``, ``_delete`` and ``_items``."""
+
+    if TYPE_CHECKING:
+        def _items(self, name: str, key_type: Any, value_type: Any) -> list: ...
+        def _update(self, name: str, key: Any, value: Any) -> None: ...
+        def _delete(self, name: str, key: Any) -> bool: ...
 
     def l7_ports(self) -> dict[L7Port, int]:
         out = {}

@@ -258,6 +258,6 @@ class L7Proxy:
     def health(self) -> dict:
         ok = not self.wanted or self.running
         return {"wanted": self.wanted, "running": self.running,
-                "pid": self.proc.pid if self.running else None, "restarts": self.restarts,
+                "pid": self.proc.pid if self.running and self.proc is not None else None, "restarts": self.restarts,
                 "ok": ok, "last_error": self.last_error,
                 "l7_ports": len(self._targets)}

@@ -325,10 +325,10 @@ class Compiler:
                     for peer in self._clause_peers(c):
                         per_peer.setdefault(peer, set()).update(rules)
             every = per_peer.get(ANY_PEER, set())
-            for peer, rules in per_peer.items():
-                rules |= every
-                out[L7Key(local, d, port, peer)] = (frozenset((ALL_HTTP,)) if ALL_HTTP in rules
-                                                    else frozenset(rules))
+            for peer, peer_rules in per_peer.items():
+                peer_rules |= every
+                out[L7Key(local, d, port, peer)] = (frozenset((ALL_HTTP,)) if ALL_HTTP in peer_rules
+                                                    else frozenset(peer_rules))
         return out
 
     def _recompute_l7(self, locals_: set[int], delta: Delta) -> None:
