@@ -19,6 +19,7 @@ BENCHES = {
     "flows": "bench.flows_bench",  # written with the flows feature; skipped while absent
     "vm": "bench.vm_bench",
     "services": "bench.services_bench",
+    "fleet": "bench.fleet_bench",
     "profile": "bench.profile",
     "loader": "bench.policy_fuzz_bench",
     "attach": "bench.attach_bench",

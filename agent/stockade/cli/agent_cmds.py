@@ -96,6 +96,19 @@ def status(socket_path, output):
             click.echo(line)
             if src.get("last_error"):
                 click.echo(f"  last error ({src.get('last_error_at')}): {src['last_error']}")
+        kv = h.get("kvstore")
+        if kv:
+            age = kv.get("last_event_age_s")
+            click.echo(f"kvstore: {kv['state']}, {kv['endpoints_reachable']} etcd endpoints "
+                       f"reachable, revision {kv['revision']}, {kv['remote_entries']} remote "
+                       f"entries, {kv['refused_entries']} refused, last answer "
+                       f"{'never' if age is None else f'{age}s ago'}")
+            for r in kv.get("refusals") or []:
+                click.echo(f"  refused {r['key']}: {r['reason']}")
+            for conflict in kv.get("conflicts") or []:
+                click.echo(f"  conflict {conflict['prefix']}: {conflict['reason']}")
+            if kv.get("last_error"):
+                click.echo(f"  last error: {kv['last_error']}")
         for e in h.get("errors") or []:
             click.echo(f"error: {e}")
     if h["status"] != "ok":

@@ -64,6 +64,8 @@ class Agent:
         self._watchers: list = []
         self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
         self.l7: Any = None           # l7.proxy.L7Proxy when live
+        self.fleet: Any = None        # daemon.fleet.FleetSource with the etcd: settings
+        self.commit_hooks: list = []  # called (under the lock, must not block) on each commit
         self.changes = ChangeLog(None if read_only else config.change_log_path)
         self.policy_apply_seconds = Histogram(
             "stockade_policy_apply_seconds",
@@ -135,6 +137,9 @@ class Agent:
         t = threading.Thread(target=self._gc_loop, name="stockade-ct-gc", daemon=True)
         t.start()
         self._threads.append(t)
+        if cfg.fleet_store is not None:
+            from .fleet import start_fleet
+            self.fleet = start_fleet(self)
         if flows:
             from .flowsource import start_flows
             self.flow_source = start_flows(self)
@@ -144,6 +149,8 @@ class Agent:
     def stop(self) -> None:
         """Stop watching; the datapath keeps enforcing the last policy."""
         self._stop.set()
+        if self.fleet is not None:
+            self.fleet.stop()
         for w in self._watchers:
             try:
                 w.stop()
@@ -207,7 +214,7 @@ class Agent:
                 raise
             txn.commit()
             self.changes.record(change, txn, self.state.revision)
-            self._committed_locked()
+            self._committed_locked(txn.dirty)
             return result
         finally:
             if isinstance(change, ChangePolicies):
@@ -249,13 +256,16 @@ class Agent:
         self.store.commit(files)
         self.alloc.saved()
 
-    def _committed_locked(self) -> None:
+    def _committed_locked(self, dirty: set[str] | None = None) -> None:
+        """``dirty``: the state files the change touched (None: anything may have changed)."""
         self.version += 1
         if self.l7 is not None:
             try:
                 self.l7.sync_locked()
             except StockadeError as exc:
                 self.error(f"l7: {exc}")
+        for hook in self.commit_hooks:
+            hook(dirty)
 
     # ------------------------------------------------------------------ attachments
     def _install_kernel_default(self) -> None:
@@ -350,7 +360,8 @@ class Agent:
                 memberships=dict(st.memberships), service_cidrs=dict(st.service_cidrs),
                 revision=st.revision, entries=len(e.entries), links=dict(self.links),
                 attached=frozenset(self.attached), unprotected=tuple(self.unprotected),
-                errors=tuple(self.errors), mismatches=dict(st.mismatches))
+                errors=tuple(self.errors), mismatches=dict(st.mismatches),
+                kvstore=dict(st.kvstore))
             self._snapshot = snap
             return snap
 

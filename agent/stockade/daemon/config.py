@@ -30,6 +30,36 @@ class ConfigError(InvalidRequest):
 
 
 @dataclass
+class EtcdConfig:
+    """The fleet store (docs/agent.md, "The fleet store"): the ``etcd:`` block; no
+    endpoints: off."""
+
+    endpoints: list[str] = field(default_factory=list)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    prefix: str = "/stockade/v1"
+    lease_ttl: int = 20
+
+    def check(self, where: str, host_name: str) -> None:
+        """What the schema cannot say."""
+        from ..kvstore import KvstoreError
+        from ..kvstore.client import parse_endpoint
+        tls = False
+        for e in self.endpoints:
+            try:
+                tls |= parse_endpoint(e)[1]
+            except KvstoreError as exc:
+                raise ConfigError(f"{where}: etcd.endpoints: {exc}", "etcd.endpoints") from None
+        if tls and not self.ca:
+            raise ConfigError(f"{where}: etcd.ca is required with https:// endpoints", "etcd.ca")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError(f"{where}: etcd.cert and etcd.key go together", "etcd.cert")
+        if "/" in host_name or not host_name:
+            raise ConfigError(f"{where}: host_name {host_name!r} cannot name etcd keys", "host_name")
+
+
+@dataclass
 class AgentConfig:
     socket: str = "/run/stockade/agent.sock"
     socket_group: str = "stockade"
@@ -102,11 +132,23 @@ class AgentConfig:
     l7_nft_table: str = "stockade_l7"        # nft table (family inet)
     l7_slots: int = 8                        # rules per rule set before a proxy restart
     l7_match_limit: int = 100000             # PCRE2 match limit of each HTTP pattern
+    # The fleet store on etcd: off without endpoints (nothing changes then).
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
     def validate(self, where: str = "config") -> "AgentConfig":
         """Check every setting against agent.schema.json (raises ConfigError)."""
+        if isinstance(self.etcd, dict):
+            check({"etcd": self.etcd}, where)
+            self.etcd = _build(EtcdConfig, self.etcd)
         check(self.to_dict(), where)
+        if self.etcd.endpoints:
+            self.etcd.check(where, self.host_name)
         return self
+
+    @property
+    def fleet_store(self) -> "EtcdConfig | None":
+        """The etcd settings when the fleet store is on."""
+        return self.etcd if self.etcd is not None and self.etcd.endpoints else None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,6 +39,30 @@ def _map_fill(dp) -> dict[str, tuple[int, int]]:
     return {name: (dp.count_entries(name), dp.max_entries(name)) for name in MAPS}
 
 
+def _kvstore_metrics(st: dict):
+    """The fleet store (daemon/fleet.py): its state and what it brought and refused."""
+    g = GaugeMetricFamily("stockade_kvstore_connected", "1 when the fleet store is connected "
+                          "(listed, watching, keepalives answered), else 0")
+    g.add_metric([], 1 if st["state"] == "connected" else 0)
+    yield g
+    for name, doc, key in (
+            ("stockade_kvstore_endpoints_reachable", "etcd endpoints that answer", "endpoints_reachable"),
+            ("stockade_kvstore_remote_entries", "Other hosts' addresses from the fleet store",
+             "remote_entries"),
+            ("stockade_kvstore_refused_entries", "Published addresses refused now", "refused_entries"),
+            ("stockade_kvstore_revision", "The fleet store revision last seen", "revision")):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], st[key])
+        yield g
+    for name, doc, key in (
+            ("stockade_kvstore_refusals", "Refusals of published addresses", "refused_total"),
+            ("stockade_kvstore_leases_lost", "Leases found expired and granted again", "leases_lost"),
+            ("stockade_kvstore_listings", "Full listings of the fleet store", "listings")):
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], st[key])
+        yield c
+
+
 class AgentCollector(Collector):
     def __init__(self, agent):
         self.agent = agent
@@ -60,6 +84,8 @@ class AgentCollector(Collector):
             g.add_metric([], value)
             yield g
         yield _labels_dropped(dict(a.labels_dropped))
+        if getattr(a, "fleet", None) is not None:
+            yield from _kvstore_metrics(a.fleet.status())
         rep = CounterMetricFamily("stockade_attach_repairs",
                                   "Attachments found missing or overtaken and restored")
         rep.add_metric([], getattr(a, "attach_repairs", 0))
