@@ -88,6 +88,7 @@ def test_agent_refuses_to_start_with_78(tmp_path, monkeypatch):
 def _started_with(monkeypatch, args, config_text=None, tmp_path=None):
     seen = []
     monkeypatch.setattr(agent_daemon, "run", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setenv("STOCKADE_SHARED_NAMESPACE", "1")  # run() never starts: no lock needed
     if config_text is not None:
         (tmp_path / "a.yaml").write_text(config_text)
         args = ["--config", str(tmp_path / "a.yaml"), *args]
