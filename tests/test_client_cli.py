@@ -72,7 +72,7 @@ def test_client_unreachable(tmp_path):
     with Client(path) as c, pytest.raises(AgentUnreachable) as info:
         c.health()
     assert str(info.value).startswith(f"cannot reach the agent at {path}: ")
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the socket is missing
 
 
 def test_client_unreadable_policy_file(tmp_path):
