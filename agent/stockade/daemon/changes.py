@@ -93,9 +93,10 @@ class UpsertEndpoint(Change):
                       dropped_labels=tuple(self.dropped_labels), netns=self.netns,
                       link_mac=link.mac if link is not None else (
                           old.link_mac if old is not None and old.interface == interface else None))
-        same = old is not None and old.to_record() == ep.to_record()
-        if same and old.ifindex is not None and old.ifindex == ifindex:
+        if old is not None and old.to_record() == ep.to_record() and \
+                old.ifindex is not None and old.ifindex == ifindex:
             return old
+        same = old is not None and old.to_record() == ep.to_record()
         if not same and self.dropped_labels:
             report_dropped_labels(txn, ep)
         ep = replace(ep, ifindex=ifindex)
@@ -127,8 +128,8 @@ class UpsertEndpoint(Change):
         refused twice over. An endpoint that only waits for a link of that name does
         not hold it."""
         holds = other.ifindex is not None and (link is None or other.ifindex == link.ifindex)
-        if holds and self.source in RUNTIME_SOURCES and other.source == self.source and \
-                self.netns is not None and other.netns != self.netns:
+        if holds and other.ifindex is not None and self.source in RUNTIME_SOURCES and \
+                other.source == self.source and self.netns is not None and other.netns != self.netns:
             txn.unbind(other.ifindex)
             txn.put_endpoint(replace(other, ifindex=None))
             txn.log.append(f"endpoint {other.name}: interface {other.interface} now belongs to "

@@ -91,7 +91,7 @@ class Decoder:
         info, policy, verdicts = self._info, self._policy, self.verdicts
         icache, pcache = self._info_cache, self._policy_cache
         no_peer = (None, None)
-        out = []
+        out: list = []
         append = out.append
         # The hot loop: cache hits inline, misses through info() / policy().
         for (ts, ifindex, sid, did, direction, verdict, reason, ipv, saddr, daddr, sport, dport,
@@ -106,7 +106,7 @@ class Decoder:
                 dst_info = icache.get((did, local_name, lhost)) or info(did, local_name, lhost)
                 pname, phost = by_addr.get(saddr, no_peer)
                 src_info = icache.get((sid, pname, phost)) or info(sid, pname, phost)
-            pol = 0
+            pol: int | None = 0
             if pexact or pany:
                 deny = pmatch & 0x0F == MATCH_DENY
                 pol = pcache.get((pexact, pany, deny))
