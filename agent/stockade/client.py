@@ -243,6 +243,11 @@ class Client:
         return self._json("POST", "/v1/ipcache",
                           json={"prefix": prefix, "labels": labels, "host": host})
 
+    def add_ipcache_entries(self, entries: list[dict]) -> dict:
+        """Many ``{"prefix", "labels", "host", "node"}`` in one transaction:
+        {"entries": given, "changed": n}."""
+        return self._json("PATCH", "/v1/ipcache", json={"entries": list(entries)})
+
     def remove_ipcache(self, prefix: str) -> None:
         self._request("DELETE", f"/v1/ipcache/{_segment(prefix)}")
 

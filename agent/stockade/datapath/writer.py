@@ -38,7 +38,7 @@ from .errors import CapacityError, DatapathError
 
 
 def _lib():
-    from bcc.libbcc import lib
+    from .bpfsys import lib
     return lib
 
 
@@ -363,19 +363,22 @@ class MapWriter:
             for d in (m.DIR_INGRESS, m.DIR_EGRESS):
                 for v in m.Verdict:
                     for r in m.Reason:
-                        per_cpu = t.getvalue(t.Key(m.counter_index(d, v, r)))
+                        per_cpu = t.percpu_get(ct.c_uint32(m.counter_index(d, v, r)), m.CounterValue)
                         pk = sum(c.packets for c in per_cpu)
                         by = sum(c.bytes for c in per_cpu)
                         if pk:
                             out[(d, v, r)] = (pk, by)
-        except Exception as exc:
+        except OSError as exc:
             raise DatapathError("counters", f"cannot read: {exc}") from exc
         return out
 
     def reset_counters(self) -> None:
         t = self.table("counters")
-        for i in range(m.NUM_COUNTERS):
-            t[t.Key(i)] = t.Leaf()
+        try:
+            for i in range(m.NUM_COUNTERS):
+                t.percpu_zero(ct.c_uint32(i), m.CounterValue)
+        except OSError as exc:
+            raise DatapathError("counters", f"cannot reset: {exc}") from exc
 
     def flush(self, names: Iterable[str] = ("endpoints", "ipcache4", "ipcache6", "policy",
                                             "policy_flags", "conntrack")) -> None:
