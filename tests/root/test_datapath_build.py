@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 
-from stockade.datapath import Datapath, DatapathError
-from stockade.datapath import bpfsys
+from stockade.datapath import Datapath, DatapathError, bpfsys
 
 pytestmark = pytest.mark.root
 
