@@ -86,3 +86,17 @@ def test_replaced_maps_rebuild_the_programs(clean):
 def test_compile_error_names_the_source(clean):
     with pytest.raises(DatapathError, match="cannot compile or load"):
         Datapath({**SETTINGS, "CT_TIMEOUT_SYN_S": "not a number"})
+
+
+def test_a_changed_policy_or_ipcache_size_carries_the_entries_over(clean):
+    dp1 = Datapath(SETTINGS)
+    dp1.set_ipcache("10.213.77.3", 4323)
+    dp1.set_ipcache("10.213.78.0/24", 4324)
+    dp1.close()
+    dp2 = Datapath({**SETTINGS, "IPCACHE_MAX": 32768, "POLICY_MAX": 32768})
+    try:
+        assert dp2.map_info("ipcache4").max_entries == 32768
+        assert dp2.ipcache_entries() == {"10.213.77.3/32": 4323, "10.213.78.0/24": 4324}
+        assert not [f for f in os.listdir(PIN) if f.endswith("_resize")]
+    finally:
+        dp2.close()

@@ -170,6 +170,7 @@ class Datapath(MapWriter, ConntrackMaps):
             raise DatapathError(str(self.pin_dir), f"cannot create pin directory: {exc}") from exc
         check_no_newer_pins(self.pin_dir)
         self.build_dir = self.pin_dir / "build" / build_hash(self.source)
+        resized = self._set_aside_resized_pins()
         try:
             if not self._open_build():
                 shutil.rmtree(self.build_dir, ignore_errors=True)
@@ -180,11 +181,61 @@ class Datapath(MapWriter, ConntrackMaps):
                     raise DatapathError(str(self.build_dir), "the compiled programs do not use "
                                         "the pinned maps (changed while loading?)")
             self._forget_other_builds()
+            self._copy_resized(resized)
             self._check_pinned_maps()
             self._legacy = migrate_legacy_pins(self)
         except DatapathError:
             self.close()
             raise
+
+    # Maps whose size may change between builds (a changed setting or default): only the
+    # agent writes them and they are not preallocated, so a new map of the new size is
+    # made and the entries are copied over. Other maps refuse a size change (_check_pinned_maps).
+    RESIZABLE = {"ipcache4": "IPCACHE_MAX", "ipcache6": "IPCACHE_MAX", "policy": "POLICY_MAX"}
+
+    def _set_aside_resized_pins(self) -> dict[str, Path]:
+        """Rename the pins of RESIZABLE maps whose size differs from the settings (the
+        build then creates new ones); {name: the old pin's new path}."""
+        out = {}
+        for name, setting in self.RESIZABLE.items():
+            path = self.pin_dir / pin_name(name)
+            aside = self.pin_dir / f"{pin_name(name)}_resize"
+            if aside.exists():           # a previous start stopped half-way: copy from it again
+                if path.exists():
+                    os.unlink(path)
+                out[name] = aside
+                continue
+            try:
+                fd = bpfsys.obj_get(str(path))
+            except OSError:
+                continue
+            try:
+                size = fd_map_info(fd, name).max_entries
+            finally:
+                os.close(fd)
+            if size != self.settings[setting]:
+                os.rename(path, aside)
+                out[name] = aside
+        return out
+
+    def _copy_resized(self, resized: dict[str, Path]) -> None:
+        from . import maps as m
+        from .pins import fd_items
+        types = {"ipcache4": (m.Ipcache4Key, m.IpcacheValue),
+                 "ipcache6": (m.Ipcache6Key, m.IpcacheValue),
+                 "policy": (m.PolicyKey, m.PolicyValue)}
+        for name, aside in resized.items():
+            fd = bpfsys.obj_get(str(aside))
+            try:
+                items = fd_items(fd, *types[name])
+            finally:
+                os.close(fd)
+            if len(items) > self.settings[self.RESIZABLE[name]]:
+                raise DatapathError(str(aside), f"{len(items)} entries do not fit the new size "
+                                    f"{self.settings[self.RESIZABLE[name]]} of {name}")
+            for k, v in items:
+                self._update(name, k, v)
+            os.unlink(aside)
 
     def _open_build(self) -> bool:
         """Open the programs and maps of ``build_dir`` and the pinned maps; False (all
@@ -338,6 +389,11 @@ class Datapath(MapWriter, ConntrackMaps):
                 pass
             except OSError as exc:
                 raise DatapathError(str(self.pin_dir / name), f"cannot unpin: {exc}") from exc
+        for name in self.RESIZABLE:
+            try:
+                os.unlink(self.pin_dir / f"{pin_name(name)}_resize")
+            except FileNotFoundError:
+                pass
         shutil.rmtree(self.pin_dir / "build", ignore_errors=True)
         try:
             self.pin_dir.rmdir()
