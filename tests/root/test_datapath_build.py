@@ -100,3 +100,15 @@ def test_a_changed_policy_or_ipcache_size_carries_the_entries_over(clean):
         assert not [f for f in os.listdir(PIN) if f.endswith("_resize")]
     finally:
         dp2.close()
+
+
+def test_many_policy_entries_are_written_in_one_batch_and_read_back(clean):
+    from stockade.policy.mapstate import DirectionPolicy, Entry, Key, diff
+    dp = Datapath(SETTINGS)
+    try:
+        want = {Key(7, 1000 + i, 0, 6, 9000 + i % 10, 16): Entry(i % 5 == 0, frozenset({"p"}))
+                for i in range(300)}
+        dp.apply_delta(diff({}, want, {}, {(7, 0): DirectionPolicy(True, True)}))
+        assert dp.policy_entries() == want
+    finally:
+        dp.close()

@@ -342,13 +342,29 @@ class MapWriter:
             raise
         delta.apply(old_entries, old_flags)
 
+    BATCH_MIN = 64      # from this many entries, one BPF_MAP_UPDATE_BATCH per step
+
+    def _write_policy(self, items, deny: int) -> None:
+        """Write policy entries ``items`` [(Key, Entry)]: batched when there are many."""
+        if len(items) < self.BATCH_MIN:
+            for k, e in items:
+                self._update("policy", _policy_key(k), m.PolicyValue(deny=deny, policy_id=self.policy_id(e)))
+            return
+        from .bpfsys import update_batch
+        keys = (m.PolicyKey * len(items))(*(_policy_key(k) for k, _ in items))
+        values = (m.PolicyValue * len(items))(*(m.PolicyValue(deny=deny, policy_id=self.policy_id(e))
+                                                for _, e in items))
+        try:
+            update_batch(self.table("policy").map_fd, keys, values, len(items))
+        except OSError as exc:
+            raise DatapathError("policy", f"update failed: {errno.errorcode.get(exc.errno, exc.errno)}"
+                                ) from exc
+
     def _write_ordered(self, deny_adds, loosen, allow_adds, tighten, removes) -> None:
-        for k, e in deny_adds:
-            self._update("policy", _policy_key(k), m.PolicyValue(deny=1, policy_id=self.policy_id(e)))
+        self._write_policy(deny_adds, 1)
         for p, f in sorted(loosen.items()):
             self._write_flag(p, f)
-        for k, e in allow_adds:
-            self._update("policy", _policy_key(k), m.PolicyValue(deny=0, policy_id=self.policy_id(e)))
+        self._write_policy(allow_adds, 0)
         for p, f in sorted(tighten.items()):
             self._write_flag(p, f)
         for k in removes:
