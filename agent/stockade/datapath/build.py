@@ -30,6 +30,12 @@ def build(source: str, build_dir: str) -> None:
     try:
         b = BPF(text=source.encode(), cflags=CFLAGS)
         fds = {name: b.load_func(name.encode(), BPF.SCHED_CLS).fd for name in PROGRAMS}
+        for name in PROGRAMS:        # a second load of each (attachments.py moves it in front)
+            first = b.funcs.pop(name.encode())
+            try:
+                fds[f"{name}_copy"] = os.dup(b.load_func(name.encode(), BPF.SCHED_CLS).fd)
+            finally:
+                b.funcs[name.encode()] = first
         fds.update({name: b[name.encode()].map_fd for name in UNPINNED_MAPS})
         for name, fd in fds.items():
             if lib.bpf_obj_pin(fd, f"{tmp}/{name}".encode()) != 0:
