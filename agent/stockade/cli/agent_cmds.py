@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import click
-import yaml
 
 from ..client import DEFAULT_SOCKET, Client
 from ..errors import InvalidRequest
@@ -376,6 +375,8 @@ def policy_get(names, namespace, socket_path, output):
     if output == "json":
         return emit_json(pols)
     if output == "yaml":
+        import yaml
+
         click.echo(yaml.safe_dump_all([p["document"] for p in pols], sort_keys=False), nl=False)
         return
     print_table(["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE", "DESCRIPTION"],
