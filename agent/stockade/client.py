@@ -144,7 +144,7 @@ class Client:
         self.socket_path = socket_path or default_socket()
         self.where = self.socket_path if transport is None else "(in-process transport)"
         self._unix = _UnixHTTP(self.socket_path, timeout) if transport is None else None
-        self._http = None
+        self._http: Any = None
         if transport is not None:
             import httpx
 

@@ -448,8 +448,9 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         self.remove_pins()
 
     def _close_fds(self) -> None:
-        if getattr(self, "_ring", None) is not None:
-            self._ring.close()
+        ring = getattr(self, "_ring", None)
+        if ring is not None:
+            ring.close()
             self._ring = None
         for t in getattr(self, "_tables", {}).values():
             t.close()
