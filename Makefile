@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stockade-installed
 
-.PHONY: setup demo test test-pure test-root bench bench-quick lint clean
+.PHONY: setup demo test test-pure test-root bench bench-quick lint clean collection
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,12 @@ demo: $(STAMP)
 # Stop the demo agent (detach, remove pins) and remove its containers and VM stand-in.
 demo-down: $(STAMP)
 	@bash scripts/demo.sh --down
+
+# The Ansible collection stockade.fleet as a tarball (docs/deploy.md installs it).
+COLLECTION_OUT ?= build
+collection:
+	@mkdir -p $(COLLECTION_OUT)
+	$(VENV)/bin/ansible-galaxy collection build ansible_collections/stockade/fleet --output-path $(COLLECTION_OUT) --force
 
 # The Ansible side alone: module tests, ansible-doc, ansible-lint, roles, Molecule.
 test-ansible: $(STAMP)

@@ -147,7 +147,7 @@ def test_schema_is_packaged():
 
 
 def test_role_validates_with_check_config():
-    tasks = yaml.safe_load((ROOT / "roles/stockade_agent/tasks/present.yml").read_text())
+    tasks = yaml.safe_load((ROOT / "ansible_collections/stockade/fleet/roles/stockade_agent/tasks/present.yml").read_text())
     if not tasks:
         pytest.fail("no tasks")
     validate = [t["ansible.builtin.template"]["validate"] for t in tasks

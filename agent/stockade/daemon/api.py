@@ -32,7 +32,9 @@ class AgentAPI:
         mismatches = [f"endpoint {name}: {why}" for name, why in sorted(snap.mismatches.items())]
         sources = a.source_health()
         down = any(not s["connected"] for s in sources)
-        return {"status": "degraded" if snap.errors or problems or mismatches or down else "ok",
+        attach = a.attach_status()
+        bad = snap.errors or problems or mismatches or down or attach["degraded"] or snap.unprotected
+        return {"status": "degraded" if bad else "ok", "attach": attach,
                 "version": __version__, "uptime_s": round(time.time() - a.started, 1),
                 "enforcement": a.config.enforcement, "audit": a.config.audit,
                 "host": a.config.host_name, "policy_revision": snap.revision,

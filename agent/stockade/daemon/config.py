@@ -39,6 +39,14 @@ class AgentConfig:
     audit: bool = False
     # What happens to packets of an interface whose workload is not identified yet.
     unknown_endpoint: str = "drop"  # or "forward" (migrations)
+    # How programs are attached: tcx BPF links (pinned, owned: Linux 6.6+), tc clsact
+    # filters, or auto (tcx where the kernel has it).
+    attach_mode: str = "auto"
+    # The kernel-side default (datapath/kerneldefault.py): an nftables table dropping
+    # frames of managed interfaces that do not run the programs (while the agent is down).
+    kernel_default: bool = True
+    kernel_default_interfaces: list[str] = field(default_factory=list)
+    nft_table: str | None = None
     managed_bridges: list[str] = field(default_factory=lambda: [
         "podman0", "cni-podman0", "docker0", "virbr*"])
     managed_interfaces: list[str] = field(default_factory=lambda: ["vnet*", "tap*"])
@@ -186,8 +194,8 @@ def _build(cls, data: dict):
         if f.name not in data:
             continue
         value = data[f.name]
-        if f.default_factory is not MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
             if is_dataclass(default) and isinstance(value, dict):
                 value = _build(type(default), value)
         kw[f.name] = value

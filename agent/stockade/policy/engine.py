@@ -126,6 +126,11 @@ class Transaction:
         self._policies_before = dict(engine.policies)
 
     @property
+    def locals_before(self) -> frozenset[int]:
+        """The local identities as they were when the transaction began."""
+        return self._locals_before
+
+    @property
     def _c(self) -> Compiler:
         return self.engine._compiler
 

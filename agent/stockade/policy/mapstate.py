@@ -151,6 +151,30 @@ class Delta:
     def __bool__(self) -> bool:
         return bool(self.adds or self.removes or self.flags)
 
+    def tightened(self) -> tuple[set[tuple[int, int]], set[tuple[int, int, int]]]:
+        """Where this delta may deny what was allowed: ``wide`` (local, direction) for
+        every peer (an any-peer key, or flags that now enforce or default-deny), and
+        ``exact`` (local, peer, direction): the flows whose conntrack entries must go
+        so that their next packet meets the new policy."""
+        wide: set[tuple[int, int]] = set()
+        exact: set[tuple[int, int, int]] = set()
+        def was_allow(k: Key) -> bool:
+            before = self.prior.get(k)
+            return before is not None and not before.deny
+        keys = [k for k in self.removes if was_allow(k)]
+        keys += [k for k, e in self.adds.items()
+                 if e.deny and (self.prior.get(k) is None or was_allow(k))]
+        for k in keys:
+            if k.peer == ANY_PEER:
+                wide.add((k.local, k.direction))
+            else:
+                exact.add((k.local, k.peer, k.direction))
+        for pair, flag in self.flags.items():
+            before = self.prior_flags.get(pair, DirectionPolicy())
+            if (flag.enforced and not before.enforced) or (flag.default_deny and not before.default_deny):
+                wide.add(pair)
+        return wide, {e for e in exact if (e[0], e[2]) not in wide}
+
     def __len__(self) -> int:
         return len(self.adds) + len(self.removes) + len(self.flags)
 
