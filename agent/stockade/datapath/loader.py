@@ -14,11 +14,13 @@ from typing import Any, Mapping
 
 from .conntrack import ConntrackMaps
 from .errors import DatapathError
+from .l7maps import L7Maps
 from .migrate import check_no_newer_pins, finish_legacy, migrate_legacy_pins
 from .pins import PINNED_MAPS, fd_map_info, pin_name
 from .writer import MapWriter
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+# bpf/ of the checkout (a link here), or its copy inside an installed wheel
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
 MAIN_SOURCE = "stockade.c"
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -47,6 +49,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "EVENTS_NEW_BURST": 2000,
     "EVENTS_DROP_RATE": 5000,
     "EVENTS_DROP_BURST": 1000,
+    # L7 steering (bpf/lib/l7.h): L7-enforced ports, and the mark of steered packets
+    # (the agent's l7 settings route it to the proxy).
+    "L7_PORTS_MAX": 4096,
+    "L7_MARK": 0x5D170000,
 }
 
 
@@ -112,7 +118,7 @@ def _release_compiler_heap() -> None:
         pass
 
 
-class Datapath(MapWriter, ConntrackMaps):
+class Datapath(MapWriter, ConntrackMaps, L7Maps):
     """The compiled program plus its pinned maps.
 
     ``Datapath(settings)`` compiles once; a second instance with the same pin
