@@ -266,15 +266,16 @@ def review(h: Host, files: list[dict], replace_all: bool = False,
         result = h.client.review(files, replace_all=replace_all)
     except APIError as exc:
         if exc.errors or exc.status == 400:
-            out["errors"] = [{"file": e.get("file"), "document": e.get("document"),
+            errors: list[dict] = [{"file": e.get("file"), "document": e.get("document"),
                               "name": e.get("name"), "path": e.get("field") or "",
                               "message": e.get("reason") or e.get("message"),
                               "text": e.get("message")} for e in exc.errors] or [
                 {"file": None, "document": None, "name": None, "path": exc.field or "",
                  "message": str(exc), "text": str(exc)}]
             if hidden:  # files read on this host: nothing from them in the answer
-                out["errors"] = [*hide_values([e for e in out["errors"] if e["file"] in hidden or not e["file"]]),
-                                 *[e for e in out["errors"] if e["file"] and e["file"] not in hidden]]
+                errors = [*hide_values([e for e in errors if e["file"] in hidden or not e["file"]]),
+                          *[e for e in errors if e["file"] and e["file"] not in hidden]]
+            out["errors"] = errors
             return out
         h.errors.append(f"the agent's review failed: {exc}")
         return out
