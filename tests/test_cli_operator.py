@@ -133,7 +133,10 @@ def test_shell_completion():
 
 
 def _commands(group: click.Group, path=()):
-    for name, cmd in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):   # the CLI's groups import their commands lazily
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         yield (*path, name), cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, (*path, name))
