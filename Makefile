@@ -25,8 +25,14 @@ test-ansible: $(STAMP)
 molecule: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/molecule test
 
+# ruff (pyflakes, bugbear, isort) and mypy, settings in pyproject.toml; make test runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check agent webui tests
+	$(VENV)/bin/mypy
+
 test: $(STAMP)
 	@bash scripts/setup.sh >/dev/null
+	@$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
 test-pure: $(STAMP)

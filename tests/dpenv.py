@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 
 from netns import Topology
-
 from stockade.datapath import Datapath, attach, detach
 from stockade.policy.mapstate import diff
 

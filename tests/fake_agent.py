@@ -15,7 +15,6 @@ import tempfile
 import weakref
 
 from inprocess_agent import inprocess_agent
-
 from stockade.daemon.api import AgentAPI
 
 RECORDED = ("health", "list_endpoints", "add_endpoint", "remove_endpoint", "list_identities",

@@ -33,14 +33,23 @@ import time
 import packets as P
 from bpf_model import EGRESS, INGRESS, Ep, Model
 from netns import Topology
-
 from stockade.datapath import Datapath
 from stockade.datapath import maps as m
 from stockade.datapath.testrun import ProgTestRun
 from stockade.datapath.writer import eui64_link_local
-from stockade.policy.mapstate import (ANY_PEER, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
-                                      PROTO_UDP, DirectionPolicy, Entry, Key, diff,
-                                      port_prefixes)
+from stockade.policy.mapstate import (
+    ANY_PEER,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    DirectionPolicy,
+    Entry,
+    Key,
+    diff,
+    port_prefixes,
+)
 
 CHECK_EVERY = 2000
 EPOCH = 200_000     # then conntrack, fragments and counters start empty again (long runs

@@ -4,7 +4,6 @@ answers (matrix, review, live trace); enforcement itself is proven under tests/r
 from __future__ import annotations
 
 from recording_datapath import RecordingDatapath
-
 from stockade.daemon.agent import Agent
 from stockade.daemon.api import AgentAPI
 from stockade.daemon.config import AgentConfig

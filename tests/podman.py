@@ -41,6 +41,7 @@ from stockade.discovery import PodmanService, start_podman_service, stop_podman_
 TESTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS_DIR.parent / "scripts"))
 import bbimage  # noqa: E402  (the image builder shared with the demo)
+
 CONTAINERS_CONF = TESTS_DIR / "data" / "containers.conf"
 ARTIFACTS = TESTS_DIR / "artifacts"
 IMAGE = "localhost/stockade-bb:latest"

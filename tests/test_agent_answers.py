@@ -3,8 +3,8 @@ and the live trace, on the real agent in-process (inprocess_agent.py)."""
 from __future__ import annotations
 
 import pytest
-from inprocess_agent import inprocess_agent
 
+from inprocess_agent import inprocess_agent
 from stockade.errors import InvalidRequest, NotFound
 
 pytestmark = pytest.mark.pure

@@ -9,8 +9,8 @@ import errno
 import os
 
 import pytest
-from recording_datapath import RecordingDatapath
 
+from recording_datapath import RecordingDatapath
 from stockade.daemon.agent import Agent
 from stockade.daemon.api import AgentAPI
 from stockade.daemon.config import AgentConfig

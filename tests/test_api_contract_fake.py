@@ -7,7 +7,6 @@ pytest.importorskip("schemathesis")
 
 from api_contract import run_schemathesis  # noqa: E402
 from fake_agent import FakeAgent  # noqa: E402
-
 from stockade.daemon.server import APIServer  # noqa: E402
 
 

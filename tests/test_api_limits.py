@@ -19,11 +19,11 @@ import threading
 import time
 
 import pytest
-from fake_agent import FakeAgent
 
+from fake_agent import FakeAgent
 from stockade.daemon import server as srv
 from stockade.daemon.apischema import ApiSchema
-from stockade.daemon.connections import MiB, Limits
+from stockade.daemon.connections import Limits, MiB
 from stockade.daemon.routes import ROUTES, Access, PeerCred, Response, Route, grant
 from stockade.errors import PermissionDenied
 

@@ -9,15 +9,24 @@ import tempfile
 import httpx
 import pytest
 import yaml
-from fake_agent import FakeAgent
 
+from fake_agent import FakeAgent
 from stockade.daemon import server as srv
 from stockade.daemon.routes import Access
 from stockade.daemon.server import APIServer, Limits, Response, Route, status_for
 from stockade.datapath.errors import CapacityError, DatapathError
-from stockade.errors import (Conflict, HTTPError, IdentityError, InvalidRequest, NotFound,
-                             PermissionDenied, PolicyError, PolicyErrors, SelectorError,
-                             StockadeError)
+from stockade.errors import (
+    Conflict,
+    HTTPError,
+    IdentityError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    PolicyError,
+    PolicyErrors,
+    SelectorError,
+    StockadeError,
+)
 
 OPENAPI = os.path.join(os.path.dirname(__file__), "..", "docs", "api", "openapi.yaml")
 

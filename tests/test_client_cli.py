@@ -6,8 +6,8 @@ import json
 import httpx
 import pytest
 from click.testing import CliRunner
-from fake_agent import FakeAgent
 
+from fake_agent import FakeAgent
 from stockade.cli.main import cli
 from stockade.client import AgentUnreachable, APIError, Client, ClientError
 from stockade.daemon.server import APIServer

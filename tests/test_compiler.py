@@ -3,13 +3,21 @@ import pytest
 import yaml
 
 from fake_datapath import FakeDatapath
-from stockade.policy.api.loader import load_text
 from stockade.policy.api.validation import sanitize_document
 from stockade.policy.compiler import Compiler
 from stockade.policy.identity import IdentityAllocator, reserved_identities
 from stockade.policy.labels import LabelSet
-from stockade.policy.mapstate import (EGRESS, INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP,
-                                      PROTO_TCP, PROTO_UDP, Key, diff, lookup)
+from stockade.policy.mapstate import (
+    INGRESS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    Key,
+    diff,
+    lookup,
+)
 
 TCP, UDP, SCTP, ICMP, ICMP6 = PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP, PROTO_ICMPV6
 HOST, WORLD = 1, 2

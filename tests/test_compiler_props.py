@@ -7,7 +7,7 @@
 """
 import ipaddress
 
-from hypothesis import assume, HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from reference_policy import Conn, Ident, Reference

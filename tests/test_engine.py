@@ -6,12 +6,11 @@ import copy
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_compiler_props import (SETTINGS, document_st, identities_for, make_policy,
-                                 policy_prefixes, workload_st)
 
 from stockade.policy.engine import PolicyEngine
 from stockade.policy.identity import IdentityAllocator
 from stockade.policy.mapstate import Delta, DirectionPolicy, Entry, Key, diff
+from test_compiler_props import SETTINGS, document_st, identities_for, make_policy, policy_prefixes, workload_st
 
 
 def fingerprint(engine: PolicyEngine):

@@ -11,16 +11,16 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from fake_agent import FakeAgent
 from prometheus_client.core import CounterMetricFamily
 
+from fake_agent import FakeAgent
 from stockade.cli.main import cli
 from stockade.daemon.endpoints import Endpoint, parse_spec
+from stockade.daemon.inventory import parse_services
 from stockade.daemon.labelsources import MAX_LISTED, MAX_TEXT, DroppedLabel, admit_labels
 from stockade.daemon.metrics import _labels_dropped
 from stockade.daemon.runtimes import RuntimeSource
 from stockade.daemon.server import APIServer
-from stockade.daemon.inventory import parse_services
 from stockade.discovery import DockerAPI, DockerWatcher, Workload, WorkloadEvent
 from stockade.discovery.libvirt import parse_metadata
 from stockade.errors import InvalidRequest

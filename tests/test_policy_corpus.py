@@ -289,7 +289,7 @@ def test_invalid_file_rejected(name, expected):
         load_file(path)
     errors = info.value.errors
     assert len(errors) == len(expected), [str(e) for e in errors]
-    for err, (index, field, msg) in zip(sorted(errors, key=lambda e: e.path), sorted(expected, key=lambda e: e[1])):
+    for err, (index, field, msg) in zip(sorted(errors, key=lambda e: e.path), sorted(expected, key=lambda e: e[1]), strict=False):
         assert err.file == str(path)
         assert err.doc_index == index
         assert err.path == field
@@ -366,7 +366,7 @@ def test_l7_allowed(doc, errors):
         load_text(doc, "inline.yaml", allow_l7=True)
     got = sorted((e.path, e.msg) for e in info.value.errors)
     assert len(got) == len(errors)
-    for (path, msg), (epath, emsg) in zip(got, errors):
+    for (path, msg), (epath, emsg) in zip(got, errors, strict=False):
         assert path == epath and emsg in msg
 
 

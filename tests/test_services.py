@@ -1,8 +1,8 @@
 """Inventory services: definition parsing, the membership rule, and selector lint."""
 import pytest
 
-from stockade.errors import InvalidRequest
 from stockade.daemon.inventory import effective_labels, membership, parse_services
+from stockade.errors import InvalidRequest
 from stockade.policy.api.loader import load_text
 from stockade.policy.labels import LabelSet
 from stockade.policy.lint import service_label_sets, unmatched_selectors, workload_label_sets

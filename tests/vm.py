@@ -632,6 +632,7 @@ class LinkWatch:
 
     def __init__(self, prefix: str):
         import threading
+
         from pyroute2 import IPRoute
         from pyroute2.netlink.rtnl import RTMGRP_LINK
         self.prefix, self.seen = prefix, {}

@@ -1,6 +1,5 @@
 """The Ansible side as its users run it: ansible-doc, ansible-lint, the roles' install
 and systemd paths, the policy role against an agent, and the Molecule scenario."""
-import json
 import os
 import re
 import shutil

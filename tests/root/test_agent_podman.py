@@ -8,8 +8,16 @@ import time
 import pytest
 
 from agentproc import AgentProcess
-from podman import (IMAGE_LABELS, bridge_name, labelled_image, podman, podman_image,  # noqa: F401
-                    podman_service, run_container, unique_name)
+from podman import (  # noqa: F401
+    IMAGE_LABELS,
+    bridge_name,
+    labelled_image,
+    podman,
+    podman_image,
+    podman_service,
+    run_container,
+    unique_name,
+)
 from stockade.discovery import DEFAULT_EVENTS_LOG
 from traffic import eventually
 
@@ -64,7 +72,7 @@ def test_containers_get_identities_from_labels(agent, run_container):
     web = run_container(N["skweb1"], labels={"app": "web"})
     other = run_container(N["skoth1"], labels={"app": "other"})
     for c in (db, web, other):
-        assert eventually(lambda: (endpoint(agent, c.name) or {}).get("state") == "ready"), c.name
+        assert eventually(lambda c=c: (endpoint(agent, c.name) or {}).get("state") == "ready"), c.name
     ep = endpoint(agent, N["skdb1"])
     assert ep["labels"]["container:app"] == "db" and ep["ips"] == [db.ip] and ep["source"] == "podman"
     assert eventually(lambda: fetch(N["skweb1"], db.ip))
@@ -73,13 +81,13 @@ def test_containers_get_identities_from_labels(agent, run_container):
 
 def test_new_container_never_sends_before_its_policy(agent, run_container):
     db = run_container(N["skdb2"], labels={"app": "db"}, cmd=HTTPD)
-    web = run_container(N["skweb2"], labels={"app": "web"})
+    run_container(N["skweb2"], labels={"app": "web"})
     assert eventually(lambda: fetch(N["skweb2"], db.ip))
     # From its first instruction this container tries to reach db; its own policy
     # (quarantine) closes its egress. Any success is written to /tmp/leak.
     loop = (f"i=0; while [ $i -lt 200 ]; do {GET.format(ip=db.ip)} | grep -q ok "
             f"&& echo leak >> /tmp/leak; i=$((i+1)); done; sleep 3600")
-    bad = run_container(N["skbad2"], labels={"app": "bad"}, cmd=["sh", "-c", loop])
+    run_container(N["skbad2"], labels={"app": "bad"}, cmd=["sh", "-c", loop])
     assert eventually(lambda: (endpoint(agent, N["skbad2"]) or {}).get("state") == "ready")
     time.sleep(2)
     leak = podman("exec", N["skbad2"], "cat", "/tmp/leak", check=False)
@@ -125,7 +133,7 @@ def dropped(agent, name) -> dict[str, str]:
 
 def ready(agent, *containers):
     for c in containers:
-        assert eventually(lambda: (endpoint(agent, c.name) or {}).get("state") == "ready"), c.name
+        assert eventually(lambda c=c: (endpoint(agent, c.name) or {}).get("state") == "ready"), c.name
 
 
 def test_forged_label_sources_do_not_get_the_identity(agent, run_container, labelled_image):

@@ -3,7 +3,6 @@
 Workloads a, b, c (and an unregistered "outside" namespace, which the agent sees as
 world) share one bridge; a, b, c are static endpoints.
 """
-import time
 
 import pytest
 
@@ -288,7 +287,7 @@ def test_stored_policy_this_version_refuses_stays_enforced():
                                               "fromCIDR": [f"{w['x'].ip4}/32"],
                                               "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]}]}}
             records[0]["document"] = combined
-            from stockade.daemon.store import StateStore   # as the version that stored it wrote it
+            from stockade.daemon.store import StateStore  # as the version that stored it wrote it
             StateStore(stored.parent).commit({"policies.json": records})
             agent.start()
             health = agent.client.health()
@@ -303,6 +302,7 @@ def test_stored_policy_this_version_refuses_stays_enforced():
             assert tcp_ok(w["c"], w["b"], w["b"].ip4, 5432) is False
             # Pushing it again as it is: refused, the stored one keeps working.
             import yaml as _yaml
+
             from stockade.client import ClientError
             with pytest.raises(ClientError, match="Combining FromEndpoints and FromCIDR"):
                 apply(agent, {"name": "db.yaml", "text": _yaml.safe_dump(combined)})

@@ -12,9 +12,8 @@ import pytest
 from agentproc import AgentProcess
 from netns import Topology, run
 from podman import PrivatePodman, podman_available
-from traffic import eventually, tcp_ok
-
 from stockade.discovery import find_host_veth
+from traffic import eventually, tcp_ok
 
 pytestmark = pytest.mark.root
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
-import time
 
 import pytest
+
 from agentproc import AgentProcess
 from agreement_cases import CASES
-from netns import Topology, in_netns
-
+from netns import Topology
 from stockade.policy.api.loader import load_text
 from stockade.policy.sel import parse_port, parse_sel
 from stockade.policy.trace import Tracer

@@ -190,7 +190,7 @@ def test_member_reads_reviews_and_dry_runs_but_cannot_change(agent, member):
     out, err = p.communicate(json.dumps(calls), timeout=120)
     assert p.returncode == 0, err
     results = json.loads(out)
-    got = {f"{m} {path}": r for (m, path, _), r in zip(calls, results)}
+    got = {f"{m} {path}": r for (m, path, _), r in zip(calls, results, strict=False)}
     reads, pending, changes = calls[:11], calls[11:14], calls[14:]
     for m, path, _ in reads:
         assert got[f"{m} {path}"][0] == 200, (m, path, got[f"{m} {path}"])

@@ -193,7 +193,7 @@ def test_connections_survive_restarts_upgrades_imports_and_churn():
             for name, command, env in upgrades:
                 before = program_tags(w["a"].host_if)
 
-                def upgrade(command=command, env=env):
+                def upgrade(command=command, env=env, before=before):
                     agent.settings.update(runtime_probe_interval=1.0, runtime_relist_interval=5.0)
                     out = restart(command or STOCKADE, env or {}, sig=signal.SIGTERM)
                     after = program_tags(w["a"].host_if)

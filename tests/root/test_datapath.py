@@ -21,13 +21,24 @@ import pytest
 import packets as P
 import traffic
 from dpenv import datapath_env  # tests/ is on sys.path (tests/conftest.py)
-from traffic import fam
-
 from stockade.datapath import CapacityError, Datapath, Reason, Verdict, attach, list_attached
 from stockade.datapath import maps as m
-from stockade.policy.mapstate import (ANY_PEER, EGRESS, INGRESS, PROTO_ICMP,
-                                      PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, DirectionPolicy,
-                                      Entry, Key, diff, lookup, port_prefixes)
+from stockade.policy.mapstate import (
+    ANY_PEER,
+    EGRESS,
+    INGRESS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    DirectionPolicy,
+    Entry,
+    Key,
+    diff,
+    lookup,
+    port_prefixes,
+)
+from traffic import fam
 
 pytestmark = pytest.mark.root
 

@@ -14,7 +14,6 @@ import pytest
 
 import traffic
 from dpenv import ID_A, ID_B, ID_C, datapath_env
-
 from stockade.datapath import Datapath, DatapathError, Reason, Verdict
 from stockade.datapath.maps import DIR_EGRESS, DIR_INGRESS
 from stockade.policy.mapstate import EGRESS, INGRESS, PROTO_UDP, DirectionPolicy, Entry, Key

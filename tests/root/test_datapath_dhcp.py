@@ -26,7 +26,6 @@ import packets as P
 import traffic
 from dpenv import ID_B, datapath_env
 from netns import run
-
 from stockade.datapath import Reason, Verdict, attach, detach
 from stockade.datapath.maps import DIR_EGRESS, DIR_INGRESS
 from stockade.datapath.writer import eui64_link_local

@@ -18,7 +18,6 @@ import pytest
 
 from netns import Topology
 from oldbuild import old_build
-
 from stockade.datapath import Datapath, DatapathError, Reason, Verdict, pin_name
 from stockade.datapath import maps as m
 

@@ -21,7 +21,6 @@ import packets as P
 import traffic
 from dpenv import ID_A, ID_B, ID_C, datapath_env
 from netns import run
-
 from stockade.datapath import Reason, Verdict, attach, detach
 from stockade.datapath.writer import eui64_link_local
 from stockade.discovery import link_local_addresses, peer_link_local_addresses

@@ -209,4 +209,4 @@ def prog_ids(ifname: str) -> set[int]:
 
 def _longest_gap(times: list[float], since: float) -> float:
     ts = [since] + sorted(t for t in times if t > since)
-    return max((b - a for a, b in zip(ts, ts[1:])), default=0.0)
+    return max((b - a for a, b in zip(ts, ts[1:], strict=False)), default=0.0)

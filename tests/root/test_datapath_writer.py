@@ -9,8 +9,7 @@ import pytest
 
 from stockade.datapath.errors import CapacityError
 from stockade.datapath.writer import MapWriter, _key_from_c, _policy_key
-from stockade.policy.mapstate import (ANY_PEER, EGRESS, PROTO_TCP, DirectionPolicy, Entry, Key,
-                                      diff, lookup)
+from stockade.policy.mapstate import ANY_PEER, EGRESS, PROTO_TCP, DirectionPolicy, Entry, Key, diff, lookup
 
 pytestmark = pytest.mark.pure
 

@@ -25,7 +25,6 @@ from podman import (  # noqa: E402  (fixtures are used by name)
     run_container,
     unique_name,
 )
-
 from stockade.discovery import (  # noqa: E402
     DEFAULT_EVENTS_LOG,
     DockerAPI,

@@ -7,9 +7,7 @@ log and the TCP metrics listener on), so the tests select their flows by filters
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import threading
 import time
 

@@ -12,13 +12,11 @@ import socket
 import pytest
 
 from netns import Topology
-from traffic import tcp_ok
-
 from stockade.datapath import Datapath, Reason, Verdict, attach, detach
 from stockade.datapath import maps as m
 from stockade.flows import EVENT, Decoder, FlowRing
-from stockade.policy.mapstate import (EGRESS, INGRESS, PROTO_TCP, PROTO_UDP, DirectionPolicy,
-                                      Entry, Key, diff)
+from stockade.policy.mapstate import EGRESS, INGRESS, PROTO_TCP, PROTO_UDP, DirectionPolicy, Entry, Key, diff
+from traffic import tcp_ok
 
 pytestmark = pytest.mark.root
 

@@ -13,12 +13,18 @@ import time
 import pytest
 
 from agentproc import AgentProcess
-from podman import (bridge_name, podman, podman_image, podman_service, remove_container,  # noqa: F401
-                    start_container, unique_name)
+from podman import (  # noqa: F401
+    bridge_name,
+    podman,
+    podman_image,
+    podman_service,
+    remove_container,
+    start_container,
+    unique_name,
+)
 from stockade.discovery import DEFAULT_EVENTS_LOG
 from traffic import eventually
-from vm import (LIBVIRT_URI, BridgeNamespace, LibvirtVM, LinkWatch, libvirt_available, start_libvirtd,
-                stop_pids, vm_get)
+from vm import LIBVIRT_URI, BridgeNamespace, LibvirtVM, LinkWatch, libvirt_available, start_libvirtd, stop_pids, vm_get
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not libvirt_available(), reason="needs libvirt, python3-libvirt, qemu")]

@@ -7,8 +7,15 @@ import time
 import pytest
 
 from agentproc import AgentProcess
-from podman import (bridge_name, podman, podman_image, podman_service, remove_container,  # noqa: F401
-                    start_container, unique_name)
+from podman import (  # noqa: F401
+    bridge_name,
+    podman,
+    podman_image,
+    podman_service,
+    remove_container,
+    start_container,
+    unique_name,
+)
 from stockade.discovery import DEFAULT_EVENTS_LOG
 from traffic import eventually
 from vm import BridgeNamespace, QemuVM, host_mac, packets, qemu_available, vm_get
@@ -76,7 +83,7 @@ def env(podman_service):
                 vm.sh("httpd -p 8080 -h /www")
                 web, other = containers
                 for c in containers:
-                    assert eventually(lambda: (endpoint(agent, c.name) or {}).get("state") == "ready")
+                    assert eventually(lambda c=c: (endpoint(agent, c.name) or {}).get("state") == "ready")
                 yield {"agent": agent, "vm": vm, "web": web, "other": other, "nsa": nsa, "nsb": nsb,
                        "bridge": bridge}
             finally:

@@ -77,7 +77,7 @@ def world(tmp_path_factory):
                                audit=name == "cache")
             assert eventually(lambda: all(e["state"] == "ready" for e in c.endpoints()))
             c.put_policies([{"name": "live.yaml", "text": LIVE}])
-            for i in range(WEB_TO_DB):
+            for _ in range(WEB_TO_DB):
                 assert tcp_ok(ws["web"], ws["db"], ws["db"].ip4, 5432)
             assert not tcp_ok(ws["api"], ws["db"], ws["db"].ip4, 5432, timeout=0.3)
             assert eventually(lambda: len(c.flows(verdict="DROPPED")["flows"]) >= 1

@@ -7,9 +7,9 @@ import datetime as dt
 import re
 
 import pytest
+
 from policydocs import ingress_policy
 from recording_datapath import RecordingDatapath
-
 from stockade.daemon.agent import Agent
 from stockade.daemon.api import AgentAPI
 from stockade.daemon.config import AgentConfig

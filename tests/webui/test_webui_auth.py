@@ -5,8 +5,8 @@ import os
 import re
 
 import pytest
-from conftest import PROPOSED, TOKEN
 
+from conftest import PROPOSED, TOKEN
 from stockade_webui import create_app
 from stockade_webui.auth import TokenFileError, read_token_file, write_token_file
 

@@ -11,8 +11,8 @@ import click
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import PROPOSED
 
+from conftest import PROPOSED
 from stockade.cli.main import cli
 from stockade.cli.webui_cmd import split_bind
 

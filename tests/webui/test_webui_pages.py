@@ -4,11 +4,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import TOKEN, FlowAgent
 
+from conftest import TOKEN, FlowAgent
 from stockade.daemon.server import APIServer
 from stockade_webui import create_app
-
 
 
 def text(resp) -> str:

@@ -5,6 +5,7 @@ import io
 import re
 
 import pytest
+
 from conftest import DB_POLICY, PROPOSED, TOKEN
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

@@ -10,7 +10,8 @@ import threading
 
 import click
 
-from ..daemon.config import AgentConfig, load
+from ..daemon.config import AgentConfig, ConfigError, load, schema
+from .common import quiet_libraries
 
 DEFAULT_CONFIG = "/etc/stockade/agent.yaml"
 EX_CONFIG = os.EX_CONFIG  # 78: the unit's RestartPreventExitStatus, systemd does not loop
@@ -19,53 +20,80 @@ REFUSED = ("The datapath keeps enforcing the last policy it was given. "
            "before it; `stockade agent --restore-state N` puts generation N back.")
 
 
-def _opt(name, **kw):
-    return click.option(f"--{name.replace('_', '-')}", name, default=None, **kw)
+def _default_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "off"
+    if isinstance(value, list):
+        return ", ".join(value) or "none"
+    return str(value)
+
+
+def _setting_options(props: dict, defaults, prefix: str = ""):
+    """One click option per key of agent.schema.json (``block__key`` for a block's keys)."""
+    out = []
+    for key, prop in props.items():
+        name, dest = f"{prefix}{key}", f"{prefix.replace('-', '_')}{key}".replace("-", "_")
+        default = getattr(defaults, key, None) if defaults is not None else None
+        if prop.get("type") == "object" and "properties" in prop:
+            out += _setting_options(prop["properties"], default, f"{name}__")
+            continue
+        flag = "--" + name.replace("__", "-").replace("_", "-")
+        helptext = f"{prop.get('description', '')} [{_default_text(default)}]"
+        declared = prop.get("type")
+        types: list = declared if isinstance(declared, list) else [declared]
+        kw: dict = {"default": None, "help": helptext}
+        if "enum" in prop:
+            kw["type"] = click.Choice([str(v) for v in prop["enum"]])
+        elif "boolean" in types:
+            flag = f"{flag}/--no-{flag[2:]}"
+        elif "array" in types:
+            kw.update(multiple=True, default=(), metavar="ITEM[,ITEM]",
+                      help=helptext + " Repeatable; '' for none.")
+        elif "integer" in types:
+            kw["type"] = int
+        elif "number" in types:
+            kw["type"] = float
+        out.append(click.option(flag, dest, **kw))
+    return out
+
+
+def _flag_overrides(flags: dict, props: dict) -> dict:
+    """Given flags as a (nested) mapping of settings: '' is null for a nullable key and an
+    empty list for a list; a list flag's values may be comma-separated."""
+    out: dict = {}
+    for dest, value in flags.items():
+        if value is None or value == ():
+            continue
+        path = dest.split("__")
+        prop = props
+        for part in path[:-1]:
+            prop = prop[part]["properties"]
+        prop = prop[path[-1]]
+        declared = prop.get("type")
+        types: list = declared if isinstance(declared, list) else [declared]
+        if "array" in types:
+            value = [item.strip() for v in value for item in v.split(",") if item.strip()]
+        elif value == "" and "null" in types:
+            value = None
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def settings_options(f):
+    for option in reversed(_setting_options(schema()["properties"], AgentConfig())):
+        f = option(f)
+    return f
 
 
 @click.command("agent")
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
-              help="YAML file with agent settings; flags override it.")
-@_opt("socket", help="API socket path [/run/stockade/agent.sock].")
-@_opt("socket_group", help="Group that may read the API socket [stockade].")
-@_opt("bpffs_dir", help="Directory for pinned maps [/sys/fs/bpf/stockade].")
-@_opt("state_dir", help="Persistent state [/var/lib/stockade].")
-@_opt("enforcement", type=click.Choice(["default", "always", "never"]))
-@click.option("--audit/--no-audit", "audit", default=None, help="Forward would-be drops as AUDIT.")
-@_opt("unknown_endpoint", type=click.Choice(["drop", "forward"]),
-      help="Packets of interfaces whose workload is not identified yet [drop].")
-@_opt("podman_socket", help="Podman API socket ('' to disable) [/run/podman/podman.sock].")
-@click.option("--podman-start-service/--no-podman-start-service", "podman_start_service", default=None,
-              help="Start `podman system service` when its socket does not answer.")
-@_opt("podman_events_log", help="Podman events.log to follow for fast start detection.")
-@_opt("docker_socket", help="Docker API socket ('' to disable) [/var/run/docker.sock].")
-@click.option("--trust-image-labels/--no-trust-image-labels", "trust_image_labels", default=None,
-              help="Give containers the labels their image sets (its author then chooses "
-              "their identity) [off: such labels are dropped and reported].")
-@_opt("libvirt_uri", help="Discover VMs through libvirt, e.g. qemu:///system ('' to disable) [off].")
-@click.option("--libvirt-trust-guest-agent/--no-libvirt-trust-guest-agent", "libvirt_trust_guest_agent",
-              default=None, help="Take VM addresses from the guest agent when metadata and DHCP "
-              "leases give none [off].")
-@_opt("host_name", help="This host's name in the fleet [hostname].")
-@_opt("flow_buffer_size", type=int, help="Recent flows kept [65535].")
-@_opt("flow_log_path", help="Also write flows as JSON lines to this file ('' to disable) [off].")
-@_opt("flow_log_max_bytes", type=int, help="Rotate the flow log at this size, 0: never [100 MiB].")
-@_opt("flow_log_backups", type=int, help="Rotated flow logs kept [5].")
-@_opt("flow_events_rate", type=int, help="New-connection flow events per second per CPU [20000].")
-@_opt("flow_events_burst", type=int, help="Burst of new-connection flow events per CPU [2000].")
-@_opt("drop_events_rate", type=int, help="Drop events per second per CPU [5000].")
-@_opt("drop_events_burst", type=int, help="Burst of drop events per CPU [1000].")
-@_opt("ct_gc_interval", type=float, help="Seconds between conntrack collections [30].")
-@_opt("runtime_probe_interval", type=float,
-      help="Seconds of a quiet runtime event stream before the runtime is pinged [5].")
-@_opt("runtime_relist_interval", type=float,
-      help="Seconds between full listings of a runtime's containers [60].")
-@_opt("metrics_listen", help="Also serve /metrics on HOST:PORT (e.g. 127.0.0.1:9962).")
-@_opt("policy_map_size", type=int)
-@_opt("endpoints_map_size", type=int)
-@_opt("ipcache_map_size", type=int)
-@_opt("ct_map_size", type=int)
-@_opt("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
+              help="YAML file with agent settings (agent.schema.json); flags override it.")
+@settings_options
 @click.option("--cleanup", is_flag=True, help="Detach every program and remove the pins, then exit.")
 @click.option("--check-state", "check_state", is_flag=True,
               help="Check the state directory and the generations kept, without starting; "
@@ -73,8 +101,15 @@ def _opt(name, **kw):
 @click.option("--restore-state", "restore_state", type=click.IntRange(1, 3), metavar="N",
               help="Make generation N (1-3, see --check-state) current again, then exit. "
               "The agent must be stopped.")
-def agent(config_path, cleanup, check_state, restore_state, **flags):
+@click.option("--check-config", "check_config", metavar="FILE",
+              help=f"Check FILE (agent.yaml) against the settings schema and exit: 0 if it is "
+              f"valid, {EX_CONFIG} with each wrong key, what it expects and what it got.")
+def agent(config_path, cleanup, check_state, restore_state, check_config, **flags):
     """Run the Stockade agent in the foreground.
+
+    Settings come from --config (YAML, checked against agent.schema.json) and the flags
+    below, which win. A setting of the wrong type or an unknown key makes it refuse to
+    start with exit status 78 and a message naming the key, what it expects and what it got.
 
     A damaged state file (unreadable, cut short, the wrong shape) makes it refuse to
     start: it exits 78 (EX_CONFIG) with a message naming the file and the problem, and
@@ -87,23 +122,25 @@ def agent(config_path, cleanup, check_state, restore_state, **flags):
       stockade agent --cleanup --bpffs-dir /sys/fs/bpf/stockade
       stockade agent --check-state
       stockade agent --restore-state 1
+      stockade agent --check-config /etc/stockade/agent.yaml
+      stockade agent --managed-bridges podman0,br-lab --managed-interfaces 'tap*'
     """
-    for k in ("podman_socket", "docker_socket", "podman_events_log", "metrics_listen",
-              "flow_log_path", "libvirt_uri"):
-        if flags.get(k) == "":
-            flags[k] = None
-            flags[f"_{k}_off"] = True
-    off = {k[1:-4] for k in list(flags) if k.startswith("_") and flags.pop(k)}
-    from ..errors import StockadeError
+    if check_config:
+        try:
+            load(check_config, {})
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EX_CONFIG)
+        click.echo(f"{check_config}: ok")
+        sys.exit(0)
     try:
-        cfg = load(config_path, {k: v for k, v in flags.items() if v is not None})
-        for k in off:
-            setattr(cfg, k, None)
-    except StockadeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        cfg = load(config_path, _flag_overrides(flags, schema()["properties"]))
+    except ConfigError as exc:
+        click.echo(f"stockade agent: cannot start: {exc}", err=True)
+        sys.exit(EX_CONFIG)
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(cfg.log_level)
     if cleanup:
         sys.exit(run_cleanup(cfg))
     if check_state:

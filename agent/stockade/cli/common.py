@@ -13,6 +13,16 @@ output_option = click.option("-o", "--output", type=click.Choice(["table", "json
                              default="table", show_default=True, help="Output format.")
 
 
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "waitress", "werkzeug")
+
+
+def quiet_libraries(level: str = "info") -> None:
+    """Third-party request logging (httpx's "HTTP Request" lines, waitress) only at debug."""
+    import logging
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
 def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -52,34 +53,95 @@ def format_line(flow: dict, colour: bool) -> str:
             + (f"  ({'; '.join(extra)})" if extra else ""))
 
 
-@click.command("observe")
+FILTERS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
+           "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip", "label",
+           "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint")
+
+
+class ObserveCommand(click.Command):
+    """``--not`` negates the filter flag that follows it (``--not --verdict FORWARDED``),
+    as in hubble observe: it is read as that filter's hidden ``--not-...`` twin."""
+
+    def parse_args(self, ctx, args):
+        flags = {"--" + k.replace("_", "-") for k in FILTERS}
+        out, i = [], 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--not":
+                nxt = args[i + 1] if i + 1 < len(args) else ""
+                name = nxt.split("=", 1)[0]
+                if name not in flags:
+                    raise click.UsageError(f"--not must be followed by a filter flag "
+                                           f"({', '.join(sorted(flags))}), not {nxt!r}", ctx)
+                out.append("--not-" + nxt[2:])
+                i += 2
+                continue
+            if arg == "--":
+                out.extend(args[i:])
+                break
+            out.append(arg)
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+def _filter_options(f):
+    specs: list[tuple[str, dict[str, Any]]] = [
+        ("verdict", dict(type=click.Choice(["FORWARDED", "DROPPED", "AUDIT"], case_sensitive=False),
+                         help="FORWARDED, DROPPED or AUDIT.")),
+        ("from_label", dict(metavar="K=V[,K=V]", help="Source labels.")),
+        ("to_label", dict(metavar="K=V[,K=V]", help="Destination labels.")),
+        ("label", dict(metavar="K=V[,K=V]", help="Labels of either side.")),
+        ("port", dict(type=int, help="Source or destination port.")),
+        ("from_port", dict(type=int, help="Source port.")),
+        ("to_port", dict(type=int, help="Destination port.")),
+        ("protocol", dict(help="tcp, udp, icmp, icmpv6, sctp.")),
+        ("identity", dict(type=int, help="Identity of either side.")),
+        ("from_identity", dict(type=int, help="Source identity.")),
+        ("to_identity", dict(type=int, help="Destination identity.")),
+        ("ip", dict(metavar="IP|CIDR", help="Address of either side.")),
+        ("from_ip", dict(metavar="IP|CIDR", help="Source address.")),
+        ("to_ip", dict(metavar="IP|CIDR", help="Destination address.")),
+        ("endpoint", dict(metavar="NAME", help="Endpoint of either side.")),
+        ("from_endpoint", dict(metavar="NAME", help="Source endpoint.")),
+        ("to_endpoint", dict(metavar="NAME", help="Destination endpoint.")),
+        ("direction", dict(type=click.Choice(["ingress", "egress"]))),
+        ("drop_reason", dict(help="policy_denied, spoofed, ...")),
+    ]
+    assert {k for k, _ in specs} == set(FILTERS)
+    for key, kw in reversed(specs):
+        flag = "--" + key.replace("_", "-")
+        f = click.option(f"--not-{flag[2:]}", f"not_{key}", multiple=True, hidden=True,
+                         **{k: v for k, v in kw.items() if k != "help"})(f)
+        f = click.option(flag, key, multiple=True, **kw)(f)
+    return f
+
+
+@click.command("observe", cls=ObserveCommand)
 @socket_option
-@click.option("--verdict", multiple=True, type=click.Choice(["FORWARDED", "DROPPED", "AUDIT"],
-              case_sensitive=False), help="FORWARDED, DROPPED or AUDIT.")
-@click.option("--from-label", multiple=True, metavar="K=V[,K=V]", help="Source labels.")
-@click.option("--to-label", multiple=True, metavar="K=V[,K=V]", help="Destination labels.")
-@click.option("--label", multiple=True, metavar="K=V[,K=V]", help="Labels of either side.")
-@click.option("--port", multiple=True, type=int, help="Source or destination port.")
-@click.option("--protocol", multiple=True, help="tcp, udp, icmp, icmpv6, sctp.")
-@click.option("--identity", multiple=True, type=int, help="Identity of either side.")
-@click.option("--ip", multiple=True, metavar="IP|CIDR", help="Address of either side.")
-@click.option("--from-ip", multiple=True, metavar="IP|CIDR", help="Source address.")
-@click.option("--to-ip", multiple=True, metavar="IP|CIDR", help="Destination address.")
-@click.option("--direction", multiple=True, type=click.Choice(["ingress", "egress"]))
-@click.option("--drop-reason", multiple=True, help="policy_denied, spoofed, ...")
+@_filter_options
+@click.option("--not", "negate", is_flag=True, help="Negate the filter flag that follows: "
+              "--not --verdict FORWARDED shows every flow but the forwarded ones.")
 @click.option("--since", metavar="TIME|DURATION", help="RFC 3339 time or 30s, 5m, 1h ago.")
+@click.option("--until", metavar="TIME|DURATION", help="Only flows at or before this time.")
 @click.option("--last", type=click.IntRange(min=1), metavar="N", help="Only the N newest.")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new flows.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
-              show_default=True, help="table for people; json: one object per line.")
+@click.option("--first", type=click.IntRange(min=1), metavar="N", help="Only the N oldest.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing new flows (after the history --since or --last asks for).")
+@click.option("-o", "--output", type=click.Choice(["table", "compact", "json", "jsonpb"]),
+              default="table", show_default=True,
+              help="table for people; compact: one short line per flow, as hubble prints it; "
+              "json: one object per line (the API's Flow); jsonpb: Hubble's flow JSON, one "
+              '{"flow": ..., "node_name": ..., "time": ...} per line.')
 @click.option("--color", "colour", type=click.Choice(["auto", "always", "never"]), default="auto",
               show_default=True, help="Colour the verdict (auto: only on a terminal).")
 @handle_errors
-def observe(socket_path, output, colour, follow, **filters):
+def observe(socket_path, output, colour, follow, negate, **filters):
     """Show flows: who talked to whom, with identities, labels and the verdict.
 
-    A flag given twice matches either value (OR); different flags must all hold (AND).
-    Without --last, --since or --follow, the 20 newest matching flows are shown.
+    A flag given twice matches either value (OR); different flags must all hold (AND);
+    --not before a flag excludes what that flag would select. Without --last, --first,
+    --since or --follow, the 20 newest matching flows are shown. With --follow, the
+    flows --since or --last selects are printed first, then new ones as they come.
 
     \b
     Examples:
@@ -87,16 +149,30 @@ def observe(socket_path, output, colour, follow, **filters):
       stockade observe --verdict DROPPED --to-label app=db --port 5432
       stockade observe --from-label app=web --from-label app=api -f
       stockade observe --since 5m --protocol tcp -o json
+      stockade observe --not --verdict FORWARDED --to-endpoint db1 -o compact
+      stockade observe --since 10m -f --to-port 5432
+      stockade observe --since 2026-05-02T10:00:00Z --until 2026-05-02T10:05:00Z --first 100
+      stockade observe -o jsonpb --last 100 | jq -r '.flow.IP.source'
     """
     criteria = {k: (list(v) if isinstance(v, tuple) else v) for k, v in filters.items()}
-    criteria["verdict"] = [v.upper() for v in criteria.get("verdict") or []]
-    if not follow and criteria.get("last") is None and not criteria.get("since"):
+    for key in ("verdict", "not_verdict"):
+        criteria[key] = [v.upper() for v in criteria.get(key) or []]
+    if follow and (criteria.get("until") or criteria.get("first")):
+        raise click.UsageError("--until and --first select recorded flows; they cannot be "
+                               "used with --follow")
+    if not follow and criteria.get("last") is None and criteria.get("first") is None \
+            and not criteria.get("since"):
         criteria["last"] = DEFAULT_LAST
     use_colour = colour == "always" or (colour == "auto" and sys.stdout.isatty())
+    from ..flows import hubble
 
     def show(flow):
         if output == "json":
             click.echo(json.dumps(flow, separators=(",", ":")))
+        elif output == "jsonpb":
+            click.echo(json.dumps(hubble.to_jsonpb(flow), separators=(",", ":")))
+        elif output == "compact":
+            click.echo(hubble.compact(flow))
         else:
             click.echo(format_line(flow, use_colour), color=use_colour)
 
@@ -111,7 +187,7 @@ def observe(socket_path, output, colour, follow, **filters):
         res = c.flows(**criteria)
     for flow in res["flows"]:
         show(flow)
-    if output != "json" and sys.stderr.isatty():
+    if output in ("table", "compact") and sys.stderr.isatty():
         lost = sum((res.get("events_lost") or {}).values())
         click.echo(f"{res['count']} flows, {res['connections']} connections"
                    + (f", {lost} events lost (rate limit or full buffer)" if lost else ""),

@@ -101,6 +101,9 @@ def webui(bind, token_file, init_token, sockets, trusted_hosts, user, threads):
     app = create_app({"TOKEN": token, "AGENTS": list(sockets) or [os.environ.get("STOCKADE_SOCKET") or DEFAULT_SOCKET],
                       "TRUSTED_HOSTS": trusted})
     from waitress import serve
+
+    from .common import quiet_libraries
+    quiet_libraries()
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"stockade webui: http://{shown}:{port}/  (token in {token_file})", err=True)
     sys.stderr.flush()

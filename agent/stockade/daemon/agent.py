@@ -22,6 +22,7 @@ from ..errors import StockadeError
 from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityAllocator
 from . import restore
+from .changelog import ChangeLog
 from .changes import Change, ChangePolicies, LinkChange
 from .config import AgentConfig
 from .links import Link, LinkWatcher, list_links
@@ -50,6 +51,7 @@ class Agent:
         self.unprotected: list[str] = []
         self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.errors: collections.deque = collections.deque(maxlen=20)
+        self.error_count = 0   # every error since start (errors keeps the last 20)
         self.started = time.time()
         self.version = 0
         self._snapshot: Snapshot | None = None
@@ -57,6 +59,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._watchers: list = []
         self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
+        self.changes = ChangeLog(None if read_only else config.change_log_path)
         self.policy_apply_seconds = Histogram(
             "stockade_policy_apply_seconds",
             "Time to plan and write a policy change (dry runs included)", registry=None,
@@ -124,6 +127,7 @@ class Agent:
                 log.exception("stopping %s failed", w)
         for t in self._threads:
             t.join(timeout=2)
+        self.changes.close()
 
     @property
     def stopping(self) -> threading.Event:
@@ -143,6 +147,7 @@ class Agent:
         """An error shown in status (the last 20) and the log."""
         log.error("%s", msg)
         with self._lock:
+            self.error_count += 1
             self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {msg}")
             self.version += 1
 
@@ -175,8 +180,7 @@ class Agent:
                 self.error(f"{change.what} failed, previous state kept: {exc}")
                 raise
             txn.commit()
-            for line in txn.log:
-                log.info("%s", line)
+            self.changes.record(change, txn, self.state.revision)
             self._committed_locked()
             return result
         finally:

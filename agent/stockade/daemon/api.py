@@ -203,7 +203,10 @@ class AgentAPI:
     def follow_flows(self, criteria: dict, stopping=None):
         src = self._flow_source()
         from ..flows import FlowFilter
-        FlowFilter.parse(criteria)  # bad criteria: 400 before the stream starts
+        f = FlowFilter.parse(criteria)  # bad criteria: 400 before the stream starts
+        if f.until_ns is not None or f.first is not None:
+            raise InvalidRequest("until and first select from the recorded flows; they cannot "
+                                 "be followed", "follow")
         return src.follow(criteria, stopping)
 
 

@@ -37,9 +37,23 @@ class Change:
     """What every change has: a short description for logs and errors."""
 
     what = "change"
+    action = "change"
 
     def apply(self, txn: Txn) -> Any:
         raise NotImplementedError
+
+    def describe(self) -> tuple[str, str]:
+        """(action, object) for the change log (changelog.py)."""
+        return self.action, ""
+
+    def origin(self) -> str:
+        """Who asked, when not an API peer: the runtime or the agent itself."""
+        return getattr(self, "source", None) or "agent"
+
+
+def _names(refs) -> str:
+    names = sorted({r.display for r in refs})
+    return ", ".join(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
 
 
 # ---------------------------------------------------------------- endpoints
@@ -64,6 +78,9 @@ class UpsertEndpoint(Change):
     dropped_labels: tuple = ()    # labelsources.DroppedLabel: what it claimed and did not get
     netns: tuple[int, str | None] | None = None   # a container's namespace (inode, path)
     what = "endpoint"
+
+    def describe(self) -> tuple[str, str]:
+        return "endpoint.upsert", self.name
 
     def apply(self, txn: Txn) -> Endpoint:
         st, agent = txn.state, txn.agent
@@ -93,9 +110,10 @@ class UpsertEndpoint(Change):
                       dropped_labels=tuple(self.dropped_labels), netns=self.netns,
                       link_mac=link.mac if link is not None else (
                           old.link_mac if old is not None and old.interface == interface else None))
-        same = old is not None and old.to_record() == ep.to_record()
-        if same and old.ifindex is not None and old.ifindex == ifindex:
+        if old is not None and old.to_record() == ep.to_record() and \
+                old.ifindex is not None and old.ifindex == ifindex:
             return old
+        same = old is not None and old.to_record() == ep.to_record()
         if not same and self.dropped_labels:
             report_dropped_labels(txn, ep)
         ep = replace(ep, ifindex=ifindex)
@@ -127,8 +145,8 @@ class UpsertEndpoint(Change):
         refused twice over. An endpoint that only waits for a link of that name does
         not hold it."""
         holds = other.ifindex is not None and (link is None or other.ifindex == link.ifindex)
-        if holds and self.source in RUNTIME_SOURCES and other.source == self.source and \
-                self.netns is not None and other.netns != self.netns:
+        if holds and other.ifindex is not None and self.source in RUNTIME_SOURCES and \
+                other.source == self.source and self.netns is not None and other.netns != self.netns:
             txn.unbind(other.ifindex)
             txn.put_endpoint(replace(other, ifindex=None))
             txn.log.append(f"endpoint {other.name}: interface {other.interface} now belongs to "
@@ -146,6 +164,9 @@ class RemoveEndpoint(Change):
     runtime_id: str | None = None  # a runtime removes only the container it added
     source: str | None = None
     what = "endpoint removal"
+
+    def describe(self) -> tuple[str, str]:
+        return "endpoint.remove", self.name
 
     def apply(self, txn: Txn) -> bool:
         ep = txn.state.endpoints.get(self.name)
@@ -174,6 +195,12 @@ class LinkChange(Change):
     link: Link
     at_start: bool = False
     what = "link"
+
+    def describe(self) -> tuple[str, str]:
+        return "endpoint.bind", self.link.name
+
+    def origin(self) -> str:
+        return "netlink"
 
     def apply(self, txn: Txn) -> None:
         st, agent, link = txn.state, txn.agent, self.link
@@ -228,6 +255,12 @@ class PutRemote(Change):
     node: bool = False
     what = "ipcache entry"
 
+    def describe(self) -> tuple[str, str]:
+        return "ipcache.put", self.prefix
+
+    def origin(self) -> str:
+        return "agent"
+
     def apply(self, txn: Txn) -> dict:
         st = txn.state
         cur = st.ipcache.get(self.prefix)
@@ -251,6 +284,9 @@ class DeleteRemote(Change):
     prefix: str
     what = "ipcache removal"
 
+    def describe(self) -> tuple[str, str]:
+        return "ipcache.delete", self.prefix
+
     def apply(self, txn: Txn) -> None:
         rec = txn.state.remote.get(self.prefix)
         if rec is None:
@@ -269,6 +305,11 @@ class ChangePolicies(Change):
     upsert: list[Policy]
     remove: list[PolicyRef] = field(default_factory=list)
     what = "policy apply"
+
+    def describe(self) -> tuple[str, str]:
+        if not self.upsert:
+            return "policy.delete", _names(self.remove)
+        return "policy.import", _names([p.ref for p in self.upsert] + list(self.remove))
 
     def apply(self, txn: Txn) -> dict:
         st, engine = txn.state, txn.agent.engine
@@ -302,6 +343,9 @@ class ChangePolicies(Change):
 class SetServices(Change):
     services: dict[str, Service]
     what = "services change"
+
+    def describe(self) -> tuple[str, str]:
+        return "services.set", ", ".join(sorted(self.services)[:10]) or "(none)"
 
     def apply(self, txn: Txn) -> dict:
         st = txn.state

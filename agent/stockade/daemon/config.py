@@ -1,19 +1,32 @@
 """Agent configuration: /etc/stockade/agent.yaml, every key also a command-line flag.
 
-Keys use underscores in YAML and dashes as flags (``bpffs_dir`` <-> ``--bpffs-dir``).
-Unknown keys are an error naming the file and key.
+Keys use underscores in YAML and dashes as flags (``bpffs_dir`` <-> ``--bpffs-dir``; a key
+of a block such as ``etcd: {endpoints: [...]}`` <-> ``--etcd-endpoints``). The types live in
+agent.schema.json (JSON Schema, packaged beside this file), the defaults here. To add a key:
+a field below and a property in the schema (with its description, which is the flag's help);
+the flag is made from the schema (cli/agent_daemon.py). A block is a dataclass field with a
+dataclass default and an ``object`` property with its own ``properties``.
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import json
 import socket as _socket
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 from ..errors import InvalidRequest
 
 ENFORCEMENT = ("default", "always", "never")
+
+
+class ConfigError(InvalidRequest):
+    """agent.yaml or a flag that does not match agent.schema.json (the agent exits 78)."""
 
 
 @dataclass
@@ -49,6 +62,8 @@ class AgentConfig:
     flow_log_path: str | None = None
     flow_log_max_bytes: int = 100 * 1024 * 1024
     flow_log_backups: int = 5
+    # Change log: every committed change as a JSON line (daemon/changelog.py), also on stderr.
+    change_log_path: str | None = None
     # Flow events per second per CPU (and burst) for new-connection verdicts and for
     # drops; over the budget events are counted as lost, packet counters stay exact.
     flow_events_rate: int = 20000
@@ -69,23 +84,8 @@ class AgentConfig:
     log_level: str = "info"
 
     def validate(self, where: str = "config") -> "AgentConfig":
-        if self.enforcement not in ENFORCEMENT:
-            raise InvalidRequest(f"{where}: enforcement must be one of {', '.join(ENFORCEMENT)}",
-                                 "enforcement")
-        if self.unknown_endpoint not in ("drop", "forward"):
-            raise InvalidRequest(f"{where}: unknown_endpoint must be drop or forward",
-                                 "unknown_endpoint")
-        for name in ("flow_buffer_size", "policy_map_size", "endpoints_map_size",
-                     "ipcache_map_size", "ct_map_size", "flow_events_rate", "flow_events_burst",
-                     "drop_events_rate", "drop_events_burst"):
-            if getattr(self, name) <= 0:
-                raise InvalidRequest(f"{where}: {name} must be positive", name)
-        for name in ("runtime_probe_interval", "runtime_relist_interval"):
-            if not getattr(self, name) > 0:
-                raise InvalidRequest(f"{where}: {name} must be positive", name)
-        if self.flow_log_max_bytes < 0 or self.flow_log_backups < 0:
-            raise InvalidRequest(f"{where}: flow_log_max_bytes and flow_log_backups must not "
-                                 "be negative", "flow_log_max_bytes")
+        """Check every setting against agent.schema.json (raises ConfigError)."""
+        check(self.to_dict(), where)
         return self
 
     def to_dict(self) -> dict:
@@ -111,21 +111,117 @@ def field_names() -> list[str]:
     return [f.name for f in fields(AgentConfig)]
 
 
+@functools.cache
+def schema() -> dict:
+    """The JSON Schema of agent.yaml (agent/stockade/daemon/agent.schema.json)."""
+    return json.loads(resources.files(__package__).joinpath("agent.schema.json").read_text())
+
+
+_TYPE_WORDS = {"boolean": "a boolean (true or false)", "integer": "an integer", "number": "a number",
+               "string": "a string", "array": "a list", "object": "a mapping", "null": "null"}
+
+
+def _type_word(t) -> str:
+    names = t if isinstance(t, list) else [t]
+    return " or ".join(_TYPE_WORDS.get(n, n) for n in names)
+
+
+def _given(value) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    text = json.dumps(value, default=str)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({kind})"
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _message(err: jsonschema.ValidationError, where: str, flags: bool) -> tuple[str, str]:
+    path = list(err.absolute_path)
+    if err.validator == "additionalProperties":
+        known = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(known))
+        key = _key_path(path + [extra[0]])
+        close = difflib.get_close_matches(extra[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return key, f"{where}: unknown setting {key!r}{hint}"
+    key = _key_path(path) or "(top)"
+    v = err.validator_value
+    expected = {
+        "type": lambda: _type_word(v),
+        "enum": lambda: "one of " + ", ".join(json.dumps(x) for x in v),
+        "minimum": lambda: f"a number >= {v}",
+        "exclusiveMinimum": lambda: f"a number > {v}",
+        "maximum": lambda: f"a number <= {v}",
+        "minLength": lambda: "a non-empty string",
+        "pattern": lambda: f"a string matching {v}",
+    }.get(str(err.validator), lambda: err.message)()
+    name = ("--" + key.replace(".", "-").replace("_", "-")) if flags else key
+    return key, f"{where}: {name}: expected {expected}, got {_given(err.instance)}"
+
+
+def check(data, where: str, *, flags: bool = False) -> None:
+    """Validate settings (a whole or partial agent.yaml) against the schema; every problem is
+    named in one ConfigError: the key, what was expected and what was given."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings, got {_given(data)}", None)
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        found = [_message(e, where, flags) for e in errors]
+        raise ConfigError("\n".join(m for _, m in found), found[0][0])
+
+
+def _build(cls, data: dict):
+    """A settings dataclass from a mapping; blocks (fields whose default is a dataclass,
+    e.g. ``etcd:``) are built from their own mappings, keeping their defaults."""
+    kw = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
+            if is_dataclass(default) and isinstance(value, dict):
+                value = _build(type(default), value)
+        kw[f.name] = value
+    return cls(**kw)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", "config") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}", "config") from exc
+    data = {} if data is None else data
+    check(data, path)
+    return data
+
+
 def load(path: str | None, overrides: dict) -> AgentConfig:
-    """Config file (if given and present) then non-None overrides (from flags)."""
+    """Config file (if given and present) then overrides (from flags: a value of None there
+    sets the key to null; a block is a nested mapping). Raises ConfigError."""
     data: dict = {}
-    where = path or "flags"
     if path and Path(path).exists():
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InvalidRequest(f"{path}: cannot parse: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InvalidRequest(f"{path}: must be a mapping of settings")
-        unknown = sorted(set(data) - set(field_names()))
-        if unknown:
-            raise InvalidRequest(f"{path}: unknown setting {unknown[0]!r}", unknown[0])
+        data = read_file(path)
     elif path and path != "/etc/stockade/agent.yaml":
-        raise InvalidRequest(f"{path}: no such config file", "config")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return AgentConfig(**data).validate(where)
+        raise ConfigError(f"{path}: no such config file", "config")
+    check(overrides, "flags", flags=True)
+    return _build(AgentConfig, _merge(data, overrides)).validate(path or "flags")

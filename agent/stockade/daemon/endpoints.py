@@ -94,7 +94,7 @@ class Endpoint:
                    LabelSet.from_mapping(rec["labels"]), rec.get("source", "static"),
                    rec.get("audit", False), rec.get("runtime_id"), rec.get("mac"),
                    extra=rec.get("extra") or {}, by_mac=rec.get("by_mac", False),
-                   dropped_labels=[DroppedLabel.from_dict(d) for d in rec.get("dropped_labels") or []],
+                   dropped_labels=tuple(DroppedLabel.from_dict(d) for d in rec.get("dropped_labels") or []),
                    link_mac=rec.get("link_mac"),
                    netns=(rec["netns"]["inode"], rec["netns"].get("path")) if rec.get("netns") else None)
 

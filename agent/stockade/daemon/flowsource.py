@@ -120,12 +120,13 @@ class FlowSource:
                 "buffer": {"size": len(self.ring), "capacity": self.ring.capacity}}
 
     def follow(self, criteria: dict, stopping: threading.Event | None = None) -> Iterator[dict | None]:
-        """Matching flows as they come (after the ``last`` newest, if given). Yields
+        """Matching flows as they come (after the ``last`` newest, or those since ``since``,
+        if given). Yields
         None now and then without a flow, so the caller can check for shutdown or a
         peer that went away."""
         f = FlowFilter.parse(criteria)
         seq = self.ring.seq
-        if f.last is not None:
+        if f.last is not None or f.since_ns is not None:
             for r in f.select(self.ring):
                 yield self.ring.to_dict(r)
         f.last = None

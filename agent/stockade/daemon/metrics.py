@@ -2,15 +2,30 @@
 
 Everything is read when scraped, from the agent's last committed snapshot and from the
 maps (BPF counters, map fill, flow verdicts, events lost); the policy-apply histogram
-is the agent's own (``Agent.policy_apply_seconds``).
+is the agent's own (``Agent.policy_apply_seconds``). One registry per agent (``registry``)
+holds this collector and prometheus_client's process, platform and GC collectors. No
+``_created`` series: they are turned off for the whole process.
 """
 from __future__ import annotations
 
 import logging
+import platform
+import threading
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .. import __version__
+
+disable_created_metrics()
 
 DIRS = {0: "ingress", 1: "egress"}
 log = logging.getLogger("stockade.metrics")
@@ -31,6 +46,7 @@ class AgentCollector(Collector):
     def collect(self):
         a = self.agent
         snap = a.snapshot()
+        yield from self._health_metrics(a)
         gauges = {
             "stockade_endpoints": ("Endpoints known to the agent", len(snap.endpoints)),
             "stockade_identities": ("Identities known to the agent", len(snap.identities)),
@@ -61,6 +77,33 @@ class AgentCollector(Collector):
         hist = getattr(a, "policy_apply_seconds", None)
         if hist is not None:
             yield from hist.collect()
+
+    def _health_metrics(self, a):
+        info = GaugeMetricFamily("stockade_build_info", "The agent's build: always 1",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+        from .api import AgentAPI
+        health = AgentAPI(a).health()
+        up = GaugeMetricFamily("stockade_healthy", "1 when the agent's status is ok, 0 when it is "
+                               "degraded (errors, policy problems, binding mismatches, a source down)")
+        up.add_metric([], 1 if health["status"] == "ok" else 0)
+        yield up
+        errors = CounterMetricFamily("stockade_errors", "Errors the agent reported (stockade status "
+                                     "lists the last 20) since it started")
+        errors.add_metric([], getattr(a, "error_count", len(health["errors"])))
+        yield errors
+        problems = GaugeMetricFamily("stockade_health_problems", "Current problems by kind",
+                                     labels=["kind"])
+        problems.add_metric(["policy"], len(health["policy_problems"]))
+        problems.add_metric(["binding_mismatch"], len(health["binding_mismatches"]))
+        problems.add_metric(["source_down"], sum(1 for s in health["sources"] if not s["connected"]))
+        yield problems
+        unprotected = GaugeMetricFamily(
+            "stockade_unprotected_interfaces", "Managed interfaces found without the programs at start "
+            "(stockade status lists them)")
+        unprotected.add_metric([], len(health["unprotected_interfaces"]))
+        yield unprotected
 
     def _datapath_metrics(self, a):
         try:
@@ -100,6 +143,15 @@ class AgentCollector(Collector):
         for cause, n in sorted(fs.events_lost().items()):
             lost.add_metric([cause], n)
         yield lost
+        from ..flows.decode import ENDPOINT_SERIES
+        drops = CounterMetricFamily(
+            "stockade_endpoint_drop_events", "Drop events by local endpoint and direction (rate "
+            f"limited like every flow event; at most {ENDPOINT_SERIES} endpoints, the rest as "
+            "endpoint=\"_other\"; \"_unidentified\": interfaces without an identified workload)",
+            labels=["endpoint", "direction"])
+        for (name, d), n in sorted(dict(fs.decoder.endpoint_drops).items()):
+            drops.add_metric([name, DIRS.get(d, str(d))], n)
+        yield drops
         buf = GaugeMetricFamily("stockade_flow_buffer_records", "Flow records in the ring")
         buf.add_metric([], len(fs.ring))
         yield buf
@@ -121,10 +173,24 @@ def _labels_dropped(counts: dict) -> CounterMetricFamily:
     return fam
 
 
+_registry_lock = threading.Lock()
+
+
+def registry(agent) -> CollectorRegistry:
+    """The agent's one registry: its collector and the default process collectors."""
+    with _registry_lock:
+        reg = getattr(agent, "_metrics_registry", None)
+        if reg is None:
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(AgentCollector(agent))
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                reg.register(collector)
+            agent._metrics_registry = reg
+        return reg
+
+
 def render(agent) -> str:
-    reg = CollectorRegistry()
-    reg.register(AgentCollector(agent))
-    return generate_latest(reg).decode()
+    return generate_latest(registry(agent)).decode()
 
 
 DEFAULT_LISTEN = "127.0.0.1:9962"

@@ -232,6 +232,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/policies", delete_all_policies, DRY_RUN),
     Route("DELETE", "/v1/policies/{name}", delete_policy, DRY_RUN),
     Route("GET", "/v1/metrics", get_metrics, READ),
+    Route("GET", "/metrics", get_metrics, READ),
     Route("GET", "/v1/services", get_services, READ),
     Route("PUT", "/v1/services", put_services, DRY_RUN),
     Route("GET", "/v1/flows", get_flows, READ),

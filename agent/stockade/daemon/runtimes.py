@@ -41,8 +41,10 @@ class RuntimeSource:
                  stop_event: threading.Event, service=None, watcher=None):
         cfg = agent.config
         self.agent, self.runtime, self.service = agent, runtime, service
+        if watcher is None and not socket_path:
+            raise ValueError(f"{runtime}: a runtime source needs a socket or a watcher")
         self.watcher = watcher or DockerWatcher(
-            socket_path, runtime, events_log=events_log, sync_events=True,
+            socket_path or "", runtime, events_log=events_log, sync_events=True,
             probe_interval=cfg.runtime_probe_interval, relist_interval=cfg.runtime_relist_interval)
         self._thread = self.watcher.start(self._on_event, stop_event)
 
@@ -55,6 +57,8 @@ class RuntimeSource:
             self._reconcile(ev.workloads)
             return
         w = ev.workload
+        if w is None:
+            return
         name = w.name
         try:
             if ev.kind == "added":
@@ -76,7 +80,7 @@ class RuntimeSource:
                 self.agent.submit(UpsertEndpoint(
                     name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
                     mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
-                    extra={"image": w.image}, dropped_labels=dropped,
+                    extra={"image": w.image}, dropped_labels=tuple(dropped),
                     netns=(w.netns_inode, w.netns_path) if w.netns_inode else None))
             else:
                 self.agent.submit(RemoveEndpoint(name, source=self.runtime, runtime_id=w.id))

@@ -59,6 +59,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import HTTPError, InvalidRequest, StockadeError
 from .apischema import ApiSchema
+from .changelog import acting
 from .connections import Acceptor, Connection, HeadersTooLarge, Limits, WorkerPool
 from .contract import AgentService
 from .routes import JSON_TYPE, ROUTES, Access, Grant, PeerCred, Request, Response, Route, Router, grant
@@ -164,8 +165,9 @@ class _Exchange(http.server.BaseHTTPRequestHandler):
         allowed = grant(route, pairs, self.cred, api.limits, op.body is not None)
         query = op.query(pairs)
         body = self._body(route, op, allowed)
-        return route.handler(Request(self.command, url.path, params, query, body, self.cred,
-                                     api.agent, api))
+        with acting(self.cred):
+            return route.handler(Request(self.command, url.path, params, query, body, self.cred,
+                                         api.agent, api))
 
     def _body(self, route: Route, op, allowed: Grant) -> Any:
         if self.headers.get("Transfer-Encoding"):

@@ -224,10 +224,11 @@ class StateStore:
             return self.number
         number = self.number + 1
         for name in changed:
-            if encoded[name] is None:
+            raw = encoded[name]
+            if raw is None:
                 files_now.pop(name, None)
             else:
-                files_now[name] = _entry(encoded[name])
+                files_now[name] = _entry(raw)
         encoded[MANIFEST] = _encode({"format": FORMAT, "generation": number, "files": files_now,
                                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         changed.append(MANIFEST)
@@ -235,9 +236,10 @@ class StateStore:
         try:
             targets = []                          # (temporary file, the name it becomes)
             for name in changed:
-                if encoded[name] is not None:
-                    targets.append((moves.write_temp(name, encoded[name]), suffixed(name, 1)))
-                    targets.append((moves.write_temp(name, encoded[name]), name))
+                raw = encoded[name]
+                if raw is not None:
+                    targets.append((moves.write_temp(name, raw), suffixed(name, 1)))
+                    targets.append((moves.write_temp(name, raw), name))
             for name in changed:
                 moves.rotate(name, GENERATIONS)
                 if encoded[name] is None and os.path.lexists(self.path(name)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import ctypes as ct
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import maps as m
 
@@ -26,6 +26,12 @@ def _lib():
 
 class ConntrackMaps:
     """Needs ``self.table(name)``, ``self._items`` and ``self._delete`` (MapWriter)."""
+
+    if TYPE_CHECKING:
+        def table(self, name: str) -> Any: ...
+        def _items(self, name: str, key_type: Any, value_type: Any) -> list: ...
+        def _update(self, name: str, key: Any, value: Any) -> None: ...
+        def _delete(self, name: str, key: Any) -> bool: ...
 
     def ct_entries(self) -> list[tuple[m.CtKey, m.CtValue]]:
         return self._items("conntrack", m.CtKey, m.CtValue)
@@ -114,6 +120,7 @@ class ConntrackMaps:
     def _identity_of(self, family: int, addr: bytes) -> int:
         """The ipcache identity of ``addr`` (longest prefix; miss: world), as the
         programs look it up."""
+        key: m.Ipcache4Key | m.Ipcache6Key
         if family == 4:
             key, name = m.Ipcache4Key(prefixlen=32), "ipcache4"
             ct.memmove(key.addr, addr[:4], 4)

@@ -20,7 +20,7 @@ import ctypes as ct
 import errno
 import ipaddress
 import socket
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from stockade.policy.mapstate import (
     ANY_PROTO,
@@ -114,6 +114,11 @@ class PolicyIds:
 
 class MapWriter:
     """Needs ``self.table(name)`` (see loader.Datapath)."""
+
+    if TYPE_CHECKING:
+        def table(self, name: str) -> Any: ...
+        def map_info(self, name: str) -> Any: ...
+        def ct_flush(self) -> int: ...
 
     # -- low level -------------------------------------------------------------
     def _update(self, name: str, key, value) -> None:
@@ -211,6 +216,7 @@ class MapWriter:
     @staticmethod
     def _ipcache_key(prefix: str):
         net = ipaddress.ip_network(prefix, strict=False)
+        k: m.Ipcache4Key | m.Ipcache6Key
         if net.version == 4:
             k = m.Ipcache4Key(prefixlen=net.prefixlen)
             name = "ipcache4"
@@ -289,7 +295,8 @@ class MapWriter:
         return self._policy_shadow, self._flags_shadow
 
     def _drop_shadow(self) -> None:
-        self._policy_shadow = self._flags_shadow = None
+        self.__dict__.pop("_policy_shadow", None)
+        self.__dict__.pop("_flags_shadow", None)
 
     def check_capacity(self, delta: Delta) -> None:
         """Raise CapacityError when ``delta`` cannot be written without overflowing."""

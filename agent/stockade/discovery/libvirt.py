@@ -44,6 +44,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from .errors import RuntimeAPIError, RuntimeUnavailable
 from .health import SourceHealth
@@ -100,16 +101,19 @@ def parse_metadata(text: str | None) -> tuple[dict[str, str], list[str], dict[st
         root = ET.fromstring(text)
     except ET.ParseError as exc:
         raise RuntimeAPIError("libvirt metadata", f"not XML: {exc}") from exc
-    labels, ips, by_mac = {}, [], {}
+    labels: dict[str, str] = {}
+    ips: list[str] = []
+    by_mac: dict[str, list[str]] = {}
     for el in root:
         tag = el.tag.split("}", 1)[-1]
-        if tag == "label" and el.get("key"):
-            labels[el.get("key")] = (el.text or "").strip()
-        elif tag == "ip" and (el.text or "").strip():
-            ips.append(el.text.strip())
-        elif tag == "interface" and el.get("mac"):
-            by_mac[el.get("mac").lower()] = [i.text.strip() for i in el
-                                             if i.tag.split("}", 1)[-1] == "ip" and (i.text or "").strip()]
+        key, text, mac = el.get("key"), (el.text or "").strip(), el.get("mac")
+        if tag == "label" and key:
+            labels[key] = text
+        elif tag == "ip" and text:
+            ips.append(text)
+        elif tag == "interface" and mac:
+            by_mac[mac.lower()] = [(i.text or "").strip() for i in el
+                                   if i.tag.split("}", 1)[-1] == "ip" and (i.text or "").strip()]
     return labels, ips, by_mac
 
 
@@ -119,9 +123,10 @@ def domain_interfaces(xml: str) -> list[tuple[str, str | None]]:
     out = []
     for iface in root.findall("./devices/interface"):
         mac_el, target = iface.find("mac"), iface.find("target")
-        if mac_el is None or not mac_el.get("address"):
+        address = mac_el.get("address") if mac_el is not None else None
+        if not address:
             continue
-        out.append((mac_el.get("address").lower(), target.get("dev") if target is not None else None))
+        out.append((address.lower(), target.get("dev") if target is not None else None))
     return out
 
 
@@ -145,7 +150,7 @@ class LibvirtWatcher:
         self.sync_events = sync_events
         self.synced = threading.Event()
         self.health = SourceHealth("libvirt", uri)
-        self._conn = None
+        self._conn: Any = None
         self._callbacks: list[int] = []
         self._close_cb = False
         self._pending_link_sync = threading.Event()

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..datapath.maps import DIR_EGRESS, MATCH_DENY, FlowEvent
+from ..datapath.maps import DIR_EGRESS, MATCH_DENY, FlowEvent, Verdict
 from .ring import FlowRing
 
 # struct flow_event (bpf/include/stockade_maps.h), little-endian host
@@ -44,17 +44,28 @@ class Resolver:
     host: str | None = None
 
 
+ENDPOINT_SERIES = 256        # endpoints with drop counters of their own
+OTHER, UNIDENTIFIED = "_other", "_unidentified"
+VERDICT_DROPPED = int(Verdict.DROPPED)
+
+
 class Decoder:
     """Turn batches of raw events into ring rows; counts verdicts as it goes."""
 
     def __init__(self, ring: FlowRing, resolver: Resolver | None = None):
         self.ring = ring
         self.verdicts: collections.Counter = collections.Counter()  # (verdict, dir, reason)
+        # drop events by (local endpoint, direction): at most ENDPOINT_SERIES endpoints, the
+        # rest as OTHER; endpoints that went are forgotten (set_resolver)
+        self.endpoint_drops: dict = {}
         self.decoded = 0
         self.set_resolver(resolver or Resolver())
 
     def set_resolver(self, resolver: Resolver) -> None:
         self.resolver = resolver
+        known = set(resolver.endpoints_by_ifindex.values()) | {OTHER, UNIDENTIFIED}
+        for key in [k for k in self.endpoint_drops if k[0] not in known]:
+            del self.endpoint_drops[key]
         self._info_cache: dict = {}
         self._policy_cache: dict = {}
         self.ring.ifnames = dict(resolver.ifnames)
@@ -91,7 +102,7 @@ class Decoder:
         info, policy, verdicts = self._info, self._policy, self.verdicts
         icache, pcache = self._info_cache, self._policy_cache
         no_peer = (None, None)
-        out = []
+        out: list = []
         append = out.append
         # The hot loop: cache hits inline, misses through info() / policy().
         for (ts, ifindex, sid, did, direction, verdict, reason, ipv, saddr, daddr, sport, dport,
@@ -106,7 +117,7 @@ class Decoder:
                 dst_info = icache.get((did, local_name, lhost)) or info(did, local_name, lhost)
                 pname, phost = by_addr.get(saddr, no_peer)
                 src_info = icache.get((sid, pname, phost)) or info(sid, pname, phost)
-            pol = 0
+            pol: int | None = 0
             if pexact or pany:
                 deny = pmatch & 0x0F == MATCH_DENY
                 pol = pcache.get((pexact, pany, deny))
@@ -114,11 +125,20 @@ class Decoder:
                     pol = policy(pexact, pany, deny)
             vk = (verdict, direction, reason)
             verdicts[vk] = verdicts.get(vk, 0) + 1
+            if verdict == VERDICT_DROPPED:
+                self._count_drop(local_name, direction)
             append((ts + offset, ifindex, sid, did, src_info, dst_info, pol, size, saddr, daddr,
                     sport, dport, verdict, reason, direction, ipv, proto, flags, itype, is_reply,
                     pmatch, icode))
         self.decoded += len(out)
         return out
+
+    def _count_drop(self, name, direction: int) -> None:
+        key = (name or UNIDENTIFIED, direction)
+        drops = self.endpoint_drops
+        if key not in drops and len(drops) >= 2 * ENDPOINT_SERIES:
+            key = (OTHER, direction)
+        drops[key] = drops.get(key, 0) + 1
 
     def decode_into_ring(self, events) -> list[tuple]:
         rows = self.rows(events)

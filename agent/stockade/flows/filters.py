@@ -7,7 +7,9 @@ A filter is built from named criteria, each a list of values:
 The same criterion given several times matches when ANY of its values does (OR);
 different criteria must ALL hold (AND). An empty or missing criterion matches
 everything. ``since`` keeps flows at or after a time (RFC 3339, or a duration such as
-``5m`` / ``1h30m`` meaning that long ago); ``last`` keeps only the N newest matches.
+``5m`` / ``1h30m`` meaning that long ago) and ``until`` at or before one; ``last``
+keeps only the N newest matches, ``first`` the N oldest. ``not_KEY`` (every list key
+below) excludes the flows that KEY's values would select (``hubble observe --not``).
 
 Criteria:
     verdict      FORWARDED | DROPPED | AUDIT
@@ -59,15 +61,16 @@ from .record import (
 LIST_KEYS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
              "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip",
              "label", "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint")
-SCALAR_KEYS = ("since", "last")
-KEYS = LIST_KEYS + SCALAR_KEYS
+NOT_KEYS = tuple(f"not_{k}" for k in LIST_KEYS)
+SCALAR_KEYS = ("since", "until", "last", "first")
+KEYS = LIST_KEYS + NOT_KEYS + SCALAR_KEYS
 
 _PROTOCOLS = {"tcp": {6}, "udp": {17}, "icmp": {1, 58}, "icmpv4": {1}, "icmpv6": {58},
               "sctp": {132}}
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
 
 
-def parse_time(text: str, now: float | None = None) -> int:
+def parse_time(text: str, now: float | None = None, field: str = "since") -> int:
     """RFC 3339 time or a duration ago -> wall-clock ns."""
     text = text.strip()
     m = _DURATION.match(text)
@@ -78,8 +81,8 @@ def parse_time(text: str, now: float | None = None) -> int:
     try:
         t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise InvalidRequest(f"since: {text!r} is neither an RFC 3339 time nor a duration "
-                             "like 30s, 5m, 1h", "since") from None
+        raise InvalidRequest(f"{field}: {text!r} is neither an RFC 3339 time nor a duration "
+                             "like 30s, 5m, 1h", field) from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=_dt.timezone.utc)
     return int(t.timestamp() * 1e9)
@@ -131,7 +134,9 @@ class FlowFilter:
 
     preds: list[Callable] = field(default_factory=list)
     since_ns: int | None = None
+    until_ns: int | None = None
     last: int | None = None
+    first: int | None = None
     criteria: dict = field(default_factory=dict)
 
     @classmethod
@@ -189,18 +194,30 @@ class FlowFilter:
                 names = {str(v) for v in get(key)}
                 p.append(lambda r, i, names=names, sides=sides:
                          any((i.values[r[x]] or (None,) * 4)[2] in names for x in sides))
+        for key in NOT_KEYS:
+            if get(key):
+                excluded = cls.parse({key[4:]: get(key)}).preds
+                p.append(lambda r, i, ex=excluded: not all(q(r, i) for q in ex))
         since = criteria.get("since")
         if since not in (None, ""):
             f.since_ns = since if isinstance(since, int) else parse_time(str(since))
             p.insert(0, lambda r, i, t=f.since_ns: r[TIME] >= t)
-        last = criteria.get("last")
-        if last is not None and last != "":
-            try:
-                f.last = int(last)
-                if f.last <= 0:
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise InvalidRequest(f"last: {last!r} is not a positive number", "last") from None
+        until = criteria.get("until")
+        if until not in (None, ""):
+            f.until_ns = until if isinstance(until, int) else parse_time(str(until), field="until")
+            p.insert(0, lambda r, i, t=f.until_ns: r[TIME] <= t)
+        for key in ("last", "first"):
+            value = criteria.get(key)
+            if value is not None and value != "":
+                try:
+                    n = int(value)
+                    if n <= 0:
+                        raise ValueError
+                except (TypeError, ValueError):
+                    raise InvalidRequest(f"{key}: {value!r} is not a positive number", key) from None
+                setattr(f, key, n)
+        if f.last is not None and f.first is not None:
+            raise InvalidRequest("give first or last, not both", "first")
         return f
 
     def match(self, row: tuple, infos) -> bool:
@@ -210,7 +227,18 @@ class FlowFilter:
         return True
 
     def select(self, ring) -> list[tuple]:
-        """Matching rows of ``ring``, oldest first, at most ``last`` (the newest)."""
+        """Matching rows of ``ring``, oldest first, at most ``last`` (the newest) or
+        ``first`` (the oldest)."""
+        if self.first is not None:
+            infos, preds, out = ring.infos, self.preds, []
+            for r in RECORD.iter_unpack(ring.snapshot()):
+                if self.until_ns is not None and r[TIME] > self.until_ns:
+                    break
+                if all(pred(r, infos) for pred in preds):
+                    out.append(r)
+                    if len(out) >= self.first:
+                        break
+            return out
         if self.last is None:
             infos, preds = ring.infos, self.preds
             if not preds:
