@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stockade-installed
 
-.PHONY: setup demo test test-pure test-root bench bench-quick lint clean
+.PHONY: setup demo test test-pure test-root test-host bench bench-quick lint clean collection
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,12 @@ demo: $(STAMP)
 # Stop the demo agent (detach, remove pins) and remove its containers and VM stand-in.
 demo-down: $(STAMP)
 	@bash scripts/demo.sh --down
+
+# The Ansible collection stockade.fleet as a tarball (docs/deploy.md installs it).
+COLLECTION_OUT ?= build
+collection:
+	@mkdir -p $(COLLECTION_OUT)
+	$(VENV)/bin/ansible-galaxy collection build ansible_collections/stockade/fleet --output-path $(COLLECTION_OUT) --force
 
 # The Ansible side alone: module tests, ansible-doc, ansible-lint, roles, Molecule.
 test-ansible: $(STAMP)
@@ -50,3 +56,9 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# The real host test: a Debian 12 guest (systemd, QEMU TCG) installed, rebooted, upgraded
+# and uninstalled over SSH by ansible-playbook (tests/host; the image is cached under
+# /var/cache/stockade-host). .ci/run runs it after `make test`.
+test-host: $(STAMP)
+	STOCKADE_TEST_HOST=1 $(PY) -m pytest tests/host -x -p no:cacheprovider

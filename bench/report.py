@@ -61,6 +61,22 @@ TARGETS = {
         ("agent RSS with a full flow ring (estimate: the line above + the flow benchmark's "
          "full-ring memory)", "rss.rss_with_flows_estimate_mb", "MB", "< 200 MB", lambda v: v < 200),
     ],
+    "attach": [
+        ("tc mode, `tc filter del dev B egress` returned -> first dropped denied probe, p99 "
+         "(20 trials)", "tc.filter.open_ms_p99", "ms", "< 1000 ms", lambda v: v < 1000),
+        ("same, p50", "tc.filter.open_ms_p50", "ms", "-", None),
+        ("denied probes that reached the receiver, per removal, p99 (from the command's start)",
+         "tc.filter.leaked_probes_p99", "", "-", None),
+        ("tc mode, `tc qdisc del dev B clsact` returned -> first dropped denied probe, p99",
+         "tc.qdisc.open_ms_p99", "ms", "< 1000 ms", lambda v: v < 1000),
+        ("same, p50", "tc.qdisc.open_ms_p50", "ms", "-", None),
+        ("denied probes that reached the receiver, per removal, p99", "tc.qdisc.leaked_probes_p99",
+         "", "-", None),
+        ("longest gap between two probes around a removal (probe every 0.5 ms)",
+         "tc.filter.probe_interval_ms_max", "ms", "-", None),
+        ("tcx mode, same removals: denied probes that reached the receiver, total",
+         "tcx_leaked_total", "", "0", lambda v: v == 0),
+    ],
     "loader": [
         ("100,000-entry file (10,000 documents): load as before (PyYAML CSafeLoader), CPU",
          "bench_file.before_cpu_s", "s", "-", None),

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   busybox-static curl ca-certificates chromium qemu-system-x86 python3-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   systemd python3-apt python3-yaml dnsmasq-base
   etcd-server etcd-client haproxy prometheus wrk debootstrap dnsmasq cpio gzip openssh-client
+  ansible-core  # Debian 12's ansible-core 2.14: the oldest the collection is tested with (tests/ansible/test_debian_ansible.py)
 )
 # Kernel headers are checked separately (exact package or fallback).
 

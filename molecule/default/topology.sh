@@ -103,6 +103,9 @@ down() {
     if [ -f "$run/agent.yaml" ] && q ip netns pids "$ns"; then
       ip netns exec "$ns" "$ROOT/.venv/bin/stockade" agent --cleanup --config "$run/agent.yaml" >/dev/null 2>&1 || true
     fi
+    for f in "$run"/probe-*.pid; do  # the no-window probe (probe.py), if still running
+      if pid_alive "$f" probe.py; then kill -TERM "$(cat "$f")"; fi
+    done
     IFS=, read -r -a wl <<< "$wls"
     for w in "${wl[@]}"; do
       IFS=/ read -r name _ _ <<< "$w"

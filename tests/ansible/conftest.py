@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+COLLECTION = ROOT / "ansible_collections" / "stockade" / "fleet"
 
 
 def _load(name: str, path: Path):
@@ -18,13 +19,14 @@ def _load(name: str, path: Path):
     return mod
 
 
-# Modules import ansible.module_utils.stockade, as on a managed host.
-_load("ansible.module_utils.stockade", ROOT / "module_utils" / "stockade.py")
+# The modules import the collection's module_utils by its FQCN, as on a managed host.
+_load("ansible_collections.stockade.fleet.plugins.module_utils.stockade",
+      COLLECTION / "plugins" / "module_utils" / "stockade.py")
 
 
 @pytest.fixture(scope="session")
 def modules():
-    return {name: _load(f"stockade_modules_{name}", ROOT / "modules" / f"{name}.py")
+    return {name: _load(f"stockade_modules_{name}", COLLECTION / "plugins" / "modules" / f"{name}.py")
             for name in ("stockade_info", "stockade_endpoint", "stockade_ipcache",
                          "stockade_policy", "stockade_services")}
 

@@ -78,16 +78,73 @@ def test_policy_src_file_and_absent(agent, run, tmp_path):
 
 @pytest.mark.parametrize("args,msg", [
     ({}, "give documents, src or content"),
+    ({"replace_all": True}, "replace_all with an empty set"),
     ({"documents": [WEB], "state": "absent", "replace_all": True}, "replace_all goes with"),
     ({"src": ["/nonexistent/p.yaml"]}, "src: cannot read /nonexistent/p.yaml"),
     ({"content": [{"name": "bad.yaml", "text": BAD_TEXT}]},
      "bad.yaml: spec.ingress[0].toPorts[0].ports[0].port"),
     ({"state": "sideways", "documents": [WEB]}, "state"),
-], ids=["nothing", "absent-replace", "missing-src", "invalid-policy", "bad-state"])
+], ids=["nothing", "replace-nothing", "absent-replace", "missing-src", "invalid-policy", "bad-state"])
 def test_policy_bad_input(agent, run, args, msg):
     r = run("stockade_policy", s(agent, **args))
     assert r["failed"] and msg in r["msg"], r["msg"]
     assert agent.policies == {}
+
+
+LIST_SHAPES = {
+    "json-list.json": json.dumps([WEB, {**WEB, "metadata": {"name": "db2"}}]),
+    "kind-list.yaml": "apiVersion: v1\nkind: List\nitems:\n" + "".join(
+        "  - " + json.dumps({**WEB, "metadata": {"name": n}}) + "\n" for n in ("db", "db2")),
+    "kind-list.json": json.dumps({"apiVersion": "v1", "kind": "List",
+                                  "items": [WEB, {**WEB, "metadata": {"name": "db2"}}]}),
+    "multi-doc.yaml": "---\n" + json.dumps(WEB) + "\n---\n" + json.dumps({**WEB, "metadata": {"name": "db2"}}) + "\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIST_SHAPES), ids=sorted(LIST_SHAPES))
+def test_policy_every_input_shape_in_both_states(agent, run, name):
+    """JSON lists, kind: List (YAML and JSON), multi-document YAML: applied
+    with state=present, and every policy they hold removed with state=absent."""
+    content = [{"name": name, "text": LIST_SHAPES[name]}]
+    r = run("stockade_policy", s(agent, content=content))
+    assert r["changed"] and sorted(k[2] for k in agent.policies) == ["db", "db2"], r
+    r = run("stockade_policy", s(agent, content=content, state="absent"), check=True)
+    assert r["changed"] and len(agent.policies) == 2
+    r = run("stockade_policy", s(agent, content=content, state="absent"))
+    assert r["changed"] and agent.policies == {}, r
+    assert not run("stockade_policy", s(agent, content=content, state="absent"))["changed"]
+
+
+def test_policy_absent_bad_json_is_a_clear_error(agent, run):
+    r = run("stockade_policy", s(agent, content=[{"name": "p.json", "text": "{not json"}], state="absent"))
+    assert r["failed"] and r["msg"].startswith("p.json: cannot parse as JSON:"), r["msg"]
+
+
+@pytest.mark.parametrize("args", [
+    {"replace_all": True},
+    {"replace_all": True, "content": [{"name": "empty.yaml", "text": "# nothing here\n"}]},
+    {"replace_all": True, "content": [{"name": "l.yaml", "text": "kind: List\nitems: []\n"}]},
+    {"replace_all": True, "documents": [{"kind": "List", "items": []}]},
+], ids=["no-files", "empty-file", "empty-list", "empty-inline-list"])
+def test_replace_all_with_an_empty_set_is_refused(agent, run, args):
+    """A misspelt variable or a missing file must not wipe the host (issue 20.6): refused,
+    in check mode too, and nothing changes; allow_empty=true means it."""
+    run("stockade_policy", s(agent, documents=[WEB]))
+    for check in (True, False):
+        r = run("stockade_policy", s(agent, **args), check=check)
+        assert r["failed"] and "replace_all with an empty set of policies" in r["msg"], r
+        assert [k[2] for k in agent.policies] == ["db"]
+    r = run("stockade_policy", s(agent, **args, allow_empty=True))
+    assert r["changed"] and r["policy_diff"]["removed"] == ["db"] and agent.policies == {}
+    # on a host with no policies it is refused just the same
+    r = run("stockade_policy", s(agent, **args))
+    assert r["failed"] and "replace_all with an empty set of policies" in r["msg"]
+
+
+def test_replace_all_with_policies_that_are_all_live_is_not_empty(agent, run):
+    run("stockade_policy", s(agent, documents=[WEB]))
+    r = run("stockade_policy", s(agent, documents=[WEB], replace_all=True))
+    assert not r.get("failed") and not r["changed"], r
 
 
 def test_unreachable_agent_names_socket(run, tmp_path):
@@ -111,6 +168,19 @@ def test_endpoint_check_diff_apply_idempotent(agent, run):
     assert r["changed"] and "reports" in r["diff"]["before"] and "batch" in r["diff"]["after"]
     assert run("stockade_endpoint", s(agent, name="vm1", state="absent"))["changed"]
     assert not run("stockade_endpoint", s(agent, name="vm1", state="absent"))["changed"]
+
+
+def test_endpoint_conflict_never_removes_then_adds(agent, run):
+    """Updating vm2 onto an interface that vm1 holds: the agent answers 409 and the module
+    fails with its message; vm2 is neither removed nor re-added (no open gap)."""
+    assert run("stockade_endpoint", s(agent, **EP))["changed"]
+    vm2 = {**EP, "name": "vm2", "interface": "tap8", "ips": ["10.90.0.3"]}
+    assert run("stockade_endpoint", s(agent, **vm2))["changed"]
+    before = len(agent.calls)
+    r = run("stockade_endpoint", s(agent, **{**vm2, "interface": "tap7"}))
+    assert r["failed"] and "already belongs to endpoint vm1" in r["msg"], r
+    assert [c[0] for c in agent.calls[before:] if c[0] in ("add_endpoint", "remove_endpoint")] == ["add_endpoint"]
+    assert agent.endpoints["vm2"]["interface"] == "tap8" and agent.endpoints["vm1"]["interface"] == "tap7"
 
 
 VM_MAC = {"name": "build-fc", "mac": "06:00:AC:10:00:02", "ips": ["10.90.0.3"],
@@ -300,9 +370,20 @@ MODULE_NAMES = ["stockade_info", "stockade_endpoint", "stockade_ipcache", "stock
 
 @pytest.mark.parametrize("name", MODULE_NAMES, ids=MODULE_NAMES)
 def test_documentation_agrees_with_argument_spec(modules, name):
+    """DOCUMENTATION with its doc fragments (stockade.fleet.agent[.VARIANT]) agrees with
+    the argument spec."""
     import yaml
+
+    from conftest import COLLECTION, _load
+    fragments = _load("stockade_doc_fragments_agent", COLLECTION / "plugins/doc_fragments/agent.py")
     mod = modules[name]
     doc = yaml.safe_load(mod.DOCUMENTATION)
+    for ref in doc["extends_documentation_fragment"]:
+        assert ref.startswith("stockade.fleet.agent"), ref
+        variant = ref.removeprefix("stockade.fleet.agent").lstrip(".").upper() or "DOCUMENTATION"
+        frag = yaml.safe_load(getattr(fragments.ModuleDocFragment, variant))
+        doc["options"] = {**frag["options"], **doc["options"]}
+        doc["attributes"] = {**frag["attributes"], **doc.get("attributes", {})}
     assert _compare(doc["options"], mod.ARGUMENT_SPEC, "") == []
     assert doc["attributes"]["check_mode"]["support"] == "full"
     yaml.safe_load(mod.EXAMPLES)

@@ -72,11 +72,15 @@ def status(socket_path, output):
                 ("policy revision", h["policy_revision"]), ("policies", h["policies"]),
                 ("endpoints", h["endpoints"]), ("identities", h["identities"]),
                 ("ipcache entries", h["ipcache"])]
+        if h.get("attach"):
+            rows.append(("attach mode", h["attach"]["mode"]))
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             click.echo(f"{k + ':':<{width + 1}} {v}")
         if h.get("unprotected_interfaces"):
             click.echo(f"{'unprotected:':<{width + 1}} {', '.join(h['unprotected_interfaces'])}")
+        for d in (h.get("attach") or {}).get("degraded") or []:
+            click.echo(f"attachment repaired: {d['interface']} {d['what']} (since {d['since']})")
         for problem in h.get("policy_problems") or []:
             click.echo(f"refused stored policy: {problem}")
         for mismatch in h.get("binding_mismatches") or []:

@@ -141,6 +141,13 @@ def agent(config_path, cleanup, check_state, restore_state, check_config, **flag
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries(cfg.log_level)
+    if (cleanup or not (check_state or restore_state)) and _nslock_wanted():
+        from ..daemon.nslock import LockHeld, take
+        try:
+            _HELD.append(take())     # before any map, link or container is touched
+        except LockHeld as exc:
+            click.echo(f"stockade agent: cannot start: {exc}", err=True)
+            sys.exit(1)
     if cleanup:
         sys.exit(run_cleanup(cfg))
     if check_state:
@@ -148,6 +155,14 @@ def agent(config_path, cleanup, check_state, restore_state, check_config, **flag
     if restore_state:
         sys.exit(run_restore_state(cfg, restore_state))
     sys.exit(run(cfg))
+
+
+_HELD: list = []   # the namespace lock, held for the process's life
+
+
+def _nslock_wanted() -> bool:
+    from ..daemon.nslock import wanted
+    return wanted()
 
 
 def run_check_state(cfg: AgentConfig) -> int:
@@ -189,10 +204,19 @@ def run_cleanup(cfg: AgentConfig) -> int:
     from ..datapath import Datapath
     from ..errors import StockadeError
     try:
-        dp = Datapath(cfg.datapath_settings())
+        dp = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
         n = len(dp.endpoint_ifindexes())
         dp.cleanup()
         dp.close()
+        from ..datapath.kerneldefault import KernelDefault, table_name
+        table = table_name(cfg.nft_table, cfg.bpffs_dir)
+        if KernelDefault(table, [], []).remove():
+            click.echo(f"removed nftables tables bridge/inet {table}")
+        import shutil
+
+        from ..l7.host import remove_host_steering
+        remove_host_steering(cfg)
+        shutil.rmtree(cfg.l7_run_dir, ignore_errors=True)
     except StockadeError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
@@ -226,6 +250,8 @@ def run(cfg: AgentConfig) -> int:
         from ..daemon.metrics import serve_metrics
         metrics_server = serve_metrics(a, cfg.metrics_listen)
     log.info("serving the API on %s", cfg.socket)
+    from ..daemon.sdnotify import notify
+    notify("READY=1")
     done.wait()
     log.info("stopping; the datapath keeps enforcing the last policy")
     server.stop()

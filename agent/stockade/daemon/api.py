@@ -32,7 +32,11 @@ class AgentAPI:
         mismatches = [f"endpoint {name}: {why}" for name, why in sorted(snap.mismatches.items())]
         sources = a.source_health()
         down = any(not s["connected"] for s in sources)
-        return {"status": "degraded" if snap.errors or problems or mismatches or down else "ok",
+        attach = a.attach_status()
+        l7 = a.l7.health() if a.l7 is not None else None
+        down = down or (l7 is not None and not l7["ok"])
+        bad = snap.errors or problems or mismatches or down or attach["degraded"] or snap.unprotected
+        return {"status": "degraded" if bad else "ok", "attach": attach,
                 "version": __version__, "uptime_s": round(time.time() - a.started, 1),
                 "enforcement": a.config.enforcement, "audit": a.config.audit,
                 "host": a.config.host_name, "policy_revision": snap.revision,
@@ -40,7 +44,8 @@ class AgentAPI:
                 "policies": len(snap.policies), "ipcache": len(snap.ipcache),
                 "errors": list(snap.errors), "policy_problems": problems,
                 "binding_mismatches": mismatches, "sources": sources,
-                "unprotected_interfaces": sorted(set(snap.unprotected))}
+                "unprotected_interfaces": sorted(set(snap.unprotected)),
+                "l7_proxy": l7}
 
     # ------------------------------------------------------------------ endpoints
     def _endpoint_dict(self, snap: Snapshot, ep) -> dict:

@@ -123,6 +123,8 @@ class UpsertEndpoint(Change):
             txn.attach(ifindex, closed_on_undo=link is not None and managed_by_config(agent, link))
             txn.bind(ifindex, self.name)
         ep = identify(txn, ep)  # the new identity and entries first, then the old ones go
+        if old is not None and old.audit and not ep.audit and ifindex is not None:
+            txn.audit_off.add(ifindex)   # its audited flows go once the entry says enforce
         if old is not None:
             for ip in set(old.ips) - set(ep.ips):
                 entry = st.ipcache.get(host_prefix(ip))
@@ -206,6 +208,8 @@ class LinkChange(Change):
         st, agent, link = txn.state, txn.agent, self.link
         if self.kind == "del":
             agent.links.pop(link.ifindex, None)
+            if link.ifindex in agent.attached:
+                agent._kernel_default("unprotect", [link.ifindex])
             agent.attached.discard(link.ifindex)
             name = st.by_ifindex.get(link.ifindex)
             txn.unbind(link.ifindex)
@@ -238,12 +242,10 @@ class LinkChange(Change):
             txn.write_endpoint(ep)
             return
         if link.ifindex not in agent.attached:
-            if self.at_start:
-                from ..datapath import list_attached
-                if not list_attached(link.ifindex):
-                    agent.unprotected.append(link.name)
-            txn.close_interface(link.ifindex)
+            # attached first: with no endpoint entry the programs drop its packets, so
+            # a failed entry write (a full map) leaves it closed, never open
             txn.attach(link.ifindex, closed_on_undo=True)
+            txn.close_interface(link.ifindex)
 
 
 # ---------------------------------------------------------------- other hosts' workloads

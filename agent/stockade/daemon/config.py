@@ -39,6 +39,14 @@ class AgentConfig:
     audit: bool = False
     # What happens to packets of an interface whose workload is not identified yet.
     unknown_endpoint: str = "drop"  # or "forward" (migrations)
+    # How programs are attached: tcx BPF links (pinned, owned: Linux 6.6+), tc clsact
+    # filters, or auto (tcx where the kernel has it).
+    attach_mode: str = "auto"
+    # The kernel-side default (datapath/kerneldefault.py): an nftables table dropping
+    # frames of managed interfaces that do not run the programs (while the agent is down).
+    kernel_default: bool = True
+    kernel_default_interfaces: list[str] = field(default_factory=list)
+    nft_table: str | None = None
     managed_bridges: list[str] = field(default_factory=lambda: [
         "podman0", "cni-podman0", "docker0", "virbr*"])
     managed_interfaces: list[str] = field(default_factory=lambda: ["vnet*", "tap*"])
@@ -82,6 +90,18 @@ class AgentConfig:
     ipcache_map_size: int = 65536
     ct_map_size: int = 262144
     log_level: str = "info"
+    # L7 (HTTP rules): the transparent proxy (docs/policy.md, "HTTP rules"). It starts
+    # when the first HTTP rule applies to a local endpoint.
+    l7_haproxy: str = "/usr/sbin/haproxy"
+    l7_user: str = "haproxy"                 # the proxy runs as this user
+    l7_run_dir: str = "/run/stockade/l7"     # its configuration, maps and sockets
+    l7_proxy_port: int = 15001               # its transparent listener
+    l7_mark: int = 0x5D170000                # skb mark of steered packets (high 16 bits)
+    l7_route_table: int = 2317               # policy route table of steered packets
+    l7_rule_priority: int = 2317             # ip rule preference
+    l7_nft_table: str = "stockade_l7"        # nft table (family inet)
+    l7_slots: int = 8                        # rules per rule set before a proxy restart
+    l7_match_limit: int = 100000             # PCRE2 match limit of each HTTP pattern
 
     def validate(self, where: str = "config") -> "AgentConfig":
         """Check every setting against agent.schema.json (raises ConfigError)."""
@@ -104,7 +124,8 @@ class AgentConfig:
                 "EVENTS_NEW_RATE": self.flow_events_rate,
                 "EVENTS_NEW_BURST": self.flow_events_burst,
                 "EVENTS_DROP_RATE": self.drop_events_rate,
-                "EVENTS_DROP_BURST": self.drop_events_burst}
+                "EVENTS_DROP_BURST": self.drop_events_burst,
+                "L7_MARK": self.l7_mark}
 
 
 def field_names() -> list[str]:

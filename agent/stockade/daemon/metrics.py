@@ -60,6 +60,10 @@ class AgentCollector(Collector):
             g.add_metric([], value)
             yield g
         yield _labels_dropped(dict(a.labels_dropped))
+        rep = CounterMetricFamily("stockade_attach_repairs",
+                                  "Attachments found missing or overtaken and restored")
+        rep.add_metric([], getattr(a, "attach_repairs", 0))
+        yield rep
         if a.dp is None:
             return
         pk = CounterMetricFamily("stockade_packets", "Packets by direction, verdict and reason",
@@ -98,9 +102,10 @@ class AgentCollector(Collector):
         problems.add_metric(["policy"], len(health["policy_problems"]))
         problems.add_metric(["binding_mismatch"], len(health["binding_mismatches"]))
         problems.add_metric(["source_down"], sum(1 for s in health["sources"] if not s["connected"]))
+        problems.add_metric(["attach_degraded"], len(health["attach"]["degraded"]))
         yield problems
         unprotected = GaugeMetricFamily(
-            "stockade_unprotected_interfaces", "Managed interfaces found without the programs at start "
+            "stockade_unprotected_interfaces", "Managed interfaces that do not run the programs now "
             "(stockade status lists them)")
         unprotected.add_metric([], len(health["unprotected_interfaces"]))
         yield unprotected
