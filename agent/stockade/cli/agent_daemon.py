@@ -212,6 +212,11 @@ def run_cleanup(cfg: AgentConfig) -> int:
         table = table_name(cfg.nft_table, cfg.bpffs_dir)
         if KernelDefault(table, [], []).remove():
             click.echo(f"removed nftables tables bridge/inet {table}")
+        import shutil
+
+        from ..l7.host import remove_host_steering
+        remove_host_steering(cfg)
+        shutil.rmtree(cfg.l7_run_dir, ignore_errors=True)
     except StockadeError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

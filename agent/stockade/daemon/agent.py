@@ -63,6 +63,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._watchers: list = []
         self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
+        self.l7: Any = None           # l7.proxy.L7Proxy when live
         self.fleet: Any = None        # daemon.fleet.FleetSource with the etcd: settings
         self.commit_hooks: list = []  # called (under the lock, must not block) on each commit
         self.changes = ChangeLog(None if read_only else config.change_log_path)
@@ -90,6 +91,10 @@ class Agent:
         self.dp = datapath
         if self.live and cfg.kernel_default:
             self._install_kernel_default()
+        if self.live:
+            from ..l7.proxy import L7Proxy
+            self.l7 = L7Proxy(self)
+            self.l7.start()
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
             restore.reconcile(self)
@@ -153,6 +158,8 @@ class Agent:
                 log.exception("stopping %s failed", w)
         for t in self._threads:
             t.join(timeout=2)
+        if self.l7 is not None:
+            self.l7.stop(remove_host=False)  # steered ports stay closed, not open
         self.changes.close()
 
     @property
@@ -252,6 +259,11 @@ class Agent:
     def _committed_locked(self, dirty: set[str] | None = None) -> None:
         """``dirty``: the state files the change touched (None: anything may have changed)."""
         self.version += 1
+        if self.l7 is not None:
+            try:
+                self.l7.sync_locked()
+            except StockadeError as exc:
+                self.error(f"l7: {exc}")
         for hook in self.commit_hooks:
             hook(dirty)
 

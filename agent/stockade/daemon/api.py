@@ -14,7 +14,16 @@ from ..policy.describe import clause_rows
 from ..policy.mapstate import DIRECTION_NAMES, DirectionPolicy
 from . import review
 from .agent import Agent
-from .changes import ChangePolicies, DeleteRemote, PutRemote, RemoveEndpoint, SetServices, UpsertEndpoint, conflicts
+from .changes import (
+    ChangePolicies,
+    DeleteRemote,
+    PutRemote,
+    PutRemotes,
+    RemoveEndpoint,
+    SetServices,
+    UpsertEndpoint,
+    conflicts,
+)
 from .endpoints import parse_labels, parse_spec
 from .inventory import parse_services
 from .state import Snapshot
@@ -35,6 +44,8 @@ class AgentAPI:
         kvstore = a.fleet.status() if a.fleet is not None else None
         down = down or (kvstore is not None and kvstore["state"] != "connected")
         attach = a.attach_status()
+        l7 = a.l7.health() if a.l7 is not None else None
+        down = down or (l7 is not None and not l7["ok"])
         bad = snap.errors or problems or mismatches or down or attach["degraded"] or snap.unprotected
         out = {"status": "degraded" if bad else "ok", "attach": attach,
                 "version": __version__, "uptime_s": round(time.time() - a.started, 1),
@@ -44,7 +55,8 @@ class AgentAPI:
                 "policies": len(snap.policies), "ipcache": len(snap.ipcache),
                 "errors": list(snap.errors), "policy_problems": problems,
                 "binding_mismatches": mismatches, "sources": sources,
-                "unprotected_interfaces": sorted(set(snap.unprotected))}
+                "unprotected_interfaces": sorted(set(snap.unprotected)),
+                "l7_proxy": l7}
         if kvstore is not None:
             out["kvstore"] = kvstore
         return out
@@ -107,6 +119,25 @@ class AgentAPI:
         return out
 
     def add_ipcache(self, entry: dict) -> dict:
+        return self.agent.submit(self._remote(entry))
+
+    def add_ipcache_entries(self, body: dict) -> dict:
+        """Many entries in one transaction; a bad one refuses all, naming its index."""
+        entries = body.get("entries") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            raise InvalidRequest("entries must be a list of ipcache entries", "entries")
+        changes = []
+        for i, entry in enumerate(entries):
+            try:
+                changes.append(self._remote(entry))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"entries[{i}]: {exc}",
+                                     f"entries[{i}]" + (f".{exc.field}" if exc.field else "")) from None
+        changed = self.agent.submit(PutRemotes(changes))
+        return {"entries": len(changes), "changed": changed}
+
+    @staticmethod
+    def _remote(entry) -> PutRemote:
         if not isinstance(entry, dict):
             raise InvalidRequest("ipcache entry must be a JSON object")
         for k in entry:
@@ -123,7 +154,7 @@ class AgentAPI:
         if not labels and not node:
             raise InvalidRequest("labels are required (or node: true for another host's own "
                                  "addresses)", "labels")
-        return self.agent.submit(PutRemote(prefix, labels, host, node))
+        return PutRemote(prefix, labels, host, node)
 
     def remove_ipcache(self, prefix: str) -> None:
         self.agent.submit(DeleteRemote(parse_prefix(prefix)))

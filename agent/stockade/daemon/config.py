@@ -115,11 +115,23 @@ class AgentConfig:
     runtime_probe_interval: float = 5.0
     runtime_relist_interval: float = 60.0
     metrics_listen: str | None = None  # e.g. 127.0.0.1:9962
-    policy_map_size: int = 65536
+    policy_map_size: int = 262144
     endpoints_map_size: int = 4096
-    ipcache_map_size: int = 65536
+    ipcache_map_size: int = 262144
     ct_map_size: int = 262144
     log_level: str = "info"
+    # L7 (HTTP rules): the transparent proxy (docs/policy.md, "HTTP rules"). It starts
+    # when the first HTTP rule applies to a local endpoint.
+    l7_haproxy: str = "/usr/sbin/haproxy"
+    l7_user: str = "haproxy"                 # the proxy runs as this user
+    l7_run_dir: str = "/run/stockade/l7"     # its configuration, maps and sockets
+    l7_proxy_port: int = 15001               # its transparent listener
+    l7_mark: int = 0x5D170000                # skb mark of steered packets (high 16 bits)
+    l7_route_table: int = 2317               # policy route table of steered packets
+    l7_rule_priority: int = 2317             # ip rule preference
+    l7_nft_table: str = "stockade_l7"        # nft table (family inet)
+    l7_slots: int = 8                        # rules per rule set before a proxy restart
+    l7_match_limit: int = 100000             # PCRE2 match limit of each HTTP pattern
     # The fleet store on etcd: off without endpoints (nothing changes then).
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
@@ -154,7 +166,8 @@ class AgentConfig:
                 "EVENTS_NEW_RATE": self.flow_events_rate,
                 "EVENTS_NEW_BURST": self.flow_events_burst,
                 "EVENTS_DROP_RATE": self.drop_events_rate,
-                "EVENTS_DROP_BURST": self.drop_events_burst}
+                "EVENTS_DROP_BURST": self.drop_events_burst,
+                "L7_MARK": self.l7_mark}
 
 
 def field_names() -> list[str]:

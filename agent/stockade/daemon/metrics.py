@@ -45,6 +45,11 @@ def _kvstore_metrics(st: dict):
                           "(listed, watching, keepalives answered), else 0")
     g.add_metric([], 1 if st["state"] == "connected" else 0)
     yield g
+    g = GaugeMetricFamily("stockade_kvstore_state", "The fleet store's state: 1 for the current one",
+                          labels=["state"])
+    for state in ("connected", "degraded", "disconnected"):
+        g.add_metric([state], 1 if st["state"] == state else 0)
+    yield g
     for name, doc, key in (
             ("stockade_kvstore_endpoints_reachable", "etcd endpoints that answer", "endpoints_reachable"),
             ("stockade_kvstore_remote_entries", "Other hosts' addresses from the fleet store",
