@@ -258,7 +258,8 @@ def main() -> dict:
             out["publish_to_map_ms_p99_per_agent"] = [pct(p.latencies, 0.99) for p in pollers]
             # the end state: etcd's keys and every agent's entries
             items, _ = c.list_prefix(f"{P}/endpoints/".encode())
-            want = {kv.key.decode().rsplit("/", 1)[1] + "/32" for kv in items}
+            want = {kv.key.decode().rsplit("/", 1)[1] + "/32" for kv in items
+                    if kv.key.decode().split("/")[-2].startswith("sim")}
             for a in agents:
                 have = {e["prefix"] for e in a.client.ipcache() if e["source"] == "kvstore"
                         and e["host"] and e["host"].startswith("sim")}
@@ -276,24 +277,27 @@ def main() -> dict:
             out["relist_20000_s"] = out["relist_20000"]["total_s"]
 
             # + 80,000 keys (lease-less) for the re-list of 100,000
-            t0 = time.monotonic()
-            c.write([(key(i, sim_ip(i, j)), record(i, j), 0)
-                     for i in range(HOSTS, HOSTS + BIG_HOSTS) for j in range(BIG_PER_HOST)])
-            total = len(want) + BIG_HOSTS * BIG_PER_HOST
-            wait(lambda: all(kvstore(a).get("remote_entries", 0) >= total for a in agents), 300,
-                 "100,000 entries at every agent")
-            out["watched_80000_more_s"] = round(time.monotonic() - t0, 2)
-            time.sleep(1)
-            rss100 = [rss_mb(a.proc.pid) for a in agents[:2]]
-            out["rss_mb_100000_entries"] = [round(r, 1) for r in rss100]
-            out["rss_mb_per_1000_at_100000"] = round(
-                max((b - a) / 100 for a, b in zip(rss0[:2], rss100, strict=True)), 3)
-            agents[2].kill(signal.SIGTERM)
-            agents[2].start(timeout=120)
-            wait(lambda: (kvstore(agents[2]).get("last_listing") or {}).get("keys", 0) >= total,
-                 120, "the re-list of 100,000")
-            out["relist_100000"] = kvstore(agents[2])["last_listing"]
-            out["relist_100000_s"] = out["relist_100000"]["total_s"]
+            try:
+                t0 = time.monotonic()
+                c.write([(key(i, sim_ip(i, j)), record(i, j), 0)
+                         for i in range(HOSTS, HOSTS + BIG_HOSTS) for j in range(BIG_PER_HOST)])
+                total = len(want) + BIG_HOSTS * BIG_PER_HOST
+                wait(lambda: all(kvstore(a).get("remote_entries", 0) >= total for a in agents), 300,
+                     "100,000 entries at every agent")
+                out["watched_80000_more_s"] = round(time.monotonic() - t0, 2)
+                time.sleep(1)
+                rss100 = [rss_mb(a.proc.pid) for a in agents[:2]]
+                out["rss_mb_100000_entries"] = [round(r, 1) for r in rss100]
+                out["rss_mb_per_1000_at_100000"] = round(
+                    max((b - a) / 100 for a, b in zip(rss0[:2], rss100, strict=True)), 3)
+                agents[2].kill(signal.SIGTERM)
+                agents[2].start(timeout=120)
+                wait(lambda: (kvstore(agents[2]).get("last_listing") or {}).get("keys", 0) >= total,
+                     120, "the re-list of 100,000")
+                out["relist_100000"] = kvstore(agents[2])["last_listing"]
+                out["relist_100000_s"] = out["relist_100000"]["total_s"]
+            except RuntimeError as exc:      # keep the figures measured so far
+                out["relist_100000_error"] = str(exc)
             keep.set()
             wc.close()
         finally:
@@ -302,7 +306,7 @@ def main() -> dict:
             c.close()
     out["targets"] = TARGETS
     out["ok"] = (out["publish_to_map_ms"]["p99"] < TARGETS["p99_ms"] and
-                 out["relist_100000_s"] < TARGETS["relist_100000_s"] and
+                 out.get("relist_100000_s", float("inf")) < TARGETS["relist_100000_s"] and
                  out["changes_lost"] == 0 and out["rss_mb_per_1000"] < TARGETS["rss_mb_per_1000"])
     return out
 
