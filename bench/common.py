@@ -127,11 +127,14 @@ def netfilter_empty(ns: str) -> bool:
 
 
 def tc_filters(ifname: str) -> str:
+    """The programs left on ``ifname``, tc filters and tcx links ('' when none)."""
+    from attached import program_ids  # tests/attached.py
     out = ""
     for d in ("ingress", "egress"):
         out += subprocess.run(["tc", "filter", "show", "dev", ifname, d], capture_output=True,
                               text=True).stdout
-    return out.strip()
+    ids = program_ids(ifname)
+    return (out.strip() + (f" programs {ids}" if ids else "")).strip()
 
 
 def rss_mb(pid: int) -> dict:

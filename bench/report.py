@@ -61,6 +61,39 @@ TARGETS = {
         ("agent RSS with a full flow ring (estimate: the line above + the flow benchmark's "
          "full-ring memory)", "rss.rss_with_flows_estimate_mb", "MB", "< 200 MB", lambda v: v < 200),
     ],
+    "fleet": [
+        ("publish -> entry in each real agent's ipcache map, p50 (100 changes/s, 20,000 keys)",
+         "publish_to_map_ms.p50", "ms", "-", None),
+        ("publish -> entry in each real agent's ipcache map, p99", "publish_to_map_ms.p99", "ms",
+         "< 500 ms", lambda v: v < 500),
+        ("a local change -> its key in etcd, p50 (API call to key readable, 20 rounds)",
+         "local_change_to_etcd_ms.p50", "ms", "< 100 ms", lambda v: v < 100),
+        ("changes lost, an etcd member killed -9 during the churn", "changes_lost", "", "0",
+         lambda v: v == 0),
+        ("full re-list of 20,000 entries (listed, applied, persisted)", "relist_20000_s", "s", "-",
+         None),
+        ("full re-list of 100,000 entries", "relist_100000_s", "s", "< 5 s", lambda v: v < 5),
+        ("agent RSS per 1,000 remote entries (at 20,000)", "rss_mb_per_1000", "MB", "< 2 MB",
+         lambda v: v < 2),
+        ("agent RSS per 1,000 remote entries (at 100,000)", "rss_mb_per_1000_at_100000", "MB",
+         "< 2 MB", lambda v: v < 2),
+    ],
+    "attach": [
+        ("tc mode, `tc filter del dev B egress` returned -> first dropped denied probe, p99 "
+         "(20 trials)", "tc.filter.open_ms_p99", "ms", "< 1000 ms", lambda v: v < 1000),
+        ("same, p50", "tc.filter.open_ms_p50", "ms", "-", None),
+        ("denied probes that reached the receiver, per removal, p99 (from the command's start)",
+         "tc.filter.leaked_probes_p99", "", "-", None),
+        ("tc mode, `tc qdisc del dev B clsact` returned -> first dropped denied probe, p99",
+         "tc.qdisc.open_ms_p99", "ms", "< 1000 ms", lambda v: v < 1000),
+        ("same, p50", "tc.qdisc.open_ms_p50", "ms", "-", None),
+        ("denied probes that reached the receiver, per removal, p99", "tc.qdisc.leaked_probes_p99",
+         "", "-", None),
+        ("longest gap between two probes around a removal (probe every 0.5 ms)",
+         "tc.filter.probe_interval_ms_max", "ms", "-", None),
+        ("tcx mode, same removals: denied probes that reached the receiver, total",
+         "tcx_leaked_total", "", "0", lambda v: v == 0),
+    ],
     "loader": [
         ("100,000-entry file (10,000 documents): load as before (PyYAML CSafeLoader), CPU",
          "bench_file.before_cpu_s", "s", "-", None),
@@ -210,6 +243,7 @@ DETAILS = {
     "flows": ("flows", generic),
     "vm": ("vm", generic),
     "services": ("services", generic),
+    "fleet-detail": ("fleet", generic),
 }
 
 

@@ -19,8 +19,10 @@ BENCHES = {
     "flows": "bench.flows_bench",  # written with the flows feature; skipped while absent
     "vm": "bench.vm_bench",
     "services": "bench.services_bench",
+    "fleet": "bench.fleet_bench",
     "profile": "bench.profile",
     "loader": "bench.policy_fuzz_bench",
+    "attach": "bench.attach_bench",
 }
 # Seconds a module may run; its own cap is below this (the loader fuzz stops at 30 min).
 TIMEOUTS = {"loader": 2400}

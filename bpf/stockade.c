@@ -19,6 +19,7 @@
 #include "lib/conntrack.h"
 #include "lib/policy.h"
 #include "lib/metrics.h"
+#include "lib/l7.h"
 #include "lib/datapath.h"
 
 /* tc ingress of the host-side interface: packets the workload sends. */

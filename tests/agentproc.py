@@ -26,11 +26,13 @@ STOCKADE = [str(Path(sys.executable).parent / "stockade")]
 class AgentProcess:
     _count = 0
 
-    def __init__(self, command: list[str] | None = None, env: dict | None = None, **settings):
+    def __init__(self, command: list[str] | None = None, env: dict | None = None,
+                 shared_namespace: bool = True, **settings):
         """``command`` (default: this checkout's ``stockade``) runs another build, with
         ``env`` added to the environment (e.g. its PYTHONPATH)."""
         AgentProcess._count += 1
         self.command = command or STOCKADE
+        self.shared_namespace = shared_namespace
         self.env = env
         tag = f"{os.getpid()}-{AgentProcess._count}"
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"stockade-test-{tag}-", dir="/run"))
@@ -71,7 +73,7 @@ class AgentProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*self.command, "agent", "--config", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **(self.env or {})})
+                                     env=self.environ())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,6 +86,15 @@ class AgentProcess:
                     pass
             time.sleep(0.1)
         raise RuntimeError(f"agent did not answer within {timeout}s:\n{self.log()}")
+
+    def environ(self) -> dict:
+        """Test agents share the root network namespace with each other (and with a
+        demo agent): they skip the one-agent-per-namespace lock (daemon/nslock.py), each
+        owning interfaces of its own. ``shared_namespace=False`` takes it."""
+        env = {**os.environ, **(self.env or {})}
+        if self.shared_namespace:
+            env["STOCKADE_SHARED_NAMESPACE"] = "1"
+        return env
 
     def log(self) -> str:
         try:
@@ -107,7 +118,7 @@ class AgentProcess:
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
         subprocess.run([*self.command, "agent", "--config", str(self.config_path), "--cleanup"],
-                       capture_output=True, timeout=60, env={**os.environ, **(self.env or {})})
+                       capture_output=True, timeout=60, env=self.environ())
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> "AgentProcess":

@@ -88,6 +88,7 @@ def test_agent_refuses_to_start_with_78(tmp_path, monkeypatch):
 def _started_with(monkeypatch, args, config_text=None, tmp_path=None):
     seen = []
     monkeypatch.setattr(agent_daemon, "run", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setenv("STOCKADE_SHARED_NAMESPACE", "1")  # run() never starts: no lock needed
     if config_text is not None:
         (tmp_path / "a.yaml").write_text(config_text)
         args = ["--config", str(tmp_path / "a.yaml"), *args]
@@ -131,7 +132,7 @@ def _keys(props: dict, prefix: str = ""):
 def test_every_key_is_a_flag_with_help_and_documented():
     help_text = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["agent", "--help"], terminal_width=200).output
     docs = (ROOT / "docs/agent.md").read_text()
-    table = set(re.findall(r"`([a-z_.]+)`", "\n".join(l for l in docs.splitlines() if l.startswith("| `"))))
+    table = set(re.findall(r"`([a-z0-9_.]+)`", "\n".join(l for l in docs.splitlines() if l.startswith("| `"))))
     for key, prop in schema()["properties"].items():
         assert prop.get("description"), key
     for key in _keys(schema()["properties"]):
@@ -147,7 +148,7 @@ def test_schema_is_packaged():
 
 
 def test_role_validates_with_check_config():
-    tasks = yaml.safe_load((ROOT / "roles/stockade_agent/tasks/present.yml").read_text())
+    tasks = yaml.safe_load((ROOT / "ansible_collections/stockade/fleet/roles/stockade_agent/tasks/present.yml").read_text())
     if not tasks:
         pytest.fail("no tasks")
     validate = [t["ansible.builtin.template"]["validate"] for t in tasks

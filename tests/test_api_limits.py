@@ -60,6 +60,7 @@ ACCESS = {
     ("DELETE", "/v1/policies"): DRY_RUN,
     ("DELETE", "/v1/policies/{name}"): DRY_RUN,
     ("GET", "/v1/metrics"): READ,
+    ("GET", "/metrics"): READ,  # Prometheus' default path, on the socket too
     ("GET", "/v1/services"): READ,
     ("PUT", "/v1/services"): DRY_RUN,
     ("GET", "/v1/flows"): READ,

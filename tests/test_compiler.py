@@ -23,13 +23,13 @@ TCP, UDP, SCTP, ICMP, ICMP6 = PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP, PROT
 HOST, WORLD = 1, 2
 
 
-def policy(spec, name="p", kind="CiliumNetworkPolicy", namespace=None, allow_l7=False):
+def policy(spec, name="p", kind="CiliumNetworkPolicy", namespace=None):
     meta = {"name": name}
     if namespace:
         meta["namespace"] = namespace
     doc = {"apiVersion": "cilium.io/v2", "kind": kind, "metadata": meta,
            "spec": yaml.safe_load(spec) if isinstance(spec, str) else spec}
-    return sanitize_document(doc, allow_l7=allow_l7)
+    return sanitize_document(doc)
 
 
 class World:
@@ -270,8 +270,7 @@ def test_delta_adds_and_removes_are_disjoint():
 
 
 def test_l7_kept_when_allowed():
-    p = policy("{endpointSelector: {}, ingress: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{method: GET, path: '/api/.*'}]}}]}]}",
-               allow_l7=True)
+    p = policy("{endpointSelector: {}, ingress: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{method: GET, path: '/api/.*'}]}}]}]}")
     assert p.has_l7 and p.rules[0].ingress[0].to_ports[0].http[0].method == "GET"
 
 

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from stockade.errors import PolicyErrors
 from stockade.policy.api.loader import load_file, load_text
-from stockade.policy.api.validation import L7_NOT_ENFORCED
 
 pytestmark = pytest.mark.pure
 
@@ -37,7 +36,7 @@ def test_valid_file_loads(path):
     for p in policies:
         assert p.source == str(path)
         assert p.rules
-        assert not p.has_l7
+        assert p.has_l7 == (path.name == "l7-http.yaml")
 
 
 CNP, CCNP = "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"
@@ -254,9 +253,8 @@ INVALID = {
     "yaml-syntax.yaml": [(0, "spec.endpointSelector",
                           "cannot parse at line 7, column 3: did not find expected ',' or '}'")],
     "one-of-three-bad.yaml": [(1, "spec.ingress[0].toPorts[0].ports[0].port", f"'http2' is not a port number {NS}")],
-    "l7-http.yaml": [(0, "spec.ingress[0].toPorts[0].rules.http", L7_NOT_ENFORCED)],
     "l7-http-bad-regex.yaml": [(0, "spec.ingress[0].toPorts[0].rules.http[0].path",
-                                "invalid regular expression: missing )")],
+                                "invalid regular expression (RE2 syntax): missing )")],
     "l7-http-in-deny.yaml": [(0, "spec.ingressDeny[0].toPorts[0].rules", "deny rules cannot have L7 rules")],
     "not-a-mapping.yaml": [(0, "", "must be of type object, not str")],
     # Shapes Cilium's rule validation refuses, with its wording.
@@ -310,7 +308,8 @@ def test_invalid_file_rejected(name, expected):
     ("unsupported-toFQDNs.yaml",
      "{f}: document 0 (p): spec.egress[0].toFQDNs: toFQDNs is not supported by Stockade"),
     ("missing-name.yaml", "{f}: document 0: metadata.name: is required"),
-    ("l7-http.yaml", "{f}: document 0 (p): spec.ingress[0].toPorts[0].rules.http: " + L7_NOT_ENFORCED),
+    ("l7-http-in-deny.yaml",
+     "{f}: document 0 (p): spec.ingressDeny[0].toPorts[0].rules: deny rules cannot have L7 rules"),
     ("yaml-syntax.yaml",
      "{f}: document 0 (p): spec.endpointSelector: "
      "cannot parse at line 7, column 3: did not find expected ',' or '}}'"),
@@ -355,15 +354,15 @@ spec:
       rules: {http: [{method: "[", headers: ["bad header"]}]}
 """, [("spec.ingress[0].toPorts[0].rules.http[0].headers[0]", "'bad header' is not a valid header"),
       ("spec.ingress[0].toPorts[0].rules.http[0].method", "invalid regular expression")]),
-], ids=["http-allowed-with-allow_l7", "http-errors-still-reported-with-allow_l7"])
+], ids=["http-allowed", "http-errors-reported"])
 def test_l7_allowed(doc, errors):
     if not errors:
-        [policy] = load_text(doc, "inline.yaml", allow_l7=True)
+        [policy] = load_text(doc, "inline.yaml")
         assert policy.has_l7
         assert policy.rules[0].ingress[0].to_ports[0].http[0].path == "/api/.*"
         return
     with pytest.raises(PolicyErrors) as info:
-        load_text(doc, "inline.yaml", allow_l7=True)
+        load_text(doc, "inline.yaml")
     got = sorted((e.path, e.msg) for e in info.value.errors)
     assert len(got) == len(errors)
     for (path, msg), (epath, emsg) in zip(got, errors, strict=False):

@@ -309,4 +309,25 @@ struct flow_event {
 	__u32 policy_any;     /* policy_id of the any-peer entry that matched (0: none) */
 };
 
+/* L7 steering (lib/l7.h). l7_ports: hash, an L7-enforced TCP port of a local
+ * endpoint's address -> its identity. l7_host: hash, an endpoint's host-side ifindex
+ * -> where a steered packet enters the host's IP stack: the bridge device (ifindex and
+ * MAC), or the host-side interface itself when it is routed (its own ifindex and MAC). */
+struct l7_port_key {
+	__u8  family;     /* 4 or 6 */
+	__u8  pad;
+	__be16 port;      /* network order */
+	__u8  addr[16];   /* network order; IPv4: first 4 bytes, rest zero */
+};
+
+struct l7_port_value {
+	__u32 identity;
+};
+
+struct l7_host {
+	__u32 ifindex;
+	__u8  mac[6];
+	__u8  pad[2];
+};
+
 #endif /* STOCKADE_MAPS_H */

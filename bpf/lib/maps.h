@@ -33,6 +33,10 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter_value, counters,
 		 NUM_COUNTERS, PIN_counters);
 BPF_TABLE_PINNED("array", __u32, struct config_value, config,
 		 1, PIN_config);
+BPF_TABLE_PINNED("hash", struct l7_port_key, struct l7_port_value, l7_ports,
+		 L7_PORTS_MAX, PIN_l7_ports);
+BPF_TABLE_PINNED("hash", __u32, struct l7_host, l7_host,
+		 ENDPOINTS_MAX, PIN_l7_host);
 /* Not pinned: a restarted agent opens a fresh stream (events are not state). */
 BPF_RINGBUF_OUTPUT(events, EVENTS_PAGES);
 BPF_PERCPU_ARRAY(event_buckets, struct event_bucket, NUM_EVENT_CLASSES);

@@ -13,9 +13,12 @@
 # host's workload subnet to that host's fabric address: routed, no NAT.
 # Each host gets a bpffs at /run/skm-HOST/bpf (outside /sys, which `ip netns exec` hides).
 # Only names made here are deleted; processes are stopped by their PID files only.
+# SKM_PREFIX, SKM_FABRIC and SKM_WORKLOADS rename all of it (molecule/kvstore: skk,
+# 192.168.78, 10.78) so that two scenarios can run side by side.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-WWW=/run/skm-www
+P="${SKM_PREFIX:-skm}" FAB="${SKM_FABRIC:-192.168.77}" WL="${SKM_WORKLOADS:-10.77}"
+WWW="/run/$P-www"
 cmd="$1"; shift
 HOSTS=("$@")
 
@@ -32,33 +35,33 @@ up() {
   echo ok > "$WWW/index.html"
   printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%%s\\n" "$REMOTE_ADDR"\n' > "$WWW/cgi-bin/ip"
   chmod 755 "$WWW/cgi-bin/ip"
-  if ! q ip link show skm-fab; then
-    ip link add skm-fab type bridge stp_state 0
-    echo 1 > /proc/sys/net/ipv6/conf/skm-fab/disable_ipv6 || true
-    ip link set skm-fab up
+  if ! q ip link show $P-fab; then
+    ip link add $P-fab type bridge stp_state 0
+    echo 1 > /proc/sys/net/ipv6/conf/$P-fab/disable_ipv6 || true
+    ip link set $P-fab up
   fi
   for spec in "${HOSTS[@]}"; do
     IFS=: read -r host idx wls <<< "$spec"
-    ns="skm-$host" run="/run/skm-$host"
+    ns="$P-$host" run="/run/$P-$host"
     mkdir -p "$run/bpf"
     mountpoint -q "$run/bpf" || mount -t bpf bpf "$run/bpf"
     q ip netns pids "$ns" || ip netns add "$ns"
     ip -n "$ns" link set lo up
-    if ! q ip link show "skm-$host-f"; then
-      ip link add "skm-$host-f" type veth peer name fab0 netns "$ns"
-      echo 1 > "/proc/sys/net/ipv6/conf/skm-$host-f/disable_ipv6" || true
-      ip link set "skm-$host-f" master skm-fab up
-      ip -n "$ns" addr add "192.168.77.$idx/24" dev fab0
+    if ! q ip link show "$P-$host-f"; then
+      ip link add "$P-$host-f" type veth peer name fab0 netns "$ns"
+      echo 1 > "/proc/sys/net/ipv6/conf/$P-$host-f/disable_ipv6" || true
+      ip link set "$P-$host-f" master $P-fab up
+      ip -n "$ns" addr add "$FAB.$idx/24" dev fab0
       ip -n "$ns" link set fab0 up
       ip -n "$ns" link add wbr0 type bridge stp_state 0
-      ip -n "$ns" addr add "10.77.$idx.1/24" dev wbr0
+      ip -n "$ns" addr add "$WL.$idx.1/24" dev wbr0
       ip -n "$ns" link set wbr0 up
       ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
     fi
     IFS=, read -r -a wl <<< "$wls"
     for w in "${wl[@]}"; do
       IFS=/ read -r name ip port <<< "$w"
-      wns="skm-$host-$name"
+      wns="$P-$host-$name"
       if ! q ip netns pids "$wns"; then
         ip netns add "$wns"
         ip -n "$ns" link add "$name-h" type veth peer name eth0 netns "$wns"
@@ -66,7 +69,7 @@ up() {
         ip -n "$wns" link set lo up
         ip -n "$wns" addr add "$ip/24" dev eth0
         ip -n "$wns" link set eth0 up
-        ip -n "$wns" route add default via "10.77.$idx.1"
+        ip -n "$wns" route add default via "$WL.$idx.1"
       fi
       if [ -n "${port:-}" ] && ! pid_alive "$run/$name.pid" httpd; then
         setsid ip netns exec "$wns" busybox httpd -f -p "$port" -h "$WWW" \
@@ -81,7 +84,7 @@ up() {
     for peer in "${HOSTS[@]}"; do
       IFS=: read -r _ pidx _ <<< "$peer"
       [ "$pidx" = "$idx" ] && continue
-      ip -n "skm-$host" route replace "10.77.$pidx.0/24" via "192.168.77.$pidx"
+      ip -n "$P-$host" route replace "$WL.$pidx.0/24" via "$FAB.$pidx"
     done
   done
 }
@@ -89,12 +92,14 @@ up() {
 down() {
   for spec in "${HOSTS[@]}"; do
     IFS=: read -r host idx wls <<< "$spec"
-    ns="skm-$host" run="/run/skm-$host"
+    ns="$P-$host" run="/run/$P-$host"
     # the role's uninstall normally did this; here only what is left behind
     if pid_alive "$run/agent.pid" "stockade"; then
       kill -TERM "$(cat "$run/agent.pid")"; sleep 1
       pid_alive "$run/agent.pid" "stockade" && kill -KILL "$(cat "$run/agent.pid")"
     fi
+    # an etcd member (molecule/kvstore) the role's uninstall did not stop
+    if pid_alive "$run/etcd.pid" "etcd"; then kill -KILL "$(cat "$run/etcd.pid")"; fi
     if [ -f "$run/agent.yaml" ] && q ip netns pids "$ns"; then
       ip netns exec "$ns" "$ROOT/.venv/bin/stockade" agent --cleanup --config "$run/agent.yaml" >/dev/null 2>&1 || true
     fi
@@ -105,37 +110,38 @@ down() {
     for w in "${wl[@]}"; do
       IFS=/ read -r name _ _ <<< "$w"
       if pid_alive "$run/$name.pid" httpd; then kill -TERM "$(cat "$run/$name.pid")"; fi
-      q ip netns del "skm-$host-$name" || true
+      q ip netns del "$P-$host-$name" || true
     done
     q ip netns del "$ns" || true
-    q ip link del "skm-$host-f" || true
+    q ip link del "$P-$host-f" || true
     if mountpoint -q "$run/bpf"; then umount "$run/bpf"; fi
     rm -rf "$run"
   done
-  q ip link del skm-fab || true
+  q ip link del $P-fab || true
   rm -rf "$WWW"
 }
 
 check() {
   local left=()
-  q ip link show skm-fab && left+=("link skm-fab")
+  q ip link show $P-fab && left+=("link $P-fab")
   [ -e "$WWW" ] && left+=("$WWW")
   for spec in "${HOSTS[@]}"; do
     IFS=: read -r host idx wls <<< "$spec"
-    q ip netns pids "skm-$host" && left+=("netns skm-$host")
-    q ip link show "skm-$host-f" && left+=("link skm-$host-f")
-    [ -e "/run/skm-$host" ] && left+=("/run/skm-$host")
-    grep -q " /run/skm-$host/bpf " /proc/mounts && left+=("bpffs /run/skm-$host/bpf")
+    q ip netns pids "$P-$host" && left+=("netns $P-$host")
+    q ip link show "$P-$host-f" && left+=("link $P-$host-f")
+    [ -e "/run/$P-$host" ] && left+=("/run/$P-$host")
+    grep -q " /run/$P-$host/bpf " /proc/mounts && left+=("bpffs /run/$P-$host/bpf")
     IFS=, read -r -a wl <<< "$wls"
     for w in "${wl[@]}"; do
       IFS=/ read -r name _ _ <<< "$w"
-      q ip netns pids "skm-$host-$name" && left+=("netns skm-$host-$name")
+      q ip netns pids "$P-$host-$name" && left+=("netns $P-$host-$name")
     done
   done
   # processes: looked for (never killed) by what they were started with
   for spec in "${HOSTS[@]}"; do
     IFS=: read -r host _ _ <<< "$spec"
-    pgrep -f -- "--config /run/skm-$host/agent.yaml" >/dev/null && left+=("agent process of $host")
+    pgrep -f -- "--config /run/$P-$host/agent.yaml" >/dev/null && left+=("agent process of $host")
+    pgrep -f -- "--config-file /run/$P-$host/" >/dev/null && left+=("etcd process of $host")
   done
   pgrep -f -- "-h $WWW" >/dev/null && left+=("workload httpd")
   if [ ${#left[@]} -gt 0 ]; then echo "left behind: ${left[*]}" >&2; exit 1; fi

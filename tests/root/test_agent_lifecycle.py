@@ -8,7 +8,8 @@ import time
 import pytest
 
 from agentproc import AgentProcess
-from netns import Topology, run
+from attached import attached
+from netns import Topology
 from traffic import eventually, tcp_ok, udp_ok
 
 pytestmark = pytest.mark.root
@@ -88,17 +89,17 @@ def test_new_interface_on_managed_bridge_is_closed_until_identified(topo, unknow
             assert 'reason="unknown_endpoint"' in agent.client.metrics()
 
 
-def _attached(ifname: str) -> bool:
-    out = run("tc", "filter", "show", "dev", ifname, "ingress", check=False).stdout
-    return "from_endpoint" in out
+_attached = attached
 
 
-def test_reports_unprotected_interfaces_found_at_start(topo):
+def test_unprotected_is_live(topo):
+    """Interfaces found unprotected at start are protected once attached: the list is
+    what is unprotected now, not what was at start."""
     t, w = topo
     with AgentProcess(managed_bridges=[t.bridge]) as agent:
-        found = agent.client.health()["unprotected_interfaces"]
-        assert {w[n].host_if for n in "abc"} <= set(found)
         assert all(_attached(w[n].host_if) for n in "abc")
+        assert eventually(lambda: agent.client.health()["unprotected_interfaces"] == [], timeout=5)
+        assert agent.client.health()["status"] == "ok"
 
 
 def test_restart_keeps_enforcing(topo):
@@ -175,7 +176,8 @@ def test_cleanup_detaches_and_unpins(topo):
         assert _attached(w["a"].host_if)
         agent.kill()
         r = subprocess.run([*__import__("agentproc").STOCKADE, "agent", "--config",
-                            str(agent.config_path), "--cleanup"], capture_output=True, text=True)
+                            str(agent.config_path), "--cleanup"], capture_output=True, text=True,
+                           env=agent.environ())
         assert r.returncode == 0, r.stderr
         assert not _attached(w["a"].host_if)
         import os

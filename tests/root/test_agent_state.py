@@ -56,7 +56,7 @@ def enforcing(w) -> bool:
 def agent_cmd(agent, *args, timeout=30) -> tuple[subprocess.CompletedProcess, float]:
     t = time.monotonic()
     r = subprocess.run([*STOCKADE, "agent", "--config", str(agent.config_path), *args],
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, env=agent.environ())
     return r, time.monotonic() - t
 
 

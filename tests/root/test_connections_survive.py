@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -33,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from agentproc import ROOT, AgentProcess
-from netns import Topology, run
+from attached import attached, program_tags
+from netns import Topology
 from podman import PrivatePodman, podman_available
 from traffic import eventually, tcp_ok, udp_ok
 
@@ -104,12 +104,6 @@ def builds():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def program_tags(ifname: str) -> tuple[str, ...]:
-    out = run("tc", "filter", "show", "dev", ifname, "ingress").stdout + \
-        run("tc", "filter", "show", "dev", ifname, "egress").stdout
-    return tuple(re.findall(r"tag ([0-9a-f]+)", out))
-
-
 # ---------------------------------------------------------------- traffic
 class FlowPump:
     def __init__(self, w):
@@ -141,10 +135,6 @@ class FlowPump:
 # ---------------------------------------------------------------- the test
 def endpoints(agent) -> dict[str, dict]:
     return {e["name"]: e for e in agent.client.endpoints()}
-
-
-def attached(ifname: str) -> bool:
-    return "from_endpoint" in run("tc", "filter", "show", "dev", ifname, "ingress", check=False).stdout
 
 
 def test_connections_survive_restarts_upgrades_imports_and_churn():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from agentproc import AgentProcess
+from attached import program_ids
 from netns import Topology
 from oldbuild import RUN_AGENT, old_build
 from traffic import eventually, tcp_ok
@@ -196,15 +196,8 @@ def test_upgrade_keeps_connections_and_policy(old_tree):
 
 
 def prog_ids(ifname: str) -> set[int]:
-    """Ids of the BPF programs tc runs on ``ifname`` (both hooks)."""
-    import json
-    ids = set()
-    for hook in ("ingress", "egress"):
-        out = subprocess.run(["tc", "-j", "filter", "show", "dev", ifname, hook],
-                             capture_output=True, text=True, check=True).stdout
-        ids |= {f["options"]["prog"]["id"] for f in json.loads(out)
-                if "prog" in f.get("options", {})}
-    return ids
+    """Ids of the BPF programs run on ``ifname`` (both hooks, tcx or tc)."""
+    return set(program_ids(ifname))
 
 
 def _longest_gap(times: list[float], since: float) -> float:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from agentproc import AgentProcess
-from netns import run
+from attached import attached
 from podman import PrivatePodman, podman_available
 from traffic import eventually
 
@@ -26,10 +26,6 @@ def source(agent) -> dict:
 
 def endpoints(agent) -> dict[str, dict]:
     return {e["name"]: e for e in agent.client.endpoints()}
-
-
-def attached(ifname: str) -> bool:
-    return "from_endpoint" in run("tc", "filter", "show", "dev", ifname, "ingress", check=False).stdout
 
 
 def enforced(agent, running: dict[str, str]) -> bool:

@@ -53,9 +53,10 @@ def test_uploaded_files_are_reviewed_together(post, agent):
     assert_nothing_applied(agent)
 
 
-def test_a_path_on_the_host_file_or_directory(post, agent, tmp_path):
+def test_a_path_on_the_host_file_or_directory(post, agent, tmp_path, app):
     d = tmp_path / "policies"
     d.mkdir()
+    app.config["POLICY_DIRS"] = [str(d)]
     (d / "db.yaml").write_text(PROPOSED)
     (d / "notes.txt").write_text("ignored")
     for path in (str(d), str(d / "db.yaml")):
@@ -67,12 +68,13 @@ def test_a_path_on_the_host_file_or_directory(post, agent, tmp_path):
 
 @pytest.mark.parametrize("path,needle", [
     ("relative/dir", "give an absolute path"),
-    ("/nonexistent/stockade/policies", "no such file or directory"),
-    ("EMPTY", "holds no .yaml"),
-], ids=["relative", "missing", "empty-dir"])
-def test_bad_paths_are_explained(post, tmp_path, path, needle):
-    if path == "EMPTY":
-        path = str(tmp_path)
+    ("/nonexistent/stockade/policies", "is not inside the policy directories"),
+    ("TMP/missing", "No such file or directory"),
+    ("TMP", "holds no .yaml"),
+], ids=["relative", "outside", "missing", "empty-dir"])
+def test_bad_paths_are_explained(post, tmp_path, path, needle, app):
+    app.config["POLICY_DIRS"] = [str(tmp_path)]
+    path = path.replace("TMP", str(tmp_path))
     r = post(path=path)
     assert r.status_code == 400 and needle in text(r)
 

@@ -81,13 +81,14 @@ def review():
                 for f in body["files"]):
             return _error(400, 'send {"files": [{"name": str, "text": str}], "replace_all": bool}')
         files, replace_all = body["files"], bool(body.get("replace_all"))
+        hidden: frozenset = frozenset()
     else:
         try:
-            files = files_from_request()
+            files, hidden = files_from_request()
         except views.ReviewInputError as exc:
             return _error(400, str(exc))
         replace_all = request.form.get("replace_all") in ("on", "true", "1")
-    result = views.review(h, files, replace_all=replace_all)
+    result = views.review(h, files, replace_all=replace_all, hidden=hidden)
     if not result["valid"]:
         return _error(400, "the proposed policy set is not valid", errors=result["errors"])
     return jsonify(result)

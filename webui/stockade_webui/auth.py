@@ -2,7 +2,12 @@
 
 - Pages need a session made by POST /login with the token; the session cookie is
   HttpOnly and SameSite=Strict and holds a fingerprint of the token, so replacing the
-  token file and restarting ends every session.
+  token file and restarting ends every session, and a random session id that must be
+  in the server's set of open sessions (Sessions): logout removes it, so a copy of the
+  cookie is worthless afterwards.
+- Login: 5 wrong tokens within a minute from one client address, then 429 until that
+  minute is over (LoginLimiter).
+- After login the browser goes to ``next`` only when it is a path of this site.
 - /api/v1 accepts ``Authorization: Bearer <token>`` (no cookie, no CSRF needed) or a
   logged-in session.
 - Every POST made with a session carries the session's CSRF token, as the form field
@@ -17,7 +22,10 @@ import hmac
 import os
 import secrets
 import stat
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
 
@@ -64,6 +72,70 @@ def write_token_file(path: str) -> str:
     return token
 
 
+class Sessions:
+    """Open session ids and their expiry (time.monotonic()), at most ``cap`` (the oldest
+    go first)."""
+
+    def __init__(self, lifetime: float, cap: int = 10000):
+        self.lifetime, self.cap = lifetime, cap
+        self._open: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> str:
+        sid = secrets.token_urlsafe(24)
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, t in self._open.items() if t < now]:
+                del self._open[old]
+            while len(self._open) >= self.cap:
+                del self._open[next(iter(self._open))]
+            self._open[sid] = now + self.lifetime
+        return sid
+
+    def valid(self, sid) -> bool:
+        with self._lock:
+            t = self._open.get(sid) if isinstance(sid, str) else None
+            return t is not None and t >= time.monotonic()
+
+    def close(self, sid) -> None:
+        with self._lock:
+            self._open.pop(sid, None)
+
+
+class LoginLimiter:
+    """``limit`` failed logins per ``window`` seconds per client address: the window
+    starts at the first failure; once it holds ``limit`` failures every login is refused
+    until it ends."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0, cap: int = 10000):
+        self.limit, self.window, self.cap = limit, window, cap
+        self._fails: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until ``client`` may try again; 0: now."""
+        now = time.monotonic()
+        with self._lock:
+            start, count = self._fails.get(client, (now, 0))
+            if now - start >= self.window:
+                self._fails.pop(client, None)
+                return 0
+            return max(1, int(start + self.window - now + 0.999)) if count >= self.limit else 0
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            start, count = self._fails.get(client, (now, 0))
+            if now - start >= self.window:
+                start, count = now, 0
+            if client not in self._fails and len(self._fails) >= self.cap:
+                for old in [k for k, (t, _) in self._fails.items() if now - t >= self.window]:
+                    del self._fails[old]
+                if len(self._fails) >= self.cap:
+                    del self._fails[next(iter(self._fails))]
+            self._fails[client] = (start, count + 1)
+
+
 def _fingerprint(token: str) -> str:
     return hashlib.sha256(b"stockade-webui:" + token.encode()).hexdigest()[:32]
 
@@ -74,7 +146,8 @@ def check_token(given: str | None) -> bool:
 
 
 def logged_in() -> bool:
-    return session.get("auth") == _fingerprint(current_app.config["TOKEN"])
+    return session.get("auth") == _fingerprint(current_app.config["TOKEN"]) and \
+        current_app.extensions["stockade_sessions"].valid(session.get("sid"))
 
 
 def csrf_token() -> str:
@@ -150,35 +223,60 @@ def security_headers(resp):
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("overview.index")
+    """``target`` if it is a path of this site, else the overview. Browsers drop tabs and
+    newlines from URLs (``/\t/evil.example`` is ``//evil.example``) and read ``\\`` as
+    ``/``: any control character, space or backslash refuses it."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return url_for("overview.index")
+    if any(ord(c) < 33 or ord(c) == 127 or c == "\\" for c in target):
+        return url_for("overview.index")
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/") or parts.path.startswith("//"):
+        return url_for("overview.index")
+    return target
 
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     error = None
     if request.method == "POST":
+        limiter = current_app.extensions["stockade_login_limiter"]
+        client = request.remote_addr or "unknown"
+        wait = limiter.retry_after(client)
+        if wait:
+            current_app.logger.warning("login from %s refused: too many wrong tokens", client)
+            return render_template("error.html", status=429, title="Too many tries",
+                                   message=f"Too many wrong tokens from your address: try again "
+                                           f"in {wait} seconds."), 429, {"Retry-After": str(wait)}
         if check_token(request.form.get("token")):
             keep_next = request.form.get("next")
+            current_app.extensions["stockade_sessions"].close(session.get("sid"))
             session.clear()                   # a new session: no fixation
             session["auth"] = _fingerprint(current_app.config["TOKEN"])
+            session["sid"] = current_app.extensions["stockade_sessions"].open()
             session.permanent = True
             csrf_token()
             return redirect(_safe_next(keep_next))
+        limiter.failed(client)
         error = "That token is not right."
-        current_app.logger.warning("failed login from %s", request.remote_addr)
+        current_app.logger.warning("failed login from %s", client)
     return render_template("login.html", error=error, next=request.values.get("next", "")), \
         (401 if error else 200)
 
 
 @bp.route("/logout", methods=["POST"])
 def logout():
+    current_app.extensions["stockade_sessions"].close(session.get("sid"))
     session.clear()
     return redirect(url_for("auth.login"))
 
 
 def init_app(app) -> None:
+    lifetime = app.config["PERMANENT_SESSION_LIFETIME"]
+    app.extensions["stockade_sessions"] = Sessions(
+        lifetime.total_seconds() if hasattr(lifetime, "total_seconds") else float(lifetime))
+    app.extensions["stockade_login_limiter"] = LoginLimiter(
+        app.config.get("LOGIN_FAILURES_PER_MINUTE", 5), 60.0)
     app.before_request(guard)
     app.after_request(security_headers)
 

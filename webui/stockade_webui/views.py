@@ -5,7 +5,9 @@ sees and what a script reads never disagree.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import errno
+import os
+import stat
 
 from stockade.client import APIError, ClientError
 from stockade.flows import flow_port
@@ -130,38 +132,126 @@ class ReviewInputError(Exception):
     """Input that is not a policy set at all (no files, unreadable path)."""
 
 
-def files_from_path(path: str, max_files: int, max_bytes: int) -> list[dict]:
-    """A policy file, or every *.yaml/*.yml/*.json under a directory (sorted)."""
-    p = Path(path).expanduser()
-    if not path or not p.is_absolute():
-        raise ReviewInputError("give an absolute path on the host running the UI")
+MAX_WALK_ENTRIES = 10000   # directory entries looked at for one review path
+MAX_WALK_DEPTH = 16
+
+
+def files_from_path(path: str, policy_dirs: list[str], max_files: int, max_bytes: int) -> list[dict]:
+    """A policy file, or every *.yaml/*.yml/*.json under a directory (sorted), inside one
+    of ``policy_dirs`` (``stockade webui --policy-dir``). Below that directory nothing is
+    followed that is not a directory or a regular file: every component is opened with
+    O_NOFOLLOW relative to its parent, so a symbolic link, a device, a FIFO or /proc can
+    not be read through it; at most ``max_bytes`` are read in all."""
+    if not policy_dirs:
+        raise ReviewInputError("reading policy files on this host is off: the UI was started "
+                               "without --policy-dir")
+    if not path or not os.path.isabs(path):
+        raise ReviewInputError("give an absolute path inside " + ", ".join(policy_dirs))
+    if any(ord(c) < 32 for c in path):
+        raise ReviewInputError("the path has control characters")
+    norm = os.path.normpath(path)
+    for root in policy_dirs:
+        root = os.path.normpath(root)
+        if norm == root or norm.startswith(root.rstrip("/") + "/"):
+            rel = [part for part in norm[len(root):].split("/") if part]
+            break
+    else:
+        raise ReviewInputError(f"{norm} is not inside the policy directories "
+                               f"({', '.join(policy_dirs)})")
+    fds: list[int] = []
     try:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in POLICY_SUFFIXES)
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(fd)
+            for part in rel:
+                fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+                fds.append(fd)
+        except OSError as exc:
+            why = "is a symbolic link (not followed)" if exc.errno == errno.ELOOP else exc.strerror
+            raise ReviewInputError(f"cannot read {norm}: {why}") from None
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            found: list[tuple[str, int]] = []
+            _walk(fd, norm, found, fds, [0], 0, max_files)
             if not found:
-                raise ReviewInputError(f"{p} holds no .yaml, .yml or .json file")
-        elif p.is_file():
-            found = [p]
+                raise ReviewInputError(f"{norm} holds no .yaml, .yml or .json file")
+            found.sort()
+        elif stat.S_ISREG(st.st_mode):
+            found = [(norm, fd)]
         else:
-            raise ReviewInputError(f"{p}: no such file or directory")
-        if len(found) > max_files:
-            raise ReviewInputError(f"{p} holds {len(found)} policy files; the limit is {max_files}")
+            raise ReviewInputError(f"{norm} is not a regular file or a directory")
         total, out = 0, []
-        for f in found:
-            with f.open("rb") as fh:  # at most what is left of the limit (stat may not tell)
-                data = fh.read(max_bytes - total + 1)
+        for name, ffd in found:
+            data = _read_at_most(ffd, max_bytes - total + 1)
             total += len(data)
             if total > max_bytes:
-                raise ReviewInputError(f"{p}: the files are larger than {max_bytes // 1024} KiB")
-            out.append({"name": str(f), "text": data.decode("utf-8")})
+                raise ReviewInputError(f"{norm}: the files are larger than {max_bytes // 1024} KiB")
+            try:
+                out.append({"name": name, "text": data.decode("utf-8")})
+            except UnicodeDecodeError:
+                raise ReviewInputError(f"{name}: not UTF-8 text") from None
         return out
     except OSError as exc:
-        raise ReviewInputError(f"cannot read {exc.filename or p}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ReviewInputError(f"{p}: not UTF-8 text") from exc
+        raise ReviewInputError(f"cannot read {norm}: {exc.strerror}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
-def review(h: Host, files: list[dict], replace_all: bool = False) -> dict:
+def _walk(dfd: int, where: str, found: list, fds: list, seen: list, depth: int, max_files: int) -> None:
+    """Policy files below the open directory ``dfd``: (path, open fd of a regular file)."""
+    if depth > MAX_WALK_DEPTH:
+        raise ReviewInputError(f"{where}: directories nested deeper than {MAX_WALK_DEPTH}")
+    with os.scandir(dfd) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        seen[0] += 1
+        if seen[0] > MAX_WALK_ENTRIES:
+            raise ReviewInputError(f"{where}: more than {MAX_WALK_ENTRIES} entries to look at")
+        if e.is_dir(follow_symlinks=False):
+            sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            fds.append(sub)
+            _walk(sub, f"{where}/{e.name}", found, fds, seen, depth + 1, max_files)
+        elif e.is_file(follow_symlinks=False) and os.path.splitext(e.name)[1] in POLICY_SUFFIXES:
+            ffd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            fds.append(ffd)
+            if not stat.S_ISREG(os.fstat(ffd).st_mode):
+                continue
+            found.append((f"{where}/{e.name}", ffd))
+            if len(found) > max_files:
+                raise ReviewInputError(f"{where} holds more than {max_files} policy files; "
+                                       f"the limit is {max_files}")
+
+
+def _read_at_most(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left > 0:
+        chunk = os.read(fd, min(left, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+HIDDEN = "the value is not shown: the file was read on the UI's host"
+
+
+def hide_values(errors: list[dict]) -> list[dict]:
+    """Errors about files read on this host, with nothing taken from the files: their
+    values, names and parser excerpts could be secrets the browser's user may not read."""
+    out = []
+    for e in errors:
+        where = [x for x in (e.get("file"), None if e.get("document") is None else
+                             f"document {e['document']}", e.get("path")) if x]
+        out.append({"file": e.get("file"), "document": e.get("document"), "name": None,
+                    "path": e.get("path") or "", "message": HIDDEN,
+                    "text": ": ".join([*where, HIDDEN])})
+    return out
+
+
+def review(h: Host, files: list[dict], replace_all: bool = False,
+           hidden: frozenset = frozenset()) -> dict:
     """The agent's own plan of the proposed set (POST /v1/review), never applied: its
     diff, the identity pairs newly allowed or denied, and the observed connections whose
     verdict would change. Invalid input comes back as the agent's errors."""
@@ -176,12 +266,16 @@ def review(h: Host, files: list[dict], replace_all: bool = False) -> dict:
         result = h.client.review(files, replace_all=replace_all)
     except APIError as exc:
         if exc.errors or exc.status == 400:
-            out["errors"] = [{"file": e.get("file"), "document": e.get("document"),
+            errors: list[dict] = [{"file": e.get("file"), "document": e.get("document"),
                               "name": e.get("name"), "path": e.get("field") or "",
                               "message": e.get("reason") or e.get("message"),
                               "text": e.get("message")} for e in exc.errors] or [
                 {"file": None, "document": None, "name": None, "path": exc.field or "",
                  "message": str(exc), "text": str(exc)}]
+            if hidden:  # files read on this host: nothing from them in the answer
+                errors = [*hide_values([e for e in errors if e["file"] in hidden or not e["file"]]),
+                          *[e for e in errors if e["file"] and e["file"] not in hidden]]
+            out["errors"] = errors
             return out
         h.errors.append(f"the agent's review failed: {exc}")
         return out

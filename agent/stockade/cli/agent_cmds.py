@@ -6,25 +6,39 @@ input is invalid; 2: usage error.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 import yaml
 
 from ..client import DEFAULT_SOCKET, Client
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, NotFound
 from ..policy.labels import parse_pairs
-from .common import emit_json, handle_errors, output_option
+from .common import emit_json, emit_yaml, handle_errors, output_option, policy_sources
+
+get_output_option = click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]),
+                                 default="table", show_default=True,
+                                 help="Output format; json and yaml print the one object.")
 
 socket_option = click.option(
-    "--socket", "socket_path", envvar="STOCKADE_SOCKET", default=DEFAULT_SOCKET,
-    show_default=True, metavar="PATH", help="The agent's API socket (env STOCKADE_SOCKET).")
+    "--socket", "socket_path", default=None, metavar="PATH",
+    help=f"The agent's API socket [stockade --socket, $STOCKADE_SOCKET, {DEFAULT_SOCKET}].")
 
 
-def make_client(socket_path: str) -> Client:
+def socket_for(socket_path: str | None) -> str:
+    """The command's --socket, else the global one (``stockade --socket``, which also reads
+    $STOCKADE_SOCKET), else the default."""
+    if socket_path:
+        return socket_path
+    obj = click.get_current_context().find_root().obj or {}
+    return obj.get("socket") or os.environ.get("STOCKADE_SOCKET") or DEFAULT_SOCKET
+
+
+def make_client(socket_path: str | None) -> Client:
     """A client for ``socket_path``; an in-process test may put a ``transport`` in ctx.obj."""
     obj = click.get_current_context().find_root().obj or {}
-    return Client(socket_path, transport=obj.get("transport"))
+    return Client(socket_for(socket_path), transport=obj.get("transport"))
 
 
 def parse_labels(text: str, what: str = "labels") -> dict:
@@ -72,11 +86,15 @@ def status(socket_path, output):
                 ("policy revision", h["policy_revision"]), ("policies", h["policies"]),
                 ("endpoints", h["endpoints"]), ("identities", h["identities"]),
                 ("ipcache entries", h["ipcache"])]
+        if h.get("attach"):
+            rows.append(("attach mode", h["attach"]["mode"]))
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             click.echo(f"{k + ':':<{width + 1}} {v}")
         if h.get("unprotected_interfaces"):
             click.echo(f"{'unprotected:':<{width + 1}} {', '.join(h['unprotected_interfaces'])}")
+        for d in (h.get("attach") or {}).get("degraded") or []:
+            click.echo(f"attachment repaired: {d['interface']} {d['what']} (since {d['since']})")
         for problem in h.get("policy_problems") or []:
             click.echo(f"refused stored policy: {problem}")
         for mismatch in h.get("binding_mismatches") or []:
@@ -92,6 +110,19 @@ def status(socket_path, output):
             click.echo(line)
             if src.get("last_error"):
                 click.echo(f"  last error ({src.get('last_error_at')}): {src['last_error']}")
+        kv = h.get("kvstore")
+        if kv:
+            age = kv.get("last_event_age_s")
+            click.echo(f"kvstore: {kv['state']}, {kv['endpoints_reachable']} etcd endpoints "
+                       f"reachable, revision {kv['revision']}, {kv['remote_entries']} remote "
+                       f"entries, {kv['refused_entries']} refused, last answer "
+                       f"{'never' if age is None else f'{age}s ago'}")
+            for r in kv.get("refusals") or []:
+                click.echo(f"  refused {r['key']}: {r['reason']}")
+            for conflict in kv.get("conflicts") or []:
+                click.echo(f"  conflict {conflict['prefix']}: {conflict['reason']}")
+            if kv.get("last_error"):
+                click.echo(f"  last error: {kv['last_error']}")
         for e in h.get("errors") or []:
             click.echo(f"error: {e}")
     if h["status"] != "ok":
@@ -136,6 +167,40 @@ def endpoint_list(socket_path, output):
                   e["state"], enf(e), "yes" if e["audit"] else "no", e["source"],
                   len(e.get("dropped_labels") or []) or None, _labels_text(e["labels"])]
                  for e in eps])
+
+
+@endpoint.command("get")
+@click.argument("name")
+@socket_option
+@get_output_option
+@handle_errors
+def endpoint_get(name, socket_path, output):
+    """Show endpoint NAME (exit 1 if there is none).
+
+    \b
+    Examples:
+      stockade endpoint get web1
+      stockade endpoint get web1 -o json | jq .identity
+      stockade endpoint get web1 -o yaml
+    """
+    with make_client(socket_path) as c:
+        eps = [e for e in c.endpoints() if e["name"] == name]
+    if not eps:
+        raise NotFound(f"no endpoint named {name}", "name")
+    ep = eps[0]
+    if output == "json":
+        return emit_json(ep)
+    if output == "yaml":
+        return emit_yaml(ep)
+    rows = [("name", ep["name"]), ("id", ep["id"]), ("interface", ep["interface"]),
+            ("ips", ", ".join(ep["ips"])), ("identity", ep["identity"]), ("state", ep["state"]),
+            ("source", ep["source"]), ("audit", "yes" if ep["audit"] else "no"),
+            ("labels", _labels_text(ep["labels"]))]
+    for d in ep.get("dropped_labels") or []:
+        rows.append(("dropped label", f"{d['label']}: {d['reason']}"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k + ':':<{width + 1}} {'-' if v in (None, '') else v}")
 
 
 @endpoint.command("add")
@@ -216,6 +281,35 @@ def identity_list(socket_path, output):
                 [[i["id"], i["kind"], "yes" if i.get("local") else "no",
                   ",".join(i.get("endpoints") or []),
                   i.get("prefix") or _labels_text(i["labels"])] for i in ids])
+
+
+@identity.command("get")
+@click.argument("number", type=int, metavar="ID")
+@socket_option
+@get_output_option
+@handle_errors
+def identity_get(number, socket_path, output):
+    """Show identity ID (exit 1 if there is none).
+
+    \b
+    Examples:
+      stockade identity get 256
+      stockade identity get 2 -o json
+    """
+    with make_client(socket_path) as c:
+        ids = [i for i in c.identities() if i["id"] == number]
+    if not ids:
+        raise NotFound(f"no identity {number}", "id")
+    ident = ids[0]
+    if output == "json":
+        return emit_json(ident)
+    if output == "yaml":
+        return emit_yaml(ident)
+    rows = [("id", ident["id"]), ("kind", ident["kind"]), ("local", "yes" if ident.get("local") else "no"),
+            ("endpoints", ", ".join(ident.get("endpoints") or [])),
+            ("labels", ident.get("prefix") or _labels_text(ident["labels"]))]
+    for k, v in rows:
+        click.echo(f"{k + ':':<10} {'-' if v in (None, '') else v}")
 
 
 # ---------------------------------------------------------------- ipcache
@@ -314,7 +408,7 @@ def print_result(result: dict) -> None:
 
 
 @click.command("import")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
 @click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
 @click.option("--replace-all", is_flag=True,
               help="Make the live set exactly FILES: policies not in them are removed.")
@@ -323,12 +417,15 @@ def print_result(result: dict) -> None:
 @handle_errors
 def policy_import(files, dry_run, replace_all, socket_path, output):
     """Send policy FILES to the agent, validated as one set: any error and nothing changes.
+    A directory gives its .yaml, .yml and .json files; `-` reads standard input.
 
     \b
     Examples:
       stockade policy import --dry-run policies/*.yaml
-      stockade policy import --replace-all policies/*.yaml
+      stockade policy import --replace-all policies/
+      stockade policy get db -o yaml | stockade policy import --dry-run -
     """
+    files = policy_sources(files)
     with make_client(socket_path) as c:
         result = c.put_policies(files, replace_all=replace_all, dry_run=dry_run)
     if output == "json":
@@ -344,20 +441,26 @@ def policy_import(files, dry_run, replace_all, socket_path, output):
               show_default=True, help="Output format; yaml gives documents you can import again.")
 @handle_errors
 def policy_get(names, namespace, socket_path, output):
-    """Show the live policies (all, or those named NAMES).
+    """Show the live policies (all, or those named NAMES). A NAME that matches no policy
+    exits 1; with one NAME, -o json prints that policy's object (a list otherwise).
 
     \b
     Examples:
       stockade policy get
       stockade policy get web-policy -o yaml > web.yaml
+      stockade policy get web-policy -o json | jq .rules
       stockade policy get -o json
     """
     with make_client(socket_path) as c:
         pols = c.policies()
     pols = [p for p in pols if (not names or p["name"] in names)
             and (namespace is None or p.get("namespace") == namespace)]
+    missing = [n for n in names if n not in {p["name"] for p in pols}]
+    if missing:
+        where = f" in namespace {namespace}" if namespace else ""
+        raise NotFound(f"no policy named {', '.join(missing)}{where}", "name")
     if output == "json":
-        return emit_json(pols)
+        return emit_json(pols[0] if len(names) == 1 and len(pols) == 1 else pols)
     if output == "yaml":
         click.echo(yaml.safe_dump_all([p["document"] for p in pols], sort_keys=False), nl=False)
         return

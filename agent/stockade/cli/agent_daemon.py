@@ -41,7 +41,8 @@ def _setting_options(props: dict, defaults, prefix: str = ""):
             continue
         flag = "--" + name.replace("__", "-").replace("_", "-")
         helptext = f"{prop.get('description', '')} [{_default_text(default)}]"
-        types = prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]
+        declared = prop.get("type")
+        types: list = declared if isinstance(declared, list) else [declared]
         kw: dict = {"default": None, "help": helptext}
         if "enum" in prop:
             kw["type"] = click.Choice([str(v) for v in prop["enum"]])
@@ -70,7 +71,8 @@ def _flag_overrides(flags: dict, props: dict) -> dict:
         for part in path[:-1]:
             prop = prop[part]["properties"]
         prop = prop[path[-1]]
-        types = prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]
+        declared = prop.get("type")
+        types: list = declared if isinstance(declared, list) else [declared]
         if "array" in types:
             value = [item.strip() for v in value for item in v.split(",") if item.strip()]
         elif value == "" and "null" in types:
@@ -139,6 +141,13 @@ def agent(config_path, cleanup, check_state, restore_state, check_config, **flag
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries(cfg.log_level)
+    if (cleanup or not (check_state or restore_state)) and _nslock_wanted():
+        from ..daemon.nslock import LockHeld, take
+        try:
+            _HELD.append(take())     # before any map, link or container is touched
+        except LockHeld as exc:
+            click.echo(f"stockade agent: cannot start: {exc}", err=True)
+            sys.exit(1)
     if cleanup:
         sys.exit(run_cleanup(cfg))
     if check_state:
@@ -146,6 +155,14 @@ def agent(config_path, cleanup, check_state, restore_state, check_config, **flag
     if restore_state:
         sys.exit(run_restore_state(cfg, restore_state))
     sys.exit(run(cfg))
+
+
+_HELD: list = []   # the namespace lock, held for the process's life
+
+
+def _nslock_wanted() -> bool:
+    from ..daemon.nslock import wanted
+    return wanted()
 
 
 def run_check_state(cfg: AgentConfig) -> int:
@@ -187,10 +204,19 @@ def run_cleanup(cfg: AgentConfig) -> int:
     from ..datapath import Datapath
     from ..errors import StockadeError
     try:
-        dp = Datapath(cfg.datapath_settings())
+        dp = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
         n = len(dp.endpoint_ifindexes())
         dp.cleanup()
         dp.close()
+        from ..datapath.kerneldefault import KernelDefault, table_name
+        table = table_name(cfg.nft_table, cfg.bpffs_dir)
+        if KernelDefault(table, [], []).remove():
+            click.echo(f"removed nftables tables bridge/inet {table}")
+        import shutil
+
+        from ..l7.host import remove_host_steering
+        remove_host_steering(cfg)
+        shutil.rmtree(cfg.l7_run_dir, ignore_errors=True)
     except StockadeError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -84,7 +85,7 @@ class ObserveCommand(click.Command):
 
 
 def _filter_options(f):
-    specs = [
+    specs: list[tuple[str, dict[str, Any]]] = [
         ("verdict", dict(type=click.Choice(["FORWARDED", "DROPPED", "AUDIT"], case_sensitive=False),
                          help="FORWARDED, DROPPED or AUDIT.")),
         ("from_label", dict(metavar="K=V[,K=V]", help="Source labels.")),

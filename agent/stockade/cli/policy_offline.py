@@ -10,9 +10,9 @@ from ..policy.compiler import ENFORCEMENT_MODES
 from ..policy.sel import parse_port, parse_sel
 from ..policy.testing import load_cases, run_cases
 from ..policy.trace import Tracer
-from .common import emit_json, handle_errors, output_option
+from .common import emit_json, handle_errors, output_option, policy_sources
 
-files_arg = click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+files_arg = click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
 enforcement_option = click.option("--enforcement", type=click.Choice(ENFORCEMENT_MODES),
                                   default="default", show_default=True)
 
@@ -26,7 +26,8 @@ enforcement_option = click.option("--enforcement", type=click.Choice(ENFORCEMENT
 @output_option
 @handle_errors
 def validate(files, services_file, workloads_file, output):
-    """Check policy FILES (YAML or JSON, several documents each).
+    """Check policy FILES (YAML or JSON, several documents each): a directory gives its
+    .yaml, .yml and .json files, `-` reads standard input.
 
     With --services and/or --workloads, also warn about selectors that match no
     defined service and no known workload (warnings do not fail validation).
@@ -34,10 +35,14 @@ def validate(files, services_file, workloads_file, output):
     \b
     Examples:
       stockade policy validate policies/*.yaml
+      stockade policy validate policies/
+      stockade policy get db -o yaml | stockade policy validate -
       stockade policy validate -o json web.yaml
       stockade policy validate --services services.yaml --workloads seen.json policies/*.yaml
     """
-    policies = load_files(files)
+    sources = policy_sources(files)
+    policies = load_sources(sources)
+    files = sources
     warnings = []
     if services_file or workloads_file:
         from ..policy.lint import service_label_sets, unmatched_selectors, workload_label_sets
@@ -56,6 +61,28 @@ def validate(files, services_file, workloads_file, output):
             click.echo(f"warning: {w}", err=True)
 
 
+def load_sources(sources) -> list:
+    """policy_sources() output as one set: every error, or the policies."""
+    from ..errors import PolicyError, PolicyErrors
+    from ..policy.api.loader import load_text
+    paths = [s for s in sources if not isinstance(s, dict)]
+    errors: list[PolicyError] = []
+    policies: list = []
+    try:
+        policies = load_files(paths) if paths else []
+    except PolicyErrors as exc:
+        errors.extend(exc.errors)
+    for s in sources:
+        if isinstance(s, dict):
+            try:
+                policies.extend(load_text(s["text"], s["name"]))
+            except PolicyErrors as exc:
+                errors.extend(exc.errors)
+    if errors:
+        raise PolicyErrors(errors)
+    return policies
+
+
 def _read_data(path: str):
     return load_data_file(path)
 
@@ -70,7 +97,7 @@ def _read_data(path: str):
 @click.option("--socket", "socket_path", default=None, envvar="STOCKADE_SOCKET",
               help="The agent's API socket, with --live [/run/stockade/agent.sock].")
 @enforcement_option
-@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, type=click.Path(allow_dash=True))
 @output_option
 @handle_errors
 def trace(src, dst, dport, live, socket_path, enforcement, files, output):
@@ -94,7 +121,7 @@ def trace(src, dst, dport, live, socket_path, enforcement, files, output):
     else:
         if not files:
             raise click.UsageError("give policy FILES, or --live to ask the agent")
-        policies = load_files(files)
+        policies = load_sources(policy_sources(files))
         s, d = parse_sel(src), parse_sel(dst)
         proto, port = parse_port(dport)
         result = Tracer(policies, enforcement).trace(s, d, proto, port)
@@ -149,7 +176,7 @@ def test(tests, enforcement, files, output):
     Example:
       stockade policy test inventories/demo/policy_tests.yaml inventories/demo/policies/*.yaml
     """
-    policies = load_files(files)
+    policies = load_sources(policy_sources(files))
     results = run_cases(load_cases(tests), policies, enforcement)
     failed = [r for r in results if not r["passed"]]
     if output == "json":

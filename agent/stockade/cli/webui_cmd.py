@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..client import DEFAULT_SOCKET
+from .agent_cmds import socket_for
 
 DEFAULT_BIND = "127.0.0.1:8470"
 DEFAULT_TOKEN_FILE = "/etc/stockade/webui.token"
@@ -53,15 +54,19 @@ def drop_privileges(user: str) -> None:
                    "(mode 0600), print its path and exit.")
 @click.option("--socket", "sockets", multiple=True, metavar="[NAME=]PATH",
               help="Agent socket to read; repeat for several hosts (e.g. SSH-forwarded "
-                   f"sockets). Default: $STOCKADE_SOCKET or {DEFAULT_SOCKET}.")
+                   f"sockets). Default: stockade --socket, $STOCKADE_SOCKET or {DEFAULT_SOCKET}.")
 @click.option("--trusted-host", "trusted_hosts", multiple=True, metavar="NAME",
               help="Host name the browser uses for the UI, besides localhost/127.0.0.1 "
                    "(TRUSTED_HOSTS, against DNS rebinding). Repeatable.")
 @click.option("--user", default=None, metavar="USER",
               help="When started as root: read the token, then run as USER with the "
                    "'stockade' group.")
+@click.option("--policy-dir", "policy_dirs", multiple=True, metavar="DIR",
+              type=click.Path(file_okay=False),
+              help="Directory whose policy files the Review page may read by path "
+                   "(repeatable; without it, the page takes uploads and pasted text only).")
 @click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 64))
-def webui(bind, token_file, init_token, sockets, trusted_hosts, user, threads):
+def webui(bind, token_file, init_token, sockets, trusted_hosts, user, policy_dirs, threads):
     """Serve the policy-review web UI (read-only: reviews are dry runs).
 
     \b
@@ -70,6 +75,7 @@ def webui(bind, token_file, init_token, sockets, trusted_hosts, user, threads):
       stockade webui --user stockade-webui              # as root: drops to that user
       stockade webui --socket web1=/run/sk-web1/agent.sock --socket db1=/run/sk-db1/agent.sock
       stockade webui --bind 127.0.0.1:9000 --token-file ./webui.token
+      stockade webui --user stockade-webui --policy-dir /etc/stockade/policies
 
     Then open http://127.0.0.1:8470/ and paste the token from the token file.
     """
@@ -98,8 +104,8 @@ def webui(bind, token_file, init_token, sockets, trusted_hosts, user, threads):
     trusted = ["127.0.0.1", "localhost", *trusted_hosts]
     if host not in ("0.0.0.0", "::") and host not in trusted:
         trusted.append(host)
-    app = create_app({"TOKEN": token, "AGENTS": list(sockets) or [os.environ.get("STOCKADE_SOCKET") or DEFAULT_SOCKET],
-                      "TRUSTED_HOSTS": trusted})
+    app = create_app({"TOKEN": token, "AGENTS": list(sockets) or [socket_for(None)],
+                      "TRUSTED_HOSTS": trusted, "POLICY_DIRS": [os.path.abspath(d) for d in policy_dirs]})
     from waitress import serve
 
     from .common import quiet_libraries

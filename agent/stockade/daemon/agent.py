@@ -48,7 +48,11 @@ class Agent:
         self.links: dict[int, Link] = {}
         self.attached: set[int] = set()
         self.endpoint_entries: dict[int, dict] = {}   # what this agent wrote per ifindex
-        self.unprotected: list[str] = []
+        self.unprotected: list[str] = []   # managed interfaces not running our programs now
+        self.attach_repairs = 0
+        self.attach_degraded: dict[tuple[str, str], float] = {}   # (interface, what) -> since
+        self.attach_guard: Any = None
+        self.kernel_default: Any = None       # datapath.kerneldefault.KernelDefault
         self.labels_dropped: collections.Counter = collections.Counter()  # (source, cause)
         self.errors: collections.deque = collections.deque(maxlen=20)
         self.error_count = 0   # every error since start (errors keeps the last 20)
@@ -59,6 +63,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._watchers: list = []
         self.flow_source: Any = None  # daemon.flowsource.FlowSource once started
+        self.l7: Any = None           # l7.proxy.L7Proxy when live
+        self.fleet: Any = None        # daemon.fleet.FleetSource with the etcd: settings
+        self.commit_hooks: list = []  # called (under the lock, must not block) on each commit
         self.changes = ChangeLog(None if read_only else config.change_log_path)
         self.policy_apply_seconds = Histogram(
             "stockade_policy_apply_seconds",
@@ -80,11 +87,23 @@ class Agent:
             changed = restore.restore(self, self.store.load())
         if datapath is None:
             from ..datapath import Datapath
-            datapath = Datapath(cfg.datapath_settings())
+            datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
         self.dp = datapath
+        if self.live and cfg.kernel_default:
+            self._install_kernel_default()
+        if self.live:
+            from ..l7.proxy import L7Proxy
+            self.l7 = L7Proxy(self)
+            self.l7.start()
         with self._lock:
             self.dp.set_config(audit=cfg.audit, forward_unidentified=cfg.unknown_endpoint == "forward")
             restore.reconcile(self)
+            if self.live and not cfg.audit:   # started out of audit mode: no audited flow stays
+                try:
+                    self.dp.ct_delete_audited([e.ifindex for e in self.state.endpoints.values()
+                                               if e.ifindex is not None and not e.audit])
+                except StockadeError as exc:
+                    self.error(f"conntrack: audited entries: {exc}")
             if changed:   # records that gained what identifies them, numbers allocated
                 try:
                     self._persist_locked(changed)
@@ -98,7 +117,14 @@ class Agent:
             with self._lock:  # links that appeared before the watcher started
                 for link in list_links():
                     self.try_submit_locked(LinkChange("new", link, at_start=True))
+        if self.kernel_default is not None:
+            with self._lock:   # the set is what this agent attached, nothing else
+                self._kernel_default("sync", set(self.attached))
         if self.live:
+            from .attachguard import AttachGuard
+            self.attach_guard = AttachGuard(self)
+            self.attach_guard.start()
+            self._watchers.append(self.attach_guard)
             # every managed interface runs this build's programs now: take over what the
             # previous build's conntrack recorded meanwhile (datapath/migrate.py)
             try:
@@ -111,6 +137,9 @@ class Agent:
         t = threading.Thread(target=self._gc_loop, name="stockade-ct-gc", daemon=True)
         t.start()
         self._threads.append(t)
+        if cfg.fleet_store is not None:
+            from .fleet import start_fleet
+            self.fleet = start_fleet(self)
         if flows:
             from .flowsource import start_flows
             self.flow_source = start_flows(self)
@@ -120,6 +149,8 @@ class Agent:
     def stop(self) -> None:
         """Stop watching; the datapath keeps enforcing the last policy."""
         self._stop.set()
+        if self.fleet is not None:
+            self.fleet.stop()
         for w in self._watchers:
             try:
                 w.stop()
@@ -127,6 +158,8 @@ class Agent:
                 log.exception("stopping %s failed", w)
         for t in self._threads:
             t.join(timeout=2)
+        if self.l7 is not None:
+            self.l7.stop(remove_host=False)  # steered ports stay closed, not open
         self.changes.close()
 
     @property
@@ -181,7 +214,7 @@ class Agent:
                 raise
             txn.commit()
             self.changes.record(change, txn, self.state.revision)
-            self._committed_locked()
+            self._committed_locked(txn.dirty)
             return result
         finally:
             if isinstance(change, ChangePolicies):
@@ -223,8 +256,83 @@ class Agent:
         self.store.commit(files)
         self.alloc.saved()
 
-    def _committed_locked(self) -> None:
+    def _committed_locked(self, dirty: set[str] | None = None) -> None:
+        """``dirty``: the state files the change touched (None: anything may have changed)."""
         self.version += 1
+        if self.l7 is not None:
+            try:
+                self.l7.sync_locked()
+            except StockadeError as exc:
+                self.error(f"l7: {exc}")
+        for hook in self.commit_hooks:
+            hook(dirty)
+
+    # ------------------------------------------------------------------ attachments
+    def _install_kernel_default(self) -> None:
+        """The nftables table that closes managed interfaces without our programs
+        (datapath/kerneldefault.py), in place before any attach and before the API."""
+        from ..datapath.kerneldefault import KernelDefault, table_name
+        cfg = self.config
+        kd = KernelDefault(table_name(cfg.nft_table, cfg.bpffs_dir), cfg.managed_bridges,
+                           [*cfg.managed_interfaces, *cfg.kernel_default_interfaces],
+                           drop=cfg.unknown_endpoint == "drop")
+        try:
+            kd.install()
+        except StockadeError as exc:
+            self.error(f"kernel-side default (nftables table {kd.table}): {exc}")
+            return
+        self.kernel_default = kd
+        if not kd.bridge_meta and cfg.managed_bridges:
+            log.warning("nft has no bridge meta on this kernel: ports of %s are covered by "
+                        "the kernel-side default only when their names match "
+                        "managed_interfaces or kernel_default_interfaces",
+                        ", ".join(cfg.managed_bridges))
+
+    def _kernel_default(self, op: str, ifindexes) -> None:
+        """protect / unprotect / sync the kernel-side default's set; errors to status."""
+        kd = self.kernel_default
+        if kd is None:
+            return
+        try:
+            getattr(kd, op)(ifindexes)
+        except StockadeError as exc:
+            self.error(f"kernel-side default: {op} {sorted(ifindexes)}: {exc}")
+
+    def note_degraded(self, interface: str, what: str, since: float) -> None:
+        """An attachment problem found (and repaired, or not): shown for DEGRADED_FOR s."""
+        with self._lock:
+            self.attach_degraded.setdefault((interface, what), since)
+            self.version += 1
+
+    def attach_status(self) -> dict:
+        """{"mode", "degraded": [{"interface", "what", "since"}]}, problems of the last
+        10 minutes."""
+        from .attachguard import DEGRADED_FOR
+        now = time.time()
+        with self._lock:
+            for key, since in list(self.attach_degraded.items()):
+                if now - since > DEGRADED_FOR:
+                    del self.attach_degraded[key]
+            items = sorted(self.attach_degraded.items(), key=lambda kv: kv[1])
+        att = getattr(self.dp, "_attachments", None)
+        mode = att.mode if att is not None else (
+            self.config.attach_mode if self.live else "none")
+        return {"mode": mode, "repairs": self.attach_repairs,
+                "degraded": [{"interface": i, "what": w,
+                              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))}
+                             for (i, w), t in items]}
+
+    def refresh_unprotected(self) -> None:
+        """``unprotected``: managed interfaces that do not run our programs right now."""
+        from .changes import managed_by_config
+        with self._lock:
+            named = {e.interface for e in self.state.endpoints.values() if e.interface}
+            now = sorted({link.name for idx, link in self.links.items()
+                          if idx not in self.attached and
+                          (link.name in named or managed_by_config(self, link))})
+            if now != self.unprotected:
+                self.unprotected = now
+                self.version += 1
 
     # ------------------------------------------------------------------ readers
     def source_health(self) -> list[dict]:
@@ -252,7 +360,8 @@ class Agent:
                 memberships=dict(st.memberships), service_cidrs=dict(st.service_cidrs),
                 revision=st.revision, entries=len(e.entries), links=dict(self.links),
                 attached=frozenset(self.attached), unprotected=tuple(self.unprotected),
-                errors=tuple(self.errors), mismatches=dict(st.mismatches))
+                errors=tuple(self.errors), mismatches=dict(st.mismatches),
+                kvstore=dict(st.kvstore))
             self._snapshot = snap
             return snap
 

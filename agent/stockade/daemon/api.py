@@ -32,7 +32,13 @@ class AgentAPI:
         mismatches = [f"endpoint {name}: {why}" for name, why in sorted(snap.mismatches.items())]
         sources = a.source_health()
         down = any(not s["connected"] for s in sources)
-        return {"status": "degraded" if snap.errors or problems or mismatches or down else "ok",
+        kvstore = a.fleet.status() if a.fleet is not None else None
+        down = down or (kvstore is not None and kvstore["state"] != "connected")
+        attach = a.attach_status()
+        l7 = a.l7.health() if a.l7 is not None else None
+        down = down or (l7 is not None and not l7["ok"])
+        bad = snap.errors or problems or mismatches or down or attach["degraded"] or snap.unprotected
+        out = {"status": "degraded" if bad else "ok", "attach": attach,
                 "version": __version__, "uptime_s": round(time.time() - a.started, 1),
                 "enforcement": a.config.enforcement, "audit": a.config.audit,
                 "host": a.config.host_name, "policy_revision": snap.revision,
@@ -40,7 +46,11 @@ class AgentAPI:
                 "policies": len(snap.policies), "ipcache": len(snap.ipcache),
                 "errors": list(snap.errors), "policy_problems": problems,
                 "binding_mismatches": mismatches, "sources": sources,
-                "unprotected_interfaces": sorted(set(snap.unprotected))}
+                "unprotected_interfaces": sorted(set(snap.unprotected)),
+                "l7_proxy": l7}
+        if kvstore is not None:
+            out["kvstore"] = kvstore
+        return out
 
     # ------------------------------------------------------------------ endpoints
     def _endpoint_dict(self, snap: Snapshot, ep) -> dict:

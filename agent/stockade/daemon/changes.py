@@ -123,6 +123,8 @@ class UpsertEndpoint(Change):
             txn.attach(ifindex, closed_on_undo=link is not None and managed_by_config(agent, link))
             txn.bind(ifindex, self.name)
         ep = identify(txn, ep)  # the new identity and entries first, then the old ones go
+        if old is not None and old.audit and not ep.audit and ifindex is not None:
+            txn.audit_off.add(ifindex)   # its audited flows go once the entry says enforce
         if old is not None:
             for ip in set(old.ips) - set(ep.ips):
                 entry = st.ipcache.get(host_prefix(ip))
@@ -206,6 +208,8 @@ class LinkChange(Change):
         st, agent, link = txn.state, txn.agent, self.link
         if self.kind == "del":
             agent.links.pop(link.ifindex, None)
+            if link.ifindex in agent.attached:
+                agent._kernel_default("unprotect", [link.ifindex])
             agent.attached.discard(link.ifindex)
             name = st.by_ifindex.get(link.ifindex)
             txn.unbind(link.ifindex)
@@ -238,12 +242,10 @@ class LinkChange(Change):
             txn.write_endpoint(ep)
             return
         if link.ifindex not in agent.attached:
-            if self.at_start:
-                from ..datapath import list_attached
-                if not list_attached(link.ifindex):
-                    agent.unprotected.append(link.name)
-            txn.close_interface(link.ifindex)
+            # attached first: with no endpoint entry the programs drop its packets, so
+            # a failed entry write (a full map) leaves it closed, never open
             txn.attach(link.ifindex, closed_on_undo=True)
+            txn.close_interface(link.ifindex)
 
 
 # ---------------------------------------------------------------- other hosts' workloads
@@ -264,8 +266,10 @@ class PutRemote(Change):
     def apply(self, txn: Txn) -> dict:
         st = txn.state
         cur = st.ipcache.get(self.prefix)
-        if cur is not None and cur.source != "remote":
+        if cur is not None and cur.source not in ("remote", "kvstore"):
             raise InvalidRequest(f"{self.prefix} is a {cur.source} address of this host", "prefix")
+        if cur is not None and cur.source == "kvstore":
+            shadow_kv(txn, self.prefix)   # the API's entry takes precedence
         old = st.remote.get(self.prefix)
         if old is None or (old.labels, old.host, old.node) != (self.labels, self.host, self.node):
             put_remote(txn, self.prefix, RemoteRecord(self.labels, self.host, self.node))
@@ -297,6 +301,44 @@ class DeleteRemote(Change):
             txn.unref_identity(rec.identity, local=False)
         txn.dirty.add("ipcache")
         txn.log.append(f"ipcache {self.prefix} removed")
+        kv = txn.state.kvstore.get(self.prefix)
+        if kv is not None:   # the fleet store's entry that waited behind it
+            put_kv(txn, self.prefix, kv)
+
+
+@dataclass
+class KvstoreSync(Change):
+    """Other hosts' workloads and nodes from the fleet store (daemon/fleet.py): records
+    to put and prefixes to delete; ``full``: ``puts`` is all there is (a listing), every
+    other kvstore record goes. An API entry for the same prefix takes precedence (the
+    record waits behind it); so does a local or host address."""
+
+    puts: dict[str, RemoteRecord]
+    deletes: list[str] = field(default_factory=list)
+    full: bool = False
+    persist: bool = True
+    what = "kvstore sync"
+
+    def apply(self, txn: Txn) -> dict:
+        st = txn.state
+        deletes = [p for p in st.kvstore if p not in self.puts] if self.full else self.deletes
+        n_del = sum(del_kv(txn, p) for p in deletes)
+        n_put = sum(put_kv(txn, p, rec) for p, rec in self.puts.items())
+        if n_del or n_put:
+            if self.persist:
+                txn.dirty.add("kvstore")
+            txn.log.append(f"kvstore: {n_put} entries put, {n_del} removed")
+        return {"put": n_put, "deleted": n_del}
+
+
+@dataclass
+class KvstorePersist(Change):
+    """Write kvstore.json now (the fleet source defers it while entries churn)."""
+
+    what = "kvstore persist"
+
+    def apply(self, txn: Txn) -> None:
+        txn.dirty.add("kvstore")
 
 
 # ---------------------------------------------------------------- policies
@@ -491,6 +533,57 @@ def put_remote(txn: Txn, prefix: str, rec: RemoteRecord) -> None:
     txn.set_ipcache(prefix, ident_id, "remote", rec.host)
 
 
+def put_kv(txn: Txn, prefix: str, rec: RemoteRecord) -> bool:
+    """The fleet store's ``rec`` for ``prefix``: in the ipcache unless another source
+    holds the prefix (then it waits, identity None); whether anything changed."""
+    st = txn.state
+    old = st.kvstore.get(prefix)
+    cur = st.ipcache.get(prefix)
+    held = cur is not None and cur.source != "kvstore"
+    if old is not None and (old.labels, old.host, old.node) == (rec.labels, rec.host, rec.node) \
+            and (old.identity is None) == held:
+        return False
+    if held:
+        if old is not None and old.identity is not None and not old.node:
+            txn.unref_identity(old.identity, local=False)
+        txn.j.set(st.kvstore, prefix, replace(rec, identity=None))
+        return True
+    ident_id = REMOTE_NODE_ID if rec.node else txn.ref_identity(rec.labels, local=False).id
+    txn.j.set(st.kvstore, prefix, replace(rec, identity=ident_id))
+    txn.set_ipcache(prefix, ident_id, "kvstore", rec.host)
+    if old is not None and old.identity is not None and not old.node:
+        txn.unref_identity(old.identity, local=False)
+    return True
+
+
+def del_kv(txn: Txn, prefix: str) -> bool:
+    st = txn.state
+    old = st.kvstore.get(prefix)
+    if old is None:
+        return False
+    txn.j.delete(st.kvstore, prefix)
+    if old.identity is not None:
+        cur = st.ipcache.get(prefix)
+        if cur is not None and cur.source == "kvstore":
+            txn.del_ipcache(prefix)
+        if not old.node:
+            txn.unref_identity(old.identity, local=False)
+    return True
+
+
+def shadow_kv(txn: Txn, prefix: str) -> None:
+    """An API entry takes ``prefix``: the fleet store's record waits behind it."""
+    st = txn.state
+    old = st.kvstore.get(prefix)
+    if old is None or old.identity is None:
+        return
+    txn.j.set(st.kvstore, prefix, replace(old, identity=None))
+    txn.del_ipcache(prefix)
+    if not old.node:
+        txn.unref_identity(old.identity, local=False)
+    txn.dirty.add("kvstore")
+
+
 def _sorted_nets(nets):
     return sorted(nets, key=lambda n: (n.version, n.network_address, n.prefixlen))
 
@@ -549,5 +642,6 @@ def write_service_cidrs(txn: Txn) -> None:
         txn.remove_identity(old.id)
 
 
-__all__ = ["HOST_ID", "ChangePolicies", "DeleteRemote", "LinkChange", "PutRemote",
+__all__ = ["HOST_ID", "ChangePolicies", "DeleteRemote", "KvstorePersist", "KvstoreSync",
+           "LinkChange", "PutRemote",
            "RemoveEndpoint", "SetServices", "UpsertEndpoint"]

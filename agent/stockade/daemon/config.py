@@ -30,6 +30,36 @@ class ConfigError(InvalidRequest):
 
 
 @dataclass
+class EtcdConfig:
+    """The fleet store (docs/agent.md, "The fleet store"): the ``etcd:`` block; no
+    endpoints: off."""
+
+    endpoints: list[str] = field(default_factory=list)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    prefix: str = "/stockade/v1"
+    lease_ttl: int = 20
+
+    def check(self, where: str, host_name: str) -> None:
+        """What the schema cannot say."""
+        from ..kvstore import KvstoreError
+        from ..kvstore.client import parse_endpoint
+        tls = False
+        for e in self.endpoints:
+            try:
+                tls |= parse_endpoint(e)[1]
+            except KvstoreError as exc:
+                raise ConfigError(f"{where}: etcd.endpoints: {exc}", "etcd.endpoints") from None
+        if tls and not self.ca:
+            raise ConfigError(f"{where}: etcd.ca is required with https:// endpoints", "etcd.ca")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError(f"{where}: etcd.cert and etcd.key go together", "etcd.cert")
+        if "/" in host_name or not host_name:
+            raise ConfigError(f"{where}: host_name {host_name!r} cannot name etcd keys", "host_name")
+
+
+@dataclass
 class AgentConfig:
     socket: str = "/run/stockade/agent.sock"
     socket_group: str = "stockade"
@@ -39,6 +69,14 @@ class AgentConfig:
     audit: bool = False
     # What happens to packets of an interface whose workload is not identified yet.
     unknown_endpoint: str = "drop"  # or "forward" (migrations)
+    # How programs are attached: tcx BPF links (pinned, owned: Linux 6.6+), tc clsact
+    # filters, or auto (tcx where the kernel has it).
+    attach_mode: str = "auto"
+    # The kernel-side default (datapath/kerneldefault.py): an nftables table dropping
+    # frames of managed interfaces that do not run the programs (while the agent is down).
+    kernel_default: bool = True
+    kernel_default_interfaces: list[str] = field(default_factory=list)
+    nft_table: str | None = None
     managed_bridges: list[str] = field(default_factory=lambda: [
         "podman0", "cni-podman0", "docker0", "virbr*"])
     managed_interfaces: list[str] = field(default_factory=lambda: ["vnet*", "tap*"])
@@ -82,11 +120,35 @@ class AgentConfig:
     ipcache_map_size: int = 65536
     ct_map_size: int = 262144
     log_level: str = "info"
+    # L7 (HTTP rules): the transparent proxy (docs/policy.md, "HTTP rules"). It starts
+    # when the first HTTP rule applies to a local endpoint.
+    l7_haproxy: str = "/usr/sbin/haproxy"
+    l7_user: str = "haproxy"                 # the proxy runs as this user
+    l7_run_dir: str = "/run/stockade/l7"     # its configuration, maps and sockets
+    l7_proxy_port: int = 15001               # its transparent listener
+    l7_mark: int = 0x5D170000                # skb mark of steered packets (high 16 bits)
+    l7_route_table: int = 2317               # policy route table of steered packets
+    l7_rule_priority: int = 2317             # ip rule preference
+    l7_nft_table: str = "stockade_l7"        # nft table (family inet)
+    l7_slots: int = 8                        # rules per rule set before a proxy restart
+    l7_match_limit: int = 100000             # PCRE2 match limit of each HTTP pattern
+    # The fleet store on etcd: off without endpoints (nothing changes then).
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
     def validate(self, where: str = "config") -> "AgentConfig":
         """Check every setting against agent.schema.json (raises ConfigError)."""
+        if isinstance(self.etcd, dict):
+            check({"etcd": self.etcd}, where)
+            self.etcd = _build(EtcdConfig, self.etcd)
         check(self.to_dict(), where)
+        if self.etcd.endpoints:
+            self.etcd.check(where, self.host_name)
         return self
+
+    @property
+    def fleet_store(self) -> "EtcdConfig | None":
+        """The etcd settings when the fleet store is on."""
+        return self.etcd if self.etcd is not None and self.etcd.endpoints else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +166,8 @@ class AgentConfig:
                 "EVENTS_NEW_RATE": self.flow_events_rate,
                 "EVENTS_NEW_BURST": self.flow_events_burst,
                 "EVENTS_DROP_RATE": self.drop_events_rate,
-                "EVENTS_DROP_BURST": self.drop_events_burst}
+                "EVENTS_DROP_BURST": self.drop_events_burst,
+                "L7_MARK": self.l7_mark}
 
 
 def field_names() -> list[str]:
@@ -186,8 +249,8 @@ def _build(cls, data: dict):
         if f.name not in data:
             continue
         value = data[f.name]
-        if f.default_factory is not MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
             if is_dataclass(default) and isinstance(value, dict):
                 value = _build(type(default), value)
         kw[f.name] = value

@@ -34,7 +34,9 @@ Health     {"status": "ok"|"degraded", "version": str, "uptime_s": float,
             "enforcement": "default"|"always"|"never", "audit": bool,
             "policy_revision": int, "endpoints": int, "identities": int,
             "policies": int, "ipcache": int, "errors": [str],
-            "unprotected_interfaces": [str]}
+            "unprotected_interfaces": [str],
+            "attach": {"mode": "tcx"|"tc", "repairs": int,
+                       "degraded": [{"interface": str, "what": str, "since": RFC 3339 UTC}]}}
 PolicyResult {"revision": int, "changed": bool, "dry_run": bool,
             "diff": {"added": [display names], "removed": [...], "changed": [...],
                      "rules": {"added": [str], "removed": [str]},

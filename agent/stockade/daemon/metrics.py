@@ -39,6 +39,35 @@ def _map_fill(dp) -> dict[str, tuple[int, int]]:
     return {name: (dp.count_entries(name), dp.max_entries(name)) for name in MAPS}
 
 
+def _kvstore_metrics(st: dict):
+    """The fleet store (daemon/fleet.py): its state and what it brought and refused."""
+    g = GaugeMetricFamily("stockade_kvstore_connected", "1 when the fleet store is connected "
+                          "(listed, watching, keepalives answered), else 0")
+    g.add_metric([], 1 if st["state"] == "connected" else 0)
+    yield g
+    g = GaugeMetricFamily("stockade_kvstore_state", "The fleet store's state: 1 for the current one",
+                          labels=["state"])
+    for state in ("connected", "degraded", "disconnected"):
+        g.add_metric([state], 1 if st["state"] == state else 0)
+    yield g
+    for name, doc, key in (
+            ("stockade_kvstore_endpoints_reachable", "etcd endpoints that answer", "endpoints_reachable"),
+            ("stockade_kvstore_remote_entries", "Other hosts' addresses from the fleet store",
+             "remote_entries"),
+            ("stockade_kvstore_refused_entries", "Published addresses refused now", "refused_entries"),
+            ("stockade_kvstore_revision", "The fleet store revision last seen", "revision")):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], st[key])
+        yield g
+    for name, doc, key in (
+            ("stockade_kvstore_refusals", "Refusals of published addresses", "refused_total"),
+            ("stockade_kvstore_leases_lost", "Leases found expired and granted again", "leases_lost"),
+            ("stockade_kvstore_listings", "Full listings of the fleet store", "listings")):
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], st[key])
+        yield c
+
+
 class AgentCollector(Collector):
     def __init__(self, agent):
         self.agent = agent
@@ -60,6 +89,12 @@ class AgentCollector(Collector):
             g.add_metric([], value)
             yield g
         yield _labels_dropped(dict(a.labels_dropped))
+        if getattr(a, "fleet", None) is not None:
+            yield from _kvstore_metrics(a.fleet.status())
+        rep = CounterMetricFamily("stockade_attach_repairs",
+                                  "Attachments found missing or overtaken and restored")
+        rep.add_metric([], getattr(a, "attach_repairs", 0))
+        yield rep
         if a.dp is None:
             return
         pk = CounterMetricFamily("stockade_packets", "Packets by direction, verdict and reason",
@@ -98,9 +133,10 @@ class AgentCollector(Collector):
         problems.add_metric(["policy"], len(health["policy_problems"]))
         problems.add_metric(["binding_mismatch"], len(health["binding_mismatches"]))
         problems.add_metric(["source_down"], sum(1 for s in health["sources"] if not s["connected"]))
+        problems.add_metric(["attach_degraded"], len(health["attach"]["degraded"]))
         yield problems
         unprotected = GaugeMetricFamily(
-            "stockade_unprotected_interfaces", "Managed interfaces found without the programs at start "
+            "stockade_unprotected_interfaces", "Managed interfaces that do not run the programs now "
             "(stockade status lists them)")
         unprotected.add_metric([], len(health["unprotected_interfaces"]))
         yield unprotected

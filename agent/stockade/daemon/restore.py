@@ -22,7 +22,15 @@ from ..policy.api.validation import sanitize_document
 from ..policy.identity import IdentityAllocator, reserved_identities
 from ..policy.mapstate import diff as state_diff
 from .binding import binding_problem
-from .changes import drop_cidr_identities, identify, put_remote, sync_cidr_identities, tap_for_mac, write_service_cidrs
+from .changes import (
+    drop_cidr_identities,
+    identify,
+    put_kv,
+    put_remote,
+    sync_cidr_identities,
+    tap_for_mac,
+    write_service_cidrs,
+)
 from .endpoints import Endpoint, parse_labels
 from .inventory import parse_services
 from .links import host_addresses, list_links
@@ -68,6 +76,7 @@ def restore(agent: "Agent", gen: "Generation") -> set[str]:
     for ip in host_ips:
         txn.set_ipcache(host_prefix(ip), HOST_ID, "host", None)
     _restore_ipcache(agent, txn, gen["ipcache.json"])
+    _restore_kvstore(agent, txn, gen["kvstore.json"])
     records = _Records(agent, "policies.json")
     policies = []
     for i, rec in enumerate(gen["policies.json"]):
@@ -103,6 +112,18 @@ def _restore_ipcache(agent: "Agent", txn: Txn, recs: list) -> None:
             raise records.fail(f"[{i}]", f"prefix {prefix} is listed twice")
         seen.add(prefix)
         put_remote(txn, prefix, RemoteRecord(labels, rec.get("host"), rec.get("node", False)))
+
+
+def _restore_kvstore(agent: "Agent", txn: Txn, recs: list) -> None:
+    """The fleet store's last view: enforced until etcd answers (then listed again)."""
+    records = _Records(agent, "kvstore.json")
+    for i, rec in enumerate(recs):
+        try:
+            prefix = str(ipaddress.ip_network(rec["prefix"], strict=True))
+            labels = parse_labels(rec["labels"], "remote")
+        except (StockadeError, ValueError) as exc:
+            raise records.fail(f"[{i}]", exc) from None
+        put_kv(txn, prefix, RemoteRecord(labels, rec["host"], rec.get("node", False)))
 
 
 def _endpoint(records: _Records, i: int, rec: dict) -> Endpoint:

@@ -46,7 +46,7 @@ class Journal:
 @dataclass(frozen=True)
 class IpcacheEntry:
     identity: int
-    source: str            # local | remote | cidr | host
+    source: str            # local | remote | kvstore | cidr | host
     host: str | None = None
 
 
@@ -72,6 +72,9 @@ class State:
     by_ifindex: dict[int, str] = field(default_factory=dict)
     ipcache: dict[str, IpcacheEntry] = field(default_factory=dict)
     remote: dict[str, RemoteRecord] = field(default_factory=dict)
+    # Other hosts' workloads from the fleet store (daemon/fleet.py): identity None while an
+    # API entry (``remote``) or a local address holds the prefix.
+    kvstore: dict[str, RemoteRecord] = field(default_factory=dict)
     cidr_ids: dict[Network, Identity] = field(default_factory=dict)       # policy prefixes
     service_cidrs: dict[Network, Identity] = field(default_factory=dict)  # services' prefixes
     services: dict[str, Service] = field(default_factory=dict)
@@ -109,3 +112,4 @@ class Snapshot:
     unprotected: tuple[str, ...]
     errors: tuple[str, ...]
     mismatches: dict[str, str] = field(default_factory=dict)
+    kvstore: dict[str, RemoteRecord] = field(default_factory=dict)

@@ -67,6 +67,11 @@ SCHEMAS: dict[str, dict] = {
         "properties": {"source": _STR, "document": {"type": "object"}}}},
     "revision.json": {"type": "integer", "minimum": 0},
     "services.json": {"type": "object", "additionalProperties": {"type": "object"}},
+    # Other hosts' workloads from the fleet store (daemon/fleet.py); written only with etcd.
+    "kvstore.json": {"type": "array", "items": {
+        "type": "object", "required": ["prefix", "labels", "host"], "additionalProperties": False,
+        "properties": {"prefix": _STR, "labels": _LABELS, "host": _STR,
+                       "node": {"type": "boolean"}}}},
 }
 
 FILES = tuple(SCHEMAS)
@@ -87,7 +92,8 @@ MANIFEST_SCHEMA = {
 
 # What a missing file means.
 EMPTY: dict[str, Any] = {"identities.json": {}, "endpoints.json": [], "ipcache.json": [],
-                         "policies.json": [], "revision.json": 0, "services.json": {}}
+                         "policies.json": [], "revision.json": 0, "services.json": {},
+                         "kvstore.json": []}
 
 # A transaction's dirty names (txn.dirty) -> file, and how to build it from the agent.
 BUILDERS: dict[str, tuple[str, Callable]] = {
@@ -100,6 +106,9 @@ BUILDERS: dict[str, tuple[str, Callable]] = {
                                              for p in a.engine.policies.values()]),
     "revision": ("revision.json", lambda a: a.state.revision),
     "services": ("services.json", lambda a: {k: v.raw for k, v in a.state.services.items()}),
+    "kvstore": ("kvstore.json", lambda a: [
+        {"prefix": p, "labels": r.labels.to_dict(), "host": r.host, "node": r.node}
+        for p, r in sorted(a.state.kvstore.items())]),
 }
 
 

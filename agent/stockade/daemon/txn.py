@@ -25,6 +25,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StockadeError
 from ..policy.api.entity import RESERVED
 from ..policy.engine import Transaction
 from ..policy.identity import Identity
@@ -65,6 +66,7 @@ class Txn:
     log: list[str] = field(default_factory=list)     # what happened, for the change log
     etx: Transaction = field(init=False)
     undo: list[Step] = field(default_factory=list)   # inverses of the steps written
+    audit_off: set[int] = field(default_factory=set)  # interfaces leaving audit mode
     on_commit: list = field(default_factory=list)    # callables, run once committed
 
     def __post_init__(self):
@@ -207,6 +209,37 @@ class Txn:
             if inverse is not None:
                 self.undo.append(inverse)   # before the write: a half-done one is undone too
             _write_step(self.agent, dp, step)
+        self._cut_flows(dp)
+
+    def _cut_flows(self, dp) -> None:
+        """Once the new policy is in the maps: the conntrack entries of flows it may now
+        deny go (their next packet meets it), and those audited would-be drops created
+        at interfaces that left audit mode. Deleting an entry undoes nothing and opens
+        nothing: an allowed flow's next packet creates it again."""
+        if not hasattr(dp, "ct_delete_tightened"):
+            return
+        wide: set = set()
+        exact: set = set()
+        for step in self.steps:
+            if step.kind == "policy":
+                w, e = step.value.tightened()
+                wide |= w
+                exact |= e
+        # only identities that were local before can have flows judged by the old policy
+        # (a new endpoint's first flags are no reason to walk the table)
+        before = self.etx.locals_before
+        wide = {p for p in wide if p[0] in before}
+        exact = {p for p in exact if p[0] in before}
+        from ..errors import StockadeError
+        try:
+            n = dp.ct_delete_tightened(wide, exact) if (wide or exact) else 0
+            if self.audit_off:
+                n += dp.ct_delete_audited(self.audit_off)
+        except StockadeError as exc:
+            self.agent.error(f"cutting flows the new policy denies: {exc}")
+            return
+        if n:
+            self.log.append(f"conntrack: {n} entries of flows the change may deny deleted")
 
     def unwrite(self, dp) -> None:
         """Write the inverse of every step written, last first."""
@@ -225,9 +258,11 @@ class Txn:
         if step.kind == "attach":
             if step.key in agent.attached:
                 return None
-            return Step("endpoint", step.key, CLOSED) if step.value else Step("detach", step.key)
+            return Step("close", step.key) if step.value else Step("detach", step.key)
         if step.kind == "detach":
             return Step("attach", step.key) if step.key in agent.attached else None
+        if step.kind == "close":
+            return None
         raise ValueError(step.kind)
 
     def commit(self) -> None:
@@ -256,11 +291,23 @@ def _write_step(agent: "Agent", dp, step: Step) -> None:
         else:
             dp.set_endpoint(step.key, **step.value)
             agent.endpoint_entries[step.key] = step.value
+    elif step.kind == "close":
+        # a managed interface stays attached and closed; when even the closed entry
+        # cannot be written (a full map) it goes: without an entry it is dropped as
+        # unidentified too, and a delete never fails for want of room
+        try:
+            dp.set_endpoint(step.key, **CLOSED)
+            agent.endpoint_entries[step.key] = CLOSED
+        except StockadeError:
+            dp.del_endpoint(step.key)
+            agent.endpoint_entries.pop(step.key, None)
     elif step.kind == "attach":
         if step.key not in agent.attached:
             dp.attach_interface(step.key)
             agent.attached.add(step.key)
+            agent._kernel_default("protect", [step.key])   # the programs run: let it be
     elif step.kind == "detach":
         if step.key in agent.attached:
+            agent._kernel_default("unprotect", [step.key])
             dp.detach_interface(step.key)
             agent.attached.discard(step.key)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.tcmsg import sched_bpf
 
 from .errors import DatapathError
 
@@ -20,20 +21,36 @@ PRIO = 21
 HANDLE = 0x5354
 ETH_P_ALL = 0x0003
 
+# pyroute2 0.7 does not decode a bpf filter's program id and tag (TCA_BPF_TAG = 10,
+# TCA_BPF_ID = 11): teach it, so a filter can be checked to run our very program.
+if not any(n == "TCA_BPF_ID" for n, _ in sched_bpf.options.nla_map):
+    sched_bpf.options.nla_map = sched_bpf.options.nla_map + (
+        ("TCA_BPF_FLAGS_GEN", "uint32"), ("TCA_BPF_TAG", "hex"), ("TCA_BPF_ID", "uint32"))
+
 
 @dataclass(frozen=True)
 class Attachment:
     ifindex: int
     hook: str       # "ingress" or "egress"
-    name: str       # BPF program name as tc reports it (pyroute2 0.7 does not decode the id)
+    name: str       # BPF program name as tc reports it
+    prog_id: int = 0
+    prio: int = PRIO
 
 
 def _ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
+    """clsact on ``ifindex``. Another qdisc in its place (a legacy ``ingress`` qdisc
+    also takes handle ffff:) is an error: our filters would land on its one hook."""
     try:
         ipr.tc("add", "clsact", ifindex)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
+        kinds = {q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=ifindex)
+                 if q["handle"] == 0xFFFF0000}
+        if "clsact" not in kinds:
+            raise DatapathError(f"ifindex {ifindex}", f"a {'/'.join(sorted(k for k in kinds if k))} "
+                                "qdisc holds clsact's place (ffff:): remove it "
+                                "(tc qdisc del dev X ingress)") from exc
 
 
 def attach(ifindex: int, from_endpoint_fd: int, to_endpoint_fd: int,
@@ -47,6 +64,8 @@ def attach(ifindex: int, from_endpoint_fd: int, to_endpoint_fd: int,
                 ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fd, name=name,
                        parent=parent, prio=PRIO, classid=1, direct_action=True,
                        protocol=ETH_P_ALL)
+    except DatapathError:
+        raise
     except (NetlinkError, OSError) as exc:
         raise DatapathError(f"ifindex {ifindex}", f"cannot attach programs: {exc}") from exc
 
@@ -65,6 +84,29 @@ def detach(ifindex: int) -> None:
                         raise
     except (NetlinkError, OSError) as exc:
         raise DatapathError(f"ifindex {ifindex}", f"cannot detach programs: {exc}") from exc
+
+
+def hook_filters(ifindex: int, hook: str) -> list[Attachment]:
+    """Every bpf filter on ``ifindex``'s clsact ``hook`` (ours and others'), in the order
+    tc runs them (by prio); [] without clsact."""
+    parent = PARENT_INGRESS if hook == "ingress" else PARENT_EGRESS
+    try:
+        with IPRoute() as ipr:
+            msgs = ipr.get_filters(index=ifindex, parent=parent)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            return []
+        raise DatapathError(f"ifindex {ifindex}", f"cannot list filters: {exc}") from exc
+    except OSError as exc:
+        raise DatapathError(f"ifindex {ifindex}", f"cannot list filters: {exc}") from exc
+    out = []
+    for msg in msgs:
+        opts = msg.get_attr("TCA_OPTIONS")
+        if msg.get_attr("TCA_KIND") != "bpf" or opts is None:
+            continue
+        out.append(Attachment(ifindex, hook, opts.get_attr("TCA_BPF_NAME") or "",
+                              opts.get_attr("TCA_BPF_ID") or 0, msg["info"] >> 16))
+    return sorted(out, key=lambda a: a.prio)
 
 
 def list_attached(ifindex: int | None = None) -> list[Attachment]:
@@ -88,7 +130,8 @@ def list_attached(ifindex: int | None = None) -> list[Attachment]:
                         if msg["info"] >> 16 != PRIO:
                             continue
                         opts = msg.get_attr("TCA_OPTIONS")
-                        out.append(Attachment(idx, hook, opts.get_attr("TCA_BPF_NAME") or ""))
+                        out.append(Attachment(idx, hook, opts.get_attr("TCA_BPF_NAME") or "",
+                                              opts.get_attr("TCA_BPF_ID") or 0))
     except (NetlinkError, OSError) as exc:
         raise DatapathError("tc", f"cannot list filters: {exc}") from exc
     return out

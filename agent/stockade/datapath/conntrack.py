@@ -154,3 +154,55 @@ class ConntrackMaps:
             if (local, self._identity_of(k.family, addr)) in wanted:
                 doomed.append(k)
         return self.ct_delete(doomed)
+
+    def ct_delete_tightened(self, wide: Iterable[tuple[int, int]],
+                            exact: Iterable[tuple[int, int, int]]) -> int:
+        """Delete the entries of flows a tighter policy may now deny, so that their next
+        packet is judged again: at the hooks of endpoints with identity ``local``, flows
+        opened in ``direction`` (the endpoint's egress: it opened them; ingress: toward
+        it), every peer for ``wide`` (local, direction), the peer identity resolved in
+        the ipcache for ``exact`` (local, peer, direction). Allowed flows only lose an
+        entry the next packet creates again. Returns how many were deleted."""
+        wide, exact = set(wide), set(exact)
+        if not wide and not exact:
+            return 0
+        local_of = {k.value: v.identity
+                    for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo)
+                    if not v.flags & m.EP_F_UNIDENTIFIED}
+        peers_of = collections.defaultdict(set)
+        for local, peer, direction in exact:
+            peers_of[(local, direction)].add(peer)
+        from .pins import fd_keys
+        ifindexes = {i for i, ident in local_of.items()
+                     if any(w[0] == ident for w in wide) or any(p[0] == ident for p in peers_of)}
+        if not ifindexes:
+            return 0
+        resolved: dict[tuple[int, bytes], int] = {}
+        doomed = []
+        for k in fd_keys(self.table("conntrack").map_fd, m.CtKey):   # keys only: one call each
+            if k.ifindex not in ifindexes:
+                continue
+            ident = local_of.get(k.ifindex)
+            if ident is None:
+                continue
+            if (ident, k.direction) in wide:
+                doomed.append(k)
+                continue
+            peers = peers_of.get((ident, k.direction))
+            if peers:
+                addr = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
+                who = resolved.get((k.family, addr))
+                if who is None:
+                    who = resolved[(k.family, addr)] = self._identity_of(k.family, addr)
+                if who in peers:
+                    doomed.append(k)
+        return self.ct_delete(doomed)
+
+    def ct_delete_audited(self, ifindexes: Iterable[int] | None = None) -> int:
+        """Delete the entries audited would-be drops created (at ``ifindexes``' hooks, or
+        everywhere): an endpoint leaving audit mode keeps none of the flows its policy
+        denies. Returns how many were deleted."""
+        only = None if ifindexes is None else set(ifindexes)
+        doomed = [k for k, v in self.ct_entries()
+                  if v.audited and (only is None or k.ifindex in only)]
+        return self.ct_delete(doomed, still=lambda v: bool(v.audited))

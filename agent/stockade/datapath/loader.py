@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from .conntrack import ConntrackMaps
 from .errors import DatapathError
+from .l7maps import L7Maps
 from .migrate import check_no_newer_pins, finish_legacy, migrate_legacy_pins
 from .pins import PINNED_MAPS, fd_map_info, pin_name
 from .writer import MapWriter
@@ -48,6 +49,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "EVENTS_NEW_BURST": 2000,
     "EVENTS_DROP_RATE": 5000,
     "EVENTS_DROP_BURST": 1000,
+    # L7 steering (bpf/lib/l7.h): L7-enforced ports, and the mark of steered packets
+    # (the agent's l7 settings route it to the proxy).
+    "L7_PORTS_MAX": 4096,
+    "L7_MARK": 0x5D170000,
 }
 
 
@@ -113,7 +118,7 @@ def _release_compiler_heap() -> None:
         pass
 
 
-class Datapath(MapWriter, ConntrackMaps):
+class Datapath(MapWriter, ConntrackMaps, L7Maps):
     """The compiled program plus its pinned maps.
 
     ``Datapath(settings)`` compiles once; a second instance with the same pin
@@ -122,8 +127,10 @@ class Datapath(MapWriter, ConntrackMaps):
     (stockade.datapath.migrate); the old maps stay open until ``finish_upgrade()``.
     """
 
-    def __init__(self, settings: Mapping[str, Any] | None = None):
+    def __init__(self, settings: Mapping[str, Any] | None = None, attach_mode: str = "auto"):
         self.settings = resolved_settings(settings)
+        self.attach_mode = attach_mode
+        self._attachments: Any = None
         self.pin_dir = Path(self.settings["STOCKADE_PIN_DIR"])
         self.source = render_source(self.settings)
         self._legacy: dict = {}
@@ -200,14 +207,42 @@ class Datapath(MapWriter, ConntrackMaps):
     def to_endpoint_fd(self) -> int:
         return self.to_endpoint.fd
 
+    @property
+    def attachments(self):
+        """The interfaces' attachments in this datapath's mode (attachments.Attachments)."""
+        if self._attachments is None:
+            from .attachments import Attachments
+            self._attachments = Attachments(
+                self.pin_dir, self.attach_mode,
+                {"ingress": self.from_endpoint_fd, "egress": self.to_endpoint_fd},
+                {"ingress": "from_endpoint", "egress": "to_endpoint"}, self._load_copies)
+        return self._attachments
+
+    def _load_copies(self) -> dict[str, int]:
+        """A second load of both programs (same code, same maps), for moving ours back
+        in front of a foreign tcx program without a moment off (attachments.py). bcc
+        keeps one load per name: the first stays bcc's, the copy is kept here."""
+        copies = {}
+        for hook, name in (("ingress", b"from_endpoint"), ("egress", b"to_endpoint")):
+            first = self.bpf.funcs.pop(name)
+            try:
+                copy = self.bpf.load_func(name, self._BPF.SCHED_CLS)
+                copies[hook] = os.dup(copy.fd)
+            finally:
+                self.bpf.funcs[name] = first
+            os.close(copy.fd)
+        return copies
+
     def attach_interface(self, ifindex: int) -> None:
-        """Run both programs on host interface ``ifindex`` (replaces ours, if there)."""
-        from .attach import attach
-        attach(ifindex, self.from_endpoint_fd, self.to_endpoint_fd)
+        """Run both programs on host interface ``ifindex``, first (replaces ours, if there)."""
+        self.attachments.attach(ifindex)
 
     def detach_interface(self, ifindex: int) -> None:
-        from .attach import detach
-        detach(ifindex)
+        self.attachments.detach(ifindex)
+
+    def check_interface(self, ifindex: int) -> list:
+        """What is wrong with ``ifindex``'s attachment ([]: nothing): attachments.Problem."""
+        return self.attachments.check(ifindex)
 
     def table(self, name: str):
         """The bcc table object of map ``name`` (see PINNED_MAPS, plus "events")."""
@@ -266,7 +301,8 @@ class Datapath(MapWriter, ConntrackMaps):
             raise DatapathError("events_lost", f"cannot read: {exc}") from exc
 
     def remove_pins(self) -> None:
-        """Unlink this datapath's pinned maps and the pin directory if empty."""
+        """Unlink this datapath's pinned maps and links, and the pin directory if empty."""
+        self.attachments.remove_pins()
         for name in PINNED_MAPS:
             try:
                 os.unlink(self.pin_dir / pin_name(name))
@@ -289,9 +325,9 @@ class Datapath(MapWriter, ConntrackMaps):
         """Detach our programs from every interface in the endpoints map (plus
         ``extra_ifindexes``), then remove the pins. Filters on interfaces this
         datapath never knew about are left alone (use attach.detach_all for that)."""
-        from .attach import detach
-        for idx in sorted(set(self.endpoint_ifindexes()) | set(extra_ifindexes)):
-            detach(idx)
+        for idx in sorted(set(self.endpoint_ifindexes()) | set(extra_ifindexes)
+                          | set(self.attachments.owned())):
+            self.attachments.detach(idx)
         self.remove_pins()
 
     def close(self) -> None:
@@ -299,6 +335,9 @@ class Datapath(MapWriter, ConntrackMaps):
         for fd in getattr(self, "_legacy", {}).values():
             os.close(fd)
         self._legacy = {}
+        att, self._attachments = getattr(self, "_attachments", None), None
+        if att is not None:
+            att.close()
         bpf, self.bpf = getattr(self, "bpf", None), None
         if bpf is not None:
             bpf.cleanup()

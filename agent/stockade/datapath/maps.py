@@ -281,3 +281,18 @@ LAYOUTS = {
     "flow_event": FlowEvent,
     "event_bucket": EventBucket,
 }
+
+
+class L7PortKey(ct.Structure):
+    """l7_ports key: an L7-enforced TCP port of a local endpoint's address."""
+    _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8),
+                ("port", ct.c_uint16),  # network order
+                ("addr", ct.c_uint8 * 16)]
+
+
+class L7PortValue(ct.Structure):
+    _fields_ = [("identity", ct.c_uint32)]
+
+
+class L7Host(ct.Structure):
+    _fields_ = [("ifindex", ct.c_uint32), ("mac", ct.c_uint8 * 6), ("pad", ct.c_uint8 * 2)]

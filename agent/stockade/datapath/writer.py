@@ -1,15 +1,28 @@
 """Typed writers and readers for the pinned maps (mixed into ``Datapath``).
 
-Ordering of ``apply_delta`` (no packet is allowed or dropped that both the old and
-the new state would treat otherwise):
+Ordering of ``apply_delta``: no intermediate state allows a packet that both the old
+and the new state deny (tests/test_writer_order.py checks every intermediate state of
+random and exhaustive old/new pairs against the programs' verdict):
 
-  1. deny entries added/changed      (a deny only drops what the new state drops)
-  2. flags that loosen a direction   (not enforced, or default-deny -> allow-miss)
-  3. allow entries added/changed
-  4. flags that tighten a direction  (allow entries are in place before a miss drops)
-  5. allow entries removed
-  6. deny entries removed            (after tightening: a removed deny never opens a
-                                      gap while the old default still allows)
+  1. deny entries added/changed      (only denies more than the old state)
+  2. flags that loosen a direction   (a packet that misses every entry now misses in
+                                      the new state too: the new denies are in)
+  3. allow entries removed           (before any allow is added: a stale allow of one
+                                      peer class never meets a new allow of the other,
+                                      e.g. old any-peer allow 80/tcp + new exact allow
+                                      80/tcp while the new any-peer deny tcp is in)
+  4. allow entries added/changed     (every allow left is the new state's)
+  5. flags that tighten a direction  (allow entries are in place before a miss drops)
+  6. deny entries removed            (the new state plus stale denies: denies more)
+
+Proof sketch: by longest-prefix match, adding deny entries to a state never allows
+more; after step 3 every allow entry is one of the new state's, so a packet allowed
+by an allow entry then is allowed by the new state (its new denies are all present,
+and a more specific new entry can only be an allow), and a packet allowed for missing
+every entry misses the old or new state's entries alike under the flag in force.
+The price: a packet allowed by both the old and the new state through different
+allow entries (an allow reshaped, say 80/tcp -> 0-1023/tcp) is dropped between steps
+3 and 4; established flows pass by conntrack, a new connection retries.
 
 ``check_capacity`` runs first and raises ``CapacityError`` before any write when
 the peak size during those steps (adds happen before removes) exceeds a map.
@@ -336,22 +349,25 @@ class MapWriter:
         deny_removes = [k for k in removes if not (k in old_entries and not old_entries[k].deny)]
 
         try:
-            self._write_ordered(deny_adds, loosen, allow_adds, tighten, allow_removes + deny_removes)
+            self._write_ordered(deny_adds, loosen, allow_removes, allow_adds, tighten, deny_removes)
         except BaseException:
             self._drop_shadow()  # partly written: read the maps again next time
             raise
         delta.apply(old_entries, old_flags)
 
-    def _write_ordered(self, deny_adds, loosen, allow_adds, tighten, removes) -> None:
+    def _write_ordered(self, deny_adds, loosen, allow_removes, allow_adds, tighten,
+                       deny_removes) -> None:
         for k, e in deny_adds:
             self._update("policy", _policy_key(k), m.PolicyValue(deny=1, policy_id=self.policy_id(e)))
         for p, f in sorted(loosen.items()):
             self._write_flag(p, f)
+        for k in allow_removes:
+            self._delete("policy", _policy_key(k))
         for k, e in allow_adds:
             self._update("policy", _policy_key(k), m.PolicyValue(deny=0, policy_id=self.policy_id(e)))
         for p, f in sorted(tighten.items()):
             self._write_flag(p, f)
-        for k in removes:
+        for k in deny_removes:
             self._delete("policy", _policy_key(k))
 
     # -- counters and conntrack -------------------------------------------------

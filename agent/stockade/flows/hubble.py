@@ -41,7 +41,8 @@ def _l4(flow: dict) -> tuple[dict, str]:
     if key.startswith("ICMP"):
         body = {k: v for k, v in (("type", l4.get("icmp_type")), ("code", l4.get("icmp_code"))) if v}
         names = ICMP6_NAMES if key == "ICMPv6" else ICMP4_NAMES
-        return {key: body}, f"{key} {names.get(l4.get('icmp_type'), l4.get('icmp_type'))}"
+        itype = l4.get("icmp_type")
+        return {key: body}, f"{key} {names.get(itype, itype) if isinstance(itype, int) else itype}"
     body = {k: v for k, v in (("source_port", l4.get("source_port")),
                               ("destination_port", l4.get("destination_port"))) if v}
     summary = key
@@ -140,7 +141,7 @@ def compact(flow: dict) -> str:
     left, right, arrow = "source", "destination", "->"
     if flow.get("is_reply"):  # a reply is shown from the connection's initiator, as Hubble does
         left, right, arrow = right, left, "<-"
-    text = (f"{_when(flow.get('time'))}: {_side(flow, left)} "
+    text = (f"{_when(str(flow.get('time') or ''))}: {_side(flow, left)} "
             f"(ID:{(flow.get(left) or {}).get('identity')}) {arrow} "
             f"{_side(flow, right)} (ID:{(flow.get(right) or {}).get('identity')}) "
             f"{point} {verdict} ({summary})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from .api.ports import HTTPRule
 from .api.rule import PeerRule, Policy, PolicyRef, Rule
 from .identity import WORKLOAD_KIND, Identity
 from .mapstate import (
@@ -19,11 +20,14 @@ from .mapstate import (
     ANY_PROTO,
     EGRESS,
     INGRESS,
+    PROTO_TCP,
     Delta,
     DirectionPolicy,
     Entry,
     FlagState,
     Key,
+    L7Key,
+    L7State,
     MapState,
     port_prefixes,
 )
@@ -45,9 +49,31 @@ class Clause:
     any_peer: bool
     l4: tuple[L4Key, ...]
     policy: str = field(init=False)
+    l7: dict[int, tuple[HTTPRule, ...]] = field(init=False)  # TCP port -> HTTP rules
 
     def __post_init__(self):
         self.policy = self.rule.ref.display
+        self.l7 = {} if self.deny else l7_ports(self.peer_rule)
+
+    def http_for(self, port: int) -> tuple[HTTPRule, ...]:
+        """The HTTP rules this clause sets for TCP ``port`` (which it must allow): its
+        own, or the rule that passes everything when it allows the port at L4 only."""
+        return self.l7.get(port) or (ALL_HTTP,)
+
+    def allows_tcp(self, port: int) -> bool:
+        return not self.deny and any(Key(0, 0, 0, *k).matches(PROTO_TCP, port) for k in self.l4)
+
+
+ALL_HTTP = HTTPRule()
+
+
+def l7_ports(pr: PeerRule) -> dict[int, tuple[HTTPRule, ...]]:
+    out: dict[int, tuple[HTTPRule, ...]] = {}
+    for port_rule in pr.to_ports:
+        if port_rule.http:
+            for pp in port_rule.ports:
+                out[pp.port] = tuple(dict.fromkeys(out.get(pp.port, ()) + port_rule.http))
+    return out
 
 
 def peer_selectors(pr: PeerRule) -> tuple[tuple[Selector, ...], bool]:
@@ -107,6 +133,8 @@ class Compiler:
         self._pairs: dict[tuple[int, int], MapState] = {}
         self._peers_of: dict[int, set[int]] = {}              # local -> peers with a pair
         self._locals_of_peer: dict[int, set[int]] = {}        # peer -> locals with a pair
+        self.l7: L7State = {}
+        self._l7_of: dict[int, set[L7Key]] = {}               # local -> its L7 keys
 
     # public API ------------------------------------------------------------------
     def add_identity(self, ident: Identity, local: bool = False) -> Delta:
@@ -141,6 +169,7 @@ class Compiler:
                 self._set_pair(ident_id, peer, {}, delta)
             for d in (INGRESS, EGRESS):
                 self._set_flag(ident_id, d, DirectionPolicy(), delta)
+        self._recompute_l7(set(self._l7_of), delta)
         return delta
 
     def set_policy(self, policy: Policy) -> Delta:
@@ -273,10 +302,50 @@ class Compiler:
                 self._set_pair(loc, peer, self._pair_entries(loc, peer, by_peer.get(peer, [])), delta)
             for d, flag in self._flags_for(loc).items():
                 self._set_flag(loc, d, flag, delta)
+        self._recompute_l7(locals_, delta)
 
     def _recompute_pairs(self, pairs: set[tuple[int, int]], delta: Delta) -> None:
         for loc, peer in pairs:
             self._set_pair(loc, peer, self._pair_entries(loc, peer, self._local_clauses(loc)), delta)
+        self._recompute_l7({loc for loc, _ in pairs}, delta)
+
+    # L7 ----------------------------------------------------------------------------
+    def l7_rules(self, local: int) -> L7State:
+        """The HTTP rules of every L7 port of ``local``, per peer identity (see L7Key).
+        For each peer: the rules of every clause that allows it that port, plus those
+        that every peer gets; an L4-only clause for the port passes everything."""
+        clauses = [c for c in self._local_clauses(local) if not c.deny]
+        ports = {(c.direction, port) for c in clauses for port in c.l7}
+        out: L7State = {}
+        for d, port in sorted(ports):
+            per_peer: dict[int, set[HTTPRule]] = {}
+            for c in clauses:
+                if c.direction == d and c.allows_tcp(port):
+                    rules = c.http_for(port)
+                    for peer in self._clause_peers(c):
+                        per_peer.setdefault(peer, set()).update(rules)
+            every = per_peer.get(ANY_PEER, set())
+            for peer, peer_rules in per_peer.items():
+                peer_rules |= every
+                out[L7Key(local, d, port, peer)] = (frozenset((ALL_HTTP,)) if ALL_HTTP in peer_rules
+                                                    else frozenset(peer_rules))
+        return out
+
+    def _recompute_l7(self, locals_: set[int], delta: Delta) -> None:
+        for loc in locals_:
+            new = self.l7_rules(loc) if loc in self.local_ids else {}
+            old_keys = self._l7_of.get(loc, set())
+            for k in old_keys - new.keys():
+                delta.set_l7(k, None, self.l7.pop(k))
+            for k, v in new.items():
+                prior = self.l7.get(k)
+                if prior != v:
+                    self.l7[k] = v
+                    delta.set_l7(k, v, prior)
+            if new:
+                self._l7_of[loc] = set(new)
+            else:
+                self._l7_of.pop(loc, None)
 
     def _pair_entries(self, loc: int, peer: int, clauses: list[Clause]) -> MapState:
         raw: dict[Key, tuple[bool, set[str]]] = {}

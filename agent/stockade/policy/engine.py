@@ -21,7 +21,7 @@ from typing import Iterable
 from .api.rule import Policy, PolicyRef, Rule
 from .compiler import Clause, Compiler
 from .identity import WORKLOAD_KIND, Identity
-from .mapstate import BeforeView, Delta, DirectionPolicy, FlagState, MapState
+from .mapstate import BeforeView, Delta, DirectionPolicy, FlagState, L7State, MapState
 
 
 @dataclass
@@ -64,6 +64,11 @@ class PolicyEngine:
     @property
     def flags(self) -> FlagState:
         return self._compiler.flags
+
+    @property
+    def l7(self) -> L7State:
+        """HTTP rule sets per (local identity, direction, port, peer): see compiler.l7_rules."""
+        return self._compiler.l7
 
     @property
     def policies(self) -> dict[PolicyRef, Policy]:
@@ -124,6 +129,11 @@ class Transaction:
         self._identities_before = dict(engine.identities)
         self._locals_before = frozenset(engine.local_ids)
         self._policies_before = dict(engine.policies)
+
+    @property
+    def locals_before(self) -> frozenset[int]:
+        """The local identities as they were when the transaction began."""
+        return self._locals_before
 
     @property
     def _c(self) -> Compiler:

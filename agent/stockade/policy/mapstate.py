@@ -119,6 +119,23 @@ MapState = dict[Key, Entry]
 FlagState = dict[tuple[int, int], DirectionPolicy]  # (local identity, direction) -> flags
 
 
+class L7Key(NamedTuple):
+    """An L7-enforced TCP port of a local identity, for one peer identity (``ANY_PEER``:
+    the rules every peer gets). The proxy uses the exact peer's entry when there is one
+    (it already includes the any-peer rules), else the any-peer entry."""
+
+    local: int
+    direction: int
+    port: int
+    peer: int
+
+
+# The HTTP rules (policy.api.ports.HTTPRule) that pass, any one of them sufficing. A
+# rule with no field passes everything: an L4-only rule for that peer and port, or
+# ``http: [{}]`` (visibility only), reduce the set to that one rule.
+L7State = dict[L7Key, frozenset]
+
+
 def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
     """Smallest list of (port, port_plen) prefixes covering first..last inclusive."""
     if first == 0 and last == 65535:
@@ -147,9 +164,36 @@ class Delta:
     flags: FlagState = field(default_factory=dict)  # new flags of the pairs that changed
     prior: dict[Key, Entry | None] = field(default_factory=dict)
     prior_flags: FlagState = field(default_factory=dict)
+    # L7 rule sets that change: new value (None: removed), and the value before.
+    l7: dict[L7Key, frozenset | None] = field(default_factory=dict)
+    prior_l7: dict[L7Key, frozenset | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.adds or self.removes or self.flags)
+        return bool(self.adds or self.removes or self.flags or self.l7)
+
+    def tightened(self) -> tuple[set[tuple[int, int]], set[tuple[int, int, int]]]:
+        """Where this delta may deny what was allowed: ``wide`` (local, direction) for
+        every peer (an any-peer key, or flags that now enforce or default-deny), and
+        ``exact`` (local, peer, direction): the flows whose conntrack entries must go
+        so that their next packet meets the new policy."""
+        wide: set[tuple[int, int]] = set()
+        exact: set[tuple[int, int, int]] = set()
+        def was_allow(k: Key) -> bool:
+            before = self.prior.get(k)
+            return before is not None and not before.deny
+        keys = [k for k in self.removes if was_allow(k)]
+        keys += [k for k, e in self.adds.items()
+                 if e.deny and (self.prior.get(k) is None or was_allow(k))]
+        for k in keys:
+            if k.peer == ANY_PEER:
+                wide.add((k.local, k.direction))
+            else:
+                exact.add((k.local, k.peer, k.direction))
+        for pair, flag in self.flags.items():
+            before = self.prior_flags.get(pair, DirectionPolicy())
+            if (flag.enforced and not before.enforced) or (flag.default_deny and not before.default_deny):
+                wide.add(pair)
+        return wide, {e for e in exact if (e[0], e[2]) not in wide}
 
     def __len__(self) -> int:
         return len(self.adds) + len(self.removes) + len(self.flags)
@@ -175,6 +219,13 @@ class Delta:
         else:
             self.flags[pair] = flag
 
+    def set_l7(self, key: L7Key, rules: frozenset | None, prior: frozenset | None) -> None:
+        self.prior_l7.setdefault(key, prior)
+        if self.prior_l7[key] == rules:
+            self.l7.pop(key, None)
+        else:
+            self.l7[key] = rules
+
     def then(self, later: "Delta") -> "Delta":
         """Sequential composition, in place: applying the result equals applying
         ``self`` and then ``later``."""
@@ -184,6 +235,8 @@ class Delta:
             self.add(k, v, later.prior.get(k))
         for pair, flag in later.flags.items():
             self.set_flag(pair, flag, later.prior_flags.get(pair, DirectionPolicy()))
+        for key, rules in later.l7.items():
+            self.set_l7(key, rules, later.prior_l7.get(key))
         return self
 
     def inverse(self) -> "Delta":
@@ -197,6 +250,8 @@ class Delta:
                 out.add(k, before, now)
         for pair, flag in self.flags.items():
             out.set_flag(pair, self.prior_flags.get(pair, DirectionPolicy()), flag)
+        for key, rules in self.l7.items():
+            out.set_l7(key, self.prior_l7.get(key), rules)
         return out
 
     def apply(self, entries: MapState, flags: FlagState) -> None:

@@ -88,8 +88,7 @@ def _doc_name(doc: Any) -> str | None:
     return _short(name) if isinstance(name, str) else None
 
 
-def load_text(text: str, name: str, *, allow_l7: bool = False,
-              limits: Limits = LIMITS) -> list[Policy]:
+def load_text(text: str, name: str, *, limits: Limits = LIMITS) -> list[Policy]:
     errors: list[PolicyError] = []
     policies = []
     indexes = {}
@@ -101,7 +100,7 @@ def load_text(text: str, name: str, *, allow_l7: bool = False,
             break
         doc_name = _doc_name(doc)
         try:
-            policies.append(sanitize_document(doc, source=name, allow_l7=allow_l7))
+            policies.append(sanitize_document(doc, source=name))
             indexes[id(policies[-1])] = index
         except PolicyErrors as exc:
             errors.extend(e.located(file=name, doc_index=index, doc_name=doc_name)
@@ -133,8 +132,8 @@ def read_policy_file(path: str | Path, *, limits: Limits = LIMITS) -> str:
         raise PolicyErrors([_located(exc, str(path))]) from None
 
 
-def load_file(path: str | Path, *, allow_l7: bool = False, limits: Limits = LIMITS) -> list[Policy]:
-    return load_text(read_policy_file(path, limits=limits), str(path), allow_l7=allow_l7,
+def load_file(path: str | Path, *, limits: Limits = LIMITS) -> list[Policy]:
+    return load_text(read_policy_file(path, limits=limits), str(path),
                      limits=limits)
 
 
@@ -154,13 +153,13 @@ def load_data_file(path: str | Path) -> Any:
     return docs[0] if docs else None
 
 
-def load_files(paths: Iterable[str | Path], *, allow_l7: bool = False) -> list[Policy]:
+def load_files(paths: Iterable[str | Path]) -> list[Policy]:
     """All files or nothing; a policy defined in two files is an error."""
     errors: list[PolicyError] = []
     policies: list[Policy] = []
     for p in paths:
         try:
-            policies.extend(load_file(p, allow_l7=allow_l7))
+            policies.extend(load_file(p))
         except PolicyErrors as exc:
             errors.extend(exc.errors)
     seen: dict = {}

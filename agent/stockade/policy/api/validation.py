@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 import jsonschema
+import re2
 
 from ...errors import PolicyError, PolicyErrors
 from ..labels import NAMESPACE_KEYS, Label, LabelSet, check_key, check_value, split_source
@@ -26,8 +27,10 @@ from .selector import OPERATORS, EndpointSelector, Requirement
 _SCHEMA = json.loads(resources.files(__package__).joinpath("schema.json").read_text())
 _VALIDATOR = jsonschema.Draft202012Validator(_SCHEMA)
 
-L7_NOT_ENFORCED = ("L7 HTTP rules are parsed and validated but not enforced yet; "
-                   "remove toPorts[].rules.http to apply this policy")
+L7_SINGLE_TCP_PORT = "L7 HTTP rules need one TCP port (no port 0, endPort or UDP/SCTP)"
+L7_EGRESS = ("HTTP rules in egress are not enforced by this version (ingress only); "
+             "refused rather than applied at L4 only")
+HEADER_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(:.*)?$")
 
 
 def render_path(parts) -> str:
@@ -261,7 +264,7 @@ class _Sanitizer:
                           f"entity {ent!r} is not supported (one of {', '.join(ENTITIES)})")
             else:
                 entities.append(ent)
-        to_ports = tuple(self.port_rule(pr, f"{path}.toPorts[{i}]", deny=deny)
+        to_ports = tuple(self.port_rule(pr, f"{path}.toPorts[{i}]", deny=deny, ingress=ingress)
                          for i, pr in enumerate(raw.get("toPorts") or []))
         icmps = tuple(f for i, ic in enumerate(raw.get("icmps") or [])
                       for f in self.icmp_rule(ic, f"{path}.icmps[{i}]"))
@@ -269,12 +272,13 @@ class _Sanitizer:
                         to_ports, icmps, empty)
 
     # L4 ------------------------------------------------------------------------
-    def port_rule(self, raw: dict, path: str, *, deny: bool) -> PortRule:
-        ports = []
+    def port_rule(self, raw: dict, path: str, *, deny: bool, ingress: bool = True) -> PortRule:
+        ports, indexes = [], []
         for i, p in enumerate(raw.get("ports") or []):
             pp = self.port(p, f"{path}.ports[{i}]")
             if pp:
                 ports.append(pp)
+                indexes.append(i)
         if not raw.get("ports"):
             self.fail(f"{path}.ports", "at least one port is required")
         http: tuple[HTTPRule, ...] = ()
@@ -282,10 +286,16 @@ class _Sanitizer:
         if "http" in rules:
             if deny:
                 self.fail(f"{path}.rules", "deny rules cannot have L7 rules")
+            elif not ingress:
+                self.fail(f"{path}.rules", L7_EGRESS)
             http = tuple(self.http_rule(h, f"{path}.rules.http[{i}]")
                          for i, h in enumerate(rules["http"]))
+            if not http:
+                http = (HTTPRule(),)  # ``http: []``: as ``[{}]``, every request (visibility)
+            for i, pp in zip(indexes, ports, strict=True):
+                if pp.port == 0 or pp.end_port or pp.protocol not in ("TCP", "ANY"):
+                    self.fail(f"{path}.ports[{i}]", L7_SINGLE_TCP_PORT)
             self.has_l7 = True
-            self.l7_path = f"{path}.rules.http"
         return PortRule(tuple(ports), http)
 
     def port(self, raw: dict, path: str) -> PortProtocol | None:
@@ -320,14 +330,13 @@ class _Sanitizer:
         return PortProtocol(port_raw, end, proto) if ok else None
 
     def http_rule(self, raw: dict, path: str) -> HTTPRule:
-        for name in ("method", "path"):
+        for name in ("method", "path", "host"):
             if name in raw:
-                try:
-                    re.compile(raw[name])
-                except re.error as exc:
-                    self.fail(f"{path}.{name}", f"invalid regular expression: {exc}")
+                why = l7_pattern_error(raw[name])
+                if why:
+                    self.fail(f"{path}.{name}", why)
         for i, header in enumerate(raw.get("headers") or []):
-            if not re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(:.*)?$", header):
+            if not HEADER_RE.match(header) or any(c in header for c in "\r\n\0"):
                 self.fail(f"{path}.headers[{i}]", f"{header!r} is not a valid header")
         return HTTPRule(raw.get("method"), raw.get("path"), raw.get("host"),
                         tuple(raw.get("headers") or ()))
@@ -375,8 +384,30 @@ def _net_key(n):
     return (n.version, n.network_address, n.prefixlen)
 
 
-def sanitize_document(doc: Any, *, source: str = "", allow_l7: bool = False,
-                      strict: bool = True) -> Policy:
+MAX_L7_PATTERN = 1024  # characters
+
+
+def l7_pattern_error(pattern: str) -> str | None:
+    """Why an HTTP rule pattern is refused, or None. Patterns must be RE2 syntax (no
+    backreferences, no lookaround) so that they match in linear time, in the agent's
+    checks (google-re2) and, bounded by a match limit, in the proxy's PCRE2."""
+    if len(pattern) > MAX_L7_PATTERN:
+        return f"regular expression longer than {MAX_L7_PATTERN} characters"
+    if any(c in pattern for c in "\r\n\0"):
+        return "regular expression contains a control character (CR, LF or NUL)"
+    try:
+        re2.compile(pattern)
+    except re2.error as exc:
+        why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        return f"invalid regular expression (RE2 syntax): {why}"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"invalid regular expression: {exc}"
+    return None
+
+
+def sanitize_document(doc: Any, *, source: str = "", strict: bool = True) -> Policy:
     """One raw document -> Policy, or PolicyErrors with every problem (paths only; the
     caller adds file and document).
 
@@ -405,8 +436,6 @@ def sanitize_document(doc: Any, *, source: str = "", allow_l7: bool = False,
     for i, sp in enumerate(doc.get("specs") or []):
         specs.append((f"specs[{i}]", sp))
     rules = [s.spec(raw, ref, path) for path, raw in specs]
-    if s.has_l7 and not allow_l7 and not s.errors:
-        s.fail(s.l7_path, L7_NOT_ENFORCED)
     if s.errors:
         raise PolicyErrors(s.errors)
     return Policy(ref, rules, source, doc, s.has_l7, doc.get("description", ""),

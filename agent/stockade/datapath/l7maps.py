@@ -1,0 +1,59 @@
+"""The L7 steering maps (bpf/lib/l7.h), written as a whole desired state (mixed into
+``Datapath``): which local addresses and TCP ports the proxy enforces, and per
+endpoint interface where a steered packet enters the host's IP stack (the device's
+ifindex and MAC)."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import TYPE_CHECKING, Any, Mapping
+
+from . import maps as m
+
+L7Port = tuple[str, int]  # (address, TCP port)
+
+
+def _port_key(addr: str, port: int) -> m.L7PortKey:
+    ip = ipaddress.ip_address(addr)
+    k = m.L7PortKey(family=ip.version, port=socket.htons(port))
+    k.addr[:len(ip.packed)] = ip.packed
+    return k
+
+
+class L7Maps:
+    """Needs MapWriter's ``_update``, ``_delete`` and ``_items``."""
+
+    if TYPE_CHECKING:
+        def _items(self, name: str, key_type: Any, value_type: Any) -> list: ...
+        def _update(self, name: str, key: Any, value: Any) -> None: ...
+        def _delete(self, name: str, key: Any) -> bool: ...
+
+    def l7_ports(self) -> dict[L7Port, int]:
+        out = {}
+        for k, v in self._items("l7_ports", m.L7PortKey, m.L7PortValue):
+            raw = bytes(k.addr[:4] if k.family == 4 else k.addr)
+            out[(str(ipaddress.ip_address(raw)), socket.ntohs(k.port))] = v.identity
+        return out
+
+    def l7_hosts(self) -> dict[int, tuple[int, bytes]]:
+        return {k.value: (v.ifindex, bytes(v.mac)) for k, v in
+                self._items("l7_host", m.ct.c_uint32, m.L7Host)}
+
+    def sync_l7(self, ports: Mapping[L7Port, int], hosts: Mapping[int, tuple[int, bytes]]) -> None:
+        """Make both maps hold exactly ``ports`` and ``hosts`` (endpoint ifindex ->
+        (device ifindex, MAC)). Hosts are added first and removed last: a port is never
+        steered from an interface without a way in (that drops: closed, not open)."""
+        have_hosts = self.l7_hosts()
+        for ifindex, (dev, mac) in hosts.items():
+            if have_hosts.get(ifindex) != (dev, mac):
+                v = m.L7Host(ifindex=dev)
+                v.mac[:] = mac
+                self._update("l7_host", m.ct.c_uint32(ifindex), v)
+        have = self.l7_ports()
+        for key, ident in ports.items():
+            if have.get(key) != ident:
+                self._update("l7_ports", _port_key(*key), m.L7PortValue(ident))
+        for key in have.keys() - ports.keys():
+            self._delete("l7_ports", _port_key(*key))
+        for ifindex in have_hosts.keys() - hosts.keys():
+            self._delete("l7_host", m.ct.c_uint32(ifindex))

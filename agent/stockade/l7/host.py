@@ -1,0 +1,100 @@
+"""The host's side of L7 steering: what takes a steered packet to the proxy.
+
+  * a policy route: packets with the L7 mark go to a table whose only route is
+    ``local default dev lo`` (IPv4 and IPv6), so they are delivered on this host;
+  * an nft table (family inet): in prerouting, TPROXY hands marked packets, and packets
+    routed to an L7 port of a local endpoint (from another host), to the proxy's
+    listener or to the proxy's own socket of that connection; whatever no socket takes
+    is dropped (the proxy down closes the port). In output, connections the host
+    itself opens to an L7 port get the mark (and so loop through lo into prerouting),
+    except the proxy's own (its user id).
+"""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+MARK_MASK = 0xFFFF0000
+
+
+class HostError(Exception):
+    pass
+
+
+def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=20)
+    if check and r.returncode != 0:
+        raise HostError(f"{' '.join(argv[:4])}: {r.stderr.strip()[:500]}")
+    return r
+
+
+@dataclass(frozen=True)
+class HostSteering:
+    table: str          # nft table name (family inet)
+    mark: int
+    route_table: int
+    rule_priority: int
+    proxy_port: int
+    proxy_uid: int
+
+    def ruleset(self) -> str:
+        m, mask, port = f"0x{self.mark:08x}", f"0x{MARK_MASK:08x}", self.proxy_port
+        return f"""table inet {self.table} {{
+  set targets4 {{ type ipv4_addr . inet_service; }}
+  set targets6 {{ type ipv6_addr . inet_service; }}
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp meta mark & {mask} == {m} tproxy ip to :{port} accept
+    meta l4proto tcp meta mark & {mask} == {m} tproxy ip6 to :{port} accept
+    ip daddr . tcp dport @targets4 meta mark set {m} tproxy ip to :{port} accept
+    ip6 daddr . tcp dport @targets6 meta mark set {m} tproxy ip6 to :{port} accept
+    meta mark & {mask} == {m} drop
+    ip daddr . tcp dport @targets4 drop
+    ip6 daddr . tcp dport @targets6 drop
+  }}
+  chain output {{
+    type route hook output priority mangle; policy accept;
+    meta skuid {self.proxy_uid} return
+    ip daddr . tcp dport @targets4 meta mark set {m}
+    ip6 daddr . tcp dport @targets6 meta mark set {m}
+  }}
+}}
+"""
+
+    def install(self) -> None:
+        """Create (or re-create) the table and the policy routes; idempotent."""
+        self.remove_table()
+        _run(["nft", "-f", "-"], self.ruleset())
+        m = f"0x{self.mark:x}/0x{MARK_MASK:x}"
+        for fam, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            _run(["ip", fam, "rule", "del", "pref", str(self.rule_priority)], check=False)
+            _run(["ip", fam, "rule", "add", "pref", str(self.rule_priority), "fwmark", m,
+                  "lookup", str(self.route_table)])
+            _run(["ip", fam, "route", "replace", "local", default, "dev", "lo",
+                  "table", str(self.route_table)])
+
+    def set_targets(self, targets: Iterable[tuple[str, int]]) -> None:
+        v4 = sorted(f"{a} . {p}" for a, p in targets if ":" not in a)
+        v6 = sorted(f"{a} . {p}" for a, p in targets if ":" in a)
+        cmds = [f"flush set inet {self.table} targets4", f"flush set inet {self.table} targets6"]
+        if v4:
+            cmds.append(f"add element inet {self.table} targets4 {{ {', '.join(v4)} }}")
+        if v6:
+            cmds.append(f"add element inet {self.table} targets6 {{ {', '.join(v6)} }}")
+        _run(["nft", "-f", "-"], "\n".join(cmds) + "\n")
+
+    def remove_table(self) -> None:
+        _run(["nft", "delete", "table", "inet", self.table], check=False)
+
+    def remove(self) -> None:
+        self.remove_table()
+        for fam in ("-4", "-6"):
+            _run(["ip", fam, "rule", "del", "pref", str(self.rule_priority)], check=False)
+            _run(["ip", fam, "route", "flush", "table", str(self.route_table)], check=False)
+
+
+def remove_host_steering(cfg) -> None:
+    """What ``HostSteering.install`` made for the agent of ``cfg`` (``--cleanup``)."""
+    HostSteering(cfg.l7_nft_table, cfg.l7_mark, cfg.l7_route_table, cfg.l7_rule_priority,
+                 cfg.l7_proxy_port, 0).remove()

@@ -1,0 +1,263 @@
+"""The L7 manager: the agent's desired L7 state -> steering maps, host rules, the
+proxy's maps; and the proxy process (HAProxy), started when the first L7 rule
+appears, restarted when it dies.
+
+The proxy runs as its own user (``l7_user``) with only CAP_NET_ADMIN and CAP_NET_RAW
+(transparent sockets: IP_TRANSPARENT on the listener and on each upstream socket
+that uses the client's address), through util-linux ``setpriv``.
+
+Fail closed: the tc programs steer L7 ports as soon as the agent knows them, and the
+host drops steered packets no proxy socket takes: a proxy that is down or still
+starting closes the port; ``health()`` then says degraded, and the supervisor thread
+restarts it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from ..policy.mapstate import INGRESS
+from .haproxy import ProxySettings, RuntimeAPI, RuntimeAPIError, map_text, render_config, write_atomic
+from .host import HostError, HostSteering
+from .rules import FIELDS, rule_keys, sort_rules
+
+log = logging.getLogger("stockade.l7")
+
+RESTART_DELAY_S = 0.5
+START_TIMEOUT_S = 10.0
+
+
+def _delivery(link, links: dict) -> tuple[int, bytes] | None:
+    """Where a steered packet from ``link`` enters the host's IP stack: its bridge
+    (ifindex, MAC), or the link itself when it is not enslaved."""
+    if link is None:
+        return None
+    dev = link
+    if link.master:
+        dev = next((l for l in links.values() if l.name == link.master), None)
+    if dev is None or not dev.mac:
+        return None
+    return dev.ifindex, bytes.fromhex(dev.mac.replace(":", ""))
+
+
+class L7Proxy:
+    def __init__(self, agent):
+        cfg = agent.config
+        self.agent = agent
+        self.user = cfg.l7_user
+        pw = pwd.getpwnam(self.user)
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+        self.haproxy = cfg.l7_haproxy
+        self.settings = ProxySettings(Path(cfg.l7_run_dir), port=cfg.l7_proxy_port,
+                                      slots=cfg.l7_slots)
+        self.match_limit = cfg.l7_match_limit
+        self.host = HostSteering(cfg.l7_nft_table, cfg.l7_mark, cfg.l7_route_table,
+                                 cfg.l7_rule_priority, cfg.l7_proxy_port, self.uid)
+        self.api = RuntimeAPI(self.settings.admin_socket)
+        self.proc: subprocess.Popen | None = None
+        self.wanted = False            # some L7 rule exists: the proxy must run
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._maps: dict[str, dict[str, str]] = {}   # what the files (and proxy) hold
+        self._pushed: dict[str, dict[str, str]] = {}  # what the running proxy holds
+        self._host_installed = False
+        self._targets: set = set()
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.log_reader = None
+
+    # ------------------------------------------------------------------ desired state
+    def desired(self) -> tuple[dict, dict, dict[str, dict[str, str]]]:
+        """(steered ports, delivery MACs, map contents) from the agent's state."""
+        a = self.agent
+        l7 = {k: v for k, v in a.engine.l7.items() if k.direction == INGRESS}
+        ports: dict[tuple[str, int], int] = {}
+        macs: dict[int, tuple[int, bytes]] = {}
+        l7_locals: dict[int, set[int]] = {}
+        for k in l7:
+            l7_locals.setdefault(k.local, set()).add(k.port)
+        for ep in a.state.endpoints.values():
+            if ep.ifindex is not None:
+                way = _delivery(a.links.get(ep.ifindex), a.links)
+                if way:
+                    macs[ep.ifindex] = way
+            for port in l7_locals.get(ep.identity, ()) if ep.identity is not None else ():
+                for ip in ep.ips:
+                    ports[(str(ipaddress.ip_address(ip.split("/")[0])), port)] = ep.identity
+        numbers: dict[frozenset, int] = {}
+        rulesets: dict[str, str] = {}
+        slots: dict[str, dict[str, str]] = {n: {} for n in self.settings.slot_maps()}
+        for k in sorted(l7):
+            rules = l7[k]
+            rs = numbers.get(rules)
+            if rs is None:
+                rs = numbers[rules] = len(numbers) + 1
+                for i, rule in enumerate(sort_rules(rules)):
+                    for field, key in rule_keys(rs, rule, self.match_limit).items():
+                        slots.setdefault(f"{field}{i}", {})[key] = "1"
+            rulesets[f"{k.local}:{k.port}:{k.peer}"] = str(rs)
+        ipcache = {prefix: str(e.identity) for prefix, e in a.state.ipcache.items()}
+        maps = {"ipcache": ipcache, "rulesets": rulesets, **slots}
+        return ports, macs, maps
+
+    def slots_needed(self, maps: dict) -> int:
+        i = 0
+        while any(f"{f}{i}" in maps and maps[f"{f}{i}"] for f in FIELDS):
+            i += 1
+        return i
+
+    def sync_locked(self) -> None:
+        """Make the datapath, the host and the proxy match the agent's state (called
+        with the agent's lock, after each commit)."""
+        with self._lock:
+            ports, macs, maps = self.desired()
+            self.wanted = bool(ports) or bool(maps["rulesets"])
+            try:
+                if self.wanted and not self._host_installed:
+                    self.host.install()
+                    self._host_installed = True
+                if self._host_installed:
+                    targets = set(ports)
+                    if targets != self._targets:
+                        self.host.set_targets(targets)
+                        self._targets = targets
+            except HostError as exc:
+                self.last_error = f"host steering: {exc}"
+                self.agent.error(f"l7: {self.last_error}")
+            need = self.slots_needed(maps)
+            if need > self.settings.slots:
+                self.settings = ProxySettings(self.settings.run_dir, port=self.settings.port,
+                                              slots=max(need, 2 * self.settings.slots))
+                for n in self.settings.slot_maps():
+                    maps.setdefault(n, {})
+                self._write_files(maps)
+                self._stop_process()      # more slots need a new configuration
+            else:
+                self._write_files(maps)
+            if self.wanted and self.running:
+                self._push(maps)
+            elif self.wanted:
+                self._start_process()
+            self.agent.dp.sync_l7(ports, macs)
+
+    def _write_files(self, maps: dict) -> None:
+        d = self.settings.run_dir
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, self.uid, self.gid)
+        os.chmod(d, 0o750)
+        write_atomic(self.settings.config_path, render_config(self.settings))
+        for name, entries in maps.items():
+            if self._maps.get(name) != entries or not self.settings.map_path(name).exists():
+                write_atomic(self.settings.map_path(name), map_text(entries))
+        self._maps = {k: dict(v) for k, v in maps.items()}
+
+    def _push(self, maps: dict) -> None:
+        for name, entries in maps.items():
+            if self._pushed.get(name) == entries:
+                continue
+            try:
+                self.api.replace_map(self.settings.map_path(name), entries)
+                self._pushed[name] = dict(entries)
+            except RuntimeAPIError as exc:
+                self.last_error = f"runtime API: {exc}"
+                log.error("l7: %s", self.last_error)
+                self._stop_process()   # restarted with the files, which are current
+                return
+
+    # ------------------------------------------------------------------ process
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self) -> list[str]:
+        caps = "+net_admin,+net_raw"
+        return [shutil.which("setpriv") or "/usr/bin/setpriv",
+                f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}",
+                f"--bounding-set=-all,{caps}", "--",
+                self.haproxy, "-db", "-f", str(self.settings.config_path)]
+
+    def _start_process(self) -> None:
+        if self.log_reader is not None:
+            self.log_reader.ensure()
+        out = open(self.settings.run_dir / "haproxy.out", "ab")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=str(self.settings.run_dir))
+        except OSError as exc:
+            self.last_error = f"cannot start {self.haproxy}: {exc}"
+            log.error("l7: %s", self.last_error)
+            return
+        finally:
+            out.close()
+        self._pushed = {k: dict(v) for k, v in self._maps.items()}  # it read the files
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if "Name: HAProxy" in self.api.command("show info"):
+                    log.info("l7: proxy started (pid %d)", self.proc.pid)
+                    self.last_error = None
+                    return
+            except RuntimeAPIError:
+                pass
+            time.sleep(0.05)
+        self.last_error = f"proxy did not start: {self._tail()}"
+        log.error("l7: %s", self.last_error)
+
+    def _tail(self) -> str:
+        try:
+            return (self.settings.run_dir / "haproxy.out").read_text()[-500:]
+        except OSError:
+            return ""
+
+    def _stop_process(self) -> None:
+        p, self.proc = self.proc, None
+        self._pushed = {}
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._supervise, name="stockade-l7", daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(RESTART_DELAY_S):
+            with self._lock:
+                if self.wanted and not self.running:
+                    if self.proc is not None:
+                        self.last_error = f"proxy exited with status {self.proc.returncode}"
+                        log.error("l7: %s; restarting", self.last_error)
+                        self.restarts += 1
+                        self.proc = None
+                    self._start_process()
+
+    def stop(self, remove_host: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            self._stop_process()
+            if remove_host and self._host_installed:
+                self.host.remove()
+                self._host_installed = False
+
+    # ------------------------------------------------------------------ status
+    def health(self) -> dict:
+        ok = not self.wanted or self.running
+        return {"wanted": self.wanted, "running": self.running,
+                "pid": self.proc.pid if self.running and self.proc is not None else None, "restarts": self.restarts,
+                "ok": ok, "last_error": self.last_error,
+                "l7_ports": len(self._targets)}

@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * L7 steering (docs/policy.md, "HTTP rules"). TCP segments a local endpoint sends to
+ * an L7-enforced port of a local endpoint (the agent writes l7_ports), or sends
+ * from such a port (the server's replies), go to the host's IP stack instead of
+ * being bridged: skb->mark gets L7_MARK, the dst MAC becomes the host's on that
+ * segment (l7_host, by the sender's ifindex) and the packet is redirected into the
+ * ingress of the bridge device itself, not through the bridge: so it reaches the IP
+ * stack once, without the bridge's netfilter pass (br_netfilter), which would run
+ * TPROXY before ip_rcv drops the socket it chose. The host routes marked packets
+ * to a local table; nft TPROXY hands them to the transparent proxy's listener
+ * (a new connection) or to the proxy's own socket (its upstream connection, which
+ * uses the client's address). Marked packets that no socket takes are dropped by nft:
+ * a proxy that is down or not configured yet closes the port, never opens it.
+ * This block runs only on packets the pipeline has already forwarded.
+ */
+#ifndef STOCKADE_LIB_L7_H
+#define STOCKADE_LIB_L7_H
+
+static __always_inline int l7_is_port(__u8 family, const __u32 *addr, __be16 port)
+{
+	struct l7_port_key k = {};
+
+	k.family = family;
+	k.port = port;
+	if (family == 4)
+		__builtin_memcpy(k.addr, addr, 4);
+	else
+		__builtin_memcpy(k.addr, addr, 16);
+	return l7_ports.lookup(&k) != 0;
+}
+
+/* @act: the pipeline's tc action for the packet. Returns the final action. */
+static __always_inline int l7_steer(struct __sk_buff *skb, int dir, const struct pkt *p, int act)
+{
+	struct l7_host *host;
+	__u32 ifindex = skb->ifindex;
+
+	if (act != TC_ACT_OK || dir != DIR_EGRESS || p->proto != IPPROTO_TCP_ || !p->has_ports)
+		return act;
+	if (!l7_is_port(p->family, p->daddr, p->dport) &&
+	    !l7_is_port(p->family, p->saddr, p->sport))
+		return act;
+	host = l7_host.lookup(&ifindex);
+	if (!host)
+		return TC_ACT_SHOT;  /* no way to the proxy: closed, not bridged past it */
+	skb->mark = L7_MARK;
+	if (bpf_skb_store_bytes(skb, 0, host->mac, 6, 0) < 0)
+		return TC_ACT_SHOT;
+	if (host->ifindex && host->ifindex != ifindex)
+		return bpf_redirect(host->ifindex, BPF_F_INGRESS);
+	return TC_ACT_OK;  /* routed interface: the host stack is right behind it */
+}
+
+#endif

@@ -1,0 +1,370 @@
+"""HTTP rules enforced by the host's transparent proxy (HAProxy), with real packets.
+
+Namespace workloads a (client, app=web), b (server, app=api) and c (app=other) on one
+bridge, which has the host's address (.254): workload -> workload across the bridge,
+and host -> workload. The server in b records every request it receives, with the
+address it came from: the proxy is transparent (the server sees the client's address),
+and smuggling attempts are judged by what the server saw.
+"""
+import os
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from agentproc import AgentProcess
+from netns import Topology, in_netns
+from traffic import eventually
+
+pytestmark = pytest.mark.root
+
+NET4 = "10.213.18."
+HOST4 = f"{NET4}254"
+PORT = 8080
+TAG = os.getpid() % 1000
+
+
+def cnp(name, spec):
+    import textwrap
+    return {"name": f"{name}.yaml", "text": (
+        f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\n"
+        f"spec:\n{textwrap.indent(textwrap.dedent(spec).strip(), '  ')}\n")}
+
+
+class Recorder(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def _any(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        Recorder.seen.append({"client": self.client_address[0], "method": self.command,
+                              "path": self.path, "headers": dict(self.headers), "body": body})
+        payload = b"ok " + self.path.encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _any
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that reset (smuggling, slowloris) are expected here
+
+
+def l7_settings(run_dir_tag: str) -> dict:
+    return {"l7_run_dir": f"/run/stockade-l7-test-{os.getpid()}-{run_dir_tag}",
+            "l7_proxy_port": 15100 + TAG, "l7_nft_table": f"stockade_l7_t{os.getpid()}",
+            "l7_route_table": 23000 + TAG, "l7_rule_priority": 23000 + TAG,
+            "l7_mark": 0x5E000000 + (TAG << 16)}
+
+
+@pytest.fixture(scope="module")
+def env():
+    with Topology("l7") as topo:
+        w = {t: topo.add_workload(t, [f"{NET4}{i}/24"]) for i, t in enumerate("abc", start=1)}
+        subprocess.run(["ip", "addr", "add", f"{HOST4}/24", "dev", topo.bridge], check=True)
+        for t in "abc":
+            w[t].exec("ip", "route", "add", "default", "via", HOST4)
+        server = in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), Recorder)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with AgentProcess(**l7_settings("a")) as agent:
+                for name, app in (("a", "web"), ("b", "api"), ("c", "other")):
+                    agent.client.add_endpoint(name=name, interface=w[name].host_if,
+                                              ips=w[name].ips, labels={"app": app})
+                yield agent, w, topo
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def e(env):
+    Recorder.seen.clear()
+    yield env
+    env[0].client.delete_all_policies()
+
+
+API_L7 = """
+endpointSelector: {matchLabels: {app: api}}
+ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts:
+      - ports: [{port: "8080", protocol: TCP}]
+        rules:
+          http:
+            - {method: GET, path: "/public(/.*)?"}
+            - {method: POST, path: "/submit", headers: ["X-Token: s3cret"]}
+            - {method: PUT, path: "/host-only", host: "api\\\\.example(:8080)?"}
+            - {method: DELETE, path: "/hdr", headers: ["X-Trace"]}
+"""
+
+
+def apply(agent, *docs):
+    agent.client.put_policies(list(docs), replace_all=True)
+
+
+class Client:
+    """One TCP connection from a workload (or the host), HTTP/1.1 by hand."""
+
+    def __init__(self, w, addr, port=PORT, timeout=5.0):
+        self.sock = w.socket() if w is not None else socket.socket()
+        self.sock.settimeout(timeout)
+        self.sock.connect((addr, port))
+        self.buf = b""
+
+    def send(self, raw: bytes):
+        self.sock.sendall(raw)
+
+    def request(self, method="GET", path="/public", headers=None, body=b"", host="api"):
+        hdrs = {"Host": host, **(headers or {})}
+        if body:
+            hdrs["Content-Length"] = str(len(body))
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+        self.send(head.encode() + b"\r\n" + body)
+        return self.response()
+
+    def response(self):
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; got {self.buf!r}")
+            self.buf += chunk
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(rest) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed in body")
+            rest += chunk
+        self.buf = rest[length:]
+        return status, headers, rest[:length]
+
+    def close(self):
+        self.sock.close()
+
+
+def wait_proxy(agent):
+    def up():
+        l7 = agent.client.health().get("l7_proxy") or {}
+        return l7.get("running") and l7.get("l7_ports")
+    assert eventually(up, timeout=15), agent.client.health()
+
+
+def test_rules_allow_and_deny_each_matcher(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    c = Client(w["a"], w["b"].ip4)
+    try:
+        cases = [
+            (("GET", "/public"), {}, 200), (("GET", "/public/x?q=1"), {}, 200),
+            (("GET", "/private"), {}, 403), (("PATCH", "/public"), {}, 403),    # method
+            (("GET", "/publicity"), {}, 403),                                   # full match
+            (("POST", "/submit"), {"headers": {"X-Token": "s3cret"}}, 200),
+            (("POST", "/submit"), {"headers": {"X-Token": "wrong"}}, 403),      # header value
+            (("POST", "/submit"), {}, 403),
+            (("PUT", "/host-only"), {"host": "api.example"}, 200),
+            (("PUT", "/host-only"), {"host": "api.example:8080"}, 200),
+            (("PUT", "/host-only"), {"host": "evil.example"}, 403),             # host
+            (("DELETE", "/hdr"), {"headers": {"X-Trace": "1"}}, 200),           # presence
+            (("DELETE", "/hdr"), {}, 403),
+        ]
+        for (method, path), kw, want in cases:
+            status, _, body = c.request(method, path, **kw)   # one keep-alive connection
+            assert status == want, (method, path, kw, status, body)
+            if want == 403:
+                assert body == b"Access denied\r\n"
+    finally:
+        c.close()
+    allowed = [(r["method"], r["path"]) for r in Recorder.seen]
+    assert allowed == [("GET", "/public"), ("GET", "/public/x?q=1"), ("POST", "/submit"),
+                       ("PUT", "/host-only"), ("PUT", "/host-only"), ("DELETE", "/hdr")]
+    # transparent: the server saw the client's own address
+    assert {r["client"] for r in Recorder.seen} == {w["a"].ip4}
+
+
+def test_pipelining_keeps_order_and_connection(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    c = Client(w["a"], w["b"].ip4)
+    try:
+        c.send(b"GET /public/1 HTTP/1.1\r\nHost: api\r\n\r\n"
+               b"GET /nope HTTP/1.1\r\nHost: api\r\n\r\n"
+               b"GET /public/3 HTTP/1.1\r\nHost: api\r\n\r\n")
+        got = [c.response() for _ in range(3)]
+        assert [s for s, _, _ in got] == [200, 403, 200]
+        assert got[0][2] == b"ok /public/1\n" and got[2][2] == b"ok /public/3\n"
+        assert c.request("GET", "/public/4")[0] == 200     # still usable
+    finally:
+        c.close()
+
+
+def test_host_to_workload_is_filtered(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7.replace("fromEndpoints: [{matchLabels: {app: web}}]",
+                                           "fromEntities: [host]")))
+    wait_proxy(agent)
+    c = Client(None, w["b"].ip4)
+    try:
+        assert c.request("GET", "/public")[0] == 200
+        assert c.request("GET", "/private")[0] == 403
+    finally:
+        c.close()
+    assert [r["path"] for r in Recorder.seen] == ["/public"]
+    assert Recorder.seen[0]["client"] == HOST4
+
+
+def test_l4_only_peer_is_unfiltered(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7 + """
+  - fromEndpoints: [{matchLabels: {app: other}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""))
+    wait_proxy(agent)
+    c = Client(w["c"], w["b"].ip4)
+    a = Client(w["a"], w["b"].ip4)
+    try:
+        assert c.request("GET", "/private")[0] == 200
+        assert a.request("GET", "/private")[0] == 403
+    finally:
+        c.close()
+        a.close()
+
+
+def test_policy_change_mid_connection(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    c = Client(w["a"], w["b"].ip4)
+    try:
+        assert c.request("GET", "/private")[0] == 403
+        assert c.request("GET", "/public")[0] == 200
+        apply(agent, cnp("api", API_L7.replace('path: "/public(/.*)?"', 'path: "/private"')))
+        time.sleep(0.2)
+        assert c.request("GET", "/private")[0] == 200      # same connection, new rules
+        assert c.request("GET", "/public")[0] == 403
+    finally:
+        c.close()
+
+
+def test_request_smuggling_never_reaches_server_as_two(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7.replace('path: "/public(/.*)?"', 'path: "/.*"')))
+    wait_proxy(agent)
+    attempts = [
+        # CL + TE: the body hides a second request
+        b"GET /public HTTP/1.1\r\nHost: api\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: api\r\n\r\n",
+        # obs-fold (a header continued on the next line)
+        b"GET /public HTTP/1.1\r\nHost: api\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+        # two Content-Length values
+        b"POST /public HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\n"
+        b"hello",
+    ]
+    for raw in attempts:
+        c = Client(w["a"], w["b"].ip4)
+        try:
+            c.send(raw)
+            try:
+                while True:
+                    c.response()
+            except (ConnectionError, socket.timeout, OSError):
+                pass
+        finally:
+            c.close()
+    assert not any(r["path"] == "/smuggled" for r in Recorder.seen)
+    assert len(Recorder.seen) <= len(attempts)
+
+
+def test_slowloris_does_not_exhaust_proxy(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    slow = []
+    try:
+        for _ in range(50):
+            s = w["a"].socket()
+            s.settimeout(5)
+            s.connect((w["b"].ip4, PORT))
+            s.sendall(b"GET /public HTTP/1.1\r\nHost: api\r\n")   # never finishes
+            slow.append(s)
+        c = Client(w["a"], w["b"].ip4)
+        try:
+            assert c.request("GET", "/public")[0] == 200
+        finally:
+            c.close()
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_catastrophic_backtracking_is_bounded(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7.replace('path: "/public(/.*)?"', 'path: "/(a+)+$"')))
+    wait_proxy(agent)
+    c = Client(w["a"], w["b"].ip4, timeout=10)
+    try:
+        started = time.monotonic()
+        status, _, _ = c.request("GET", "/" + "a" * 40 + "!")
+        took = time.monotonic() - started
+        assert status == 403 and took < 2.0, took
+        assert c.request("GET", "/aaaa")[0] == 200          # the pattern still works
+    finally:
+        c.close()
+
+
+def test_proxy_killed_port_closed_then_restored(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    pid = agent.client.health()["l7_proxy"]["pid"]
+    os.kill(pid, 9)
+    # while it is down: nothing reaches the server unfiltered
+    down_seen = False
+    for _ in range(20):
+        h = agent.client.health()
+        if not h["l7_proxy"]["running"]:
+            down_seen = True
+            assert h["status"] == "degraded"
+            break
+        time.sleep(0.05)
+    try:
+        s = w["a"].socket()
+        s.settimeout(0.3)
+        s.connect((w["b"].ip4, PORT))
+        s.sendall(b"GET /private HTTP/1.1\r\nHost: api\r\n\r\n")
+        data = s.recv(100)
+        s.close()
+        assert b"200" not in data
+    except OSError:
+        pass
+    assert not any(r["path"] == "/private" for r in Recorder.seen)
+
+    def restarted():
+        h = agent.client.health()["l7_proxy"]
+        return h["running"] and h["pid"] != pid
+    assert eventually(restarted, timeout=15)
+    assert agent.client.health()["l7_proxy"]["restarts"] >= 1 or down_seen
+    c = Client(w["a"], w["b"].ip4)
+    try:
+        assert c.request("GET", "/public")[0] == 200
+        assert c.request("GET", "/private")[0] == 403
+    finally:
+        c.close()

@@ -1,0 +1,227 @@
+"""stockade.kvstore against a real etcd process (Debian's etcd-server): paginated
+listing, a watch that is compacted or cut (re-listed, deletes included), lease loss,
+endpoint failover, per-lease key limits, stale keys, RBAC by certificate CN."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from etcdcluster import EtcdCluster
+from stockade.kvstore import Compacted, EtcdClient, LeaseNotFound, Mirror, PermissionDenied, Publisher, Unavailable
+
+pytestmark = pytest.mark.pure
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def one():
+    with EtcdCluster(1, name="kvone") as c:
+        yield c
+
+
+@pytest.fixture
+def client(one):
+    c = EtcdClient(one.endpoints, timeout=2)
+    yield c
+    c.delete_prefix(b"/t/")
+    c.close()
+
+
+class View:
+    """What a Mirror's callbacks say, applied as a consumer would."""
+
+    def __init__(self):
+        self.items: dict[bytes, bytes] = {}
+        self.listings = 0
+        self.lock = threading.Lock()
+
+    def on_listing(self, items, revision):
+        with self.lock:
+            self.items = {kv.key: kv.value for kv in items}
+            self.listings += 1
+
+    def on_events(self, events):
+        with self.lock:
+            for e in events:
+                if e.kind == "put":
+                    self.items[e.key] = e.value
+                else:
+                    self.items.pop(e.key, None)
+
+
+def test_list_is_paginated_at_one_revision(client):
+    client.write([(b"/t/k%05d" % i, b"v", 0) for i in range(2500)])
+    client.put(b"/tx", b"outside")
+    items, rev = client.list_prefix(b"/t/", page=1000)
+    assert len(items) == 2500 and [kv.key for kv in items] == sorted(kv.key for kv in items)
+    assert rev == client.put(b"/tx", b"2") - 1
+
+
+def test_watch_from_a_compacted_revision_raises_compacted(client):
+    r1 = client.put(b"/t/a", b"1")
+    r2 = client.put(b"/t/a", b"2")
+    client.compact(r2)
+    w = client.watch(b"/t/", r1)
+    try:
+        with pytest.raises(Compacted):
+            for _ in range(10):     # the answer that it was created, then the refusal
+                w.next(0.5)
+    finally:
+        w.cancel()
+
+
+def test_mirror_lists_again_when_its_revision_was_compacted(client):
+    """Between the listing and the watch the store moves on and is compacted: the watch
+    is refused, the mirror lists again and the view is right, deletes included."""
+    client.put(b"/t/gone", b"x")
+    view = View()
+    first = threading.Event()
+
+    def on_listing(items, revision):
+        view.on_listing(items, revision)
+        if not first.is_set():
+            first.set()
+            client.delete(b"/t/gone")
+            rev = client.put(b"/t/new", b"y")
+            client.compact(rev)
+
+    m = Mirror(client, b"/t/", on_listing=on_listing, on_events=view.on_events, check_interval=1)
+    m.start()
+    try:
+        wait_for(lambda: view.listings >= 2 and m.watching, what="a second listing")
+        assert view.items == {b"/t/new": b"y"}
+        client.put(b"/t/later", b"z")
+        wait_for(lambda: b"/t/later" in view.items, what="a watched put")
+    finally:
+        m.stop()
+
+
+def test_lease_loss_regrants_and_puts_again(client):
+    p = Publisher(client, 3, [b"/t/h1/"])
+    p.set_desired({b"/t/h1/a": b"1", b"/t/h1/b": b"2"})
+    p.start()
+    try:
+        wait_for(lambda: not p.pending(), what="published")
+        lease = next(iter(p.leases))
+        assert client.get(b"/t/h1/a").lease == lease
+        client.revoke(lease)           # as if it expired while cut off: the keys go
+        assert client.get(b"/t/h1/a") is None
+        # the next keepalive (TTL/3 = 1 s) finds it gone: a new lease, the keys again
+        kv = wait_for(lambda: client.get(b"/t/h1/a"), timeout=5, what="the key put again")
+        assert kv.lease != lease and kv.lease in p.leases and p.leases_lost == 1
+        with pytest.raises(LeaseNotFound):
+            client.keepalive(lease)
+    finally:
+        p.stop(revoke=True)
+
+
+def test_keys_spread_over_leases_and_stale_keys_deleted(client):
+    client.put(b"/t/h2/stale", b"old")
+    p = Publisher(client, 5, [b"/t/h2/"], per_lease=1000)
+    desired = {b"/t/h2/k%04d" % i: b"v" for i in range(2500)}
+    p.set_desired(desired)
+    p.start()
+    try:
+        wait_for(lambda: not p.pending(), timeout=20, what="2500 keys published")
+        assert client.get(b"/t/h2/stale") is None
+        items, _ = client.list_prefix(b"/t/h2/")
+        leases = {kv.lease for kv in items}
+        assert len(items) == 2500 and len(leases) == 3
+        assert all(len(keys) <= 1000 for keys in p.leases.values())
+        # one change is written in milliseconds
+        t0 = time.monotonic()
+        p.set_desired({**desired, b"/t/h2/new": b"n"})
+        wait_for(lambda: client.get(b"/t/h2/new"), what="a new key")
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        p.stop(revoke=True)
+
+
+def test_failover_backoff_and_a_cut_stream():
+    """Three members: the member the client uses is killed; calls go on through the
+    others, the mirror's stream breaks, it lists again elsewhere and sees what changed
+    meanwhile (deletes included). With every member down calls raise Unavailable; when
+    members return the publisher writes again by itself."""
+    with EtcdCluster(3, name="kvthree") as cluster:
+        c = EtcdClient(cluster.endpoints, timeout=1)
+        other = EtcdClient(cluster.endpoints[1:], timeout=2)
+        try:
+            c.put(b"/t/x", b"1")
+            c.put(b"/t/y", b"1")
+            view = View()
+            m = Mirror(c, b"/t/", on_listing=view.on_listing, on_events=view.on_events,
+                       check_interval=1)
+            p = Publisher(c, 3, [b"/t/pub/"])
+            p.set_desired({b"/t/pub/a": b"1"})
+            m.start()
+            p.start()
+            try:
+                wait_for(lambda: m.watching and not p.pending(), what="watching")
+                assert c.current == 0
+                cluster.kill(0)
+                other.delete(b"/t/x")
+                other.put(b"/t/z", b"2")
+                wait_for(lambda: b"/t/z" in view.items and b"/t/x" not in view.items,
+                         timeout=10, what="the view after failover")
+                assert m.reconnects >= 1
+                assert c.put(b"/t/w", b"3") and c.current != 0
+                cluster.kill(1)
+                cluster.kill(2)
+                with pytest.raises(Unavailable):
+                    c.put(b"/t/v", b"4")
+                p.set_desired({b"/t/pub/a": b"1", b"/t/pub/b": b"2"})
+                time.sleep(1.5)
+                assert not p.connected
+                for i in range(3):
+                    cluster.start_member(i)
+                cluster.wait_healthy()
+                wait_for(lambda: not p.pending(), timeout=20, what="published after the outage")
+                assert c.get(b"/t/pub/b").value == b"2"
+                wait_for(lambda: m.watching, timeout=20, what="watching again")
+            finally:
+                m.stop()
+                p.stop()
+        finally:
+            c.close()
+            other.close()
+
+
+def test_tls_and_rbac_by_certificate_cn():
+    with EtcdCluster(1, tls=True, name="kvtls") as cluster:
+        cluster.enable_rbac(["h1", "h2"])
+        cert, key = cluster.ca.client("h1")
+        c = EtcdClient(cluster.endpoints, ca=str(cluster.ca.ca_path), cert=cert, key=key)
+        try:
+            c.put(b"/stockade/v1/endpoints/h1/10.0.0.1", b"{}")
+            c.put(b"/stockade/v1/nodes/h1", b"{}")
+            lease = c.grant(5)
+            c.put(b"/stockade/v1/endpoints/h1/10.0.0.2", b"{}", lease)
+            assert c.keepalive(lease) > 0
+            with pytest.raises(PermissionDenied):
+                c.put(b"/stockade/v1/endpoints/h2/10.0.0.1", b"{}")
+            with pytest.raises(PermissionDenied):
+                c.put(b"/stockade/v1/subnets/h1", b"{}")
+            with pytest.raises(PermissionDenied):
+                c.put(b"/stockade/v1/nodes/h2", b"{}")
+            items, _ = c.list_prefix(b"/stockade/v1/")
+            assert {kv.key for kv in items} >= {b"/stockade/v1/nodes/h1"}
+        finally:
+            c.close()
+        # no client certificate: refused at the TLS handshake
+        anon = EtcdClient(cluster.endpoints, ca=str(cluster.ca.ca_path), timeout=1)
+        try:
+            with pytest.raises(Unavailable):
+                anon.put(b"/stockade/v1/nodes/h1", b"{}")
+        finally:
+            anon.close()
