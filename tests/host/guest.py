@@ -115,12 +115,21 @@ class Guest:
     def ssh_options(self) -> list[str]:
         return ["-i", str(self.key), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-                "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+                "-o", "BatchMode=yes",
                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6"]
 
-    def ssh_run(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(["ssh", *self.ssh_options, f"root@{self.addr}", command],
-                              capture_output=True, text=True, timeout=timeout)
+    def ssh_run(self, command: str, timeout: float = 300, tries: int = 4,
+                connect_timeout: int = 30) -> subprocess.CompletedProcess:
+        """ssh exits 255 when it cannot connect (a guest busy under TCG can miss the banner
+        timeout): that is retried, never the command's own failure."""
+        for attempt in range(tries):
+            proc = subprocess.run(["ssh", *self.ssh_options, "-o", f"ConnectTimeout={connect_timeout}",
+                                   f"root@{self.addr}", command],
+                                  capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 255 or attempt == tries - 1:
+                return proc
+            time.sleep(3)
+        return proc
 
     def ssh(self, command: str, timeout: float = 300) -> str:
         """Run ``command`` in the guest as root; its stdout, or an error with both streams."""
@@ -141,7 +150,7 @@ class Guest:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"qemu exited: {self.log_tail()}")
             try:
-                if self.ssh_run("true", timeout=30).returncode == 0:
+                if self.ssh_run("true", timeout=60, tries=1, connect_timeout=5).returncode == 0:
                     break
             except subprocess.TimeoutExpired:
                 pass
