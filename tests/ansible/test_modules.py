@@ -1,6 +1,7 @@
 """The Stockade modules against a fake agent on a real unix socket: check mode changes
 nothing, diff shows what changes, a second run is not changed, bad input says what to fix."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -372,10 +373,15 @@ MODULE_NAMES = ["stockade_info", "stockade_endpoint", "stockade_ipcache", "stock
 def test_documentation_agrees_with_argument_spec(modules, name):
     """DOCUMENTATION with its doc fragments (stockade.fleet.agent[.VARIANT]) agrees with
     the argument spec."""
+    import importlib.util
+
     import yaml
 
-    from conftest import COLLECTION, _load
-    fragments = _load("stockade_doc_fragments_agent", COLLECTION / "plugins/doc_fragments/agent.py")
+    # Not `from conftest import ...`: in a whole-suite run that name is tests/conftest.py.
+    path = Path(__file__).resolve().parents[2] / "ansible_collections/stockade/fleet/plugins/doc_fragments/agent.py"
+    spec = importlib.util.spec_from_file_location("stockade_doc_fragments_agent", path)
+    fragments = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fragments)
     mod = modules[name]
     doc = yaml.safe_load(mod.DOCUMENTATION)
     for ref in doc["extends_documentation_fragment"]:
