@@ -114,8 +114,14 @@ def test_documented_example_runs(command, code, skip, live, tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "STOCKADE_SOCKET": live, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "PYTHONPATH": f"{ROOT}/agent:{ROOT}/webui"}
-    r = subprocess.run(["bash", "-o", "pipefail", "-c", command.split(" #")[0]], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+    before = set(ROOT.iterdir())
+    try:
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", command.split(" #")[0]], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        for made in set(ROOT.iterdir()) - before:   # e.g. `... > db.yaml`: the checkout stays clean
+            if made.is_file():
+                made.unlink()
     assert r.returncode == code, f"{command}\nexit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
 
 
