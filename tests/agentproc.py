@@ -119,6 +119,9 @@ class AgentProcess:
         self.kill(signal.SIGTERM)
         subprocess.run([*self.command, "agent", "--config", str(self.config_path), "--cleanup"],
                        capture_output=True, timeout=60, env=self.environ())
+        # --cleanup refuses pins it cannot read (another build's, a failed start): the
+        # test's own pin directory goes regardless
+        shutil.rmtree(self.settings["bpffs_dir"], ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> "AgentProcess":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import struct
 import time
@@ -78,6 +79,7 @@ class FuzzEnv:
     def __init__(self):
         self.topo = Topology("z")
         self.dp = None
+        self.pin_dir = f"/sys/fs/bpf/stockade-test-{os.getpid()}-fz"
 
     # -- setup ---------------------------------------------------------------------
     def __enter__(self) -> "FuzzEnv":
@@ -85,8 +87,7 @@ class FuzzEnv:
             self.topo.__enter__()
             ws = [self.topo.add_workload(t, []) for t in ("e1", "e2", "e3")]
             self.bridge = socket.if_nametoindex(self.topo.bridge)
-            self.dp = Datapath({**SETTINGS,
-                                "STOCKADE_PIN_DIR": f"/sys/fs/bpf/stockade-test-{os.getpid()}-fz"})
+            self.dp = Datapath({**SETTINGS, "STOCKADE_PIN_DIR": self.pin_dir})
             self.ifs = [w.host_ifindex for w in ws]
             self._configure()
             self.runs = {EGRESS: ProgTestRun(self.dp.from_endpoint_fd),
@@ -101,6 +102,8 @@ class FuzzEnv:
             self.dp.remove_pins()
             self.dp.close()
             self.dp = None
+        # pins of a Datapath interrupted while it was being built (no object to ask)
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
         self.topo.close()
 
     def _configure(self) -> None:
