@@ -63,6 +63,17 @@ def _labels_text(labels) -> str:
 
 # ---------------------------------------------------------------- status
 
+
+def _emitted_as_data(obj, output: str) -> bool:
+    """``-o json`` / ``-o yaml``: print ``obj`` as data (True); else leave it to the table."""
+    if output == "json":
+        emit_json(obj)
+    elif output == "yaml":
+        emit_yaml(obj)
+    else:
+        return False
+    return True
+
 @click.command("status")
 @socket_option
 @output_option
@@ -188,10 +199,8 @@ def endpoint_get(name, socket_path, output):
     if not eps:
         raise NotFound(f"no endpoint named {name}", "name")
     ep = eps[0]
-    if output == "json":
-        return emit_json(ep)
-    if output == "yaml":
-        return emit_yaml(ep)
+    if _emitted_as_data(ep, output):
+        return
     rows = [("name", ep["name"]), ("id", ep["id"]), ("interface", ep["interface"]),
             ("ips", ", ".join(ep["ips"])), ("identity", ep["identity"]), ("state", ep["state"]),
             ("source", ep["source"]), ("audit", "yes" if ep["audit"] else "no"),
@@ -301,10 +310,8 @@ def identity_get(number, socket_path, output):
     if not ids:
         raise NotFound(f"no identity {number}", "id")
     ident = ids[0]
-    if output == "json":
-        return emit_json(ident)
-    if output == "yaml":
-        return emit_yaml(ident)
+    if _emitted_as_data(ident, output):
+        return
     rows = [("id", ident["id"]), ("kind", ident["kind"]), ("local", "yes" if ident.get("local") else "no"),
             ("endpoints", ", ".join(ident.get("endpoints") or [])),
             ("labels", ident.get("prefix") or _labels_text(ident["labels"]))]
