@@ -25,6 +25,7 @@ STOCKADE = [str(Path(sys.executable).parent / "stockade")]
 
 class AgentProcess:
     _count = 0
+    running: "set[AgentProcess]" = set()   # for the failure report (tests/conftest.py)
 
     def __init__(self, command: list[str] | None = None, env: dict | None = None,
                  shared_namespace: bool = True, **settings):
@@ -70,6 +71,7 @@ class AgentProcess:
 
     def start(self, timeout: float = 60) -> "AgentProcess":
         self.config_path.write_text(yaml.safe_dump(self.settings))
+        AgentProcess.running.add(self)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*self.command, "agent", "--config", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -116,6 +118,7 @@ class AgentProcess:
                 self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        AgentProcess.running.discard(self)
         self.kill(signal.SIGTERM)
         subprocess.run([*self.command, "agent", "--config", str(self.config_path), "--cleanup"],
                        capture_output=True, timeout=60, env=self.environ())

@@ -21,3 +21,16 @@ def pytest_runtest_setup(item):
 
 # The real host test (a booted Debian guest, ~10-25 min) runs in `make test-host` only.
 collect_ignore = [] if os.environ.get("STOCKADE_TEST_HOST") == "1" else ["host"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the log tail of each agent still running, so a
+    CI failure such as "internal error in the agent; see its log" can be read there."""
+    report = yield
+    if report.failed:
+        from agentproc import AgentProcess
+        for agent in sorted(AgentProcess.running, key=lambda a: str(a.run_dir)):
+            name = agent.settings.get("host_name") or agent.run_dir.name
+            report.sections.append((f"agent log: {name}", agent.log()[-3000:]))
+    return report

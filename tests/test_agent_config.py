@@ -208,3 +208,12 @@ def test_block_errors_name_the_nested_key(monkeypatch):
     with pytest.raises(ConfigError, match=r"--etcd-timeout: expected"):
         config.check({"etcd": {"timeout": 0}}, "flags", flags=True)
     assert check is not None
+
+
+def test_the_l7_directory_is_beside_the_socket_unless_set():
+    """A second agent (its own --socket) never writes or removes the first one's proxy
+    files: two test agents shared /run/stockade/l7 and raced on its configuration."""
+    from stockade.daemon.config import AgentConfig
+    assert AgentConfig().l7_dir == "/run/stockade/l7"
+    assert AgentConfig(socket="/tmp/debug/agent.sock").l7_dir == "/tmp/debug/l7"
+    assert AgentConfig(socket="/tmp/debug/agent.sock", l7_run_dir="/srv/l7").l7_dir == "/srv/l7"

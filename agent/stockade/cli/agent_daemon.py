@@ -216,7 +216,7 @@ def run_cleanup(cfg: AgentConfig) -> int:
 
         from ..l7.host import remove_host_steering
         remove_host_steering(cfg)
-        shutil.rmtree(cfg.l7_run_dir, ignore_errors=True)
+        shutil.rmtree(cfg.l7_dir, ignore_errors=True)
     except StockadeError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

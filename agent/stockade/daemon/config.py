@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import os
 import socket as _socket
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
@@ -124,7 +125,9 @@ class AgentConfig:
     # when the first HTTP rule applies to a local endpoint.
     l7_haproxy: str = "/usr/sbin/haproxy"
     l7_user: str = "haproxy"                 # the proxy runs as this user
-    l7_run_dir: str = "/run/stockade/l7"     # its configuration, maps and sockets
+    # Its configuration, maps and sockets; None: "l7" beside the socket, so that a second
+    # agent (its own --socket) never writes or removes this one's.
+    l7_run_dir: str | None = None
     l7_proxy_port: int = 15001               # its transparent listener
     l7_mark: int = 0x5D170000                # skb mark of steered packets (high 16 bits)
     l7_route_table: int = 2317               # policy route table of steered packets
@@ -134,6 +137,10 @@ class AgentConfig:
     l7_match_limit: int = 100000             # PCRE2 match limit of each HTTP pattern
     # The fleet store on etcd: off without endpoints (nothing changes then).
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
+
+    @property
+    def l7_dir(self) -> str:
+        return self.l7_run_dir or os.path.join(os.path.dirname(self.socket) or ".", "l7")
 
     def validate(self, where: str = "config") -> "AgentConfig":
         """Check every setting against agent.schema.json (raises ConfigError)."""

@@ -154,26 +154,36 @@ class FleetSource:
             self._cv.notify()
 
     def _apply_loop(self) -> None:
+        """Until stopped, whatever one round raises: a dead thread would leave the
+        mirror frozen with status still saying connected."""
         next_probe = 0.0
         while not self._stop.is_set():
-            with self._cv:
-                if not self._queue:
-                    self._cv.wait(timeout=0.25)
-                batch = list(self._queue)
-                self._queue.clear()
-            now = time.monotonic()
-            if now >= next_probe:
-                self.reachable = self.client.probe()
-                next_probe = now + max(1.0, self.ttl / 3)
-            if batch:
-                try:
-                    self._apply(batch)
-                except Exception:
-                    log.exception("fleet: applying the store's changes failed")
-            since = self._unsaved_since
-            if since is not None and (not batch and now - self.last_change >= PERSIST_QUIET or
-                                      now - since >= PERSIST_LATEST):
-                self._submit(KvstorePersist())
+            try:
+                next_probe = self._apply_round(next_probe)
+            except Exception as exc:  # noqa: BLE001 - logged, shown in status, next round
+                log.exception("fleet: applying the store's changes failed")
+                self.agent.error(f"fleet store: applying its changes failed: {exc!r}; "
+                                 "listing again")
+                self.mirror.reconnect()    # what the failed round held comes back listed
+                self._stop.wait(0.5)
+
+    def _apply_round(self, next_probe: float) -> float:
+        with self._cv:
+            if not self._queue:
+                self._cv.wait(timeout=0.25)
+            batch = list(self._queue)
+            self._queue.clear()
+        now = time.monotonic()
+        if now >= next_probe:
+            self.reachable = self.client.probe()
+            next_probe = now + max(1.0, self.ttl / 3)
+        if batch:
+            self._apply(batch)
+        since = self._unsaved_since
+        if since is not None and (not batch and now - self.last_change >= PERSIST_QUIET or
+                                  now - since >= PERSIST_LATEST):
+            self._submit(KvstorePersist())
+        return next_probe
 
     def _key(self, key: bytes) -> tuple[str, ...] | None:
         """``endpoints/<host>/<ip>`` -> ("endpoints", host, ip), etc.; None: not ours."""

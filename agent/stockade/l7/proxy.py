@@ -55,7 +55,7 @@ class L7Proxy:
         pw = pwd.getpwnam(self.user)
         self.uid, self.gid = pw.pw_uid, pw.pw_gid
         self.haproxy = cfg.l7_haproxy
-        self.settings = ProxySettings(Path(cfg.l7_run_dir), port=cfg.l7_proxy_port,
+        self.settings = ProxySettings(Path(cfg.l7_dir), port=cfg.l7_proxy_port,
                                       slots=cfg.l7_slots)
         self.match_limit = cfg.l7_match_limit
         self.host = HostSteering(cfg.l7_nft_table, cfg.l7_mark, cfg.l7_route_table,
@@ -149,14 +149,22 @@ class L7Proxy:
             self.agent.dp.sync_l7(ports, macs)
 
     def _write_files(self, maps: dict) -> None:
+        """The configuration and map files a (re)started proxy reads. A failure goes to
+        status; the running proxy still gets the maps over its runtime API."""
         d = self.settings.run_dir
-        d.mkdir(parents=True, exist_ok=True)
-        os.chown(d, self.uid, self.gid)
-        os.chmod(d, 0o750)
-        write_atomic(self.settings.config_path, render_config(self.settings))
-        for name, entries in maps.items():
-            if self._maps.get(name) != entries or not self.settings.map_path(name).exists():
-                write_atomic(self.settings.map_path(name), map_text(entries))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            os.chown(d, self.uid, self.gid)
+            os.chmod(d, 0o750)
+            write_atomic(self.settings.config_path, render_config(self.settings))
+            for name, entries in maps.items():
+                if self._maps.get(name) != entries or not self.settings.map_path(name).exists():
+                    write_atomic(self.settings.map_path(name), map_text(entries))
+        except OSError as exc:
+            self._maps = {}
+            self.last_error = f"writing the proxy's files in {d}: {exc}"
+            self.agent.error(f"l7: {self.last_error}")
+            return
         self._maps = {k: dict(v) for k, v in maps.items()}
 
     def _push(self, maps: dict) -> None:

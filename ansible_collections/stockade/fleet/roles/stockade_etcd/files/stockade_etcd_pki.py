@@ -160,8 +160,19 @@ def make_leaf(spec, ca_key, ca_cert, cn, sans, usages):
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
+def read_spec(arg):
+    """The spec as the role sends it. Ansible before 2.19 templates every value to a
+    string, so the numbers and the check flag are converted here."""
+    spec = json.loads(base64.b64decode(arg))
+    for k in ("ca_days", "days", "renew_days"):
+        spec[k] = int(spec[k])
+    check = spec.get("check", False)
+    spec["check"] = check.strip().lower() in ("true", "yes", "1") if isinstance(check, str) else bool(check)
+    return spec
+
+
 def main(argv):
-    spec = json.loads(base64.b64decode(argv[1]))
+    spec = read_spec(argv[1])
     d, check, made = spec["dir"], spec.get("check", False), []
     if not check:
         os.makedirs(d, mode=0o700, exist_ok=True)
