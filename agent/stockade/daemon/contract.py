@@ -107,6 +107,9 @@ class AgentService(Protocol):
         """entry: {"prefix": "10.1.2.3" or "10.1.2.0/24", "labels": {k: v}, "host": str}.
         Remote workloads of other hosts; labels give them an identity."""
 
+    def add_ipcache_entries(self, body: dict) -> dict:
+        """body: {"entries": [entry, ...]}, applied as one change; a bad entry refuses all."""
+
     def remove_ipcache(self, prefix: str) -> None: ...
 
     def list_policies(self) -> list[dict]: ...
