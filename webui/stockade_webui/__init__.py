@@ -80,8 +80,8 @@ def create_app(config: dict | None = None) -> Flask:
     def _page_url(**changes):
         """This page's URL with some query parameters changed (the pager's links)."""
         from flask import url_for
-        args = {k: v for k, v in request.args.items() if k not in changes}
-        return url_for(request.endpoint, **args, **changes)
+        args: dict = {k: v for k, v in request.args.items() if k not in changes}
+        return url_for(request.endpoint or "overview.index", **args, **changes)
 
     @app.template_global("page_window")
     def _page_window(p: dict):

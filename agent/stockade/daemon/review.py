@@ -137,7 +137,7 @@ def matrix(agent: "Agent", query: dict) -> dict:
         limit = int(query.get("limit") or MATRIX_LIMIT)
         dst_offset = int(query.get("dst_offset") or 0)
         raw = query.get("dst_limit")
-        dst_limit = None if raw in (None, "") else int(raw)
+        dst_limit = None if raw is None or raw == "" else int(raw)
     except ValueError:
         raise InvalidRequest("offset and limit must be integers") from None
     if offset < 0 or not 0 < limit <= 10000:
