@@ -86,3 +86,17 @@ def test_matrix_page_past_the_end_shows_the_last(logged_in):
 ], ids=["one", "few", "middle", "last", "no-gap"])
 def test_page_window(page, pages, want):
     assert paging.window(paging.Page(page, 10, pages * 10)) == want
+
+
+def test_policies_are_searchable_and_paged(own_agent, auth_for):
+    agent, sock = own_agent
+    agent.put_policies([{"name": "more.yaml", "text": "---\n".join(
+        f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: extra{i}}}\nspec:\n"
+        f"  endpointSelector: {{matchLabels: {{app: x{i}}}}}\n  ingress: [{{}}]\n" for i in range(4))}])
+    c = auth_for(sock)
+    data = c.get("/api/v1/policies?per_page=2&page=2").json
+    assert len(data["policies"]) == 2 and data["paging"]["policies"]["total"] == 5
+    assert [p["name"] for p in c.get("/api/v1/policies?q=x3").json["policies"]] == ["extra3"]
+    body = c.get("/policies?q=nothing-like-this").get_data(as_text=True)
+    assert "No policies match." in body
+    assert "page=3" in " ".join(links(c.get("/policies?per_page=2"), "page"))

@@ -4,7 +4,7 @@
     GET  /api/v1/overview
     GET  /api/v1/endpoints?host=&q=&page=&ipage=&cpage=&per_page=
                                         endpoints, identities, ipcache: a page of each
-    GET  /api/v1/policies?host=
+    GET  /api/v1/policies?host=&q=&page=&per_page=
     GET  /api/v1/matrix?host=&label=&port=&page=&cpage=&per_page=
                                         a square of the agent's matrix (rows page,
                                         columns cpage); port=80/tcp: a verdict per pair
@@ -52,7 +52,7 @@ def endpoints():
 
 @bp.get("/policies")
 def policies():
-    return jsonify(views.policies(host(request.args.get("host"))))
+    return jsonify(policies_bp.policies_data())
 
 
 @bp.get("/matrix")

@@ -9,10 +9,17 @@ from .agents import host
 bp = Blueprint("policies", __name__)
 
 
+def policies_data() -> dict:
+    """The policies of ``?host=`` matching q, page ``page`` of per_page."""
+    args = request.args
+    return views.policies(host(args.get("host")), args.get("q", ""), paging.number(args, "page", 1),
+                          paging.number(args, "per_page", current_app.config["PAGE_SIZE"],
+                                        paging.MAX_PER_PAGE))
+
+
 @bp.route("/policies")
 def index():
-    h = host(request.args.get("host"))
-    return render_template("policies.html", data=views.policies(h), current=h)
+    return render_template("policies.html", data=policies_data(), current=host(request.args.get("host")))
 
 
 MATRIX_MAX_PER_PAGE = 100

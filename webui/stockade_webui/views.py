@@ -95,13 +95,17 @@ def _flat(obj):
 
 
 # ---------------------------------------------------------------- policies
-def policies(h: Host) -> dict:
-    """The live policies as the agent describes them (clauses in words included)."""
+def policies(h: Host, q: str = "", page: int = 1, per_page: int = 50) -> dict:
+    """The live policies as the agent describes them (clauses in words included), those
+    matching ``q`` (any value of the policy, its document included), a page at a time."""
     import yaml
     eps = h.get("endpoints", []) or []
     audit_eps = sorted(e["name"] for e in eps if e.get("audit"))
+    q = (q or "").strip().lower()
+    found = _search(h.get("policies", []) or [], q)
+    p = paging.page_of(len(found), page, per_page)
     out = []
-    for info in h.get("policies", []) or []:
+    for info in p.slice(found):
         disp = f"{info['namespace']}/{info['name']}" if info.get("namespace") else info["name"]
         out.append({"name": disp, "kind": info.get("kind"), "source": info.get("source"),
                     "description": info.get("description") or "",
@@ -109,7 +113,8 @@ def policies(h: Host) -> dict:
                     "clauses": info.get("clauses") or [],
                     "yaml": yaml.safe_dump(info.get("document"), sort_keys=False)})
     health = h.get("health") or {}
-    return {"host": h.name, "policies": out, "audit_endpoints": audit_eps,
+    return {"host": h.name, "q": q, "policies": out, "paging": {"policies": p.to_dict()},
+            "per_page": per_page, "audit_endpoints": audit_eps,
             "agent_audit": bool(health.get("audit")), "errors": h.errors}
 
 
