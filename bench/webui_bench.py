@@ -85,7 +85,7 @@ def time_pages(c: httpx.Client) -> dict:
     return out
 
 
-def main() -> dict:
+def main(n: int = N) -> dict:
     prefix = f"sk{os.getpid()}"
     ns = f"{prefix}ui"
     links: list[str] = []
@@ -94,7 +94,7 @@ def main() -> dict:
     proc = None
     try:
         batch = []
-        for i in range(N):
+        for i in range(n):
             links.append(f"{prefix}w{i}")
             batch += [f"link add {links[-1]} type veth peer name p{i} netns {ns}",
                       f"link set {links[-1]} up"]
@@ -102,12 +102,12 @@ def main() -> dict:
                        capture_output=True)
         with AgentProcess(managed_bridges=[], managed_interfaces=[]) as agent:
             c = agent.client
-            for i in range(N):
+            for i in range(n):
                 c.add_endpoint(name=f"svc{i:04d}", interface=links[i],
                                ips=[f"10.216.{i // 250}.{i % 250 + 1}"],
                                labels={"app": f"svc-{i:04d}", "team": TEAMS[i % len(TEAMS)],
                                        "tier": "front" if i % 2 else "back"})
-            c.put_policies([{"name": "svc.yaml", "text": policies(N)}])
+            c.put_policies([{"name": "svc.yaml", "text": policies(n)}])
             identities = sum(1 for i in c.identities() if i.get("kind") == "workload")
             token = os.path.join(tmp, "webui.token")
             with open(token, "w") as f:
@@ -128,10 +128,14 @@ def main() -> dict:
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise RuntimeError("the web UI did not start") from None
                     time.sleep(0.1)
-            with login(base, open(token).read().strip()) as ui:
+            with open(token) as f:
+                ui = login(base, f.read().strip())
+            try:
                 pages = time_pages(ui)
+            finally:
+                ui.close()
             worst = max(p["median_ms"] for p in pages.values())
-            return {"identities": identities, "endpoints": N, "policies": N, "rounds": ROUNDS,
+            return {"identities": identities, "endpoints": n, "policies": n, "rounds": ROUNDS,
                     "pages": pages, "worst_median_ms": worst,
                     "worst_p95_ms": max(p["p95_ms"] for p in pages.values()),
                     "target_ms": TARGET_MS, "ok": worst < TARGET_MS}
@@ -150,4 +154,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main()))
+    # ``python -m bench.webui_bench 50``: a quick run with fewer identities
+    print(json.dumps(main(int(sys.argv[1]) if len(sys.argv) > 1 else N)))
