@@ -159,10 +159,10 @@ def test_matrix_and_endpoints_show_one_page_with_links(page):
     page.goto("/matrix")
     assert page.locator("table.matrix thead th.col").count() == 25
     assert page.locator("table.matrix tbody tr").count() == 25
-    rows = page.locator('nav.pager[data-param="page"]')
+    rows = page.locator('.pager[data-param="page"]')
     assert "1–25 of 52 sources" in rows.inner_text()                    # 50 + host + world
     shot(page, "matrix-50")
-    page.locator('nav.pager[data-param="cpage"] a[rel=next]').click()
+    page.locator('.pager[data-param="cpage"] a[rel=next]').click()
     assert page.locator("table.matrix thead th.col").count() == 25
     assert "cpage=2" in page.url
     page.fill("input[name=label]", "team=billing")
@@ -171,7 +171,7 @@ def test_matrix_and_endpoints_show_one_page_with_links(page):
 
     page.goto("/endpoints?per_page=20")
     assert page.locator("#endpoints tbody tr").count() == 20
-    page.locator('nav.pager[data-param="page"] a', has_text="3").click()
+    page.locator('.pager[data-param="page"] a', has_text="3").click()
     assert page.locator("#endpoints tbody tr").count() == N - 40
     assert "per_page=20" in page.url
     page.goto("/endpoints")

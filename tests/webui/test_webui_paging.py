@@ -12,7 +12,7 @@ from stockade_webui import paging
 
 def links(resp, param: str) -> list[str]:
     html = resp.get_data(as_text=True)
-    nav = re.search(rf'<nav class="pager"[^>]*data-param="{param}">(.*?)</nav>', html, re.S).group(1)
+    nav = re.search(rf'<div class="pager"[^>]*data-param="{param}">(.*?)</div>', html, re.S).group(1)
     return [_html.unescape(h) for h in re.findall(r'href="([^"]+)"', nav)]
 
 
