@@ -285,12 +285,14 @@ class Client:
 
     def matrix(self, *, label: str | None = None, port: str | None = None,
                offset: int | None = None, limit: int | None = None,
+               dst_offset: int | None = None, dst_limit: int | None = None,
                cidrs: bool | str | None = None) -> dict:
         if isinstance(cidrs, str):
             cidrs = cidrs.lower() == "true"
         return self._json("GET", "/v1/matrix", params={"label": label, "port": port,
                                                         "offset": offset, "limit": limit,
-                                                        "cidrs": cidrs})
+                                                        "dst_offset": dst_offset,
+                                                        "dst_limit": dst_limit, "cidrs": cidrs})
 
     def review(self, files: Iterable[str | os.PathLike | dict], *, replace_all: bool = False) -> dict:
         """The agent's plan of a proposed policy set, discarded: never changes anything."""
