@@ -368,3 +368,18 @@ def test_proxy_killed_port_closed_then_restored(e):
         assert c.request("GET", "/private")[0] == 403
     finally:
         c.close()
+
+
+def test_cleanup_of_an_agent_whose_proxy_never_ran_leaves_the_steering_alone():
+    """The steering is per namespace: a second (debugging, test) agent's --cleanup must
+    not remove the running agent's nft table and ip rule."""
+    table = f"stockade_l7_other{os.getpid()}"
+    subprocess.run(["nft", "add", "table", "inet", table], check=True)
+    try:
+        agent = AgentProcess(l7_nft_table=table)
+        agent.start()
+        agent.stop()
+        r = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True)
+        assert r.returncode == 0, "the cleanup removed a steering table it never made"
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)

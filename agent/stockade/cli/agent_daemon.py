@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -214,8 +215,12 @@ def run_cleanup(cfg: AgentConfig) -> int:
             click.echo(f"removed nftables tables bridge/inet {table}")
         import shutil
 
+        # The proxy's steering (nft table, ip rule) is per namespace: only the agent that
+        # installed it removes it, never a debugging agent's cleanup.
+        from ..l7.haproxy import ProxySettings
         from ..l7.host import remove_host_steering
-        remove_host_steering(cfg)
+        if ProxySettings(Path(cfg.l7_dir)).steering_marker.exists():
+            remove_host_steering(cfg)
         shutil.rmtree(cfg.l7_dir, ignore_errors=True)
     except StockadeError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -61,6 +61,12 @@ class ProxySettings:
     def config_path(self) -> Path:
         return self.run_dir / "haproxy.cfg"
 
+    @property
+    def steering_marker(self) -> Path:
+        """Present while this agent's host steering is installed (``--cleanup`` removes
+        the steering only then: it is per namespace, a second agent's cleanup must not)."""
+        return self.run_dir / "steering-installed"
+
     def map_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.map"
 

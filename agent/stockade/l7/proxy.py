@@ -122,6 +122,8 @@ class L7Proxy:
             self.wanted = bool(ports) or bool(maps["rulesets"])
             try:
                 if self.wanted and not self._host_installed:
+                    self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+                    self.settings.steering_marker.touch()
                     self.host.install()
                     self._host_installed = True
                 if self._host_installed:
@@ -261,6 +263,7 @@ class L7Proxy:
             if remove_host and self._host_installed:
                 self.host.remove()
                 self._host_installed = False
+                self.settings.steering_marker.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ status
     def health(self) -> dict:
