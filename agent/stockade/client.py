@@ -241,7 +241,8 @@ class Client:
         """Recent flows (a FlowList, see daemon/contract.py). Filters: verdict, drop_reason,
         direction, protocol, port, from_port, to_port, identity, from_identity, to_identity,
         ip, from_ip, to_ip, label, from_label, to_label, endpoint, from_endpoint,
-        to_endpoint (each a value or a list: OR), since, last.
+        to_endpoint, type (l7, trace, drop), http_method, http_path, http_host,
+        http_status (each a value or a list: OR), since, last.
 
             c.flows(verdict="DROPPED", from_label=["app=web", "app=api"], last=20)
         """

@@ -5,11 +5,11 @@ import sys
 
 import click
 
+from ..l7.rules import http_request
 from ..policy.api.loader import load_data_file, load_files
 from ..policy.compiler import ENFORCEMENT_MODES
 from ..policy.sel import parse_port, parse_sel
 from ..policy.testing import load_cases, run_cases
-from ..l7.rules import http_request
 from ..policy.trace import Tracer
 from .common import emit_json, handle_errors, output_option, policy_sources
 
