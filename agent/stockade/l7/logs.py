@@ -75,6 +75,7 @@ def _text(value: str) -> str:
     text = json.loads(f'"{value}"')
     if not isinstance(text, str):
         raise ValueError("not a string")
+    text.encode("utf-8")   # a lone surrogate (\ud800) is not text: UnicodeEncodeError
     return text[:MAX_TEXT]
 
 
