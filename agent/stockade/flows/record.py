@@ -3,7 +3,8 @@
 A record is ``RECORD`` (88 bytes) in a shared bytearray (see ring.py). The fields an
 agent resolves at decode time and that repeat from flow to flow (identity labels,
 endpoint name and host, the list of deciding policies) are interned: the row holds a
-small index into ``Interner`` tables, so a full ring of 65,535 rows is about 5.5 MB.
+small index into ``Interner`` tables, so a full ring of 65,535 rows is about 5.8 MB (plus the HTTP
+parts of L7 rows, l7.py).
 
 Row fields, in order (``Field`` gives the index of each in an unpacked row):
     time_ns       wall-clock ns (UTC)
