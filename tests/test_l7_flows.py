@@ -223,3 +223,13 @@ def test_http_request_refuses_a_header_without_name():
     with pytest.raises(ValueError):
         http_request(headers=[": x"])
     assert http_request() is None
+
+
+def test_human_output_escapes_what_clients_sent(source):
+    from stockade.cli.observe import format_line
+    _api, fs = source
+    fs.add_l7([parse_line(line(url="\\/x\\u001b[2J\\u0007"))])
+    for f in fs.query({})["flows"]:
+        assert f["l7"]["http"]["url"] == "http://api/x\x1b[2J\x07"    # the data, as sent
+        for text in (format_line(f, False), hubble.compact(f), hubble.to_flow(f)["Summary"]):
+            assert "\x1b" not in text and "\x07" not in text and "\\x1b[2J" in text

@@ -41,7 +41,8 @@ def format_line(flow: dict, colour: bool) -> str:
         proto += f" type {l4['icmp_type']}"
     l7 = flow.get("l7")
     if l7:
-        http = l7["http"]
+        from ..flows.hubble import printable
+        http = {k: printable(v) for k, v in l7["http"].items() if k != "headers"}
         proto = f"{http['protocol'] or 'HTTP'} {l7['type'].lower()}"
         if l7["type"] == "REQUEST":
             proto += f" {http['method']} {http['url']}"

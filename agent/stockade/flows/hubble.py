@@ -67,9 +67,15 @@ def _endpoint(peer: dict) -> dict:
     return out
 
 
+def printable(text) -> str:
+    """What a client sent, safe on a terminal: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _l7_summary(l7: dict) -> str:
-    """As Hubble's: ``HTTP/1.1 GET http://api/x`` or ``HTTP/1.1 403 2ms (GET http://api/x)``."""
-    http = l7.get("http") or {}
+    """As Hubble's: ``HTTP/1.1 GET http://api/x`` or ``HTTP/1.1 403 2ms (GET http://api/x)``;
+    printable (l7 fields are what a client sent)."""
+    http = {k: printable(v) for k, v in (l7.get("http") or {}).items() if k != "headers"}
     if l7.get("type") == "RESPONSE":
         return (f"{http.get('protocol')} {http.get('code')} {(l7.get('latency_ns') or 0) // 1_000_000}ms "
                 f"({http.get('method')} {http.get('url')})")
