@@ -233,3 +233,18 @@ def test_human_output_escapes_what_clients_sent(source):
         assert f["l7"]["http"]["url"] == "http://api/x\x1b[2J\x07"    # the data, as sent
         for text in (format_line(f, False), hubble.compact(f), hubble.to_flow(f)["Summary"]):
             assert "\x1b" not in text and "\x07" not in text and "\\x1b[2J" in text
+
+
+def test_a_refused_request_leaves_its_connection_forwarded():
+    from stockade.flows import connections
+    syn = {"connection": "tcp a:1 -> b:2", "verdict": "FORWARDED", "is_reply": False}
+    req = {**syn, "verdict": "DROPPED", "l7": {"type": "REQUEST"}}
+    assert connections([syn, req]) == [syn] and connections([req, syn]) == [syn]
+    assert connections([req]) == [req]
+
+
+def test_rule_descriptions_show_http_rules():
+    from stockade.policy.describe import policy_lines
+    lines = policy_lines([policy(API_L7)])
+    assert any("8080/TCP (HTTP: GET /api/.*; POST /submit header X-Token: s3cret; "
+               "/h host api\\.example)" in line for line in lines), lines
