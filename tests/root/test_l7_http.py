@@ -81,7 +81,9 @@ def env():
         server = in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), Recorder)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            with AgentProcess(**l7_settings("a")) as agent:
+            proc = AgentProcess(**l7_settings("a"))
+            proc.settings["flow_log_path"] = str(proc.run_dir / "flows.log")
+            with proc as agent:
                 for name, app in (("a", "web"), ("b", "api"), ("c", "other")):
                     agent.client.add_endpoint(name=name, interface=w[name].host_if,
                                               ips=w[name].ips, labels={"app": app})
@@ -420,6 +422,11 @@ def test_requests_become_l7_flows_with_metrics(e):
     assert len(_l7_flows(agent, "--http-path", f"^{tag}$", "--http-host", "api",
                          "--verdict", "FORWARDED")) == 2
     assert not _l7_flows(agent, "--http-path", f"^{tag}$", "--http-host", "other")
+    # the flow log has them too
+    logged = [json.loads(x) for x in open(agent.settings["flow_log_path"]) if tag in x]
+    assert sorted((f["l7"]["type"], f["verdict"]) for f in logged) == [
+        ("REQUEST", "DROPPED"), ("REQUEST", "FORWARDED"), ("RESPONSE", "DROPPED"),
+        ("RESPONSE", "FORWARDED")]
     # metrics: requests by verdict and status code
     text = agent.client.metrics()
     assert 'stockade_l7_requests_total{code="200",verdict="FORWARDED"}' in text
