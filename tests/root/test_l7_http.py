@@ -432,6 +432,7 @@ def test_requests_become_l7_flows_with_metrics(e):
     assert 'stockade_l7_requests_total{code="200",verdict="FORWARDED"}' in text
     assert 'stockade_l7_requests_total{code="403",verdict="DROPPED"}' in text
     assert agent.client.health()["l7_proxy"]["request_log"]["received"] >= 2
+    assert "request log: " in agent.cli("status", check=False).stdout
 
 
 def test_garbled_log_lines_are_counted_and_dropped(e):
