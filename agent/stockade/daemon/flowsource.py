@@ -49,7 +49,6 @@ class FlowSource:
         self._ids_by_addr: dict[bytes, int] = {}
         self._l7_policies: dict[tuple[int, int, int], int] = {}
         self._l7_version = None
-        self.l7_records = 0
 
     # ------------------------------------------------------------------ snapshot
     def refresh(self, force: bool = False) -> None:
@@ -125,7 +124,6 @@ class FlowSource:
         for rec in records:
             rows.extend(self._l7_rows(rec))
         self.ring.append_rows(rows)
-        self.l7_records += len(records)
         if self.flow_log is not None:
             self.flow_log.write(self.ring.to_dict(r) for r in rows)
         return len(rows)

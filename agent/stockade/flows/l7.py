@@ -14,7 +14,6 @@ import threading
 from typing import NamedTuple
 
 ID_SPACE = 0xFFFFFFFF          # the row's l7 field is 32 bits; 0 means "no L7 part"
-MAX_TEXT = 4096                # longest url / header value kept (the proxy logs up to 8 KB)
 
 
 class L7Info(NamedTuple):

@@ -29,7 +29,7 @@ NFIELDS = 22
 BATCH = 512
 RCVBUF = 1 << 20
 MAX_DATAGRAM = 16384
-MAX_TEXT = 4096
+MAX_TEXT = 4096             # longest url / header value kept (the proxy logs up to 8 KB)
 CODE_SERIES = 64            # distinct status codes counted apart; the rest as "other"
 
 
