@@ -279,9 +279,15 @@ class Client:
         return self._json("PUT", "/v1/policies", json={"files": self._files(files)},
                           params={"replace_all": replace_all, "dry_run": dry_run})
 
-    def trace(self, src: str, dst: str, dport: str) -> dict:
-        """The live trace: SELs as the CLI's (``endpoint:NAME`` too), ``dport`` like 80/tcp."""
-        return self._json("GET", "/v1/trace", params={"src": src, "dst": dst, "dport": dport})
+    def trace(self, src: str, dst: str, dport: str, *, http_method: str | None = None,
+              http_path: str | None = None, http_host: str | None = None,
+              http_header: list[str] | tuple[str, ...] = ()) -> dict:
+        """The live trace: SELs as the CLI's (``endpoint:NAME`` too), ``dport`` like 80/tcp;
+        the http_ parts ask about one HTTP request on that connection too."""
+        params = self._flow_params({"src": src, "dst": dst, "dport": dport,
+                                    "http_method": http_method, "http_path": http_path,
+                                    "http_host": http_host, "http_header": list(http_header)})
+        return self._json("GET", "/v1/trace", params=params)
 
     def matrix(self, *, label: str | None = None, port: str | None = None,
                offset: int | None = None, limit: int | None = None,
@@ -334,7 +340,8 @@ class Client:
         """Recent flows (a FlowList, see daemon/contract.py). Filters: verdict, drop_reason,
         direction, protocol, port, from_port, to_port, identity, from_identity, to_identity,
         ip, from_ip, to_ip, label, from_label, to_label, endpoint, from_endpoint,
-        to_endpoint (each a value or a list: OR), since, last.
+        to_endpoint, type (l7, trace, drop), http_method, http_path, http_host,
+        http_status (each a value or a list: OR), since, last.
 
             c.flows(verdict="DROPPED", from_label=["app=web", "app=api"], last=20)
         """

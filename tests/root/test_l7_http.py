@@ -6,6 +6,7 @@ and host -> workload. The server in b records every request it receives, with th
 address it came from: the proxy is transparent (the server sees the client's address),
 and smuggling attempts are judged by what the server saw.
 """
+import json
 import os
 import socket
 import subprocess
@@ -80,7 +81,9 @@ def env():
         server = in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), Recorder)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            with AgentProcess(**l7_settings("a")) as agent:
+            proc = AgentProcess(**l7_settings("a"))
+            proc.settings["flow_log_path"] = str(proc.run_dir / "flows.log")
+            with proc as agent:
                 for name, app in (("a", "web"), ("b", "api"), ("c", "other")):
                     agent.client.add_endpoint(name=name, interface=w[name].host_if,
                                               ips=w[name].ips, labels={"app": app})
@@ -369,6 +372,104 @@ def test_proxy_killed_port_closed_then_restored(e):
     finally:
         c.close()
 
+
+def _l7_flows(agent, *args):
+    out = agent.cli("observe", "--type", "l7", "--since", "5m", "-o", "json", *args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_requests_become_l7_flows_with_metrics(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    tag = f"/public/flow-{time.monotonic_ns()}"
+    c = Client(w["a"], w["b"].ip4)
+    try:
+        assert c.request("GET", tag, headers={"User-Agent": "tester\t\"x"})[0] == 200
+        assert c.request("DELETE", tag)[0] == 403
+    finally:
+        c.close()
+
+    def both():
+        got = _l7_flows(agent, "--http-path", f"^{tag}$")
+        return got if len(got) == 4 else None
+    flows = eventually(both, timeout=10)
+    assert flows, _l7_flows(agent)
+    by = {(f["l7"]["type"], f["l7"]["http"]["method"]): f for f in flows}
+    req, resp = by[("REQUEST", "GET")], by[("RESPONSE", "GET")]
+    assert req["verdict"] == resp["verdict"] == "FORWARDED"
+    assert req["l7"] == {"type": "REQUEST", "latency_ns": 0, "http": {
+        "method": "GET", "url": f"http://api{tag}", "protocol": "HTTP/1.1", "code": 0,
+        "headers": [{"key": "host", "value": "api"}, {"key": "user-agent", "value": "tester\t\"x"}]}}
+    assert resp["l7"]["type"] == "RESPONSE" and resp["l7"]["http"]["code"] == 200
+    assert resp["l7"]["latency_ns"] >= 0 and set(resp["l7"]) == {"type", "latency_ns", "http"}
+    assert req["ip"] == {"source": w["a"].ip4, "destination": w["b"].ip4}
+    assert req["l4"]["destination_port"] == PORT and resp["is_reply"]
+    assert resp["ip"] == {"source": w["b"].ip4, "destination": w["a"].ip4}
+    eps = {ep["name"]: ep for ep in agent.client.endpoints()}
+    assert "static:app=web" in req["source"]["labels"]
+    assert "static:app=api" in req["destination"]["labels"]
+    assert req["source"]["endpoint"]["name"] == "a" and req["destination"]["endpoint"]["name"] == "b"
+    assert req["source"]["identity"] == eps["a"]["identity"]
+    assert req["destination"]["identity"] == eps["b"]["identity"]
+    assert req["policy"] == ["api"] and req["direction"] == "ingress"
+    denied = [by[("REQUEST", "DELETE")], by[("RESPONSE", "DELETE")]]
+    assert [f["verdict"] for f in denied] == ["DROPPED", "DROPPED"]
+    assert denied[0]["drop_reason"] == "policy_denied" and denied[1]["l7"]["http"]["code"] == 403
+    # the filters
+    assert len(_l7_flows(agent, "--http-path", f"^{tag}$", "--http-status", "4+")) == 1
+    assert len(_l7_flows(agent, "--http-path", f"^{tag}$", "--http-method", "delete")) == 2
+    assert len(_l7_flows(agent, "--http-path", f"^{tag}$", "--http-host", "api",
+                         "--verdict", "FORWARDED")) == 2
+    assert not _l7_flows(agent, "--http-path", f"^{tag}$", "--http-host", "other")
+    # the flow log has them too
+    logged = [json.loads(x) for x in open(agent.settings["flow_log_path"]) if tag in x]
+    assert sorted((f["l7"]["type"], f["verdict"]) for f in logged) == [
+        ("REQUEST", "DROPPED"), ("REQUEST", "FORWARDED"), ("RESPONSE", "DROPPED"),
+        ("RESPONSE", "FORWARDED")]
+    # metrics: requests by verdict and status code
+    text = agent.client.metrics()
+    assert 'stockade_l7_requests_total{code="200",verdict="FORWARDED"}' in text
+    assert 'stockade_l7_requests_total{code="403",verdict="DROPPED"}' in text
+    assert agent.client.health()["l7_proxy"]["request_log"]["received"] >= 2
+    assert "request log: " in agent.cli("status", check=False).stdout
+
+
+def test_garbled_log_lines_are_counted_and_dropped(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    sock_path = os.path.join(l7_settings("a")["l7_run_dir"], "log.sock")
+    before = agent.client.health()["l7_proxy"]["request_log"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        for junk in (b"", b"\xff\xfe", b"stockade-l7\t" * 30, b"stockade-l7" + b"\t1" * 21,
+                     b"x" * 16000):
+            s.sendto(junk, sock_path)
+    assert eventually(lambda: agent.client.health()["l7_proxy"]["request_log"]["garbled"]
+                      >= before["garbled"] + 5, timeout=5)
+    c = Client(w["a"], w["b"].ip4)        # the reader still reads
+    tag = f"/public/after-{time.monotonic_ns()}"
+    try:
+        assert c.request("GET", tag)[0] == 200
+    finally:
+        c.close()
+    assert eventually(lambda: len(_l7_flows(agent, "--http-path", tag)) == 2, timeout=10)
+    assert 'stockade_l7_log_lines_total{result="garbled"}' in agent.client.metrics()
+
+
+def test_live_trace_answers_for_http(e):
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    args = ("policy", "trace", "--live", "--src", "endpoint:a", "--dst", "endpoint:b",
+            "--dport", f"{PORT}/tcp", "-o", "json")
+    ok = json.loads(agent.cli(*args, "--http-method", "GET", "--http-path", "/public/x").stdout)
+    assert ok["verdict"] == "allow" and ok["ingress"]["http"]["matched"] == {
+        "method": "GET", "path": "/public(/.*)?"}
+    no = json.loads(agent.cli(*args, "--http-method", "GET", "--http-path", "/private").stdout)
+    assert no["verdict"] == "deny" and "403" in no["ingress"]["reason"]
+    hdr = json.loads(agent.cli(*args, "--http-method", "POST", "--http-path", "/submit",
+                               "--http-header", "X-Token: s3cret").stdout)
+    assert hdr["verdict"] == "allow"
 
 def test_cleanup_of_an_agent_whose_proxy_never_ran_leaves_the_steering_alone():
     """The steering is per namespace: a second (debugging, test) agent's --cleanup must

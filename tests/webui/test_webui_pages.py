@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import FlowAgent
+from conftest import FlowAgent, flow
 from stockade.daemon.server import APIServer
 
 
@@ -181,3 +181,21 @@ def test_policies_page_shows_the_description(own_agent, auth_for):
         "  ingress: [{fromEndpoints: [{matchLabels: {app: web}}]}]\n")}])
     c = auth_for(sock)
     assert "Only the web tier may reach the database" in text(c.get("/policies"))
+
+
+def test_flows_page_shows_http_requests(logged_in, agent):
+    eps = {e["name"]: e for e in agent.list_endpoints()}
+    web, api = eps["web1"], eps["api1"]
+    l7 = flow(web, api, 43000, 8080, verdict="DROPPED", ago=5)
+    l7["l7"] = {"type": "RESPONSE", "latency_ns": 2_500_000, "http": {
+        "method": "DELETE", "url": "http://api/admin", "protocol": "HTTP/1.1", "code": 403,
+        "headers": []}}
+    agent.flow_ring.append(l7)
+    try:
+        html = logged_in.get("/flows?type=l7&http_path=%5E/admin%20x").get_data(as_text=True)
+        assert "HTTP/1.1 DELETE http://api/admin → 403 in 2.5 ms" in html
+        assert 'name="http_method"' in html and 'value="l7" selected' in html
+        criteria = [c for c in agent.calls if c[0] == "flows"][-1][1]
+        assert criteria["type"] == ["l7"] and criteria["http_path"] == ["^/admin x"]
+    finally:
+        agent.flow_ring.remove(l7)

@@ -16,7 +16,9 @@ from . import model, paging
 from .agents import Host, iso_ago
 
 FLOW_FILTERS = ("verdict", "protocol", "port", "from_label", "to_label", "label",
-                "from_endpoint", "to_endpoint", "drop_reason", "direction", "ip")
+                "from_endpoint", "to_endpoint", "drop_reason", "direction", "ip",
+                "type", "http_method", "http_path", "http_host", "http_status")
+WHOLE_VALUE_FILTERS = ("from_label", "to_label", "label", "http_path")   # not split at spaces
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -328,7 +330,7 @@ def flow_filters(args) -> dict:
     out: dict = {}
     for key in FLOW_FILTERS:
         vals = [v.strip() for v in args.getlist(key) for v in v.split(" ") if v.strip()] \
-            if key not in ("from_label", "to_label", "label") else \
+            if key not in WHOLE_VALUE_FILTERS else \
             [v.strip() for v in args.getlist(key) if v.strip()]
         if vals:
             out[key] = vals
@@ -352,11 +354,21 @@ def flows(h: Host, filters: dict, limit: int) -> dict:
         l4 = f.get("l4") or {}
         rows.append({**f, "from": model.flow_label(f, "source", idents),
                      "to": model.flow_label(f, "destination", idents),
-                     "summary": f"{l4.get('protocol', '?')} "
-                                f"{(f.get('ip') or {}).get('source')}:{l4.get('source_port') or ''} → "
-                                f"{(f.get('ip') or {}).get('destination')}:{port if port is not None else ''}"})
+                     "summary": _l7_summary(f["l7"]) if f.get("l7") else
+                     f"{l4.get('protocol', '?')} "
+                     f"{(f.get('ip') or {}).get('source')}:{l4.get('source_port') or ''} → "
+                     f"{(f.get('ip') or {}).get('destination')}:{port if port is not None else ''}"})
     return {"host": h.name, "filters": filters, "available": got is not None, "flows": rows,
             "errors": h.errors}
+
+
+def _l7_summary(l7: dict) -> str:
+    """An HTTP request or response through the proxy, in one line."""
+    http = l7.get("http") or {}
+    head = f"{http.get('protocol') or 'HTTP'} {http.get('method', '')} {http.get('url', '')}"
+    if l7.get("type") == "RESPONSE":
+        return f"{head} → {http.get('code')} in {(l7.get('latency_ns') or 0) / 1e6:.1f} ms"
+    return f"{head} (request)"
 
 
 def service_map(h: Host, filters: dict) -> dict:

@@ -109,6 +109,16 @@ def status(socket_path, output):
             click.echo(f"refused stored policy: {problem}")
         for mismatch in h.get("binding_mismatches") or []:
             click.echo(f"not bound: {mismatch}")
+        l7 = h.get("l7_proxy") or {}
+        if l7.get("wanted"):
+            state = f"running (pid {l7.get('pid')})" if l7.get("running") else "NOT RUNNING (its ports are closed)"
+            line = f"l7 proxy: {state}, {l7.get('l7_ports', 0)} ports, {l7.get('restarts', 0)} restarts"
+            rl = l7.get("request_log")
+            if rl:
+                line += f"; request log: {rl['received']} lines, {rl['garbled']} garbled"
+            click.echo(line)
+            if l7.get("last_error"):
+                click.echo(f"  last error: {l7['last_error']}")
         for src in h.get("sources") or []:
             state = "connected" if src["connected"] else "NOT CONNECTED"
             line = (f"source {src['name']} ({src['where']}): {state}"

@@ -39,6 +39,15 @@ def format_line(flow: dict, colour: bool) -> str:
         proto += " " + ",".join(l4["tcp_flags"])
     if "icmp_type" in l4:
         proto += f" type {l4['icmp_type']}"
+    l7 = flow.get("l7")
+    if l7:
+        from ..flows.hubble import printable
+        http = {k: printable(v) for k, v in l7["http"].items() if k != "headers"}
+        proto = f"{http['protocol'] or 'HTTP'} {l7['type'].lower()}"
+        if l7["type"] == "REQUEST":
+            proto += f" {http['method']} {http['url']}"
+        else:
+            proto += f" {http['code']} {l7['latency_ns'] / 1e6:.1f}ms {http['method']} {http['url']}"
     verdict = flow["verdict"]
     if colour:
         verdict = click.style(verdict, fg=VERDICT_COLOURS.get(verdict), bold=True)
@@ -55,7 +64,8 @@ def format_line(flow: dict, colour: bool) -> str:
 
 FILTERS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
            "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip", "label",
-           "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint")
+           "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint",
+           "type", "http_method", "http_path", "http_host", "http_status")
 
 
 class ObserveCommand(click.Command):
@@ -106,6 +116,15 @@ def _filter_options(f):
         ("to_endpoint", dict(metavar="NAME", help="Destination endpoint.")),
         ("direction", dict(type=click.Choice(["ingress", "egress"]))),
         ("drop_reason", dict(help="policy_denied, spoofed, ...")),
+        ("type", dict(type=click.Choice(["l7", "trace", "drop"], case_sensitive=False),
+                      help="l7: HTTP requests and responses through the proxy; trace, drop: "
+                      "the datapath's other flows.")),
+        ("http_method", dict(metavar="METHOD", help="HTTP method (L7 flows).")),
+        ("http_path", dict(metavar="REGEX", help="RE2 expression found in the request target "
+                           "(path and query; L7 flows).")),
+        ("http_host", dict(metavar="HOST", help="Host header (L7 flows).")),
+        ("http_status", dict(metavar="CODE", help="Status code (403) or class (4+) of L7 "
+                             "responses.")),
     ]
     assert {k for k, _ in specs} == set(FILTERS)
     for key, kw in reversed(specs):
@@ -153,10 +172,13 @@ def observe(socket_path, output, colour, follow, negate, **filters):
       stockade observe --since 10m -f --to-port 5432
       stockade observe --since 2026-05-02T10:00:00Z --until 2026-05-02T10:05:00Z --first 100
       stockade observe -o jsonpb --last 100 | jq -r '.flow.IP.source'
+      stockade observe --type l7 --http-method GET --http-path '^/api/' --http-status 4+
     """
     criteria = {k: (list(v) if isinstance(v, tuple) else v) for k, v in filters.items()}
     for key in ("verdict", "not_verdict"):
         criteria[key] = [v.upper() for v in criteria.get(key) or []]
+    for key in ("type", "not_type"):
+        criteria[key] = [v.lower() for v in criteria.get(key) or []]
     if follow and (criteria.get("until") or criteria.get("first")):
         raise click.UsageError("--until and --first select recorded flows; they cannot be "
                                "used with --follow")

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from ..l7.rules import http_request
 from ..policy.api.loader import load_data_file, load_files
 from ..policy.compiler import ENFORCEMENT_MODES
 from ..policy.sel import parse_port, parse_sel
@@ -96,11 +97,19 @@ def _read_data(path: str):
               help="Ask the agent: its loaded policies and identities (no FILES).")
 @click.option("--socket", "socket_path", default=None, envvar="STOCKADE_SOCKET",
               help="The agent's API socket, with --live [/run/stockade/agent.sock].")
+@click.option("--http-method", metavar="METHOD",
+              help="Trace one HTTP request on the connection too (by the HTTP rules its "
+              "proxy enforces): its method [GET].")
+@click.option("--http-path", metavar="PATH", help="The request's target, path and query [/].")
+@click.option("--http-host", metavar="HOST", help="The request's Host header [none].")
+@click.option("--http-header", metavar="'NAME: VALUE'", multiple=True,
+              help="A header of the request (repeat for several).")
 @enforcement_option
 @click.argument("files", nargs=-1, type=click.Path(allow_dash=True))
 @output_option
 @handle_errors
-def trace(src, dst, dport, live, socket_path, enforcement, files, output):
+def trace(src, dst, dport, live, socket_path, http_method, http_path, http_host, http_header,
+          enforcement, files, output):
     """Show what the policy in FILES (or, with --live, the agent's) does with one
     connection, and why. Both answer from the same engine, in the same JSON shape.
 
@@ -111,20 +120,27 @@ def trace(src, dst, dport, live, socket_path, enforcement, files, output):
       stockade policy trace --src app=web --dst app=db --dport 5432/tcp policies/*.yaml
       stockade policy trace --src cidr:203.0.113.0/24 --dst app=web --dport 443/tcp p.yaml
       stockade policy trace --live --src endpoint:web1 --dst app=db --dport 5432/tcp
+      stockade policy trace --src app=web --dst app=api --dport 8080/tcp \\
+          --http-method GET --http-path /api/x policies/*.yaml
     """
     if live:
         if files:
             raise click.UsageError("--live asks the agent: give no FILES")
         from .agent_cmds import make_client
         with make_client(socket_path) as c:
-            result = c.trace(src, dst, dport)
+            result = c.trace(src, dst, dport, http_method=http_method, http_path=http_path,
+                             http_host=http_host, http_header=http_header)
     else:
         if not files:
             raise click.UsageError("give policy FILES, or --live to ask the agent")
         policies = load_sources(policy_sources(files))
         s, d = parse_sel(src), parse_sel(dst)
         proto, port = parse_port(dport)
-        result = Tracer(policies, enforcement).trace(s, d, proto, port)
+        try:
+            http = http_request(http_method, http_path, http_host, http_header)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        result = Tracer(policies, enforcement).trace(s, d, proto, port, http)
     if output == "json":
         emit_json(result)
         return
@@ -152,7 +168,18 @@ def echo_trace(result: dict) -> None:
             click.echo(f"    {rule['verdict']}: {rule['policy']} {rule['rule']}")
         if r["policies"] and not r["rules"]:
             click.echo(f"    policies: {', '.join(r['policies'])}")
+        http = r.get("http")
+        if http and http["enforced"]:
+            for rule in http["rules"]:
+                mark = "matched" if rule == http.get("matched") else "http"
+                click.echo(f"    {mark}: {_http_words(rule)}")
     click.echo(f"Final verdict: {result['verdict'].upper()}")
+
+
+def _http_words(rule: dict) -> str:
+    parts = [f"{k} {rule[k]}" for k in ("method", "path", "host") if k in rule]
+    parts += [f"header {h}" for h in rule.get("headers", [])]
+    return ", ".join(parts) or "any request (visibility only)"
 
 
 def _part_words(part: dict) -> str:

@@ -216,8 +216,8 @@ class AgentAPI:
                                  dry_run=dry_run)
 
     # ------------------------------------------------------------------ questions
-    def trace(self, src: str, dst: str, dport: str) -> dict:
-        return review.live_trace(self.agent, src, dst, dport)
+    def trace(self, src: str, dst: str, dport: str, http: dict | None = None) -> dict:
+        return review.live_trace(self.agent, src, dst, dport, http)
 
     def matrix(self, query: dict) -> dict:
         return review.matrix(self.agent, query)

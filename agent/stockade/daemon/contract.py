@@ -146,8 +146,10 @@ class AgentService(Protocol):
     def set_services(self, data: dict, *, dry_run: bool = False) -> dict:
         """Replace the service definitions; returns a ServiceResult."""
 
-    def trace(self, src: str, dst: str, dport: str) -> dict:
-        """What the live policy does with one connection, and why (a Trace). src and
+    def trace(self, src: str, dst: str, dport: str, http: dict | None = None) -> dict:
+        """What the live policy does with one connection, and why (a Trace); with
+        ``http`` ({"method", "path", "host", "headers": ["Name: value"]}, any part), also
+        with one HTTP request on it, by the HTTP rules the proxy enforces. src and
         dst are SELs as the CLI's (``app=web,tier=x``, ``cidr:10.0.0.0/8``,
         ``entity:world``, ``endpoint:NAME``); dport is ``80/tcp``. The agent's own
         enforcement mode applies. Bad input: SelectorError or InvalidRequest."""

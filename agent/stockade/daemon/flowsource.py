@@ -16,11 +16,15 @@ import threading
 import time
 from typing import Iterator
 
+from ..datapath.maps import MATCH_ALLOW, MATCH_DEFAULT_DENY, MATCH_NONE, Reason, Verdict
 from ..flows import Decoder, FlowFilter, FlowLog, FlowRing, Resolver, connection_key
+from ..flows.l7 import L7Info
+from ..policy.mapstate import INGRESS
 
 log = logging.getLogger("stockade.flows")
 
 POLL_MS = 100
+WORLD = 2
 SNAPSHOT_MAX_AGE_S = 1.0
 FOLLOW_HEARTBEAT_S = 15.0
 
@@ -42,6 +46,9 @@ class FlowSource:
         self._snapshot_at = 0.0
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self._ids_by_addr: dict[bytes, int] = {}
+        self._l7_policies: dict[tuple[int, int, int], int] = {}
+        self._l7_version = None
 
     # ------------------------------------------------------------------ snapshot
     def refresh(self, force: bool = False) -> None:
@@ -53,10 +60,14 @@ class FlowSource:
         snap = a.snapshot()
         host = a.config.host_name
         by_addr: dict[bytes, tuple] = {}
+        ids: dict[bytes, int] = {}
         for prefix, e in snap.ipcache.items():
             net = ipaddress.ip_network(prefix)
-            if net.prefixlen == net.max_prefixlen and e.host:
-                by_addr[net.network_address.packed.ljust(16, b"\0")] = (None, e.host)
+            if net.prefixlen == net.max_prefixlen:
+                ids[net.network_address.packed.ljust(16, b"\0")] = e.identity
+                if e.host:
+                    by_addr[net.network_address.packed.ljust(16, b"\0")] = (None, e.host)
+        self._ids_by_addr = ids
         for ep in snap.endpoints:
             for ip in ep.ips:
                 by_addr[_padded(ip)] = (ep.name, host)
@@ -102,6 +113,65 @@ class FlowSource:
         if self.flow_log is not None:
             self.flow_log.write(self.ring.to_dict(r) for r in rows)
         return len(rows)
+
+    # ------------------------------------------------------------------ L7
+    def add_l7(self, records: list) -> int:
+        """The proxy's request records (l7.logs.LogRecord) -> two rows each, a REQUEST and
+        a RESPONSE (source and destination swapped, as Hubble shows a response), into the
+        ring and the flow log. Called from the proxy's log thread."""
+        self.refresh()
+        rows = []
+        for rec in records:
+            rows.extend(self._l7_rows(rec))
+        self.ring.append_rows(rows)
+        if self.flow_log is not None:
+            self.flow_log.write(self.ring.to_dict(r) for r in rows)
+        return len(rows)
+
+    def _l7_rows(self, rec) -> list[tuple]:
+        dec, r = self.decoder, self.decoder.resolver
+        saddr, daddr = _padded(rec.client), _padded(rec.server)
+        sid = rec.src_identity if rec.src_identity is not None else self._ids_by_addr.get(saddr, WORLD)
+        did = rec.dst_identity if rec.dst_identity is not None else self._ids_by_addr.get(daddr, WORLD)
+        src_info = dec._info(sid, *r.endpoints_by_addr.get(saddr, (None, None)))
+        dst_info = dec._info(did, *r.endpoints_by_addr.get(daddr, (None, None)))
+        pol = self._l7_policy(did, sid, rec.server_port)
+        if rec.allowed:
+            verdict, reason, pmatch = Verdict.FORWARDED, Reason.NONE, MATCH_ALLOW
+        elif rec.allowed is None:
+            verdict, reason, pmatch = Verdict.DROPPED, Reason.INVALID, MATCH_NONE
+        else:
+            verdict, reason, pmatch = Verdict.DROPPED, Reason.POLICY_DENIED, MATCH_DEFAULT_DENY
+        ipv = 6 if ":" in rec.client else 4
+        headers = tuple((k, v) for k, v in (("host", rec.host), ("user-agent", rec.user_agent)) if v)
+        req = L7Info("REQUEST", 0, rec.method, rec.path, rec.host, rec.protocol, 0, headers)
+        resp = req._replace(kind="RESPONSE", latency_ns=rec.latency_ns, code=rec.status)
+        l7 = self.ring.l7
+        return [
+            (rec.request_ns, 0, sid, did, src_info, dst_info, pol, 0, saddr, daddr,
+             rec.client_port, rec.server_port, verdict, reason, INGRESS, ipv, 6, 0, 0, 0, pmatch, 0,
+             l7.add(req)),
+            (rec.log_ns, 0, did, sid, dst_info, src_info, pol, 0, daddr, saddr,
+             rec.server_port, rec.client_port, verdict, reason, INGRESS, ipv, 6, 0, 0, 1, pmatch, 0,
+             l7.add(resp)),
+        ]
+
+    def _l7_policy(self, local: int, peer: int, port: int) -> int:
+        """Index of the names of the policies that allow ``peer`` to ``local``:``port`` (the
+        ones whose HTTP rules the proxy applied)."""
+        a = self.agent
+        if self._l7_version != a.version or len(self._l7_policies) > 4096:
+            self._l7_policies, self._l7_version = {}, a.version
+        key = (local, peer, port)
+        idx = self._l7_policies.get(key)
+        if idx is None:
+            names: tuple = ()
+            with a._lock:
+                if local in a.engine.local_ids:
+                    names = tuple(sorted({c.policy for c, deny in
+                                          a.engine.explain(local, peer, INGRESS, 6, port) if not deny}))
+            idx = self._l7_policies[key] = self.ring.policies.add(names)
+        return idx
 
     # ------------------------------------------------------------------ queries
     def events_lost(self) -> dict:

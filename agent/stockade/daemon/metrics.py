@@ -109,6 +109,7 @@ class AgentCollector(Collector):
         yield by
         yield from self._datapath_metrics(a)
         yield from self._flow_metrics(a)
+        yield from _l7_metrics(a)
         hist = getattr(a, "policy_apply_seconds", None)
         if hist is not None:
             yield from hist.collect()
@@ -194,6 +195,27 @@ class AgentCollector(Collector):
         cap = GaugeMetricFamily("stockade_flow_buffer_capacity", "Flow ring capacity (records)")
         cap.add_metric([], fs.ring.capacity)
         yield cap
+
+
+def _l7_metrics(a):
+    """HTTP requests through the L7 proxy, from its request log (l7/logs.py)."""
+    reader = getattr(getattr(a, "l7", None), "log_reader", None)
+    if reader is None:
+        return
+    from ..l7.logs import CODE_SERIES
+    req = CounterMetricFamily(
+        "stockade_l7_requests", "HTTP requests through the L7 proxy, by verdict (FORWARDED, or "
+        f"DROPPED: refused with 403 or as a bad request) and status code (at most {CODE_SERIES} "
+        "codes, the rest as code=\"other\")", labels=["verdict", "code"])
+    for (verdict, code), n in sorted(dict(reader.requests).items()):
+        req.add_metric([verdict, "other" if code == -1 else str(code)], n)
+    yield req
+    lines = CounterMetricFamily("stockade_l7_log_lines", "Request log lines from the L7 proxy, by "
+                                "result (parsed, or garbled: dropped unread)", labels=["result"])
+    st = reader.stats()
+    lines.add_metric(["parsed"], st["received"] - st["garbled"])
+    lines.add_metric(["garbled"], st["garbled"])
+    yield lines
 
 
 def _labels_dropped(counts: dict) -> CounterMetricFamily:

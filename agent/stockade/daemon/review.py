@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ..errors import InvalidRequest, NotFound, SelectorError
 from ..flows import connections, flow_port
+from ..l7.rules import http_request
 from ..policy.api.cidr import Network
 from ..policy.api.entity import RESERVED
 from ..policy.api.rule import Policy
@@ -87,16 +88,19 @@ def _same_labels(want: set[tuple[str, str, str]], have: LabelSet) -> bool:
     return True
 
 
-def live_trace(agent: "Agent", src: str, dst: str, dport: str) -> dict:
+def live_trace(agent: "Agent", src: str, dst: str, dport: str, http: dict | None = None) -> dict:
     try:
         s, d = parse_sel(src), parse_sel(dst)
         proto, port = parse_port(dport)
+        req = http_request(**(http or {}))
     except SelectorError as exc:
         raise InvalidRequest(str(exc)) from None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), "http_header") from None
     with agent._lock:
         txn = Txn(agent, dry_run=True)
         try:
-            return trace(LiveWorld(agent, txn), s, d, proto, port)
+            return trace(LiveWorld(agent, txn), s, d, proto, port, req)
         finally:
             txn.discard()
 

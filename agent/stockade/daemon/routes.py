@@ -190,7 +190,11 @@ def get_flows(r: Request) -> Response:
 
 def get_trace(r: Request) -> Response:
     q = r.query
-    return Response(body=r.agent.trace(q["src"], q["dst"], q["dport"]))
+    http = {k: q[f"http_{k}"] for k in ("method", "path", "host", "header")
+            if q.get(f"http_{k}") not in (None, [])}
+    if "header" in http:
+        http["headers"] = http.pop("header")
+    return Response(body=r.agent.trace(q["src"], q["dst"], q["dport"], http or None))
 
 
 def get_matrix(r: Request) -> Response:

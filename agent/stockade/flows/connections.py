@@ -3,7 +3,8 @@
 Both hooks of a connection (the source's egress, the destination's ingress) report its
 first packet, and replies belong to the connection that started them. The hook with the
 harshest verdict speaks for it: a connection the destination dropped was dropped,
-whatever the source's side said.
+whatever the source's side said. HTTP requests on it (L7 flows, same connection) do not
+change its L3/L4 verdict: a 403 leaves the connection open.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def connections(flows: list[dict]) -> list[dict]:
             (f.get("l4") or {}).get("protocol"), (f.get("l4") or {}).get("source_port"),
             (f.get("l4") or {}).get("destination_port"))
         old = best.get(key)
-        if old is None or SEVERITY.get(f.get("verdict") or "", 0) > SEVERITY.get(old.get("verdict") or "", 0):
+        if old is None or (_severity(f) > _severity(old)):
             best[key] = f
     return list(best.values())
 
@@ -32,3 +33,7 @@ def flow_port(f: dict) -> tuple[int, int | None]:
     l4 = f.get("l4") or {}
     proto = PROTO_NUMBERS.get(str(l4.get("protocol", "")).lower(), 0)
     return proto, l4.get("destination_port")
+
+
+def _severity(f: dict) -> int:
+    return -1 if f.get("l7") else SEVERITY.get(f.get("verdict") or "", 0)

@@ -129,7 +129,7 @@ class Decoder:
                 self._count_drop(local_name, direction)
             append((ts + offset, ifindex, sid, did, src_info, dst_info, pol, size, saddr, daddr,
                     sport, dport, verdict, reason, direction, ipv, proto, flags, itype, is_reply,
-                    pmatch, icode))
+                    pmatch, icode, 0))
         self.decoded += len(out)
         return out
 

@@ -25,6 +25,12 @@ Criteria:
                  is present; a key may carry its source (``k8s:app=web``), else any
                  source matches; ``reserved:world`` selects the world identity.
     endpoint     either side's endpoint name; from_endpoint, to_endpoint
+    type         l7 (HTTP requests and responses through the proxy), trace (other
+                 forwarded or audited flows), drop (other dropped flows)
+    http_method  the request's method (any case)
+    http_path    a regular expression (RE2) found in the request target (path and query)
+    http_host    the Host header (any case; without its port, the host name alone matches)
+    http_status  a status code (``403``) or a class (``4+``: 400-499); responses only
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import re2
+
+from ..datapath.maps import Verdict
 from ..errors import InvalidRequest
 from ..policy.api.selector import EndpointSelector
 from ..policy.labels import LabelSet
@@ -45,6 +54,7 @@ from .record import (
     DST_ID,
     DST_INFO,
     IP_VERSION,
+    L7,
     PROTO,
     REASON,
     REASONS,
@@ -60,7 +70,10 @@ from .record import (
 
 LIST_KEYS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
              "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip",
-             "label", "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint")
+             "label", "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint",
+             "type", "http_method", "http_path", "http_host", "http_status")
+TYPES = ("l7", "trace", "drop")
+MAX_PATTERN = 1024
 NOT_KEYS = tuple(f"not_{k}" for k in LIST_KEYS)
 SCALAR_KEYS = ("since", "until", "last", "first")
 KEYS = LIST_KEYS + NOT_KEYS + SCALAR_KEYS
@@ -194,6 +207,7 @@ class FlowFilter:
                 names = {str(v) for v in get(key)}
                 p.append(lambda r, i, names=names, sides=sides:
                          any((i.values[r[x]] or (None,) * 4)[2] in names for x in sides))
+        _l7_preds(get, p)
         for key in NOT_KEYS:
             if get(key):
                 excluded = cls.parse({key[4:]: get(key)}).preds
@@ -255,6 +269,55 @@ class FlowFilter:
                     break
         out.reverse()
         return out
+
+
+def _l7_preds(get, p: list) -> None:
+    if get("type"):
+        types = set()
+        for v in get("type"):
+            t = str(v).lower()
+            if t not in TYPES:
+                raise InvalidRequest(f"type: {v!r} is not one of {', '.join(TYPES)}", "type")
+            types.add(t)
+        dropped = int(Verdict.DROPPED)
+        p.append(lambda r, i, ts=types: ("l7" if r[L7] else "drop" if r[VERDICT] == dropped
+                                         else "trace") in ts)
+    tests: list[Callable] = []
+    if get("http_method"):
+        methods = {str(v).upper() for v in get("http_method")}
+        tests.append(lambda info, s=methods: info.method.upper() in s)
+    if get("http_path"):
+        pats = []
+        for v in get("http_path"):
+            if len(str(v)) > MAX_PATTERN:
+                raise InvalidRequest(f"http_path: longer than {MAX_PATTERN} characters", "http_path")
+            try:
+                pats.append(re2.compile(str(v)))
+            except re2.error as exc:
+                raise InvalidRequest(f"http_path: {v!r} is not a regular expression (RE2): "
+                                     f"{exc}", "http_path") from None
+        tests.append(lambda info, pats=pats: any(x.search(info.path) for x in pats))
+    if get("http_host"):
+        hosts = {str(v).lower() for v in get("http_host")}
+        tests.append(lambda info, s=hosts: info.host.lower() in s
+                     or info.host.lower().rsplit(":", 1)[0] in s)
+    if get("http_status"):
+        codes: list[tuple[int, int]] = []
+        for v in get("http_status"):
+            m = re.fullmatch(r"([1-5])(?:\+|(\d\d))", str(v).strip())
+            if not m:
+                raise InvalidRequest(f"http_status: {v!r} is neither a status code (403) nor a "
+                                     "class (4+)", "http_status")
+            lo = int(m.group(1)) * 100 + (int(m.group(2)) if m.group(2) else 0)
+            codes.append((lo, lo if m.group(2) else lo + 99))
+        tests.append(lambda info, cs=codes: info.code != 0 and any(a <= info.code <= b
+                                                                    for a, b in cs))
+    if tests:
+        def pred(r, i, tests=tests):
+            table = getattr(i, "l7", None)
+            info = table.get(r[L7]) if table is not None and r[L7] else None
+            return info is not None and all(t(info) for t in tests)
+        p.append(pred)
 
 
 def _ip_match(row, nets, sides) -> bool:

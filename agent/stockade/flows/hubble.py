@@ -24,6 +24,7 @@ DROP_REASONS = {
 L4_KEYS = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "icmp": "ICMPv4", "icmpv4": "ICMPv4",
            "icmpv6": "ICMPv6"}
 EVENT_DROP, EVENT_TRACE = 1, 4          # monitor API message types (CILIUM_NOTIFY_*)
+EVENT_L7 = 129                          # MessageTypeAccessLog
 ICMP4_NAMES = {0: "EchoReply", 3: "DestinationUnreachable", 8: "EchoRequest", 11: "TimeExceeded"}
 ICMP6_NAMES = {1: "DestinationUnreachable", 3: "TimeExceeded", 128: "EchoRequest", 129: "EchoReply",
                133: "RouterSolicitation", 134: "RouterAdvertisement", 135: "NeighborSolicitation",
@@ -66,6 +67,21 @@ def _endpoint(peer: dict) -> dict:
     return out
 
 
+def printable(text) -> str:
+    """What a client sent, safe on a terminal: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _l7_summary(l7: dict) -> str:
+    """As Hubble's: ``HTTP/1.1 GET http://api/x`` or ``HTTP/1.1 403 2ms (GET http://api/x)``;
+    printable (l7 fields are what a client sent)."""
+    http = {k: printable(v) for k, v in (l7.get("http") or {}).items() if k != "headers"}
+    if l7.get("type") == "RESPONSE":
+        return (f"{http.get('protocol')} {http.get('code')} {(l7.get('latency_ns') or 0) // 1_000_000}ms "
+                f"({http.get('method')} {http.get('url')})")
+    return f"{http.get('protocol')} {http.get('method')} {http.get('url')}"
+
+
 def to_flow(flow: dict, node_name: str | None = None) -> dict:
     """flow.proto's Flow as protojson (proto field names)."""
     verdict = flow.get("verdict", "VERDICT_UNKNOWN")
@@ -88,12 +104,20 @@ def to_flow(flow: dict, node_name: str | None = None) -> dict:
         out["source"] = src
     if dst:
         out["destination"] = dst
-    out["Type"] = "L3_L4"
+    l7 = flow.get("l7")
+    out["Type"] = "L7" if l7 else "L3_L4"
+    if l7:
+        http = dict(l7.get("http") or {})
+        http = {k: v for k, v in http.items() if v not in (None, "", 0, [])}
+        out["l7"] = {"type": l7.get("type"), "http": http}
+        if l7.get("latency_ns"):
+            out["l7"]["latency_ns"] = str(l7["latency_ns"])   # uint64: a string in protojson
+        summary = _l7_summary(l7)
     host = node_name or ((flow.get("source") or {}).get("endpoint") or {}).get("host") \
         or ((flow.get("destination") or {}).get("endpoint") or {}).get("host")
     if host:
         out["node_name"] = host
-    out["event_type"] = {"type": EVENT_DROP if verdict == "DROPPED" else EVENT_TRACE}
+    out["event_type"] = {"type": EVENT_L7 if l7 else EVENT_DROP if verdict == "DROPPED" else EVENT_TRACE}
     out["traffic_direction"] = direction
     if drop:
         out["drop_reason_desc"] = DROP_REASONS.get(drop, ("DROP_REASON_UNKNOWN", 0))[0]
@@ -136,8 +160,12 @@ def compact(flow: dict) -> str:
     """``Mar  5 10:14:03.120: web1:40000 (ID:256) -> db1:5432 (ID:257) to-endpoint
     FORWARDED (TCP Flags: SYN)``, as ``hubble observe -o compact`` prints."""
     _, summary = _l4(flow)
+    if flow.get("l7"):
+        summary = _l7_summary(flow["l7"])
     verdict = flow.get("verdict", "")
     point = "to-endpoint" if flow.get("direction") == "ingress" else "from-endpoint"
+    if flow.get("l7"):
+        point = "http-request" if flow["l7"].get("type") == "REQUEST" else "http-response"
     left, right, arrow = "source", "destination", "->"
     if flow.get("is_reply"):  # a reply is shown from the connection's initiator, as Hubble does
         left, right, arrow = right, left, "<-"

@@ -1,9 +1,10 @@
 """Compact flow records: one ``struct``-packed row per flow, no dict per flow.
 
-A record is ``RECORD`` (84 bytes) in a shared bytearray (see ring.py). The fields an
+A record is ``RECORD`` (88 bytes) in a shared bytearray (see ring.py). The fields an
 agent resolves at decode time and that repeat from flow to flow (identity labels,
 endpoint name and host, the list of deciding policies) are interned: the row holds a
-small index into ``Interner`` tables, so a full ring of 65,535 rows is about 5.5 MB.
+small index into ``Interner`` tables, so a full ring of 65,535 rows is about 5.8 MB (plus the HTTP
+parts of L7 rows, l7.py).
 
 Row fields, in order (``Field`` gives the index of each in an unpacked row):
     time_ns       wall-clock ns (UTC)
@@ -16,6 +17,7 @@ Row fields, in order (``Field`` gives the index of each in an unpacked row):
     sport, dport  host order (0 for ICMP)
     verdict, reason, direction, ip_version, proto, tcp_flags, icmp_type, is_reply,
     policy_match, icmp_code
+    l7            id of the HTTP part in the ring's L7Table (l7.py); 0: an L3/L4 flow
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ from ..datapath.maps import (
     Reason,
     Verdict,
 )
+from .l7 import L7Table, to_l7_dict
 
-RECORD = struct.Struct("<QIIIIIII16s16sHHBBBBBBBBBBxx")
+RECORD = struct.Struct("<QIIIIIII16s16sHHBBBBBBBBBBxxI")
 RECORD_SIZE = RECORD.size
 
 (TIME, IFINDEX, SRC_ID, DST_ID, SRC_INFO, DST_INFO, POLICY, SIZE, SADDR, DADDR, SPORT, DPORT,
  VERDICT, REASON, DIRECTION, IP_VERSION, PROTO, TCP_FLAGS, ICMP_TYPE, IS_REPLY, POLICY_MATCH,
- ICMP_CODE) = range(22)
+ ICMP_CODE, L7) = range(23)
 
 VERDICTS = {v.value: v.name for v in Verdict}
 REASONS = {r.value: r.name.lower() for r in Reason}
@@ -115,7 +118,8 @@ def _peer(info: tuple | None, identity: int) -> dict:
     return {"identity": identity, "labels": list(labels), "endpoint": ep}
 
 
-def to_dict(row: tuple, infos: Interner, policies: Interner, ifnames: dict | None = None) -> dict:
+def to_dict(row: tuple, infos: Interner, policies: Interner, ifnames: dict | None = None,
+            l7: L7Table | None = None) -> dict:
     """The API / ``-o json`` shape of one row (see contract.py, Flow)."""
     v = row[IP_VERSION]
     proto = row[PROTO]
@@ -132,7 +136,7 @@ def to_dict(row: tuple, infos: Interner, policies: Interner, ifnames: dict | Non
         conn = f"{l4['protocol']} {src} -> {dst}"
     else:
         conn = f"{l4['protocol']} {src}:{row[SPORT]} -> {dst}:{row[DPORT]}"
-    return {
+    out = {
         "time": rfc3339(row[TIME]),
         "verdict": VERDICTS.get(row[VERDICT], str(row[VERDICT])),
         "drop_reason": drop_reason(row),
@@ -151,3 +155,7 @@ def to_dict(row: tuple, infos: Interner, policies: Interner, ifnames: dict | Non
         "size": row[SIZE],
         "connection": conn,
     }
+    info = l7.get(row[L7]) if l7 is not None and row[L7] else None
+    if info is not None:
+        out["l7"] = to_l7_dict(info)
+    return out

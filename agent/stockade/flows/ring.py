@@ -11,7 +11,16 @@ from __future__ import annotations
 import threading
 from typing import Iterable, Iterator
 
+from .l7 import L7Table
 from .record import RECORD, RECORD_SIZE, Interner, to_dict
+
+
+class FlowInfos(Interner):
+    """The interned peers, and (for filters on the HTTP part) the ring's L7 table."""
+
+    def __init__(self, l7: L7Table):
+        super().__init__()
+        self.l7 = l7
 
 
 class FlowRing:
@@ -21,7 +30,8 @@ class FlowRing:
         self.capacity = capacity
         self.buf = bytearray(capacity * RECORD_SIZE)
         self.seq = 0                       # records written so far
-        self.infos = Interner()            # (identity, labels, endpoint name, host)
+        self.l7 = L7Table(capacity)        # HTTP parts of L7 rows (l7.py)
+        self.infos = FlowInfos(self.l7)    # (identity, labels, endpoint name, host)
         self.policies = Interner(zero=())  # tuples of policy names
         self.ifnames: dict[int, str] = {}
         self.lock = threading.Lock()
@@ -92,4 +102,4 @@ class FlowRing:
             return self.cond.wait_for(lambda: self.seq > seq, timeout)
 
     def to_dict(self, row: tuple) -> dict:
-        return to_dict(row, self.infos, self.policies, self.ifnames)
+        return to_dict(row, self.infos, self.policies, self.ifnames, self.l7)

@@ -28,11 +28,13 @@ FIELD_SAMPLES = {
 }
 WORLD = 2
 
-# One request log line per request, tab separated (fields in logs.py).
+# One request log line per request, tab separated (fields in logs.py). What the client
+# sends goes through the json converter: escaped, so it never holds a tab or a newline.
 LOG_FORMAT = "\t".join([
     "stockade-l7", "%ci", "%cp", "%fi", "%fp", "%[var(txn.src_id)]", "%[var(txn.dst_id)]",
-    "%[var(txn.rs)]", "%[var(txn.ok)]", "%HM", "%{+Q}[var(txn.url)]", "%HV", "%ST", "%Tq", "%Tr",
-    "%Ta", "%{+Q}[var(txn.host)]", "%{+Q}[var(txn.ua)]", "%tsc", "%[date]",
+    "%[var(txn.rs)]", "%[var(txn.ok)]", "%HM", "%[var(txn.url),json(utf8s)]", "%HV", "%ST",
+    "%Tq", "%Tr", "%Ta", "%[var(txn.host),json(utf8s)]", "%[var(txn.ua),json(utf8s)]", "%tsc",
+    "%[date(0,us)]", "%Ts", "%ms",
 ])
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..policy.mapstate import INGRESS
 from .haproxy import ProxySettings, RuntimeAPI, RuntimeAPIError, map_text, render_config, write_atomic
 from .host import HostError, HostSteering
+from .logs import LogReader
 from .rules import FIELDS, rule_keys, sort_rules
 
 log = logging.getLogger("stockade.l7")
@@ -72,7 +73,12 @@ class L7Proxy:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.log_reader = None
+        self.log_reader = LogReader(self.settings.log_socket, self._records, (self.uid, self.gid))
+
+    def _records(self, batch: list) -> None:
+        fs = self.agent.flow_source
+        if fs is not None:
+            fs.add_l7(batch)
 
     # ------------------------------------------------------------------ desired state
     def desired(self) -> tuple[dict, dict, dict[str, dict[str, str]]]:
@@ -196,8 +202,11 @@ class L7Proxy:
                 self.haproxy, "-db", "-f", str(self.settings.config_path)]
 
     def _start_process(self) -> None:
-        if self.log_reader is not None:
+        try:
             self.log_reader.ensure()
+        except OSError as exc:  # the proxy still enforces; its requests go unrecorded
+            self.last_error = f"request log socket {self.settings.log_socket}: {exc}"
+            log.error("l7: %s", self.last_error)
         out = open(self.settings.run_dir / "haproxy.out", "ab")
         try:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
@@ -260,6 +269,7 @@ class L7Proxy:
             self._thread.join(timeout=5)
         with self._lock:
             self._stop_process()
+            self.log_reader.stop()
             if remove_host and self._host_installed:
                 self.host.remove()
                 self._host_installed = False
@@ -271,4 +281,4 @@ class L7Proxy:
         return {"wanted": self.wanted, "running": self.running,
                 "pid": self.proc.pid if self.running and self.proc is not None else None, "restarts": self.restarts,
                 "ok": ok, "last_error": self.last_error,
-                "l7_ports": len(self._targets)}
+                "l7_ports": len(self._targets), "request_log": self.log_reader.stats()}

@@ -15,9 +15,13 @@ fails, so the request is refused (closed), and the proxy never stalls on it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import re2
 
 from ..policy.api.ports import HTTPRule
+from ..policy.mapstate import ANY_PEER, INGRESS, L7Key
 
 FIELDS = ("method", "path", "host", "headers")
 DEFAULT_MATCH_LIMIT = 100_000
@@ -62,3 +66,78 @@ def rule_keys(rs: int, rule: HTTPRule, limit: int = DEFAULT_MATCH_LIMIT) -> dict
 def sort_rules(rules: Iterable[HTTPRule]) -> list[HTTPRule]:
     """A stable order (slots are positions): same set, same slots."""
     return sorted(rules, key=lambda r: (r.method or "", r.path or "", r.host or "", r.headers))
+
+
+# ---------------------------------------------------------------------- the same rules in Python
+# ``policy trace`` asks what the proxy would do with one request: the rule sets it looks up
+# are the compiled ones (PolicyEngine.l7, as L7Proxy.desired maps them), matched here with
+# RE2 with the semantics of the keys above: whole-value matches, header names in any case.
+
+@dataclass(frozen=True)
+class HTTPRequest:
+    method: str = "GET"
+    path: str = "/"                       # the request target as sent: path and query
+    host: str = ""
+    headers: tuple[tuple[str, str], ...] = ()   # (name, value)
+
+    def header_lines(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            out.setdefault(name.strip().lower(), []).append(value.strip())
+        if self.host and "host" not in out:
+            out["host"] = [self.host]
+        return out
+
+
+def _full(pattern: str | None, value: str) -> bool:
+    return pattern is None or re2.fullmatch(pattern, value) is not None
+
+
+def rule_matches(rule: HTTPRule, req: HTTPRequest) -> bool:
+    if not (_full(rule.method, req.method) and _full(rule.path, req.path)
+            and _full(rule.host, req.host)):
+        return False
+    have = req.header_lines()
+    for h in rule.headers:
+        name, sep, value = h.partition(":")
+        values = have.get(name.strip().lower())
+        if values is None or (sep and value.strip() not in values):
+            return False
+    return True
+
+
+def rules_for(l7: Mapping[L7Key, frozenset], local: int, port: int, peer: int) -> frozenset | None:
+    """The rule set the proxy applies to ``peer`` -> ``local``:``port`` (its lookup:
+    the peer's own entry, else the any-peer one); None: the port is not L7 for it."""
+    rules = l7.get(L7Key(local, INGRESS, port, peer))
+    return rules if rules is not None else l7.get(L7Key(local, INGRESS, port, ANY_PEER))
+
+
+def first_match(rules: Iterable[HTTPRule], req: HTTPRequest) -> HTTPRule | None:
+    return next((r for r in sort_rules(rules) if rule_matches(r, req)), None)
+
+
+def rule_dict(rule: HTTPRule) -> dict:
+    """A rule as policies write it (fields it gives only)."""
+    out: dict = {k: v for k, v in (("method", rule.method), ("path", rule.path),
+                                   ("host", rule.host)) if v is not None}
+    if rule.headers:
+        out["headers"] = list(rule.headers)
+    return out
+
+
+def http_request(method: str | None = None, path: str | None = None, host: str | None = None,
+                 headers: Iterable[str] = ()) -> HTTPRequest | None:
+    """The request a trace asks about (None when it gives no HTTP part). Missing parts
+    default to GET, / and no Host; ``headers`` are ``Name: value`` (or ``Name``)."""
+    headers = list(headers or ())
+    if method is None and path is None and host is None and not headers:
+        return None
+    hdrs = []
+    for h in headers:
+        name, _sep, value = str(h).partition(":")
+        if not name.strip():
+            raise ValueError(f"http header {h!r}: give Name or Name: value")
+        hdrs.append((name.strip(), value.strip()))
+    return HTTPRequest(method=method or "GET", path=path or "/", host=host or "",
+                       headers=tuple(hdrs))

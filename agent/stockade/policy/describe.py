@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .api.ports import HTTPRule
 from .api.rule import PeerRule, Policy, Rule
 from .mapstate import DIRECTION_NAMES, Delta, Key
 
@@ -20,8 +21,22 @@ def describe_peers(pr: PeerRule) -> str:
     return ", ".join(parts) if parts else "any peer"
 
 
+def describe_http(rule: HTTPRule) -> str:
+    parts = [v for v in (rule.method, rule.path) if v is not None]
+    if rule.host is not None:
+        parts.append(f"host {rule.host}")
+    parts += [f"header {h}" for h in rule.headers]
+    return " ".join(parts) or "any request"
+
+
 def describe_l4(pr: PeerRule) -> str:
-    ports = [str(p) for r in pr.to_ports for p in r.ports]
+    """``5432/TCP``; with HTTP rules ``8080/TCP (HTTP: GET /api/.*; POST /submit header X)``."""
+    ports = []
+    for r in pr.to_ports:
+        text = ", ".join(str(p) for p in r.ports)
+        if r.http:
+            text += " (HTTP: " + "; ".join(describe_http(h) for h in r.http) + ")"
+        ports.append(text)
     ports += [str(i) for i in pr.icmps]
     return ", ".join(ports) if ports else "any port"
 

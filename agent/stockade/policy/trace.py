@@ -20,13 +20,14 @@ import ipaddress
 from typing import Iterable, Protocol
 
 from ..errors import SelectorError
+from ..l7.rules import HTTPRequest, first_match, rule_dict, rules_for, sort_rules
 from .api.cidr import Network, inside
 from .api.entity import RESERVED
 from .api.rule import Policy
 from .engine import PolicyEngine
 from .evaluate import Evaluator
 from .identity import IdentityAllocator, most_specific, reserved_identities
-from .mapstate import EGRESS, INGRESS, PROTO_NAMES
+from .mapstate import EGRESS, INGRESS, PROTO_NAMES, PROTO_TCP
 from .sel import PeerSpec
 
 
@@ -39,17 +40,19 @@ class World(Protocol):
         """Prefixes that have identities of their own (they split a CIDR side)."""
 
 
-def trace(world: World, src: PeerSpec, dst: PeerSpec, proto: int, port: int) -> dict:
-    """The verdict for one connection, in the JSON shape the CLI and the API print."""
+def trace(world: World, src: PeerSpec, dst: PeerSpec, proto: int, port: int,
+          http: HTTPRequest | None = None) -> dict:
+    """The verdict for one connection (and, given ``http``, one HTTP request on it), in
+    the JSON shape the CLI and the API print."""
     side = "dst" if dst.kind == "cidr" and src.kind != "cidr" else (
         "src" if src.kind == "cidr" and dst.kind != "cidr" else None)
     parts = _parts(world, dst if side == "dst" else src) if side else []
     if len(parts) <= 1:
-        return _trace_one(world, src, dst, proto, port)
+        return _trace_one(world, src, dst, proto, port, http)
     results, out = [], []
     for spec, desc in parts:
         r = _trace_one(world, src if side == "dst" else spec, spec if side == "dst" else dst,
-                       proto, port)
+                       proto, port, http)
         results.append(r)
         reasons = "; ".join(f"{d}: {r[d]['reason']}" for d in ("egress", "ingress"))
         out.append({**desc, "verdict": r["verdict"], "reason": reasons})
@@ -78,11 +81,14 @@ def _parts(world: World, spec: PeerSpec) -> list[tuple[PeerSpec, dict]]:
     return out
 
 
-def _trace_one(world: World, src: PeerSpec, dst: PeerSpec, proto: int, port: int) -> dict:
+def _trace_one(world: World, src: PeerSpec, dst: PeerSpec, proto: int, port: int,
+               http: HTTPRequest | None = None) -> dict:
     sid, did = world.identity_of(src), world.identity_of(dst)
     ev = Evaluator(world.engine.entries, world.engine.flags, world.engine.local_ids)
     egress = _side(world.engine, ev, src, sid, did, EGRESS, proto, port)
     ingress = _side(world.engine, ev, dst, did, sid, INGRESS, proto, port)
+    if proto == PROTO_TCP and ingress["verdict"] == "allow":
+        _http_side(world.engine, ingress, did, sid, port, http)
     allowed = egress["verdict"] == "allow" and ingress["verdict"] == "allow"
     return {
         "verdict": "allow" if allowed else "deny",
@@ -91,6 +97,34 @@ def _trace_one(world: World, src: PeerSpec, dst: PeerSpec, proto: int, port: int
         "port": f"{port}/{PROTO_NAMES[proto]}",
         "egress": egress, "ingress": ingress,
     }
+
+
+def _http_side(engine: PolicyEngine, side: dict, local: int, peer: int, port: int,
+               http: HTTPRequest | None) -> None:
+    """The proxy's part of an ingress side the datapath allows: the HTTP rules of the
+    port (as the proxy gets them), and for ``http`` whether one of them passes it."""
+    rules = rules_for(engine.l7, local, port, peer)
+    if rules is None:
+        if http is not None:
+            side["http"] = {"enforced": False, "rules": [], "matched": None}
+            side["reason"] += f"; port {port} has no HTTP rules here: every request passes"
+        return
+    rules_list = sort_rules(rules)
+    out: dict = {"enforced": True, "rules": [rule_dict(r) for r in rules_list], "matched": None}
+    side["http"] = out
+    if http is None:
+        side["reason"] += f"; HTTP rules apply on port {port} (give a request to check it)"
+        return
+    out["request"] = {"method": http.method, "path": http.path, "host": http.host,
+                      "headers": [f"{k}: {v}" for k, v in http.headers]}
+    hit = first_match(rules_list, http)
+    if hit is None:
+        side["verdict"] = "deny"
+        side["reason"] = (f"HTTP: no rule of port {port} matches {http.method} {http.path}: "
+                          "the proxy answers 403")
+        return
+    out["matched"] = rule_dict(hit)
+    side["reason"] += f"; HTTP: {http.method} {http.path} matches a rule"
 
 
 def _side(engine: PolicyEngine, ev: Evaluator, spec: PeerSpec, local: int, peer: int,
@@ -155,8 +189,9 @@ class Tracer:
             self.engine.commit(tx)
         return ident.id
 
-    def trace(self, src: PeerSpec, dst: PeerSpec, proto: int, port: int) -> dict:
-        return trace(self, src, dst, proto, port)
+    def trace(self, src: PeerSpec, dst: PeerSpec, proto: int, port: int,
+              http: HTTPRequest | None = None) -> dict:
+        return trace(self, src, dst, proto, port, http)
 
 
 def policy_prefixes(rule):

@@ -1,0 +1,250 @@
+"""L7 flows: the proxy's request log lines -> records -> flows with Hubble's l7 shape,
+their filters, and ``policy trace`` with an HTTP request. Real traffic through the proxy
+is in tests/root/test_l7_http.py."""
+import json
+import socket
+import time
+
+import pytest
+
+from inprocess_agent import inprocess_agent
+from stockade.daemon.flowsource import FlowSource
+from stockade.errors import InvalidRequest
+from stockade.flows import FlowFilter, FlowRing, hubble
+from stockade.flows.l7 import L7Info, L7Table
+from stockade.l7.logs import LogReader, parse_line
+from stockade.l7.rules import http_request
+from stockade.policy.sel import parse_sel
+from stockade.policy.trace import Tracer
+from test_compiler import policy
+
+NOW_US = 1796230221449974
+
+
+def line(**kw) -> bytes:
+    f = {"ci": "10.0.0.1", "cp": "40000", "fi": "10.0.0.2", "fp": "8080", "sid": "256",
+         "did": "257", "rs": "1", "ok": "1", "m": "GET", "url": "\\/api\\/x?q=\\\"1\\\"",
+         "hv": "HTTP/1.1", "st": "200", "tq": "1", "tr": "2", "ta": "3", "host": "api",
+         "ua": "curl\\t7", "tsc": "----", "date": str(NOW_US), "ts": str(NOW_US // 10**6),
+         "ms": "445"}
+    f.update(kw)
+    return ("stockade-l7\t" + "\t".join(f.values()) + "\n").encode()
+
+
+def test_parse_line_decodes_escaped_fields():
+    r = parse_line(line())
+    assert (r.client, r.client_port, r.server, r.server_port) == ("10.0.0.1", 40000, "10.0.0.2", 8080)
+    assert (r.src_identity, r.dst_identity, r.allowed, r.verdict) == (256, 257, True, "FORWARDED")
+    assert (r.method, r.path, r.host, r.user_agent) == ("GET", '/api/x?q="1"', "api", "curl\t7")
+    assert r.status == 200 and r.log_ns == NOW_US * 1000
+    assert r.request_ns == (NOW_US // 10**6 * 1000 + 445 + 1) * 10**6
+    assert r.latency_ns == NOW_US * 1000 - r.request_ns
+    denied = parse_line(line(ok="0", st="403", tr="-1"))
+    assert denied.allowed is False and denied.verdict == "DROPPED"
+    bad = parse_line(line(sid="-", did="-", rs="-", ok="-", m="<BADREQ>", hv="<BADREQ>",
+                          url="-", host="-", ua="-", st="400"))
+    assert bad.allowed is None and bad.method == "" and bad.src_identity is None and bad.path == ""
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xff\xfe", b"stockade-l7\t" * 30, line()[:-20], line().replace(b"stockade-l7", b"other"),
+    line(ci="not-an-ip"), line(cp="70000"), line(sid="-5"), line(ok="yes"), line(st="1000"),
+    line(url='bad"quote'), line(url="\\u12"), line(m="G\x01T"), line(m="A" * 100),
+    line(url="\\ud800x"), line(date="x"), line(sid="99999999999999999999"),
+])
+def test_parse_line_refuses_garbage(data):
+    with pytest.raises((ValueError, KeyError, UnicodeDecodeError, OverflowError)):
+        parse_line(data)
+
+
+def test_log_reader_counts_garbage_and_keeps_reading(tmp_path):
+    got = []
+    reader = LogReader(tmp_path / "log.sock", got.extend)
+    reader.ensure()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            for data in (b"junk", line(), b"\x00" * 9000, line(st="403", ok="0")):
+                s.sendto(data, str(tmp_path / "log.sock"))
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [r.status for r in got] == [200, 403]
+        assert reader.stats() == {"received": 4, "garbled": 2, "sink_errors": 0}
+        assert dict(reader.requests) == {("FORWARDED", 200): 1, ("DROPPED", 403): 1}
+    finally:
+        reader.stop()
+    assert not (tmp_path / "log.sock").exists()
+
+
+def test_l7_table_never_returns_another_rows_part():
+    t = L7Table(2)
+    info = L7Info("REQUEST", 0, "GET", "/", "h", "HTTP/1.1", 0, ())
+    a = t.add(info)
+    b = t.add(info._replace(path="/b"))
+    c = t.add(info._replace(path="/c"))        # overwrites a's slot
+    assert t.get(a) is None and t.get(b).path == "/b" and t.get(c).path == "/c"
+    assert t.get(0) is None
+
+
+API_L7 = ("{endpointSelector: {matchLabels: {app: api}}, ingress: [{fromEndpoints: "
+          "[{matchLabels: {app: web}}], toPorts: [{ports: [{port: '8080', protocol: TCP}], "
+          "rules: {http: [{method: GET, path: '/api/.*'}, {method: POST, path: /submit, "
+          "headers: ['X-Token: s3cret']}, {path: /h, host: 'api\\.example'}]}}]}, "
+          "{fromEndpoints: [{matchLabels: {app: ops}}], toPorts: [{ports: [{port: '8080', "
+          "protocol: TCP}]}]}]}")
+
+
+@pytest.fixture
+def source(tmp_path):
+    api = inprocess_agent(str(tmp_path))
+    for name, ip, app in (("web1", "10.0.0.1", "web"), ("api1", "10.0.0.2", "api")):
+        api.add_endpoint({"name": name, "interface": f"v{name}", "ips": [ip], "labels": {"app": app}})
+    api.put_policies([{"name": "api.yaml", "text": "apiVersion: cilium.io/v2\nkind: "
+                       "CiliumNetworkPolicy\nmetadata: {name: api}\nspec: " + API_L7}])
+    api.agent.dp.policy_names = lambda *ids: ()   # the recording datapath has no table
+    fs = FlowSource(api.agent)
+    fs.refresh(force=True)
+    yield api, fs
+    api.agent.stop()
+
+
+def test_records_become_request_and_response_flows(source):
+    api, fs = source
+    eps = {e["name"]: e for e in api.list_endpoints()}
+    web, srv = eps["web1"]["identity"], eps["api1"]["identity"]
+    recs = [parse_line(line(sid=str(web), did=str(srv))),
+            parse_line(line(sid=str(web), did=str(srv), m="DELETE", ok="0", st="403", tr="-1"))]
+    assert fs.add_l7(recs) == 4
+    flows = fs.query({})["flows"]
+    req, resp = flows[0], flows[1]
+    assert req["l7"] == {"type": "REQUEST", "latency_ns": 0, "http": {
+        "method": "GET", "url": 'http://api/api/x?q="1"', "protocol": "HTTP/1.1", "code": 0,
+        "headers": [{"key": "host", "value": "api"}, {"key": "user-agent", "value": "curl\t7"}]}}
+    assert resp["l7"]["type"] == "RESPONSE" and resp["l7"]["http"]["code"] == 200
+    assert resp["l7"]["latency_ns"] > 0 and resp["is_reply"] and not req["is_reply"]
+    assert req["source"]["endpoint"]["name"] == "web1" and req["source"]["identity"] == web
+    assert resp["source"]["endpoint"]["name"] == "api1"
+    assert "static:app=web" in req["source"]["labels"]
+    assert req["verdict"] == "FORWARDED" and req["policy"] == ["api"]
+    assert req["connection"] == "tcp 10.0.0.1:40000 -> 10.0.0.2:8080"
+    assert [f["verdict"] for f in flows[2:]] == ["DROPPED", "DROPPED"]
+    assert flows[2]["drop_reason"] == "policy_denied"
+
+    def sel(**criteria):
+        return [(f["l7"]["type"], f["l7"]["http"]["method"])
+                for f in fs.query({k: v if isinstance(v, list) else [v]
+                                   for k, v in criteria.items()})["flows"]]
+    assert sel(type="l7") == sel() and sel(type="trace") == [] and sel(type="drop") == []
+    assert sel(http_status="4+") == [("RESPONSE", "DELETE")]
+    assert sel(http_status="200") == [("RESPONSE", "GET")]
+    assert sel(http_method="delete") == [("REQUEST", "DELETE"), ("RESPONSE", "DELETE")]
+    assert len(sel(http_path="^/api/x")) == 4 and sel(http_path="nope") == []
+    assert len(sel(http_host="API")) == 4 and sel(http_host="other") == []
+    assert sel(not_http_method="GET", verdict="DROPPED") == [("REQUEST", "DELETE"), ("RESPONSE", "DELETE")]
+    # Hubble's shapes
+    pb = hubble.to_flow(resp)
+    assert pb["Type"] == "L7" and pb["event_type"] == {"type": 129}
+    assert pb["l7"]["type"] == "RESPONSE" and pb["l7"]["http"]["code"] == 200
+    assert pb["l7"]["latency_ns"] == str(resp["l7"]["latency_ns"])
+    assert pb["Summary"].startswith('HTTP/1.1 200 ')
+    assert "http-response FORWARDED (HTTP/1.1 200" in hubble.compact(resp)
+    json.dumps(pb)
+
+
+def test_bad_request_flows_use_the_ipcache_identity(source):
+    api, fs = source
+    web = {e["name"]: e for e in api.list_endpoints()}["web1"]["identity"]
+    fs.add_l7([parse_line(line(sid="-", did="-", rs="-", ok="-", m="<BADREQ>", hv="<BADREQ>",
+                               url="-", host="-", ua="-", st="400"))])
+    req = fs.query({})["flows"][0]
+    assert req["verdict"] == "DROPPED" and req["drop_reason"] == "invalid"
+    assert req["source"]["identity"] == web and req["l7"]["http"]["method"] == ""
+
+
+@pytest.mark.parametrize("criteria, field", [
+    ({"type": ["l8"]}, "type"), ({"http_status": ["2xx"]}, "http_status"),
+    ({"http_status": ["600"]}, "http_status"), ({"http_path": ["("]}, "http_path"),
+    ({"http_path": ["a" * 2000]}, "http_path"),
+])
+def test_bad_l7_filters_refused(criteria, field):
+    with pytest.raises(InvalidRequest) as info:
+        FlowFilter.parse(criteria)
+    assert field in str(info.value)
+
+
+def test_plain_flows_have_no_l7_part():
+    ring = FlowRing(4)
+    row = (1, 0, 1, 2, 0, 0, 0, 60, b"\0" * 16, b"\0" * 16, 1, 2, 0, 0, 0, 4, 6, 2, 0, 0, 0, 0, 0)
+    ring.append_rows([row])
+    assert "l7" not in ring.to_dict(ring.rows()[0])
+    assert FlowFilter.parse({"type": ["trace"]}).select(ring) and \
+        not FlowFilter.parse({"http_method": ["GET"]}).select(ring)
+
+
+# trace ----------------------------------------------------------------------------------
+
+def _trace(src="app=web", **http):
+    t = Tracer([policy(API_L7)])
+    return t.trace(parse_sel(src), parse_sel("app=api"), 6, 8080, http_request(**http))
+
+
+def test_trace_by_http_rules():
+    assert _trace(method="GET", path="/api/x")["verdict"] == "allow"
+    ok = _trace(method="GET", path="/api/x")["ingress"]["http"]
+    assert ok["matched"] == {"method": "GET", "path": "/api/.*"} and len(ok["rules"]) == 3
+    no = _trace(method="DELETE", path="/api/x")
+    assert no["verdict"] == "deny" and "403" in no["ingress"]["reason"]
+    assert no["ingress"]["http"]["matched"] is None
+    assert _trace(method="GET", path="/api")["verdict"] == "deny"            # whole path
+    assert _trace(method="POST", path="/submit")["verdict"] == "deny"         # header missing
+    assert _trace(method="POST", path="/submit", headers=["x-token: s3cret"])["verdict"] == "allow"
+    assert _trace(method="POST", path="/submit", headers=["X-Token: no"])["verdict"] == "deny"
+    assert _trace(method="PUT", path="/h", host="api.example")["verdict"] == "allow"
+    assert _trace(method="PUT", path="/h", host="evil")["verdict"] == "deny"
+
+
+def test_trace_without_request_lists_rules_and_l4_peer_passes():
+    plain = _trace()
+    assert plain["verdict"] == "allow" and plain["ingress"]["http"]["enforced"]
+    assert "give a request" in plain["ingress"]["reason"]
+    ops = _trace(src="app=ops", method="DELETE", path="/anything")
+    assert ops["verdict"] == "allow" and ops["ingress"]["http"]["matched"] == {}
+
+
+def test_trace_http_on_a_port_without_rules():
+    t = Tracer([policy(API_L7)])
+    r = t.trace(parse_sel("app=web"), parse_sel("app=api"), 6, 9090,
+                http_request(method="GET"))
+    assert r["verdict"] == "deny"   # L4 denies first; no http part
+    assert "http" not in r["ingress"]
+
+
+def test_http_request_refuses_a_header_without_name():
+    with pytest.raises(ValueError):
+        http_request(headers=[": x"])
+    assert http_request() is None
+
+
+def test_human_output_escapes_what_clients_sent(source):
+    from stockade.cli.observe import format_line
+    _api, fs = source
+    fs.add_l7([parse_line(line(url="\\/x\\u001b[2J\\u0007"))])
+    for f in fs.query({})["flows"]:
+        assert f["l7"]["http"]["url"] == "http://api/x\x1b[2J\x07"    # the data, as sent
+        for text in (format_line(f, False), hubble.compact(f), hubble.to_flow(f)["Summary"]):
+            assert "\x1b" not in text and "\x07" not in text and "\\x1b[2J" in text
+
+
+def test_a_refused_request_leaves_its_connection_forwarded():
+    from stockade.flows import connections
+    syn = {"connection": "tcp a:1 -> b:2", "verdict": "FORWARDED", "is_reply": False}
+    req = {**syn, "verdict": "DROPPED", "l7": {"type": "REQUEST"}}
+    assert connections([syn, req]) == [syn] and connections([req, syn]) == [syn]
+    assert connections([req]) == [req]
+
+
+def test_rule_descriptions_show_http_rules():
+    from stockade.policy.describe import policy_lines
+    lines = policy_lines([policy(API_L7)])
+    assert any("8080/TCP (HTTP: GET /api/.*; POST /submit header X-Token: s3cret; "
+               "/h host api\\.example)" in line for line in lines), lines
