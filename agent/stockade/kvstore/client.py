@@ -42,7 +42,7 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KV:
     key: bytes
     value: bytes
@@ -50,7 +50,7 @@ class KV:
     lease: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     kind: str            # "put" | "delete"
     key: bytes
@@ -307,9 +307,14 @@ class Watch:
         for ev in resp.events:
             out.append(Event("delete" if ev.type == 1 else "put", ev.kv.key, ev.kv.value,
                              ev.kv.mod_revision))
-        if resp.header.revision:
-            self.revision = max(self.revision, resp.header.revision if not out else
-                                out[-1].revision)
+        # What was delivered up to: the last event's revision, or a progress answer's
+        # header (etcd answers progress only once the watcher has caught up). A created
+        # answer's header is the store's revision while the events since start_revision
+        # may still be on their way: resuming from it would skip them.
+        if out:
+            self.revision = max(self.revision, out[-1].revision)
+        elif resp.header.revision and not resp.created:
+            self.revision = max(self.revision, resp.header.revision)
         self.last_response = time.monotonic()
         return out
 
