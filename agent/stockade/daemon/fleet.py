@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
 import sys
 import threading
 import time
@@ -27,7 +28,6 @@ from ..policy.labels import LabelSet
 from .changes import KvstorePersist, KvstoreSync
 from .endpoints import parse_labels
 from .state import RemoteRecord
-from .txn import host_prefix
 
 log = logging.getLogger("stockade.fleet")
 # kvstore.json (a cache of the view for a restart without etcd) is written by a change of
@@ -41,6 +41,19 @@ MAX_LABELSETS = 65536     # distinct label sets kept parsed (one object shared b
 
 def _net(text: str):
     return ipaddress.ip_network(text, strict=False)
+
+
+def _address(text: str):
+    """``text`` as an address, its canonical text and host prefix; ValueError if it is
+    none. A re-list works this out for every key: inet_pton takes only the canonical
+    dotted quad and is many times faster than ipaddress's parser."""
+    try:
+        addr = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+        return addr, text, f"{text}/32"
+    except OSError:
+        addr = ipaddress.ip_address(text)
+        canonical = str(addr)
+        return addr, canonical, f"{canonical}/{addr.max_prefixlen}"
 
 
 class _Published:
@@ -99,7 +112,8 @@ class FleetSource:
         self.publisher.start()
         self.mirror.start()
         for fn, name in ((self._apply_loop, "stockade-fleet-apply"),
-                         (self._local_loop, "stockade-fleet-publish")):
+                         (self._local_loop, "stockade-fleet-publish"),
+                         (self._probe_loop, "stockade-fleet-probe")):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -169,13 +183,24 @@ class FleetSource:
             self._queue.append(("events", events))
             self._cv.notify()
 
+    def _probe_loop(self) -> None:
+        """``endpoints_reachable`` every TTL/3, on a thread of its own: a member that
+        accepts connections but does not answer yet (starting, catching up) holds each
+        probe up to a second, which must not hold up applying the store's changes."""
+        while not self._stop.is_set():
+            try:
+                self.reachable = self.client.probe()
+            except Exception:  # noqa: BLE001 - a probe that fails counts nothing reachable
+                log.exception("fleet: probing the etcd endpoints failed")
+                self.reachable = 0
+            self._stop.wait(max(1.0, self.ttl / 3))
+
     def _apply_loop(self) -> None:
         """Until stopped, whatever one round raises: a dead thread would leave the
         mirror frozen with status still saying connected."""
-        next_probe = 0.0
         while not self._stop.is_set():
             try:
-                next_probe = self._apply_round(next_probe)
+                self._apply_round()
             except Exception as exc:  # noqa: BLE001 - logged, shown in status, next round
                 log.exception("fleet: applying the store's changes failed")
                 self.agent.error(f"fleet store: applying its changes failed: {exc!r}; "
@@ -183,23 +208,19 @@ class FleetSource:
                 self.mirror.reconnect()    # what the failed round held comes back listed
                 self._stop.wait(0.5)
 
-    def _apply_round(self, next_probe: float) -> float:
+    def _apply_round(self) -> None:
         with self._cv:
             if not self._queue:
                 self._cv.wait(timeout=0.25)
             batch = list(self._queue)
             self._queue.clear()
         now = time.monotonic()
-        if now >= next_probe:
-            self.reachable = self.client.probe()
-            next_probe = now + max(1.0, self.ttl / 3)
         if batch:
             self._apply(batch)
         since = self._unsaved_since
         if since is not None and (not batch and now - self.last_change >= PERSIST_QUIET or
                                   now - since >= PERSIST_LATEST):
             self._submit(KvstorePersist())
-        return next_probe
 
     def _key(self, key: bytes) -> tuple[str, ...] | None:
         """``endpoints/<host>/<ip>`` -> ("endpoints", host, ip), etc.; None: not ours."""
@@ -247,12 +268,12 @@ class FleetSource:
             if ip == "*":
                 continue
             try:
-                prefix = host_prefix(ip)
+                addr, canonical, prefix = _address(ip)
             except ValueError:
                 for host in self.ep_hosts.get(ip, ()):
                     self._refuse(f"endpoints/{host}/{ip}", "not an IP address")
                 continue
-            rec = self._record(ip)
+            rec = self._record(ip, addr, canonical, prefix)
             if rec is None:
                 if prefix in self.records:
                     deletes.append(prefix)
@@ -356,24 +377,23 @@ class FleetSource:
             self._refuse(f"nodes/{host}", f"not {{\"addresses\": [IP, ...]}}: {exc}")
             return []
 
-    def _own(self, ip) -> str | None:
+    def _own(self, ip, canonical: str | None = None) -> str | None:
         """Why ``ip`` cannot be another host's: it is this host's."""
-        if str(ip) in self.agent.state.meta.get("host_ips", ()):
+        if (canonical or str(ip)) in self.agent.state.meta.get("host_ips", ()):
             return "an address of this host"
         if any(ip in n for n in self.subnets.get(self.host) or []):
             return f"inside this host's subnets ({self.host})"
         return None
 
-    def _record(self, ip_text: str) -> RemoteRecord | None:
-        """What ``ip`` is, from every host that publishes it; refusals and conflicts noted."""
-        ip = ipaddress.ip_address(ip_text)
-        prefix = host_prefix(ip_text)
+    def _record(self, ip_text: str, ip, canonical: str, prefix: str) -> RemoteRecord | None:
+        """What ``ip`` (published as ``ip_text``) is, from every host that publishes it;
+        refusals and conflicts noted."""
         self.conflicts.pop(prefix, None)
         found: list[tuple[str, RemoteRecord]] = []
         for host in sorted(self.ep_hosts.get(ip_text, ())):
             what = f"endpoints/{host}/{ip_text}"
             self.refusals.pop(what, None)
-            rec, why = self._endpoint_cached(host, ip, ip_text)
+            rec, why = self._endpoint_cached(host, ip, ip_text, canonical)
             if why:
                 self._refuse(what, why)
             elif rec is not None:
@@ -381,7 +401,7 @@ class FleetSource:
         for host in sorted(self.addr_hosts.get(ip_text, ())):
             what = f"nodes/{host} {ip_text}"
             self.refusals.pop(what, None)
-            why = self._own(ip) or next((f"inside the subnets of {h}" for h, nets in
+            why = self._own(ip, canonical) or next((f"inside the subnets of {h}" for h, nets in
                                          self.subnets.items() if nets and any(ip in n for n in nets)), None)
             if why:
                 self._refuse(what, why)
@@ -392,7 +412,7 @@ class FleetSource:
                                       f"{found[0][0]}'s is used")
         return found[0][1] if found else None
 
-    def _endpoint_cached(self, host: str, ip, ip_text: str) -> tuple[RemoteRecord | None, str | None]:
+    def _endpoint_cached(self, host: str, ip, ip_text: str, canonical: str) -> tuple[RemoteRecord | None, str | None]:
         """``_endpoint``, parsed again only when the value, a host's subnets or this host's
         addresses changed (a re-list of an unchanged store parses nothing)."""
         pub = self.eps.get((host, ip_text))
@@ -403,7 +423,7 @@ class FleetSource:
             # one tuple per round, shared by every entry worked out in it
             epoch = self._epoch_key = (self._epoch, self.agent.state.meta.get("host_ips", ()))
         if pub.epoch != epoch:
-            pub.rec, pub.why = self._endpoint(host, ip, pub.value)
+            pub.rec, pub.why = self._endpoint(host, ip, pub.value, canonical)
             pub.epoch = epoch
         return pub.rec, pub.why
 
@@ -419,7 +439,7 @@ class FleetSource:
             found = self._labelsets[key] = parse_labels(labels, "unspec")
         return found
 
-    def _endpoint(self, host: str, ip, value: bytes | None) -> tuple[RemoteRecord | None, str | None]:
+    def _endpoint(self, host: str, ip, value: bytes | None, canonical: str | None = None) -> tuple[RemoteRecord | None, str | None]:
         if value is None:
             return None, None
         nets = self.subnets.get(host)
@@ -427,7 +447,7 @@ class FleetSource:
             return None, f"{host} has no valid subnets/{host}"
         if not any(ip in n for n in nets):
             return None, f"outside {host}'s subnets"
-        own = self._own(ip)
+        own = self._own(ip, canonical)
         if own:
             return None, own
         if len(value) > MAX_VALUE:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import grpc
@@ -42,16 +42,17 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
-@dataclass(frozen=True, slots=True)
-class KV:
+class KV(NamedTuple):
+    """One key as listed. Tuples: a listing makes one per key, and a tuple is the
+    cheapest object to make and hold."""
+
     key: bytes
     value: bytes
     mod_revision: int
     lease: int
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     kind: str            # "put" | "delete"
     key: bytes
     value: bytes
