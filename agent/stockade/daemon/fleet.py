@@ -390,12 +390,12 @@ class FleetSource:
         refusals and conflicts noted."""
         self.conflicts.pop(prefix, None)
         found: list[tuple[str, RemoteRecord]] = []
-        for host in sorted(self.ep_hosts.get(ip_text, ())):
-            what = f"endpoints/{host}/{ip_text}"
-            self.refusals.pop(what, None)
+        for host in self.ep_hosts.get(ip_text, ()):      # sorted (_add)
+            if self.refusals:
+                self.refusals.pop(f"endpoints/{host}/{ip_text}", None)
             rec, why = self._endpoint_cached(host, ip, ip_text, canonical)
             if why:
-                self._refuse(what, why)
+                self._refuse(f"endpoints/{host}/{ip_text}", why)
             elif rec is not None:
                 found.append((host, rec))
         for host in sorted(self.addr_hosts.get(ip_text, ())):

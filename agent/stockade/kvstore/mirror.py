@@ -9,12 +9,16 @@ check that gets no answer (a progress request every ``check_interval``, answered
 ``check_interval``) makes it watch again on the next endpoint from the last revision it
 saw + 1: etcd replays every event since, so nothing is missed and nothing is listed
 again. Only a compacted revision (those events are gone) or a ``reconnect()`` (the
-consumer lost what it was given) makes it list again. Retries back off from 0.05 s,
-doubling to 5 s.
+consumer lost what it was given) makes it list again.
+
+Retries: every 0.1 s (with jitter) for the first ``FAST_S`` seconds of a failure, the
+time etcd takes to elect a leader after losing one (members without a leader refuse new
+watches), then backing off from 0.2 s, doubling to 5 s.
 """
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Callable
@@ -24,6 +28,7 @@ from .client import KV, EtcdClient, Event
 from .errors import Compacted, KvstoreError
 
 log = logging.getLogger("stockade.kvstore")
+FAST_S, FAST_RETRY = 2.0, 0.1
 
 
 class _Relist(KvstoreError):
@@ -48,6 +53,7 @@ class Mirror:
         self.list_s = 0.0                  # how long its pages took
         self.last_error: str | None = None
         self.reconnects = 0
+        self._answered = False             # the current watch got an answer
         self.resumes = 0                   # watches started again without a listing
         self._stop = threading.Event()
         self._reconnect = threading.Event()
@@ -74,8 +80,9 @@ class Mirror:
             self.on_state(watching, error)
 
     def _run(self) -> None:
-        backoff = Backoff(first=0.05)
+        backoff = Backoff()
         listed = False
+        failing_since: float | None = None
         while not self._stop.is_set():
             try:
                 if not listed or self._reconnect.is_set():
@@ -98,7 +105,12 @@ class Mirror:
                 return
             self.reconnects += 1
             self.client.current = (self.client.current + 1) % len(self.client.endpoints)
-            self._stop.wait(backoff.next())
+            now = time.monotonic()
+            if failing_since is None or self._answered:
+                failing_since = now            # a new failure, not one more in a row
+            self._answered = False
+            fast = now - failing_since < FAST_S
+            self._stop.wait(FAST_RETRY * random.uniform(0.5, 1.5) if fast else backoff.next())
 
     def _list(self) -> None:
         self.list_started = time.monotonic()
@@ -127,6 +139,7 @@ class Mirror:
                         asked = now
                     continue
                 self.last_response, asked = now, None
+                self._answered = True
                 if not self.watching:
                     self._set(True, None)
                     backoff.reset()
