@@ -78,7 +78,17 @@ def _suffix(n: int) -> str:
     return f".{n}" if n else ""
 
 
+_LINE = json.JSONEncoder(sort_keys=True)
+
+
 def _encode(data) -> bytes:
+    """Indented JSON, a list one element a line: each line by the C encoder (indenting
+    makes json use its pure-Python one, which took about 1 s for a 20,000-entry
+    kvstore.json, under the agent's lock)."""
+    if isinstance(data, list):
+        if not data:
+            return b"[]\n"
+        return ("[\n" + ",\n".join(map(_LINE.encode, data)) + "\n]\n").encode()
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
 
