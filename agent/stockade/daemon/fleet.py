@@ -48,8 +48,7 @@ def _address(text: str):
     none. A re-list works this out for every key: inet_pton takes only the canonical
     dotted quad and is many times faster than ipaddress's parser."""
     try:
-        addr = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
-        return addr, text, f"{text}/32"
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text)), text, f"{text}/32"
     except OSError:
         addr = ipaddress.ip_address(text)
         canonical = str(addr)
@@ -64,7 +63,8 @@ class _Published:
     __slots__ = ("value", "epoch", "rec", "why")
 
     def __init__(self, value: bytes):
-        self.value, self.epoch = value, None
+        self.value = value
+        self.epoch: tuple | None = None
         self.rec: RemoteRecord | None = None
         self.why: str | None = None
 
