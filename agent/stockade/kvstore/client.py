@@ -25,7 +25,9 @@ from aetcd import rpc
 
 from .errors import Compacted, KvstoreError, LeaseNotFound, PermissionDenied, Unavailable
 
-PAGE = 1000
+# Keys per range request of a listing: about 1 MB of endpoint records a page; 100,000
+# keys listed in about half the time pages of 1,000 took (round trips)
+PAGE = 5000
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
           grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 # Watch streams are cancelled by a member that loses its leader (etcd's WithRequireLeader).

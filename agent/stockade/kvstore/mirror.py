@@ -24,7 +24,7 @@ import time
 from typing import Callable
 
 from .backoff import Backoff
-from .client import KV, EtcdClient, Event
+from .client import KV, PAGE, EtcdClient, Event
 from .errors import Compacted, KvstoreError
 
 log = logging.getLogger("stockade.kvstore")
@@ -39,7 +39,7 @@ class Mirror:
     def __init__(self, client: EtcdClient, prefix: bytes, *,
                  on_listing: Callable[[list[KV], int], None],
                  on_events: Callable[[list[Event]], None],
-                 check_interval: float = 5.0, page: int = 1000,
+                 check_interval: float = 5.0, page: int = PAGE,
                  on_state: Callable[[bool, str | None], None] | None = None):
         self.client, self.prefix, self.page = client, prefix, page
         self.on_listing, self.on_events, self.on_state = on_listing, on_events, on_state
