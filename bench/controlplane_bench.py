@@ -42,7 +42,8 @@ from bench.datapath_bench import SERVER_APP, SUBNET, peer_ip, MAX_IDS, BASE_PORT
 from agentproc import STOCKADE, AgentProcess  # noqa: E402
 from netns import Topology  # noqa: E402
 
-APPLY_NS = (10, 1000, 10000)
+APPLY_NS = (10, 10000, 100000)
+CHANGE_AT = 100000
 REPEAT = 3
 
 
@@ -73,8 +74,11 @@ def bench_apply() -> dict:
             srv = topo.add_workload("s", [f"{SUBNET}.1/24"])
             with AgentProcess(managed_bridges=[], managed_interfaces=[]) as agent:
                 c = agent.client
-                for label, ip, _ in layout(max(APPLY_NS)):
-                    c.add_ipcache(f"{ip}/32", {"bench-peer": label}, "bench-peer-host")
+                entries = [{"prefix": f"{ip}/32", "labels": {"bench-peer": label},
+                            "host": "bench-peer-host"} for label, ip, _ in layout(max(APPLY_NS))]
+                for i in range(0, len(entries), 5000):
+                    c.add_ipcache_entries(entries[i:i + 5000])
+                out["cli_status_s"] = cli_status(agent)
                 c.add_endpoint(name="bench-server", interface=srv.host_if, ips=[srv.ip4],
                                labels={"app": SERVER_APP})
                 base = pinned_map_count(f"{agent.settings['bpffs_dir']}/policy")
@@ -110,23 +114,37 @@ def bench_apply() -> dict:
                         remove_netfilter(srv.ns)
                     out["n"][str(n)] = {k: round(median(v), 4) for k, v in res.items()}
                     out["n"][str(n)]["entries"] = len(pairs)
-                big = out["n"][str(max(APPLY_NS))]
+                mid = out["n"]["10000"]
                 out["import_vs_iptables_10000"] = round(
-                    big["stockade_import_s"] / big["iptables_restore_s"], 2)
-                out["one_rule_change_at_10000"] = one_rule_change(agent, srv, tmp)
+                    mid["stockade_import_s"] / mid["iptables_restore_s"], 2)
+                out["api_vs_iptables_10000"] = round(
+                    mid["stockade_api_s"] / mid["iptables_restore_s"], 2)
+                out["one_rule_change_at_100000"] = one_rule_change(agent, srv, tmp)
                 remove_netfilter(srv.ns)
     finally:
         rmtree(tmp)
     return out
 
 
+def cli_status(agent, times: int = 10) -> float:
+    """Median wall time of ``stockade status`` (a new process each time)."""
+    got = []
+    for _ in range(times):
+        t = time.perf_counter()
+        subprocess.run([*STOCKADE, "status"], capture_output=True, timeout=30,
+                       env={**os.environ, "STOCKADE_SOCKET": agent.socket})
+        got.append(time.perf_counter() - t)
+    return round(median(got), 4)
+
+
 def one_rule_change(agent, srv, tmp) -> dict:
-    lay = layout(10000)
+    lay = layout(CHANGE_AT)
     pairs = [(ip, p) for _, ip, ports in lay for p in ports]
-    agent.client.put_policies([os.path.join(tmp, "bench-10000.yaml")], replace_all=True)
+    agent.client.put_policies([os.path.join(tmp, f"bench-{CHANGE_AT}.yaml")], replace_all=True)
     nsrun(srv.ns, "iptables-restore", input=iptables_rules(pairs))
     nft_tab = nft_rules(pairs)
-    res = {"stockade_import_s": [], "iptables_R_s": [], "iptables_restore_s": [], "nft_s": []}
+    res = {"stockade_import_s": [], "stockade_api_s": [], "iptables_R_s": [],
+           "iptables_restore_s": [], "nft_s": []}
     label, ip, ports = lay[0]
     for k in range(REPEAT):
         # Alternate between the original and a changed first port of peer p0.
@@ -136,6 +154,14 @@ def one_rule_change(agent, srv, tmp) -> dict:
         with open(one, "w") as f:
             f.write(stockade_policies([(label, new_ports)], SERVER_APP))
         res["stockade_import_s"].append(stockade_import(agent, one))
+        with open(one, "w") as f:                 # and back, over the API alone
+            f.write(stockade_policies([(label, ports)], SERVER_APP))
+        t = time.perf_counter()
+        agent.client.put_policies([one])
+        res["stockade_api_s"].append(time.perf_counter() - t)
+        with open(one, "w") as f:
+            f.write(stockade_policies([(label, new_ports)], SERVER_APP))
+        agent.client.put_policies([one])
         # iptables: rule 3 is p0's first port (1: ct state, 2: lo).
         res["iptables_R_s"].append(ns_timed(
             srv.ns, "iptables", "-R", "INPUT", "3", "-s", f"{ip}/32", "-p", "tcp", "-m", "tcp",
@@ -260,7 +286,7 @@ spec:
 
 
 # ------------------------------------------------------------------ rss
-def bench_rss(n_eps: int = 1000, ports_each: int = 10) -> dict:
+def bench_rss(n_eps: int = 1000, ports_each: int = 100) -> dict:
     prefix = f"sk{os.getpid()}"
     ns = f"{prefix}ep"
     made_links: list[str] = []

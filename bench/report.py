@@ -94,6 +94,11 @@ TARGETS = {
         ("tcx mode, same removals: denied probes that reached the receiver, total",
          "tcx_leaked_total", "", "0", lambda v: v == 0),
     ],
+    "webui": [
+        ("web UI, slowest page's median, 1,000 identities", "worst_median_ms", "ms", "< 500 ms",
+         lambda v: v < 500),
+        ("web UI, slowest page's p95", "worst_p95_ms", "ms", "-", None),
+    ],
     "loader": [
         ("100,000-entry file (10,000 documents): load as before (PyYAML CSafeLoader), CPU",
          "bench_file.before_cpu_s", "s", "-", None),
@@ -233,7 +238,17 @@ def bpfcost_detail(data: dict) -> str:
                               f"median of {data.get('rounds')} interleaved rounds." if base else "")
 
 
+def webui_detail(data: dict) -> str:
+    rows = ["| page | median ms | p95 ms | bytes | < 500 ms |", "|---|---|---|---|---|"]
+    for path, p in data.get("pages", {}).items():
+        met = "yes" if p["median_ms"] < data.get("target_ms", 500) else "**no**"
+        rows.append(f"| `{path}` | {p['median_ms']} | {p['p95_ms']} | {p['bytes']:,} | {met} |")
+    return "\n".join(rows) + (f"\n\n{data.get('identities')} workload identities, "
+                              f"{data.get('policies')} policies, {data.get('rounds')} timed requests a page.")
+
+
 DETAILS = {
+    "webui-detail": ("webui", webui_detail),
     "loader-detail": ("loader", loader_detail),
     "profile": ("profile", profile_detail),
     "bpfcost": ("bpfcost", bpfcost_detail),

@@ -23,6 +23,7 @@ BENCHES = {
     "profile": "bench.profile",
     "loader": "bench.policy_fuzz_bench",
     "attach": "bench.attach_bench",
+    "webui": "bench.webui_bench",
 }
 # Seconds a module may run; its own cap is below this (the loader fuzz stops at 30 min).
 TIMEOUTS = {"loader": 2400}

@@ -15,7 +15,7 @@ from stockade.policy.mapstate import Delta, DirectionPolicy, Entry, Key
 
 
 class RecordingDatapath:
-    def __init__(self, policy_max: int = 65536):
+    def __init__(self, policy_max: int = 262144):
         self.policy: dict[Key, Entry] = {}
         self.flags: dict[tuple[int, int], DirectionPolicy] = {}
         self.ipcache: dict[str, int] = {}

@@ -74,6 +74,13 @@ def test_matrix_for_one_port_and_paging(api):
     assert cell(api.matrix({"port": "5433/tcp"}), api.ids["web"], api.ids["db"])["verdict"] == "default-deny"
     page = api.matrix({"limit": "2", "offset": "1"})
     assert len(page["rows"]) == 2 and page["total"] == len(api.matrix({})["identities"])
+    full = api.matrix({})
+    cols = api.matrix({"dst_offset": "1", "dst_limit": "2"})
+    assert [[c["dst"] for c in r["cells"]] for r in cols["rows"]] == \
+        [[c["dst"] for c in r["cells"][1:3]] for r in full["rows"]]
+    assert (cols["dst_offset"], cols["dst_limit"], full["dst_limit"]) == (1, 2, None)
+    with pytest.raises(InvalidRequest):
+        api.matrix({"dst_limit": "0"})
     only = api.matrix({"label": "app=db"})
     assert [i["name"] for i in only["identities"]] == ["app=db"]
     with pytest.raises(InvalidRequest):

@@ -54,6 +54,7 @@ ACCESS = {
     ("GET", "/v1/identities"): READ,
     ("GET", "/v1/ipcache"): READ,
     ("POST", "/v1/ipcache"): CHANGE,
+    ("PATCH", "/v1/ipcache"): CHANGE,
     ("DELETE", "/v1/ipcache/{prefix}"): CHANGE,
     ("GET", "/v1/policies"): READ,
     ("PUT", "/v1/policies"): DRY_RUN,
@@ -68,7 +69,7 @@ ACCESS = {
     ("GET", "/v1/matrix"): READ,
     ("POST", "/v1/review"): READ,
 }
-BODY_ROUTES = {("POST", "/v1/endpoints"), ("POST", "/v1/ipcache"), ("PUT", "/v1/policies"),
+BODY_ROUTES = {("POST", "/v1/endpoints"), ("POST", "/v1/ipcache"), ("PATCH", "/v1/ipcache"), ("PUT", "/v1/policies"),
                ("PUT", "/v1/services"), ("POST", "/v1/review")}
 LIMITS = Limits()
 SCHEMA = ApiSchema()

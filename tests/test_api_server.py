@@ -428,12 +428,12 @@ def test_matrix_pages_and_defaults(http, agent):
                                           "ips": [f"10.0.0.{5 + i}"], "labels": {"app": "web", "n": str(i)}})
     r = http.get("/v1/matrix")
     assert r.status_code == 200 and (r.json()["offset"], r.json()["limit"]) == (0, 100)
-    assert ("matrix", {"offset": 0, "limit": 100, "cidrs": False}) in agent.calls
+    assert ("matrix", {"offset": 0, "limit": 100, "dst_offset": 0, "cidrs": False}) in agent.calls
     r = http.get("/v1/matrix", params={"label": "app=web", "offset": "1", "limit": "2",
                                        "port": "80/tcp"})
     m = r.json()
     assert len(m["rows"]) == 2 and m["total"] >= 3 and m["offset"] == 1
-    assert ("matrix", {"label": "app=web", "port": "80/tcp", "offset": 1, "limit": 2,
+    assert ("matrix", {"label": "app=web", "port": "80/tcp", "offset": 1, "limit": 2, "dst_offset": 0,
                        "cidrs": False}) in agent.calls
 
 

@@ -60,6 +60,25 @@ def test_client_round_trip(sock, policy_file):
         assert any(i["kind"] == "reserved" for i in c.identities())
 
 
+def test_client_ipcache_entries_in_one_transaction(sock):
+    entries = [{"prefix": f"10.3.{i // 250}.{i % 250 + 1}", "labels": {"app": f"p{i % 7}"},
+                "host": "h2"} for i in range(600)]
+    with Client(sock) as c:
+        assert c.add_ipcache_entries(entries) == {"entries": 600, "changed": 600}
+        got = {e["prefix"]: e for e in c.ipcache() if e["source"] == "remote"}
+        assert set(got) == {f"{e['prefix']}/32" for e in entries}
+        assert len({got[f"10.3.0.{k + 1}/32"]["identity"] for k in range(7)}) == 7
+        assert c.add_ipcache_entries(entries[:5]) == {"entries": 5, "changed": 0}
+        bad = [*entries[:3], {"prefix": "10.4.0.1", "labels": {"app": "x"}},
+               {"prefix": "not-an-ip", "labels": {"app": "x"}}]
+        with pytest.raises(APIError) as info:
+            c.add_ipcache_entries(bad)
+        assert info.value.status == 400 and info.value.field.startswith("entries[4]")
+        assert not any(e["prefix"] == "10.4.0.1/32" for e in c.ipcache())   # all or nothing
+        with pytest.raises(APIError):
+            c._json("PATCH", "/v1/ipcache", json={"entries": "x"})
+
+
 def test_client_api_error_carries_the_body(sock):
     with Client(sock) as c, pytest.raises(APIError) as info:
         c.put_policies([{"name": "x.yaml", "text": "kind: Nope"}])
@@ -72,7 +91,7 @@ def test_client_unreachable(tmp_path):
     with Client(path) as c, pytest.raises(AgentUnreachable) as info:
         c.health()
     assert str(info.value).startswith(f"cannot reach the agent at {path}: ")
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the socket is missing
 
 
 def test_client_unreadable_policy_file(tmp_path):

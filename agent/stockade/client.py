@@ -4,32 +4,35 @@
      ├── PolicyErrors             put_policies() could not read a policy file it was given
      └── ClientError              a call did not succeed
           ├── AgentUnreachable    no answer: the socket is missing, refused, timed out or
-          │                       the reply was not HTTP (any httpx.TransportError)
+          │                       the reply was not HTTP
           └── APIError            the agent answered with an error status; ``status``,
                                   ``field`` and ``errors`` come from its error body and
                                   ``str()`` is the agent's message
 
-httpx exceptions never leave this module: they are translated here with ``raise ...
-from exc``, so the original stays attached as ``__cause__``.
-
-Tests and in-process users pass ``transport=`` (an ``httpx.MockTransport``, or any
-``httpx.BaseTransport``) instead of a socket path.
+The agent's unix socket is spoken to with the standard library's http.client (importing
+httpx costs more than the whole of ``stockade status`` may take). Tests and in-process
+users pass ``transport=`` (an ``httpx.MockTransport``, or any ``httpx.BaseTransport``)
+instead of a socket path; httpx is imported only then. Transport exceptions never leave
+this module: they are translated here with ``raise ... from exc``, so the original stays
+attached as ``__cause__``.
 
     with Client() as c:                       # $STOCKADE_SOCKET or /run/stockade/agent.sock
         c.put_policies(["web.yaml"], dry_run=True)["diff"]
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-from urllib.parse import quote
-
-import httpx
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from urllib.parse import quote, urlencode
 
 from .errors import PolicyError, PolicyErrors, StockadeError
-from .policy.api.safeload import ReadError, read_file
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_SOCKET = "/run/stockade/agent.sock"
 DEFAULT_TIMEOUT = 30.0
@@ -65,16 +68,92 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+class _Reply:
+    """What the client reads of an answer (the part of httpx.Response it uses)."""
+
+    def __init__(self, status_code: int, reason_phrase: str, content: bytes):
+        self.status_code, self.reason_phrase, self.content = status_code, reason_phrase, content
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float | None):
+        super().__init__("stockade", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixHTTP:
+    """HTTP/1.1 to the agent's socket, one connection per request."""
+
+    def __init__(self, socket_path: str, timeout: float):
+        self.socket_path, self.timeout = socket_path, timeout
+
+    def open(self, method: str, target: str, body: Any, read_timeout: float | None
+             ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        """Raises OSError (TimeoutError when it timed out) or http.client.HTTPException."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, target, body=data, headers=headers)
+            if conn.sock is not None:
+                conn.sock.settimeout(read_timeout)
+            return conn, conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+
+    def request(self, method: str, target: str, body: Any) -> _Reply:
+        conn, resp = self.open(method, target, body, self.timeout)
+        try:
+            return _Reply(resp.status, resp.reason, resp.read())
+        finally:
+            conn.close()
+
+
+def _target(path: str, params: dict | list | None) -> str:
+    return f"{path}?{urlencode(params)}" if params else path
+
+
 class Client:
     def __init__(self, socket_path: str | None = None, transport: httpx.BaseTransport | None = None,
                  timeout: float = DEFAULT_TIMEOUT):
         self.socket_path = socket_path or default_socket()
         self.where = self.socket_path if transport is None else "(in-process transport)"
-        self._http = httpx.Client(transport=transport or httpx.HTTPTransport(uds=self.socket_path),
-                                  base_url="http://stockade", timeout=timeout)
+        self._unix = _UnixHTTP(self.socket_path, timeout) if transport is None else None
+        self._http: Any = None
+        if transport is not None:
+            import httpx
+
+            self._http = httpx.Client(transport=transport, base_url="http://stockade",
+                                      timeout=timeout)
 
     def close(self) -> None:
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -83,24 +162,35 @@ class Client:
         self.close()
 
     # ---------------------------------------------------------------- plumbing
+    def _unreachable(self, exc: Exception, timed_out: bool) -> AgentUnreachable:
+        if timed_out:
+            return AgentUnreachable(f"the agent at {self.where} did not answer in time: {exc}")
+        return AgentUnreachable(f"cannot reach the agent at {self.where}: {exc}")
+
     def _request(self, method: str, path: str, *, params: dict | list | None = None,
-                 json: Any = None) -> httpx.Response:
+                 json: Any = None) -> _Reply:
         if isinstance(params, dict):
             params = {k: ("true" if v is True else "false" if v is False else v)
                       for k, v in params.items() if v is not None}
-        try:
-            resp = self._http.request(method, path, params=params or None, json=json)
-        except httpx.TimeoutException as exc:
-            raise AgentUnreachable(f"the agent at {self.where} did not answer in time: "
-                                   f"{exc}") from exc
-        except httpx.TransportError as exc:
-            raise AgentUnreachable(f"cannot reach the agent at {self.where}: {exc}") from exc
+        if self._unix is not None:
+            try:
+                resp = self._unix.request(method, _target(path, params), json)
+            except (OSError, http.client.HTTPException) as exc:
+                raise self._unreachable(exc, isinstance(exc, TimeoutError)) from exc
+        else:
+            import httpx
+
+            try:
+                r = self._http.request(method, path, params=params or None, json=json)
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc, isinstance(exc, httpx.TimeoutException)) from exc
+            resp = _Reply(r.status_code, r.reason_phrase, r.content)
         if resp.is_success:
             return resp
         raise self._api_error(resp)
 
     @staticmethod
-    def _api_error(resp: httpx.Response) -> APIError:
+    def _api_error(resp: _Reply) -> APIError:
         try:
             err = resp.json()["error"]
             if not isinstance(err, dict) or not isinstance(err.get("message"), str):
@@ -153,6 +243,11 @@ class Client:
         return self._json("POST", "/v1/ipcache",
                           json={"prefix": prefix, "labels": labels, "host": host})
 
+    def add_ipcache_entries(self, entries: list[dict]) -> dict:
+        """Many ``{"prefix", "labels", "host", "node"}`` in one transaction:
+        {"entries": given, "changed": n}."""
+        return self._json("PATCH", "/v1/ipcache", json={"entries": list(entries)})
+
     def remove_ipcache(self, prefix: str) -> None:
         self._request("DELETE", f"/v1/ipcache/{_segment(prefix)}")
 
@@ -167,6 +262,8 @@ class Client:
             if isinstance(f, dict):
                 body.append({"name": f["name"], "text": f["text"]})
                 continue
+            from .policy.api.safeload import ReadError, read_file
+
             try:
                 body.append({"name": str(f), "text": read_file(Path(f))})
             except OSError as exc:
@@ -188,12 +285,14 @@ class Client:
 
     def matrix(self, *, label: str | None = None, port: str | None = None,
                offset: int | None = None, limit: int | None = None,
+               dst_offset: int | None = None, dst_limit: int | None = None,
                cidrs: bool | str | None = None) -> dict:
         if isinstance(cidrs, str):
             cidrs = cidrs.lower() == "true"
         return self._json("GET", "/v1/matrix", params={"label": label, "port": port,
                                                         "offset": offset, "limit": limit,
-                                                        "cidrs": cidrs})
+                                                        "dst_offset": dst_offset,
+                                                        "dst_limit": dst_limit, "cidrs": cidrs})
 
     def review(self, files: Iterable[str | os.PathLike | dict], *, replace_all: bool = False) -> dict:
         """The agent's plan of a proposed policy set, discarded: never changes anything."""
@@ -245,12 +344,35 @@ class Client:
         """Flows as the agent decodes them (after the ``last`` newest matches, if given),
         until the caller stops iterating or the agent goes away. Same filters as flows()."""
         params = self._flow_params({**filters, "follow": True})
+        if self._unix is None:
+            yield from self._follow_httpx(params)
+            return
+        try:
+            conn, resp = self._unix.open("GET", _target("/v1/flows", params), None, None)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc, isinstance(exc, TimeoutError)) from exc
+        try:
+            if not 200 <= resp.status < 300:
+                raise self._api_error(_Reply(resp.status, resp.reason, resp.read()))
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+        except (OSError, http.client.HTTPException) as exc:
+            raise AgentUnreachable(f"flow stream from the agent at {self.where} ended: "
+                                   f"{exc}") from exc
+        finally:
+            conn.close()
+
+    def _follow_httpx(self, params: list) -> Iterator[dict]:
+        import httpx
+
         try:
             with self._http.stream("GET", "/v1/flows", params=params,
                                    timeout=httpx.Timeout(None, connect=self._http.timeout.connect)) as resp:
                 if not resp.is_success:
                     resp.read()
-                    raise self._api_error(resp)
+                    raise self._api_error(_Reply(resp.status_code, resp.reason_phrase,
+                                                 resp.content))
                 for line in resp.iter_lines():
                     if line.strip():
                         yield json.loads(line)

@@ -137,7 +137,7 @@ def matrix_verdict(ui, agent, src_sel: str, dst_sel: str, src_addr: str, dst_add
             best = max((p for p in ipc if p.version == 4 and addr_net.subnet_of(p)),
                        key=lambda p: p.prefixlen, default=None)
             ids[sel] = ipc[best] if best is not None else 2
-    r = ui.get(f"/api/v1/matrix?port={port}&cidrs=true", headers={"Authorization": f"Bearer {TOKEN}"})
+    r = ui.get(f"/api/v1/matrix?port={port}&cidrs=true&per_page=100", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200, r.get_data(as_text=True)
     data = r.json
     row = next(x for x in data["rows"] if x["src"] == ids[src_sel])

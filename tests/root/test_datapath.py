@@ -604,7 +604,9 @@ def test_reload_keeps_pins_and_swaps_program_under_load(e):
     dp2 = None
     try:
         time.sleep(0.2)
-        dp2 = Datapath(SETTINGS)                  # restarted agent: same pins
+        # A restarted agent of another build (a changed setting: new programs), same pins.
+        dp2 = Datapath({**SETTINGS, "EVENTS_NEW_RATE": 12345})
+        assert dp2.compiled
         assert dp2.policy_entries() == e.dp.policy_entries()
         assert dp2.get_endpoint(e.a.host_ifindex).identity == ID_A
         old_ids = prog_ids(e.a.host_if)

@@ -187,3 +187,16 @@ def logged_in(client, auth):
     r = auth.login()
     assert r.status_code == 302
     return client
+
+
+@pytest.fixture
+def auth_for():
+    """A logged-in client for an app reading the given sockets."""
+    def make(*sockets):
+        app = create_app({"TOKEN": TOKEN, "AGENTS": list(sockets), "TESTING": True})
+        c = app.test_client()
+        html = c.get("/login").get_data(as_text=True)
+        tok = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+        assert c.post("/login", data={"token": TOKEN, "csrf_token": tok}).status_code == 302
+        return c
+    return make

@@ -5,9 +5,8 @@ import re
 
 import pytest
 
-from conftest import TOKEN, FlowAgent
+from conftest import FlowAgent
 from stockade.daemon.server import APIServer
-from stockade_webui import create_app
 
 
 def text(resp) -> str:
@@ -143,19 +142,6 @@ def test_service_map_is_svg_with_forwarded_and_dropped_edges(logged_in):
     data = logged_in.get("/api/v1/map").json
     edges = {(e["from"], e["to"], e["verdict"]): e["count"] for e in data["edges"]}
     assert edges == {("app=web", "app=db", "FORWARDED"): 12, ("app=api", "app=db", "DROPPED"): 1}
-
-
-@pytest.fixture
-def auth_for():
-    """A logged-in client for an app reading the given sockets."""
-    def make(*sockets):
-        app = create_app({"TOKEN": TOKEN, "AGENTS": list(sockets), "TESTING": True})
-        c = app.test_client()
-        html = c.get("/login").get_data(as_text=True)
-        tok = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-        assert c.post("/login", data={"token": TOKEN, "csrf_token": tok}).status_code == 302
-        return c
-    return make
 
 
 def test_unreachable_agent_shows_on_every_page(auth_for, tmp_path):

@@ -35,6 +35,8 @@ DEFAULTS = {
     "PERMANENT_SESSION_LIFETIME": _dt.timedelta(hours=12),
     "REVIEW_PATH_MAX_FILES": 200,
     "FLOWS_PAGE_LIMIT": 200,
+    "PAGE_SIZE": 50,             # endpoints, identities, ipcache rows a page (?per_page=)
+    "MATRIX_PAGE_SIZE": 25,      # matrix rows and columns a page (?per_page=)
 }
 
 
@@ -73,6 +75,18 @@ def create_app(config: dict | None = None) -> Flask:
             return f"{exc.code} {exc.name}: {message}\n", exc.code, {"Content-Type": "text/plain"}
         return render_template("error.html", status=exc.code, title=exc.name,
                                message=message), exc.code
+
+    @app.template_global("page_url")
+    def _page_url(**changes):
+        """This page's URL with some query parameters changed (the pager's links)."""
+        from flask import url_for
+        args: dict = {k: v for k, v in request.args.items() if k not in changes}
+        return url_for(request.endpoint or "overview.index", **args, **changes)
+
+    @app.template_global("page_window")
+    def _page_window(p: dict):
+        from .paging import Page, window
+        return window(Page(p["page"], p["per_page"], p["total"]))
 
     @app.template_filter("short_labels")
     def _short_labels(labels):

@@ -2,9 +2,12 @@
 
     GET  /api/v1/hosts                  agents and their health
     GET  /api/v1/overview
-    GET  /api/v1/endpoints?host=&q=     endpoints, identities, ipcache
-    GET  /api/v1/policies?host=
-    GET  /api/v1/matrix?host=&label=&port=    the agent's matrix; port=80/tcp: a verdict per pair
+    GET  /api/v1/endpoints?host=&q=&page=&ipage=&cpage=&per_page=
+                                        endpoints, identities, ipcache: a page of each
+    GET  /api/v1/policies?host=&q=&page=&per_page=
+    GET  /api/v1/matrix?host=&label=&port=&page=&cpage=&per_page=
+                                        a square of the agent's matrix (rows page,
+                                        columns cpage); port=80/tcp: a verdict per pair
     GET  /api/v1/flows?host=&verdict=&from_label=&...   (stockade observe filters)
     GET  /api/v1/map?host=&...
     POST /api/v1/review?host=           {"files": [{"name", "text"}], "replace_all": false}
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
+from . import endpoints as endpoints_bp
+from . import policies as policies_bp
 from . import views
 from .agents import host, hosts
 from .review import files_from_request
@@ -42,19 +47,17 @@ def overview():
 
 @bp.get("/endpoints")
 def endpoints():
-    return jsonify(views.endpoints(host(request.args.get("host")), request.args.get("q", "")))
+    return jsonify(endpoints_bp.data())
 
 
 @bp.get("/policies")
 def policies():
-    return jsonify(views.policies(host(request.args.get("host"))))
+    return jsonify(policies_bp.policies_data())
 
 
 @bp.get("/matrix")
 def matrix():
-    return jsonify(views.matrix(host(request.args.get("host")), request.args.get("label", "").strip(),
-                                request.args.get("port", "").strip(),
-                                **{k: request.args.get(k) for k in ("offset", "limit", "cidrs")}))
+    return jsonify(policies_bp.matrix_data())
 
 
 @bp.get("/flows")

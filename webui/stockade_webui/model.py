@@ -52,19 +52,19 @@ def drops_since(flows: list[dict], since_iso: str) -> int:
                if f.get("verdict") == "DROPPED" and (f.get("time") or "") >= since_iso)
 
 
-def service_map(flows: list[dict], idents: dict, width: int = 900, height: int = 560) -> dict:
-    """Nodes (identities seen in flows) on a circle; edges aggregated per
-    (from, to, verdict) with the ports seen. Positions are computed here so that the
-    page needs no script to draw."""
-    import math
+def service_map(flows: list[dict], idents: dict) -> dict:
+    """Nodes (identities seen in flows) and edges aggregated per (from, to, verdict)
+    with the ports seen, laid out by maplayout so that the page needs no script."""
+    from . import maplayout
     nodes: dict[str, dict] = {}
     edges: dict[tuple, dict] = {}
     for f in connections(flows):
         a, b = flow_label(f, "source", idents), flow_label(f, "destination", idents)
         for name, side in ((a, "source"), (b, "destination")):
-            n = nodes.setdefault(name, {"name": name, "flows": 0, "local": False,
+            n = nodes.setdefault(name, {"name": name, "flows": 0, "out": 0, "in": 0, "local": False,
                                         "identity": (f.get(side) or {}).get("identity")})
             n["flows"] += 1
+            n["out" if side == "source" else "in"] += 1
             if (f.get(side) or {}).get("endpoint"):
                 n["local"] = True
         verdict = f.get("verdict", "FORWARDED")
@@ -74,26 +74,6 @@ def service_map(flows: list[dict], idents: dict, width: int = 900, height: int =
         l4 = f.get("l4") or {}
         name, port = str(l4.get("protocol") or "?").lower(), l4.get("destination_port")
         e["ports"].add(f"{port}/{name}" if port is not None else name)
-    names = sorted(nodes)
-    cx, cy = width / 2, height / 2
-    r = min(width, height) / 2 - 90
-    for i, name in enumerate(names):
-        angle = 2 * math.pi * i / max(len(names), 1) - math.pi / 2
-        nodes[name]["x"] = round(cx + (r if len(names) > 1 else 0) * math.cos(angle), 1)
-        nodes[name]["y"] = round(cy + (r if len(names) > 1 else 0) * math.sin(angle), 1)
-    out_edges = []
-    for (a, b, verdict), e in sorted(edges.items()):
-        na, nb = nodes[a], nodes[b]
-        dx, dy = nb["x"] - na["x"], nb["y"] - na["y"]
-        dist = math.hypot(dx, dy) or 1
-        # forwarded and dropped edges between the same pair are drawn side by side
-        off = {"FORWARDED": -5, "DROPPED": 5, "AUDIT": 0}.get(verdict, 0)
-        ox, oy = -dy / dist * off, dx / dist * off
-        shrink = 34 / dist
-        e.update(x1=round(na["x"] + dx * shrink + ox, 1), y1=round(na["y"] + dy * shrink + oy, 1),
-                 x2=round(nb["x"] - dx * shrink + ox, 1), y2=round(nb["y"] - dy * shrink + oy, 1),
-                 ports=sorted(e["ports"]), self_loop=(a == b))
-        e["lx"], e["ly"] = round((e["x1"] + e["x2"]) / 2, 1), round((e["y1"] + e["y2"]) / 2 - 4, 1)
-        out_edges.append(e)
-    return {"width": width, "height": height, "nodes": [nodes[n] for n in names],
-            "edges": out_edges}
+    out_edges = [{**e, "ports": sorted(e["ports"])} for _, e in sorted(edges.items())]
+    size = maplayout.layout(nodes, out_edges)
+    return {**size, "nodes": [nodes[n] for n in sorted(nodes)], "edges": out_edges}

@@ -12,7 +12,7 @@ import stat
 from stockade.client import APIError, ClientError
 from stockade.flows import flow_port
 
-from . import model
+from . import model, paging
 from .agents import Host, iso_ago
 
 FLOW_FILTERS = ("verdict", "protocol", "port", "from_label", "to_label", "label",
@@ -34,17 +34,32 @@ def overview(h: Host) -> dict:
 
 
 # ---------------------------------------------------------------- endpoints
-def endpoints(h: Host, q: str = "") -> dict:
-    eps = h.get("endpoints", []) or []
-    idents = h.get("identities", []) or []
-    ipc = h.get("ipcache", []) or []
+ENDPOINT_TABLES = {"endpoints": "page", "identities": "ipage", "ipcache": "cpage"}
+
+
+def _search(items: list, q: str) -> list:
+    if not q:
+        return items
+    return [x for x in items if q in " ".join(str(v) for v in _flat(x)).lower()]
+
+
+def endpoints(h: Host, q: str = "", pages: dict | None = None, per_page: int = 50,
+              tables: tuple = ("endpoints", "identities", "ipcache")) -> dict:
+    """Endpoints, identities and ipcache entries matching ``q`` (any value, any field),
+    one page of each: ``pages`` maps a table to its page number (1 if absent)."""
     q = (q or "").strip().lower()
-    if q:
-        def hit(obj) -> bool:
-            return q in " ".join(str(v) for v in _flat(obj)).lower()
-        eps, idents, ipc = [e for e in eps if hit(e)], [i for i in idents if hit(i)], [c for c in ipc if hit(c)]
-    return {"host": h.name, "q": q, "endpoints": eps, "identities": idents, "ipcache": ipc,
-            "counters": endpoint_counters(h), "errors": h.errors}
+    pages = pages or {}
+    out: dict = {"host": h.name, "q": q, "per_page": per_page, "paging": {}}
+    for table in ENDPOINT_TABLES:
+        items = _search(h.get(table, []) or [], q) if table in tables else []
+        p = paging.page_of(len(items), pages.get(table, 1), per_page)
+        out[table] = p.slice(items)
+        out["paging"][table] = p.to_dict()
+    wanted = {e["name"] for e in out["endpoints"]}
+    counters = endpoint_counters(h) if "endpoints" in tables else None
+    out["counters"] = None if counters is None else {k: v for k, v in counters.items() if k in wanted}
+    out["errors"] = h.errors
+    return out
 
 
 def endpoint_counters(h: Host) -> dict | None:
@@ -80,13 +95,17 @@ def _flat(obj):
 
 
 # ---------------------------------------------------------------- policies
-def policies(h: Host) -> dict:
-    """The live policies as the agent describes them (clauses in words included)."""
+def policies(h: Host, q: str = "", page: int = 1, per_page: int = 50) -> dict:
+    """The live policies as the agent describes them (clauses in words included), those
+    matching ``q`` (any value of the policy, its document included), a page at a time."""
     import yaml
     eps = h.get("endpoints", []) or []
     audit_eps = sorted(e["name"] for e in eps if e.get("audit"))
+    q = (q or "").strip().lower()
+    found = _search(h.get("policies", []) or [], q)
+    p = paging.page_of(len(found), page, per_page)
     out = []
-    for info in h.get("policies", []) or []:
+    for info in p.slice(found):
         disp = f"{info['namespace']}/{info['name']}" if info.get("namespace") else info["name"]
         out.append({"name": disp, "kind": info.get("kind"), "source": info.get("source"),
                     "description": info.get("description") or "",
@@ -94,7 +113,8 @@ def policies(h: Host) -> dict:
                     "clauses": info.get("clauses") or [],
                     "yaml": yaml.safe_dump(info.get("document"), sort_keys=False)})
     health = h.get("health") or {}
-    return {"host": h.name, "policies": out, "audit_endpoints": audit_eps,
+    return {"host": h.name, "q": q, "policies": out, "paging": {"policies": p.to_dict()},
+            "per_page": per_page, "audit_endpoints": audit_eps,
             "agent_audit": bool(health.get("audit")), "errors": h.errors}
 
 
@@ -110,21 +130,34 @@ def cell_css(c: dict) -> str:
     return CELL_CSS.get(c.get("state") or "", "")
 
 
-def matrix(h: Host, label: str = "", port: str = "", **query) -> dict:
-    """The agent's own matrix (GET /v1/matrix), with what the page needs to draw it;
-    ``query``: the agent's other matrix parameters (offset, limit, cidrs)."""
-    data = h.call("matrix", label=label or None, port=port or None,
-                  **{k: v for k, v in query.items() if v not in (None, "")}) or {}
+def matrix(h: Host, label: str = "", port: str = "", page: int = 1, cpage: int = 1,
+           per_page: int = 25, cidrs: str | None = None) -> dict:
+    """One square of the agent's own matrix (GET /v1/matrix): rows ``page`` and columns
+    ``cpage``, ``per_page`` of each, with what the page needs to draw it."""
+    def ask(row: int, col: int) -> dict:
+        return h.call("matrix", label=label or None, port=port or None,
+                      offset=(row - 1) * per_page, limit=per_page,
+                      dst_offset=(col - 1) * per_page, dst_limit=per_page,
+                      cidrs=cidrs or None) or {}
+    data = ask(page, cpage)
+    total = data.get("total", 0)
+    rows_p, cols_p = paging.page_of(total, page, per_page), paging.page_of(total, cpage, per_page)
+    if data and (rows_p.page, cols_p.page) != (page, cpage):   # past the end: the last page
+        data = ask(rows_p.page, cols_p.page)
     idents = data.get("identities", [])
-    by_id = {i["id"]: i for i in idents}
+    by_id = {i["id"]: {**i, "reserved": i.get("kind") == "reserved"} for i in idents}
+    rows = data.get("rows", [])
+    columns = [by_id[c["dst"]] for c in rows[0]["cells"]] if rows else cols_p.slice(list(by_id.values()))
     return {"host": h.name, "label": label, "port": port,
-            "identities": [{**i, "reserved": i.get("kind") == "reserved"} for i in idents],
+            "identities": list(by_id.values()), "columns": columns,
             "rows": [{"src": r["src"], "name": by_id[r["src"]]["name"],
                       "local": by_id[r["src"]].get("local", False),
                       "reserved": by_id[r["src"]].get("kind") == "reserved",
                       "cells": [{**c, "css": cell_css(c)} for c in r["cells"]]}
-                     for r in data.get("rows", [])],
-            "total": data.get("total", 0), "errors": h.errors}
+                     for r in rows],
+            "total": total, "per_page": per_page,
+            "paging": {"rows": rows_p.to_dict(), "columns": cols_p.to_dict()},
+            "errors": h.errors}
 
 
 # ---------------------------------------------------------------- review

@@ -10,7 +10,6 @@ import os
 import sys
 
 import click
-import yaml
 
 from ..client import DEFAULT_SOCKET, Client
 from ..errors import InvalidRequest, NotFound
@@ -469,6 +468,8 @@ def policy_get(names, namespace, socket_path, output):
     if output == "json":
         return emit_json(pols[0] if len(names) == 1 and len(pols) == 1 else pols)
     if output == "yaml":
+        import yaml
+
         click.echo(yaml.safe_dump_all([p["document"] for p in pols], sort_keys=False), nl=False)
         return
     print_table(["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE", "DESCRIPTION"],

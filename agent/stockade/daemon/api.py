@@ -14,7 +14,16 @@ from ..policy.describe import clause_rows
 from ..policy.mapstate import DIRECTION_NAMES, DirectionPolicy
 from . import review
 from .agent import Agent
-from .changes import ChangePolicies, DeleteRemote, PutRemote, RemoveEndpoint, SetServices, UpsertEndpoint, conflicts
+from .changes import (
+    ChangePolicies,
+    DeleteRemote,
+    PutRemote,
+    PutRemotes,
+    RemoveEndpoint,
+    SetServices,
+    UpsertEndpoint,
+    conflicts,
+)
 from .endpoints import parse_labels, parse_spec
 from .inventory import parse_services
 from .state import Snapshot
@@ -110,6 +119,25 @@ class AgentAPI:
         return out
 
     def add_ipcache(self, entry: dict) -> dict:
+        return self.agent.submit(self._remote(entry))
+
+    def add_ipcache_entries(self, body: dict) -> dict:
+        """Many entries in one transaction; a bad one refuses all, naming its index."""
+        entries = body.get("entries") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            raise InvalidRequest("entries must be a list of ipcache entries", "entries")
+        changes = []
+        for i, entry in enumerate(entries):
+            try:
+                changes.append(self._remote(entry))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"entries[{i}]: {exc}",
+                                     f"entries[{i}]" + (f".{exc.field}" if exc.field else "")) from None
+        changed = self.agent.submit(PutRemotes(changes))
+        return {"entries": len(changes), "changed": changed}
+
+    @staticmethod
+    def _remote(entry) -> PutRemote:
         if not isinstance(entry, dict):
             raise InvalidRequest("ipcache entry must be a JSON object")
         for k in entry:
@@ -126,7 +154,7 @@ class AgentAPI:
         if not labels and not node:
             raise InvalidRequest("labels are required (or node: true for another host's own "
                                  "addresses)", "labels")
-        return self.agent.submit(PutRemote(prefix, labels, host, node))
+        return PutRemote(prefix, labels, host, node)
 
     def remove_ipcache(self, prefix: str) -> None:
         self.agent.submit(DeleteRemote(parse_prefix(prefix)))

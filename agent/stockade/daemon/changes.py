@@ -284,6 +284,26 @@ class PutRemote(Change):
 
 
 @dataclass
+class PutRemotes(Change):
+    """Many PutRemote in one transaction; returns how many changed something."""
+    puts: list[PutRemote]
+    what = "ipcache entries"
+
+    def apply(self, txn: Txn) -> int:
+        changed, start = 0, len(txn.log)
+        for put in self.puts:
+            n = len(txn.log)
+            put.apply(txn)
+            changed += len(txn.log) > n
+        if changed > LOGGED_EACH:
+            txn.log[start:] = [f"ipcache: {changed} entries added or changed"]
+        return changed
+
+
+LOGGED_EACH = 20     # a batch changing more is logged as one line
+
+
+@dataclass
 class DeleteRemote(Change):
     prefix: str
     what = "ipcache removal"

@@ -116,9 +116,9 @@ class AgentConfig:
     runtime_probe_interval: float = 5.0
     runtime_relist_interval: float = 60.0
     metrics_listen: str | None = None  # e.g. 127.0.0.1:9962
-    policy_map_size: int = 65536
+    policy_map_size: int = 262144
     endpoints_map_size: int = 4096
-    ipcache_map_size: int = 65536
+    ipcache_map_size: int = 262144
     ct_map_size: int = 262144
     log_level: str = "info"
     # L7 (HTTP rules): the transparent proxy (docs/policy.md, "HTTP rules"). It starts

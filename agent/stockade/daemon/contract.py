@@ -107,6 +107,9 @@ class AgentService(Protocol):
         """entry: {"prefix": "10.1.2.3" or "10.1.2.0/24", "labels": {k: v}, "host": str}.
         Remote workloads of other hosts; labels give them an identity."""
 
+    def add_ipcache_entries(self, body: dict) -> dict:
+        """body: {"entries": [entry, ...]}, applied as one change; a bad entry refuses all."""
+
     def remove_ipcache(self, prefix: str) -> None: ...
 
     def list_policies(self) -> list[dict]: ...
@@ -152,7 +155,8 @@ class AgentService(Protocol):
     def matrix(self, query: dict) -> dict:
         """Identity pairs and what each may do (a Matrix). query: {"label": filter on
         either side (k=v,k2=v2) or absent, "port": "80/tcp" or absent (any port),
-        "offset": int >= 0, "limit": int 1..1000} (offset and limit always given)."""
+        "offset": int >= 0, "limit": int 1..1000} (offset and limit always given),
+        "dst_offset", "dst_limit": the columns (absent: every identity)."""
 
     def review(self, files: list[dict], replace_all: bool = False) -> dict:
         """The plan of a proposed policy set, changing nothing (a Review): files as

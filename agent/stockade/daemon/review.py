@@ -128,16 +128,22 @@ def _identity_dict(agent: "Agent", i: Identity) -> dict:
 
 def matrix(agent: "Agent", query: dict) -> dict:
     """``query``: label (filter), port (``80/tcp``: a verdict per pair for that port),
-    offset and limit (rows), cidrs (``true``: CIDR identities too)."""
+    offset and limit (rows), dst_offset and dst_limit (columns; omitted: every
+    identity), cidrs (``true``: CIDR identities too)."""
     label = query.get("label") or ""
     cidrs = str(query.get("cidrs") or "false").lower() == "true"
     try:
         offset = int(query.get("offset") or 0)
         limit = int(query.get("limit") or MATRIX_LIMIT)
+        dst_offset = int(query.get("dst_offset") or 0)
+        raw = query.get("dst_limit")
+        dst_limit = None if raw is None or raw == "" else int(raw)
     except ValueError:
         raise InvalidRequest("offset and limit must be integers") from None
     if offset < 0 or not 0 < limit <= 10000:
         raise InvalidRequest("offset >= 0 and 0 < limit <= 10000", "limit")
+    if dst_offset < 0 or (dst_limit is not None and not 0 < dst_limit <= 10000):
+        raise InvalidRequest("dst_offset >= 0 and 0 < dst_limit <= 10000", "dst_limit")
     proto = port = None
     if query.get("port"):
         try:
@@ -150,9 +156,10 @@ def matrix(agent: "Agent", query: dict) -> dict:
         ev = Evaluator(e.entries, e.flags, e.local_ids)
         audited = audit_ids(agent)
         rows = []
+        cols = idents[dst_offset:dst_offset + dst_limit if dst_limit else None]
         for s in idents[offset:offset + limit]:
             cells = []
-            for d in idents:
+            for d in cols:
                 if proto is not None:
                     v = ev.verdict(s.id, d.id, proto, port)
                     cells.append({"dst": d.id, "verdict": v,
@@ -165,6 +172,7 @@ def matrix(agent: "Agent", query: dict) -> dict:
             rows.append({"src": s.id, "cells": cells})
         return {"identities": [_identity_dict(agent, i) for i in idents], "rows": rows,
                 "total": len(idents), "offset": offset, "limit": limit,
+                "dst_offset": dst_offset, "dst_limit": dst_limit,
                 "port": query.get("port") or None, "revision": agent.state.revision}
 
 

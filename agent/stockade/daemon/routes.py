@@ -128,6 +128,10 @@ def post_ipcache(r: Request) -> Response:
     return Response(201, r.agent.add_ipcache(r.body))
 
 
+def patch_ipcache(r: Request) -> Response:
+    return Response(200, r.agent.add_ipcache_entries(r.body))
+
+
 def delete_ipcache(r: Request) -> Response:
     r.agent.remove_ipcache(r.params["prefix"])
     return Response(204)
@@ -226,6 +230,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/identities", get_identities, READ),
     Route("GET", "/v1/ipcache", get_ipcache, READ),
     Route("POST", "/v1/ipcache", post_ipcache, CHANGE),
+    Route("PATCH", "/v1/ipcache", patch_ipcache, CHANGE),
     Route("DELETE", "/v1/ipcache/{prefix}", delete_ipcache, CHANGE),
     Route("GET", "/v1/policies", get_policies, READ),
     Route("PUT", "/v1/policies", put_policies, DRY_RUN),

@@ -1,4 +1,4 @@
-"""Stockade's kernel datapath: the only package that imports bcc.
+"""Stockade's kernel datapath: the only package that uses bpf() (bcc only in its compiler process).
 
     from stockade.datapath import Datapath, attach, detach
     dp = Datapath({"STOCKADE_PIN_DIR": "/sys/fs/bpf/stockade"})

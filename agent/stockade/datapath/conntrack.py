@@ -20,7 +20,7 @@ TABLE = (0, 0, 0)   # the owner that counts the whole table (struct ct_owner, if
 
 
 def _lib():
-    from bcc.libbcc import lib
+    from .bpfsys import lib
     return lib
 
 

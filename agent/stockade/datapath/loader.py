@@ -1,4 +1,9 @@
-"""Build and load the BPF program (bpf/stockade.c) with bcc.
+"""Build and load the BPF program (bpf/stockade.c).
+
+bcc compiles it in a short-lived child process (stockade.datapath.build), which pins the
+programs under ``<pin dir>/build/<hash of the source>``; the agent opens the pins with the
+bpf() syscall (stockade.datapath.bpfsys) and never maps LLVM. A start with the same
+source and settings (same hash) reuses the pinned programs without compiling.
 
 Build-time settings live in one dict, ``DEFAULT_SETTINGS``; ``render_source`` turns
 it into ``#define`` lines in front of the C text. bcc rewrites map accesses only in
@@ -7,11 +12,18 @@ its main file, so the project's own ``#include "..."`` lines are inlined here (s
 """
 from __future__ import annotations
 
+import ctypes as ct
+import hashlib
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import bpfsys
+from .build import CFLAGS, PROGRAMS, UNPINNED_MAPS
 from .conntrack import ConntrackMaps
 from .errors import DatapathError
 from .l7maps import L7Maps
@@ -108,14 +120,36 @@ def render_source(settings: Mapping[str, Any] | None = None, bpf_dir: Path = BPF
             + inline((bpf_dir / MAIN_SOURCE).resolve()))
 
 
-def _release_compiler_heap() -> None:
-    """clang/LLVM free most of their heap after a compile, but glibc keeps it mapped:
-    give it back (about 25 MB of the agent's RSS)."""
-    import ctypes
+BUILD_FORMAT = 2      # raise when what a build directory holds changes
+BUILD_TIMEOUT_S = 300
+BUILD_MAIN = "import sys; from stockade.datapath.build import main; sys.exit(main(sys.argv))"
+
+
+def build_hash(source: str) -> str:
+    """What a build depends on: the rendered source (settings included), the compiler
+    flags and the kernel it was loaded into."""
+    h = hashlib.sha256()
+    for part in (str(BUILD_FORMAT), " ".join(CFLAGS), os.uname().release, source):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def compile_in_child(source: str, build_dir: Path) -> None:
+    """Run stockade.datapath.build in a new process; DatapathError with its message."""
+    agent_dir = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [agent_dir, *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        r = subprocess.run([sys.executable, "-c", BUILD_MAIN, str(build_dir)],
+                           input=source, capture_output=True, text=True, env=env,
+                           timeout=BUILD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DatapathError("bpf/stockade.c", f"cannot run the compiler process: {exc}") from exc
+    if r.returncode != 0 and not build_dir.is_dir():   # another process may have won the race
+        lines = [ln for ln in r.stderr.splitlines() if "modprobe" not in ln]
+        raise DatapathError("bpf/stockade.c", "cannot compile or load: "
+                            + "\n".join(lines[-40:]).strip())
 
 
 class Datapath(MapWriter, ConntrackMaps, L7Maps):
@@ -134,28 +168,113 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         self.pin_dir = Path(self.settings["STOCKADE_PIN_DIR"])
         self.source = render_source(self.settings)
         self._legacy: dict = {}
+        self._tables: dict[str, bpfsys.MapHandle] = {}
+        self._progs: dict[str, int] = {}
+        self._ring: bpfsys.RingBuffer | None = None
+        self.compiled = False      # True when this start ran the compiler
         try:
             self.pin_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatapathError(str(self.pin_dir), f"cannot create pin directory: {exc}") from exc
         check_no_newer_pins(self.pin_dir)
+        self.build_dir = self.pin_dir / "build" / build_hash(self.source)
+        resized = self._set_aside_resized_pins()
         try:
-            from bcc import BPF  # imported here: only this package may use bcc
-            self._BPF = BPF
-            self.bpf = BPF(text=self.source.encode(), cflags=["-Wno-unused-function"])
-            self.from_endpoint = self.bpf.load_func(b"from_endpoint", BPF.SCHED_CLS)
-            self.to_endpoint = self.bpf.load_func(b"to_endpoint", BPF.SCHED_CLS)
-        except DatapathError:
-            raise
-        except Exception as exc:  # bcc raises plain Exception on compile/load errors
-            raise DatapathError("bpf/stockade.c", f"cannot compile or load: {exc}") from exc
-        _release_compiler_heap()
-        try:
+            if not self._open_build():
+                shutil.rmtree(self.build_dir, ignore_errors=True)
+                self.build_dir.parent.mkdir(parents=True, exist_ok=True)
+                compile_in_child(self.source, self.build_dir)
+                self.compiled = True
+                if not self._open_build():
+                    raise DatapathError(str(self.build_dir), "the compiled programs do not use "
+                                        "the pinned maps (changed while loading?)")
+            self._forget_other_builds()
+            self._copy_resized(resized)
             self._check_pinned_maps()
             self._legacy = migrate_legacy_pins(self)
         except DatapathError:
             self.close()
             raise
+
+    # Maps whose size may change between builds (a changed setting or default): only the
+    # agent writes them and they are not preallocated, so a new map of the new size is
+    # made and the entries are copied over. Other maps refuse a size change (_check_pinned_maps).
+    RESIZABLE = {"ipcache4": "IPCACHE_MAX", "ipcache6": "IPCACHE_MAX", "policy": "POLICY_MAX"}
+
+    def _set_aside_resized_pins(self) -> dict[str, Path]:
+        """Rename the pins of RESIZABLE maps whose size differs from the settings (the
+        build then creates new ones); {name: the old pin's new path}."""
+        out = {}
+        for name, setting in self.RESIZABLE.items():
+            path = self.pin_dir / pin_name(name)
+            aside = self.pin_dir / f"{pin_name(name)}_resize"
+            if aside.exists():           # a previous start stopped half-way: copy from it again
+                if path.exists():
+                    os.unlink(path)
+                out[name] = aside
+                continue
+            try:
+                fd = bpfsys.obj_get(str(path))
+            except OSError:
+                continue
+            try:
+                size = fd_map_info(fd, name).max_entries
+            finally:
+                os.close(fd)
+            if size != self.settings[setting]:
+                os.rename(path, aside)
+                out[name] = aside
+        return out
+
+    def _copy_resized(self, resized: dict[str, Path]) -> None:
+        from . import maps as m
+        from .pins import fd_items
+        types = {"ipcache4": (m.Ipcache4Key, m.IpcacheValue),
+                 "ipcache6": (m.Ipcache6Key, m.IpcacheValue),
+                 "policy": (m.PolicyKey, m.PolicyValue)}
+        for name, aside in resized.items():
+            fd = bpfsys.obj_get(str(aside))
+            try:
+                items = fd_items(fd, *types[name])
+            finally:
+                os.close(fd)
+            if len(items) > self.settings[self.RESIZABLE[name]]:
+                raise DatapathError(str(aside), f"{len(items)} entries do not fit the new size "
+                                    f"{self.settings[self.RESIZABLE[name]]} of {name}")
+            for k, v in items:
+                self._update(name, k, v)
+            os.unlink(aside)
+
+    def _open_build(self) -> bool:
+        """Open the programs and maps of ``build_dir`` and the pinned maps; False (all
+        closed) when the build is missing or its programs use other maps than the pins."""
+        self._close_fds()
+        if not self.build_dir.is_dir():
+            return False
+        try:
+            for name in PROGRAMS:
+                self._progs[name] = bpfsys.obj_get(str(self.build_dir / name))
+            for name in UNPINNED_MAPS:
+                self._tables[name] = bpfsys.MapHandle(bpfsys.obj_get(str(self.build_dir / name)),
+                                                      name)
+            for name in PINNED_MAPS:
+                path = self.pin_dir / pin_name(name)
+                self._tables[name] = bpfsys.MapHandle(bpfsys.obj_get(str(path)), name)
+            # Each program uses only these maps (it needs not use all: to_endpoint has no
+            # L7 steering); a map made anew in place of a pin's shows as a foreign id.
+            ours = {fd_map_info(t.map_fd, n).id for n, t in self._tables.items()}
+            if all(bpfsys.prog_map_ids(fd) <= ours for fd in self._progs.values()):
+                return True
+        except OSError:
+            pass
+        self._close_fds()
+        return False
+
+    def _forget_other_builds(self) -> None:
+        """Unpin the programs of other builds (interfaces still running one keep it)."""
+        for d in self.build_dir.parent.iterdir():
+            if d != self.build_dir:
+                shutil.rmtree(d, ignore_errors=True)
 
     def finish_upgrade(self) -> dict[str, int]:
         """Call once every interface runs this build's programs: copies what the previous
@@ -201,11 +320,11 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
     # -- program handles -------------------------------------------------------
     @property
     def from_endpoint_fd(self) -> int:
-        return self.from_endpoint.fd
+        return self._progs["from_endpoint"]
 
     @property
     def to_endpoint_fd(self) -> int:
-        return self.to_endpoint.fd
+        return self._progs["to_endpoint"]
 
     @property
     def attachments(self):
@@ -220,18 +339,13 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
 
     def _load_copies(self) -> dict[str, int]:
         """A second load of both programs (same code, same maps), for moving ours back
-        in front of a foreign tcx program without a moment off (attachments.py). bcc
-        keeps one load per name: the first stays bcc's, the copy is kept here."""
-        copies = {}
-        for hook, name in (("ingress", b"from_endpoint"), ("egress", b"to_endpoint")):
-            first = self.bpf.funcs.pop(name)
-            try:
-                copy = self.bpf.load_func(name, self._BPF.SCHED_CLS)
-                copies[hook] = os.dup(copy.fd)
-            finally:
-                self.bpf.funcs[name] = first
-            os.close(copy.fd)
-        return copies
+        in front of a foreign tcx program without a moment off (attachments.py): the
+        build pins it beside the first (build.COPIES)."""
+        try:
+            return {hook: bpfsys.obj_get(str(self.build_dir / f"{name}_copy"))
+                    for hook, name in (("ingress", "from_endpoint"), ("egress", "to_endpoint"))}
+        except OSError as exc:
+            raise DatapathError(str(self.build_dir), f"cannot open the programs' copies: {exc}") from exc
 
     def attach_interface(self, ifindex: int) -> None:
         """Run both programs on host interface ``ifindex``, first (replaces ours, if there)."""
@@ -244,41 +358,41 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         """What is wrong with ``ifindex``'s attachment ([]: nothing): attachments.Problem."""
         return self.attachments.check(ifindex)
 
-    def table(self, name: str):
-        """The bcc table object of map ``name`` (see PINNED_MAPS, plus "events")."""
+    def table(self, name: str) -> bpfsys.MapHandle:
+        """The handle (``map_fd``) of map ``name`` (see PINNED_MAPS, plus "events")."""
         try:
-            return self.bpf[name.encode()]
+            return self._tables[name]
         except KeyError as exc:
             raise DatapathError(name, "no such map") from exc
 
     def open_events(self, callback, raw: bool = False) -> None:
         """Call ``callback(FlowEvent)`` (a copy) for each event during ``poll_events``;
         with ``raw``, ``callback(bytes)`` with the event's bytes (for batch decoding)."""
-        import ctypes as ct
-
         from .maps import FlowEvent
         size = ct.sizeof(FlowEvent)
 
         if raw:
-            def _cb(_ctx, data, _size):
-                callback(ct.string_at(data, size))
+            def _cb(data):
+                callback(bytes(data[:size]))
         else:
-            def _cb(_ctx, data, _size):
-                callback(FlowEvent.from_buffer_copy(ct.string_at(data, size)))
+            def _cb(data):
+                callback(FlowEvent.from_buffer_copy(bytes(data[:size])))
         try:
-            self.table("events").open_ring_buffer(_cb)
-        except Exception as exc:
+            t = self.table("events")
+            self._ring = bpfsys.RingBuffer(t.map_fd, fd_map_info(t.map_fd, "events").max_entries, _cb)
+        except (OSError, ValueError) as exc:
             raise DatapathError("events", f"cannot open ring buffer: {exc}") from exc
 
     def poll_events(self, timeout_ms: int = 0) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
+        if self._ring is not None:
+            self._ring.poll(timeout_ms)
 
     def count_entries(self, name: str) -> int:
         """Entries in map ``name``, walking its keys only (no value reads): cheap enough
         for a metrics scrape of a full conntrack map."""
         import ctypes as ct
 
-        from bcc.libbcc import lib
+        lib = bpfsys.lib
         fd = self.table(name).map_fd
         size = self.map_info(name).key_size
         keys = [(ct.c_uint8 * size)(), (ct.c_uint8 * size)()]
@@ -294,10 +408,9 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         from .maps import EVENTS_LOST
         t = self.table("events_lost")
         try:
-            return {name: sum(int(v.value if hasattr(v, "value") else v)
-                              for v in t.getvalue(t.Key(i)))
+            return {name: sum(v.value for v in t.percpu_get(ct.c_uint32(i), ct.c_uint64))
                     for i, name in enumerate(EVENTS_LOST)}
-        except Exception as exc:
+        except OSError as exc:
             raise DatapathError("events_lost", f"cannot read: {exc}") from exc
 
     def remove_pins(self) -> None:
@@ -310,6 +423,12 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
                 pass
             except OSError as exc:
                 raise DatapathError(str(self.pin_dir / name), f"cannot unpin: {exc}") from exc
+        for name in self.RESIZABLE:
+            try:
+                os.unlink(self.pin_dir / f"{pin_name(name)}_resize")
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.pin_dir / "build", ignore_errors=True)
         try:
             self.pin_dir.rmdir()
         except OSError:
@@ -330,6 +449,17 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
             self.attachments.detach(idx)
         self.remove_pins()
 
+    def _close_fds(self) -> None:
+        ring = getattr(self, "_ring", None)
+        if ring is not None:
+            ring.close()
+            self._ring = None
+        for t in getattr(self, "_tables", {}).values():
+            t.close()
+        for fd in getattr(self, "_progs", {}).values():
+            os.close(fd)
+        self._tables, self._progs = {}, {}
+
     def close(self) -> None:
         """Release the program and map fds (pins stay)."""
         for fd in getattr(self, "_legacy", {}).values():
@@ -338,6 +468,4 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         att, self._attachments = getattr(self, "_attachments", None), None
         if att is not None:
             att.close()
-        bpf, self.bpf = getattr(self, "bpf", None), None
-        if bpf is not None:
-            bpf.cleanup()
+        self._close_fds()

@@ -132,9 +132,8 @@ def _copy_endpoints(dp, fd: int) -> int:
 
 
 def _copy_counters(dp, fd: int) -> None:
-    from bcc.libbcc import lib
-    from bcc.utils import get_possible_cpus
-    ncpu = len(get_possible_cpus())
+    from .bpfsys import lib, possible_cpus
+    ncpu = possible_cpus()
     old_t = m.CounterValue * ncpu
     new_fd = dp.table("counters").map_fd
     for idx in range(NUM_COUNTERS_V1):

@@ -41,16 +41,13 @@ def parse_pin_name(filename: str) -> tuple[str, int] | None:
 
 
 def _lib():
-    from bcc.libbcc import lib
+    from .bpfsys import lib
     return lib
 
 
 def obj_get(path: str) -> int:
     """An fd of the pinned object at ``path`` (BPF_OBJ_GET)."""
-    lib = _lib()
-    lib.bpf_obj_get.restype = ct.c_int
-    lib.bpf_obj_get.argtypes = [ct.c_char_p]
-    fd = lib.bpf_obj_get(path.encode())
+    fd = _lib().bpf_obj_get(path.encode())
     if fd < 0:
         err = ct.get_errno()
         raise DatapathError(path, f"cannot open pin: {errno.errorcode.get(err, err)}")
@@ -68,9 +65,7 @@ def fd_map_info(fd: int, what: str) -> BpfMapInfo:
     """The kernel's view of the map behind ``fd`` (type, sizes, max_entries)."""
     info = BpfMapInfo()
     size = ct.c_uint32(ct.sizeof(info))
-    fn = _lib().bpf_obj_get_info
-    fn.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-    if fn(fd, ct.byref(info), ct.byref(size)) != 0:
+    if _lib().bpf_obj_get_info(fd, ct.byref(info), ct.byref(size)) != 0:
         raise DatapathError(what, f"cannot read map info (errno {ct.get_errno()})")
     return info
 

@@ -51,7 +51,7 @@ from .errors import CapacityError, DatapathError
 
 
 def _lib():
-    from bcc.libbcc import lib
+    from .bpfsys import lib
     return lib
 
 
@@ -355,16 +355,32 @@ class MapWriter:
             raise
         delta.apply(old_entries, old_flags)
 
+    BATCH_MIN = 64      # from this many entries, one BPF_MAP_UPDATE_BATCH per step
+
+    def _write_policy(self, items, deny: int) -> None:
+        """Write policy entries ``items`` [(Key, Entry)]: batched when there are many."""
+        if len(items) < self.BATCH_MIN:
+            for k, e in items:
+                self._update("policy", _policy_key(k), m.PolicyValue(deny=deny, policy_id=self.policy_id(e)))
+            return
+        from .bpfsys import update_batch
+        keys = (m.PolicyKey * len(items))(*(_policy_key(k) for k, _ in items))
+        values = (m.PolicyValue * len(items))(*(m.PolicyValue(deny=deny, policy_id=self.policy_id(e))
+                                                for _, e in items))
+        try:
+            update_batch(self.table("policy").map_fd, keys, values, len(items))
+        except OSError as exc:
+            raise DatapathError("policy", f"update failed: {errno.errorcode.get(exc.errno, exc.errno)}"
+                                ) from exc
+
     def _write_ordered(self, deny_adds, loosen, allow_removes, allow_adds, tighten,
                        deny_removes) -> None:
-        for k, e in deny_adds:
-            self._update("policy", _policy_key(k), m.PolicyValue(deny=1, policy_id=self.policy_id(e)))
+        self._write_policy(deny_adds, 1)
         for p, f in sorted(loosen.items()):
             self._write_flag(p, f)
         for k in allow_removes:
             self._delete("policy", _policy_key(k))
-        for k, e in allow_adds:
-            self._update("policy", _policy_key(k), m.PolicyValue(deny=0, policy_id=self.policy_id(e)))
+        self._write_policy(allow_adds, 0)
         for p, f in sorted(tighten.items()):
             self._write_flag(p, f)
         for k in deny_removes:
@@ -379,19 +395,22 @@ class MapWriter:
             for d in (m.DIR_INGRESS, m.DIR_EGRESS):
                 for v in m.Verdict:
                     for r in m.Reason:
-                        per_cpu = t.getvalue(t.Key(m.counter_index(d, v, r)))
+                        per_cpu = t.percpu_get(ct.c_uint32(m.counter_index(d, v, r)), m.CounterValue)
                         pk = sum(c.packets for c in per_cpu)
                         by = sum(c.bytes for c in per_cpu)
                         if pk:
                             out[(d, v, r)] = (pk, by)
-        except Exception as exc:
+        except OSError as exc:
             raise DatapathError("counters", f"cannot read: {exc}") from exc
         return out
 
     def reset_counters(self) -> None:
         t = self.table("counters")
-        for i in range(m.NUM_COUNTERS):
-            t[t.Key(i)] = t.Leaf()
+        try:
+            for i in range(m.NUM_COUNTERS):
+                t.percpu_zero(ct.c_uint32(i), m.CounterValue)
+        except OSError as exc:
+            raise DatapathError("counters", f"cannot reset: {exc}") from exc
 
     def flush(self, names: Iterable[str] = ("endpoints", "ipcache4", "ipcache6", "policy",
                                             "policy_flags", "conntrack")) -> None:

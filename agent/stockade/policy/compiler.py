@@ -292,6 +292,14 @@ class Compiler:
         given: a rule change touches just its own peers) and its flags."""
         for loc in locals_:
             wanted = only_peers.get(loc) if only_peers is not None else None
+            if wanted is not None and 4 * len(wanted) < len(self._local_rules.get(loc, ())):
+                # a few peers of a local with many rules: find their clauses by selector
+                for peer in wanted:
+                    self._set_pair(loc, peer, self._pair_entries(
+                        loc, peer, self._clauses_with_peer(loc, peer)), delta)
+                for d, flag in self._flags_for(loc).items():
+                    self._set_flag(loc, d, flag, delta)
+                continue
             by_peer: dict[int, list[Clause]] = {}
             for c in self._local_clauses(loc):
                 peers = self._clause_peers(c)
@@ -303,6 +311,22 @@ class Compiler:
             for d, flag in self._flags_for(loc).items():
                 self._set_flag(loc, d, flag, delta)
         self._recompute_l7(locals_, delta)
+
+    def _clauses_with_peer(self, loc: int, peer: int) -> list[Clause]:
+        """The clauses of ``loc``'s rules that may select ``peer`` (a superset of those
+        that do: _pair_entries checks), found through the selectors that select it."""
+        rules = self._local_rules.get(loc, {})
+        ident = self.cache.identities.get(peer)
+        if peer == ANY_PEER or ident is None:
+            return [c for r in rules.values() for c in self._clauses[id(r)]
+                    if c.any_peer == (peer == ANY_PEER)] if peer == ANY_PEER else []
+        seen: dict[int, Clause] = {}
+        for sel in self.cache.selectors_for(ident):
+            if peer in self.cache.get(sel):
+                for c in self._sel_clauses.get(sel, ()):
+                    if id(c.rule) in rules:
+                        seen[id(c)] = c
+        return list(seen.values())
 
     def _recompute_pairs(self, pairs: set[tuple[int, int]], delta: Delta) -> None:
         for loc, peer in pairs:

@@ -66,7 +66,16 @@ def clause_rows(policy: Policy) -> list[dict]:
 
 
 def policy_lines(policies: Iterable[Policy]) -> set[str]:
-    return {line for p in policies for r in p.rules for line in describe_rule(r)}
+    return {line for p in policies for line in _lines(p)}
+
+
+def _lines(p: Policy) -> frozenset[str]:
+    """The rule lines of ``p``, computed once per Policy object (its rules do not change)."""
+    cached = p.__dict__.get("_describe_lines")
+    if cached is None:
+        cached = p.__dict__["_describe_lines"] = frozenset(
+            line for r in p.rules for line in describe_rule(r))
+    return cached
 
 
 def describe_key(op: str, key: Key, entry=None) -> dict:
@@ -80,7 +89,15 @@ def summarize(old: dict, new: dict, delta: Delta) -> dict:
     added = sorted(r.display for r in new.keys() - old.keys())
     removed = sorted(r.display for r in old.keys() - new.keys())
     changed = sorted(r.display for r in new.keys() & old.keys() if new[r].document != old[r].document)
-    old_lines, new_lines = policy_lines(old.values()), policy_lines(new.values())
+    # Lines of policies that are the same object in both are in both: only the touched
+    # ones can add or remove a line, unless an untouched policy still has it.
+    touched = [r for r in old.keys() | new.keys() if old.get(r) is not new.get(r)]
+    old_lines = policy_lines(old[r] for r in touched if r in old)
+    new_lines = policy_lines(new[r] for r in touched if r in new)
+    if old_lines != new_lines:
+        kept = policy_lines(p for r, p in new.items() if old.get(r) is p)
+        old_lines |= kept
+        new_lines |= kept
     sample = [describe_key("+", k, e) for k, e in sorted(delta.adds.items())[:SAMPLE]]
     sample += [describe_key("-", k) for k in sorted(delta.removes)[:SAMPLE]]
     return {"added": added, "removed": removed, "changed": changed,

@@ -78,11 +78,17 @@ class IdentityAllocator:
             owners[n] = key
             self._numbers[key] = n
         self._added: list[str] = []
+        self._top: dict[bool, int] = {}     # the highest number of each class (CIDR or not)
 
     def _next(self, base: int) -> int:
-        used = {n for n in self._numbers.values() if (n >= CIDR_BASE) == (base >= CIDR_BASE)}
-        n = max(used, default=base - 1) + 1
-        return n if n >= base else base
+        cidr = base >= CIDR_BASE
+        top = self._top.get(cidr)
+        if top is None:
+            top = max((n for n in self._numbers.values() if (n >= CIDR_BASE) == cidr),
+                      default=base - 1)
+        n = max(top + 1, base)
+        self._top[cidr] = n
+        return n
 
     def workload(self, labels: LabelSet) -> Identity:
         return Identity(self._number(str(labels), FIRST_WORKLOAD), labels, WORKLOAD_KIND)
@@ -116,6 +122,7 @@ class IdentityAllocator:
         for key in self._added[mark:]:
             self._numbers.pop(key, None)
         del self._added[mark:]
+        self._top.clear()
 
 
 def most_specific(prefixes: dict[Network, int], addr_or_net: str) -> int | None:

@@ -80,6 +80,10 @@ class SelectorCache:
             else:
                 bucket.discard(sel)
 
+    def selectors_for(self, ident: Identity) -> set[Selector]:
+        """Selectors that may select ``ident`` (by its labels' index; unindexed ones too)."""
+        return self._selectors_for(ident)
+
     def _selectors_for(self, ident: Identity):
         out = set(self._sel_index.get(None, ()))
         for label in ident.labels:
