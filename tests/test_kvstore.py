@@ -82,6 +82,30 @@ def test_watch_from_a_compacted_revision_raises_compacted(client):
         w.cancel()
 
 
+def test_a_watch_from_an_old_revision_counts_only_what_it_delivered(client):
+    """The answer that a watch was created carries the store's current revision while
+    the events since start_revision are still to come: resuming from it would skip
+    them. The watch's revision is what it delivered (or a progress answer's)."""
+    r1 = client.put(b"/t/a", b"1")
+    client.put(b"/t/a", b"2")
+    r3 = client.put(b"/t/b", b"3")
+    w = client.watch(b"/t/", r1)
+    try:
+        seen = []
+        while len(seen) < 3:
+            events = w.next(2)
+            assert events is not None, "the watch went quiet"
+            if not seen:
+                assert w.revision in (r1 - 1, *(e.revision for e in events))
+            seen += events
+        assert [e.revision for e in seen] == [r1, r1 + 1, r3] and w.revision == r3
+        w.request_progress()
+        assert w.next(2) == [], "a progress answer"
+        assert w.revision >= r3
+    finally:
+        w.cancel()
+
+
 def test_mirror_lists_again_when_its_revision_was_compacted(client):
     """Between the listing and the watch the store moves on and is compacted: the watch
     is refused, the mirror lists again and the view is right, deletes included."""
