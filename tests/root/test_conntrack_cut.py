@@ -1,6 +1,7 @@
 """Established flows the new policy denies stop (issue 14.7): a flow opened while an
 endpoint was in audit mode is cut when audit is switched off; a flow a policy change
-revokes is cut; flows still allowed keep going. Real agent, real TCP streams."""
+revokes is cut; a flow of an endpoint relabelled out of what the policy allows is cut;
+flows still allowed keep going. Real agent, real TCP streams."""
 import socket
 import threading
 import time
@@ -128,4 +129,28 @@ def test_flow_a_policy_change_revokes_is_cut(topo):
             assert kept.flowing_since(t_change + 1.5), "the allowed flow stopped"
         finally:
             revoked.close()
+            kept.close()
+
+
+def test_flow_of_an_endpoint_relabelled_out_of_the_policy_is_cut(topo):
+    """Its flows were judged under its old identity: they go with it (both the
+    client's own hook and the server's, which knew it by address)."""
+    t, w = topo
+    with AgentProcess() as agent:
+        register(agent, w)
+        agent.client.put_policies([policy("a", "c")])
+        moved = Stream(w["c"], w["b"], 6021)
+        kept = Stream(w["a"], w["b"], 6022)
+        try:
+            time.sleep(0.5)
+            assert moved.flowing_since(0) and kept.flowing_since(0)
+            agent.client.add_endpoint(name="c", interface=w["c"].host_if, ips=w["c"].ips,
+                                      labels={"app": "x"})
+            t_change = time.monotonic()
+            time.sleep(2.0)
+            assert not moved.flowing_since(t_change + 1.0), "the relabelled endpoint's flow kept flowing"
+            assert kept.flowing_since(t_change + 1.5), "the allowed flow stopped"
+            assert not tcp_ok(w["c"], w["b"], w["b"].ip4, 6023)
+        finally:
+            moved.close()
             kept.close()

@@ -67,6 +67,8 @@ class Txn:
     etx: Transaction = field(init=False)
     undo: list[Step] = field(default_factory=list)   # inverses of the steps written
     audit_off: set[int] = field(default_factory=set)  # interfaces leaving audit mode
+    moved_ifindexes: set[int] = field(default_factory=set)  # endpoints given another identity
+    moved_prefixes: set[str] = field(default_factory=set)   # ipcache entries, likewise
     on_commit: list = field(default_factory=list)    # callables, run once committed
 
     def __post_init__(self):
@@ -208,8 +210,19 @@ class Txn:
             inverse = self._inverse(step)
             if inverse is not None:
                 self.undo.append(inverse)   # before the write: a half-done one is undone too
+            self._note_moved(step)
             _write_step(self.agent, dp, step)
         self._cut_flows(dp)
+
+    def _note_moved(self, step: Step) -> None:
+        """Addresses and interfaces whose identity this step changes: their flows were
+        judged under the old one (cut in _cut_flows)."""
+        if step.kind == "ipcache" and step.prior is not None and step.prior != step.value:
+            self.moved_prefixes.add(step.key)
+        elif step.kind == "endpoint":
+            old = self.agent.endpoint_entries.get(step.key)
+            if old and old.get("identity") and (step.value or {}).get("identity") != old["identity"]:
+                self.moved_ifindexes.add(step.key)
 
     def _cut_flows(self, dp) -> None:
         """Once the new policy is in the maps: the conntrack entries of flows it may now
@@ -235,6 +248,8 @@ class Txn:
             n = dp.ct_delete_tightened(wide, exact) if (wide or exact) else 0
             if self.audit_off:
                 n += dp.ct_delete_audited(self.audit_off)
+            if self.moved_ifindexes or self.moved_prefixes:
+                n += dp.ct_delete_moved(self.moved_ifindexes, self.moved_prefixes)
         except StockadeError as exc:
             self.agent.error(f"cutting flows the new policy denies: {exc}")
             return

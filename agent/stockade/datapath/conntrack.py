@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import ctypes as ct
+import ipaddress
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -196,6 +197,30 @@ class ConntrackMaps:
                     who = resolved[(k.family, addr)] = self._identity_of(k.family, addr)
                 if who in peers:
                     doomed.append(k)
+        return self.ct_delete(doomed)
+
+    def ct_delete_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str]) -> int:
+        """Delete the entries of flows judged under an identity that changed: every
+        entry at the hooks of ``ifindexes`` (endpoints relabelled), and every entry whose
+        peer address lies in one of ``prefixes`` (ipcache entries whose identity changed
+        or went). An allowed flow's next packet creates its entry again. Returns how
+        many were deleted."""
+        ifindexes = set(ifindexes)
+        nets = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+        if not ifindexes and not nets:
+            return 0
+        from .pins import fd_keys
+        doomed = []
+        for k in fd_keys(self.table("conntrack").map_fd, m.CtKey):
+            if k.ifindex in ifindexes:
+                doomed.append(k)
+                continue
+            if not nets:
+                continue
+            raw = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
+            addr = ipaddress.ip_address(raw[:4] if k.family == 4 else raw[:16])
+            if any(addr.version == n.version and addr in n for n in nets):
+                doomed.append(k)
         return self.ct_delete(doomed)
 
     def ct_delete_audited(self, ifindexes: Iterable[int] | None = None) -> int:
