@@ -96,11 +96,12 @@ class Poller(threading.Thread):
     def __init__(self, cache: PinnedIpcache):
         super().__init__(daemon=True)
         self.cache, self.lock, self.pending, self.latencies = cache, threading.Lock(), [], []
+        self.samples: list[tuple[float, float, float]] = []   # (issued, from issue, from ack)
         self.stop = threading.Event()
 
-    def add(self, ip: str, present: bool, t0: float) -> None:
+    def add(self, ip: str, present: bool, t0: float, t_acked: float) -> None:
         with self.lock:
-            self.pending.append((ip, present, t0))
+            self.pending.append((ip, present, t0, t_acked))
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -108,9 +109,11 @@ class Poller(threading.Thread):
                 pending = list(self.pending)
             done = []
             for item in pending:
-                ip, present, t0 = item
+                ip, present, t0, t_acked = item
                 if self.cache.has(ip) == present:
-                    self.latencies.append((time.monotonic() - t0) * 1000)
+                    now = time.monotonic()
+                    self.latencies.append((now - t0) * 1000)
+                    self.samples.append((t0, (now - t0) * 1000, (now - t_acked) * 1000))
                     done.append(item)
             if done:
                 with self.lock:
@@ -228,6 +231,7 @@ def main() -> dict:
                     j = fresh[i].pop(rng.randrange(len(fresh[i])))
                     ip = sim_ip(i, j)
                     retry(wc.put, key(i, ip), record(i, j), leases[i])
+                    t_acked = time.monotonic()
                     used[i].add(j)
                     present = True
                 else:
@@ -235,9 +239,10 @@ def main() -> dict:
                     used[i].discard(j)
                     ip = sim_ip(i, j)
                     retry(wc.delete, key(i, ip))
+                    t_acked = time.monotonic()
                     present = False
                 for p in pollers:
-                    p.add(ip, present, t_issue)
+                    p.add(ip, present, t_issue, t_acked)
                 changes += 1
                 next_at = start + changes / RATE
                 time.sleep(max(0.0, next_at - time.monotonic()))
@@ -256,6 +261,19 @@ def main() -> dict:
             out["publish_to_map_ms"] = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
                                         "max": pct(lat, 1.0), "samples": len(lat)}
             out["publish_to_map_ms_p99_per_agent"] = [pct(p.latencies, 0.99) for p in pollers]
+            # where the tail comes from: etcd's own stall (a put retried while a member is
+            # gone or a leader is elected) against the agents' part (from the put's answer)
+            samples = [x for p in pollers for x in p.samples]
+            out["commit_to_map_ms"] = {"p50": pct([x[2] for x in samples], 0.5),
+                                       "p99": pct([x[2] for x in samples], 0.99),
+                                       "max": pct([x[2] for x in samples], 1.0)}
+            for name, lo, hi in (("before_kill", 0, KILL_AT), ("member_down", KILL_AT, BACK_AT),
+                                 ("member_back", BACK_AT, CHURN_S + 1)):
+                part = [x for x in samples if lo <= x[0] - start < hi]
+                out[f"publish_to_map_ms_p99_{name}"] = pct([x[1] for x in part], 0.99)
+                out[f"commit_to_map_ms_p99_{name}"] = pct([x[2] for x in part], 0.99)
+            worst = sorted(samples, key=lambda x: -x[1])[:len(samples) // 100 + 1]
+            out["worst_1pct_issued_at_s"] = sorted({round(x[0] - start, 1) for x in worst})[:40]
             # the end state: etcd's keys and every agent's entries
             items, _ = c.list_prefix(f"{P}/endpoints/".encode())
             want = {kv.key.decode().rsplit("/", 1)[1] + "/32" for kv in items

@@ -231,3 +231,21 @@ def test_the_view_is_persisted_and_kept_while_etcd_is_away(tmp_path):
         finally:
             h1.agent.stop()
             h2.agent.stop()
+
+
+def test_published_addresses_are_parsed_strictly_and_canonically():
+    """The re-list's fast address parser (inet_pton for IPv4) takes what ipaddress takes
+    and gives the same host prefix the rest of the agent uses."""
+    import ipaddress
+
+    from stockade.daemon.fleet import _address
+    from stockade.daemon.txn import host_prefix
+    for text in ("10.77.2.9", "0.0.0.0", "255.255.255.255", "fd00::1", "FD00:0:0::1",
+                 "::ffff:10.0.0.1"):
+        addr, canonical, prefix = _address(text)
+        assert addr == ipaddress.ip_address(text)
+        assert canonical == str(addr) and prefix == host_prefix(text)
+    for bad in ("010.1.1.1", "1.2.3", "1.2.3.256", "1.2.3.4 ", "0x1.2.3.4", "", "10.0.0.1/32",
+                "fd00::g"):
+        with pytest.raises(ValueError):
+            _address(bad)

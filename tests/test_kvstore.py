@@ -1,5 +1,6 @@
 """stockade.kvstore against a real etcd process (Debian's etcd-server): paginated
-listing, a watch that is compacted or cut (re-listed, deletes included), lease loss,
+listing, a watch that is compacted (re-listed, deletes included) or cut (resumed from its
+revision on another member, nothing lost), lease loss,
 endpoint failover, per-lease key limits, stale keys, RBAC by certificate CN."""
 from __future__ import annotations
 
@@ -81,6 +82,30 @@ def test_watch_from_a_compacted_revision_raises_compacted(client):
         w.cancel()
 
 
+def test_a_watch_from_an_old_revision_counts_only_what_it_delivered(client):
+    """The answer that a watch was created carries the store's current revision while
+    the events since start_revision are still to come: resuming from it would skip
+    them. The watch's revision is what it delivered (or a progress answer's)."""
+    r1 = client.put(b"/t/a", b"1")
+    client.put(b"/t/a", b"2")
+    r3 = client.put(b"/t/b", b"3")
+    w = client.watch(b"/t/", r1)
+    try:
+        seen = []
+        while len(seen) < 3:
+            events = w.next(2)
+            assert events is not None, "the watch went quiet"
+            if not seen:
+                assert w.revision in (r1 - 1, *(e.revision for e in events))
+            seen += events
+        assert [e.revision for e in seen] == [r1, r1 + 1, r3] and w.revision == r3
+        w.request_progress()
+        assert w.next(2) == [], "a progress answer"
+        assert w.revision >= r3
+    finally:
+        w.cancel()
+
+
 def test_mirror_lists_again_when_its_revision_was_compacted(client):
     """Between the listing and the watch the store moves on and is compacted: the watch
     is refused, the mirror lists again and the view is right, deletes included."""
@@ -150,7 +175,7 @@ def test_keys_spread_over_leases_and_stale_keys_deleted(client):
 
 def test_failover_backoff_and_a_cut_stream():
     """Three members: the member the client uses is killed; calls go on through the
-    others, the mirror's stream breaks, it lists again elsewhere and sees what changed
+    others, the mirror's stream breaks, it watches again elsewhere and sees what changed
     meanwhile (deletes included). With every member down calls raise Unavailable; when
     members return the publisher writes again by itself."""
     with EtcdCluster(3, name="kvthree") as cluster:
@@ -195,6 +220,64 @@ def test_failover_backoff_and_a_cut_stream():
         finally:
             c.close()
             other.close()
+
+
+def test_a_cut_stream_resumes_from_its_revision_without_listing_again():
+    """The member the mirror watches on is killed -9 while keys are put and deleted: the
+    mirror watches again on the next member from the last revision it saw + 1. It lists
+    nothing again, and every change written meanwhile arrives exactly once."""
+    with EtcdCluster(3, name="kvresume") as cluster:
+        c = EtcdClient(cluster.endpoints, timeout=1)
+        writer = EtcdClient(cluster.endpoints[1:], timeout=2)
+        try:
+            writer.put(b"/t/before", b"0")
+            view, seen = View(), []
+
+            def on_events(events):
+                seen.extend(events)
+                view.on_events(events)
+
+            m = Mirror(c, b"/t/", on_listing=view.on_listing, on_events=on_events,
+                       check_interval=1)
+            m.start()
+            stop, written = threading.Event(), []
+
+            def write():
+                i = 0
+                while not stop.is_set():
+                    k = b"/t/k%02d" % (i % 40)
+                    try:
+                        written.append(writer.delete(k) if i % 3 == 2 else writer.put(k, b"%d" % i))
+                    except Unavailable:          # a leader being elected: once more
+                        time.sleep(0.05)
+                        continue
+                    i += 1
+                    time.sleep(0.005)
+
+            try:
+                wait_for(lambda: m.watching, what="watching")
+                assert c.current == 0 and view.listings == 1
+                t = threading.Thread(target=write)
+                t.start()
+                try:
+                    time.sleep(0.5)
+                    cluster.kill(0)
+                    time.sleep(1.5)
+                finally:
+                    stop.set()
+                    t.join()
+                items, rev = writer.list_prefix(b"/t/")
+                wait_for(lambda: m.revision >= rev, what="the mirror at etcd's revision")
+                assert m.resumes >= 1 and view.listings == 1, "resumed, not listed again"
+                revisions = [e.revision for e in seen]
+                assert len(revisions) == len(set(revisions)), "an event arrived twice"
+                assert set(written) <= set(revisions), "an event was lost"
+                assert view.items == {kv.key: kv.value for kv in items}
+            finally:
+                m.stop()
+        finally:
+            c.close()
+            writer.close()
 
 
 def test_tls_and_rbac_by_certificate_cn():

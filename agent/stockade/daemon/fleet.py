@@ -15,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -26,7 +28,6 @@ from ..policy.labels import LabelSet
 from .changes import KvstorePersist, KvstoreSync
 from .endpoints import parse_labels
 from .state import RemoteRecord
-from .txn import host_prefix
 
 log = logging.getLogger("stockade.fleet")
 # kvstore.json (a cache of the view for a restart without etcd) is written by a change of
@@ -35,10 +36,37 @@ PERSIST_QUIET, PERSIST_LATEST = 0.5, 10.0
 MAX_REPORTED = 20
 MAX_VALUE = 16384         # bytes of one published endpoint record
 MAX_LABELS = 64
+MAX_LABELSETS = 65536     # distinct label sets kept parsed (one object shared by their records)
 
 
 def _net(text: str):
     return ipaddress.ip_network(text, strict=False)
+
+
+def _address(text: str):
+    """``text`` as an address, its canonical text and host prefix; ValueError if it is
+    none. A re-list works this out for every key: inet_pton takes only the canonical
+    dotted quad and is many times faster than ipaddress's parser."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text)), text, f"{text}/32"
+    except OSError:
+        addr = ipaddress.ip_address(text)
+        canonical = str(addr)
+        return addr, canonical, f"{canonical}/{addr.max_prefixlen}"
+
+
+class _Published:
+    """One other host's ``endpoints/<host>/<ip>``: its raw value and, once worked out,
+    what it gives (record or refusal) and the ``epoch`` (subnets, host addresses) it was
+    worked out under. A slotted object per key: the view holds one per remote address."""
+
+    __slots__ = ("value", "epoch", "rec", "why")
+
+    def __init__(self, value: bytes):
+        self.value = value
+        self.epoch: tuple | None = None
+        self.rec: RemoteRecord | None = None
+        self.why: str | None = None
 
 
 class FleetSource:
@@ -54,11 +82,11 @@ class FleetSource:
         self.mirror = Mirror(self.client, p, on_listing=self._on_listing,
                              on_events=self._on_events, check_interval=max(1.0, self.ttl / 3))
         # the view: raw values of other hosts' keys, and every host's subnets
-        self.eps: dict[tuple[str, str], bytes] = {}        # (host, ip) -> value
+        self.eps: dict[tuple[str, str], _Published] = {}   # (host, ip) -> value, parsed
         self.nodes: dict[str, list[str]] = {}               # host -> addresses
         self.subnets: dict[str, list | None] = {}           # host -> networks (None: invalid)
-        self.ep_hosts: dict[str, set[str]] = {}             # ip -> hosts publishing it
-        self.addr_hosts: dict[str, set[str]] = {}           # node address -> hosts
+        self.ep_hosts: dict[str, tuple[str, ...]] = {}      # ip -> hosts publishing it
+        self.addr_hosts: dict[str, tuple[str, ...]] = {}    # node address -> hosts
         self.records: dict[str, RemoteRecord] = {}          # prefix -> what was submitted
         self.refusals: dict[str, str] = {}                   # key (and address) -> why
         self.conflicts: dict[str, str] = {}                  # prefix -> between which hosts
@@ -72,8 +100,9 @@ class FleetSource:
         self._local = threading.Event()
         self._threads: list[threading.Thread] = []
         self._unsaved_since: float | None = None   # monotonic: kvstore.json behind since
-        self._parsed: dict[tuple[str, str], tuple] = {}   # (host, ip) -> (value, epoch, result)
         self._epoch = 0                                    # + 1 whenever subnets change
+        self._epoch_key: tuple | None = None
+        self._labelsets: dict[tuple, LabelSet] = {}        # labels' items -> the one LabelSet
         self._published_from: Any = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -83,7 +112,8 @@ class FleetSource:
         self.publisher.start()
         self.mirror.start()
         for fn, name in ((self._apply_loop, "stockade-fleet-apply"),
-                         (self._local_loop, "stockade-fleet-publish")):
+                         (self._local_loop, "stockade-fleet-publish"),
+                         (self._probe_loop, "stockade-fleet-probe")):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -153,13 +183,24 @@ class FleetSource:
             self._queue.append(("events", events))
             self._cv.notify()
 
+    def _probe_loop(self) -> None:
+        """``endpoints_reachable`` every TTL/3, on a thread of its own: a member that
+        accepts connections but does not answer yet (starting, catching up) holds each
+        probe up to a second, which must not hold up applying the store's changes."""
+        while not self._stop.is_set():
+            try:
+                self.reachable = self.client.probe()
+            except Exception:  # noqa: BLE001 - a probe that fails counts nothing reachable
+                log.exception("fleet: probing the etcd endpoints failed")
+                self.reachable = 0
+            self._stop.wait(max(1.0, self.ttl / 3))
+
     def _apply_loop(self) -> None:
         """Until stopped, whatever one round raises: a dead thread would leave the
         mirror frozen with status still saying connected."""
-        next_probe = 0.0
         while not self._stop.is_set():
             try:
-                next_probe = self._apply_round(next_probe)
+                self._apply_round()
             except Exception as exc:  # noqa: BLE001 - logged, shown in status, next round
                 log.exception("fleet: applying the store's changes failed")
                 self.agent.error(f"fleet store: applying its changes failed: {exc!r}; "
@@ -167,23 +208,19 @@ class FleetSource:
                 self.mirror.reconnect()    # what the failed round held comes back listed
                 self._stop.wait(0.5)
 
-    def _apply_round(self, next_probe: float) -> float:
+    def _apply_round(self) -> None:
         with self._cv:
             if not self._queue:
                 self._cv.wait(timeout=0.25)
             batch = list(self._queue)
             self._queue.clear()
         now = time.monotonic()
-        if now >= next_probe:
-            self.reachable = self.client.probe()
-            next_probe = now + max(1.0, self.ttl / 3)
         if batch:
             self._apply(batch)
         since = self._unsaved_since
         if since is not None and (not batch and now - self.last_change >= PERSIST_QUIET or
                                   now - since >= PERSIST_LATEST):
             self._submit(KvstorePersist())
-        return next_probe
 
     def _key(self, key: bytes) -> tuple[str, ...] | None:
         """``endpoints/<host>/<ip>`` -> ("endpoints", host, ip), etc.; None: not ours."""
@@ -198,22 +235,21 @@ class FleetSource:
         return None
 
     def _apply(self, batch: list) -> None:
-        if len(self._parsed) > 2 * max(len(self.eps), 1000):   # keys that went
-            self._parsed = {k: v for k, v in self._parsed.items() if k in self.eps}
         full = False
         touched: set[str] = set()
         started, listed, keys = self.mirror.list_started, self.mirror.list_s, 0
         for kind, payload in batch:
             if kind == "listing":
                 full, keys = True, len(payload)
-                self.eps.clear()
+                old_eps, self.eps = self.eps, {}
                 self.refusals.clear()
                 self.nodes.clear()
                 old_subnets, self.subnets = self.subnets, {}
                 self.ep_hosts.clear()
                 self.addr_hosts.clear()
                 for kv in payload:
-                    self._update(kv.key, kv.value, touched, old_subnets)
+                    self._update(kv.key, kv.value, touched, old_subnets, old_eps)
+                del old_eps
                 if set(old_subnets) != set(self.subnets):    # a host's subnets went
                     self._epoch += 1
             else:
@@ -227,16 +263,17 @@ class FleetSource:
             self.conflicts.clear()
         puts: dict[str, RemoteRecord] = {}
         deletes: list[str] = []
+        self._epoch_key = None
         for ip in touched:
             if ip == "*":
                 continue
             try:
-                prefix = host_prefix(ip)
+                addr, canonical, prefix = _address(ip)
             except ValueError:
                 for host in self.ep_hosts.get(ip, ()):
                     self._refuse(f"endpoints/{host}/{ip}", "not an IP address")
                 continue
-            rec = self._record(ip)
+            rec = self._record(ip, addr, canonical, prefix)
             if rec is None:
                 if prefix in self.records:
                     deletes.append(prefix)
@@ -273,11 +310,11 @@ class FleetSource:
             self.records.update(puts)
 
     def _update(self, key: bytes, value: bytes | None, touched: set[str],
-                old_subnets: dict | None = None) -> None:
+                old_subnets: dict | None = None, old_eps: dict | None = None) -> None:
         parts = self._key(key)
         if parts is None:
             return
-        kind, host = parts[0], parts[1]
+        kind, host = parts[0], sys.intern(parts[1])
         if kind == "subnets":
             old = self.subnets.pop(host, None) if old_subnets is None else old_subnets.get(host)
             self.refusals.pop(f"subnets/{host}", None)
@@ -296,20 +333,17 @@ class FleetSource:
             if value is None:
                 self.eps.pop((host, ip), None)
                 self.refusals.pop(f"endpoints/{host}/{ip}", None)
-                hosts = self.ep_hosts.get(ip, set())
-                hosts.discard(host)
-                if not hosts:
-                    self.ep_hosts.pop(ip, None)
+                _drop(self.ep_hosts, ip, host)
             else:
-                self.eps[(host, ip)] = value
-                self.ep_hosts.setdefault(ip, set()).add(host)
+                old = (old_eps if old_eps is not None else self.eps).get((host, ip))
+                # an unchanged value keeps what was worked out (a re-list parses nothing new)
+                self.eps[(host, ip)] = old if old is not None and old.value == value else \
+                    _Published(value)
+                _add(self.ep_hosts, ip, host)
             touched.add(ip)
             return
         for a in self.nodes.pop(host, []):   # nodes/<host>
-            hosts = self.addr_hosts.get(a, set())
-            hosts.discard(host)
-            if not hosts:
-                self.addr_hosts.pop(a, None)
+            _drop(self.addr_hosts, a, host)
             self.refusals.pop(f"nodes/{host} {a}", None)
             touched.add(a)
         self.refusals.pop(f"nodes/{host}", None)
@@ -317,7 +351,7 @@ class FleetSource:
             addrs = self._parse_node(host, value)
             self.nodes[host] = addrs
             for a in addrs:
-                self.addr_hosts.setdefault(a, set()).add(host)
+                _add(self.addr_hosts, a, host)
                 touched.add(a)
 
     # ------------------------------------------------------------------ records
@@ -343,32 +377,31 @@ class FleetSource:
             self._refuse(f"nodes/{host}", f"not {{\"addresses\": [IP, ...]}}: {exc}")
             return []
 
-    def _own(self, ip) -> str | None:
+    def _own(self, ip, canonical: str | None = None) -> str | None:
         """Why ``ip`` cannot be another host's: it is this host's."""
-        if str(ip) in self.agent.state.meta.get("host_ips", ()):
+        if (canonical or str(ip)) in self.agent.state.meta.get("host_ips", ()):
             return "an address of this host"
         if any(ip in n for n in self.subnets.get(self.host) or []):
             return f"inside this host's subnets ({self.host})"
         return None
 
-    def _record(self, ip_text: str) -> RemoteRecord | None:
-        """What ``ip`` is, from every host that publishes it; refusals and conflicts noted."""
-        ip = ipaddress.ip_address(ip_text)
-        prefix = host_prefix(ip_text)
+    def _record(self, ip_text: str, ip, canonical: str, prefix: str) -> RemoteRecord | None:
+        """What ``ip`` (published as ``ip_text``) is, from every host that publishes it;
+        refusals and conflicts noted."""
         self.conflicts.pop(prefix, None)
         found: list[tuple[str, RemoteRecord]] = []
-        for host in sorted(self.ep_hosts.get(ip_text, ())):
-            what = f"endpoints/{host}/{ip_text}"
-            self.refusals.pop(what, None)
-            rec, why = self._endpoint_cached(host, ip, ip_text)
+        for host in self.ep_hosts.get(ip_text, ()):      # sorted (_add)
+            if self.refusals:
+                self.refusals.pop(f"endpoints/{host}/{ip_text}", None)
+            rec, why = self._endpoint_cached(host, ip, ip_text, canonical)
             if why:
-                self._refuse(what, why)
+                self._refuse(f"endpoints/{host}/{ip_text}", why)
             elif rec is not None:
                 found.append((host, rec))
         for host in sorted(self.addr_hosts.get(ip_text, ())):
             what = f"nodes/{host} {ip_text}"
             self.refusals.pop(what, None)
-            why = self._own(ip) or next((f"inside the subnets of {h}" for h, nets in
+            why = self._own(ip, canonical) or next((f"inside the subnets of {h}" for h, nets in
                                          self.subnets.items() if nets and any(ip in n for n in nets)), None)
             if why:
                 self._refuse(what, why)
@@ -379,22 +412,34 @@ class FleetSource:
                                       f"{found[0][0]}'s is used")
         return found[0][1] if found else None
 
-    def _endpoint_cached(self, host: str, ip, ip_text: str) -> tuple[RemoteRecord | None, str | None]:
+    def _endpoint_cached(self, host: str, ip, ip_text: str, canonical: str) -> tuple[RemoteRecord | None, str | None]:
         """``_endpoint``, parsed again only when the value, a host's subnets or this host's
         addresses changed (a re-list of an unchanged store parses nothing)."""
-        value = self.eps.get((host, ip_text))
-        if value is None:
-            self._parsed.pop((host, ip_text), None)
+        pub = self.eps.get((host, ip_text))
+        if pub is None:
             return None, None
-        epoch = (self._epoch, self.agent.state.meta.get("host_ips", ()))
-        hit = self._parsed.get((host, ip_text))
-        if hit is not None and hit[0] == value and hit[1] == epoch:
-            return hit[2]
-        result = self._endpoint(host, ip, value)
-        self._parsed[(host, ip_text)] = (value, epoch, result)
-        return result
+        epoch = self._epoch_key
+        if epoch is None or epoch[0] != self._epoch:
+            # one tuple per round, shared by every entry worked out in it
+            epoch = self._epoch_key = (self._epoch, self.agent.state.meta.get("host_ips", ()))
+        if pub.epoch != epoch:
+            pub.rec, pub.why = self._endpoint(host, ip, pub.value, canonical)
+            pub.epoch = epoch
+        return pub.rec, pub.why
 
-    def _endpoint(self, host: str, ip, value: bytes | None) -> tuple[RemoteRecord | None, str | None]:
+    def _labels(self, labels: dict) -> LabelSet:
+        """The LabelSet of published ``labels``: one shared object per distinct set."""
+        if not all(type(v) is str for v in labels.values()):
+            return parse_labels(labels, "unspec")
+        key = tuple(labels.items())
+        found = self._labelsets.get(key)
+        if found is None:
+            if len(self._labelsets) >= MAX_LABELSETS:
+                self._labelsets.clear()
+            found = self._labelsets[key] = parse_labels(labels, "unspec")
+        return found
+
+    def _endpoint(self, host: str, ip, value: bytes | None, canonical: str | None = None) -> tuple[RemoteRecord | None, str | None]:
         if value is None:
             return None, None
         nets = self.subnets.get(host)
@@ -402,7 +447,7 @@ class FleetSource:
             return None, f"{host} has no valid subnets/{host}"
         if not any(ip in n for n in nets):
             return None, f"outside {host}'s subnets"
-        own = self._own(ip)
+        own = self._own(ip, canonical)
         if own:
             return None, own
         if len(value) > MAX_VALUE:
@@ -418,7 +463,7 @@ class FleetSource:
                 return None, "reserved labels are never published"
             if doc.get("host", host) != host:
                 return None, f"its host field says {doc.get('host')!r}"
-            return RemoteRecord(parse_labels(labels, "unspec"), host), None
+            return RemoteRecord(self._labels(labels), host), None
         except (ValueError, TypeError, KeyError, StockadeError) as exc:
             return None, f"not an endpoint record: {exc}"
 
@@ -448,6 +493,20 @@ class FleetSource:
                 "refusals": [{"key": k, "reason": v} for k, v in
                              sorted(self.refusals.items())[:MAX_REPORTED]],
                 "last_error": pub.last_error or (m.last_error if not m.watching else None)}
+
+
+def _add(index: dict[str, tuple[str, ...]], ip: str, host: str) -> None:
+    hosts = index.get(ip, ())
+    if host not in hosts:
+        index[ip] = tuple(sorted((*hosts, host)))
+
+
+def _drop(index: dict[str, tuple[str, ...]], ip: str, host: str) -> None:
+    hosts = tuple(h for h in index.get(ip, ()) if h != host)
+    if hosts:
+        index[ip] = hosts
+    else:
+        index.pop(ip, None)
 
 
 def start_fleet(agent) -> FleetSource | None:

@@ -43,14 +43,14 @@ class Journal:
         self._log.clear()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IpcacheEntry:
     identity: int
     source: str            # local | remote | kvstore | cidr | host
     host: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteRecord:
     """Another host's workload (or the host itself: ``node``), as the API or Ansible gave it."""
 
