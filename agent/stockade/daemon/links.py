@@ -13,8 +13,9 @@ import threading
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+from ..netlink import dump
 
 log = logging.getLogger("stockade.links")
 
@@ -41,15 +42,8 @@ def matches_any(name: str | None, patterns) -> bool:
 
 
 def list_links() -> list[Link]:
-    # A dump is interrupted when links change meanwhile (busy hosts, parallel tests): retry.
-    for attempt in range(5):
-        try:
-            with IPRoute() as ipr:
-                msgs = ipr.get_links()
-            break
-        except NetlinkDumpInterrupted:
-            if attempt == 4:
-                raise
+    with IPRoute() as ipr:
+        msgs = dump(ipr.get_links)
     names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
     return [_link_from_msg(m, names) for m in msgs]
 
@@ -57,7 +51,7 @@ def list_links() -> list[Link]:
 def host_addresses() -> list[str]:
     """Every address configured in this (the host's) network namespace."""
     with IPRoute() as ipr:
-        return sorted({a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()
+        return sorted({a.get_attr("IFA_ADDRESS") for a in dump(ipr.get_addr)
                        if a.get_attr("IFA_ADDRESS")})
 
 

@@ -13,6 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf
 
+from ..netlink import dump
 from .errors import DatapathError
 
 PARENT_INGRESS = 0xFFFFFFF2  # clsact ingress: from the workload -> from_endpoint
@@ -45,7 +46,7 @@ def _ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
-        kinds = {q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=ifindex)
+        kinds = {q.get_attr("TCA_KIND") for q in dump(ipr.get_qdiscs, index=ifindex)
                  if q["handle"] == 0xFFFF0000}
         if "clsact" not in kinds:
             raise DatapathError(f"ifindex {ifindex}", f"a {'/'.join(sorted(k for k in kinds if k))} "
@@ -92,7 +93,7 @@ def hook_filters(ifindex: int, hook: str) -> list[Attachment]:
     parent = PARENT_INGRESS if hook == "ingress" else PARENT_EGRESS
     try:
         with IPRoute() as ipr:
-            msgs = ipr.get_filters(index=ifindex, parent=parent)
+            msgs = dump(ipr.get_filters, index=ifindex, parent=parent)
     except NetlinkError as exc:
         if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
             return []
@@ -115,11 +116,11 @@ def list_attached(ifindex: int | None = None) -> list[Attachment]:
     try:
         with IPRoute() as ipr:
             indexes = [ifindex] if ifindex is not None else [
-                link["index"] for link in ipr.get_links()]
+                link["index"] for link in dump(ipr.get_links)]
             for idx in indexes:
                 for parent, hook in ((PARENT_INGRESS, "ingress"), (PARENT_EGRESS, "egress")):
                     try:
-                        filters = ipr.get_filters(index=idx, parent=parent)
+                        filters = dump(ipr.get_filters, index=idx, parent=parent)
                     except NetlinkError as exc:
                         if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                             continue

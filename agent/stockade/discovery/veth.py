@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..netlink import dump
 from .errors import DiscoveryError
 
 _CLONE_NEWNET = 0x40000000
@@ -70,7 +71,7 @@ def _container_links() -> list[tuple[int, str, int | None, str | None]]:
                 link.get_attr("IFLA_LINK"),
                 link.get_attr("IFLA_ADDRESS"),
             )
-            for link in ipr.get_links()
+            for link in dump(ipr.get_links)
         ]
 
 
@@ -152,7 +153,7 @@ def _link_local_of(ifindex: int | None, ifname: str) -> list[str]:
                 return []
             ifindex = found[0]
         out = []
-        for msg in ipr.get_addr(family=socket.AF_INET6, index=ifindex):
+        for msg in dump(ipr.get_addr, family=socket.AF_INET6, index=ifindex):
             addr = ipaddress.IPv6Address(msg.get_attr("IFA_ADDRESS"))
             if addr.is_link_local and str(addr) not in out:
                 out.append(str(addr))
