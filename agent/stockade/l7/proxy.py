@@ -277,8 +277,10 @@ class L7Proxy:
 
     # ------------------------------------------------------------------ status
     def health(self) -> dict:
-        ok = not self.wanted or self.running
-        return {"wanted": self.wanted, "running": self.running,
-                "pid": self.proc.pid if self.running and self.proc is not None else None, "restarts": self.restarts,
+        proc = self.proc
+        running = proc is not None and proc.poll() is None   # once: "ok" and "running" agree
+        ok = not self.wanted or running
+        return {"wanted": self.wanted, "running": running,
+                "pid": proc.pid if running and proc is not None else None, "restarts": self.restarts,
                 "ok": ok, "last_error": self.last_error,
                 "l7_ports": len(self._targets), "request_log": self.log_reader.stats()}
