@@ -256,7 +256,7 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 		return handle_unidentified(skb, ep, dir, &p);
 	if (handle_fragment(&p) < 0)
 		return drop(skb, dir, REASON_FRAGMENT_ORPHAN, &p, local);
-	return l7_steer(skb, dir, &p, handle_ip(skb, ep, dir, &p, cfg));
+	return l7_steer(skb, dir, &p, handle_ip(skb, ep, dir, &p, cfg), local, cfg);
 }
 
 #endif

@@ -30,17 +30,42 @@ static __always_inline int l7_is_port(__u8 family, const __u32 *addr, __be16 por
 	return l7_ports.lookup(&k) != 0;
 }
 
-/* @act: the pipeline's tc action for the packet. Returns the final action. */
-static __always_inline int l7_steer(struct __sk_buff *skb, int dir, const struct pkt *p, int act)
+/* A client's SYN to an L7 port: the server's L4 ingress policy decides first, as the
+ * server's own hook would, which steered packets never reach. A peer it denies is
+ * dropped here, never answered by the proxy (a 403 would tell it the port is there).
+ * Returns REASON_NONE or the drop reason. */
+static __always_inline int l7_server_admits(const struct pkt *p, __u32 client, __u32 cfg)
+{
+	__u32 ids[2] = {};
+	__u8 match = 0;
+
+	if ((p->tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN || (cfg & CFG_F_AUDIT))
+		return REASON_NONE;
+	return policy_decide(ipcache_identity(p->family, p->daddr), client, DIR_INGRESS, p,
+			     &match, ids);
+}
+
+/* @act: the pipeline's tc action for the packet; @local: the sender's identity.
+ * Returns the final action. */
+static __always_inline int l7_steer(struct __sk_buff *skb, int dir, const struct pkt *p, int act,
+				    __u32 local, __u32 cfg)
 {
 	struct l7_host *host;
 	__u32 ifindex = skb->ifindex;
+	int to_port, reason;
 
 	if (act != TC_ACT_OK || dir != DIR_EGRESS || p->proto != IPPROTO_TCP_ || !p->has_ports)
 		return act;
-	if (!l7_is_port(p->family, p->daddr, p->dport) &&
-	    !l7_is_port(p->family, p->saddr, p->sport))
+	to_port = l7_is_port(p->family, p->daddr, p->dport);
+	if (!to_port && !l7_is_port(p->family, p->saddr, p->sport))
 		return act;
+	if (to_port) {
+		reason = l7_server_admits(p, local, cfg);
+		if (reason != REASON_NONE) {
+			count(skb, dir, VERDICT_DROPPED, reason);
+			return TC_ACT_SHOT;
+		}
+	}
 	host = l7_host.lookup(&ifindex);
 	if (!host)
 		return TC_ACT_SHOT;  /* no way to the proxy: closed, not bridged past it */

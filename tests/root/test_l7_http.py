@@ -251,6 +251,28 @@ def test_l4_only_peer_is_unfiltered(e):
         a.close()
 
 
+def test_peer_denied_at_l4_on_an_l7_port_is_dropped_not_proxied(e):
+    """c has no rule on 8080: its SYN is dropped by the datapath at its own hook (the
+    server's ingress policy decides there, as the server's hook would), so it never
+    gets a proxied answer and the server sees nothing of it."""
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    allowed = Client(w["a"], w["b"].ip4)
+    try:
+        assert allowed.request("GET", "/public")[0] == 200   # the proxy is in the path
+    finally:
+        allowed.close()
+    Recorder.seen.clear()
+    with pytest.raises(OSError):
+        c = Client(w["c"], w["b"].ip4, timeout=1.0)
+        try:
+            c.request("GET", "/public")
+        finally:
+            c.close()
+    assert not [r for r in Recorder.seen if r["client"] == w["c"].ip4]
+
+
 def test_policy_change_mid_connection(e):
     agent, w, _ = e
     apply(agent, cnp("api", API_L7))
