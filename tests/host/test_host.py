@@ -206,15 +206,39 @@ def reach(guest, name: str, url: str, tries: int = 1) -> bool:
     return False
 
 
-def wait_until(fn, timeout: float, what: str, step: float = 2.0):
+def wait_until(fn, timeout: float, what: str, step: float = 2.0, fail: bool = True):
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
         if value:
             return value
         if time.monotonic() > deadline:
+            if not fail:
+                return value
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(step)
+
+
+DIAGNOSTICS = (
+    "/opt/stockade/venv/bin/stockade status -o json",
+    "journalctl -u stockade-agent --no-pager -n 80",
+    "podman info --format '{{.Host.EventLogger}}'",
+    "systemctl is-active podman.socket podman.service; ls -l /run/podman",
+    "podman ps -a --format '{{.Names}} {{.Status}}'",
+)
+
+
+def diagnostics(guest) -> str:
+    """The guest's view when a step fails: the agent's status and log, Podman's events."""
+    out = []
+    for command in DIAGNOSTICS:
+        try:
+            proc = guest.ssh_run(command, timeout=120, tries=2)
+            out.append(f"$ {command}  (exit {proc.returncode})\n"
+                       f"{proc.stdout[-4000:]}{proc.stderr[-1000:]}")
+        except Exception as exc:  # the diagnostics must never hide the failure itself
+            out.append(f"$ {command}: {exc!r}")
+    return "\n".join(out)
 
 
 # -- the steps -------------------------------------------------------------------
@@ -251,8 +275,10 @@ def test_install_over_ssh(guest, workdir, figures):
     container(guest, "hostt-srv", SRV_IP, "hostt-srv", SERVER)
     container(guest, "hostt-cli", CLI_IP, "hostt-client", PROBE % SRV_IP)
     container(guest, "hostt-bad", BAD_IP, "hostt-intruder", PROBE % SRV_IP)
-    assert wait_until(lambda: reach(guest, "hostt-cli", f"http://{SRV_IP}/"), 120,
-                      "the allowed client to reach the server")
+    if not wait_until(lambda: reach(guest, "hostt-cli", f"http://{SRV_IP}/"), 120,
+                      "the allowed client to reach the server", fail=False):
+        raise AssertionError("timed out after 120 s waiting for the allowed client to reach"
+                             " the server\n" + diagnostics(guest))
     assert not reach(guest, "hostt-bad", f"http://{SRV_IP}/", tries=3), "denied peer got in"
     status = guest.ssh("/opt/stockade/venv/bin/stockade status -o json")
     assert '"hostt-srv"' in status or "hostt-srv" in status, status
