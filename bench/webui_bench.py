@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,9 @@ import httpx
 
 from bench.common import median, pct  # puts tests/ on sys.path
 
+# isort: split
 from agentproc import AgentProcess  # noqa: E402
+from webuiproc import WebUIProcess  # noqa: E402
 
 N = 1000
 ROUNDS = 15
@@ -47,12 +48,6 @@ spec:
   endpointSelector: {{matchLabels: {{app: svc-{i:04d}}}}}
   ingress: [{{fromEndpoints: [{{matchLabels: {{app: svc-{(i + 1) % n:04d}}}}}], toPorts: [{{ports: [{{port: "8080", protocol: TCP}}]}}]}}]
 """ for i in range(n))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def login(base: str, token: str) -> httpx.Client:
@@ -113,21 +108,8 @@ def main(n: int = N) -> dict:
             with open(token, "w") as f:
                 f.write("bench-token-" + os.urandom(12).hex() + "\n")
             os.chmod(token, 0o600)
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "stockade.cli.main", "webui", "--bind",
-                                     f"127.0.0.1:{port}", "--token-file", token,
-                                     "--socket", f"h1={agent.socket}"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    httpx.get(f"{base}/login")
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError("the web UI did not start") from None
-                    time.sleep(0.1)
+            proc = WebUIProcess({"h1": agent.socket}, token, timeout=20).__enter__()
+            base = proc.base
             with open(token) as f:
                 ui = login(base, f.read().strip())
             try:
@@ -141,12 +123,7 @@ def main(n: int = N) -> dict:
                     "target_ms": TARGET_MS, "ok": worst < TARGET_MS}
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            proc.__exit__()
         for name in links:
             subprocess.run(["ip", "link", "del", name], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)

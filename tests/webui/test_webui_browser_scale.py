@@ -11,17 +11,13 @@ Screenshots go to tests/artifacts/webui-scale/ (kept after the run, gitignored).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import TOKEN, FlowAgent, flow
 from stockade.daemon.server import APIServer
+from webuiproc import WebUIProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts" / "webui-scale"
@@ -70,27 +66,8 @@ def server(scale_socket, tmp_path_factory):
     token = d / "webui.token"
     token.write_text(TOKEN + "\n")
     os.chmod(token, 0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "stockade.cli.main", "webui", "--bind",
-                             f"127.0.0.1:{port}", "--token-file", str(token),
-                             "--socket", f"h1={scale_socket}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                httpx.get(f"{base}/login")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
+    with WebUIProcess({"h1": scale_socket}, str(token)) as ui:
+        yield ui.base
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import click
 import httpx
@@ -15,6 +11,7 @@ from click.testing import CliRunner
 from conftest import PROPOSED
 from stockade.cli.main import cli
 from stockade.cli.webui_cmd import split_bind
+from webuiproc import WebUIProcess
 
 
 @pytest.mark.parametrize("bind,want", [
@@ -57,23 +54,9 @@ def test_serves_under_waitress(agent_socket, tmp_path):
     token = tmp_path / "t"
     token.write_text("s3cret-token-for-the-cli-test\n")
     os.chmod(token, 0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "stockade.cli.main", "webui", "--bind",
-                             f"127.0.0.1:{port}", "--token-file", str(token),
-                             "--socket", f"h1={agent_socket}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                r = httpx.get(f"{base}/login")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
+    with WebUIProcess({"h1": agent_socket}, str(token)) as ui:
+        base, port = ui.base, ui.port
+        r = httpx.get(f"{base}/login")
         assert r.status_code == 200 and r.headers["Server"] == "stockade-webui"
         auth = {"Authorization": "Bearer s3cret-token-for-the-cli-test"}
         assert httpx.get(f"{base}/api/v1/hosts", headers=auth).json()[0]["health"]["status"] == "ok"
@@ -82,7 +65,4 @@ def test_serves_under_waitress(agent_socket, tmp_path):
         assert r.status_code == 200 and r.json()["flows"][0]["count"] == 12
         # DNS rebinding: the same server under another name is refused
         assert httpx.get(f"{base}/login", headers={"Host": f"rebind.example:{port}"}).status_code == 400
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=10)[0].decode()
-    assert f"http://127.0.0.1:{port}/" in out
+    assert f"http://127.0.0.1:{port}/" in ui.output
