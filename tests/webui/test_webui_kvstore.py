@@ -54,7 +54,9 @@ def test_overview_shows_the_fleet_store(tmp_path):
                 page = c.get("/login").get_data(as_text=True)
                 csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
                 assert c.post("/login", data={"token": TOKEN, "csrf_token": csrf}).status_code == 302
-                wait_for(lambda: AgentAPI(agent).health()["kvstore"]["refused_entries"] == 1)
+                # the refusal comes with the listing; "connected" with the watch's first answer
+                wait_for(lambda: AgentAPI(agent).health()["kvstore"]["refused_entries"] == 1
+                         and AgentAPI(agent).health()["kvstore"]["state"] == "connected")
                 body = text(c.get("/"))
                 assert "Fleet store connected" in body
                 assert "Remote entries 1 " in body and "Refused entries 1 " in body
