@@ -297,6 +297,25 @@ def test_refused_from_the_headers_alone(make_server, agent, uid, method, path, h
     assert agent.calls == []
 
 
+def test_a_small_body_sent_after_the_refusal_does_not_break_the_pipe(make_server, agent):
+    """The server answers 403 from the headers; the peer sends its small body only after
+    that answer is out (as a client writing head and body separately may): the server
+    reads and drops the body before it closes, so the peer's write succeeds and it reads
+    the refusal, not EPIPE."""
+    s = make_server()
+    p = Peer(s, MEMBER)
+    body = json.dumps({"services": {}}).encode()
+    p.send_head("PUT", "/v1/services", {"Content-Type": "application/json"}, len(body))
+    time.sleep(0.3)                     # the answer and the write shutdown are out by now
+    p.sock.sendall(body)
+    got, resp, data = p.response(timeout=5)
+    assert got == 403, data
+    assert resp.getheader("Connection") == "close"
+    assert p.closed_by_server()
+    assert agent.calls == []
+    p.close()
+
+
 def test_body_limits_by_peer(make_server, agent):
     s = make_server()
     member = Peer(s, MEMBER)

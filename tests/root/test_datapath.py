@@ -23,6 +23,7 @@ import traffic
 from dpenv import datapath_env  # tests/ is on sys.path (tests/conftest.py)
 from stockade.datapath import CapacityError, Datapath, Reason, Verdict, attach, list_attached
 from stockade.datapath import maps as m
+from stockade.datapath.attachments import programs_on as attach_programs
 from stockade.policy.mapstate import (
     ANY_PEER,
     EGRESS,
@@ -635,3 +636,31 @@ def test_reload_keeps_pins_and_swaps_program_under_load(e):
         if dp2 is not None:
             dp2.close()
     assert not errors
+
+
+def test_checks_and_detaches_from_two_threads_never_share_a_link_fd(e):
+    """The agent's guard checks interfaces from its own thread while an API call detaches
+    one. A check seeing a just-detached link must not close the fd the detach is still
+    using (that was 'cannot detach: Bad file descriptor', and with the fd number reused,
+    a detach of someone else's link)."""
+    w = e.topo.add_workload("race", ["10.213.7.9/24"])
+    stop, errors = threading.Event(), []
+
+    def checker():
+        while not stop.is_set():
+            try:
+                e.dp.check_interface(w.host_ifindex)
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+    t = threading.Thread(target=checker, daemon=True)
+    t.start()
+    try:
+        for _ in range(150):
+            e.dp.attach_interface(w.host_ifindex)
+            e.dp.detach_interface(w.host_ifindex)
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert errors == []
+    assert attach_programs(w.host_ifindex) == {"ingress": [], "egress": []}

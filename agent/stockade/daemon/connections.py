@@ -50,6 +50,8 @@ class Limits:
     body_rate: float = 1 * MiB          # ... plus its length at this many bytes a second
     write_timeout: float = 30.0         # one response write (a stream's one chunk)
     idle_timeout: float = 60.0          # a keep-alive connection with no request
+    linger_bytes: int = 64 * 1024       # a refused request's unread body, drained up to this
+    linger_timeout: float = 1.0         # ... for this long, so its sender reads our answer
     workers: int = 12
     root_workers: int = 4               # never busy with members' requests
     member_workers: int = 4             # busy with one member uid's requests at most
@@ -151,6 +153,25 @@ class Connection:
             return True  # let a worker find the error
         finally:
             self.raw.nonblocking = False
+
+    def linger(self, limit: int, timeout: float) -> None:
+        """Answered but the request's body unread: stop writing, then read and drop up to
+        ``limit`` bytes for ``timeout`` s. A peer still sending its body would otherwise
+        get EPIPE instead of our answer."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + timeout
+            while limit > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.sock.settimeout(left)
+                data = self.sock.recv(min(limit, 16 * 1024))
+                if not data:
+                    return
+                limit -= len(data)
+        except OSError:
+            pass
 
     def shutdown(self) -> None:
         """Wake whoever blocks on it (server stop)."""

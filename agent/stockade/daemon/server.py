@@ -14,7 +14,8 @@ the route is matched (404, 405), the permission decided from method, path and qu
 headers: Content-Length only (chunked: 411), at most 4 MiB from a member and only to a
 read-only route, at most 64 MiB from root (413), JSON (415). Only then is the body read,
 incrementally, with the limit enforced as it comes. A request refused before its body
-was read is answered and its connection closed, the body unread. ``Expect:
+was read is answered and its connection closed, the body unread (a body of at most 64
+KiB is read and dropped for up to 1 s first, so its sender sees the answer). ``Expect:
 100-continue`` is answered only once the body is wanted.
 
 Limits and timeouts (connections.Limits). The request line and headers must arrive
@@ -110,6 +111,13 @@ class _Exchange(http.server.BaseHTTPRequestHandler):
         self.expect_continue = False
         self.command = self.path = self.requestline = ""
         self.request_version = self.default_request_version
+
+    def declared_length(self) -> int:
+        """The request's Content-Length (no headers yet, chunked or unreadable: huge)."""
+        try:
+            return int(self.headers.get("Content-Length", ""))
+        except (AttributeError, ValueError):
+            return 1 << 62
 
     def address_string(self):
         return f"pid={self.cred.pid},uid={self.cred.uid}" if self.cred else "unknown peer"
@@ -353,6 +361,8 @@ class APIServer:
         finally:
             conn.raw.deadline = conn.raw.budget = None
         if ex.close_connection or self.stopping.is_set() or self._acceptor is None:
+            if ex.body_unread and ex.declared_length() <= self.limits.linger_bytes:
+                conn.linger(self.limits.linger_bytes, self.limits.linger_timeout)
             conn.close()
         else:
             self._acceptor.park(conn)

@@ -18,7 +18,9 @@ other mode's is removed.
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,16 @@ class Problem:
     what: str        # "missing", "replaced by ...", "foreign program ahead: ..."
 
 
+def _locked(method):
+    """One operation at a time: the guard thread checks while an API thread detaches, and
+    a link fd one closes must never be used (or, reused by the kernel, detached) by the other."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Attachments:
     """Attach, check and detach the programs ``prog_fds`` ({hook: fd}) on interfaces."""
 
@@ -69,10 +81,12 @@ class Attachments:
         self._copies: dict[str, int] = {}
         self._copy_ids: dict[str, int] = {}
         self._links: dict[tuple[int, str], int] = {}   # open link fds (tcx)
+        self._lock = threading.RLock()
 
     def _ours(self, hook: str, prog_id: int) -> bool:
         return prog_id in (self.prog_ids[hook], self._copy_ids.get(hook))
 
+    @_locked
     def prepare(self) -> None:
         """Load the second copy now (the verifier takes a while), not at the first repair."""
         if self.mode == "tcx" and not self._copies and self._load_copies is not None:
@@ -170,6 +184,7 @@ class Attachments:
         return out
 
     # ------------------------------------------------------------------ interface
+    @_locked
     def attach(self, ifindex: int) -> None:
         """Our programs on ``ifindex``, first; replaces a previous run's in one step."""
         try:
@@ -195,6 +210,7 @@ class Attachments:
                     pass
             self._forget(ifindex, hook, fd)
 
+    @_locked
     def detach(self, ifindex: int) -> None:
         """Our programs off ``ifindex``, in both modes."""
         try:
@@ -203,6 +219,7 @@ class Attachments:
             raise DatapathError(f"ifindex {ifindex}", f"cannot detach: {exc.strerror}") from exc
         tc_detach(ifindex)
 
+    @_locked
     def check(self, ifindex: int) -> list[Problem]:
         """What keeps our programs from judging every packet of ``ifindex`` ([]: nothing)."""
         out = []
@@ -239,6 +256,7 @@ class Attachments:
             return f"replaced by {_describe(ours[0].prog_id)}"
         return None
 
+    @_locked
     def owned(self) -> list[int]:
         """Interfaces with a pinned link of ours (tcx, this pin directory)."""
         out: set[int] = set()
@@ -252,6 +270,7 @@ class Attachments:
                 out.add(int(idx))
         return sorted(out)
 
+    @_locked
     def programs(self, ifindex: int) -> dict[str, list[str]]:
         """{hook: names of the programs run, in order} (tcx first, then tc), for status."""
         out: dict[str, list[str]] = {}
@@ -263,6 +282,7 @@ class Attachments:
             out[hook] = names
         return out
 
+    @_locked
     def close(self) -> None:
         """Close the link fds (the pins keep the links)."""
         for fd in [*self._links.values(), *self._copies.values()]:
@@ -270,6 +290,7 @@ class Attachments:
         self._links.clear()
         self._copies.clear()
 
+    @_locked
     def remove_pins(self) -> None:
         """Detach every link this pin directory owns and remove its pins."""
         for idx in self.owned():
