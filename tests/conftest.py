@@ -34,3 +34,15 @@ def pytest_runtest_makereport(item, call):
             name = agent.settings.get("host_name") or agent.run_dir.name
             report.sections.append((f"agent log: {name}", agent.log()[-3000:]))
     return report
+
+
+SHARED_RUN_DIRS = ("/run/stockade-test", "/run/stockade-test-vm")   # parents of tests' sockets
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The shared parent directories go once empty (another session may still use them)."""
+    for d in SHARED_RUN_DIRS:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from agentproc import AgentProcess
+from agentproc import STOCKADE, AgentProcess
 from attached import program_ids
 from netns import Topology
 from oldbuild import RUN_AGENT, old_build
@@ -169,7 +169,7 @@ def test_upgrade_keeps_connections_and_policy(old_tree):
             stopped = time.monotonic()
             assert eventually(lambda: udp.received_since(stopped) > 5)   # old programs
 
-            agent.command, agent.env = AgentProcess().command, None     # this build
+            agent.command, agent.env = STOCKADE, None     # this build
             agent.start()
             pins = set(os.listdir(agent.settings["bpffs_dir"]))
             assert {"conntrack_v2", "endpoints_v2", "counters_v2"} <= pins
