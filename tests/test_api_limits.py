@@ -60,6 +60,7 @@ ACCESS = {
     ("PUT", "/v1/policies"): DRY_RUN,
     ("DELETE", "/v1/policies"): DRY_RUN,
     ("DELETE", "/v1/policies/{name}"): DRY_RUN,
+    ("POST", "/v1/hooks/oci"): CHANGE,
     ("GET", "/v1/metrics"): READ,
     ("GET", "/metrics"): READ,  # Prometheus' default path, on the socket too
     ("GET", "/v1/services"): READ,
@@ -69,7 +70,7 @@ ACCESS = {
     ("GET", "/v1/matrix"): READ,
     ("POST", "/v1/review"): READ,
 }
-BODY_ROUTES = {("POST", "/v1/endpoints"), ("POST", "/v1/ipcache"), ("PATCH", "/v1/ipcache"), ("PUT", "/v1/policies"),
+BODY_ROUTES = {("POST", "/v1/endpoints"), ("POST", "/v1/hooks/oci"), ("POST", "/v1/ipcache"), ("PATCH", "/v1/ipcache"), ("PUT", "/v1/policies"),
                ("PUT", "/v1/services"), ("POST", "/v1/review")}
 LIMITS = Limits()
 SCHEMA = ApiSchema()

@@ -345,6 +345,11 @@ class Agent:
                 out.append(h)
         return out
 
+    def runtime_source(self, runtime: str):
+        """The runtimes.RuntimeSource following ``runtime`` ("podman", ...), or None."""
+        return next((w for w in list(self._watchers)
+                     if getattr(w, "runtime", None) == runtime and hasattr(w, "enroll")), None)
+
     def snapshot(self) -> Snapshot:
         """The last committed version, as immutable copies (built once per version)."""
         snap = self._snapshot

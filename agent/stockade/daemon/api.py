@@ -4,10 +4,11 @@ methods; nothing here touches the kernel or the model directly."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 
 from .. import __version__
-from ..errors import InvalidRequest, NotFound, PolicyError, PolicyErrors
+from ..errors import InvalidRequest, NotFound, PolicyError, PolicyErrors, StockadeError
 from ..policy.api.loader import load_text
 from ..policy.api.rule import KINDS
 from ..policy.describe import clause_rows
@@ -27,6 +28,11 @@ from .changes import (
 from .endpoints import parse_labels, parse_spec
 from .inventory import parse_services
 from .state import Snapshot
+
+log = logging.getLogger("stockade.api")
+# How long an OCI hook's request waits for the container's create event (the hook
+# itself gives up after 2 s: stockade/hook.py)
+HOOK_EVENT_WAIT = 1.0
 
 
 class AgentAPI:
@@ -91,6 +97,30 @@ class AgentAPI:
 
     def remove_endpoint(self, name: str) -> None:
         self.agent.submit(RemoveEndpoint(name, static_only=True))
+
+    def oci_hook(self, state: dict) -> dict:
+        started = time.monotonic()
+        cid = state["id"]
+        manager = (state.get("annotations") or {}).get("io.container.manager", "libpod")
+        source = self.agent.runtime_source("podman") if manager == "libpod" else None
+        result: object
+        if manager != "libpod":
+            result = f"not a Podman container (io.container.manager {manager})"
+        elif source is None:
+            result = "this agent does not follow Podman (podman_socket)"
+        else:
+            try:
+                result = source.enroll(cid, state["pid"], state.get("bundle"), HOOK_EVENT_WAIT)
+            except StockadeError as exc:
+                result = str(exc)
+        endpoint = None
+        if not isinstance(result, str):
+            endpoint = self._endpoint_dict(self.agent.snapshot(), result)
+        else:
+            log.info("OCI hook, container %s: not enrolled: %s", cid[:12], result)
+        return {"id": cid, "enrolled": endpoint is not None and endpoint["state"] == "ready",
+                "endpoint": endpoint, "reason": result if isinstance(result, str) else None,
+                "seconds": round(time.monotonic() - started, 4)}
 
     # ------------------------------------------------------------------ identities
     def list_identities(self) -> list[dict]:

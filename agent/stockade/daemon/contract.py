@@ -99,6 +99,14 @@ class AgentService(Protocol):
 
     def remove_endpoint(self, name: str) -> None: ...
 
+    def oci_hook(self, state: dict) -> dict:
+        """state: a container's OCI state as Podman's OCI hook reads it ({"id", "pid",
+        "bundle", "annotations"}; stockade/hook.py). Enrolls the container as an endpoint
+        before its process runs, through the same path as a runtime event, and returns
+        {"id", "enrolled": bool (its endpoint is ready), "endpoint": Endpoint|None,
+        "reason": why not (str) or None, "seconds": float}. A container the agent cannot
+        enroll now is not an error: the events path finds it."""
+
     def list_identities(self) -> list[dict]: ...
 
     def list_ipcache(self) -> list[dict]: ...

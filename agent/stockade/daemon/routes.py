@@ -116,6 +116,10 @@ def delete_endpoint(r: Request) -> Response:
     return Response(204)
 
 
+def post_oci_hook(r: Request) -> Response:
+    return Response(body=r.agent.oci_hook(r.body))
+
+
 def get_identities(r: Request) -> Response:
     return Response(body=r.agent.list_identities())
 
@@ -231,6 +235,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/endpoints", get_endpoints, READ),
     Route("POST", "/v1/endpoints", post_endpoint, CHANGE),
     Route("DELETE", "/v1/endpoints/{name}", delete_endpoint, CHANGE),
+    Route("POST", "/v1/hooks/oci", post_oci_hook, CHANGE),
     Route("GET", "/v1/identities", get_identities, READ),
     Route("GET", "/v1/ipcache", get_ipcache, READ),
     Route("POST", "/v1/ipcache", post_ipcache, CHANGE),

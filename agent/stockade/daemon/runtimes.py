@@ -16,12 +16,16 @@ stays closed and the error shows in ``stockade status``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 
 from ..discovery import DockerWatcher, ensure_podman_service, stop_podman_service
-from ..discovery.workload import WorkloadEvent
+from ..discovery.errors import DiscoveryError
+from ..discovery.netns import netns_inode
+from ..discovery.veth import find_host_veth, interface_addresses
+from ..discovery.workload import Workload, WorkloadEvent
 from ..errors import StockadeError
 from .changes import RemoveEndpoint, UpsertEndpoint
 from .labelsources import admit_labels
@@ -59,35 +63,73 @@ class RuntimeSource:
         w = ev.workload
         if w is None:
             return
-        name = w.name
         try:
             if ev.kind == "added":
-                if not w.host_ifname or not w.ips:
-                    log.info("%s workload %s has no host interface or address; not managed",
-                             self.runtime, name)
-                    return
-                image_labels = None
-                if self.runtime in ("podman", "docker") and not self.agent.config.trust_image_labels:
-                    if w.image_labels is None:
-                        self.agent.error(f"{self.runtime} container {name}: the labels of its "
-                                         f"image {w.image!r} cannot be read, so its own cannot "
-                                         "be told from the image's; not identified")
-                        return
-                    image_labels = w.image_labels
-                labels, dropped = admit_labels(w.labels, self.runtime, image_labels=image_labels)
-                # Containers: no MAC (their veth MAC is not the workload's to keep).
-                # VMs: the guest MAC libvirt configured.
-                self.agent.submit(UpsertEndpoint(
-                    name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
-                    mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
-                    extra={"image": w.image}, dropped_labels=tuple(dropped),
-                    netns=(w.netns_inode, w.netns_path) if w.netns_inode else None))
+                self._upsert(w)
             else:
-                self.agent.submit(RemoveEndpoint(name, source=self.runtime, runtime_id=w.id))
+                self.agent.submit(RemoveEndpoint(w.name, source=self.runtime, runtime_id=w.id))
         except StockadeError as exc:
-            self.agent.error(f"{self.runtime} container {name}: {exc}")
+            self.agent.error(f"{self.runtime} container {w.name}: {exc}")
         except Exception:
-            log.exception("%s event for %s failed", self.runtime, name)
+            log.exception("%s event for %s failed", self.runtime, w.name)
+
+    def _upsert(self, w: Workload):
+        """The workload as an endpoint: the Endpoint the agent now has, or a string that
+        says why it is not managed (reported in status where it is an error). Raises
+        StockadeError when the change fails."""
+        name = w.name
+        if not w.host_ifname or not w.ips:
+            log.info("%s workload %s has no host interface or address; not managed",
+                     self.runtime, name)
+            return "it has no host interface or no address"
+        image_labels = None
+        if self.runtime in ("podman", "docker") and not self.agent.config.trust_image_labels:
+            if w.image_labels is None:
+                why = (f"the labels of its image {w.image!r} cannot be read, so its own "
+                       "cannot be told from the image's; not identified")
+                self.agent.error(f"{self.runtime} container {name}: {why}")
+                return why
+            image_labels = w.image_labels
+        labels, dropped = admit_labels(w.labels, self.runtime, image_labels=image_labels)
+        # Containers: no MAC (their veth MAC is not the workload's to keep).
+        # VMs: the guest MAC libvirt configured.
+        return self.agent.submit(UpsertEndpoint(
+            name, w.host_ifname, tuple(w.ips), labels, self.runtime, runtime_id=w.id,
+            mac=w.mac if self.runtime == "libvirt" else None, ifindex=w.host_ifindex,
+            extra={"image": w.image}, dropped_labels=tuple(dropped),
+            netns=(w.netns_inode, w.netns_path) if w.netns_inode else None))
+
+    def enroll(self, cid: str, pid: int, bundle: str | None, wait: float):
+        """A container Podman is starting (the OCI hook, hook.py): the Endpoint, or why
+        not. Its name, image and labels come from its create event (waited for up to
+        ``wait`` s), its interface and addresses from its network namespace; then the
+        same path as an event's. The runtime is not asked about the container: it holds
+        the container's lock until the hook returns."""
+        created = getattr(self.watcher, "created", None)
+        if created is None:
+            return f"{self.runtime} has no create events to identify containers by"
+        if not self.watcher.events_log:
+            return (f"{self.runtime}: no events log is followed (podman_events_log), so "
+                    "create events are not seen in time")
+        info = created.wait(cid, wait)
+        if info is None:
+            return f"no create event for container {cid[:12]} within {wait:g}s"
+        veth = find_host_veth(pid)
+        if veth is None:
+            return f"container {info.name} has no veth into this host's namespace"
+        ips = interface_addresses(pid, veth.container_ifindex)
+        netns_ino = netns_inode(f"/proc/{pid}/ns/net")
+        netns_path = bundle_netns_path(bundle) or f"/proc/{pid}/ns/net"
+        try:
+            image_labels = self.watcher.image_labels_by_name(info.image)
+        except DiscoveryError as exc:
+            log.warning("%s: image of %s: %s", self.runtime, info.name, exc)
+            image_labels = None
+        w = Workload(runtime=self.runtime, id=cid, name=info.name, image=info.image,
+                     labels=dict(info.labels), image_labels=image_labels, ips=tuple(ips),
+                     host_ifname=veth.ifname, host_ifindex=veth.ifindex, mac=veth.mac, pid=pid,
+                     netns_path=netns_path if netns_ino else None, netns_inode=netns_ino)
+        return self._upsert(w)
 
     def _reconcile(self, workloads) -> None:
         """Every running workload an endpoint ready on its interface (submitted again if
@@ -108,6 +150,25 @@ class RuntimeSource:
         self.watcher.close()
         if self.service is not None:
             stop_podman_service(self.service)
+
+
+MAX_BUNDLE_CONFIG = 4 << 20   # bytes of an OCI bundle's config.json read
+
+
+def bundle_netns_path(bundle: str | None) -> str | None:
+    """The network namespace path in an OCI bundle's config.json (what Podman reports as
+    the container's SandboxKey); None when it is not there or not readable."""
+    if not bundle:
+        return None
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            data = json.loads(f.read(MAX_BUNDLE_CONFIG))
+        for ns in data["linux"]["namespaces"]:
+            if ns.get("type") == "network" and isinstance(ns.get("path"), str) and ns["path"]:
+                return ns["path"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def start_runtime_watchers(agent, stop_event: threading.Event) -> list:

@@ -17,6 +17,7 @@ import re
 import socket
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -134,6 +135,18 @@ class DockerAPI:
             self._image_labels.pop(next(iter(self._image_labels)))
         self._image_labels[image_id] = labels
         return dict(labels)
+
+    def image_labels_by_name(self, ref: str) -> dict[str, str] | None:
+        """Config.Labels of the image ``ref`` names now ({} for no image, None when there
+        is no such image). For the OCI hook, which knows a container's image by the name
+        its create event gave: a name may move, so the container's inspect (the events
+        path, right after the start) has the last word."""
+        if not ref:
+            return {}
+        data = self._get_json(f"/images/{quote(ref, safe='/:@')}/json")
+        if not isinstance(data, dict):
+            return None
+        return dict((data.get("Config") or {}).get("Labels") or {})
 
     def events(self, since: int | None = None) -> EventStream:
         """Open GET /events?filters={"type":["container"]}; see EventStream.

@@ -57,6 +57,8 @@ def to_docker_event(record: dict) -> dict | None:
         "Type": "container", "Action": action, "status": action, "id": record["ID"],
         "Actor": {"ID": record["ID"], "Attributes": record.get("Attributes") or {}},
         "source": "events-log",
+        # not in Docker's shape: the create record's name and image (created.py)
+        "Name": record.get("Name") or "", "Image": record.get("Image") or "",
     }
     ns = parse_time_ns(record.get("Time", ""))
     if ns is not None:

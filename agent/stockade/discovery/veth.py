@@ -192,6 +192,34 @@ def link_local_addresses(
         raise DiscoveryError(f"reading addresses in {path}: {exc}") from exc
 
 
+def _addresses_of(ifindex: int) -> list[str]:
+    import ipaddress
+    with IPRoute() as ipr:
+        found = [ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+                 for msg in dump(ipr.get_addr, index=ifindex)]
+    v4 = [str(a) for a in found if a.version == 4]
+    v6 = [str(a) for a in found if a.version == 6 and not a.is_link_local]
+    return list(dict.fromkeys(v4 + v6))
+
+
+def interface_addresses(pid: int, ifindex: int) -> list[str]:
+    """The addresses (IPv4 first, IPv6 without link-local) of interface ``ifindex`` in
+    the network namespace of process ``pid``: a container's, read before the runtime
+    can be asked (the OCI hook). [] when the namespace or interface is gone; raises
+    DiscoveryError when netlink fails."""
+    path = f"/proc/{pid}/ns/net"
+    try:
+        return _run_in_netns(path, lambda: _addresses_of(ifindex))
+    except FileNotFoundError:
+        return []
+    except (OSError, NetlinkError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ESRCH):
+            return []
+        if isinstance(exc, NetlinkError) and exc.code == errno.ENODEV:
+            return []
+        raise DiscoveryError(f"reading addresses in {path}: {exc}") from exc
+
+
 def _netns_candidates():
     """Paths of network namespaces on this host: the named ones first (ip netns,
     Podman's netavark, Docker), then every process's, each namespace once."""

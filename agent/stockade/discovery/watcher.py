@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from .created import CreatedContainers
 from .docker_api import EVENT_ACTIONS, DockerAPI, EventStream, workload_from_inspect
 from .errors import DiscoveryError, RuntimeAPIError, RuntimeUnavailable
 from .health import SourceHealth
@@ -106,6 +107,8 @@ class DockerWatcher:
         # (readiness for the agent; tests wait on it before starting containers).
         self.synced = threading.Event()
         self.health = SourceHealth(runtime_name, socket_path)
+        # create events from the events log, for the OCI hook (created.py)
+        self.created = CreatedContainers()
         self._last_data = time.monotonic()
 
     def close(self) -> None:
@@ -128,6 +131,10 @@ class DockerWatcher:
             image_labels = None
         return workload_from_inspect(self.runtime_name, data, resolve_veth=self.resolve_veth,
                                      image_labels=image_labels)
+
+    def image_labels_by_name(self, ref: str) -> dict[str, str] | None:
+        """DockerAPI.image_labels_by_name over this watcher's socket."""
+        return self._api.image_labels_by_name(ref)
 
     def snapshot(self) -> list[Workload]:
         """Every running container, inspected; sorted by ID."""
@@ -171,8 +178,13 @@ class DockerWatcher:
         ]
         if self.events_log:
             tail = PodmanEventsLog(self.events_log)
+
+            def emit(raw: dict) -> None:
+                self.created.note(raw)   # here, not in the consumer: the hook waits for it
+                inbox.put((_RAW, raw))
+
             threads.append(threading.Thread(
-                target=tail.follow, args=(halt, lambda raw: inbox.put((_RAW, raw))),
+                target=tail.follow, args=(halt, emit),
                 name="stockade-watch-log", daemon=True))
         for thread in threads:
             thread.start()
