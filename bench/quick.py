@@ -7,7 +7,8 @@ starts, and a 100,000-entry import from the CLI. The last line holds every figur
     import 100000 entries s: X
 
 (on one line, two spaces between the pairs). The container start latency is the
-controlplane benchmark's: from ``podman start`` returning to the first allowed connection.
+controlplane benchmark's: from the call of ``podman start`` (Stockade's OCI hook installed
+with ``--hooks-dir``) to the first allowed connection.
 """
 from __future__ import annotations
 

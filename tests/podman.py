@@ -168,6 +168,29 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{SESSION_ID}-{uuid.uuid4().hex[:6]}"
 
 
+# -- the OCI hook -------------------------------------------------------------
+
+HOOK_PROGRAM = TESTS_DIR.parent / "agent" / "stockade" / "hook.py"
+
+
+def write_oci_hook(hooks_dir: str | Path, agent_socket: str, timeout: float = 2.0) -> Path:
+    """Stockade's OCI hook (stockade/hook.py) for ``podman --hooks-dir hooks_dir``, as the
+    Ansible role installs it (python3 -I -S: no site-packages, it needs none), calling the
+    agent on ``agent_socket``. Returns the hook file."""
+    Path(hooks_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(hooks_dir) / "stockade.json"
+    path.write_text(json.dumps({
+        "version": "1.0.0",
+        "hook": {"path": sys.executable,
+                 "args": ["python3", "-I", "-S", str(HOOK_PROGRAM), "--socket", agent_socket,
+                          "--timeout", str(timeout)],
+                 "timeout": 10},
+        "when": {"always": True},
+        "stages": ["createRuntime"],
+    }, indent=2))
+    return path
+
+
 # -- fixtures ----------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -239,12 +262,18 @@ class PrivatePodman:
 
     _count = 0
 
-    def __init__(self, subnet: str):
+    def __init__(self, subnet: str, hooks_dir: str | None = None):
+        """``hooks_dir``: every podman command here gets ``--hooks-dir hooks_dir`` (the
+        OCI hooks of write_oci_hook); None: Podman's default directories."""
         PrivatePodman._count += 1
         tag = f"{os.getpid()}-{PrivatePodman._count}"
         self.base = Path(tempfile.mkdtemp(prefix=f"stockade-pp-{tag}-", dir="/var/tmp"))
         self.args = ("--root", str(self.base / "root"), "--runroot", str(self.base / "run"),
                      "--tmpdir", str(self.base / "tmp"), "--network-config-dir", str(self.base / "net"))
+        if hooks_dir is not None:
+            self.args += ("--hooks-dir", hooks_dir)
+        # events_logger "file" (tests/data/containers.conf): <tmpdir>/events/events.log
+        self.events_log = str(self.base / "tmp" / "events" / "events.log")
         self.socket = f"/run/stockade-test/pp-{tag}.sock"
         self.network = f"skpp{os.getpid()}x{PrivatePodman._count}"
         self.subnet = subnet
