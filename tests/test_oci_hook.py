@@ -73,6 +73,19 @@ def test_create_record_is_bounded_and_hostile_shapes_are_ignored():
     assert cc.get("x").labels == {}
 
 
+def test_a_listing_seeds_containers_created_before_the_log_was_read():
+    cc = CreatedContainers()
+    cc.note(to_docker_event(create_record()))
+    cc.seed({"Id": CID, "Names": ["/other"], "Image": "x", "Labels": {"app": "stale"}})
+    assert cc.get(CID).labels == {"app": "web"}          # the event's record stays
+    old = "ef" * 32
+    cc.seed({"Id": old, "Names": ["/db"], "Image": "localhost/db:1", "Labels": {"app": "db"}})
+    assert (cc.get(old).name, cc.get(old).labels) == ("db", {"app": "db"})
+    for bad in ({"Id": 3}, {"Id": "y", "Labels": ["x"]}, {}):
+        cc.seed(bad)
+    assert len(cc) == 2
+
+
 def test_wait_returns_when_the_event_arrives_or_after_the_timeout():
     cc = CreatedContainers()
     t0 = time.monotonic()

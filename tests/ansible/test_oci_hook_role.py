@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_tooling import playbook
+
 from fake_agent import FakeAgent
 from stockade.daemon.server import APIServer
-from test_tooling import playbook
 
 CID = "cd" * 32
 

@@ -4,7 +4,9 @@ The OCI hook (stockade/hook.py) hands a container to the agent while ``podman st
 holds the container's lock, so the agent cannot ask Podman about it then (an inspect
 waits for that lock). The create event, written to the events log before any start,
 carries what identifies the container; the watcher's events-log thread notes it here and
-the hook's request waits for it (bounded) when it has not been read yet.
+the hook's request waits for it (bounded) when it has not been read yet. Every full
+listing also adds the containers that exist but were created while nobody read the log
+(``seed``: before the agent started).
 
 Only records from the events log are noted: there ``Attributes`` are exactly the
 container's labels. The API stream mixes ``name`` and ``image`` into them.
@@ -59,6 +61,25 @@ class CreatedContainers:
                                 labels)
         with self._cond:
             self._items.pop(cid, None)
+            self._items[cid] = item
+            while len(self._items) > self._limit:
+                self._items.popitem(last=False)
+            self._cond.notify_all()
+
+    def seed(self, summary: dict) -> None:
+        """A container of a full listing (a /containers/json summary: its labels exactly),
+        remembered unless its create event already was: containers created while the
+        events log was not read (before the agent started)."""
+        cid, labels = summary.get("Id"), summary.get("Labels") or {}
+        if not isinstance(cid, str) or not cid or not isinstance(labels, dict):
+            return
+        names = summary.get("Names") or [""]
+        name = str(names[0] if isinstance(names, list) and names else "").lstrip("/")
+        item = CreatedContainer(cid, name, str(summary.get("Image") or ""),
+                                {str(k): str(v) for k, v in labels.items()})
+        with self._cond:
+            if cid in self._items:
+                return
             self._items[cid] = item
             while len(self._items) > self._limit:
                 self._items.popitem(last=False)

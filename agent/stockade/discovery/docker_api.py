@@ -103,9 +103,10 @@ class DockerAPI:
             return False
         return resp.status_code == 200
 
-    def list_containers(self) -> list[dict]:
-        """Summaries of running containers (GET /containers/json)."""
-        return self._get_json("/containers/json") or []
+    def list_containers(self, *, all: bool = False) -> list[dict]:
+        """Summaries of running containers (GET /containers/json); ``all``: of every
+        container, created and exited ones too."""
+        return self._get_json("/containers/json", {"all": "true"} if all else None) or []
 
     def inspect(self, container: str) -> dict | None:
         """GET /containers/{id}/json; None when the container does not exist."""

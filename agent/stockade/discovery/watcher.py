@@ -304,6 +304,11 @@ class DockerWatcher:
                 return
 
     def _resync(self, known: dict[str, Workload]) -> Iterator[WorkloadEvent]:
+        if self.events_log:
+            # containers created while nobody read the events log: the OCI hook needs
+            # their create record (created.py)
+            for summary in self._api.list_containers(all=True):
+                self.created.seed(summary)
         now = {w.id: w for w in self.snapshot()}
         for cid in sorted(set(known) - set(now)):
             yield WorkloadEvent("removed", known.pop(cid))
