@@ -51,16 +51,16 @@ def setup(tmp_path):
     build_netbench(str(nb_dir))
     hooks = tmp_path / "hooks"
     agent = AgentProcess()   # its socket path is known before it starts: the hook names it
-    write_oci_hook(hooks, agent.socket)
-    with PrivatePodman(subnet="10.213.62.0/24", hooks_dir=str(hooks)) as pp:
-        agent.settings.update(podman_socket=pp.socket, podman_events_log=pp.events_log,
-                              managed_bridges=[pp.bridge])
-        try:
+    try:
+        write_oci_hook(hooks, agent.socket)
+        with PrivatePodman(subnet="10.213.62.0/24", hooks_dir=str(hooks)) as pp:
+            agent.settings.update(podman_socket=pp.socket, podman_events_log=pp.events_log,
+                                  managed_bridges=[pp.bridge])
             agent.start()
             agent.client.put_policies([POLICY])
             yield pp, agent, nb_dir
-        finally:
-            agent.stop()
+    finally:
+        agent.stop()
 
 
 def create(pp, name, app, cmd, nb_dir) -> str:

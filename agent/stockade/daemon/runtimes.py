@@ -114,21 +114,27 @@ class RuntimeSource:
         info = created.wait(cid, wait)
         if info is None:
             return f"no create event for container {cid[:12]} within {wait:g}s"
+        netns_ino = netns_inode(f"/proc/{pid}/ns/net")
+        if netns_ino is None:
+            return f"process {pid} is gone"
+        if netns_ino == netns_inode("/proc/self/ns/net"):
+            return f"container {info.name} shares the host's network namespace"
         veth = find_host_veth(pid)
         if veth is None:
             return f"container {info.name} has no veth into this host's namespace"
         ips = interface_addresses(pid, veth.container_ifindex)
-        netns_ino = netns_inode(f"/proc/{pid}/ns/net")
         netns_path = bundle_netns_path(bundle) or f"/proc/{pid}/ns/net"
         try:
             image_labels = self.watcher.image_labels_by_name(info.image)
         except DiscoveryError as exc:
             log.warning("%s: image of %s: %s", self.runtime, info.name, exc)
             image_labels = None
+        if image_labels is None and not self.agent.config.trust_image_labels:
+            return f"the labels of its image {info.image!r} cannot be read now"  # events: later
         w = Workload(runtime=self.runtime, id=cid, name=info.name, image=info.image,
                      labels=dict(info.labels), image_labels=image_labels, ips=tuple(ips),
                      host_ifname=veth.ifname, host_ifindex=veth.ifindex, mac=veth.mac, pid=pid,
-                     netns_path=netns_path if netns_ino else None, netns_inode=netns_ino)
+                     netns_path=netns_path, netns_inode=netns_ino)
         return self._upsert(w)
 
     def _reconcile(self, workloads) -> None:
