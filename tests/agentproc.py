@@ -8,6 +8,7 @@ its programs and removes its pins, even when the test fails.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -136,3 +138,26 @@ class AgentProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# -- what a container's start cost it ------------------------------------------
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def endpoint_written_at(change_log: str | Path, name: str) -> datetime | None:
+    """When the agent (with ``change_log_path`` set) first recorded endpoint ``name`` as
+    written (its first endpoint.upsert in the change log)."""
+    for line in Path(change_log).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("action") == "endpoint.upsert" and rec.get("object") == name:
+            return _when(rec["time"])
+    return None
+
+
+def unknown_endpoint_drops(agent: AgentProcess, interface: str) -> list[datetime]:
+    """When the agent's programs dropped a packet on ``interface`` as from or to an
+    unknown (unidentified) endpoint, from its flow events."""
+    flows = agent.client.flows(drop_reason="unknown_endpoint")["flows"]
+    return [_when(f["time"]) for f in flows if (f.get("interface") or {}).get("name") == interface]

@@ -114,13 +114,17 @@ class AgentAPI:
             except StockadeError as exc:
                 result = str(exc)
         endpoint = None
+        took = time.monotonic() - started
         if not isinstance(result, str):
             endpoint = self._endpoint_dict(self.agent.snapshot(), result)
+            log.info("OCI hook: container %s is endpoint %s (%s) after %.1f ms", cid[:12],
+                     endpoint["name"], endpoint["state"], took * 1000)
         else:
-            log.info("OCI hook, container %s: not enrolled: %s", cid[:12], result)
+            log.info("OCI hook: container %s not enrolled after %.1f ms: %s", cid[:12],
+                     took * 1000, result)
         return {"id": cid, "enrolled": endpoint is not None and endpoint["state"] == "ready",
                 "endpoint": endpoint, "reason": result if isinstance(result, str) else None,
-                "seconds": round(time.monotonic() - started, 4)}
+                "seconds": round(took, 4)}
 
     # ------------------------------------------------------------------ identities
     def list_identities(self) -> list[dict]:
