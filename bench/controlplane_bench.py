@@ -36,13 +36,15 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 from bench.common import (build_netbench, iptables_rules, median, nft_rules, nsrun, pct,
                           pinned_map_count, remove_netfilter, rmtree, rss_breakdown, rss_mb, stockade_policies,
                           tmpdir)
 from bench.datapath_bench import SERVER_APP, SUBNET, peer_ip, MAX_IDS, BASE_PORT
 
-from agentproc import STOCKADE, AgentProcess  # noqa: E402
+from agentproc import STOCKADE, AgentProcess, endpoint_written_at  # noqa: E402
+from agentproc import unknown_endpoint_drops as unknown_endpoint_drops_at  # noqa: E402
 from netns import Topology  # noqa: E402
 
 APPLY_NS = (10, 10000, 100000)
@@ -213,6 +215,7 @@ spec:
         mount = ("-v", f"{tmp}:/nb:ro")
         agent = AgentProcess(podman_socket=svc.socket_path, podman_events_log=DEFAULT_EVENTS_LOG,
                              managed_bridges=[bridge_name()])
+        agent.settings["change_log_path"] = str(agent.run_dir / "changes.jsonl")
         hooks = f"{tmp}/hooks"
         write_oci_hook(hooks, agent.socket)   # the agent's socket path is known before it runs
         srv = start_container(f"skbsrv-{SESSION_ID}", {"app": "bench-srv"},
@@ -233,10 +236,16 @@ spec:
             res = json.loads(podman("logs", cid).stdout.strip().splitlines()[-1])
             remove_container(cid)
             created.remove(cid)
-            res["ready_ns"] = ready_ns
+            res["ready_ns"], res["interface"] = ready_ns if ready_ns is not None else (None, None)
+            res["name"] = name
+            # the probe's success on the wall clock (flow events carry wall-clock times)
+            if res["ok_ns"] is not None:
+                res["ok_wall"] = time.time() - (time.monotonic_ns() - res["ok_ns"]) / 1e9
             return t0, t1, res
 
         failed = []
+
+        runs: list[dict] = []
 
         def series(tag, count, hooked=True, ready=None):
             lat_ms, ready_ms, start_ms, tries = [], [], [], []
@@ -253,6 +262,7 @@ spec:
                     ready_ms.append((res["ready_ns"] - t0) / 1e6)
                 start_ms.append((t1 - t0) / 1e6)
                 tries.append(res["tries"])
+                runs.append(res)
             return lat_ms, ready_ms, start_ms, tries
 
         # No agent, no hook, no filter: what Podman and the kernel take by themselves.
@@ -271,9 +281,9 @@ spec:
                 """When the agent's API reports the endpoint ready (polled from start's return)."""
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:
-                    if any(e["name"] == name and e.get("state") == "ready"
-                           for e in agent.client.endpoints()):
-                        return time.monotonic_ns()
+                    for e in agent.client.endpoints():
+                        if e["name"] == name and e.get("state") == "ready":
+                            return time.monotonic_ns(), e["interface"]
                     time.sleep(0.002)
                 return None
 
@@ -281,8 +291,19 @@ spec:
             if denied["ok_ns"] is not None:
                 raise RuntimeError("a container outside the policy reached the server")
             drops_before = unknown_endpoint_drops(agent)
+            runs.clear()
             lat_ms, ready_ms, start_ms, tries = series("a", starts, ready=ready)
             drops = unknown_endpoint_drops(agent) - drops_before
+            # of those, the ones after the container's endpoint was written (the hook's
+            # doing) and before its probe succeeded: its own traffic dropped as unknown
+            late = 0
+            for res in runs:
+                written = endpoint_written_at(agent.settings["change_log_path"], res["name"])
+                if written is None or res["interface"] is None or res.get("ok_wall") is None:
+                    continue
+                ok_at = datetime.fromtimestamp(res["ok_wall"], timezone.utc)
+                late += sum(1 for t in unknown_endpoint_drops_at(agent, res["interface"])
+                            if written < t <= ok_at)
         return {"starts": starts, "oci_hook": True,
                 "start_to_enforced_ms_p50": round(pct(lat_ms, 50), 2),
                 "start_to_enforced_ms_p99": round(pct(lat_ms, 99), 2),
@@ -293,6 +314,7 @@ spec:
                 "podman_start_cmd_ms_p99": round(pct(start_ms, 99), 1),
                 "probe_tries_p50": pct(tries, 50), "probe_tries_max": max(tries),
                 "unknown_endpoint_drops": int(drops),
+                "unknown_endpoint_drops_once_written": late,
                 "no_agent_start_to_connected_ms_p50": round(pct(bare_lat, 50), 2),
                 "no_agent_start_to_connected_ms_p99": round(pct(bare_lat, 99), 2),
                 "no_agent_podman_start_cmd_ms_p50": round(pct(bare_start, 50), 1),
