@@ -97,6 +97,32 @@ def test_wait_returns_when_the_event_arrives_or_after_the_timeout():
     assert time.monotonic() - t0 < 2
 
 
+def test_events_log_tail_follows_podman_rotating_the_log(tmp_path):
+    """Podman rotates events.log by renaming a new file over it; the tail must follow the
+    new file (the OCI hook depends on its create events)."""
+    from stockade.discovery.podman_events import PodmanEventsLog
+    log = tmp_path / "events.log"
+    log.write_text(json.dumps(create_record(cid="0" * 64)) + "\n")
+    got, halt = [], threading.Event()
+    t = threading.Thread(target=PodmanEventsLog(str(log)).follow, args=(halt, got.append), daemon=True)
+    t.start()
+    try:
+        time.sleep(0.3)
+        new = tmp_path / "events.log.tmp"
+        new.write_text("")
+        os.rename(new, log)
+        time.sleep(0.6)
+        with open(log, "a") as f:
+            f.write(json.dumps(create_record()) + "\n")
+        deadline = time.monotonic() + 5
+        while not any(e["id"] == CID for e in got) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        halt.set()
+        t.join(5)
+    assert [e["id"] for e in got] == [CID]
+
+
 def test_bundle_netns_path(tmp_path):
     cfg = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/n1"}]}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))

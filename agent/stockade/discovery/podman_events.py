@@ -117,6 +117,12 @@ class PodmanEventsLog:
                         self._emit_line(line, emit)
                 elif f.tell() > os.fstat(f.fileno()).st_size:
                     return  # truncated: reopen from the start
+                elif _replaced(self.path, f):
+                    # Podman rotates the log by renaming a new file over it: the open
+                    # one gets no MOVE_SELF/DELETE_SELF (it is still open, here)
+                    for line in (buf + f.read()).split(b"\n"):
+                        self._emit_line(line, emit)
+                    return
                 ready, _, _ = select.select([ifd], [], [], 0.25)
                 if not ready:
                     continue
@@ -139,6 +145,16 @@ class PodmanEventsLog:
             return
         if event is not None:
             emit(event)
+
+
+def _replaced(path: str, f) -> bool:
+    """Whether ``path`` now names another file than the open ``f`` (or none)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    mine = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
 
 
 def _offsets(data: bytes):
