@@ -72,7 +72,7 @@ class Txn:
     on_commit: list = field(default_factory=list)    # callables, run once committed
 
     def __post_init__(self):
-        self.etx = self.agent.engine.begin()
+        self.etx = self.agent.engine.begin(plan=self.dry_run)   # a review plans; a change does not
         self._alloc_mark = self.agent.alloc.mark()
 
     @property

@@ -82,7 +82,9 @@ class L7Proxy:
 
     # ------------------------------------------------------------------ desired state
     def desired(self) -> tuple[dict, dict, dict[str, dict[str, str]]]:
-        """(steered ports, delivery MACs, map contents) from the agent's state."""
+        """(steered ports, delivery MACs, map contents) from the agent's state. With no L7
+        rule anywhere, no map contents ({}): the proxy's ipcache map alone holds every
+        prefix, not worth building on each commit for nothing."""
         a = self.agent
         l7 = {k: v for k, v in a.engine.l7.items() if k.direction == INGRESS}
         ports: dict[tuple[str, int], int] = {}
@@ -98,6 +100,8 @@ class L7Proxy:
             for port in l7_locals.get(ep.identity, ()) if ep.identity is not None else ():
                 for ip in ep.ips:
                     ports[(str(ipaddress.ip_address(ip.split("/")[0])), port)] = ep.identity
+        if not (ports or l7):
+            return ports, macs, {}
         numbers: dict[frozenset, int] = {}
         rulesets: dict[str, str] = {}
         slots: dict[str, dict[str, str]] = {n: {} for n in self.settings.slot_maps()}
@@ -114,6 +118,10 @@ class L7Proxy:
         maps = {"ipcache": ipcache, "rulesets": rulesets, **slots}
         return ports, macs, maps
 
+    def _idle(self) -> bool:
+        """No proxy, no files and nothing steered: with no L7 rule, nothing to do."""
+        return not self.running and not self._maps and not self._targets
+
     def slots_needed(self, maps: dict) -> int:
         i = 0
         while any(f"{f}{i}" in maps and maps[f"{f}{i}"] for f in FIELDS):
@@ -125,7 +133,10 @@ class L7Proxy:
         with the agent's lock, after each commit)."""
         with self._lock:
             ports, macs, maps = self.desired()
-            self.wanted = bool(ports) or bool(maps["rulesets"])
+            self.wanted = bool(maps)
+            if not self.wanted and self._idle():
+                self.agent.dp.sync_l7(ports, macs)
+                return
             try:
                 if self.wanted and not self._host_installed:
                     self.settings.run_dir.mkdir(parents=True, exist_ok=True)
