@@ -255,6 +255,7 @@ def summarize(rs: list[dict]) -> dict:
     keep["rates_per_s"] = [r["rate_per_s"] for r in rs]
     for p in ("p50_us", "p99_us"):
         keep[f"{p}_median_of_rounds"] = median([r[p] for r in rs])
+    keep["p99_us_of_rounds"] = [r["p99_us"] for r in rs]
     keep["errors"] = sum(r["errors"] for r in rs)
     keep["requests"] = sum(r["requests"] for r in rs)
     for k in ("cpu_us_per_request", "machine_busy_pct"):

@@ -264,7 +264,7 @@ def webui_detail(data: dict) -> str:
 def l7_detail(data: dict) -> str:
     ms = lambda us: f"{us / 1000:.2f}"  # noqa: E731
     rows = ["| mode | policy | connections | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
-            "| p99 ms, median of rounds | req/s of each round | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| p99 ms of each round (its median) | req/s of each round | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, label in (("keepalive", "keep-alive"), ("close", "new per request")):
         for kind in ("saturation", "fixed"):
             for policy in ("l4", "l7"):
@@ -274,7 +274,9 @@ def l7_detail(data: dict) -> str:
                 conns = data.get("saturation_connections" if kind == "saturation" else "fixed_connections")
                 rows.append(f"| {label} | {'L7 (HTTP rules)' if policy == 'l7' else 'L4-only'} "
                             f"| {conns} | {r['rate_per_s']:,.0f} | {ms(r['p50_us'])} | {ms(r['p90_us'])} "
-                            f"| {ms(r['p99_us'])} | {ms(r['p999_us'])} | {ms(r['p99_us_median_of_rounds'])} "
+                            f"| {ms(r['p99_us'])} | {ms(r['p999_us'])} "
+                            f"| {', '.join(ms(x) for x in r.get('p99_us_of_rounds', []))} "
+                            f"({ms(r['p99_us_median_of_rounds'])}) "
                             f"| {', '.join(f'{x:,.0f}' for x in r['rates_per_s'])} | {r['errors']} |")
     cpu = [(p, data[p]["keepalive"]["saturation"]) for p in ("l4", "l7")
            if "cpu_us_per_request" in data.get(p, {}).get("keepalive", {}).get("saturation", {})]
