@@ -12,12 +12,30 @@ from __future__ import annotations
 import collections
 import ctypes as ct
 import ipaddress
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import maps as m
 
 TABLE = (0, 0, 0)   # the owner that counts the whole table (struct ct_owner, ifindex 0)
+# struct ct_key (m.CtKey) as ifindex, saddr, daddr, direction, family: what a walk reads
+_CT_KEY = struct.Struct("<I16s16s5xBBx")
+assert _CT_KEY.size == ct.sizeof(m.CtKey)
+
+
+def _by_length(prefixes: Iterable[str]) -> dict[int, list[tuple[int, frozenset[int]]]]:
+    """``prefixes`` as family -> [(host bits, {network address >> host bits})]: an
+    address lies in one when ``address >> host bits`` is in the set of its length."""
+    found: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
+    for p in prefixes:
+        net = ipaddress.ip_network(p, strict=False)
+        shift = net.max_prefixlen - net.prefixlen
+        found[(net.version, shift)].add(int(net.network_address) >> shift)
+    out: dict[int, list[tuple[int, frozenset[int]]]] = {}
+    for (family, shift), within in sorted(found.items()):
+        out.setdefault(family, []).append((shift, frozenset(within)))
+    return out
 
 
 def _lib():
@@ -199,28 +217,42 @@ class ConntrackMaps:
                     doomed.append(k)
         return self.ct_delete(doomed)
 
-    def ct_delete_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str]) -> int:
+    def ct_delete_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str],
+                        changed: Callable[[int, bytes], bool] | None = None) -> int:
         """Delete the entries of flows judged under an identity that changed: every
         entry at the hooks of ``ifindexes`` (endpoints relabelled), and every entry whose
-        peer address lies in one of ``prefixes`` (ipcache entries whose identity changed
-        or went). An allowed flow's next packet creates its entry again. Returns how
-        many were deleted."""
+        peer address lies in one of ``prefixes`` (ipcache entries added, changed or
+        gone) and, with ``changed``, for which ``changed(family, address bytes)`` says
+        the address now resolves to another identity (a more specific entry may keep
+        it where it was). An allowed flow's next packet creates its entry again.
+        Returns how many were deleted."""
         ifindexes = set(ifindexes)
-        nets = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+        nets = _by_length(prefixes)
         if not ifindexes and not nets:
             return 0
-        from .pins import fd_keys
+        from .pins import fd_key_chunks
+        size = _CT_KEY.size
+        verdicts: dict[bytes, bool] = {}
         doomed = []
-        for k in fd_keys(self.table("conntrack").map_fd, m.CtKey):
-            if k.ifindex in ifindexes:
-                doomed.append(k)
-                continue
-            if not nets:
-                continue
-            raw = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
-            addr = ipaddress.ip_address(raw[:4] if k.family == 4 else raw[:16])
-            if any(addr.version == n.version and addr in n for n in nets):
-                doomed.append(k)
+        for chunk in fd_key_chunks(self.table("conntrack").map_fd, m.CtKey, m.CtValue,
+                                   "conntrack"):
+            for i, (ifindex, saddr, daddr, direction, family) in enumerate(
+                    _CT_KEY.iter_unpack(chunk)):
+                if ifindex not in ifindexes:
+                    lengths = nets.get(family)
+                    if not lengths:
+                        continue
+                    raw = (daddr if direction == m.DIR_EGRESS else saddr)[:4 if family == 4 else 16]
+                    addr = int.from_bytes(raw, "big")
+                    if not any(addr >> shift in within for shift, within in lengths):
+                        continue
+                    if changed is not None:
+                        verdict = verdicts.get(raw)
+                        if verdict is None:
+                            verdict = verdicts[raw] = changed(family, raw)
+                        if not verdict:
+                            continue
+                doomed.append(m.CtKey.from_buffer_copy(chunk, i * size))
         return self.ct_delete(doomed)
 
     def ct_delete_audited(self, ifindexes: Iterable[int] | None = None) -> int:
