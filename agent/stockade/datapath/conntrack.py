@@ -14,7 +14,7 @@ import ctypes as ct
 import ipaddress
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import maps as m
 
@@ -191,31 +191,43 @@ class ConntrackMaps:
         peers_of = collections.defaultdict(set)
         for local, peer, direction in exact:
             peers_of[(local, direction)].add(peer)
-        from .pins import fd_keys
         ifindexes = {i for i, ident in local_of.items()
                      if any(w[0] == ident for w in wide) or any(p[0] == ident for p in peers_of)}
         if not ifindexes:
             return 0
         resolved: dict[tuple[int, bytes], int] = {}
         doomed = []
-        for k in fd_keys(self.table("conntrack").map_fd, m.CtKey):   # keys only: one call each
-            if k.ifindex not in ifindexes:
+        for ifindex, saddr, daddr, direction, family, chunk, at in self._ct_keys():
+            if ifindex not in ifindexes:
                 continue
-            ident = local_of.get(k.ifindex)
+            ident = local_of.get(ifindex)
             if ident is None:
                 continue
-            if (ident, k.direction) in wide:
-                doomed.append(k)
+            if (ident, direction) in wide:
+                doomed.append(m.CtKey.from_buffer_copy(chunk, at))
                 continue
-            peers = peers_of.get((ident, k.direction))
+            peers = peers_of.get((ident, direction))
             if peers:
-                addr = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
-                who = resolved.get((k.family, addr))
+                addr = daddr if direction == m.DIR_EGRESS else saddr
+                who = resolved.get((family, addr))
                 if who is None:
-                    who = resolved[(k.family, addr)] = self._identity_of(k.family, addr)
+                    who = resolved[(family, addr)] = self._identity_of(family, addr)
                 if who in peers:
-                    doomed.append(k)
+                    doomed.append(m.CtKey.from_buffer_copy(chunk, at))
         return self.ct_delete(doomed)
+
+    def _ct_keys(self) -> Iterator[tuple[int, bytes, bytes, int, int, bytes, int]]:
+        """(ifindex, saddr, daddr, direction, family, chunk, offset) of every conntrack
+        entry, its key being ``CtKey.from_buffer_copy(chunk, offset)``: keys read in
+        batches and unpacked from their bytes, no object made per key."""
+        from .pins import fd_key_chunks
+        size = _CT_KEY.size
+        for chunk in fd_key_chunks(self.table("conntrack").map_fd, m.CtKey, m.CtValue,
+                                   "conntrack"):
+            offset = 0
+            for ifindex, saddr, daddr, direction, family in _CT_KEY.iter_unpack(chunk):
+                yield ifindex, saddr, daddr, direction, family, chunk, offset
+                offset += size
 
     def ct_delete_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str],
                         changed: Callable[[int, bytes], bool] | None = None) -> int:
@@ -230,29 +242,24 @@ class ConntrackMaps:
         nets = _by_length(prefixes)
         if not ifindexes and not nets:
             return 0
-        from .pins import fd_key_chunks
-        size = _CT_KEY.size
         verdicts: dict[bytes, bool] = {}
         doomed = []
-        for chunk in fd_key_chunks(self.table("conntrack").map_fd, m.CtKey, m.CtValue,
-                                   "conntrack"):
-            for i, (ifindex, saddr, daddr, direction, family) in enumerate(
-                    _CT_KEY.iter_unpack(chunk)):
-                if ifindex not in ifindexes:
-                    lengths = nets.get(family)
-                    if not lengths:
+        for ifindex, saddr, daddr, direction, family, chunk, at in self._ct_keys():
+            if ifindex not in ifindexes:
+                lengths = nets.get(family)
+                if not lengths:
+                    continue
+                raw = (daddr if direction == m.DIR_EGRESS else saddr)[:4 if family == 4 else 16]
+                addr = int.from_bytes(raw, "big")
+                if not any(addr >> shift in within for shift, within in lengths):
+                    continue
+                if changed is not None:
+                    verdict = verdicts.get(raw)
+                    if verdict is None:
+                        verdict = verdicts[raw] = changed(family, raw)
+                    if not verdict:
                         continue
-                    raw = (daddr if direction == m.DIR_EGRESS else saddr)[:4 if family == 4 else 16]
-                    addr = int.from_bytes(raw, "big")
-                    if not any(addr >> shift in within for shift, within in lengths):
-                        continue
-                    if changed is not None:
-                        verdict = verdicts.get(raw)
-                        if verdict is None:
-                            verdict = verdicts[raw] = changed(family, raw)
-                        if not verdict:
-                            continue
-                doomed.append(m.CtKey.from_buffer_copy(chunk, i * size))
+            doomed.append(m.CtKey.from_buffer_copy(chunk, at))
         return self.ct_delete(doomed)
 
     def ct_delete_audited(self, ifindexes: Iterable[int] | None = None) -> int:
