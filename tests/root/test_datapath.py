@@ -563,7 +563,7 @@ def test_ct_delete_moved_by_hook_and_peer_prefix(e, monkeypatch):
         family = 4 if i % 3 else 6
         peer = ipaddress.ip_address(f"10.50.{i % 4}.{i % 50}" if family == 4 else f"fd99::{i % 300:x}")
         local = local4 if family == 4 else local6
-        k = m.CtKey(ifindex=900 + i % 4, proto=PROTO_TCP, family=family, sport=i, dport=80,
+        k = m.CtKey(ifindex=900 + (i // 7) % 4, proto=PROTO_TCP, family=family, sport=i, dport=80,
                     direction=EGRESS if i % 2 else INGRESS)
         src, dst = (local, peer) if k.direction == EGRESS else (peer, local)
         k.saddr[:] = src.packed.ljust(16, b"\0")
