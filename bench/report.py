@@ -56,6 +56,8 @@ TARGETS = {
          "podman.start_to_enforced_ms_p50", "ms", "-", None),
         ("`podman start` returned -> first allowed connection, p99 (50 starts)",
          "podman.start_to_enforced_ms_p99", "ms", "< 100 ms", lambda v: v < 100),
+        ("conntrack cut of one address that gains an identity, 262,144 entries walked",
+         "ctcut.one_address.ms", "ms", "-", None),
         ("agent RSS: 1,000 endpoints + 10,000 policy entries, no flow records",
          "rss.rss_full_mb", "MB", "< 150 MB", lambda v: v < 150),
         ("agent RSS with a full flow ring (estimate: the line above + the flow benchmark's "
@@ -169,7 +171,7 @@ def controlplane_detail(data: dict) -> str:
         rows.append(f"| {int(n):,} | {r['stockade_import_s']} | {r['stockade_api_s']} "
                     f"| {r['iptables_restore_s']} | {r['nft_f_s']} |")
     out = "\n".join(rows)
-    for part in ("podman", "rss"):
+    for part in ("podman", "rss", "ctcut"):
         if part in data:
             out += f"\n\n{generic(data[part], f'{part}: ')}"
     return out
