@@ -483,3 +483,29 @@ def test_cleanup_of_an_agent_whose_proxy_never_ran_leaves_the_steering_alone():
         assert r.returncode == 0, "the cleanup removed a steering table it never made"
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+
+def test_without_the_proxy_user_http_ports_are_dropped_and_l4_works():
+    """A host without HAProxy (no proxy user): the agent starts, enforces L3/L4, drops
+    traffic to the ports with HTTP rules (never passes it unfiltered) and says why."""
+    from traffic import tcp_ok
+    with Topology("l7u") as topo:
+        w = {t: topo.add_workload(t, [f"10.213.19.{i}/24"]) for i, t in enumerate("ab", 1)}
+        route_via_host(topo, "10.213.19.254/24", w.values())
+        with AgentProcess(**l7_settings("u"), l7_user="stockade-test-no-such-user") as agent:
+            for name, app in (("a", "web"), ("b", "api")):
+                agent.client.add_endpoint(name=name, interface=w[name].host_if,
+                                          ips=w[name].ips, labels={"app": app})
+            apply(agent, cnp("api-l7", API_L7 + """
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "9090", protocol: TCP}]}]
+"""))
+            assert tcp_ok(w["a"], w["b"], w["b"].ip4, 9090)
+            assert not tcp_ok(w["a"], w["b"], w["b"].ip4, PORT)
+
+            def said():
+                l7 = agent.client.health().get("l7_proxy") or {}
+                return not l7.get("ok") and "does not exist" in (l7.get("last_error") or "")
+            assert eventually(said, timeout=10), agent.client.health()
+            st = json.loads(agent.cli("status", "-o", "json", check=False).stdout)
+            assert st["status"] != "ok", st
