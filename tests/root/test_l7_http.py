@@ -591,3 +591,47 @@ def test_cleanup_of_an_agent_whose_proxy_never_ran_leaves_the_steering_alone():
         assert r.returncode == 0, "the cleanup removed a steering table it never made"
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+
+def test_steering_follows_the_bridges_mac(e):
+    """A bridge without a MAC of its own takes its lowest port's: a new port (a new
+    container on Podman's bridge) can change it. Steered frames carry the bridge's MAC
+    as destination, so the agent must follow the change, or the port stays closed."""
+    agent, w, topo = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    path = f"/sys/class/net/{topo.bridge}/address"
+    before = open(path).read().strip()
+    d = topo.add_workload("d", [f"{NET4}4/24"])
+    try:
+        subprocess.run(["ip", "link", "set", d.host_if, "address", "02:00:00:00:00:01"], check=True)
+        assert open(path).read().strip() == "02:00:00:00:00:01" != before
+        assert eventually(lambda: steered_to(agent, w["a"]) == "02:00:00:00:00:01", timeout=10)
+
+        def works():
+            try:
+                c = Client(w["a"], w["b"].ip4, timeout=1.0)
+            except OSError:
+                return False
+            try:
+                return c.request("GET", "/public")[0] == 200
+            except OSError:
+                return False
+            finally:
+                c.close()
+        assert eventually(works, timeout=10)
+    finally:
+        topo.remove_workload("d")
+    assert open(path).read().strip() == before
+    assert eventually(lambda: steered_to(agent, w["a"]) == before, timeout=10)
+    assert eventually(works, timeout=10)
+
+
+def steered_to(agent, workload) -> str | None:
+    """The destination MAC the datapath writes into frames it steers from ``workload``
+    (its l7_host entry: device ifindex, MAC)."""
+    from pinned import dump_map
+    from stockade.datapath.pins import pin_name
+    entries = dump_map(os.path.join(agent.settings["bpffs_dir"], pin_name("l7_host")))
+    value = entries.get(workload.host_ifindex.to_bytes(4, "little"))
+    return value[4:10].hex(":") if value else None
