@@ -109,11 +109,12 @@ def test_tcx_foreign_program_ahead_is_found_and_ours_goes_first(topo):
         try:
             foreign = tcx.link_create(fn.fd, b.host_ifindex, "egress", first=True)
             t0 = time.monotonic()
-            assert eventually(lambda: programs_on(b.host_ifindex)["egress"][0] == "to_endpoint",
-                              timeout=5, interval=0.02)
+            # the repair links ours first, then detaches the old link: wait for both steps
+            assert eventually(lambda: programs_on(b.host_ifindex)["egress"] ==
+                              ["to_endpoint", "pass_all"], timeout=5, interval=0.02), \
+                programs_on(b.host_ifindex)
             took = time.monotonic() - t0
             assert took < 1.0, took
-            assert programs_on(b.host_ifindex)["egress"] == ["to_endpoint", "pass_all"]
             assert not udp_ok(w["c"], b, b.ip4, 7004)
             st = status_json(agent)
             assert st["status"] == "degraded"
