@@ -3,6 +3,7 @@ the client, across Podman's own bridge (a private Podman, tests/podman.py), thro
 host's proxy; the agent discovers both through Podman's API."""
 import json
 import os
+import socket
 import textwrap
 
 import pytest
@@ -28,6 +29,10 @@ POLICY = {"name": "api.yaml", "text": textwrap.dedent("""\
           toPorts:
             - ports: [{port: "8080", protocol: TCP}]
               rules: {http: [{method: GET, path: "/public"}]}
+        - fromEntities: [host]
+          toPorts:
+            - ports: [{port: "8080", protocol: TCP}]
+              rules: {http: [{method: GET, path: "/public"}]}
     """)}
 
 
@@ -43,6 +48,16 @@ def get(pp: PrivatePodman, cid: str, ip: str, path: str) -> str:
     """One HTTP/1.0 request from inside container ``cid`` (busybox nc); the raw answer."""
     cmd = f"printf 'GET {path} HTTP/1.0\\r\\nHost: api\\r\\n\\r\\n' | nc -w 3 {ip} {PORT}"
     return pp.podman("exec", cid, "sh", "-c", cmd, check=False, timeout=20).stdout
+
+
+def host_get(ip: str, path: str) -> bytes:
+    """The same request from the host itself."""
+    with socket.create_connection((ip, PORT), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: api\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
 
 
 def test_container_server_behind_the_proxy_on_podmans_bridge():
@@ -77,14 +92,21 @@ def test_container_server_behind_the_proxy_on_podmans_bridge():
         # the proxy's 403 (busybox httpd would answer 404: it has no /private)
         assert " 403 " in denied.splitlines()[0] and denied.splitlines()[-1] == "Access denied", denied
 
-        # the proxy answered both (flows of its request log), with both containers' identities
+        # host -> container, through the proxy too
+        assert host_get(srv_ip, "/public").split(b"\r\n")[0].endswith(b" 200 OK")
+        assert host_get(srv_ip, "/private").endswith(b"\r\n\r\nAccess denied\r\n")
+
+        # the proxy answered the containers (flows of its request log), with their identities
         def flows():
             out = agent.cli("observe", "--type", "l7", "--since", "5m", "-o", "json").stdout
             got = [json.loads(x) for x in out.splitlines() if x.strip()]
-            return got if len([f for f in got if f["l7"]["type"] == "REQUEST"]) >= 2 else None
+            got = [f for f in got if f["l7"]["type"] == "REQUEST"]
+            return got if len(got) >= 4 else None
         got = eventually(flows, timeout=10)
         assert got, agent.cli("observe", "--type", "l7", "--since", "5m").stdout
-        req = {f["l7"]["http"]["url"]: f for f in got if f["l7"]["type"] == "REQUEST"}
+        from_host = [f for f in got if f["source"]["identity"] == 1]     # reserved: host
+        assert sorted(f["verdict"] for f in from_host) == ["DROPPED", "FORWARDED"], from_host
+        req = {f["l7"]["http"]["url"]: f for f in got if f not in from_host}
         assert req["http://api/public"]["verdict"] == "FORWARDED"
         assert req["http://api/private"]["verdict"] == "DROPPED"
         for f in req.values():
