@@ -1,7 +1,7 @@
 """Control plane: time to apply N rules, a one-rule change at N = 10,000, container
 start -> enforced latency, and agent memory at 1,000 endpoints.
 
-    .venv/bin/python -m bench.controlplane_bench [apply] [podman] [rss]
+    .venv/bin/python -m bench.controlplane_bench [apply] [podman] [rss] [ctcut]
 
 apply   From an empty state, time the command until it returns: ``stockade policy
         import FILE`` (a new process: CLI start included; the agent answers once every
@@ -25,6 +25,8 @@ rss     1,000 static endpoints, each a veth pair (host end in the root namespace
         the agent's tc programs, peer end in one shared namespace: what 1,000 containers
         look like to the agent, without 1,000 processes) with its own identity, and
         10,000 policy entries (10 ports from the next endpoint's identity each).
+ctcut   The conntrack walk that cuts the flows of addresses and endpoints whose identity
+        a change moves, on a full 262,144-entry table (bench_ctcut).
 """
 from __future__ import annotations
 
@@ -337,6 +339,84 @@ spec:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+# ------------------------------------------------------------------ ctcut
+CT_FULL = 262144        # the agent's default ct_map_size
+CT_SUBNET = (10 << 24) | (216 << 16)      # peers 10.216.0.0/16 and above
+
+
+def fill_conntrack(dp, n: int = CT_FULL) -> None:
+    """``n`` live IPv4 TCP entries at 8 hooks (ifindex 1-8), peers 10.216.0.0 + i // 4,
+    half opened by the endpoint (egress), half toward it."""
+    import ctypes as ct
+
+    from stockade.datapath import maps as m
+    from stockade.datapath.bpfsys import update_batch
+    keys, values = (m.CtKey * n)(), (m.CtValue * n)()
+    expires = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 3600 * 10**9
+    local = bytes([10, 217, 0, 1])
+    for i in range(n):
+        k = keys[i]
+        k.ifindex, k.proto, k.family = 1 + i % 8, 6, 4
+        k.direction = m.DIR_EGRESS if i % 2 else m.DIR_INGRESS
+        peer = (CT_SUBNET + i // 4).to_bytes(4, "big")
+        saddr, daddr = (local, peer) if k.direction == m.DIR_EGRESS else (peer, local)
+        ct.memmove(k.saddr, saddr, 4)
+        ct.memmove(k.daddr, daddr, 4)
+        k.sport, k.dport = 1024 + i % 50000, 80
+        values[i].expires = expires
+    for i in range(0, n, 8192):
+        count = min(8192, n - i)
+        update_batch(dp.table("conntrack").map_fd, ct.byref(keys, i * ct.sizeof(m.CtKey)),
+                     ct.byref(values, i * ct.sizeof(m.CtValue)), count)
+
+
+def peer(i: int) -> str:
+    return ".".join(str(b) for b in (CT_SUBNET + i).to_bytes(4, "big"))
+
+
+def bench_ctcut(repeat: int = 3) -> dict:
+    """The conntrack walk of a change that moves addresses or endpoints
+    (ConntrackMaps.ct_delete_moved), on a full table of 262,144 entries: one /32 gaining
+    an identity (a new endpoint or ipcache entry), 1,000 of them (one PATCH), a /16
+    covering every peer whose addresses all keep their identity (a wide CIDR entry over
+    host entries: walked, nothing cut), one endpoint relabelled (all of one hook's
+    entries cut). Median of ``repeat`` runs, the table filled again before each."""
+    from stockade.daemon.state import IpcacheEntry
+    from stockade.daemon.txn import resolution_changed
+    from stockade.datapath import Datapath
+    settings = {"STOCKADE_PIN_DIR": f"/sys/fs/bpf/stockade-bench-ctcut-{os.getpid()}",
+                "CT_MAX": CT_FULL, "POLICY_MAX": 1024, "IPCACHE_MAX": 4096}
+    ident = IpcacheEntry(300, "remote", None)
+    one = {f"{peer(7)}/32": None}
+    many = {f"{peer(i * 50)}/32": None for i in range(1000)}
+    held = {f"{peer(i)}/32": ident for i in range(CT_FULL // 4)}
+    wide = {"10.216.0.0/16": None}
+    cases = {
+        "one_address": (set(), one, {p: ident for p in one}),
+        "1000_addresses": (set(), many, {p: ident for p in many}),
+        "wide_prefix_nothing_moved": (set(), wide, {**held, "10.216.0.0/16": ident}),
+        "one_endpoint": ({3}, {}, {}),
+    }
+    dp = Datapath(settings)
+    try:
+        dp.flush()
+        runs: dict[str, list[float]] = {c: [] for c in cases}
+        cut: dict[str, int] = {}
+        for _ in range(repeat):
+            for case, (ifindexes, moved, after) in cases.items():
+                fill_conntrack(dp)
+                t = time.perf_counter()
+                cut[case] = dp.ct_delete_moved(ifindexes, moved, resolution_changed(after, moved))
+                runs[case].append(time.perf_counter() - t)
+        out: dict = {"entries": CT_FULL, "repeat": repeat}
+        for case in cases:
+            out[case] = {"ms": round(median(runs[case]) * 1000, 1), "cut": cut[case]}
+        return out
+    finally:
+        dp.remove_pins()
+        dp.close()
+
+
 def flows_note() -> str:
     from pathlib import Path
     import stockade
@@ -346,7 +426,7 @@ def flows_note() -> str:
 
 
 def main(argv=None) -> int:
-    parts = (argv or sys.argv[1:]) or ["apply", "podman", "rss"]
+    parts = (argv or sys.argv[1:]) or ["apply", "podman", "rss", "ctcut"]
     out = {}
     if "apply" in parts:
         out["apply"] = bench_apply()
@@ -357,6 +437,9 @@ def main(argv=None) -> int:
     if "rss" in parts:
         out["rss"] = bench_rss()
         print(f"rss: {json.dumps(out['rss'])}", file=sys.stderr, flush=True)
+    if "ctcut" in parts:
+        out["ctcut"] = bench_ctcut()
+        print(f"ctcut: {json.dumps(out['ctcut'])}", file=sys.stderr, flush=True)
     print(json.dumps(out))
     return 0
 

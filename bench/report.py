@@ -56,6 +56,8 @@ TARGETS = {
          "podman.start_to_enforced_ms_p50", "ms", "-", None),
         ("`podman start` returned -> first allowed connection, p99 (50 starts)",
          "podman.start_to_enforced_ms_p99", "ms", "< 100 ms", lambda v: v < 100),
+        ("conntrack cut of one address that gains an identity, 262,144 entries walked",
+         "ctcut.one_address.ms", "ms", "-", None),
         ("agent RSS: 1,000 endpoints + 10,000 policy entries, no flow records",
          "rss.rss_full_mb", "MB", "< 150 MB", lambda v: v < 150),
         ("agent RSS with a full flow ring (estimate: the line above + the flow benchmark's "
@@ -98,6 +100,20 @@ TARGETS = {
         ("web UI, slowest page's median, 1,000 identities", "worst_median_ms", "ms", "< 500 ms",
          lambda v: v < 500),
         ("web UI, slowest page's p95", "worst_p95_ms", "ms", "-", None),
+    ],
+    "l7": [
+        ("keep-alive request rate at saturation (64 connections), L7 / L4-only",
+         "targets.keepalive_rate_ratio", "", ">= 0.50", lambda v: v >= 0.50),
+        ("added p99 latency at 8 connections, keep-alive (L7 - L4-only, medians of 3 rounds' p99)",
+         "targets.keepalive_p99_added_ms", "ms", "< 1 ms", lambda v: v < 1),
+        ("added p99 latency at 8 connections, a new connection per request",
+         "targets.close_p99_added_ms", "ms", "< 1 ms", lambda v: v < 1),
+        ("new-connection-per-request rate at saturation, L7 / L4-only",
+         "targets.close_rate_ratio", "", "-", None),
+        ("added p50 latency at 8 connections, keep-alive", "targets.keepalive_p50_added_ms", "ms",
+         "-", None),
+        ("the proxy's own RSS with 1,000 L7 rules (largest of the two layouts below)",
+         "targets.proxy_rss_mb_1000_rules", "MB", "< 60 MB", lambda v: v < 60),
     ],
     "loader": [
         ("100,000-entry file (10,000 documents): load as before (PyYAML CSafeLoader), CPU",
@@ -155,7 +171,7 @@ def controlplane_detail(data: dict) -> str:
         rows.append(f"| {int(n):,} | {r['stockade_import_s']} | {r['stockade_api_s']} "
                     f"| {r['iptables_restore_s']} | {r['nft_f_s']} |")
     out = "\n".join(rows)
-    for part in ("podman", "rss"):
+    for part in ("podman", "rss", "ctcut"):
         if part in data:
             out += f"\n\n{generic(data[part], f'{part}: ')}"
     return out
@@ -247,7 +263,47 @@ def webui_detail(data: dict) -> str:
                               f"{data.get('policies')} policies, {data.get('rounds')} timed requests a page.")
 
 
+def l7_detail(data: dict) -> str:
+    ms = lambda us: f"{us / 1000:.2f}"  # noqa: E731
+    rows = ["| mode | policy | connections | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+            "| p99 ms of each round (its median) | req/s of each round | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, label in (("keepalive", "keep-alive"), ("close", "new per request")):
+        for kind in ("saturation", "fixed"):
+            for policy in ("l4", "l7"):
+                r = data.get(policy, {}).get(mode, {}).get(kind)
+                if not r:
+                    continue
+                conns = data.get("saturation_connections" if kind == "saturation" else "fixed_connections")
+                rows.append(f"| {label} | {'L7 (HTTP rules)' if policy == 'l7' else 'L4-only'} "
+                            f"| {conns} | {r['rate_per_s']:,.0f} | {ms(r['p50_us'])} | {ms(r['p90_us'])} "
+                            f"| {ms(r['p99_us'])} | {ms(r['p999_us'])} "
+                            f"| {', '.join(ms(x) for x in r.get('p99_us_of_rounds', []))} "
+                            f"({ms(r['p99_us_median_of_rounds'])}) "
+                            f"| {', '.join(f'{x:,.0f}' for x in r['rates_per_s'])} | {r['errors']} |")
+    cpu = [(p, data[p]["keepalive"]["saturation"]) for p in ("l4", "l7")
+           if "cpu_us_per_request" in data.get(p, {}).get("keepalive", {}).get("saturation", {})]
+    if cpu:
+        names = ["wrk", "server", "proxy", "agent"]
+        rows += ["", "CPU per request, keep-alive at saturation (us; the machine's busy share beside):", "",
+                 "| policy | " + " | ".join(names) + " | total | machine busy |",
+                 "|---|" + "---|" * (len(names) + 2)]
+        for p, r in cpu:
+            c = r["cpu_us_per_request"]
+            rows.append(f"| {'L7' if p == 'l7' else 'L4-only'} | "
+                        + " | ".join(str(c.get(n, "-")) for n in names)
+                        + f" | {round(sum(c.values()), 1)} | {r.get('machine_busy_pct', '-')} % |")
+    rss = data.get("rss", {})
+    if rss:
+        rows += ["", "| proxy with 1,000 rules (rule sets x rules) | RSS at start | after a runtime update "
+                 "| update time |", "|---|---|---|---|"]
+        for r in rss.values():
+            rows.append(f"| {r['rule_sets']:,} x {r['rules'] // r['rule_sets']} | {r['rss_mb_started']} MB "
+                        f"| {r['rss_mb_after_runtime_update']} MB | {r['runtime_update_s']} s |")
+    return "\n".join(rows)
+
+
 DETAILS = {
+    "l7-detail": ("l7", l7_detail),
     "webui-detail": ("webui", webui_detail),
     "loader-detail": ("loader", loader_detail),
     "profile": ("profile", profile_detail),

@@ -24,6 +24,7 @@ BENCHES = {
     "loader": "bench.policy_fuzz_bench",
     "attach": "bench.attach_bench",
     "webui": "bench.webui_bench",
+    "l7": "bench.l7_bench",
 }
 # Seconds a module may run; its own cap is below this (the loader fuzz stops at 30 min).
 TIMEOUTS = {"loader": 2400}

@@ -122,8 +122,8 @@ class AgentProcess:
         self.kill(signal.SIGTERM)
         subprocess.run([*self.command, "agent", "--config", str(self.config_path), "--cleanup"],
                        capture_output=True, timeout=60, env=self.environ())
-        # --cleanup refuses pins it cannot read (another build's, a failed start): the
-        # test's own pin directory goes regardless
+        # an older build's --cleanup (``command``) refuses pins of other sizes or layouts:
+        # the test's own pin directory goes regardless
         shutil.rmtree(self.settings["bpffs_dir"], ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("STOCKADE_HOST_CACHE", "/var/cache/stockade-host"))
-IMAGE_VERSION = "3"  # bump when the package list or the baked-in files change
+IMAGE_VERSION = "4"  # bump when the package list or the baked-in files change
 MIRROR = "http://deb.debian.org/debian"
 SECURITY = "http://deb.debian.org/debian-security"
 SUITE = "bookworm"
@@ -50,7 +50,7 @@ PACKAGES = [
     "python3", "python3-venv", "python3-bpfcc",
     # what the agent role's apt task installs (skipped for this guest), and what
     # ansible.builtin.pip needs on the host
-    "python3-yaml", "ca-certificates", "python3-packaging", "python3-setuptools",
+    "python3-yaml", "ca-certificates", "python3-packaging", "python3-setuptools", "haproxy",
     "initramfs-tools",
 ]
 

@@ -13,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from agentproc import STOCKADE, AgentProcess
 from netns import Topology, run
@@ -172,6 +173,40 @@ def test_cleanup_removes_links_and_pins(topo):
         assert not os.path.exists(agent.settings["bpffs_dir"])
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_cleanup_removes_pins_of_other_sizes(topo, mode):
+    """The configuration's map sizes changed since the agent pinned its maps (an operator
+    edited agent.yaml, or runs --cleanup with the defaults): --cleanup still detaches
+    and removes that pin directory's maps and links, and leaves another agent's alone."""
+    t, w = topo
+    d = t.add_workload("d", [f"{NET4}4/24"])
+    agent = AgentProcess(attach_mode=mode, ct_map_size=16384, endpoints_map_size=64)
+    other = AgentProcess(attach_mode=mode)
+    try:
+        agent.start()
+        protect(agent, w)
+        other.start()
+        other.client.add_endpoint(name="d", interface=d.host_if, ips=d.ips, labels={"app": "d"})
+        other_pins = sorted(os.listdir(other.settings["bpffs_dir"]))
+        agent.kill()
+        agent.settings.update(ct_map_size=32768, endpoints_map_size=128, ipcache_map_size=2048)
+        agent.config_path.write_text(yaml.safe_dump(agent.settings))
+        r = subprocess.run([*STOCKADE, "agent", "--config", str(agent.config_path), "--cleanup"],
+                           capture_output=True, text=True, timeout=60, env=agent.environ())
+        assert r.returncode == 0, r.stderr
+        assert "detached from 3 interfaces" in r.stdout
+        for n in "abc":
+            assert programs_on(w[n].host_ifindex) == {"ingress": [], "egress": []}
+        assert not os.path.exists(agent.settings["bpffs_dir"])
+        assert sorted(os.listdir(other.settings["bpffs_dir"])) == other_pins
+        on_d = programs_on(d.host_ifindex)
+        assert on_d["ingress"] and on_d["egress"], on_d
+        other.client.health()
+    finally:
+        agent.stop()
+        other.stop()
 
 
 def test_removed_endpoint_never_leaves_its_interface_open(topo):

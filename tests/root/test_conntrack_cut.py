@@ -2,6 +2,8 @@
 endpoint was in audit mode is cut when audit is switched off; a flow a policy change
 revokes is cut; a flow of an endpoint relabelled out of what the policy allows is cut;
 flows still allowed keep going. Real agent, real TCP streams."""
+import ipaddress
+import os
 import socket
 import threading
 import time
@@ -10,6 +12,7 @@ import pytest
 
 from agentproc import AgentProcess
 from netns import Topology
+from pinned import dump_map
 from traffic import tcp_ok
 
 pytestmark = pytest.mark.root
@@ -151,6 +154,131 @@ def test_flow_of_an_endpoint_relabelled_out_of_the_policy_is_cut(topo):
             assert not moved.flowing_since(t_change + 1.0), "the relabelled endpoint's flow kept flowing"
             assert kept.flowing_since(t_change + 1.5), "the allowed flow stopped"
             assert not tcp_ok(w["c"], w["b"], w["b"].ip4, 6023)
+        finally:
+            moved.close()
+            kept.close()
+
+
+def entity_policy():
+    return {"name": "b.yaml", "text": """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b-ingress}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  ingress: [{fromEntities: [world]}]
+"""}
+
+
+def register_b(agent, w):
+    agent.client.add_endpoint(name="b", interface=w["b"].host_if, ips=w["b"].ips,
+                              labels={"app": "b"})
+
+
+def assert_cut(moved, kept, t_change):
+    time.sleep(2.0)
+    assert not moved.flowing_since(t_change + 1.0), "the flow of the address that moved kept flowing"
+    assert kept.flowing_since(t_change + 1.5), "the allowed flow stopped"
+
+
+@pytest.mark.parametrize("how", ["endpoint", "ipcache", "ipcache-batch"])
+def test_flow_of_a_world_address_that_gains_an_identity_is_cut(topo, how):
+    """b admits world only. c and a are nobody's endpoints (world) and open flows to b;
+    then c's address becomes identity app=x (an endpoint added on it, or an ipcache
+    entry given labels, POST or PATCH): b's flow from c was judged as world and goes;
+    a's, still world, stays."""
+    t, w = topo
+    with AgentProcess() as agent:
+        register_b(agent, w)
+        agent.client.put_policies([entity_policy()])
+        moved = Stream(w["c"], w["b"], 6031)
+        kept = Stream(w["a"], w["b"], 6032)
+        try:
+            time.sleep(0.5)
+            assert moved.flowing_since(0) and kept.flowing_since(0)
+            prefix = f"{w['c'].ip4}/32"
+            if how == "endpoint":
+                agent.client.add_endpoint(name="c", interface=w["c"].host_if, ips=w["c"].ips,
+                                          labels={"app": "x"})
+            elif how == "ipcache":
+                agent.client.add_ipcache(prefix, {"app": "x"}, host="elsewhere")
+            else:
+                agent.client.add_ipcache_entries([{"prefix": prefix, "labels": {"app": "x"},
+                                                   "host": "elsewhere"}])
+            t_change = time.monotonic()
+            assert_cut(moved, kept, t_change)
+            assert not tcp_ok(w["c"], w["b"], w["b"].ip4, 6033)
+        finally:
+            moved.close()
+            kept.close()
+
+
+def test_flow_of_an_address_that_loses_its_identity_to_world_is_cut(topo):
+    """b admits app=x only; a's and c's addresses are app=x (ipcache). c's entry goes:
+    c is world again, which b does not admit, so c's established flow goes; a's stays."""
+    t, w = topo
+    with AgentProcess() as agent:
+        register_b(agent, w)
+        agent.client.put_policies([policy("x")])
+        for n in "ac":
+            agent.client.add_ipcache(f"{w[n].ip4}/32", {"app": "x"}, host="elsewhere")
+        moved = Stream(w["c"], w["b"], 6041)
+        kept = Stream(w["a"], w["b"], 6042)
+        try:
+            time.sleep(0.5)
+            assert moved.flowing_since(0) and kept.flowing_since(0)
+            agent.client.remove_ipcache(f"{w['c'].ip4}/32")
+            t_change = time.monotonic()
+            assert_cut(moved, kept, t_change)
+            assert not tcp_ok(w["c"], w["b"], w["b"].ip4, 6043)
+        finally:
+            moved.close()
+            kept.close()
+
+
+def entries_created(agent, ifindex: int, peer: str) -> set[int]:
+    """When the conntrack entries at ``ifindex``'s hooks with ``peer`` as either end were
+    made (bpf_ktime ns): a deleted and re-made entry has a new time."""
+    from stockade.datapath import maps as m
+    from stockade.datapath.pins import pin_name
+    raw = ipaddress.ip_address(peer).packed
+    out = set()
+    pins = os.path.join(agent.settings["bpffs_dir"], pin_name("conntrack"))
+    for kb, vb in dump_map(pins).items():
+        k, v = m.CtKey.from_buffer_copy(kb), m.CtValue.from_buffer_copy(vb)
+        if k.ifindex == ifindex and raw in (bytes(k.saddr)[:4], bytes(k.daddr)[:4]):
+            out.add(v.created)
+    return out
+
+
+def test_a_wider_entry_leaves_flows_of_addresses_a_narrower_one_holds(topo):
+    """A CIDR entry over the workloads' subnet moves the addresses no endpoint holds
+    (c: world -> the CIDR's identity, which b does not admit) and cuts their flows only:
+    a, an endpoint, keeps its identity, so its flow's entries stay as they were."""
+    t, w = topo
+    with AgentProcess() as agent:
+        register_b(agent, w)
+        agent.client.add_endpoint(name="a", interface=w["a"].host_if, ips=w["a"].ips,
+                                  labels={"app": "a"})
+        agent.client.put_policies([{"name": "b.yaml", "text": """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b-ingress}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  ingress: [{fromEntities: [world]}, {fromEndpoints: [{matchLabels: {app: a}}]}]
+"""}])
+        moved = Stream(w["c"], w["b"], 6051)
+        kept = Stream(w["a"], w["b"], 6052)
+        try:
+            time.sleep(0.5)
+            assert moved.flowing_since(0) and kept.flowing_since(0)
+            before = entries_created(agent, w["b"].host_ifindex, w["a"].ip4)
+            assert before
+            agent.client.add_ipcache(f"{NET4}0/24", {"app": "subnet"}, host="elsewhere")
+            t_change = time.monotonic()
+            assert_cut(moved, kept, t_change)
+            assert entries_created(agent, w["b"].host_ifindex, w["a"].ip4) == before
         finally:
             moved.close()
             kept.close()

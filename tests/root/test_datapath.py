@@ -546,6 +546,49 @@ def test_conntrack_gc_and_expired_entries(e):
     assert all(v.expires >= now for _, v in left) and 999 in [k.ifindex for k, _ in left]
 
 
+def test_ct_delete_moved_by_hook_and_peer_prefix(e, monkeypatch):
+    """The walk of an identity change (read in batches, here of 64 keys): every entry
+    at a relabelled endpoint's hooks; elsewhere the entries whose peer (the destination
+    of a flow the endpoint opened, else the source) lies in a moved prefix and, by the
+    agent's verdict asked once per address, resolves elsewhere now."""
+    import ipaddress
+
+    from stockade.datapath import pins
+    monkeypatch.setattr(pins, "KEY_CHUNK", 64)
+    e.dp.flush(("conntrack",))
+    local4, local6 = ipaddress.ip_address("10.213.7.9"), ipaddress.ip_address("fd57:ade::9")
+    live = m.CtValue(expires=time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 10**12)
+    made = []
+    for i in range(400):
+        family = 4 if i % 3 else 6
+        peer = ipaddress.ip_address(f"10.50.{i % 4}.{i % 50}" if family == 4 else f"fd99::{i % 300:x}")
+        local = local4 if family == 4 else local6
+        k = m.CtKey(ifindex=900 + (i // 7) % 4, proto=PROTO_TCP, family=family, sport=i, dport=80,
+                    direction=EGRESS if i % 2 else INGRESS)
+        src, dst = (local, peer) if k.direction == EGRESS else (peer, local)
+        k.saddr[:] = src.packed.ljust(16, b"\0")
+        k.daddr[:] = dst.packed.ljust(16, b"\0")
+        e.dp._update("conntrack", k, live)
+        made.append((k.ifindex, peer, bytes(k)))
+    asked = []
+    kept_addr = ipaddress.ip_address("10.50.1.7").packed   # inside, but held by a longer entry
+
+    def changed(family, raw):
+        asked.append(raw)
+        return raw != kept_addr
+    moved = {"10.50.1.0/24": None, "fd99::80/121": 3000}
+    n = e.dp.ct_delete_moved({901}, moved, changed)
+    nets = [ipaddress.ip_network(p) for p in moved]
+    want = {key for ifindex, peer, key in made
+            if ifindex == 901 or (peer.packed != kept_addr and any(
+                peer.version == net.version and peer in net for net in nets))}
+    left = {bytes(k) for k, _ in e.dp.ct_entries()}
+    assert n == len(want) and want and not (left & want)
+    assert left == {key for _, _, key in made} - want
+    assert len(asked) == len(set(asked))            # once per address
+    assert kept_addr in asked
+
+
 def test_capacity_error_leaves_map_unchanged(e):
     before = {tcp_key(ID_A, ID_B, EGRESS, p): ALLOW for p in range(10)}
     e.policy(before, {(ID_A, EGRESS): DEFAULT_DENY})

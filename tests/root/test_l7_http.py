@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agentproc import AgentProcess
+from l7env import cnp, l7_settings, route_via_host, wait_proxy
 from netns import Topology, in_netns
 from traffic import Capture, eventually
 
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.root
 NET4 = "10.213.18."
 HOST4 = f"{NET4}254"
 PORT = 8080
-TAG = os.getpid() % 1000
-
-
-def cnp(name, spec):
-    import textwrap
-    return {"name": f"{name}.yaml", "text": (
-        f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\n"
-        f"spec:\n{textwrap.indent(textwrap.dedent(spec).strip(), '  ')}\n")}
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -64,20 +57,11 @@ class Server(ThreadingHTTPServer):
         pass  # clients that reset (smuggling, slowloris) are expected here
 
 
-def l7_settings(run_dir_tag: str) -> dict:
-    return {"l7_run_dir": f"/run/stockade-l7-test-{os.getpid()}-{run_dir_tag}",
-            "l7_proxy_port": 15100 + TAG, "l7_nft_table": f"stockade_l7_t{os.getpid()}",
-            "l7_route_table": 23000 + TAG, "l7_rule_priority": 23000 + TAG,
-            "l7_mark": 0x5E000000 + (TAG << 16)}
-
-
 @pytest.fixture(scope="module")
 def env():
     with Topology("l7") as topo:
         w = {t: topo.add_workload(t, [f"{NET4}{i}/24"]) for i, t in enumerate("abc", start=1)}
-        subprocess.run(["ip", "addr", "add", f"{HOST4}/24", "dev", topo.bridge], check=True)
-        for t in "abc":
-            w[t].exec("ip", "route", "add", "default", "via", HOST4)
+        route_via_host(topo, f"{HOST4}/24", w.values())
         server = in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), Recorder)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
@@ -160,13 +144,6 @@ class Client:
 
     def close(self):
         self.sock.close()
-
-
-def wait_proxy(agent):
-    def up():
-        l7 = agent.client.health().get("l7_proxy") or {}
-        return l7.get("running") and l7.get("l7_ports")
-    assert eventually(up, timeout=15), agent.client.health()
 
 
 def test_rules_allow_and_deny_each_matcher(e):
@@ -440,6 +417,24 @@ def test_catastrophic_backtracking_is_bounded(e):
         c.close()
 
 
+def test_a_proxy_death_a_commit_finds_first_is_counted(e):
+    """Any commit (a link event, an API call) restarts a dead proxy before the
+    supervisor's next look: the death must still be counted and shown."""
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    before = agent.client.health()["l7_proxy"]
+    os.kill(before["pid"], 9)
+    time.sleep(0.05)
+    agent.client.add_ipcache("10.214.250.1/32", {"app": "far"}, "h9")   # a commit, at once
+    try:
+        after = agent.client.health()["l7_proxy"]
+        assert after["running"] and after["pid"] != before["pid"]
+        assert after["restarts"] == before["restarts"] + 1, after
+    finally:
+        agent.client.remove_ipcache("10.214.250.1/32")
+
+
 def test_proxy_killed_port_closed_then_restored(e):
     agent, w, _ = e
     apply(agent, cnp("api", API_L7))
@@ -635,3 +630,29 @@ def steered_to(agent, workload) -> str | None:
     entries = dump_map(os.path.join(agent.settings["bpffs_dir"], pin_name("l7_host")))
     value = entries.get(workload.host_ifindex.to_bytes(4, "little"))
     return value[4:10].hex(":") if value else None
+
+
+def test_without_the_proxy_user_http_ports_are_dropped_and_l4_works():
+    """A host without HAProxy (no proxy user): the agent starts, enforces L3/L4, drops
+    traffic to the ports with HTTP rules (never passes it unfiltered) and says why."""
+    from traffic import tcp_ok
+    with Topology("l7u") as topo:
+        w = {t: topo.add_workload(t, [f"10.213.19.{i}/24"]) for i, t in enumerate("ab", 1)}
+        route_via_host(topo, "10.213.19.254/24", w.values())
+        with AgentProcess(**l7_settings("u"), l7_user="stockade-test-no-such-user") as agent:
+            for name, app in (("a", "web"), ("b", "api")):
+                agent.client.add_endpoint(name=name, interface=w[name].host_if,
+                                          ips=w[name].ips, labels={"app": app})
+            apply(agent, cnp("api-l7", API_L7 + """
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "9090", protocol: TCP}]}]
+"""))
+            assert tcp_ok(w["a"], w["b"], w["b"].ip4, 9090)
+            assert not tcp_ok(w["a"], w["b"], w["b"].ip4, PORT)
+
+            def said():
+                l7 = agent.client.health().get("l7_proxy") or {}
+                return not l7.get("ok") and "does not exist" in (l7.get("last_error") or "")
+            assert eventually(said, timeout=10), agent.client.health()
+            st = json.loads(agent.cli("status", "-o", "json", check=False).stdout)
+            assert st["status"] != "ok", st

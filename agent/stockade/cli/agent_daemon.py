@@ -202,13 +202,11 @@ def run_restore_state(cfg: AgentConfig, back: int) -> int:
 def run_cleanup(cfg: AgentConfig) -> int:
     """Detach from every interface this agent's endpoints map knows (attached ones
     included, identified or not) and remove its pins."""
-    from ..datapath import Datapath
+    from ..datapath.loader import cleanup_pins
     from ..errors import StockadeError
     try:
-        dp = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
-        n = len(dp.endpoint_ifindexes())
-        dp.cleanup()
-        dp.close()
+        # the pins as they are, whatever the build or sizes that made them
+        n = cleanup_pins(Path(cfg.bpffs_dir))
         from ..datapath.kerneldefault import KernelDefault, table_name
         table = table_name(cfg.nft_table, cfg.bpffs_dir)
         if KernelDefault(table, [], []).remove():

@@ -20,7 +20,7 @@ from ..policy.api.entity import RESERVED
 from ..policy.api.rule import Policy, PolicyRef
 from ..policy.describe import summarize
 from ..policy.labels import LabelSet
-from ..policy.trace import policy_prefixes
+from ..policy.trace import prefixes_named
 from .binding import RUNTIMES as RUNTIME_SOURCES
 from .binding import binding_problem
 from .endpoints import Endpoint, tap_matches_mac
@@ -648,7 +648,7 @@ def sync_cidr_identities(txn: Txn, policies) -> list[Network]:
     service's identity holds the prefix); returns the prefixes no longer named, which
     ``drop_cidr_identities`` removes once the policies are in."""
     st = txn.state
-    need = {n for p in policies for r in p.rules for n in policy_prefixes(r)}
+    need = set().union(*map(prefixes_named, policies))
     for net in _sorted_nets(need - set(st.cidr_ids)):
         ident = txn.agent.alloc.cidr(net)
         txn.j.set(st.cidr_ids, net, ident)

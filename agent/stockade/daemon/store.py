@@ -221,18 +221,18 @@ class StateStore:
         previous generation left whole and current."""
         files_now = self._current_files()
         encoded = {name: None if data is None else _encode(data) for name, data in files.items()}
+        entries = {name: _entry(raw) for name, raw in encoded.items() if raw is not None}
         changed = [name for name, raw in encoded.items()
                    if (raw is None and (name in files_now or os.path.lexists(self.path(name)))) or
-                   (raw is not None and (force or _entry(raw) != files_now.get(name)))]
+                   (raw is not None and (force or entries[name] != files_now.get(name)))]
         if not changed:
             return self.number
         number = self.number + 1
         for name in changed:
-            raw = encoded[name]
-            if raw is None:
+            if encoded[name] is None:
                 files_now.pop(name, None)
             else:
-                files_now[name] = _entry(raw)
+                files_now[name] = entries[name]
         encoded[MANIFEST] = _encode({"format": FORMAT, "generation": number, "files": files_now,
                                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         changed.append(MANIFEST)

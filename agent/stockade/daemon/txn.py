@@ -22,8 +22,9 @@ the previous generation again, and the caller's answer is the error.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import StockadeError
 from ..policy.api.entity import RESERVED
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 HOST_ID = RESERVED["host"]
+WORLD_ID = RESERVED["world"]   # what an address no ipcache entry covers resolves to
 CLOSED = {"endpoint_id": 0, "identity": 0, "unidentified": True}   # an unidentified interface
 
 
@@ -68,11 +70,12 @@ class Txn:
     undo: list[Step] = field(default_factory=list)   # inverses of the steps written
     audit_off: set[int] = field(default_factory=set)  # interfaces leaving audit mode
     moved_ifindexes: set[int] = field(default_factory=set)  # endpoints given another identity
-    moved_prefixes: set[str] = field(default_factory=set)   # ipcache entries, likewise
+    moved_prefixes: dict[str, int | None] = field(default_factory=dict)  # ipcache prefix ->
+    #                                            its identity before (None: no entry)
     on_commit: list = field(default_factory=list)    # callables, run once committed
 
     def __post_init__(self):
-        self.etx = self.agent.engine.begin()
+        self.etx = self.agent.engine.begin(plan=self.dry_run)   # a review plans; a change does not
         self._alloc_mark = self.agent.alloc.mark()
 
     @property
@@ -217,8 +220,10 @@ class Txn:
     def _note_moved(self, step: Step) -> None:
         """Addresses and interfaces whose identity this step changes: their flows were
         judged under the old one (cut in _cut_flows)."""
-        if step.kind == "ipcache" and step.prior is not None and step.prior != step.value:
-            self.moved_prefixes.add(step.key)
+        if step.kind == "ipcache":
+            # an entry added takes its addresses from what they resolved to (world, or a
+            # shorter prefix's identity); one removed gives them back
+            self.moved_prefixes.setdefault(step.key, step.prior)
         elif step.kind == "endpoint":
             old = self.agent.endpoint_entries.get(step.key)
             if old and old.get("identity") and (step.value or {}).get("identity") != old["identity"]:
@@ -248,8 +253,12 @@ class Txn:
             n = dp.ct_delete_tightened(wide, exact) if (wide or exact) else 0
             if self.audit_off:
                 n += dp.ct_delete_audited(self.audit_off)
-            if self.moved_ifindexes or self.moved_prefixes:
-                n += dp.ct_delete_moved(self.moved_ifindexes, self.moved_prefixes)
+            after = self.state.ipcache
+            moved = {p: old for p, old in self.moved_prefixes.items()
+                     if old != (after[p].identity if p in after else None)}
+            if self.moved_ifindexes or moved:
+                n += dp.ct_delete_moved(self.moved_ifindexes, moved,
+                                        resolution_changed(after, moved))
         except StockadeError as exc:
             self.agent.error(f"cutting flows the new policy denies: {exc}")
             return
@@ -289,6 +298,38 @@ class Txn:
         self.agent.engine.discard(self.etx)
         self.j.undo()
         self.agent.alloc.undo(self._alloc_mark)
+
+
+def resolution_changed(ipcache: Mapping[str, IpcacheEntry],
+                       before: Mapping[str, int | None]) -> Callable[[int, bytes], bool]:
+    """Whether an address (family 4 or 6, its bytes) resolves in ``ipcache`` to another
+    identity than it did while the prefixes of ``before`` had the identities it gives
+    (None: no entry): longest prefix first, a miss is world, as the programs look it up."""
+    order: dict[int, list[int]] = {}
+
+    def changed(family: int, raw: bytes) -> bool:
+        if not order:   # the lengths in use, once an address needs them
+            lengths: dict[int, set[int]] = {4: set(), 6: set()}
+            for prefix in itertools.chain(ipcache, before):
+                lengths[6 if ":" in prefix else 4].add(int(prefix.rpartition("/")[2]))
+            order.update({f: sorted(ls, reverse=True) for f, ls in lengths.items()})
+        net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
+        width = 32 if family == 4 else 128
+        addr = int.from_bytes(raw, "big")
+        then = now = None
+        for plen in order[family]:
+            shift = width - plen
+            prefix = str(net_type((addr >> shift << shift, plen)))
+            entry = ipcache.get(prefix)
+            cur = entry.identity if entry is not None else None
+            if now is None:
+                now = cur
+            if then is None:
+                then = before[prefix] if prefix in before else cur
+            if then is not None and now is not None:
+                break
+        return (WORLD_ID if then is None else then) != (WORLD_ID if now is None else now)
+    return changed
 
 
 def _write_step(agent: "Agent", dp, step: Step) -> None:

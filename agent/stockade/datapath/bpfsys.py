@@ -119,6 +119,22 @@ def update_batch(fd: int, keys, values, count: int, flags: int = BPF_ANY) -> int
     return attr.count
 
 
+def lookup_batch(fd: int, keys, values, count: int, token_in, token_out) -> tuple[int, bool]:
+    """BPF_MAP_LOOKUP_BATCH: up to ``count`` keys and values (ctypes arrays) from where
+    ``token_in`` left off (None: the map's start); ``token_out`` (a buffer of at least
+    the key's size) receives where the next call goes on. Returns how many were read
+    and whether the map ended there; raises OSError(errno) otherwise (EINVAL/ENOTSUPP:
+    the map type has no batch operations; ENOSPC: a bucket holds more than ``count``)."""
+    attr = _BatchAttr(in_batch=_addr(token_in), out_batch=_addr(token_out), keys=_addr(keys),
+                      values=_addr(values), count=count, map_fd=fd)
+    if sys_bpf(BPF_MAP_LOOKUP_BATCH, attr) != 0:
+        err = ct.get_errno() or errno.EIO
+        if err == errno.ENOENT:
+            return attr.count, True
+        raise OSError(err, os.strerror(err))
+    return attr.count, False
+
+
 def delete_batch(fd: int, keys, count: int) -> int:
     attr = _BatchAttr(keys=_addr(keys), count=count, map_fd=fd)
     if sys_bpf(BPF_MAP_DELETE_BATCH, attr) != 0:

@@ -12,12 +12,30 @@ from __future__ import annotations
 import collections
 import ctypes as ct
 import ipaddress
+import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import maps as m
 
 TABLE = (0, 0, 0)   # the owner that counts the whole table (struct ct_owner, ifindex 0)
+# struct ct_key (m.CtKey) as ifindex, saddr, daddr, direction, family: what a walk reads
+_CT_KEY = struct.Struct("<I16s16s5xBBx")
+assert _CT_KEY.size == ct.sizeof(m.CtKey)
+
+
+def _by_length(prefixes: Iterable[str]) -> dict[int, list[tuple[int, frozenset[int]]]]:
+    """``prefixes`` as family -> [(host bits, {network address >> host bits})]: an
+    address lies in one when ``address >> host bits`` is in the set of its length."""
+    found: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
+    for p in prefixes:
+        net = ipaddress.ip_network(p, strict=False)
+        shift = net.max_prefixlen - net.prefixlen
+        found[(net.version, shift)].add(int(net.network_address) >> shift)
+    out: dict[int, list[tuple[int, frozenset[int]]]] = {}
+    for (family, shift), within in sorted(found.items()):
+        out.setdefault(family, []).append((shift, frozenset(within)))
+    return out
 
 
 def _lib():
@@ -173,54 +191,75 @@ class ConntrackMaps:
         peers_of = collections.defaultdict(set)
         for local, peer, direction in exact:
             peers_of[(local, direction)].add(peer)
-        from .pins import fd_keys
         ifindexes = {i for i, ident in local_of.items()
                      if any(w[0] == ident for w in wide) or any(p[0] == ident for p in peers_of)}
         if not ifindexes:
             return 0
         resolved: dict[tuple[int, bytes], int] = {}
         doomed = []
-        for k in fd_keys(self.table("conntrack").map_fd, m.CtKey):   # keys only: one call each
-            if k.ifindex not in ifindexes:
+        for ifindex, saddr, daddr, direction, family, chunk, at in self._ct_keys():
+            if ifindex not in ifindexes:
                 continue
-            ident = local_of.get(k.ifindex)
+            ident = local_of.get(ifindex)
             if ident is None:
                 continue
-            if (ident, k.direction) in wide:
-                doomed.append(k)
+            if (ident, direction) in wide:
+                doomed.append(m.CtKey.from_buffer_copy(chunk, at))
                 continue
-            peers = peers_of.get((ident, k.direction))
+            peers = peers_of.get((ident, direction))
             if peers:
-                addr = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
-                who = resolved.get((k.family, addr))
+                addr = daddr if direction == m.DIR_EGRESS else saddr
+                who = resolved.get((family, addr))
                 if who is None:
-                    who = resolved[(k.family, addr)] = self._identity_of(k.family, addr)
+                    who = resolved[(family, addr)] = self._identity_of(family, addr)
                 if who in peers:
-                    doomed.append(k)
+                    doomed.append(m.CtKey.from_buffer_copy(chunk, at))
         return self.ct_delete(doomed)
 
-    def ct_delete_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str]) -> int:
+    def _ct_keys(self) -> Iterator[tuple[int, bytes, bytes, int, int, bytes, int]]:
+        """(ifindex, saddr, daddr, direction, family, chunk, offset) of every conntrack
+        entry, its key being ``CtKey.from_buffer_copy(chunk, offset)``: keys read in
+        batches and unpacked from their bytes, no object made per key."""
+        from .pins import fd_key_chunks
+        size = _CT_KEY.size
+        for chunk in fd_key_chunks(self.table("conntrack").map_fd, m.CtKey, m.CtValue,
+                                   "conntrack"):
+            offset = 0
+            for ifindex, saddr, daddr, direction, family in _CT_KEY.iter_unpack(chunk):
+                yield ifindex, saddr, daddr, direction, family, chunk, offset
+                offset += size
+
+    def ct_delete_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str],
+                        changed: Callable[[int, bytes], bool] | None = None) -> int:
         """Delete the entries of flows judged under an identity that changed: every
         entry at the hooks of ``ifindexes`` (endpoints relabelled), and every entry whose
-        peer address lies in one of ``prefixes`` (ipcache entries whose identity changed
-        or went). An allowed flow's next packet creates its entry again. Returns how
-        many were deleted."""
+        peer address lies in one of ``prefixes`` (ipcache entries added, changed or
+        gone) and, with ``changed``, for which ``changed(family, address bytes)`` says
+        the address now resolves to another identity (a more specific entry may keep
+        it where it was). An allowed flow's next packet creates its entry again.
+        Returns how many were deleted."""
         ifindexes = set(ifindexes)
-        nets = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+        nets = _by_length(prefixes)
         if not ifindexes and not nets:
             return 0
-        from .pins import fd_keys
+        verdicts: dict[bytes, bool] = {}
         doomed = []
-        for k in fd_keys(self.table("conntrack").map_fd, m.CtKey):
-            if k.ifindex in ifindexes:
-                doomed.append(k)
-                continue
-            if not nets:
-                continue
-            raw = bytes(k.daddr) if k.direction == m.DIR_EGRESS else bytes(k.saddr)
-            addr = ipaddress.ip_address(raw[:4] if k.family == 4 else raw[:16])
-            if any(addr.version == n.version and addr in n for n in nets):
-                doomed.append(k)
+        for ifindex, saddr, daddr, direction, family, chunk, at in self._ct_keys():
+            if ifindex not in ifindexes:
+                lengths = nets.get(family)
+                if not lengths:
+                    continue
+                raw = (daddr if direction == m.DIR_EGRESS else saddr)[:4 if family == 4 else 16]
+                addr = int.from_bytes(raw, "big")
+                if not any(addr >> shift in within for shift, within in lengths):
+                    continue
+                if changed is not None:
+                    verdict = verdicts.get(raw)
+                    if verdict is None:
+                        verdict = verdicts[raw] = changed(family, raw)
+                    if not verdict:
+                        continue
+            doomed.append(m.CtKey.from_buffer_copy(chunk, at))
         return self.ct_delete(doomed)
 
     def ct_delete_audited(self, ifindexes: Iterable[int] | None = None) -> int:

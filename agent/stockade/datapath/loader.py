@@ -442,12 +442,12 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
 
     def cleanup(self, extra_ifindexes=()) -> None:
         """Detach our programs from every interface in the endpoints map (plus
-        ``extra_ifindexes``), then remove the pins. Filters on interfaces this
-        datapath never knew about are left alone (use attach.detach_all for that)."""
-        for idx in sorted(set(self.endpoint_ifindexes()) | set(extra_ifindexes)
-                          | set(self.attachments.owned())):
+        ``extra_ifindexes``), then remove the pins (``cleanup_pins``). Filters on
+        interfaces this datapath never knew about are left alone (use attach.detach_all
+        for that)."""
+        for idx in sorted(set(extra_ifindexes)):
             self.attachments.detach(idx)
-        self.remove_pins()
+        cleanup_pins(self.pin_dir, self.attachments)
 
     def _close_fds(self) -> None:
         ring = getattr(self, "_ring", None)
@@ -469,3 +469,61 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         if att is not None:
             att.close()
         self._close_fds()
+
+
+def cleanup_pins(pin_dir: Path, attachments=None) -> int:
+    """Detach our programs from every interface that an endpoints map pinned in
+    ``pin_dir`` names or that has a link pinned there, then remove the pins of
+    ``pin_dir``: the maps of any layout version and any size (a build with other
+    settings, an older or newer build, a start that stopped half way), the links and
+    the builds. Nothing is compiled or loaded, and no other directory's pins are
+    touched; files that are not ours stay (and so does the directory then). Returns
+    how many interfaces were detached."""
+    from .attachments import Attachments
+    from .pins import fd_keys, parse_pin_name
+    pin_dir = Path(pin_dir)
+    try:
+        names = sorted(os.listdir(pin_dir))
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise DatapathError(str(pin_dir), f"cannot list pins: {exc.strerror}") from exc
+    ifindexes: set[int] = set()
+    for fn in names:
+        parsed = parse_pin_name(fn)
+        if parsed is None or parsed[0] != "endpoints":
+            continue
+        try:
+            fd = bpfsys.obj_get(str(pin_dir / fn))
+        except OSError as exc:
+            raise DatapathError(str(pin_dir / fn), f"cannot open pin: {exc.strerror}") from exc
+        try:
+            if fd_map_info(fd, fn).key_size == ct.sizeof(ct.c_uint32):   # keyed by ifindex
+                ifindexes.update(k.value for k in fd_keys(fd, ct.c_uint32))
+        finally:
+            os.close(fd)
+    # detaching takes links and tc filters off in either mode: "auto" only picks the mode
+    att = attachments if attachments is not None else Attachments(pin_dir, "auto", {}, {})
+    try:
+        ifindexes.update(att.owned())
+        for idx in sorted(ifindexes):
+            att.detach(idx)
+        att.remove_pins()
+    finally:
+        if attachments is None:
+            att.close()
+    for fn in names:
+        base = fn[:-len("_resize")] if fn.endswith("_resize") else fn
+        if parse_pin_name(base) is not None:
+            try:
+                os.unlink(pin_dir / fn)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DatapathError(str(pin_dir / fn), f"cannot unpin: {exc.strerror}") from exc
+    shutil.rmtree(pin_dir / "build", ignore_errors=True)
+    try:
+        pin_dir.rmdir()
+    except OSError:
+        pass
+    return len(ifindexes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import re
+from typing import Iterator
 
 from .errors import DatapathError
 
@@ -80,6 +81,36 @@ def fd_keys(fd: int, key_type) -> list:
         out.append(key)
         prev = ct.byref(key)
     return out
+
+
+KEY_CHUNK = 4096
+ENOTSUPP = 524   # the kernel's own, which errno does not name
+
+
+def fd_key_chunks(fd: int, key_type, value_type, what: str = "map") -> Iterator[bytes]:
+    """Every key of the hash map behind ``fd``, as the raw bytes of up to KEY_CHUNK keys
+    at a time (``key_type``'s layout, back to back): BPF_MAP_LOOKUP_BATCH, a few system
+    calls for the whole map where ``fd_keys`` makes one per key (kernels or map types
+    without batch operations get ``fd_keys``)."""
+    from .bpfsys import lookup_batch
+    size = ct.sizeof(key_type)
+    keys = (key_type * KEY_CHUNK)()
+    values = (value_type * KEY_CHUNK)()
+    token = ct.create_string_buffer(max(size, 8))   # the kernel reads it, then writes it
+    token_in = None
+    while True:
+        try:
+            n, done = lookup_batch(fd, keys, values, KEY_CHUNK, token_in, token)
+        except OSError as exc:
+            if token_in is None and exc.errno in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+                yield b"".join(bytes(k) for k in fd_keys(fd, key_type))
+                return
+            raise DatapathError(what, f"cannot list keys: {exc.strerror}") from None
+        if n:
+            yield ct.string_at(keys, n * size)
+        if done:
+            return
+        token_in = token
 
 
 def fd_items(fd: int, key_type, value_type) -> list:

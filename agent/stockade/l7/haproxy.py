@@ -161,6 +161,31 @@ class RuntimeAPIError(Exception):
     pass
 
 
+# The CLI takes a command and its payload in one buffer (tune.bufsize, 16 KB): a larger
+# payload resets the connection. Half of it leaves room for the command line.
+PAYLOAD_MAX = 8192
+
+
+def _payloads(entries: dict[str, str]) -> list[str]:
+    """``entries`` as map lines in payloads of at most PAYLOAD_MAX bytes."""
+    out: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for k, v in entries.items():
+        line = f"{k} {v}\n"
+        n = len(line.encode())
+        if n > PAYLOAD_MAX:
+            raise RuntimeAPIError(f"map entry of {n} bytes is longer than the runtime API takes")
+        if size + n > PAYLOAD_MAX:
+            out.append("".join(cur))
+            cur, size = [], 0
+        cur.append(line)
+        size += n
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
 class RuntimeAPI:
     """HAProxy's admin socket, one command (or payload) per connection."""
 
@@ -191,9 +216,7 @@ class RuntimeAPI:
         version = out.strip().rsplit(" ", 1)[-1]
         if not version.isdigit():
             raise RuntimeAPIError(f"prepare map {path}: {out.strip()}")
-        items = list(entries.items())
-        for start in range(0, len(items), 500):
-            chunk = map_text(dict(items[start:start + 500]))
+        for chunk in _payloads(entries):
             out = self.command(f"add map @{version} {path}", chunk)
             if out.strip():
                 raise RuntimeAPIError(f"add map {path}: {out.strip()[:300]}")

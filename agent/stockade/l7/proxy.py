@@ -32,6 +32,7 @@ from .rules import FIELDS, rule_keys, sort_rules
 log = logging.getLogger("stockade.l7")
 
 RESTART_DELAY_S = 0.5
+NO_UID = 0xFFFFFFFE     # no proxy user: owns no socket, so nft's "skuid" exception never matches
 START_TIMEOUT_S = 10.0
 
 
@@ -53,8 +54,17 @@ class L7Proxy:
         cfg = agent.config
         self.agent = agent
         self.user = cfg.l7_user
-        pw = pwd.getpwnam(self.user)
-        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+        try:
+            pw = pwd.getpwnam(self.user)
+            self.uid, self.gid = pw.pw_uid, pw.pw_gid
+            self.missing: str | None = None
+        except KeyError:
+            # No proxy can run; the agent still enforces L3/L4. Ports with HTTP rules are
+            # steered all the same, where nothing takes them: dropped, never unfiltered.
+            self.uid, self.gid = NO_UID, NO_UID
+            self.missing = (f"user {self.user!r} does not exist: install haproxy (Debian "
+                            "package haproxy) to enforce HTTP rules; until then traffic to "
+                            "their ports is dropped")
         self.haproxy = cfg.l7_haproxy
         self.settings = ProxySettings(Path(cfg.l7_dir), port=cfg.l7_proxy_port,
                                       slots=cfg.l7_slots)
@@ -73,7 +83,8 @@ class L7Proxy:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.log_reader = LogReader(self.settings.log_socket, self._records, (self.uid, self.gid))
+        self.log_reader = LogReader(self.settings.log_socket, self._records,
+                                    None if self.missing else (self.uid, self.gid))
 
     def _records(self, batch: list) -> None:
         fs = self.agent.flow_source
@@ -82,7 +93,9 @@ class L7Proxy:
 
     # ------------------------------------------------------------------ desired state
     def desired(self) -> tuple[dict, dict, dict[str, dict[str, str]]]:
-        """(steered ports, delivery MACs, map contents) from the agent's state."""
+        """(steered ports, delivery MACs, map contents) from the agent's state. With no L7
+        rule anywhere, no map contents ({}): the proxy's ipcache map alone holds every
+        prefix, not worth building on each commit for nothing."""
         a = self.agent
         l7 = {k: v for k, v in a.engine.l7.items() if k.direction == INGRESS}
         ports: dict[tuple[str, int], int] = {}
@@ -98,6 +111,8 @@ class L7Proxy:
             for port in l7_locals.get(ep.identity, ()) if ep.identity is not None else ():
                 for ip in ep.ips:
                     ports[(str(ipaddress.ip_address(ip.split("/")[0])), port)] = ep.identity
+        if not (ports or l7):
+            return ports, macs, {}
         numbers: dict[frozenset, int] = {}
         rulesets: dict[str, str] = {}
         slots: dict[str, dict[str, str]] = {n: {} for n in self.settings.slot_maps()}
@@ -114,6 +129,10 @@ class L7Proxy:
         maps = {"ipcache": ipcache, "rulesets": rulesets, **slots}
         return ports, macs, maps
 
+    def _idle(self) -> bool:
+        """No proxy, no files and nothing steered: with no L7 rule, nothing to do."""
+        return not self.running and not self._maps and not self._targets
+
     def slots_needed(self, maps: dict) -> int:
         i = 0
         while any(f"{f}{i}" in maps and maps[f"{f}{i}"] for f in FIELDS):
@@ -125,7 +144,10 @@ class L7Proxy:
         with the agent's lock, after each commit)."""
         with self._lock:
             ports, macs, maps = self.desired()
-            self.wanted = bool(ports) or bool(maps["rulesets"])
+            self.wanted = bool(maps)
+            if not self.wanted and self._idle():
+                self.agent.dp.sync_l7(ports, macs)
+                return
             try:
                 if self.wanted and not self._host_installed:
                     self.settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +175,7 @@ class L7Proxy:
             if self.wanted and self.running:
                 self._push(maps)
             elif self.wanted:
-                self._start_process()
+                self._restart()
             self.agent.dp.sync_l7(ports, macs)
 
     def _write_files(self, maps: dict) -> None:
@@ -162,7 +184,8 @@ class L7Proxy:
         d = self.settings.run_dir
         try:
             d.mkdir(parents=True, exist_ok=True)
-            os.chown(d, self.uid, self.gid)
+            if not self.missing:
+                os.chown(d, self.uid, self.gid)
             os.chmod(d, 0o750)
             write_atomic(self.settings.config_path, render_config(self.settings))
             for name, entries in maps.items():
@@ -202,6 +225,11 @@ class L7Proxy:
                 self.haproxy, "-db", "-f", str(self.settings.config_path)]
 
     def _start_process(self) -> None:
+        if self.missing:
+            if self.last_error != self.missing:
+                self.last_error = self.missing
+                self.agent.error(f"l7: {self.missing}")
+            return
         try:
             self.log_reader.ensure()
         except OSError as exc:  # the proxy still enforces; its requests go unrecorded
@@ -256,12 +284,17 @@ class L7Proxy:
         while not self._stop.wait(RESTART_DELAY_S):
             with self._lock:
                 if self.wanted and not self.running:
-                    if self.proc is not None:
-                        self.last_error = f"proxy exited with status {self.proc.returncode}"
-                        log.error("l7: %s; restarting", self.last_error)
-                        self.restarts += 1
-                        self.proc = None
-                    self._start_process()
+                    self._restart()
+
+    def _restart(self) -> None:
+        """Start the proxy; one that died is counted and logged first, whichever comes
+        first after its death: this thread or a commit (any link event commits)."""
+        if self.proc is not None:
+            self.last_error = f"proxy exited with status {self.proc.returncode}"
+            log.error("l7: %s; restarting", self.last_error)
+            self.restarts += 1
+            self.proc = None
+        self._start_process()
 
     def stop(self, remove_host: bool = True) -> None:
         self._stop.set()

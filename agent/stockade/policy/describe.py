@@ -103,14 +103,20 @@ def summarize(old: dict, new: dict, delta: Delta) -> dict:
     """What a policy change does, for a dry run or an import: old/new {PolicyRef: Policy}."""
     added = sorted(r.display for r in new.keys() - old.keys())
     removed = sorted(r.display for r in old.keys() - new.keys())
-    changed = sorted(r.display for r in new.keys() & old.keys() if new[r].document != old[r].document)
-    # Lines of policies that are the same object in both are in both: only the touched
-    # ones can add or remove a line, unless an untouched policy still has it.
+    # Policies that are the same object in both did not change, and their lines are in
+    # both: only the touched ones can add or remove a line, unless an untouched policy
+    # still has it. (10,000 policies and a one-rule change: look at the one.)
     touched = [r for r in old.keys() | new.keys() if old.get(r) is not new.get(r)]
+    changed = sorted(r.display for r in touched
+                     if r in old and r in new and new[r].document != old[r].document)
     old_lines = policy_lines(old[r] for r in touched if r in old)
     new_lines = policy_lines(new[r] for r in touched if r in new)
-    if old_lines != new_lines:
-        kept = policy_lines(p for r, p in new.items() if old.get(r) is p)
+    differ = old_lines ^ new_lines
+    if differ:
+        kept: set[str] = set()
+        for r, p in new.items():
+            if old.get(r) is p and not differ.isdisjoint(lines := _lines(p)):
+                kept |= differ & lines
         old_lines |= kept
         new_lines |= kept
     sample = [describe_key("+", k, e) for k, e in sorted(delta.adds.items())[:SAMPLE]]

@@ -86,10 +86,12 @@ class PolicyEngine:
         return self._compiler.explain(local, peer, direction, proto, port)
 
     # ------------------------------------------------------------------ writing
-    def begin(self) -> "Transaction":
+    def begin(self, plan: bool = True) -> "Transaction":
+        """``plan``: keep the state before, for ``Transaction.plan()`` (a copy of every
+        identity and policy: a live change of one rule among 100,000 does without)."""
         if self._tx is not None:
             raise RuntimeError("a transaction is already open on this engine")
-        self._tx = Transaction(self)
+        self._tx = Transaction(self, plan)
         return self._tx
 
     def commit(self, tx: "Transaction") -> None:
@@ -122,13 +124,13 @@ class PolicyEngine:
 class Transaction:
     """Operations on the engine, each applied at once and recorded with its inverse."""
 
-    def __init__(self, engine: PolicyEngine):
+    def __init__(self, engine: PolicyEngine, plan: bool = True):
         self.engine = engine
         self.steps: list[Delta] = []
         self.undo: list[tuple] = []
-        self._identities_before = dict(engine.identities)
         self._locals_before = frozenset(engine.local_ids)
-        self._policies_before = dict(engine.policies)
+        self._before: tuple[dict, dict] | None = (
+            (dict(engine.identities), dict(engine.policies)) if plan else None)
 
     @property
     def locals_before(self) -> frozenset[int]:
@@ -193,7 +195,10 @@ class Transaction:
         return out
 
     def plan(self) -> Plan:
+        if self._before is None:
+            raise RuntimeError("this transaction was begun without plan=True")
         e = self.engine
-        return Plan(self.delta, self._identities_before, self._locals_before,
-                    self._policies_before, dict(e.identities), frozenset(e.local_ids),
+        identities_before, policies_before = self._before
+        return Plan(self.delta, identities_before, self._locals_before,
+                    policies_before, dict(e.identities), frozenset(e.local_ids),
                     dict(e.policies))

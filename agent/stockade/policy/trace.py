@@ -164,7 +164,7 @@ class Tracer:
         tx = self.engine.begin()
         for ident in reserved_identities():
             tx.set_identity(ident)
-        for prefix in sorted({n for p in policies for r in p.rules for n in policy_prefixes(r)},
+        for prefix in sorted(set().union(*map(prefixes_named, policies)),
                              key=lambda n: (n.version, n.network_address, n.prefixlen)):
             ident = self.alloc.cidr(prefix)
             self.cidr_ids[prefix] = ident.id
@@ -192,6 +192,16 @@ class Tracer:
     def trace(self, src: PeerSpec, dst: PeerSpec, proto: int, port: int,
               http: HTTPRequest | None = None) -> dict:
         return trace(self, src, dst, proto, port, http)
+
+
+def prefixes_named(p) -> frozenset:
+    """Every CIDR prefix policy ``p`` names, computed once per Policy object (its rules do
+    not change)."""
+    cached = p.__dict__.get("_prefixes_named")
+    if cached is None:
+        cached = p.__dict__["_prefixes_named"] = frozenset(
+            n for r in p.rules for n in policy_prefixes(r))
+    return cached
 
 
 def policy_prefixes(rule):
