@@ -164,3 +164,24 @@ def test_live_trace_has_the_offline_shape(api):
         api.trace("endpoint:nope", "app=db", "5432/tcp")
     with pytest.raises(InvalidRequest):
         api.trace("app=web", "app=db", "5432")
+
+
+def test_host_addresses_that_come_and_go_are_the_host_identity(tmp_path):
+    """An address the host gains later (a bridge's gateway, made with a runtime's first
+    container) is the host, as those found at start are; one it loses is not."""
+    from stockade.daemon.changes import HostAddresses
+    api = inprocess_agent(str(tmp_path))
+    agent = api.agent
+    try:
+        api.add_endpoint({"name": "w1", "interface": "vw1", "ips": ["10.0.0.5"], "labels": {"app": "web"}})
+        own = agent.state.ipcache["10.0.0.5/32"].identity
+        with agent._lock:
+            agent.submit_locked(HostAddresses(("10.0.0.5", "10.89.0.1", "fe80::1")))
+        assert agent.dp.ipcache["10.89.0.1/32"] == 1 and agent.dp.ipcache["fe80::1/128"] == 1
+        assert agent.dp.ipcache["10.0.0.5/32"] == own      # an endpoint's address stays its own
+        with agent._lock:
+            agent.submit_locked(HostAddresses(("fe80::1",)))
+        assert "10.89.0.1/32" not in agent.dp.ipcache and agent.dp.ipcache["10.0.0.5/32"] == own
+        assert agent.state.meta["host_ips"] == ("fe80::1",)
+    finally:
+        agent.stop()

@@ -134,3 +134,29 @@ def test_policy_test_bad_case_names_path(tmp_path):
     assert r.exit_code == 1
     assert f"{t}: [0].port" in r.output and f"{t}: [1].color: unknown field" in r.output
     assert f"{t}: [1].expect: must be allow or deny" in r.output
+
+
+def test_policy_test_with_http_requests(tmp_path):
+    pol = tmp_path / "api.yaml"
+    pol.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: api}\n"
+                   "spec:\n  endpointSelector: {matchLabels: {app: api}}\n  ingress:\n"
+                   "    - fromEndpoints: [{matchLabels: {app: web}}]\n"
+                   "      toPorts: [{ports: [{port: '8080', protocol: TCP}],\n"
+                   "                 rules: {http: [{method: GET, path: '/api/.*'}]}}]\n")
+    t = tmp_path / "t.yaml"
+    t.write_text("- {from: app=web, to: app=api, port: 8080/tcp, expect: allow,\n"
+                 "   http: {method: GET, path: /api/x, headers: ['X-Token: s3cret']}}\n"
+                 "- {from: app=web, to: app=api, port: 8080/tcp, expect: allow,\n"
+                 "   http: {method: DELETE, path: /api/x}}\n")
+    r = run("policy", "test", str(t), str(pol))
+    assert r.exit_code == 1, r.output
+    assert "PASS  app=web -> app=api 8080/tcp GET /api/x: expected allow, got allow" in r.output
+    assert "FAIL  app=web -> app=api 8080/tcp DELETE /api/x: expected allow, got deny" in r.output
+    assert "no rule of port 8080 matches DELETE /api/x: the proxy answers 403" in r.output
+    r = run("policy", "test", "-o", "json", str(t), str(pol))
+    results = json.loads(r.output)["results"]
+    assert results[1]["http"]["method"] == "DELETE" and results[1]["got"] == "deny"
+    t.write_text("- {from: app=web, to: app=api, port: 8080/tcp, expect: deny,\n"
+                 "   http: {method: GET, headers: [{X-Token: s3cret}]}}\n")
+    r = run("policy", "test", str(t), str(pol))
+    assert r.exit_code == 1 and f"{t}: [0].http.headers[0]: must be a string" in r.output

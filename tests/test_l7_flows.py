@@ -225,6 +225,79 @@ def test_http_request_refuses_a_header_without_name():
     assert http_request() is None
 
 
+# policy test files with HTTP requests --------------------------------------------------
+
+def _cases(items):
+    from stockade.policy.testing import parse_cases, run_cases
+    return run_cases(parse_cases(items, "t.yaml"), [policy(API_L7)])
+
+
+def test_policy_test_cases_check_http_requests_as_trace_does():
+    case = {"from": "app=web", "to": "app=api", "port": "8080/tcp"}
+    results = _cases([
+        {**case, "expect": "allow", "http": {"method": "GET", "path": "/api/x"}},
+        {**case, "expect": "deny", "http": {"method": "DELETE", "path": "/api/x"}},
+        {**case, "expect": "allow", "http": {"method": "POST", "path": "/submit",
+                                             "headers": ["X-Token: s3cret"]}},
+        {**case, "expect": "deny", "http": {"method": "POST", "path": "/submit",
+                                            "headers": ["X-Token"]}},
+        {**case, "expect": "allow", "http": {"method": "PUT", "path": "/h", "host": "api.example"}},
+        {**case, "expect": "deny", "http": {}},                          # GET / matches no rule
+        {**case, "expect": "allow"},                                     # no request: L4 only
+        {**case, "from": "app=ops", "expect": "allow", "http": {"method": "DELETE"}},
+        {**case, "expect": "allow", "http": {"method": "GET"}},          # a wrong expectation
+    ])
+    assert [r["passed"] for r in results] == [True] * 8 + [False]
+    for r in results:
+        req = r.get("http")
+        want = _trace(r["from"], **req) if req else _trace(r["from"])
+        # the same engine and answer as policy trace (identities aside: another Tracer)
+        assert (r["trace"]["verdict"], r["trace"]["ingress"]) == (want["verdict"], want["ingress"])
+    assert results[2]["http"] == {"method": "POST", "path": "/submit", "host": "",
+                                  "headers": ["X-Token: s3cret"]}
+    assert "403" in results[1]["trace"]["ingress"]["reason"] and "http" not in results[6]
+
+
+@pytest.mark.parametrize("http, where, msg", [
+    ("GET /", "[0].http", "must be a mapping"),
+    ({"verb": "GET"}, "[0].http.verb", "unknown field"),
+    ({"method": 7}, "[0].http.method", "must be a string"),
+    ({"method": "GE T"}, "[0].http.method", "HTTP method token"),
+    ({"method": "G" * 65}, "[0].http.method", "longer than 64"),
+    ({"path": "/a b"}, "[0].http.path", "without spaces"),
+    ({"path": "/\x1b[2J"}, "[0].http.path", "control characters"),
+    ({"path": "/" * 9000}, "[0].http.path", "longer than 8192"),
+    ({"path": "/\ud800"}, "[0].http.path", "control characters"),
+    ({"host": ["a"]}, "[0].http.host", "must be a string"),
+    ({"host": "a\r\nX: y"}, "[0].http.host", "without spaces"),
+    ({"headers": "X-Token: s3cret"}, "[0].http.headers", "must be a list"),
+    ({"headers": ["X"] * 101}, "[0].http.headers", "at most 100"),
+    ({"headers": ["ok", {"X-Token": "s3cret"}]}, "[0].http.headers[1]", "quote it in YAML"),
+    ({"headers": [": v"]}, "[0].http.headers[0]", "header name must be a token"),
+    ({"headers": [None]}, "[0].http.headers[0]", "must be a string"),
+    ({"headers": ["X-A: \x00"]}, "[0].http.headers[0]", "control characters"),
+], ids=lambda v: v if isinstance(v, str) and v.startswith("[") else None)
+def test_policy_test_http_refuses_hostile_input_by_field_path(http, where, msg):
+    from stockade.errors import PolicyErrors
+    from stockade.policy.testing import parse_cases
+    with pytest.raises(PolicyErrors) as info:
+        parse_cases([{"from": "app=web", "to": "app=api", "port": "8080/tcp", "expect": "allow",
+                      "http": http}], "t.yaml")
+    assert f"t.yaml: {where}: " in str(info.value) and msg in str(info.value), str(info.value)
+
+
+def test_policy_test_http_needs_a_tcp_port_and_reports_every_case():
+    from stockade.errors import PolicyErrors
+    from stockade.policy.testing import parse_cases
+    with pytest.raises(PolicyErrors) as info:
+        parse_cases([{"from": "app=web", "to": "app=api", "port": "53/udp", "expect": "allow",
+                      "http": {"method": "GET"}},
+                     {"from": "app=web", "to": "app=api", "port": "80/tcp", "expect": "allow",
+                      "http": {"method": ""}}], "t.yaml")
+    assert [e.path for e in info.value.errors] == ["[0].http", "[1].http.method"]
+    assert "needs a TCP port, not 53/udp" in str(info.value)
+
+
 def test_human_output_escapes_what_clients_sent(source):
     from stockade.cli.observe import format_line
     _api, fs = source

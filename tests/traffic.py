@@ -101,15 +101,15 @@ def send_frames(w, frames, ifname: str = "eth0") -> None:
 
 class Capture:
     """Frames arriving at ``w``'s ``ifname`` while the block runs (AF_PACKET, all
-    protocols; outgoing frames excluded).
+    protocols; outgoing frames excluded, or, with ``outgoing``, only those).
 
         with Capture(b) as cap:
             send_frames(a, [frame])
         assert cap.wait(lambda f: f[12:14] == b"\\x86\\xdd", timeout=1)
     """
 
-    def __init__(self, w, ifname: str = "eth0"):
-        self.w, self.ifname = w, ifname
+    def __init__(self, w, ifname: str = "eth0", outgoing: bool = False):
+        self.w, self.ifname, self.outgoing = w, ifname, outgoing
         self.frames: list[bytes] = []
 
     def __enter__(self) -> "Capture":
@@ -131,7 +131,7 @@ class Capture:
                 continue
             except OSError:
                 return
-            if addr[2] != PACKET_OUTGOING:
+            if (addr[2] == PACKET_OUTGOING) == self.outgoing:
                 self.frames.append(data)
 
     def wait(self, match, timeout: float = 1.0) -> bool:

@@ -163,6 +163,31 @@ def test_entities_world_and_host(e):
     assert run("ping", "-c1", "-W1", w["b"].ip4, check=False).returncode != 0
 
 
+def test_an_address_the_host_gains_later_is_host(e):
+    """As a bridge Podman creates with its first container, after the agent started:
+    its gateway address is the host, not world; once removed, it is nothing."""
+    agent, w = e
+    apply(agent, cnp("other", """
+        endpointSelector: {matchLabels: {app: other}}
+        ingress: [{fromEntities: [host]}]
+    """))
+    import json
+
+    from netns import run
+    later = f"{NET4}253"
+    dev = json.loads(run("ip", "-j", "addr", "show", "to", f"{NET4}254").stdout)[0]["ifname"]
+    run("ip", "addr", "add", f"{later}/32", "dev", dev)
+    try:
+        def entry():
+            return next((c for c in agent.client.ipcache() if c["prefix"] == f"{later}/32"), None)
+        assert eventually(lambda: (entry() or {}).get("identity") == 1, timeout=5), entry()
+        ping = ("ping", "-c1", "-W1", "-I", later, w["c"].ip4)
+        assert run(*ping, check=False).returncode == 0
+    finally:
+        run("ip", "addr", "del", f"{later}/32", "dev", dev, check=False)
+    assert eventually(lambda: entry() is None, timeout=5), entry()
+
+
 def test_default_deny_per_direction(e):
     agent, w = e
     apply(agent, cnp("web", """

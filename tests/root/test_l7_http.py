@@ -19,7 +19,7 @@ import pytest
 from agentproc import AgentProcess
 from l7env import cnp, l7_settings, route_via_host, wait_proxy
 from netns import Topology, in_netns
-from traffic import eventually
+from traffic import Capture, eventually
 
 pytestmark = pytest.mark.root
 
@@ -211,6 +211,91 @@ def test_host_to_workload_is_filtered(e):
     assert Recorder.seen[0]["client"] == HOST4
 
 
+API_L4 = """
+endpointSelector: {matchLabels: {app: api}}
+ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+
+
+def _tcp(frame: bytes) -> dict | None:
+    """An IPv4 TCP frame's MACs, addresses, flags and payload (None: anything else)."""
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != socket.IPPROTO_TCP:
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    tcp = ip[ihl:]
+    return {"dst_mac": frame[0:6].hex(":"), "src_mac": frame[6:12].hex(":"),
+            "src": (socket.inet_ntoa(ip[12:16]), int.from_bytes(tcp[0:2], "big")),
+            "dst": (socket.inet_ntoa(ip[16:20]), int.from_bytes(tcp[2:4], "big")),
+            "flags": tcp[13], "payload": ip[ihl + (tcp[12] >> 4) * 4:int.from_bytes(ip[2:4], "big")]}
+
+
+def _conversation(w, paths):
+    """One keep-alive connection a -> b:PORT with a request per path, closed by the
+    client; -> (statuses, client port, TCP frames arriving at a, TCP frames b sent)."""
+    a, b = w["a"], w["b"]
+    with Capture(a) as at_a, Capture(b, outgoing=True) as from_b:
+        c = Client(a, b.ip4)
+        port = c.sock.getsockname()[1]
+        try:
+            statuses = [c.request("GET", p)[0] for p in paths]
+        finally:
+            c.close()
+
+        def server_fin(f):
+            t = _tcp(f)
+            return t is not None and t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port) \
+                and t["flags"] & 0x01
+        assert at_a.wait(server_fin, timeout=5), "the connection was not closed from b's side"
+    return statuses, port, _tcp_frames(at_a), _tcp_frames(from_b)
+
+
+def _tcp_frames(cap: Capture) -> list[dict]:
+    return [t for t in map(_tcp, list(cap.frames)) if t is not None]
+
+
+def test_replies_reach_the_client_only_through_the_proxy(e):
+    """Asserted at the client (an AF_PACKET socket on a's eth0, every frame arriving
+    there): every TCP frame of the proxied connection from b:8080 comes from the proxy.
+
+    The criterion is the source MAC. Both paths deliver frames across the same bridge,
+    but a frame b sends is bridged with b's own MAC as its source (a bridge never
+    rewrites it), while the proxy's are sent by the host's IP stack out of the bridge
+    device, with the bridge's MAC. The steering (bpf/lib/l7.h) sends b's replies into
+    the host stack (they get the bridge's MAC as destination), so no frame with b's MAC
+    may reach a. To show that the server did answer the client's address (transparent
+    proxying: its replies would have reached a if they were bridged), b's own outgoing
+    frames are captured too: b:8080 -> a's address, to a's MAC. And to show the
+    criterion can fail: the same pair under an L4-only rule (the port not steered) gives
+    frames with b's MAC at a.
+    """
+    agent, w, topo = e
+    a, b = w["a"], w["b"]
+    bridge_mac = open(f"/sys/class/net/{topo.bridge}/address").read().strip()
+    assert len({bridge_mac, a.mac, b.mac}) == 3
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    statuses, port, at_a, from_b = _conversation(w, ["/public", "/private"])
+    assert statuses == [200, 403]
+    conn = [t for t in at_a if t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port)]
+    body = b"".join(t["payload"] for t in conn)
+    assert conn[0]["flags"] & 0x12 == 0x12 and b" 200 " in body and b"Access denied\r\n" in body
+    assert {t["src_mac"] for t in conn} == {bridge_mac}, conn    # every one came via the proxy
+    assert not [t for t in at_a if t["src_mac"] == b.mac], "a frame of b reached a directly"
+    answered = [t for t in from_b if t["src"] == (b.ip4, PORT) and t["dst"][0] == a.ip4]
+    assert answered and {t["dst_mac"] for t in answered} == {a.mac}
+    assert b" 200 " in b"".join(t["payload"] for t in answered)   # the allowed request's reply
+
+    apply(agent, cnp("api", API_L4))
+    assert eventually(lambda: not agent.client.health()["l7_proxy"]["l7_ports"], timeout=10)
+    statuses, port, at_a, _ = _conversation(w, ["/public", "/private"])
+    assert statuses == [200, 200]
+    direct = [t for t in at_a if t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port)]
+    assert direct and {t["src_mac"] for t in direct} == {b.mac}, direct
+
+
 def test_l4_only_peer_is_unfiltered(e):
     agent, w, _ = e
     apply(agent, cnp("api", API_L7 + """
@@ -330,6 +415,24 @@ def test_catastrophic_backtracking_is_bounded(e):
         assert c.request("GET", "/aaaa")[0] == 200          # the pattern still works
     finally:
         c.close()
+
+
+def test_a_proxy_death_a_commit_finds_first_is_counted(e):
+    """Any commit (a link event, an API call) restarts a dead proxy before the
+    supervisor's next look: the death must still be counted and shown."""
+    agent, w, _ = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    before = agent.client.health()["l7_proxy"]
+    os.kill(before["pid"], 9)
+    time.sleep(0.05)
+    agent.client.add_ipcache("10.214.250.1/32", {"app": "far"}, "h9")   # a commit, at once
+    try:
+        after = agent.client.health()["l7_proxy"]
+        assert after["running"] and after["pid"] != before["pid"]
+        assert after["restarts"] == before["restarts"] + 1, after
+    finally:
+        agent.client.remove_ipcache("10.214.250.1/32")
 
 
 def test_proxy_killed_port_closed_then_restored(e):
@@ -483,6 +586,50 @@ def test_cleanup_of_an_agent_whose_proxy_never_ran_leaves_the_steering_alone():
         assert r.returncode == 0, "the cleanup removed a steering table it never made"
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+
+def test_steering_follows_the_bridges_mac(e):
+    """A bridge without a MAC of its own takes its lowest port's: a new port (a new
+    container on Podman's bridge) can change it. Steered frames carry the bridge's MAC
+    as destination, so the agent must follow the change, or the port stays closed."""
+    agent, w, topo = e
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    path = f"/sys/class/net/{topo.bridge}/address"
+    before = open(path).read().strip()
+    d = topo.add_workload("d", [f"{NET4}4/24"])
+    try:
+        subprocess.run(["ip", "link", "set", d.host_if, "address", "02:00:00:00:00:01"], check=True)
+        assert open(path).read().strip() == "02:00:00:00:00:01" != before
+        assert eventually(lambda: steered_to(agent, w["a"]) == "02:00:00:00:00:01", timeout=10)
+
+        def works():
+            try:
+                c = Client(w["a"], w["b"].ip4, timeout=1.0)
+            except OSError:
+                return False
+            try:
+                return c.request("GET", "/public")[0] == 200
+            except OSError:
+                return False
+            finally:
+                c.close()
+        assert eventually(works, timeout=10)
+    finally:
+        topo.remove_workload("d")
+    assert open(path).read().strip() == before
+    assert eventually(lambda: steered_to(agent, w["a"]) == before, timeout=10)
+    assert eventually(works, timeout=10)
+
+
+def steered_to(agent, workload) -> str | None:
+    """The destination MAC the datapath writes into frames it steers from ``workload``
+    (its l7_host entry: device ifindex, MAC)."""
+    from pinned import dump_map
+    from stockade.datapath.pins import pin_name
+    entries = dump_map(os.path.join(agent.settings["bpffs_dir"], pin_name("l7_host")))
+    value = entries.get(workload.host_ifindex.to_bytes(4, "little"))
+    return value[4:10].hex(":") if value else None
 
 
 def test_without_the_proxy_user_http_ports_are_dropped_and_l4_works():

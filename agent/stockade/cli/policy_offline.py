@@ -196,8 +196,9 @@ def _part_words(part: dict) -> str:
 @output_option
 @handle_errors
 def test(tests, enforcement, files, output):
-    """Check the expectations in TESTS (a YAML list of {from, to, port, expect})
-    against policy FILES. Exits 1 if any case fails.
+    """Check the expectations in TESTS (a YAML list of {from, to, port, expect}; a case
+    on a TCP port may add one HTTP request, http: {method, path, host, headers}, checked
+    against the port's HTTP rules too) against policy FILES. Exits 1 if any case fails.
 
     \b
     Example:
@@ -211,7 +212,10 @@ def test(tests, enforcement, files, output):
     else:
         for r in results:
             mark = "PASS" if r["passed"] else "FAIL"
-            line = f"{mark}  {r['from']} -> {r['to']} {r['port']}: expected {r['expect']}, got {r['got']}"
+            req = r.get("http")
+            what = f" {req['method']} {req['path']}" if req else ""
+            line = (f"{mark}  {r['from']} -> {r['to']} {r['port']}{what}: "
+                    f"expected {r['expect']}, got {r['got']}")
             click.echo(click.style(line, fg=None if r["passed"] else "red"))
             if not r["passed"]:
                 for side in ("egress", "ingress"):

@@ -23,9 +23,9 @@ from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityAllocator
 from . import restore
 from .changelog import ChangeLog
-from .changes import Change, ChangePolicies, LinkChange
+from .changes import Change, ChangePolicies, HostAddresses, LinkChange
 from .config import AgentConfig
-from .links import Link, LinkWatcher, list_links
+from .links import Link, LinkWatcher, host_addresses, list_links
 from .state import Snapshot, State
 from .statefiles import BUILDERS
 from .store import StateStore
@@ -111,12 +111,14 @@ class Agent:
                     self.error(f"state after start: {exc}")
             self._committed_locked()
         if watch_links:
-            watcher = LinkWatcher(self.on_link)
+            watcher = LinkWatcher(self.on_link, self.on_addresses if self.live else None)
             watcher.start()
             self._watchers.append(watcher)
             with self._lock:  # links that appeared before the watcher started
                 for link in list_links():
                     self.try_submit_locked(LinkChange("new", link, at_start=True))
+            if self.live:     # and addresses
+                self.on_addresses()
         if self.kernel_default is not None:
             with self._lock:   # the set is what this agent attached, nothing else
                 self._kernel_default("sync", set(self.attached))
@@ -243,6 +245,13 @@ class Agent:
     def on_link(self, kind: str, link: Link) -> None:
         with self._lock:
             self.try_submit_locked(LinkChange(kind, link))
+
+    def on_addresses(self) -> None:
+        """The host's addresses changed: they are the host identity (restore.py does
+        the same at start)."""
+        ips = tuple(host_addresses())
+        with self._lock:
+            self.try_submit_locked(HostAddresses(ips))
 
     def _persist_locked(self, dirty: set[str]) -> None:
         """The files ``dirty`` names, as one generation (store.StateStore.commit)."""

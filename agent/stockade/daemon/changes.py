@@ -248,6 +248,41 @@ class LinkChange(Change):
             txn.close_interface(link.ifindex)
 
 
+@dataclass
+class HostAddresses(Change):
+    """The host's own addresses as they are now (netlink: an address came or went, such
+    as the gateway address of a bridge Podman creates with its first container). Each
+    is the host identity in the ipcache, as at start; an address that another entry
+    holds (an endpoint's, another host's) keeps it."""
+
+    ips: tuple[str, ...]
+    what = "host addresses"
+
+    def describe(self) -> tuple[str, str]:
+        return "host.addresses", ""
+
+    def origin(self) -> str:
+        return "netlink"
+
+    def apply(self, txn: Txn) -> None:
+        st = txn.state
+        old, new = set(st.meta.get("host_ips", ())), set(self.ips)
+        if old == new:
+            return
+        for ip in sorted(old - new):
+            cur = st.ipcache.get(host_prefix(ip))
+            if cur is not None and cur.source == "host":
+                txn.del_ipcache(host_prefix(ip))
+        for ip in sorted(new - old):
+            if host_prefix(ip) not in st.ipcache:
+                txn.set_ipcache(host_prefix(ip), HOST_ID, "host", None)
+        txn.j.set(st.meta, "host_ips", tuple(sorted(new)))
+        added, gone = sorted(new - old), sorted(old - new)
+        txn.log.append("host addresses: " + "; ".join(
+            part for part in (f"added {', '.join(added)}" if added else "",
+                              f"removed {', '.join(gone)}" if gone else "") if part))
+
+
 # ---------------------------------------------------------------- other hosts' workloads
 @dataclass
 class PutRemote(Change):
@@ -662,6 +697,6 @@ def write_service_cidrs(txn: Txn) -> None:
         txn.remove_identity(old.id)
 
 
-__all__ = ["HOST_ID", "ChangePolicies", "DeleteRemote", "KvstorePersist", "KvstoreSync",
-           "LinkChange", "PutRemote",
+__all__ = ["HOST_ID", "ChangePolicies", "DeleteRemote", "HostAddresses", "KvstorePersist",
+           "KvstoreSync", "LinkChange", "PutRemote",
            "RemoveEndpoint", "SetServices", "UpsertEndpoint"]

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import RTMGRP_LINK
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 
 from ..netlink import dump
 
@@ -56,15 +56,21 @@ def host_addresses() -> list[str]:
 
 
 class LinkWatcher:
-    """Calls ``on_link(kind, Link)`` with kind "new" or "del" from a thread."""
+    """Calls ``on_link(kind, Link)`` with kind "new" or "del" from a thread, and, given
+    ``on_addresses``, ``on_addresses()`` once per batch of messages in which an
+    address of the host came or went."""
 
-    def __init__(self, on_link):
+    def __init__(self, on_link, on_addresses=None):
         self.on_link = on_link
+        self.on_addresses = on_addresses
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._names: dict[int, str] = {}
         self._ipr = IPRoute()
-        self._ipr.bind(groups=RTMGRP_LINK)
+        groups = RTMGRP_LINK
+        if on_addresses is not None:
+            groups |= RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+        self._ipr.bind(groups=groups)
 
     def start(self) -> None:
         self._names = {l.ifindex: l.name for l in list_links()}
@@ -92,8 +98,12 @@ class LinkWatcher:
                     return
                 log.exception("netlink link watch failed; continuing")
                 continue
+            addresses = False
             for msg in msgs:
                 event = msg.get("event")
+                if event in ("RTM_NEWADDR", "RTM_DELADDR"):
+                    addresses = True
+                    continue
                 if event not in ("RTM_NEWLINK", "RTM_DELLINK"):
                     continue
                 name = msg.get_attr("IFLA_IFNAME")
@@ -106,3 +116,8 @@ class LinkWatcher:
                     self.on_link("new" if event == "RTM_NEWLINK" else "del", link)
                 except Exception:
                     log.exception("handling link event for %s failed", name)
+            if addresses and self.on_addresses is not None:
+                try:
+                    self.on_addresses()
+                except Exception:
+                    log.exception("handling an address event failed")

@@ -175,7 +175,7 @@ class L7Proxy:
             if self.wanted and self.running:
                 self._push(maps)
             elif self.wanted:
-                self._start_process()
+                self._restart()
             self.agent.dp.sync_l7(ports, macs)
 
     def _write_files(self, maps: dict) -> None:
@@ -284,12 +284,17 @@ class L7Proxy:
         while not self._stop.wait(RESTART_DELAY_S):
             with self._lock:
                 if self.wanted and not self.running:
-                    if self.proc is not None:
-                        self.last_error = f"proxy exited with status {self.proc.returncode}"
-                        log.error("l7: %s; restarting", self.last_error)
-                        self.restarts += 1
-                        self.proc = None
-                    self._start_process()
+                    self._restart()
+
+    def _restart(self) -> None:
+        """Start the proxy; one that died is counted and logged first, whichever comes
+        first after its death: this thread or a commit (any link event commits)."""
+        if self.proc is not None:
+            self.last_error = f"proxy exited with status {self.proc.returncode}"
+            log.error("l7: %s; restarting", self.last_error)
+            self.restarts += 1
+            self.proc = None
+        self._start_process()
 
     def stop(self, remove_host: bool = True) -> None:
         self._stop.set()

@@ -1,15 +1,31 @@
 """Policy tests: ``{from: SEL, to: SEL, port: 443/tcp, expect: allow|deny}`` cases,
-checked against policy files (like Tailscale's ACL tests)."""
+checked against policy files (like Tailscale's ACL tests). A case on a TCP port may give
+``http: {method, path, host, headers}``: one request on that connection, which the trace
+also puts through the port's HTTP rules (the proxy's verdict)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PolicyError, PolicyErrors, SelectorError
+from ..l7.rules import HTTPRequest, http_request
 from .api.loader import load_data_file
 from .api.rule import Policy
+from .mapstate import PROTO_TCP
 from .sel import PeerSpec, parse_port, parse_sel
 from .trace import Tracer
+
+CASE_FIELDS = ("from", "to", "port", "expect", "name", "http")
+REQUIRED = ("from", "to", "port", "expect")
+HTTP_FIELDS = ("method", "path", "host", "headers")
+# What an HTTP/1.1 request line and header block can carry (RFC 9110 tokens, no
+# whitespace or control characters in the target or the host), within HAProxy's limits.
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+NO_SPACE = re.compile(r"[\x21-\x7e\xa0-\ud7ff\ue000-\U0010ffff]+")
+VALUE = re.compile(r"[\t\x20-\x7e\xa0-\ud7ff\ue000-\U0010ffff]*")
+MAX_LEN = {"method": 64, "path": 8192, "host": 1024, "headers": 8192}
+MAX_HEADERS = 100
 
 
 @dataclass
@@ -21,6 +37,7 @@ class Case:
     proto_num: int
     port_num: int
     expect: str
+    http: HTTPRequest | None = None
 
 
 def parse_cases(data, name: str) -> list[Case]:
@@ -29,19 +46,20 @@ def parse_cases(data, name: str) -> list[Case]:
     if not isinstance(data, list):
         raise PolicyErrors([PolicyError("", "a policy test file is a list of "
                                         "{from, to, port, expect} cases", file=name)])
-    errors, cases = [], []
+    errors: list[PolicyError] = []
+    cases = []
     for i, item in enumerate(data):
         path = f"[{i}]"
         if not isinstance(item, dict):
             errors.append(PolicyError(path, "must be a mapping", file=name))
             continue
-        extra = set(item) - {"from", "to", "port", "expect", "name"}
+        extra = set(map(str, item)) - set(CASE_FIELDS)
         for key in sorted(extra):
             errors.append(PolicyError(f"{path}.{key}", "unknown field", file=name))
-        for key in ("from", "to", "port", "expect"):
+        for key in REQUIRED:
             if key not in item:
                 errors.append(PolicyError(f"{path}.{key}", "is required", file=name))
-        if any(k not in item for k in ("from", "to", "port", "expect")):
+        if any(k not in item for k in REQUIRED):
             continue
         try:
             src, dst = parse_sel(item["from"]), parse_sel(item["to"])
@@ -56,22 +74,96 @@ def parse_cases(data, name: str) -> list[Case]:
         if item["expect"] not in ("allow", "deny"):
             errors.append(PolicyError(f"{path}.expect", "must be allow or deny", file=name))
             continue
-        cases.append(Case(i, src, dst, str(item["port"]), proto, port, item["expect"]))
+        http = None
+        if "http" in item:
+            problems = _http_problems(item["http"], f"{path}.http")
+            if not problems and proto != PROTO_TCP:
+                problems = [(f"{path}.http", f"an HTTP request needs a TCP port, not {item['port']}")]
+            if problems:
+                errors.extend(PolicyError(p, msg, file=name) for p, msg in problems)
+                continue
+            http = _request(item["http"])
+        cases.append(Case(i, src, dst, str(item["port"]), proto, port, item["expect"], http))
     if errors:
         raise PolicyErrors(errors)
     return cases
+
+
+def _http_problems(http, path: str) -> list[tuple[str, str]]:
+    """(field path, message) for each thing wrong with a case's ``http`` part."""
+    if not isinstance(http, dict):
+        return [(path, "must be a mapping of method, path, host, headers")]
+    out = [(f"{path}.{k}", "unknown field (method, path, host, headers)")
+           for k in sorted(set(map(str, http)) - set(HTTP_FIELDS))]
+    for field, pattern, what in (("method", TOKEN, "an HTTP method token (GET, POST, ...)"),
+                                 ("path", NO_SPACE, "the request target as sent, without "
+                                  "spaces or control characters (/api/x?q=1)"),
+                                 ("host", NO_SPACE, "a Host header value, without spaces "
+                                  "or control characters")):
+        if field in http:
+            out += _string_problem(http[field], f"{path}.{field}", MAX_LEN[field], pattern, what)
+    if "headers" in http:
+        headers = http["headers"]
+        if not isinstance(headers, list):
+            out.append((f"{path}.headers", "must be a list of 'Name' or 'Name: value'"))
+        elif len(headers) > MAX_HEADERS:
+            out.append((f"{path}.headers", f"at most {MAX_HEADERS} headers"))
+        else:
+            for j, h in enumerate(headers):
+                out += _header_problems(h, f"{path}.headers[{j}]")
+    return out
+
+
+def _string_problem(value, path: str, limit: int, pattern: re.Pattern, what: str) -> list:
+    if not isinstance(value, str):
+        return [(path, f"must be a string: {what}")]
+    if len(value) > limit:
+        return [(path, f"longer than {limit} characters")]
+    if not pattern.fullmatch(value):
+        return [(path, f"must be {what}")]
+    return []
+
+
+def _header_problems(h, path: str) -> list[tuple[str, str]]:
+    if isinstance(h, dict):
+        return [(path, "must be a string 'Name' or 'Name: value' (quote it in YAML: "
+                 "\"X-Token: s3cret\")")]
+    if not isinstance(h, str):
+        return [(path, "must be a string 'Name' or 'Name: value'")]
+    if len(h) > MAX_LEN["headers"]:
+        return [(path, f"longer than {MAX_LEN['headers']} characters")]
+    name, _sep, value = h.partition(":")
+    if not TOKEN.fullmatch(name.strip()):
+        return [(path, "the header name must be a token (X-Token), before an optional ': value'")]
+    if not VALUE.fullmatch(value):
+        return [(path, "the header value must not hold control characters")]
+    return []
+
+
+def _request(http: dict) -> HTTPRequest:
+    req = http_request(http.get("method"), http.get("path"), http.get("host"),
+                       http.get("headers") or ())
+    return req if req is not None else HTTPRequest()   # `http: {}`: GET / as the default
 
 
 def load_cases(path: str | Path) -> list[Case]:
     return parse_cases(load_data_file(path), str(path))
 
 
+def request_dict(req: HTTPRequest) -> dict:
+    return {"method": req.method, "path": req.path, "host": req.host,
+            "headers": [f"{k}: {v}" if v else k for k, v in req.headers]}
+
+
 def run_cases(cases: list[Case], policies: list[Policy], enforcement: str = "default") -> list[dict]:
     tracer = Tracer(policies, enforcement)
     results = []
     for case in cases:
-        tr = tracer.trace(case.src, case.dst, case.proto_num, case.port_num)
-        results.append({"index": case.index, "from": str(case.src), "to": str(case.dst),
-                        "port": case.port, "expect": case.expect, "got": tr["verdict"],
-                        "passed": tr["verdict"] == case.expect, "trace": tr})
+        tr = tracer.trace(case.src, case.dst, case.proto_num, case.port_num, case.http)
+        result = {"index": case.index, "from": str(case.src), "to": str(case.dst),
+                  "port": case.port, "expect": case.expect, "got": tr["verdict"],
+                  "passed": tr["verdict"] == case.expect, "trace": tr}
+        if case.http is not None:
+            result["http"] = request_dict(case.http)
+        results.append(result)
     return results
