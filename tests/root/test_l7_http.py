@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agentproc import AgentProcess
-from l7env import cnp, l7_settings, route_via_host, wait_proxy
+from l7env import TAG, cnp, l7_settings, route_via_host, wait_proxy
 from netns import Topology, in_netns
 from traffic import Capture, eventually
 
@@ -637,9 +637,13 @@ def test_without_the_proxy_user_http_ports_are_dropped_and_l4_works():
     traffic to the ports with HTTP rules (never passes it unfiltered) and says why."""
     from traffic import tcp_ok
     with Topology("l7u") as topo:
-        w = {t: topo.add_workload(t, [f"10.213.19.{i}/24"]) for i, t in enumerate("ab", 1)}
-        route_via_host(topo, "10.213.19.254/24", w.values())
-        with AgentProcess(**l7_settings("u"), l7_user="stockade-test-no-such-user") as agent:
+        w = {t: topo.add_workload(t, [f"10.213.23.{i}/24"]) for i, t in enumerate("ab", 1)}
+        route_via_host(topo, "10.213.23.254/24", w.values())
+        own = {**l7_settings("u"), "l7_user": "stockade-test-no-such-user",   # beside env's agent
+               "l7_nft_table": f"stockade_l7_u{os.getpid()}", "l7_proxy_port": 14100 + TAG,
+               "l7_route_table": 24000 + TAG, "l7_rule_priority": 24000 + TAG,
+               "l7_mark": 0x5D000000 + (TAG << 16)}
+        with AgentProcess(**own) as agent:
             for name, app in (("a", "web"), ("b", "api")):
                 agent.client.add_endpoint(name=name, interface=w[name].host_if,
                                           ips=w[name].ips, labels={"app": app})
