@@ -147,6 +147,16 @@ def rss_mb(pid: int) -> dict:
     return vals
 
 
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM ``proc`` (a process the bench started), then SIGKILL after ``timeout`` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def timed(fn, *a, **kw):
     t = time.perf_counter()
     r = fn(*a, **kw)

@@ -39,7 +39,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import median, rmtree, tmpdir  # puts tests/ on sys.path
+from bench.common import median, rmtree, rss_mb, stop, tmpdir  # puts tests/ on sys.path
 
 from agentproc import AgentProcess  # noqa: E402
 from l7env import cnp, l7_settings, route_via_host, wait_proxy  # noqa: E402
@@ -205,12 +205,7 @@ def traffic(run: str) -> dict:
                                               labels={"app": app})
                 return measure(agent, client, server, srv, lua)
         finally:
-            srv.terminate()
-            try:
-                srv.wait(10)
-            except subprocess.TimeoutExpired:
-                srv.kill()
-                srv.wait(10)
+            stop(srv)
 
 
 def measure(agent, client, server, srv, lua) -> dict:
@@ -303,7 +298,7 @@ def proxy_rss(rules: int, per_set: int, port: int) -> dict:
         api = RuntimeAPI(s.admin_socket)
         if not eventually(lambda: _answers(api), timeout=10, interval=0.05):
             raise RuntimeError("the proxy did not start")
-        started = _rss_kb(proc.pid)
+        started = rss_mb(proc.pid)["VmRSS"]
         t0 = time.perf_counter()
         for name in s.slot_maps():
             api.replace_map(s.map_path(name), maps[name])
@@ -312,16 +307,11 @@ def proxy_rss(rules: int, per_set: int, port: int) -> dict:
                    if line.strip())
         time.sleep(0.5)
         return {"rules": sets * per_set, "rule_sets": sets,
-                "rss_mb_started": round(started / 1024, 1),
-                "rss_mb_after_runtime_update": round(_rss_kb(proc.pid) / 1024, 1),
+                "rss_mb_started": started,
+                "rss_mb_after_runtime_update": rss_mb(proc.pid)["VmRSS"],
                 "runtime_update_s": round(replace_s, 2), "path0_entries_after_update": held}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         rmtree(str(run))
 
 
@@ -330,13 +320,6 @@ def _answers(api) -> bool:
         return "Name: HAProxy" in api.command("show info")
     except Exception:
         return False
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main() -> dict:

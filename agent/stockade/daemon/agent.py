@@ -247,11 +247,13 @@ class Agent:
             self.try_submit_locked(LinkChange(kind, link))
 
     def on_addresses(self) -> None:
-        """The host's addresses changed: they are the host identity (restore.py does
-        the same at start)."""
+        """The host's addresses changed: they are the host identity (restore.py applies
+        the same change at start). An event that leaves the set as it was (an address of
+        a workload's namespace, a flag change) commits nothing."""
         ips = tuple(host_addresses())
         with self._lock:
-            self.try_submit_locked(HostAddresses(ips))
+            if set(ips) != set(self.state.meta.get("host_ips", ())):
+                self.try_submit_locked(HostAddresses(ips))
 
     def _persist_locked(self, dirty: set[str]) -> None:
         """The files ``dirty`` names, as one generation (store.StateStore.commit)."""

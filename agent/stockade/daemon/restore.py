@@ -23,6 +23,7 @@ from ..policy.identity import IdentityAllocator, reserved_identities
 from ..policy.mapstate import diff as state_diff
 from .binding import binding_problem
 from .changes import (
+    HostAddresses,
     drop_cidr_identities,
     identify,
     put_kv,
@@ -35,7 +36,7 @@ from .endpoints import Endpoint, parse_labels
 from .inventory import parse_services
 from .links import host_addresses, list_links
 from .state import RemoteRecord
-from .txn import HOST_ID, Txn, host_prefix
+from .txn import Txn
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -71,10 +72,7 @@ def restore(agent: "Agent", gen: "Generation") -> set[str]:
     st = txn.state
     for ident in reserved_identities():
         txn.set_identity(ident)
-    host_ips = tuple(host_addresses()) if agent.live else ()
-    txn.j.set(st.meta, "host_ips", host_ips)
-    for ip in host_ips:
-        txn.set_ipcache(host_prefix(ip), HOST_ID, "host", None)
+    HostAddresses(tuple(host_addresses()) if agent.live else ()).apply(txn)
     _restore_ipcache(agent, txn, gen["ipcache.json"])
     _restore_kvstore(agent, txn, gen["kvstore.json"])
     records = _Records(agent, "policies.json")

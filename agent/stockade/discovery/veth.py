@@ -180,8 +180,14 @@ def link_local_addresses(
     path = f"/proc/{pid}/ns/net" if pid else netns_path
     if not path:
         return []
+    return _addresses_in_netns(path, lambda: _link_local_of(ifindex, ifname))
+
+
+def _addresses_in_netns(path: str, read) -> list[str]:
+    """``read()`` run in the network namespace at ``path``; [] when the namespace or
+    the interface is gone, DiscoveryError when netlink fails."""
     try:
-        return _run_in_netns(path, lambda: _link_local_of(ifindex, ifname))
+        return _run_in_netns(path, read)
     except FileNotFoundError:
         return []
     except (OSError, NetlinkError) as exc:
@@ -207,17 +213,7 @@ def interface_addresses(pid: int, ifindex: int) -> list[str]:
     the network namespace of process ``pid``: a container's, read before the runtime
     can be asked (the OCI hook). [] when the namespace or interface is gone; raises
     DiscoveryError when netlink fails."""
-    path = f"/proc/{pid}/ns/net"
-    try:
-        return _run_in_netns(path, lambda: _addresses_of(ifindex))
-    except FileNotFoundError:
-        return []
-    except (OSError, NetlinkError) as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ESRCH):
-            return []
-        if isinstance(exc, NetlinkError) and exc.code == errno.ENODEV:
-            return []
-        raise DiscoveryError(f"reading addresses in {path}: {exc}") from exc
+    return _addresses_in_netns(f"/proc/{pid}/ns/net", lambda: _addresses_of(ifindex))
 
 
 def _netns_candidates():
