@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ..errors import InvalidRequest, NotFound, SelectorError
 from ..flows import connections, flow_port
-from ..l7.rules import http_request
+from ..l7.rules import RequestError, http_request
 from ..policy.api.cidr import Network
 from ..policy.api.entity import RESERVED
 from ..policy.api.rule import Policy
@@ -95,8 +95,9 @@ def live_trace(agent: "Agent", src: str, dst: str, dport: str, http: dict | None
         req = http_request(**(http or {}))
     except SelectorError as exc:
         raise InvalidRequest(str(exc)) from None
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), "http_header") from None
+    except RequestError as exc:    # the query parameter it came from: http_method, ...
+        param = exc.field.partition("[")[0].removesuffix("s")
+        raise InvalidRequest(str(exc), f"http_{param}") from None
     with agent._lock:
         txn = Txn(agent, dry_run=True)
         try:

@@ -15,6 +15,7 @@ fails, so the request is refused (closed), and the proxy never stalls on it.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -126,18 +127,83 @@ def rule_dict(rule: HTTPRule) -> dict:
     return out
 
 
+# What an HTTP/1.1 request line and header block can carry (RFC 9110 tokens, no
+# whitespace or control characters in the target or the host), within HAProxy's limits.
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+NO_SPACE = re.compile(r"[\x21-\x7e\xa0-\ud7ff\ue000-\U0010ffff]+")
+VALUE = re.compile(r"[\t\x20-\x7e\xa0-\ud7ff\ue000-\U0010ffff]*")
+MAX_LEN = {"method": 64, "path": 8192, "host": 1024, "headers": 8192}
+MAX_HEADERS = 100
+_SHAPES = (("method", TOKEN, "an HTTP method token (GET, POST, ...)"),
+           ("path", NO_SPACE, "the request target as sent, without spaces or control "
+            "characters (/api/x?q=1)"),
+           ("host", re.compile(f"(?:{NO_SPACE.pattern})?"),    # "": no Host header
+            "a Host header value, without spaces or control characters"))
+
+
+class RequestError(ValueError):
+    """A request a trace cannot ask about; ``field``: method, path, host, headers[i]."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"http {field}: {message}")
+        self.field, self.message = field, message
+
+
+def request_problems(method=None, path=None, host=None, headers=None) -> list[RequestError]:
+    """What is wrong with a request's parts (None: not given), whatever their types:
+    the policy test files' cases, the CLI's flags and the API's parameters alike."""
+    out = []
+    for (field, pattern, what), value in zip(_SHAPES, (method, path, host), strict=True):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            out.append(RequestError(field, f"must be a string: {what}"))
+        elif len(value) > MAX_LEN[field]:
+            out.append(RequestError(field, f"longer than {MAX_LEN[field]} characters"))
+        elif not pattern.fullmatch(value):
+            out.append(RequestError(field, f"must be {what}"))
+    if headers is not None:
+        if not isinstance(headers, (list, tuple)):
+            out.append(RequestError("headers", "must be a list of 'Name' or 'Name: value'"))
+        elif len(headers) > MAX_HEADERS:
+            out.append(RequestError("headers", f"at most {MAX_HEADERS} headers"))
+        else:
+            out += [e for j, h in enumerate(headers) if (e := _header_problem(h, j))]
+    return out
+
+
+def _header_problem(h, j: int) -> RequestError | None:
+    field = f"headers[{j}]"
+    if isinstance(h, dict):
+        return RequestError(field, "must be a string 'Name' or 'Name: value' (quote it in "
+                            "YAML: \"X-Token: s3cret\")")
+    if not isinstance(h, str):
+        return RequestError(field, "must be a string 'Name' or 'Name: value'")
+    if len(h) > MAX_LEN["headers"]:
+        return RequestError(field, f"longer than {MAX_LEN['headers']} characters")
+    name, _sep, value = h.partition(":")
+    if not TOKEN.fullmatch(name.strip()):
+        return RequestError(field, "the header name must be a token (X-Token), before an "
+                            "optional ': value'")
+    if not VALUE.fullmatch(value):
+        return RequestError(field, "the header value must not hold control characters")
+    return None
+
+
 def http_request(method: str | None = None, path: str | None = None, host: str | None = None,
                  headers: Iterable[str] = ()) -> HTTPRequest | None:
     """The request a trace asks about (None when it gives no HTTP part). Missing parts
-    default to GET, / and no Host; ``headers`` are ``Name: value`` (or ``Name``)."""
+    default to GET, / and no Host; ``headers`` are ``Name: value`` (or ``Name``).
+    Raises RequestError (the first of ``request_problems``)."""
     headers = list(headers or ())
     if method is None and path is None and host is None and not headers:
         return None
+    problems = request_problems(method, path, host, headers)
+    if problems:
+        raise problems[0]
     hdrs = []
     for h in headers:
-        name, _sep, value = str(h).partition(":")
-        if not name.strip():
-            raise ValueError(f"http header {h!r}: give Name or Name: value")
+        name, _sep, value = h.partition(":")
         hdrs.append((name.strip(), value.strip()))
     return HTTPRequest(method=method or "GET", path=path or "/", host=host or "",
                        headers=tuple(hdrs))

@@ -4,12 +4,11 @@ checked against policy files (like Tailscale's ACL tests). A case on a TCP port 
 also puts through the port's HTTP rules (the proxy's verdict)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PolicyError, PolicyErrors, SelectorError
-from ..l7.rules import HTTPRequest, http_request
+from ..l7.rules import HTTPRequest, http_request, request_problems
 from .api.loader import load_data_file
 from .api.rule import Policy
 from .mapstate import PROTO_TCP
@@ -19,13 +18,6 @@ from .trace import Tracer
 CASE_FIELDS = ("from", "to", "port", "expect", "name", "http")
 REQUIRED = ("from", "to", "port", "expect")
 HTTP_FIELDS = ("method", "path", "host", "headers")
-# What an HTTP/1.1 request line and header block can carry (RFC 9110 tokens, no
-# whitespace or control characters in the target or the host), within HAProxy's limits.
-TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-NO_SPACE = re.compile(r"[\x21-\x7e\xa0-\ud7ff\ue000-\U0010ffff]+")
-VALUE = re.compile(r"[\t\x20-\x7e\xa0-\ud7ff\ue000-\U0010ffff]*")
-MAX_LEN = {"method": 64, "path": 8192, "host": 1024, "headers": 8192}
-MAX_HEADERS = 100
 
 
 @dataclass
@@ -95,49 +87,8 @@ def _http_problems(http, path: str) -> list[tuple[str, str]]:
         return [(path, "must be a mapping of method, path, host, headers")]
     out = [(f"{path}.{k}", "unknown field (method, path, host, headers)")
            for k in sorted(set(map(str, http)) - set(HTTP_FIELDS))]
-    for field, pattern, what in (("method", TOKEN, "an HTTP method token (GET, POST, ...)"),
-                                 ("path", NO_SPACE, "the request target as sent, without "
-                                  "spaces or control characters (/api/x?q=1)"),
-                                 ("host", NO_SPACE, "a Host header value, without spaces "
-                                  "or control characters")):
-        if field in http:
-            out += _string_problem(http[field], f"{path}.{field}", MAX_LEN[field], pattern, what)
-    if "headers" in http:
-        headers = http["headers"]
-        if not isinstance(headers, list):
-            out.append((f"{path}.headers", "must be a list of 'Name' or 'Name: value'"))
-        elif len(headers) > MAX_HEADERS:
-            out.append((f"{path}.headers", f"at most {MAX_HEADERS} headers"))
-        else:
-            for j, h in enumerate(headers):
-                out += _header_problems(h, f"{path}.headers[{j}]")
-    return out
-
-
-def _string_problem(value, path: str, limit: int, pattern: re.Pattern, what: str) -> list:
-    if not isinstance(value, str):
-        return [(path, f"must be a string: {what}")]
-    if len(value) > limit:
-        return [(path, f"longer than {limit} characters")]
-    if not pattern.fullmatch(value):
-        return [(path, f"must be {what}")]
-    return []
-
-
-def _header_problems(h, path: str) -> list[tuple[str, str]]:
-    if isinstance(h, dict):
-        return [(path, "must be a string 'Name' or 'Name: value' (quote it in YAML: "
-                 "\"X-Token: s3cret\")")]
-    if not isinstance(h, str):
-        return [(path, "must be a string 'Name' or 'Name: value'")]
-    if len(h) > MAX_LEN["headers"]:
-        return [(path, f"longer than {MAX_LEN['headers']} characters")]
-    name, _sep, value = h.partition(":")
-    if not TOKEN.fullmatch(name.strip()):
-        return [(path, "the header name must be a token (X-Token), before an optional ': value'")]
-    if not VALUE.fullmatch(value):
-        return [(path, "the header value must not hold control characters")]
-    return []
+    return out + [(f"{path}.{e.field}", e.message) for e in request_problems(
+        http.get("method"), http.get("path"), http.get("host"), http.get("headers"))]
 
 
 def _request(http: dict) -> HTTPRequest:
