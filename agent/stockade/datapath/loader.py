@@ -414,25 +414,10 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
             raise DatapathError("events_lost", f"cannot read: {exc}") from exc
 
     def remove_pins(self) -> None:
-        """Unlink this datapath's pinned maps and links, and the pin directory if empty."""
+        """Unlink this datapath's pinned maps and links, and the pin directory if empty
+        (nothing is detached: ``cleanup`` does that first)."""
         self.attachments.remove_pins()
-        for name in PINNED_MAPS:
-            try:
-                os.unlink(self.pin_dir / pin_name(name))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise DatapathError(str(self.pin_dir / name), f"cannot unpin: {exc}") from exc
-        for name in self.RESIZABLE:
-            try:
-                os.unlink(self.pin_dir / f"{pin_name(name)}_resize")
-            except FileNotFoundError:
-                pass
-        shutil.rmtree(self.pin_dir / "build", ignore_errors=True)
-        try:
-            self.pin_dir.rmdir()
-        except OSError:
-            pass
+        _unlink_pins(self.pin_dir)
 
     def endpoint_ifindexes(self) -> list[int]:
         import ctypes as ct
@@ -512,6 +497,18 @@ def cleanup_pins(pin_dir: Path, attachments=None) -> int:
     finally:
         if attachments is None:
             att.close()
+    _unlink_pins(pin_dir)
+    return len(ifindexes)
+
+
+def _unlink_pins(pin_dir: Path) -> None:
+    """Unlink the map pins of ``pin_dir`` (any layout version, resize leftovers) and its
+    builds, then the directory if nothing else is left in it."""
+    from .pins import parse_pin_name
+    try:
+        names = os.listdir(pin_dir)
+    except FileNotFoundError:
+        return
     for fn in names:
         base = fn[:-len("_resize")] if fn.endswith("_resize") else fn
         if parse_pin_name(base) is not None:
@@ -526,4 +523,3 @@ def cleanup_pins(pin_dir: Path, attachments=None) -> int:
         pin_dir.rmdir()
     except OSError:
         pass
-    return len(ifindexes)
