@@ -302,6 +302,15 @@ def test_role_installs_upgrades_by_content_and_offline(tmp_path):
 
 # ---------------------------------------------------------------- molecule
 
+def molecule_report(out: str) -> str:
+    """What a failed scenario's assertion shows: each failed task with the lines around
+    it (the destroy step that follows would push them out of the tail), then the tail."""
+    lines = out.splitlines()
+    failed = [i for i, line in enumerate(lines) if line.startswith(("fatal:", "failed:"))]
+    parts = ["\n".join(lines[max(0, i - 3):i + 12]) for i in failed[:5]]
+    return "\n...\n".join([*parts, out[-4000:]])
+
+
 @pytest.mark.root
 @pytest.mark.timeout(900)
 def test_molecule_default_scenario():
@@ -309,9 +318,9 @@ def test_molecule_default_scenario():
     label, DROPPED without the label and without the ipcache entries), destroy."""
     r = run(str(BIN / "molecule"), "test", timeout=900)
     out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
-    assert r.returncode == 0, out[-6000:]
+    assert r.returncode == 0, molecule_report(out)
     for step in ("converge", "idempotence", "verify", "destroy"):
-        assert f"{step}: Executed: Successful" in out, out[-6000:]
+        assert f"{step}: Executed: Successful" in out, molecule_report(out)
 
 
 @pytest.mark.root
@@ -323,6 +332,6 @@ def test_molecule_kvstore_scenario():
     dropped; h1's agent killed -9: its web dropped at h2 after the lease), destroy."""
     r = run(str(BIN / "molecule"), "test", "-s", "kvstore", timeout=1200)
     out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
-    assert r.returncode == 0, out[-6000:]
+    assert r.returncode == 0, molecule_report(out)
     for step in ("converge", "idempotence", "verify", "destroy"):
-        assert f"{step}: Executed: Successful" in out, out[-6000:]
+        assert f"{step}: Executed: Successful" in out, molecule_report(out)
