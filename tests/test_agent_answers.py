@@ -81,6 +81,10 @@ def test_matrix_for_one_port_and_paging(api):
     assert (cols["dst_offset"], cols["dst_limit"], full["dst_limit"]) == (1, 2, None)
     with pytest.raises(InvalidRequest):
         api.matrix({"dst_limit": "0"})
+    with pytest.raises(InvalidRequest) as err:      # the API document's bound, in-process too
+        api.matrix({"limit": 1001})
+    assert err.value.field == "limit"
+    assert (full["limit"], full["offset"], api.matrix({"cidrs": True})["limit"]) == (100, 0, 100)
     only = api.matrix({"label": "app=db"})
     assert [i["name"] for i in only["identities"]] == ["app=db"]
     with pytest.raises(InvalidRequest):

@@ -15,6 +15,7 @@ from ..policy.describe import clause_rows
 from ..policy.mapstate import DIRECTION_NAMES, DirectionPolicy
 from . import review
 from .agent import Agent
+from .apischema import api_schema
 from .changes import (
     ChangePolicies,
     DeleteRemote,
@@ -254,7 +255,9 @@ class AgentAPI:
         return review.live_trace(self.agent, src, dst, dport, http)
 
     def matrix(self, query: dict) -> dict:
-        return review.matrix(self.agent, query)
+        # the server has validated it already; an in-process caller's is validated here
+        op = api_schema().operation("GET", "/v1/matrix")
+        return review.matrix(self.agent, op.arguments(query))
 
     def review(self, files: list[dict], replace_all: bool = False) -> dict:
         return review.review(self.agent, load_files(files), replace_all)
