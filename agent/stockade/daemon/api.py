@@ -205,7 +205,7 @@ class AgentAPI:
     def put_policies(self, files: list[dict], *, replace_all: bool = False,
                      dry_run: bool = False) -> dict:
         loaded = load_files(files)
-        with self.agent._lock:
+        with self.agent.locked():
             current = self.agent.engine.policies
             remove = [r for r in current if replace_all and r not in {p.ref for p in loaded}]
             return self.agent.submit_locked(ChangePolicies(loaded, remove), dry_run=dry_run)
@@ -214,7 +214,7 @@ class AgentAPI:
                       *, dry_run: bool = False) -> dict:
         if kind is not None and kind not in KINDS:
             raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}", "kind")
-        with self.agent._lock:
+        with self.agent.locked():
             current = self.agent.engine.policies
             if name == "*" and not namespace:
                 refs = list(current)

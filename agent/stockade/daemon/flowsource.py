@@ -166,7 +166,7 @@ class FlowSource:
         idx = self._l7_policies.get(key)
         if idx is None:
             names: tuple = ()
-            with a._lock:
+            with a.locked():
                 if local in a.engine.local_ids:
                     names = tuple(sorted({c.policy for c, deny in
                                           a.engine.explain(local, peer, INGRESS, 6, port) if not deny}))

@@ -97,7 +97,7 @@ def live_trace(agent: "Agent", src: str, dst: str, dport: str, http: dict | None
     except RequestError as exc:    # the query parameter it came from: http_method, ...
         param = exc.field.partition("[")[0].removesuffix("s")
         raise InvalidRequest(str(exc), f"http_{param}") from None
-    with agent._lock:
+    with agent.locked():
         txn = Txn(agent, dry_run=True)
         try:
             return trace(LiveWorld(agent, txn), s, d, proto, port, req)
@@ -145,7 +145,7 @@ def matrix(agent: "Agent", query: dict) -> dict:
             proto, port = parse_port(query["port"])
         except SelectorError as exc:
             raise InvalidRequest(str(exc), "port") from None
-    with agent._lock:
+    with agent.locked():
         e = agent.engine
         idents = matrix_identities(agent, label, cidrs)
         ev = Evaluator(e.entries, e.flags, e.local_ids)
@@ -191,7 +191,7 @@ def review(agent: "Agent", proposed: list[Policy], replace_all: bool) -> dict:
     identity pairs newly allowed or denied, and the observed connections (last hour)
     whose verdict would change."""
     flows = _recent_flows(agent)
-    with agent._lock:
+    with agent.locked():
         e = agent.engine
         remove = [r for r in e.policies if replace_all and r not in {p.ref for p in proposed}]
         txn = Txn(agent, dry_run=True)
