@@ -15,9 +15,16 @@ on the lines just above the block:
     <!-- docs-test: exit N -->                       the block's commands exit N (default 0)
     <!-- docs-test: cwd DIR -->                      run in DIR (of the checkout; `tmp`: an
                                                      empty directory), not the checkout
+    <!-- docs-test: socket -->                       the live agent's socket stands for
+                                                     /run/stockade/agent.sock
+    <!-- docs-test: webui -->                        a web UI runs on the agent: its address
+                                                     stands for 127.0.0.1:8470, its token is
+                                                     $T, and each command prints JSON that is
+                                                     not an error
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -29,13 +36,18 @@ from click.testing import CliRunner
 
 from inprocess_agent import inprocess_agent
 from stockade.cli.main import cli
+from stockade.daemon.flowsource import FlowSource
 from stockade.daemon.server import APIServer
+from webuiproc import WebUIProcess
 
 pytestmark = pytest.mark.pure
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FIXTURES = ROOT / "tests" / "data" / "docs"
-MARKER = re.compile(r"<!--\s*docs-test:\s*(skip-line|skip|exit|cwd)\s*(.*?)\s*-->")
+MARKER = re.compile(r"<!--\s*docs-test:\s*(skip-line|skip|exit|cwd|socket|webui)\s*(.*?)\s*-->")
+WEBUI_ADDRESS = "http://127.0.0.1:8470"
+DEFAULT_SOCKET = "/run/stockade/agent.sock"
+TOKEN = "docs-token-0123456789abcdef"
 SHELL = {"sh", "bash", "shell", "console"}
 NOT_SHELL = {"json", "yaml", "xml"}
 # first words that make a line of a block without a language a command
@@ -134,20 +146,24 @@ def examples(docs=DOCS):
             skip = next((why for kind, why in marks if kind == "skip"), None)
             code = int(next((v for kind, v in marks if kind == "exit"), "0"))
             cwd = next((v for kind, v in marks if kind == "cwd"), "")
+            webui = any(kind == "webui" for kind, _ in marks)
+            socket = any(kind == "socket" for kind, _ in marks)
             line_skips = [why.split(":", 1) for kind, why in marks if kind == "skip-line"]
             for n, text in commands(lang, body):
                 reason = skip
                 for prefix, why in line_skips:
                     if text.startswith(prefix.strip()):
                         reason = why.strip()
-                yield pytest.param(text, code, reason, cwd, id=f"{doc.name}:{n}")
+                yield pytest.param(text, code, reason, cwd, webui, socket, id=f"{doc.name}:{n}")
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """The agent, holding what the docs' examples name: endpoints web1, api1 and db1 (the
-    first identity, 256, is web1's) and the policies of tests/data/docs/policies."""
+    first identity, 256, is web1's) and the policies of tests/data/docs/policies. Its flow
+    source answers queries (an empty ring: the recording datapath has no events)."""
     api = inprocess_agent(str(tmp_path_factory.mktemp("state")))
+    api.agent.flow_source = FlowSource(api.agent)
     try:
         with APIServer(api, str(tmp_path_factory.mktemp("agent") / "agent.sock")) as server:
             runner = CliRunner(mix_stderr=False)
@@ -164,6 +180,15 @@ def live(tmp_path_factory):
         api.agent.stop()
 
 
+@pytest.fixture(scope="module")
+def webui(live, tmp_path_factory):
+    token = tmp_path_factory.mktemp("webui") / "webui.token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    with WebUIProcess({"h1": live}, str(token)) as ui:
+        yield ui.base
+
+
 EXAMPLES = list(examples())
 RUN = [p for p in EXAMPLES if not p.values[2]]
 
@@ -175,13 +200,18 @@ def test_examples_found_and_every_one_not_run_says_why():
             assert len(p.values[2].strip(" :")) > 10, f"{p.id}: {p.values[0]}"
 
 
-@pytest.mark.parametrize("command,code,skip,cwd", RUN)
-def test_documented_example_runs(command, code, skip, cwd, live, tmp_path):
+@pytest.mark.parametrize("command,code,skip,cwd,on_webui,on_socket", RUN)
+def test_documented_example_runs(command, code, skip, cwd, on_webui, on_socket, live, tmp_path, request):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "STOCKADE_SOCKET": live, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "PYTHONPATH": f"{ROOT}/agent:{ROOT}/webui", "HOME": str(tmp_path),
            # ansible-doc and ansible-playbook find stockade.fleet in the checkout
            "ANSIBLE_COLLECTIONS_PATH": str(ROOT), "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp")}
+    if on_socket:
+        command = command.replace(DEFAULT_SOCKET, live)
+    if on_webui:
+        command = command.replace(WEBUI_ADDRESS, request.getfixturevalue("webui"))
+        env["T"] = TOKEN
     where = tmp_path / "cwd" if cwd == "tmp" else ROOT / cwd
     where.mkdir(exist_ok=True)
     before = set(ROOT.iterdir())
@@ -194,6 +224,9 @@ def test_documented_example_runs(command, code, skip, cwd, live, tmp_path):
                 made.unlink()
     assert r.returncode == code, f"{command}\nexit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     assert "[WARNING]" not in r.stderr, f"{command}\n{r.stderr[-2000:]}"   # ansible-doc of nothing exits 0
+    if on_webui:   # curl -s exits 0 on any answer
+        answer = json.loads(r.stdout)
+        assert not (isinstance(answer, dict) and "error" in answer), f"{command}\n{r.stdout[-2000:]}"
 
 
 def test_markers_give_reasons():
