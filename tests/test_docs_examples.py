@@ -240,6 +240,27 @@ def test_markers_give_reasons():
                 assert rest == "tmp" or (ROOT / rest).is_dir(), f"{doc.name}: cwd {rest}"
 
 
+def test_every_marker_applies_to_commands():
+    """A marker sits above a block with commands, and a skip-line prefix matches one of
+    them: a stale marker (its block rewritten or gone) fails here."""
+    for doc in DOCS:
+        lines = doc.read_text().splitlines()
+        used = set()
+        for start, lang, body in blocks(lines):
+            texts = [text for _, text in commands(lang, body)]
+            j = start - 1 - (start > 0 and not lines[start - 1].strip())
+            while j >= 0 and MARKER.search(lines[j]):
+                if texts:
+                    used.add(j)
+                for kind, rest in MARKER.findall(lines[j]):
+                    if kind == "skip-line":
+                        prefix = rest.split(":", 1)[0].strip()
+                        assert any(x.startswith(prefix) for x in texts), f"{doc.name}:{j + 1}: {prefix}"
+                j -= 1
+        stale = [n + 1 for n, line in enumerate(lines) if MARKER.search(line) and n not in used]
+        assert not stale, f"{doc.name}: markers above no commands on lines {stale}"
+
+
 def test_a_new_shell_line_is_run_or_marked(tmp_path):
     """A command added to a doc is collected (so it runs, or its marker says why not)."""
     doc = tmp_path / "new.md"
