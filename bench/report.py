@@ -193,7 +193,7 @@ def generic(data: dict, prefix: str = "") -> str:
 
     def walk(d, path):
         for k, v in d.items():
-            if k == "measured":
+            if k in ("measured", "commit"):
                 continue
             if isinstance(v, dict):
                 walk(v, f"{path}{k}.")
@@ -328,9 +328,10 @@ DETAILS = {
 }
 
 
-def _block(name: str, when: str, results: dict, body: str) -> str:
+def _block(name: str, when: str, results: dict, body: str, commit: str | None = None) -> str:
     m = results["machine"]
-    commit = f", commit {m['commit']}" if m.get("commit") else ""
+    commit = commit or m.get("commit")
+    commit = f", commit {commit}" if commit else ""
     return (f"<!-- BEGIN {name} -->\n_Measured {when} on {m['cpus']} CPUs, kernel {m['kernel']}"
             f"{commit}, by `make bench`._\n\n{body}\n<!-- END {name} -->")
 
@@ -358,7 +359,8 @@ def update_performance_md(results: dict) -> None:
             body = f"Failed: {data['error']}"
         else:
             body = render(data)
-        block = _block(name, data.get("measured", results["date"]), results, body)
+        block = _block(name, data.get("measured", results["date"]), results, body,
+                       data.get("commit"))
         text = re.sub(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->",
                       lambda _m: block, text, flags=re.S)
     DOC.write_text(text)

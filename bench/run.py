@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         results[name]["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         results[name]["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
+        # Each table names the commit its own figures came from: "machine" is the day's
+        # last run, and a partial run rewrites it.
+        results[name]["commit"] = results["machine"]["commit"]
         print(json.dumps(results[name], indent=1), flush=True)
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(results, indent=1) + "\n")

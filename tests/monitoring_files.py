@@ -11,9 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitoring/prometheus/stockade-alerts.yml"
 RULE_TESTS = ROOT / "monitoring/prometheus/stockade-alerts.test.yml"
 DASHBOARD = ROOT / "monitoring/grafana/stockade.json"
-# Prometheus makes `up` itself; stockade_kvstore_state comes only from an agent with an
-# etcd: block (the fleet store).
-NOT_FROM_A_PLAIN_AGENT = {"up", "stockade_kvstore_state"}
+# Prometheus makes `up` itself
+NOT_FROM_AN_AGENT = {"up"}
 _NAME = re.compile(r"\b((?:stockade|process)_[a-zA-Z0-9_]+|up)\b(?!\s*[=!~])")
 
 

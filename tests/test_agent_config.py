@@ -147,13 +147,43 @@ def test_schema_is_packaged():
     json.loads((ROOT / "agent/stockade/daemon/agent.schema.json").read_text())
 
 
-def test_role_validates_with_check_config():
-    tasks = yaml.safe_load((ROOT / "ansible_collections/stockade/fleet/roles/stockade_agent/tasks/present.yml").read_text())
-    if not tasks:
-        pytest.fail("no tasks")
-    validate = [t["ansible.builtin.template"]["validate"] for t in tasks
-                if "ansible.builtin.template" in t and t["ansible.builtin.template"]["src"] == "agent.yaml.j2"]
-    assert validate == ["{{ stockade_agent_venv }}/bin/stockade agent --check-config %s"]
+@pytest.mark.parametrize("settings,error", [
+    ({"audit": "no"}, 'audit: expected a boolean (true or false), got "no" (a string)'),
+    ({"managed_bridges": "podman0"}, 'managed_bridges: expected a list, got "podman0" (a string)'),
+    ({}, None),
+], ids=["audit-string", "list-string", "good"])
+def test_role_validate_step_refuses_a_bad_agent_yaml(tmp_path, settings, error):
+    """The role's own task (template agent.yaml.j2 with its validate command), verbatim from
+    tasks/present.yml, run by ansible-playbook on localhost with this checkout's stockade."""
+    role = ROOT / "ansible_collections/stockade/fleet/roles/stockade_agent"
+    (task,) = [t for t in yaml.safe_load((role / "tasks/present.yml").read_text())
+               if t.get("ansible.builtin.template", {}).get("src") == "agent.yaml.j2"]
+    (tmp_path / "templates").symlink_to(role / "templates")
+    dest = tmp_path / "etc" / "agent.yaml"
+    dest.parent.mkdir()
+    bin_dir = Path(sys.executable).parent
+    play = [{"hosts": "localhost", "connection": "local", "gather_facts": False,
+             "vars_files": [str(role / "defaults/main.yml")],
+             "tasks": [task],
+             "handlers": [{"name": task["notify"], "ansible.builtin.debug": {"msg": "restart"}}]}]
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    (tmp_path / "vars.json").write_text(json.dumps({   # extra vars: over the role's defaults
+        "ansible_python_interpreter": sys.executable, "stockade_agent_venv": str(bin_dir.parent),
+        "stockade_agent_config_file": str(dest), "stockade_agent_settings": settings}))
+    (tmp_path / "ansible.cfg").write_text("[defaults]\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}/agent", "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+           "ANSIBLE_REMOTE_TEMP": str(tmp_path / "tmp"),
+           "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    r = subprocess.run([str(bin_dir / "ansible-playbook"), "-i", "localhost,", "-e", "@vars.json", "play.yml"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    if error is None:
+        assert r.returncode == 0, r.stdout[-3000:]
+        assert yaml.safe_load(dest.read_text())["host_name"] == "localhost"
+    else:
+        assert r.returncode == 2 and "failed to validate" in r.stdout and '"exit_status": 78' in r.stdout, \
+            r.stdout[-3000:]
+        assert json.dumps(error)[1:-1] in r.stdout and "Traceback" not in r.stdout, r.stdout[-3000:]
+        assert not dest.exists()
 
 
 # A block (the fleet's `etcd:` is one): a dataclass field with a dataclass default and an

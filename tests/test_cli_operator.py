@@ -77,6 +77,35 @@ def test_get_prints_one_object(sock):
     assert isinstance(json.loads(run("policy", "get", "-o", "json", "--socket", sock).stdout), list)
 
 
+NOTE = "Load balancers reach\n  the web tier on 80."
+
+
+def test_get_shows_the_top_level_description(sock, tmp_path):
+    """A top-level ``description`` is kept with the policy: a column in the table (on one
+    line, shortened past 60 characters), the whole text in -o json; none shows '-' and ''."""
+    (tmp_path / "described.yaml").write_text((ROOT / "tests" / "policies" / "valid" / "description.yaml").read_text())
+    (tmp_path / "note.yaml").write_text(POLICY.replace("name: web}", "name: note}", 1).replace(
+        "kind: CiliumNetworkPolicy\n", "kind: CiliumNetworkPolicy\ndescription: " + json.dumps(NOTE) + "\n", 1))
+    r = run("policy", "import", "--socket", sock, str(tmp_path / "described.yaml"), str(tmp_path / "note.yaml"))
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+
+    by_name = {p["name"]: p for p in json.loads(run("policy", "get", "-o", "json", "--socket", sock).stdout)}
+    assert by_name["rule1"]["description"] == "L3-L4 policy to restrict deathstar access to empire ships only"
+    assert by_name["note"]["description"] == NOTE
+    assert by_name["web"]["description"] == ""
+    one = json.loads(run("policy", "get", "rule1", "-o", "json", "--socket", sock).stdout)
+    assert one["description"] == by_name["rule1"]["description"]
+
+    header, *rows = run("policy", "get", "--socket", sock).stdout.splitlines()
+    assert header.split() == ["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE", "DESCRIPTION"]
+    column = header.index("DESCRIPTION")
+    described = {row.split()[2]: row[column:] for row in rows}
+    assert described == {
+        "note": "Load balancers reach the web tier on 80.",
+        "rule1": "L3-L4 policy to restrict deathstar access to empire ships o…",
+        "web": "-"}
+
+
 def test_global_socket_and_env(sock, monkeypatch):
     assert run("--socket", sock, "endpoint", "get", "web1").exit_code == 0
     monkeypatch.setenv("STOCKADE_SOCKET", sock)

@@ -163,6 +163,31 @@ def test_ownership_refusals(agents, kv, etcd):
     etcd.ctl("del", f"{P}/subnets/h4")
 
 
+def test_an_address_of_this_host_is_refused(agents, kv):
+    """A record inside its publisher's subnets that names one of this host's own
+    addresses (here h2's, inside h1's subnet) is refused: the address stays the host."""
+    from stockade.daemon.changes import HostAddresses
+    from stockade.daemon.metrics import render
+    h2 = agents("h2")
+    h2.agent.submit(HostAddresses(("10.77.1.200",)))
+    assert entry(h2, "10.77.1.200/32")["source"] == "host"
+    body = json.dumps({"labels": {"container:app": "web"}, "name": "x", "source": "podman",
+                       "host": "h1"}).encode()
+    kv.put(f"{P}/endpoints/h1/10.77.1.200".encode(), body)
+    kv.put(f"{P}/endpoints/h1/10.77.1.9".encode(), body)       # fine
+    wait_for(lambda: entry(h2, "10.77.1.9/32"), what="the good one")
+    st = wait_for(lambda: (s := h2.health()["kvstore"])["refused_entries"] == 1 and s,
+                  what="the refusal")
+    assert st["refusals"] == [{"key": "endpoints/h1/10.77.1.200", "reason": "an address of this host"}]
+    e = entry(h2, "10.77.1.200/32")
+    assert e["source"] == "host" and e["labels"] == ["reserved:host"], e
+    assert h2.health()["status"] == "ok"
+    assert "stockade_kvstore_refused_entries 1.0" in render(h2.agent)
+    kv.delete(f"{P}/endpoints/h1/10.77.1.200".encode())
+    wait_for(lambda: h2.health()["kvstore"]["refused_entries"] == 0, what="no refusals")
+    assert entry(h2, "10.77.1.200/32")["source"] == "host"
+
+
 def test_api_entries_take_precedence(agents, kv):
     h1, h2 = agents("h1"), agents("h2")
     add(h1, "web", "10.77.1.5", app="web")

@@ -1,9 +1,10 @@
 """stockade.kvstore against a real etcd process (Debian's etcd-server): paginated
 listing, a watch that is compacted (re-listed, deletes included) or cut (resumed from its
-revision on another member, nothing lost), lease loss,
-endpoint failover, per-lease key limits, stale keys, RBAC by certificate CN."""
+revision on another member, nothing lost) or silently stalled (found by its progress
+check), lease loss, endpoint failover, per-lease key limits, stale keys, RBAC by certificate CN."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -276,6 +277,55 @@ def test_a_cut_stream_resumes_from_its_revision_without_listing_again():
             finally:
                 m.stop()
         finally:
+            c.close()
+            writer.close()
+
+
+def test_a_silently_stalled_stream_is_found_by_the_progress_check():
+    """The member the mirror watches on is stopped (SIGSTOP): its connections stay open
+    and nothing ends the stream, it only goes quiet. The progress request the mirror asks
+    every check_interval gets no answer: it says it is not watching (degraded), watches
+    again on the next member from its revision and sees what was written meanwhile,
+    long before gRPC's keepalive (15 s + 5 s) would notice."""
+    with EtcdCluster(3, name="kvstall") as cluster:
+        c = EtcdClient(cluster.endpoints, timeout=1)
+        writer = EtcdClient(cluster.endpoints[1:], timeout=2)
+        proc = cluster.members[0]["proc"]
+        stopped = False
+        try:
+            writer.put(b"/t/before", b"0")
+            view, states = View(), []
+            m = Mirror(c, b"/t/", on_listing=view.on_listing, on_events=view.on_events,
+                       check_interval=1, on_state=lambda w, err: states.append((w, err)))
+            m.start()
+            try:
+                wait_for(lambda: m.watching, what="watching")
+                time.sleep(2.5)                # a quiet, live stream: progress answered
+                assert c.current == 0 and states == [(True, None)]
+                proc.send_signal(signal.SIGSTOP)
+                stopped, t0 = True, time.monotonic()
+                wait_for(lambda: not m.watching, timeout=5, what="the stall noticed")
+                assert time.monotonic() - t0 < 3.5
+                assert states[1][0] is False and "no answer to a progress request" in states[1][1]
+                for _ in range(50):             # a leader being elected (if it was member 0)
+                    try:
+                        writer.put(b"/t/during", b"1")
+                        break
+                    except Unavailable:
+                        time.sleep(0.1)
+                wait_for(lambda: m.watching and view.items.get(b"/t/during") == b"1",
+                         timeout=10, what="watching again, on another member")
+                assert c.current != 0 and m.resumes >= 1 and view.listings == 1
+                assert (True, None) in states[2:]
+                proc.send_signal(signal.SIGCONT)
+                stopped = False
+                writer.put(b"/t/after", b"2")
+                wait_for(lambda: b"/t/after" in view.items, what="a put after")
+            finally:
+                m.stop()
+        finally:
+            if stopped:
+                proc.send_signal(signal.SIGCONT)
             c.close()
             writer.close()
 

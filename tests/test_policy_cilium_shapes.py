@@ -162,23 +162,14 @@ def test_stored_endpoint_selector_of_another_namespace_keeps_its_old_meaning():
 
 
 # 5. traces over prefixes ---------------------------------------------------------------
-CIDR_EXCEPT = """
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: egress-cidr}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  egress:
-  - toCIDRSet:
-    - cidr: 10.0.0.0/8
-      except: [10.1.0.0/16]
-    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
-"""
+def prefix_trace(dst):
+    """web's egress over a prefix, by valid/cidr-except.yaml: 10.0.0.0/8 except 10.1.0.0/16."""
+    return Tracer(load_file(VALID / "cidr-except.yaml")).trace(parse_sel("app=web"), parse_sel(dst),
+                                                                *parse_port("443/tcp"))
 
 
 def test_trace_over_a_prefix_with_a_denied_part_is_partial():
-    t = Tracer(load_text(CIDR_EXCEPT, "p.yaml")).trace(parse_sel("app=web"), parse_sel("cidr:10.0.0.0/8"),
-                                                        *parse_port("443/tcp"))
+    t = prefix_trace("cidr:10.0.0.0/8")
     assert t["verdict"] == "partial"
     assert [(p["cidr"], p.get("except"), p["verdict"]) for p in t["parts"]] == [
         ("10.0.0.0/8", ["10.1.0.0/16"], "allow"), ("10.1.0.0/16", None, "deny")]
@@ -187,16 +178,14 @@ def test_trace_over_a_prefix_with_a_denied_part_is_partial():
 @pytest.mark.parametrize("dst, expected", [("cidr:10.2.0.0/16", "allow"), ("cidr:10.1.2.0/24", "deny"),
                                            ("cidr:10.1.0.0/16", "deny"), ("cidr:0.0.0.0/0", "partial")])
 def test_trace_over_prefixes(dst, expected):
-    t = Tracer(load_text(CIDR_EXCEPT, "p.yaml")).trace(parse_sel("app=web"), parse_sel(dst),
-                                                        *parse_port("443/tcp"))
+    t = prefix_trace(dst)
     assert t["verdict"] == expected
     assert ("parts" in t) == (expected == "partial")
 
 
-def test_trace_partial_in_words_and_json(tmp_path):
-    f = tmp_path / "p.yaml"
-    f.write_text(CIDR_EXCEPT)
-    args = ["policy", "trace", "--src", "app=web", "--dst", "cidr:10.0.0.0/8", "--dport", "443/tcp", str(f)]
+def test_trace_partial_in_words_and_json():
+    args = ["policy", "trace", "--src", "app=web", "--dst", "cidr:10.0.0.0/8", "--dport", "443/tcp",
+            str(VALID / "cidr-except.yaml")]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "cidr:10.0.0.0/8 except 10.1.0.0/16: ALLOW" in r.output

@@ -225,6 +225,11 @@ DIAGNOSTICS = (
     "podman info --format '{{.Host.EventLogger}}'",
     "systemctl is-active podman.socket podman.service; ls -l /run/podman",
     "podman ps -a --format '{{.Names}} {{.Status}}'",
+    "/opt/stockade/venv/bin/stockade observe --last 30",
+    "/opt/stockade/venv/bin/stockade endpoint list",
+    "for d in $(ls /sys/class/net | grep ^veth); do echo $d; tc filter show dev $d ingress;"
+    " tc filter show dev $d egress; done",
+    "ip -br addr; ip route",
 )
 
 

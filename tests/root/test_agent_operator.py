@@ -1,6 +1,7 @@
 """What an operator sees of a real agent process: the change log (file and stderr) and the
 metrics (on the socket and the TCP listener: the names the alert rules and dashboard
-use, per-endpoint drops, no _created series), with real workloads and real packets."""
+use, per-endpoint drops, no _created series), with real workloads and real packets. The
+agent has an etcd: block (a real one-member etcd), so the fleet store's metrics are there."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentproc import STOCKADE, AgentProcess
-from monitoring_files import NOT_FROM_A_PLAIN_AGENT, used_metrics
+from etcdcluster import EtcdCluster
+from monitoring_files import NOT_FROM_AN_AGENT, used_metrics
 from netns import Topology
 from policydocs import ingress_policy
 from stockade.flows import parse_time
@@ -34,10 +36,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def env():
-    with Topology("op") as topo:
+    with Topology("op") as topo, EtcdCluster(1, name="op") as etcd:
         w = {t: topo.add_workload(t, [f"{NET4}{i}/24"]) for i, t in enumerate(["a", "b"], start=1)}
+        etcd.put_subnets("op1", [f"{NET4}0/24"])
         port = free_port()
-        proc = AgentProcess(metrics_listen=f"127.0.0.1:{port}")
+        proc = AgentProcess(metrics_listen=f"127.0.0.1:{port}", host_name="op1",
+                            etcd={"endpoints": etcd.endpoints})
         proc.settings["change_log_path"] = str(proc.run_dir / "log" / "changes.jsonl")
         with proc as agent:
             for name, app in (("a", "web"), ("b", "db")):
@@ -92,6 +96,8 @@ def test_metrics_on_socket_and_tcp_have_every_name_the_rules_and_dashboard_use(e
     agent, w, port = env
     assert tcp_ok(w["a"], w["b"], w["b"].ip4, 5432)
     assert not tcp_ok(w["a"], w["b"], w["b"].ip4, 6001, timeout=1)
+    assert eventually(lambda: any(s.labels == {"state": "connected"} and s.value == 1
+                                  for s in samples(scrape_socket(agent))["stockade_kvstore_state"]))
     assert eventually(lambda: any(s.labels == {"endpoint": "op-b", "direction": "ingress"} and s.value >= 1
                                   for s in samples(scrape_socket(agent)).get(
                                       "stockade_endpoint_drop_events_total", [])))
@@ -100,13 +106,15 @@ def test_metrics_on_socket_and_tcp_have_every_name_the_rules_and_dashboard_use(e
     on_tcp = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     for text in (on_socket, on_v1, on_tcp):
         names = samples(text)
-        missing = used_metrics() - NOT_FROM_A_PLAIN_AGENT - set(names)
+        missing = used_metrics() - NOT_FROM_AN_AGENT - set(names)
         assert not missing, f"used by monitoring/ but not exported: {sorted(missing)}"
         assert not [n for n in names if n.endswith("_created")]
         (info,) = names["stockade_build_info"]
         assert info.value == 1 and info.labels["version"]
         assert names["stockade_healthy"][0].value == 1
         assert names["stockade_unprotected_interfaces"][0].value == 0
+        assert {s.labels["state"]: s.value for s in names["stockade_kvstore_state"]} == {
+            "connected": 1, "degraded": 0, "disconnected": 0}
         assert names["process_resident_memory_bytes"][0].value > 0
     # one registry: the process collector's start time is the agent's, every scrape
     starts = {samples(t)["process_start_time_seconds"][0].value for t in (on_socket, on_v1, on_tcp)}

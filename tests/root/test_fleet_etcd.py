@@ -92,6 +92,7 @@ def env():
         h["h2"].add_workload("db", 10)
         h["h2"].add_workload("db2", 11)
         h["h3"].add_workload("cache", 10)
+        h["h3"].add_workload("store", 11)
         with EtcdCluster(3, addresses=MEMBERS, tls=True, name="fl") as cluster:
             cluster.enable_rbac(["h1", "h2", "h3"])
             for host in h.values():
@@ -204,7 +205,11 @@ def test_address_reused_gets_the_new_labels_everywhere_within_a_second(env):
 
 
 def test_quorum_lost_keeps_the_last_view_then_resyncs(env):
-    cluster, a = env.cluster, env.agents
+    cluster, a, h1, h3 = env.cluster, env.agents, env.h["h1"].workloads, env.h["h3"].workloads
+    # h3's last view holds web and other (h1's)
+    for ip, labels in (("10.78.1.10/32", ["static:app=web"]), ("10.78.1.11/32", ["static:app=other"])):
+        wait_for(lambda ip=ip, labels=labels: (entry(a["h3"], ip) or {}).get("labels") == labels,
+                 what=f"{ip} at h3")
     cluster.kill(1)
     cluster.kill(2)
     try:
@@ -214,12 +219,20 @@ def test_quorum_lost_keeps_the_last_view_then_resyncs(env):
         assert a["h2"].client.health()["status"] == "degraded"
         assert web_to_db(env)                              # the last view is enforced
         assert not web_to_db(env, "other")
-        # a new local workload is still enforced locally
-        env.add("h3", "cache", {"app": "web"})
-        assert not tcp_ok(env.h["h1"].workloads["other"], env.h["h2"].workloads["db2"],
+        assert not tcp_ok(h1["other"], env.h["h2"].workloads["db2"],
                           env.h["h2"].workloads["db2"].ip, PORT, timeout=0.5)
-        assert tcp_ok(env.h["h1"].workloads["web"], env.h["h2"].workloads["db2"],
+        assert tcp_ok(h1["web"], env.h["h2"].workloads["db2"],
                       env.h["h2"].workloads["db2"].ip, PORT, timeout=0.5)
+        # new local workloads are still enforced locally: store (app=db, so db's policy
+        # selects it) and cache (app=web), both started on h3 while nothing can be published
+        env.add("h3", "cache", {"app": "web"})
+        env.add("h3", "store", {"app": "db"})
+        store = h3["store"]
+        assert tcp_ok(h1["web"], store, store.ip, PORT, timeout=0.5)      # web, the last view
+        assert not tcp_ok(h1["other"], store, store.ip, PORT, timeout=0.5)
+        assert tcp_ok(h3["cache"], store, store.ip, PORT, timeout=0.5)    # a local peer
+        assert not web_to_db(env, "cache", "h3")    # h2 cannot learn cache yet: world there
+        assert entry(a["h2"], "10.78.3.10/32") is None
     finally:
         cluster.start_member(1)
         cluster.start_member(2)
@@ -229,6 +242,10 @@ def test_quorum_lost_keeps_the_last_view_then_resyncs(env):
     # what h3 started during the outage reaches h2 without a restart
     wait_for(lambda: entry(a["h2"], "10.78.3.10/32"), timeout=10, what="cache at h2")
     assert web_to_db(env, "cache", "h3")
+    wait_for(lambda: (entry(a["h1"], "10.78.3.11/32") or {}).get("labels") == ["static:app=db"],
+             timeout=10, what="store at h1")
+    a["h3"].client.remove_endpoint("store")
+    wait_for(lambda: entry(a["h1"], "10.78.3.11/32") is None, what="store gone at h1")
 
 
 def test_partitioned_agent_keeps_its_view_and_the_others_drop_its_workloads(env):
