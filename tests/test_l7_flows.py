@@ -28,7 +28,7 @@ def line(**kw) -> bytes:
          "did": "257", "rs": "1", "ok": "1", "m": "GET", "url": "\\/api\\/x?q=\\\"1\\\"",
          "hv": "HTTP/1.1", "st": "200", "tq": "1", "tr": "2", "ta": "3", "host": "api",
          "ua": "curl\\t7", "tsc": "----", "date": str(NOW_US), "ts": str(NOW_US // 10**6),
-         "ms": "445"}
+         "ms": "445", "rse": "-", "oke": "-"}
     f.update(kw)
     return ("stockade-l7\t" + "\t".join(f.values()) + "\n").encode()
 
