@@ -7,26 +7,22 @@ on one bridge with the host's address (.254); b and c record what they receive.
 """
 import json
 import os
+import signal
 import threading
 import time
-from http.server import ThreadingHTTPServer
-
 import pytest
 
 from agentproc import AgentProcess
 from l7env import cnp, l7_settings, route_via_host, wait_proxy
-from netns import Topology, in_netns
-from test_l7_http import Client, Recorder, _tcp, _tcp_frames
+from netns import Topology, in_netns, run
+from test_l7_http import Client, Recorder, Server, _tcp, _tcp_frames
 from traffic import Capture, eventually
 
 pytestmark = pytest.mark.root
 
 NET4 = "10.213.28."
+FAR4 = "10.213.29."     # a network routed through the host (another host's workloads)
 PORT = 8080
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
 
 
 class ServerRecorder(Recorder):
@@ -44,7 +40,12 @@ def env():
     with Topology("l7e") as topo:
         w = {t: topo.add_workload(t, [f"{NET4}{i}/24"]) for i, t in enumerate("abc", start=1)}
         route_via_host(topo, f"{NET4}254/24", w.values())
-        servers = [in_netns(w[n].ns, Server, (w[n].ip4, PORT), ServerRecorder) for n in "bc"]
+        # r: not an endpoint, not on the bridge; reached by routing through the host
+        w["r"] = r = topo.add_workload("r", [f"{FAR4}1/24"])
+        run("ip", "link", "set", r.host_if, "nomaster")
+        run("ip", "addr", "add", f"{FAR4}254/24", "dev", r.host_if)
+        r.exec("ip", "route", "add", "default", "via", f"{FAR4}254")
+        servers = [in_netns(w[n].ns, Server, (w[n].ip4, PORT), ServerRecorder) for n in "bcr"]
         for s in servers:
             threading.Thread(target=s.serve_forever, daemon=True).start()
         try:
@@ -178,22 +179,23 @@ def test_replies_reach_the_client_only_through_the_proxy(e):
 
 
 def test_proxy_killed_egress_dropped_then_restored(e):
+    """While the proxy is down, a's connections to the port are dropped, to the
+    HTTP-filtered peer and to the L4-only one alike (never passed unfiltered). The agent
+    (this test's own process) is held stopped meanwhile, so that its supervisor cannot
+    restart the proxy before the connections are tried."""
     agent, w, _ = e
     apply(agent, cnp("web", WEB_EGRESS + OTHER_L4))
     wait_proxy(agent)
     pid = agent.client.health()["l7_proxy"]["pid"]
-    os.kill(pid, 9)
-    for name in "bc":      # the HTTP-filtered peer and the L4-only one on the same port
-        try:
-            s = w["a"].socket()
-            s.settimeout(0.3)
-            s.connect((w[name].ip4, PORT))
-            s.sendall(b"GET /private HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = s.recv(100)
-            s.close()
-            assert b"200" not in data
-        except OSError:
-            pass
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        for name in "bc":
+            with pytest.raises(OSError):       # the SYN is dropped: no answer at all
+                Client(w["a"], w[name].ip4, timeout=1.0).request("GET", "/private")
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
     assert not any(r["path"] == "/private" for r in Recorder.seen)
 
     def restarted():
@@ -273,3 +275,34 @@ def test_live_trace_answers_for_egress_http(e):
     assert ing["verdict"] == "deny" and ing["egress"]["verdict"] == "allow"
     assert "403" in ing["ingress"]["reason"]
 
+
+
+def test_egress_to_a_routed_peer_and_its_replies_back_through_the_proxy(e):
+    """A peer behind the host's routing (as another host's workload is): the proxy's
+    upstream connection leaves with a's address, and r's replies to that address come
+    back into the proxy's socket (nft, "clients" sets), not routed on to a."""
+    agent, w, topo = e
+    a, r = w["a"], w["r"]
+    apply(agent, cnp("web", f"""
+endpointSelector: {{matchLabels: {{app: web}}}}
+egress:
+  - toCIDR: ["{FAR4}0/24"]
+    toPorts:
+      - ports: [{{port: "8080", protocol: TCP}}]
+        rules:
+          http:
+            - {{method: GET, path: "/public(/.*)?"}}
+"""))
+    wait_proxy(agent)
+    bridge_mac = open(f"/sys/class/net/{topo.bridge}/address").read().strip()
+    with Capture(a) as at_a:
+        c = Client(a, r.ip4)
+        try:
+            assert c.request("GET", "/public/far")[0] == 200
+            status, _, body = c.request("GET", "/private")
+            assert (status, body) == (403, b"Access denied\r\n")
+        finally:
+            c.close()
+    assert seen(w, "r") == [("GET", "/public/far")]      # r saw a's own address
+    frames = [t for t in _tcp_frames(at_a) if t["src"] == (r.ip4, PORT)]
+    assert frames and {t["src_mac"] for t in frames} == {bridge_mac}
