@@ -3,19 +3,22 @@ go through the host's proxy, judged by the client's egress rules (and, when the 
 has HTTP rules too, by its ingress ones in the same pass: both must hold).
 
 Namespace workloads a (client, app=web), b (server, app=api) and c (server, app=other)
-on one bridge with the host's address (.254); b and c record what they receive.
+on one bridge with the host's address (.254), and r, a server on its own link routed
+through the host (as another host's workloads are); b, c and r record what they
+receive, with the address it came from.
 """
 import json
 import os
 import signal
 import threading
 import time
+
 import pytest
+from test_l7_http import Client, Recorder, Server, _tcp, _tcp_frames
 
 from agentproc import AgentProcess
 from l7env import cnp, l7_settings, route_via_host, wait_proxy
 from netns import Topology, in_netns, run
-from test_l7_http import Client, Recorder, Server, _tcp, _tcp_frames
 from traffic import Capture, eventually
 
 pytestmark = pytest.mark.root
@@ -279,8 +282,9 @@ def test_live_trace_answers_for_egress_http(e):
 
 def test_egress_to_a_routed_peer_and_its_replies_back_through_the_proxy(e):
     """A peer behind the host's routing (as another host's workload is): the proxy's
-    upstream connection leaves with a's address, and r's replies to that address come
-    back into the proxy's socket (nft, "clients" sets), not routed on to a."""
+    upstream connection leaves with a's address, and r's replies to that address must
+    come back into the proxy's socket (nft, the "clients" sets), not be routed on to a:
+    otherwise the upstream connection never completes and no request reaches r."""
     agent, w, topo = e
     a, r = w["a"], w["r"]
     apply(agent, cnp("web", f"""
