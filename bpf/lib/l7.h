@@ -33,9 +33,11 @@ static __always_inline int l7_is_port(__u8 family, __u8 kind, const __u32 *addr,
 	return l7_ports.lookup(&k) != 0;
 }
 
-/* A client's SYN to an L7 port: the server's L4 ingress policy decides first, as the
- * server's own hook would, which steered packets never reach. A peer it denies is
- * dropped here, never answered by the proxy (a 403 would tell it the port is there).
+/* A client's SYN to an L7 port (the server's, or the client's egress one): the server's
+ * L4 ingress policy decides first, as the server's own hook would, which steered packets
+ * never reach. A peer it denies is dropped here, never answered by the proxy (a 403
+ * would tell it the port is there). A server with no policy here (another host's, the
+ * world) has no flags: not enforced, admitted; its own host decides.
  * Returns REASON_NONE or the drop reason. */
 static __always_inline int l7_server_admits(const struct pkt *p, __u32 client, __u32 cfg)
 {
@@ -55,16 +57,16 @@ static __always_inline int l7_steer(struct __sk_buff *skb, int dir, const struct
 {
 	struct l7_host *host;
 	__u32 ifindex = skb->ifindex;
-	int to_port, reason;
+	int out, reason;
 
 	if (act != TC_ACT_OK || dir != DIR_EGRESS || p->proto != IPPROTO_TCP_ || !p->has_ports)
 		return act;
-	to_port = l7_is_port(p->family, L7_SERVER, p->daddr, p->dport);
-	if (!to_port && !l7_is_port(p->family, L7_SERVER, p->saddr, p->sport) &&
-	    !l7_is_port(p->family, L7_CLIENT, p->saddr, p->dport) &&
+	out = l7_is_port(p->family, L7_SERVER, p->daddr, p->dport) ||
+	      l7_is_port(p->family, L7_CLIENT, p->saddr, p->dport);
+	if (!out && !l7_is_port(p->family, L7_SERVER, p->saddr, p->sport) &&
 	    !l7_is_port(p->family, L7_CLIENT, p->daddr, p->sport))
 		return act;
-	if (to_port) {
+	if (out) {
 		reason = l7_server_admits(p, local, cfg);
 		if (reason != REASON_NONE) {
 			count(skb, dir, VERDICT_DROPPED, reason);

@@ -154,6 +154,31 @@ def test_l4_only_egress_rule_on_the_same_port_is_unfiltered(e):
     assert seen(w, "c") == [("DELETE", "/anything")] and seen(w, "b") == []
 
 
+def test_server_denying_the_client_at_l4_drops_it_before_the_proxy(e):
+    """c's ingress allows only app=api: a's egress rules let a reach c's port, but its
+    SYN is dropped (c's ingress decides at a's hook), never answered by the proxy."""
+    agent, w, _ = e
+    apply(agent, cnp("web", WEB_EGRESS + OTHER_L4), cnp("other", """
+endpointSelector: {matchLabels: {app: other}}
+ingress:
+  - fromEndpoints: [{matchLabels: {app: api}}]
+"""))
+    wait_proxy(agent)
+    s = w["a"].socket()
+    s.settimeout(1.0)
+    try:
+        with pytest.raises(OSError):      # no handshake at all: the proxy never accepted it
+            s.connect((w["c"].ip4, PORT))
+    finally:
+        s.close()
+    ok = Client(w["a"], w["b"].ip4)
+    try:
+        assert ok.request("GET", "/public")[0] == 200
+    finally:
+        ok.close()
+    assert seen(w, "c") == []
+
+
 def test_replies_reach_the_client_only_through_the_proxy(e):
     """As for ingress rules (test_l7_http.py): every frame of the connection from b
     reaching a carries the bridge's MAC (the host sent it), never b's own."""
