@@ -335,3 +335,28 @@ egress:
     assert seen(w, "r") == [("GET", "/public/far")]      # r saw a's own address
     frames = [t for t in _tcp_frames(at_a) if t["src"] == (r.ip4, PORT)]
     assert frames and {t["src_mac"] for t in frames} == {bridge_mac}
+
+
+def test_egress_visibility_only_passes_and_records_everything(e):
+    agent, w, _ = e
+    apply(agent, cnp("web", """
+endpointSelector: {matchLabels: {app: web}}
+egress:
+  - toEndpoints: [{matchLabels: {app: api}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}], rules: {http: [{}]}}]
+"""))
+    wait_proxy(agent)
+    tag = f"/anything/vis-{time.monotonic_ns()}"
+    c = Client(w["a"], w["b"].ip4)
+    try:
+        assert [c.request(m, tag)[0] for m in ("GET", "DELETE")] == [200, 200]
+    finally:
+        c.close()
+    assert seen(w, "b") == [("GET", tag), ("DELETE", tag)]
+
+    def flows():
+        got = [(f["l7"]["http"]["method"], f["direction"], f["verdict"])
+               for f in _l7_flows(agent, "--http-path", f"^{tag}$") if f["l7"]["type"] == "REQUEST"]
+        return sorted(got) if len(got) == 2 else None
+    assert eventually(flows, timeout=10) == [("DELETE", "egress", "FORWARDED"),
+                                             ("GET", "egress", "FORWARDED")]
