@@ -57,7 +57,9 @@ PROBE = ("i=0; while :; do if timeout 1 wget -q -O /dev/null http://%s/; then r=
 SERVER = "httpd -p 80 -h /var/www; exec nc -l -p 9000 > /log/stream"
 # The stream's client: a counter line every 50 ms over one TCP connection; if that
 # connection ever breaks, nc exits and the exit is recorded.
-STREAM = ("i=0; while :; do i=$((i+1)); echo $i; busybox sleep 0.05; done | nc %s 9000; "
+# It starts once the server answers: a new container is dropped until the agent has it.
+STREAM = ("until timeout 1 wget -q -O /dev/null http://%s/; do busybox sleep 0.2; done; "
+          "i=0; while :; do i=$((i+1)); echo $i; busybox sleep 0.05; done | nc %s 9000; "
           "echo \"exit $?\" > /log/exit")
 
 
@@ -343,8 +345,12 @@ def test_upgrade_keeps_connections(guest, workdir, figures):
     """The playbook rolls out a new build (same version, other content: installed because
     its sha256 differs) while a long-lived connection between two containers flows: it is
     never interrupted, and the denied peer stays denied throughout."""
-    container(guest, "hostt-stream", STREAM_IP, "hostt-client", STREAM % SRV_IP, restart=False)
-    wait_until(lambda: len(stream_lines(guest)) > 20, 120, "the stream to flow")
+    container(guest, "hostt-stream", STREAM_IP, "hostt-client", STREAM % (SRV_IP, SRV_IP),
+              restart=False)
+    if not wait_until(lambda: len(stream_lines(guest)) > 20, 120, "the stream", fail=False):
+        raise AssertionError("timed out after 120 s waiting for the stream to flow\n"
+                             + guest.ssh(f"cat {LOGS}/hostt-stream/exit 2>&1; true")
+                             + diagnostics(guest))
     # the sampler's script in a file: systemd-run's command line is not a shell's
     guest.ssh(f"cat > /root/sampler.sh <<'EOF'\nwhile :; do echo $(date +%s.%N)"
               f" $(wc -l < {LOGS}/hostt-srv/stream); sleep 0.2; done > {LOGS}/samples\nEOF\n"
