@@ -87,7 +87,8 @@ class Agent:
             changed = restore.restore(self, self.store.load())
         if datapath is None:
             from ..datapath import Datapath
-            datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
+            datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode,
+                                 switch_min=cfg.policy_switch_entries)
         self.dp = datapath
         if self.live and cfg.kernel_default:
             self._install_kernel_default()
