@@ -27,6 +27,7 @@ class RawMapWriter(MapWriter):
                 self.maps["policy_flags"][bytes(m.PolicyFlagsKey(identity=ident, direction=d))] = \
                     bytes(m.PolicyFlagsValue(enforced=int(f.enforced), default_deny=int(f.default_deny)))
         self.writes = 0
+        self.events: list[tuple] = []     # ("update" | "delete", map, key bytes), ("grace",)
         self.fail_at: int | None = None   # raise at this write (0-based), before doing it
 
     def max_entries(self, name):
@@ -47,11 +48,13 @@ class RawMapWriter(MapWriter):
         if raw not in self.maps[name] and len(self.maps[name]) >= self.limits[name]:
             raise DatapathError(name, "update failed: E2BIG (map full)")
         self.maps[name][raw] = bytes(value)
+        self.events.append(("update", name, raw))
         self.after_write()
 
     def _delete(self, name, key):
         self._count(name)
         found = self.maps[name].pop(bytes(key), None) is not None
+        self.events.append(("delete", name, bytes(key)))
         self.after_write()
         return found
 
@@ -61,6 +64,9 @@ class RawMapWriter(MapWriter):
 
     def after_write(self) -> None:
         pass
+
+    def _wait_for_programs(self) -> None:
+        self.events.append(("grace",))
 
     def view(self) -> tuple[MapState, FlagState]:
         """(entries, flags) the programs decide by now."""

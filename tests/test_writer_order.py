@@ -295,3 +295,26 @@ def test_entries_of_the_generation_not_in_force_are_ignored_and_cleared():
     w.apply_delta(delta_between(old, new))
     assert w.view() == new and w.raw_generations() == {(LOCAL, INGRESS, 1)}
     assert all(not allowed(s, LOCAL, 200, INGRESS, TCP, 443) for s in w.states)
+
+
+def test_the_old_generation_goes_only_after_a_grace_period():
+    """A program that read the flags entry just before the switch still looks up the
+    old generation: its entries are deleted only after every running program has
+    finished (one grace period for all pairs switched), never before the switch."""
+    from stockade.datapath import maps as m
+    from stockade.datapath.writer import _gen_of
+    flags = {(LOCAL, INGRESS): DirectionPolicy(True, True), (LOCAL, EGRESS): DirectionPolicy(True, True)}
+    old = (_pair_state(range(10)) | {Key(LOCAL, 200, EGRESS, TCP, p, 16): Entry(False) for p in range(10)},
+           flags)
+    new = (_pair_state(range(20, 30)) | {Key(LOCAL, 200, EGRESS, TCP, p, 16): Entry(False)
+                                         for p in range(20, 30)}, flags)
+    w = RecordingWriter(*old, switch_min=5)
+    w.apply_delta(delta_between(old, new))
+    assert w.view() == (new[0], new[1])
+    kinds = [e[0] if e[0] == "grace" else (e[0], e[1]) for e in w.events]
+    assert kinds.count("grace") == 1
+    g = kinds.index("grace")
+    assert kinds[:g].count(("update", "policy_flags")) == 2          # both pairs switched
+    old_deletes = [i for i, e in enumerate(w.events) if e[:2] == ("delete", "policy")
+                   and _gen_of(m.PolicyKey.from_buffer_copy(e[2])) == 0]
+    assert len(old_deletes) == 20 and min(old_deletes) > g

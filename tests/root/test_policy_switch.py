@@ -198,3 +198,11 @@ def test_a_large_change_never_drops_what_both_allow_nor_passes_what_both_deny(en
     from stockade.datapath.writer import _gen_of
     raw = dp._items("policy", m.PolicyKey, m.PolicyValue)
     assert {_gen_of(k) for k, _ in raw} == {gens[-1]} and len(raw) == len(state)
+
+
+def test_grace_periods_come_from_the_kernel():
+    """The writer's wait between a switch and deleting the old generation is the
+    kernel's (a map-in-map update), not its fallback sleep."""
+    from stockade.datapath.bpfsys import wait_for_programs
+    wait_for_programs()
+    wait_for_programs()

@@ -28,7 +28,8 @@ Large changes switch generations instead (bpf/include/stockade_maps.h, "Policy
 generations"): when a delta adds or removes at least ``switch_min`` entries of one
 (local identity, direction) pair, that pair's whole new state is written into the
 generation not in force, its flags entry (new flags and generation) is replaced in one
-map update, then the old generation's entries are deleted. Every packet meets exactly
+map update, then, once every program that may have read the old flags entry has
+finished (an RCU grace period), the old generation's entries are deleted. Every packet meets exactly
 the old or the new state: nothing both allow is dropped. A packet is decided by one
 pair's entries and flags only, so pairs switched and pairs written in order do not
 interact. Entries of a generation not in force (a switch cut short) are deleted when
@@ -45,6 +46,7 @@ import errno
 import ipaddress
 import itertools
 import socket
+import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from stockade.policy.mapstate import (
@@ -350,7 +352,9 @@ class MapWriter:
         generation not in force are deleted then (nothing reads them)."""
         if getattr(self, "_policy_shadow", None) is None:
             entries, flags, gens, stale = self._read_policy()
-            self._delete_policy_keys(stale)
+            if stale:   # a switch cut short: programs may still read what it left
+                self._wait_for_programs()
+                self._delete_policy_keys(stale)
             self._policy_shadow, self._flags_shadow, self._gens = entries, flags, gens
         return self._policy_shadow, self._flags_shadow
 
@@ -442,17 +446,22 @@ class MapWriter:
 
         try:
             self._write_ordered(deny_adds, loosen, allow_removes, allow_adds, tighten, deny_removes)
-            for pair, keys in sorted(self._by_pair(old_entries, switch).items()):
-                self._switch(pair, keys, delta, old_entries, old_flags)
+            old_gens = [self._switch(pair, keys, delta, old_entries, old_flags)
+                        for pair, keys in sorted(self._by_pair(old_entries, switch).items())]
+            if old_gens:
+                # a program that read a flags entry before its switch may still look up
+                # the old generation: delete it once every such program has finished
+                self._wait_for_programs()
+                self._delete_policy_keys([k for keys in old_gens for k in keys])
         except BaseException:
             self._drop_shadow()  # partly written: read the maps again next time
             raise
         delta.apply(old_entries, old_flags)
 
     def _switch(self, pair: tuple[int, int], old_keys: list[Key], delta: Delta,
-                entries: MapState, flags: FlagState) -> None:
-        """Write ``pair``'s new state into the other generation, switch to it, delete
-        the old generation's entries (the shadow follows in apply_delta)."""
+                entries: MapState, flags: FlagState) -> list:
+        """Write ``pair``'s new state into the other generation and switch to it (the
+        shadow follows in apply_delta); returns the old generation's raw keys."""
         old_gen = self._gen(pair)
         new_gen = 1 - old_gen
         new = {k: entries[k] for k in old_keys if k not in delta.removes}
@@ -461,7 +470,15 @@ class MapWriter:
         self._write_policy([(k, e) for k, e in items if e.deny], 1, new_gen)
         self._write_policy([(k, e) for k, e in items if not e.deny], 0, new_gen)
         self._write_flag(pair, delta.flags.get(pair, flags.get(pair, DirectionPolicy())), new_gen)
-        self._delete_policy_keys([_policy_key(k, old_gen) for k in old_keys])
+        return [_policy_key(k, old_gen) for k in old_keys]
+
+    def _wait_for_programs(self) -> None:
+        """Until every program running now has finished (bpfsys.wait_for_programs)."""
+        from .bpfsys import wait_for_programs
+        try:
+            wait_for_programs()
+        except OSError:
+            time.sleep(0.05)   # no map-in-map here: programs run for microseconds
 
     BATCH_MIN = 64      # from this many entries, one BPF_MAP_UPDATE_BATCH per step
 
