@@ -318,3 +318,17 @@ def test_the_old_generation_goes_only_after_a_grace_period():
     old_deletes = [i for i, e in enumerate(w.events) if e[:2] == ("delete", "policy")
                    and _gen_of(m.PolicyKey.from_buffer_copy(e[2])) == 0]
     assert len(old_deletes) == 20 and min(old_deletes) > g
+
+
+def test_entries_that_keep_their_verdict_are_rewritten_in_place():
+    """A restarted agent rewrites every entry (the policies behind them are unknown to
+    it), with the same verdicts: no switch, so no room for a second generation needed."""
+    old = (_pair_state(range(100)), ENFORCE)
+    w = RecordingWriter(*old, limit=100, switch_min=10)
+    delta = Delta()
+    for k, e in old[0].items():
+        delta.add(k, Entry(e.deny, frozenset({"web"})), e)
+    assert len(delta.adds) == 100 and w._switching(delta) == set()
+    w.apply_delta(delta)
+    assert w.view() == old and w.raw_generations() == {(LOCAL, INGRESS, 0)}
+    assert ("grace",) not in w.events

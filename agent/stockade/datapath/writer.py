@@ -25,8 +25,8 @@ allow entries (an allow reshaped, say 80/tcp -> 0-1023/tcp) is dropped between s
 3 and 4; established flows pass by conntrack, a new connection retries.
 
 Large changes switch generations instead (bpf/include/stockade_maps.h, "Policy
-generations"): when a delta adds or removes at least ``switch_min`` entries of one
-(local identity, direction) pair, that pair's whole new state is written into the
+generations"): when a delta adds, removes or turns over (allow <-> deny) at least
+``switch_min`` entries of one (local identity, direction) pair, that pair's whole new state is written into the
 generation not in force, its flags entry (new flags and generation) is replaced in one
 map update, then, once every program that may have read the old flags entry has
 finished (an RCU grace period), the old generation's entries are deleted. Every packet meets exactly
@@ -44,7 +44,6 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import ipaddress
-import itertools
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Iterable
@@ -368,11 +367,17 @@ class MapWriter:
 
     def _switching(self, delta: Delta) -> set[tuple[int, int]]:
         """The pairs ``delta`` changes by at least ``switch_min`` entries: written by a
-        generation switch."""
+        generation switch. An entry that keeps its verdict (only the policies behind it
+        change: a restarted agent's first write) is no change here: it is rewritten in
+        place, one atomic update that decides every packet as before."""
+        current = self._shadow()[0]
         count: dict[tuple[int, int], int] = {}
-        for k in itertools.chain(delta.adds, delta.removes):
-            pair = _pair(k)
-            count[pair] = count.get(pair, 0) + 1
+        for k, e in delta.adds.items():
+            before = current.get(k)
+            if before is None or before.deny != e.deny:
+                count[_pair(k)] = count.get(_pair(k), 0) + 1
+        for k in delta.removes:
+            count[_pair(k)] = count.get(_pair(k), 0) + 1
         limit = max(1, self.switch_min)
         return {p for p, n in count.items() if n >= limit}
 
