@@ -41,6 +41,7 @@ both generations until the old one is deleted) exceeds a map.
 """
 from __future__ import annotations
 
+import collections
 import ctypes as ct
 import errno
 import ipaddress
@@ -355,12 +356,16 @@ class MapWriter:
                 self._wait_for_programs()
                 self._delete_policy_keys(stale)
             self._policy_shadow, self._flags_shadow, self._gens = entries, flags, gens
+            self._pairs: dict[tuple[int, int], set[Key]] = {}
+            for k in entries:
+                self._pairs.setdefault(_pair(k), set()).add(k)
         return self._policy_shadow, self._flags_shadow
 
     def _drop_shadow(self) -> None:
         self.__dict__.pop("_policy_shadow", None)
         self.__dict__.pop("_flags_shadow", None)
         self.__dict__.pop("_gens", None)
+        self.__dict__.pop("_pairs", None)
 
     def _gen(self, pair: tuple[int, int]) -> int:
         return self._gens.get(pair, 0)
@@ -381,16 +386,10 @@ class MapWriter:
         limit = max(1, self.switch_min)
         return {p for p, n in count.items() if n >= limit}
 
-    @staticmethod
-    def _by_pair(entries: MapState, pairs: set[tuple[int, int]]) -> dict[tuple[int, int], list[Key]]:
-        out: dict[tuple[int, int], list[Key]] = {p: [] for p in pairs}
-        if not pairs:
-            return out
-        for k in entries:
-            keys = out.get(_pair(k))
-            if keys is not None:
-                keys.append(k)
-        return out
+    def _by_pair(self, pairs: set[tuple[int, int]]) -> dict[tuple[int, int], list[Key]]:
+        """The shadow's keys of each of ``pairs`` (an index kept with the shadow)."""
+        self._shadow()
+        return {p: sorted(self._pairs.get(p, ())) for p in pairs}
 
     def check_capacity(self, delta: Delta) -> None:
         """Raise CapacityError when ``delta`` cannot be written without overflowing."""
@@ -398,11 +397,12 @@ class MapWriter:
         switch = self._switching(delta)
         peak = len(current) + sum(1 for k in delta.adds if k not in current and _pair(k) not in switch)
         if switch:   # both generations of a switched pair are in the map at once
-            old = self._by_pair(current, switch)
+            old = self._by_pair(switch)
             gone = delta.removes - delta.adds.keys()
+            added = collections.Counter(_pair(k) for k in delta.adds)
             for pair, keys in old.items():
                 kept = sum(1 for k in keys if k not in gone and k not in delta.adds)
-                peak += kept + sum(1 for k in delta.adds if _pair(k) == pair)
+                peak += kept + added[pair]
         limit = self.max_entries("policy")
         if peak > limit:
             raise CapacityError("policy", f"{peak} entries needed during the update, map holds {limit}")
@@ -451,8 +451,12 @@ class MapWriter:
 
         try:
             self._write_ordered(deny_adds, loosen, allow_removes, allow_adds, tighten, deny_removes)
-            old_gens = [self._switch(pair, keys, delta, old_entries, old_flags)
-                        for pair, keys in sorted(self._by_pair(old_entries, switch).items())]
+            adds: dict[tuple[int, int], dict[Key, Entry]] = {p: {} for p in switch}
+            for k, e in delta.adds.items():
+                if _pair(k) in adds:
+                    adds[_pair(k)][k] = e
+            old_gens = [self._switch(pair, keys, adds[pair], delta, old_entries, old_flags)
+                        for pair, keys in sorted(self._by_pair(switch).items())]
             if old_gens:
                 # a program that read a flags entry before its switch may still look up
                 # the old generation: delete it once every such program has finished
@@ -462,15 +466,19 @@ class MapWriter:
             self._drop_shadow()  # partly written: read the maps again next time
             raise
         delta.apply(old_entries, old_flags)
+        for k in delta.removes:
+            self._pairs.get(_pair(k), set()).discard(k)
+        for k in delta.adds:
+            self._pairs.setdefault(_pair(k), set()).add(k)
 
-    def _switch(self, pair: tuple[int, int], old_keys: list[Key], delta: Delta,
+    def _switch(self, pair: tuple[int, int], old_keys: list[Key], adds: MapState, delta: Delta,
                 entries: MapState, flags: FlagState) -> list:
         """Write ``pair``'s new state into the other generation and switch to it (the
         shadow follows in apply_delta); returns the old generation's raw keys."""
         old_gen = self._gen(pair)
         new_gen = 1 - old_gen
         new = {k: entries[k] for k in old_keys if k not in delta.removes}
-        new.update((k, e) for k, e in delta.adds.items() if _pair(k) == pair)
+        new.update(adds)
         items = sorted(new.items())
         self._write_policy([(k, e) for k, e in items if e.deny], 1, new_gen)
         self._write_policy([(k, e) for k, e in items if not e.deny], 0, new_gen)
