@@ -119,6 +119,30 @@ def test_remote_client_is_filtered_and_the_server_sees_its_address(e):
     assert h2.client.health()["status"] == "ok", h2.client.health()
 
 
+def test_remote_peer_denied_at_l4_is_dropped_not_answered(e):
+    """other has no rule on 8080 at all: h2 drops its SYN, as it would without the HTTP
+    rule; the proxy never answers it (a 403 would tell it the port is there)."""
+    h2, other, api = e["h2"], e["other"], e["api"]
+    h2.client.put_policies([API_L7], replace_all=True)
+    wait_proxy(h2)
+    c = Client(e["web"], api.ip)
+    try:
+        assert c.request("GET", "/public")[0] == 200      # the proxy is in the path
+    finally:
+        c.close()
+    SEEN.seen.clear()
+    s = other.socket()
+    s.settimeout(1.0)
+    try:
+        with pytest.raises(OSError):
+            s.connect((api.ip, PORT))
+            s.sendall(b"GET /public HTTP/1.1\r\nHost: api\r\n\r\n")
+            assert not s.recv(65536), "the proxy answered a peer denied at L4"
+    finally:
+        s.close()
+    assert not [r for r in SEEN.seen if r["client"] == other.ip]
+
+
 def _conversation(e, paths):
     """One keep-alive connection web -> api:PORT, a request per path, closed by the
     client; -> (statuses, client port, TCP frames arriving at web, TCP frames api sent)."""

@@ -2,12 +2,16 @@
 
   * a policy route: packets with the L7 mark go to a table whose only route is
     ``local default dev lo`` (IPv4 and IPv6), so they are delivered on this host;
-  * an nft table (family inet): in prerouting, TPROXY hands marked packets, and packets
-    routed to an L7 port of a local endpoint (from another host), to the proxy's
-    listener or to the proxy's own socket of that connection; whatever no socket takes
-    is dropped (the proxy down closes the port). In output, connections the host
-    itself opens to an L7 port get the mark (and so loop through lo into prerouting),
-    except the proxy's own (its user id).
+  * an nft table (family inet): in prerouting, TPROXY hands marked packets to the
+    proxy's listener or to the proxy's own socket of that connection; whatever no
+    socket takes is dropped (the proxy down closes the port). A connection routed to
+    an L7 port from another host is not taken here: its SYN goes on to the server's tc
+    hook, whose ingress policy decides first, and which steers it back marked
+    (bpf/lib/l7.h). Its later packets are, by the proxy's transparent socket (``socket
+    transparent``): forwarded, they would meet that socket in early demux, and the
+    kernel never forwards a packet that has a local socket. In output, connections the host itself opens to an L7 port get
+    the mark (and so loop through lo into prerouting), except the proxy's own (its
+    user id).
 """
 from __future__ import annotations
 
@@ -47,11 +51,9 @@ class HostSteering:
     type filter hook prerouting priority mangle; policy accept;
     meta l4proto tcp meta mark & {mask} == {m} tproxy ip to :{port} accept
     meta l4proto tcp meta mark & {mask} == {m} tproxy ip6 to :{port} accept
-    ip daddr . tcp dport @targets4 meta mark set {m} tproxy ip to :{port} accept
-    ip6 daddr . tcp dport @targets6 meta mark set {m} tproxy ip6 to :{port} accept
+    ip daddr . tcp dport @targets4 socket transparent 1 meta mark set {m} tproxy ip to :{port} accept
+    ip6 daddr . tcp dport @targets6 socket transparent 1 meta mark set {m} tproxy ip6 to :{port} accept
     meta mark & {mask} == {m} drop
-    ip daddr . tcp dport @targets4 drop
-    ip6 daddr . tcp dport @targets6 drop
   }}
   chain output {{
     type route hook output priority mangle; policy accept;
