@@ -18,6 +18,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 MARK_MASK = 0xFFFF0000
 
@@ -94,6 +95,28 @@ class HostSteering:
         for fam in ("-4", "-6"):
             _run(["ip", fam, "rule", "del", "pref", str(self.rule_priority)], check=False)
             _run(["ip", fam, "route", "flush", "table", str(self.route_table)], check=False)
+
+
+def loosen_rp_filter(devices: Iterable[str], conf: str = "/proc/sys/net/ipv4/conf") -> list[str]:
+    """Strict reverse-path filtering drops what the steering delivers into a bridge with a
+    remote client's source address (routed from another host, its route is elsewhere).
+    The kernel applies the larger of conf/all and conf/<device>: 2 (loose) on the device
+    keeps the check for spoofed sources unknown to every route. Only devices that are
+    strict change; -> their names."""
+    changed: list[str] = []
+    try:
+        every = int(Path(conf, "all", "rp_filter").read_text())
+    except (OSError, ValueError):
+        return changed
+    for dev in devices:
+        path = Path(conf, dev, "rp_filter")
+        try:
+            if max(every, int(path.read_text())) == 1:
+                path.write_text("2")
+                changed.append(dev)
+        except (OSError, ValueError):
+            continue    # gone meanwhile: the next commit sees the current devices
+    return changed
 
 
 def remove_host_steering(cfg) -> None:
