@@ -9,7 +9,10 @@ give them). The client's packets reach h2 routed, not bridged: h2's nft steering
 connections to api's L7 port to the proxy as they enter h2; the server's replies are
 steered by api's tc program into h2's proxy, which answers the client.
 """
+import contextlib
 import json
+import os
+import signal
 import threading
 
 import pytest
@@ -202,3 +205,35 @@ def test_replies_come_back_through_the_servers_proxy(e):
     assert direct and {t["ttl"] for t in direct} == {62}, direct
     sent = [t["seq"] for t in from_api if t["src"] == (api.ip, PORT) and t["flags"] & 0x12 == 0x12]
     assert direct[0]["seq"] in sent
+
+
+def test_proxy_killed_closes_the_port_to_remote_clients_too(e):
+    """An established connection from h1 loses its proxy: its next request never
+    reaches the server unfiltered (the server host has no socket for it any more, and
+    steered packets no socket takes are dropped or reset); after the agent restarted
+    the proxy, a new connection is filtered again."""
+    h2, web, api = e["h2"], e["web"], e["api"]
+    h2.client.put_policies([API_L7], replace_all=True)
+    wait_proxy(h2)
+    c = Client(web, api.ip, timeout=1.0)
+    try:
+        assert c.request("GET", "/public/before")[0] == 200
+        pid = h2.client.health()["l7_proxy"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            c.send(b"GET /private HTTP/1.1\r\nHost: api\r\n\r\n")
+            c.response()
+    finally:
+        c.close()
+
+    def restarted():
+        h = h2.client.health()["l7_proxy"]
+        return h["running"] and h["pid"] != pid
+    assert eventually(restarted, timeout=15), h2.client.health()
+    c = Client(web, api.ip)
+    try:
+        assert c.request("GET", "/public/after")[0] == 200
+        assert c.request("GET", "/private")[0] == 403
+    finally:
+        c.close()
+    assert [r["path"] for r in SEEN.seen] == ["/public/before", "/public/after"]
