@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from stockade.daemon.statefiles import POLICY_FILE, POLICY_SHARDS, policy_file
+from stockade.daemon.statefiles import POLICY_FILE, POLICY_SHARDS, PolicyShards, policy_file, split_policies
 from stockade.daemon.store import StateStore
 from stockade.errors import StateError
 
@@ -300,3 +301,28 @@ def test_a_shard_the_manifest_does_not_list_is_refused(store):
     (store.dir / other).write_text("[]")
     with pytest.raises(StateError, match=re.escape(f"{other}: is not part of generation 2")):
         StateStore(store.dir).load()
+
+
+class Policy:
+    def __init__(self, name: str, version: int):
+        self.source, self.document = "p.yaml", {**POLICY["document"], "metadata": {"name": name},
+                                                "spec": {"endpointSelector": {"matchLabels": {"v": str(version)}}}}
+
+
+def contents(files) -> dict:
+    return {n: sorted(json.loads(f.raw()), key=json.dumps) for n, f in files.items() if f is not None}
+
+
+def test_shards_built_from_what_changed_are_the_shards_of_every_policy():
+    shards, live, rnd = PolicyShards(), {}, random.Random(19)
+    for step in range(300):
+        for _ in range(rnd.choice((1, 1, 1, 40))):
+            name = f"p{rnd.randrange(120)}"
+            if rnd.random() < 0.3:
+                live.pop(name, None)
+            else:
+                live[name] = Policy(name, step)
+        built = shards.files(dict(live))
+        whole = split_policies({"source": p.source, "document": p.document} for p in live.values())
+        assert contents(built) == contents(whole), step
+        assert set(built) == set(whole)

@@ -34,7 +34,7 @@ import hashlib
 import json
 import re
 import zlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 FORMAT = 2
 MANIFEST = "state.json"
@@ -174,28 +174,42 @@ def split_policies(records: Iterable) -> dict[str, Any]:
 
 
 class PolicyShards:
-    """The shard files of the engine's policies, for a commit. Each policy's record is
-    encoded once (cached on the Policy object), and a shard whose records are the same
-    as in the last build is the same EncodedList: the store sees its hash unchanged and
-    neither hashes nor writes it. So a change writes the shards of the policies it
-    touched."""
+    """The shard files of the engine's policies, for a commit, built at the cost of what
+    changed since the last build: the policies that are not the same objects as then
+    (and those gone) are found with one pass of identity checks, and only their shards
+    are encoded and hashed again. Every other shard is the EncodedList it was, whose
+    hash the store finds unchanged, so it neither hashes nor writes it. Each policy's
+    record is encoded once (cached on the Policy object)."""
 
     def __init__(self) -> None:
-        self._last: dict[str, EncodedList] = {}
+        self._seen: dict = {}                # ref -> the Policy the shards were built from
+        self._where: dict = {}               # ref -> its shard
+        self._members: dict[str, dict] = {n: {} for n in POLICY_FILES}   # shard -> refs, in order
+        self._built: dict[str, EncodedList] = {}
 
-    def files(self, policies: Iterable) -> dict[str, Any]:
-        shards: dict[str, list[bytes]] = {}
-        for p in policies:
-            raw, name = _policy_record(p)
-            shards.setdefault(name, []).append(raw)
-        out: dict[str, Any] = {POLICIES: None}
-        for name in POLICY_FILES:
-            items = shards.get(name)
-            last = self._last.get(name)
-            out[name] = None if items is None else last if last is not None and last.items == items \
-                else EncodedList(items)
-        self._last = {n: v for n, v in out.items() if v is not None}
-        return out
+    def files(self, policies: Mapping) -> dict[str, Any]:
+        seen = self._seen
+        touched = [r for r, p in policies.items() if seen.get(r) is not p]
+        touched += seen.keys() - policies.keys()
+        shards = set()
+        for ref in touched:
+            old = self._where.pop(ref, None)
+            if old is not None:
+                del self._members[old][ref]
+                shards.add(old)
+            p = policies.get(ref)
+            if p is not None:
+                new = self._where[ref] = _policy_record(p)[1]
+                self._members[new][ref] = None
+                shards.add(new)
+        for name in shards:
+            refs = self._members[name]
+            if refs:
+                self._built[name] = EncodedList([_policy_record(policies[r])[0] for r in refs])
+            else:
+                self._built.pop(name, None)
+        self._seen = dict(policies)
+        return {POLICIES: None, **{n: self._built.get(n) for n in POLICY_FILES}}
 
 
 def _policy_record(p) -> tuple[bytes, str]:
@@ -217,7 +231,7 @@ BUILDERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "identities": lambda a: {"identities.json": a.alloc.numbers()},
     "endpoints": lambda a: {"endpoints.json": [e.to_record() for e in a.state.endpoints.values()]},
     "ipcache": lambda a: {"ipcache.json": _remote(a.state.remote)},
-    "policies": lambda a: a.policy_shards.files(a.engine.policies.values()),
+    "policies": lambda a: a.policy_shards.files(a.engine.policies),
     "revision": lambda a: {"revision.json": a.state.revision},
     "services": lambda a: {"services.json": {k: v.raw for k, v in a.state.services.items()}},
     "kvstore": lambda a: {"kvstore.json": _remote(a.state.kvstore)},
