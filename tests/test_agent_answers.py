@@ -81,6 +81,10 @@ def test_matrix_for_one_port_and_paging(api):
     assert (cols["dst_offset"], cols["dst_limit"], full["dst_limit"]) == (1, 2, None)
     with pytest.raises(InvalidRequest):
         api.matrix({"dst_limit": "0"})
+    with pytest.raises(InvalidRequest) as err:      # the API document's bound, in-process too
+        api.matrix({"limit": 1001})
+    assert err.value.field == "limit"
+    assert (full["limit"], full["offset"], api.matrix({"cidrs": True})["limit"]) == (100, 0, 100)
     only = api.matrix({"label": "app=db"})
     assert [i["name"] for i in only["identities"]] == ["app=db"]
     with pytest.raises(InvalidRequest):
@@ -175,13 +179,28 @@ def test_host_addresses_that_come_and_go_are_the_host_identity(tmp_path):
     try:
         api.add_endpoint({"name": "w1", "interface": "vw1", "ips": ["10.0.0.5"], "labels": {"app": "web"}})
         own = agent.state.ipcache["10.0.0.5/32"].identity
-        with agent._lock:
+        with agent.locked():
             agent.submit_locked(HostAddresses(("10.0.0.5", "10.89.0.1", "fe80::1")))
         assert agent.dp.ipcache["10.89.0.1/32"] == 1 and agent.dp.ipcache["fe80::1/128"] == 1
         assert agent.dp.ipcache["10.0.0.5/32"] == own      # an endpoint's address stays its own
-        with agent._lock:
+        with agent.locked():
             agent.submit_locked(HostAddresses(("fe80::1",)))
         assert "10.89.0.1/32" not in agent.dp.ipcache and agent.dp.ipcache["10.0.0.5/32"] == own
         assert agent.state.meta["host_ips"] == ("fe80::1",)
     finally:
         agent.stop()
+
+
+def test_only_the_agent_touches_its_lock():
+    """Other modules hold it through Agent.locked(), never by reaching into _lock."""
+    import ast
+    import pathlib
+
+    import stockade
+    found = []
+    for path in sorted(pathlib.Path(stockade.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr == "_lock" and not (
+                    isinstance(node.value, ast.Name) and node.value.id == "self"):
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []

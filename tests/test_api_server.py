@@ -464,6 +464,23 @@ def test_client_speaks_trace_matrix_and_review(server):
         assert e.value.status == 400 and e.value.field == "limit"
 
 
+def test_matrix_bounds_are_the_documents(http):
+    """GET /v1/matrix's paging is what docs/api/openapi.yaml says (the server validates
+    with it; the agent has no bounds of its own): limit 1..1000, default 100."""
+    with open(OPENAPI) as f:
+        params = {p["name"]: p["schema"] for p in
+                  yaml.safe_load(f)["paths"]["/v1/matrix"]["get"]["parameters"]}
+    top, default = params["limit"]["maximum"], params["limit"]["default"]
+    assert (top, default) == (1000, 100)
+    err = assert_error(http.get("/v1/matrix", params={"limit": top + 1}), 400, "limit")
+    assert "at most 1000" in err["message"]
+    assert_error(http.get("/v1/matrix", params={"dst_limit": top + 1}), 400, "dst_limit")
+    assert_error(http.get("/v1/matrix", params={"offset": -1}), 400, "offset")
+    r = http.get("/v1/matrix")
+    assert r.status_code == 200 and (r.json()["limit"], r.json()["offset"]) == (default, 0)
+    assert http.get("/v1/matrix", params={"limit": top}).json()["limit"] == top
+
+
 @pytest.mark.parametrize("text, field, needle", [
     ("[" * 30000, "[0]" * 63, "nesting deeper than 64 levels"),
     (POLICY + "  egress: !!python/object/apply:os.system [true]\n", "spec.egress",

@@ -1,6 +1,7 @@
 """L7 flows: the proxy's request log lines -> records -> flows with Hubble's l7 shape,
 their filters, and ``policy trace`` with an HTTP request. Real traffic through the proxy
 is in tests/root/test_l7_http.py."""
+import contextlib
 import json
 import socket
 import time
@@ -13,6 +14,7 @@ from stockade.errors import InvalidRequest
 from stockade.flows import FlowFilter, FlowRing, hubble
 from stockade.flows.l7 import L7Info, L7Table
 from stockade.l7.logs import LogReader, parse_line
+from stockade.l7.proxy import L7Proxy
 from stockade.l7.rules import http_request
 from stockade.policy.sel import parse_sel
 from stockade.policy.trace import Tracer
@@ -35,6 +37,7 @@ def test_parse_line_decodes_escaped_fields():
     r = parse_line(line())
     assert (r.client, r.client_port, r.server, r.server_port) == ("10.0.0.1", 40000, "10.0.0.2", 8080)
     assert (r.src_identity, r.dst_identity, r.allowed, r.verdict) == (256, 257, True, "FORWARDED")
+    assert r.rule_set == 1
     assert (r.method, r.path, r.host, r.user_agent) == ("GET", '/api/x?q="1"', "api", "curl\t7")
     assert r.status == 200 and r.log_ns == NOW_US * 1000
     assert r.request_ns == (NOW_US // 10**6 * 1000 + 445 + 1) * 10**6
@@ -44,11 +47,12 @@ def test_parse_line_decodes_escaped_fields():
     bad = parse_line(line(sid="-", did="-", rs="-", ok="-", m="<BADREQ>", hv="<BADREQ>",
                           url="-", host="-", ua="-", st="400"))
     assert bad.allowed is None and bad.method == "" and bad.src_identity is None and bad.path == ""
+    assert bad.rule_set is None
 
 
 @pytest.mark.parametrize("data", [
     b"", b"\xff\xfe", b"stockade-l7\t" * 30, line()[:-20], line().replace(b"stockade-l7", b"other"),
-    line(ci="not-an-ip"), line(cp="70000"), line(sid="-5"), line(ok="yes"), line(st="1000"),
+    line(ci="not-an-ip"), line(cp="70000"), line(sid="-5"), line(rs="x"), line(rs="-1"), line(ok="yes"), line(st="1000"),
     line(url='bad"quote'), line(url="\\u12"), line(m="G\x01T"), line(m="A" * 100),
     line(url="\\ud800x"), line(date="x"), line(sid="99999999999999999999"),
 ])
@@ -96,7 +100,7 @@ API_L7 = ("{endpointSelector: {matchLabels: {app: api}}, ingress: [{fromEndpoint
 
 @pytest.fixture
 def source(tmp_path):
-    api = inprocess_agent(str(tmp_path))
+    api = inprocess_agent(str(tmp_path / "state"), l7_run_dir=str(tmp_path / "l7"))
     for name, ip, app in (("web1", "10.0.0.1", "web"), ("api1", "10.0.0.2", "api")):
         api.add_endpoint({"name": name, "interface": f"v{name}", "ips": [ip], "labels": {"app": app}})
     api.put_policies([{"name": "api.yaml", "text": "apiVersion: cilium.io/v2\nkind: "
@@ -108,13 +112,41 @@ def source(tmp_path):
     api.agent.stop()
 
 
-def test_records_become_request_and_response_flows(source):
+def rule_sets(api) -> dict[str, str]:
+    """The proxy's rulesets map as the agent's L7 manager builds it now (its numbering
+    only: no process, no host steering)."""
+    with api.agent.locked():
+        return api.agent_l7.desired()[2]["rulesets"]
+
+
+@contextlib.contextmanager
+def proxy_logging(api):
+    """The L7 manager attached while its log lines are read (never across a commit:
+    that would install host steering)."""
+    api.agent.l7 = api.agent_l7
+    try:
+        yield
+    finally:
+        api.agent.l7 = None
+
+
+@pytest.fixture
+def numbered(source):
     api, fs = source
+    api.agent_l7 = L7Proxy(api.agent)
+    return api, fs
+
+
+def test_records_become_request_and_response_flows(numbered):
+    api, fs = numbered
     eps = {e["name"]: e for e in api.list_endpoints()}
     web, srv = eps["web1"]["identity"], eps["api1"]["identity"]
-    recs = [parse_line(line(sid=str(web), did=str(srv))),
-            parse_line(line(sid=str(web), did=str(srv), m="DELETE", ok="0", st="403", tr="-1"))]
-    assert fs.add_l7(recs) == 4
+    rs = rule_sets(api)[f"{srv}:8080:{web}"]
+    recs = [parse_line(line(sid=str(web), did=str(srv), rs=rs)),
+            parse_line(line(sid=str(web), did=str(srv), rs=rs, m="DELETE", ok="0", st="403",
+                            tr="-1"))]
+    with proxy_logging(api):
+        assert fs.add_l7(recs) == 4
     flows = fs.query({})["flows"]
     req, resp = flows[0], flows[1]
     assert req["l7"] == {"type": "REQUEST", "latency_ns": 0, "http": {
@@ -149,6 +181,29 @@ def test_records_become_request_and_response_flows(source):
     assert pb["Summary"].startswith('HTTP/1.1 200 ')
     assert "http-response FORWARDED (HTTP/1.1 200" in hubble.compact(resp)
     json.dumps(pb)
+
+
+def test_l7_flows_name_the_policy_that_decided_them_at_the_time(numbered):
+    """The rule set number the proxy logs names the policies behind it when it applied
+    them: after the policy changes, a request decided before still names the old one."""
+    api, fs = numbered
+    eps = {e["name"]: e for e in api.list_endpoints()}
+    web, srv = eps["web1"]["identity"], eps["api1"]["identity"]
+    before = rule_sets(api)
+    assert rule_sets(api) == before                 # numbers are stable while nothing changes
+    old = before[f"{srv}:8080:{web}"]
+    api.put_policies([{"name": "api2.yaml", "text": "apiVersion: cilium.io/v2\nkind: "
+                       "CiliumNetworkPolicy\nmetadata: {name: api-v2}\nspec: " + API_L7}],
+                     replace_all=True)
+    new = rule_sets(api)[f"{srv}:8080:{web}"]
+    assert new != old
+    with proxy_logging(api):
+        fs.add_l7([parse_line(line(sid=str(web), did=str(srv), rs=old)),
+                   parse_line(line(sid=str(web), did=str(srv), rs=new)),
+                   parse_line(line(sid=str(web), did=str(srv), rs="-", ok="0", st="403"))])
+    requests = [f for f in fs.query({})["flows"] if f["l7"]["type"] == "REQUEST"]
+    assert [f["policy"] for f in requests] == [["api"], ["api-v2"], []]
+    assert api.agent_l7.rule_sets.policies(int(old)) == ("api",)
 
 
 def test_bad_request_flows_use_the_ipcache_identity(source):

@@ -121,6 +121,20 @@ def test_exact_peer_gets_any_peer_rules_too():
     assert w.c.l7[L7Key(api, INGRESS, 8080, web)] == frozenset({HTTPRule("GET"), HTTPRule("PUT")})
 
 
+def test_rule_sets_name_the_policies_behind_them():
+    """l7_policies: the policies whose clauses make a key's rule set (the proxy logs its
+    number, so an L7 flow names them): an exact peer's include the any-peer ones."""
+    every = policy(l7_spec("[{method: GET}]", peers=None), name="every")
+    webs = policy(l7_spec("[{method: PUT}]"), name="webs")
+    deny = policy("{endpointSelector: {matchLabels: {app: api}}, ingressDeny: "
+                  "[{fromEndpoints: [{matchLabels: {app: other}}]}]}", name="deny")
+    w = World(**WEB).apply(every, webs, deny)
+    api, web = w.ids["api"], w.ids["web"]
+    assert w.c.l7_policies(L7Key(api, INGRESS, 8080, web)) == ("every", "webs")
+    assert w.c.l7_policies(L7Key(api, INGRESS, 8080, ANY_PEER)) == ("every",)
+    assert w.c.l7_policies(L7Key(api, INGRESS, 9090, web)) == ()
+
+
 def test_visibility_only():
     w = World(**WEB).apply(policy(l7_spec("[{}]")))
     assert set(w.c.l7.values()) == {frozenset({ALL_HTTP})}

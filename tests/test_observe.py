@@ -90,6 +90,20 @@ def test_not_negates_the_flag_that_follows():
     assert r.exit_code == 2 and "cannot be used with --follow" in r.output
 
 
+def test_observe_flags_are_the_flow_filter_table():
+    """Every flow filter (stockade.flows.filters.KEYS) is an observe option and every
+    filter option is one: the CLI builds its flags from the table, nothing is copied."""
+    from stockade.cli.observe import observe
+    from stockade.flows.filters import CRITERIA, KEYS
+    options = {p.name for p in observe.params} - {"socket_path", "output", "colour", "follow",
+                                                   "negate"}
+    assert options == set(KEYS)
+    flags = {p.name: p for p in observe.params}
+    for c in CRITERIA:
+        assert flags[c.key].opts == ["--" + c.key.replace("_", "-")] and flags[c.key].multiple
+        assert flags["not_" + c.key].hidden
+
+
 def _flows():
     r = FlowRing(100)
     Decoder(r, resolver()).decode_into_ring([

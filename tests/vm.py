@@ -438,6 +438,108 @@ def stop_pids(pids: list[int]) -> None:
             time.sleep(0.05)
 
 
+class PrivateLibvirtd:
+    """A libvirtd of the test's own, unprivileged (user nobody, everything under its own
+    directory in /run), so that a test may hang (SIGSTOP), stop and restart it without
+    touching the host's libvirtd or its domains. It serves libvirt's test driver from
+    ``node.xml``: ``uri`` names that file, and every new connection reads it again, so
+    what the file says when a client (re)connects is what that client lists.
+
+        with PrivateLibvirtd("skd") as lv:
+            lv.write_domains([("skd-a", uuid, mac, tap, {"app": "a"}, "10.1.0.1")])
+            AgentProcess(libvirt_uri=lv.uri)...
+            lv.pause(); lv.resume(); lv.stop(); lv.start()
+
+    The daemon is run in the foreground and stopped by its PID."""
+
+    def __init__(self, tag: str):
+        self.dir = Path(f"/run/stockade-test-{tag}-{os.getpid()}")
+        self.socket = self.dir / "libvirt-sock"
+        self.node = self.dir / "node.xml"
+        self.uri = f"test+unix://{self.node}?socket={self.socket}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "PrivateLibvirtd":
+        self.dir.mkdir(mode=0o755)
+        os.chown(self.dir, 65534, 65534)
+        (self.dir / "libvirtd.conf").write_text(
+            f'unix_sock_dir = "{self.dir}"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n')
+        if not self.node.exists():
+            self.write_domains([])
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write_domains(self, domains: list[tuple[str, str, str, str, dict[str, str], str]]) -> None:
+        """The node file: running domains as (name, uuid, guest MAC, host tap, labels, ip)."""
+        parts = []
+        for name, uuid, mac, tap, labels, ip in domains:
+            meta = "".join(f'<label key="{k}">{v}</label>' for k, v in labels.items())
+            parts.append(
+                f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory>"
+                f"<os><type>hvm</type></os><metadata><stockade:endpoint "
+                f'xmlns:stockade="https://stockade.dev/xmlns/endpoint/1">{meta}<ip>{ip}</ip>'
+                f"</stockade:endpoint></metadata><devices><interface type='ethernet'>"
+                f"<mac address='{mac}'/><target dev='{tap}'/></interface></devices></domain>")
+        tmp = self.node.with_suffix(".tmp")
+        tmp.write_text("<node>" + "".join(parts) + "</node>\n")
+        os.chmod(tmp, 0o644)
+        tmp.replace(self.node)
+
+    def start(self, timeout: float = 20) -> "PrivateLibvirtd":
+        self.socket.unlink(missing_ok=True)
+        home = str(self.dir)
+        env = {"PATH": "/usr/sbin:/usr/bin:/bin", "HOME": home, "XDG_RUNTIME_DIR": home,
+               "XDG_CONFIG_HOME": f"{home}/config", "XDG_CACHE_HOME": f"{home}/cache"}
+        log = open(self.dir / "libvirtd.log", "ab")
+        self.proc = subprocess.Popen(["/usr/sbin/libvirtd", "-f", str(self.dir / "libvirtd.conf")],
+                                     user=65534, group=65534, extra_groups=[], env=env, cwd=home,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while run("virsh", "-c", self.uri, "list", check=False, timeout=10).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the private libvirtd did not answer:\n{self.log()}")
+            time.sleep(0.1)
+        return self
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "libvirtd.log").read_text()[-3000:]
+        except OSError:
+            return ""
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)   # a stopped process would not see SIGTERM
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 DOMAIN_XML = """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>192</memory>

@@ -106,8 +106,9 @@ def cli_status(agent) -> float:
 
 def test_hostile_member_cannot_exhaust_the_agent_or_lock_root_out(agent, member):
     """40 connections of a group member, each sending an 8 MB body (or one just under a
-    member's 4 MiB limit) slowly, for 20 s. Meanwhile root's status answers within 1 s
-    every time, and the agent's peak RSS grows by less than 64 MB."""
+    member's 4 MiB limit) slowly, for 20 s. Meanwhile root's `stockade status` answers
+    within 1 s every time (the API call, and the whole CLI command with its Python
+    start-up), and the agent's peak RSS grows by less than 64 MB."""
     pid = agent.proc.pid
     # warm the paths the test takes, so that first-use imports do not count as growth
     with Client(agent.socket) as c:
@@ -137,7 +138,7 @@ def test_hostile_member_cannot_exhaust_the_agent_or_lock_root_out(agent, member)
     assert hostile.returncode == 0, err
     seen = json.loads(out)
     growth = after["VmHWM"] - before["VmRSS"]
-    print(f"\nhostile member: {seen}; root status: {len(latencies)} calls, max "
+    print(f"\nhostile figures: member {seen}; root status: {len(latencies)} calls, max "
           f"{max(latencies):.3f} s; CLI max {max(cli_times):.3f} s (alone {cli_baseline:.3f} s); "
           f"agent RSS {before['VmRSS'] / MiB:.1f} MiB before, peak {after['VmHWM'] / MiB:.1f} "
           f"MiB (+{growth / MiB:.1f}); threads {before['Threads']} before, max {max(threads)}")
@@ -146,7 +147,7 @@ def test_hostile_member_cannot_exhaust_the_agent_or_lock_root_out(agent, member)
     assert seen.get("408", 0) > 0, f"slow bodies a member may send are cut off: {seen}"
     assert not any(k.startswith("2") for k in seen), f"a member changed something: {seen}"
     assert max(latencies) < 1.0, latencies
-    assert max(cli_times) < cli_baseline + 1.0, (cli_times, cli_baseline)
+    assert max(cli_times) < 1.0, (cli_times, cli_baseline)
     assert growth < 64 * MiB
     assert max(threads) < before["Threads"] + 40, "a bounded pool, not a thread per connection"
     assert status_latency(agent) < 1.0

@@ -72,25 +72,36 @@ def test_every_container_is_enforced_through_a_hung_a_stopped_and_a_restarted_po
         assert "NOT CONNECTED" in agent.cli("status", check=False).stdout
         time.sleep(1)
         pp.resume()
+        resumed_at = time.monotonic()
         churn.join(timeout=120)
         assert eventually(lambda: enforced(agent, running), timeout=30), (running, endpoints(agent))
+        after_resume = time.monotonic() - resumed_at
         assert source(agent)["connected"]
 
         # Stopped, containers start and one is removed while it is down, then started again.
         pp.stop_service()
+        stopped_at = time.monotonic()
         assert eventually(lambda: not source(agent)["connected"], timeout=15)
+        stop_detected = time.monotonic() - stopped_at
         for i in (6, 7):
             start(f"skf{i}", f"app{i}")
         remove("skf0")
         pp.start_service()
+        started_at = time.monotonic()
         assert eventually(lambda: enforced(agent, running), timeout=30), (running, endpoints(agent))
+        after_start = time.monotonic() - started_at
 
         # Restarted under churn: a container starts and one stops while it restarts.
         pp.stop_service()
         remove("skf1")
         pp.start_service()
         start("skf8", "app8")
+        started_at = time.monotonic()
         assert eventually(lambda: enforced(agent, running), timeout=30), (running, endpoints(agent))
+        after_restart = time.monotonic() - started_at
         src = source(agent)
         assert src["connected"] and src["errors"] >= 3 and src["last_sync"] and src["last_event"]
-        print(f"\nhung Podman noticed after {detected:.1f}s; source health at the end: {src}")
+        print(f"\npodman discovery faults figures: hang_detected_s={detected:.1f} "
+              f"enforced_after_sigcont_s={after_resume:.1f} stop_detected_s={stop_detected:.1f} "
+              f"enforced_after_start_s={after_start:.1f} enforced_after_restart_s={after_restart:.1f}"
+              f"\nsource health at the end: {src}")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..flows.filters import CRITERIA, LIST_KEYS
 from .agent_cmds import make_client, socket_option
 from .common import handle_errors
 
@@ -62,10 +63,7 @@ def format_line(flow: dict, colour: bool) -> str:
             + (f"  ({'; '.join(extra)})" if extra else ""))
 
 
-FILTERS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
-           "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip", "label",
-           "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint",
-           "type", "http_method", "http_path", "http_host", "http_status")
+FILTERS = LIST_KEYS
 
 
 class ObserveCommand(click.Command):
@@ -95,43 +93,19 @@ class ObserveCommand(click.Command):
 
 
 def _filter_options(f):
-    specs: list[tuple[str, dict[str, Any]]] = [
-        ("verdict", dict(type=click.Choice(["FORWARDED", "DROPPED", "AUDIT"], case_sensitive=False),
-                         help="FORWARDED, DROPPED or AUDIT.")),
-        ("from_label", dict(metavar="K=V[,K=V]", help="Source labels.")),
-        ("to_label", dict(metavar="K=V[,K=V]", help="Destination labels.")),
-        ("label", dict(metavar="K=V[,K=V]", help="Labels of either side.")),
-        ("port", dict(type=int, help="Source or destination port.")),
-        ("from_port", dict(type=int, help="Source port.")),
-        ("to_port", dict(type=int, help="Destination port.")),
-        ("protocol", dict(help="tcp, udp, icmp, icmpv6, sctp.")),
-        ("identity", dict(type=int, help="Identity of either side.")),
-        ("from_identity", dict(type=int, help="Source identity.")),
-        ("to_identity", dict(type=int, help="Destination identity.")),
-        ("ip", dict(metavar="IP|CIDR", help="Address of either side.")),
-        ("from_ip", dict(metavar="IP|CIDR", help="Source address.")),
-        ("to_ip", dict(metavar="IP|CIDR", help="Destination address.")),
-        ("endpoint", dict(metavar="NAME", help="Endpoint of either side.")),
-        ("from_endpoint", dict(metavar="NAME", help="Source endpoint.")),
-        ("to_endpoint", dict(metavar="NAME", help="Destination endpoint.")),
-        ("direction", dict(type=click.Choice(["ingress", "egress"]))),
-        ("drop_reason", dict(help="policy_denied, spoofed, ...")),
-        ("type", dict(type=click.Choice(["l7", "trace", "drop"], case_sensitive=False),
-                      help="l7: HTTP requests and responses through the proxy; trace, drop: "
-                      "the datapath's other flows.")),
-        ("http_method", dict(metavar="METHOD", help="HTTP method (L7 flows).")),
-        ("http_path", dict(metavar="REGEX", help="RE2 expression found in the request target "
-                           "(path and query; L7 flows).")),
-        ("http_host", dict(metavar="HOST", help="Host header (L7 flows).")),
-        ("http_status", dict(metavar="CODE", help="Status code (403) or class (4+) of L7 "
-                             "responses.")),
-    ]
-    assert {k for k, _ in specs} == set(FILTERS)
-    for key, kw in reversed(specs):
-        flag = "--" + key.replace("_", "-")
-        f = click.option(f"--not-{flag[2:]}", f"not_{key}", multiple=True, hidden=True,
+    """A flag per flow filter (stockade.flows.filters.CRITERIA) and its hidden ``--not-`` twin."""
+    for c in reversed(CRITERIA):
+        kw: dict[str, Any] = {"help": c.help}
+        if c.choices:
+            kw["type"] = click.Choice(c.choices, case_sensitive=False)
+        elif c.number:
+            kw["type"] = int
+        else:
+            kw["metavar"] = c.metavar
+        flag = "--" + c.key.replace("_", "-")
+        f = click.option(f"--not-{flag[2:]}", f"not_{c.key}", multiple=True, hidden=True,
                          **{k: v for k, v in kw.items() if k != "help"})(f)
-        f = click.option(flag, key, multiple=True, **kw)(f)
+        f = click.option(flag, c.key, multiple=True, **kw)(f)
     return f
 
 

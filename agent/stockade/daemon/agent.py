@@ -6,15 +6,16 @@ submit a change (changes.py); under one lock the agent plans it in a transaction
 commits and persists it, or discards it and puts the maps back. Readers (the API, flows,
 metrics, the web UI) get an immutable ``Snapshot`` of the last committed version.
 
-Methods named ``*_locked`` expect the lock to be held.
+Methods named ``*_locked`` expect the lock to be held (``with agent.locked():``).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from prometheus_client import Histogram
 
@@ -360,6 +361,14 @@ class Agent:
         """The runtimes.RuntimeSource following ``runtime`` ("podman", ...), or None."""
         return next((w for w in list(self._watchers)
                      if getattr(w, "runtime", None) == runtime and hasattr(w, "enroll")), None)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the agent's one lock: for a reader that needs the live engine and model
+        (not the snapshot) to stay as they are, and for calling ``*_locked`` methods.
+        Reentrant, as the reconciler's own calls are."""
+        with self._lock:
+            yield
 
     def snapshot(self) -> Snapshot:
         """The last committed version, as immutable copies (built once per version)."""

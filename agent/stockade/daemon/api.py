@@ -15,6 +15,7 @@ from ..policy.describe import clause_rows
 from ..policy.mapstate import DIRECTION_NAMES, DirectionPolicy
 from . import review
 from .agent import Agent
+from .apischema import api_schema
 from .changes import (
     ChangePolicies,
     DeleteRemote,
@@ -204,7 +205,7 @@ class AgentAPI:
     def put_policies(self, files: list[dict], *, replace_all: bool = False,
                      dry_run: bool = False) -> dict:
         loaded = load_files(files)
-        with self.agent._lock:
+        with self.agent.locked():
             current = self.agent.engine.policies
             remove = [r for r in current if replace_all and r not in {p.ref for p in loaded}]
             return self.agent.submit_locked(ChangePolicies(loaded, remove), dry_run=dry_run)
@@ -213,7 +214,7 @@ class AgentAPI:
                       *, dry_run: bool = False) -> dict:
         if kind is not None and kind not in KINDS:
             raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}", "kind")
-        with self.agent._lock:
+        with self.agent.locked():
             current = self.agent.engine.policies
             if name == "*" and not namespace:
                 refs = list(current)
@@ -254,7 +255,9 @@ class AgentAPI:
         return review.live_trace(self.agent, src, dst, dport, http)
 
     def matrix(self, query: dict) -> dict:
-        return review.matrix(self.agent, query)
+        # the server has validated it already; an in-process caller's is validated here
+        op = api_schema().operation("GET", "/v1/matrix")
+        return review.matrix(self.agent, op.arguments(query))
 
     def review(self, files: list[dict], replace_all: bool = False) -> dict:
         return review.review(self.agent, load_files(files), replace_all)

@@ -96,9 +96,26 @@ class Operation:
             out[name] = value
         return out
 
+    def arguments(self, given: dict[str, Any]) -> dict[str, Any]:
+        """``query()`` for an in-process caller: {name: value or list of values}, the
+        values text as in a URL or already of the parameter's type (None: omitted)."""
+        pairs = []
+        for name, value in given.items():
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None:
+                    pairs.append((name, ("true" if v else "false") if isinstance(v, bool)
+                                  else str(v)))
+        return self.query(pairs)
+
     def check_body(self, body: Any) -> None:
         if self.body is not None:
             _check(self.body, body, None)
+
+
+@functools.lru_cache(maxsize=1)
+def api_schema() -> "ApiSchema":
+    """The shipped document's ApiSchema, built once (the server's and in-process callers')."""
+    return ApiSchema()
 
 
 class ApiSchema:

@@ -89,7 +89,7 @@ class AttachGuard:
     def _run(self) -> None:
         prepare = getattr(getattr(self.agent.dp, "attachments", None), "prepare", None)
         if prepare is not None:
-            with self.agent._lock:
+            with self.agent.locked():
                 try:
                     prepare()
                 except Exception:
@@ -126,7 +126,7 @@ class AttachGuard:
         from .changes import LinkChange
         a = self.agent
         now = time.monotonic()
-        with a._lock:
+        with a.locked():
             for idx, link in list(a.links.items()):
                 if link.name not in a.unprotected or idx in a.attached:
                     continue
@@ -137,7 +137,7 @@ class AttachGuard:
 
     def _repair(self, ifindex: int, problems) -> None:
         a = self.agent
-        with a._lock:
+        with a.locked():
             if ifindex not in a.attached:
                 return          # detached meanwhile, on purpose
             link = a.links.get(ifindex)

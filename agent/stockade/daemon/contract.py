@@ -163,10 +163,11 @@ class AgentService(Protocol):
         enforcement mode applies. Bad input: SelectorError or InvalidRequest."""
 
     def matrix(self, query: dict) -> dict:
-        """Identity pairs and what each may do (a Matrix). query: {"label": filter on
-        either side (k=v,k2=v2) or absent, "port": "80/tcp" or absent (any port),
-        "offset": int >= 0, "limit": int 1..1000} (offset and limit always given),
-        "dst_offset", "dst_limit": the columns (absent: every identity)."""
+        """Identity pairs and what each may do (a Matrix). query: GET /v1/matrix's
+        parameters as the server validated them against docs/api/openapi.yaml, defaults
+        filled in: "label" (k=v,k2=v2 on either side), "port" ("80/tcp"; absent: any
+        port), "offset", "limit" (rows), "dst_offset", "dst_limit" (columns; absent:
+        every identity), "cidrs"."""
 
     def review(self, files: list[dict], replace_all: bool = False) -> dict:
         """The plan of a proposed policy set, changing nothing (a Review): files as

@@ -5,7 +5,8 @@ answers flow queries and follows for the API.
 The decoder resolves endpoints and labels from a ``Resolver`` built from the agent's
 last committed snapshot (a new one when the agent commits, or every
 ``SNAPSHOT_MAX_AGE_S``), and policy names from the policy_ids the events carry (the
-datapath's table: what decided a flow when it happened).
+datapath's table: what decided a flow when it happened). An L7 flow's come the same way
+from the rule set number the proxy logs (l7.rules.RuleSets).
 """
 from __future__ import annotations
 
@@ -47,8 +48,6 @@ class FlowSource:
         self._thread: threading.Thread | None = None
         self.errors = 0
         self._ids_by_addr: dict[bytes, int] = {}
-        self._l7_policies: dict[tuple[int, int, int], int] = {}
-        self._l7_version = None
 
     # ------------------------------------------------------------------ snapshot
     def refresh(self, force: bool = False) -> None:
@@ -135,7 +134,7 @@ class FlowSource:
         did = rec.dst_identity if rec.dst_identity is not None else self._ids_by_addr.get(daddr, WORLD)
         src_info = dec._info(sid, *r.endpoints_by_addr.get(saddr, (None, None)))
         dst_info = dec._info(did, *r.endpoints_by_addr.get(daddr, (None, None)))
-        pol = self._l7_policy(did, sid, rec.server_port)
+        pol = self._l7_policy(rec.rule_set)
         if rec.allowed:
             verdict, reason, pmatch = Verdict.FORWARDED, Reason.NONE, MATCH_ALLOW
         elif rec.allowed is None:
@@ -156,22 +155,11 @@ class FlowSource:
              l7.add(resp)),
         ]
 
-    def _l7_policy(self, local: int, peer: int, port: int) -> int:
-        """Index of the names of the policies that allow ``peer`` to ``local``:``port`` (the
-        ones whose HTTP rules the proxy applied)."""
-        a = self.agent
-        if self._l7_version != a.version or len(self._l7_policies) > 4096:
-            self._l7_policies, self._l7_version = {}, a.version
-        key = (local, peer, port)
-        idx = self._l7_policies.get(key)
-        if idx is None:
-            names: tuple = ()
-            with a._lock:
-                if local in a.engine.local_ids:
-                    names = tuple(sorted({c.policy for c, deny in
-                                          a.engine.explain(local, peer, INGRESS, 6, port) if not deny}))
-            idx = self._l7_policies[key] = self.ring.policies.add(names)
-        return idx
+    def _l7_policy(self, rule_set: int | None) -> int:
+        """Index of the names of the policies behind the rule set the proxy applied (the
+        number its log line carries): those that decided the request when it came."""
+        l7 = self.agent.l7
+        return self.ring.policies.add(l7.rule_sets.policies(rule_set) if l7 is not None else ())
 
     # ------------------------------------------------------------------ queries
     def events_lost(self) -> dict:

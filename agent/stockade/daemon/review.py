@@ -30,7 +30,6 @@ from .txn import Txn
 if TYPE_CHECKING:
     from .agent import Agent
 
-MATRIX_LIMIT = 200
 HYPOTHETICAL_BASE = CIDR_BASE - 4096  # numbers for identities that only live in a discarded plan
 
 
@@ -98,7 +97,7 @@ def live_trace(agent: "Agent", src: str, dst: str, dport: str, http: dict | None
     except RequestError as exc:    # the query parameter it came from: http_method, ...
         param = exc.field.partition("[")[0].removesuffix("s")
         raise InvalidRequest(str(exc), f"http_{param}") from None
-    with agent._lock:
+    with agent.locked():
         txn = Txn(agent, dry_run=True)
         try:
             return trace(LiveWorld(agent, txn), s, d, proto, port, req)
@@ -132,30 +131,21 @@ def _identity_dict(agent: "Agent", i: Identity) -> dict:
 
 
 def matrix(agent: "Agent", query: dict) -> dict:
-    """``query``: label (filter), port (``80/tcp``: a verdict per pair for that port),
-    offset and limit (rows), dst_offset and dst_limit (columns; omitted: every
-    identity), cidrs (``true``: CIDR identities too)."""
+    """``query`` as GET /v1/matrix's parameters, validated with their defaults
+    (apischema: the document's bounds): label (filter), port (``80/tcp``: a verdict per
+    pair for that port), offset and limit (rows), dst_offset and dst_limit (columns;
+    no dst_limit: every identity), cidrs (CIDR identities too)."""
     label = query.get("label") or ""
-    cidrs = str(query.get("cidrs") or "false").lower() == "true"
-    try:
-        offset = int(query.get("offset") or 0)
-        limit = int(query.get("limit") or MATRIX_LIMIT)
-        dst_offset = int(query.get("dst_offset") or 0)
-        raw = query.get("dst_limit")
-        dst_limit = None if raw is None or raw == "" else int(raw)
-    except ValueError:
-        raise InvalidRequest("offset and limit must be integers") from None
-    if offset < 0 or not 0 < limit <= 10000:
-        raise InvalidRequest("offset >= 0 and 0 < limit <= 10000", "limit")
-    if dst_offset < 0 or (dst_limit is not None and not 0 < dst_limit <= 10000):
-        raise InvalidRequest("dst_offset >= 0 and 0 < dst_limit <= 10000", "dst_limit")
+    cidrs = bool(query.get("cidrs"))
+    offset, limit = query["offset"], query["limit"]
+    dst_offset, dst_limit = query["dst_offset"], query.get("dst_limit")
     proto = port = None
     if query.get("port"):
         try:
             proto, port = parse_port(query["port"])
         except SelectorError as exc:
             raise InvalidRequest(str(exc), "port") from None
-    with agent._lock:
+    with agent.locked():
         e = agent.engine
         idents = matrix_identities(agent, label, cidrs)
         ev = Evaluator(e.entries, e.flags, e.local_ids)
@@ -201,7 +191,7 @@ def review(agent: "Agent", proposed: list[Policy], replace_all: bool) -> dict:
     identity pairs newly allowed or denied, and the observed connections (last hour)
     whose verdict would change."""
     flows = _recent_flows(agent)
-    with agent._lock:
+    with agent.locked():
         e = agent.engine
         remove = [r for r in e.policies if replace_all and r not in {p.ref for p in proposed}]
         txn = Txn(agent, dry_run=True)

@@ -59,7 +59,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import HTTPError, InvalidRequest, StockadeError
-from .apischema import ApiSchema
+from .apischema import ApiSchema, api_schema
 from .changelog import acting
 from .connections import Acceptor, Connection, HeadersTooLarge, Limits, WorkerPool
 from .contract import AgentService
@@ -307,7 +307,7 @@ class APIServer:
         self.agent, self.socket_path, self.group, self.mode = agent, str(socket_path), group, mode
         self.router = Router(routes)
         self.limits = limits or Limits()
-        self.schema = schema or ApiSchema()
+        self.schema = schema or api_schema()
         self.stopping = threading.Event()
         self.pool: WorkerPool | None = None
         self._listener: socket.socket | None = None

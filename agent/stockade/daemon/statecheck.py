@@ -43,7 +43,7 @@ def check_generation(cfg: AgentConfig, back: int) -> GenerationReport:
     except StateError as exc:
         return GenerationReport(back, agent.store.number_of(back) or None, str(exc))
     try:
-        with agent._lock:
+        with agent.locked():
             restore(agent, gen)
     except StateError as exc:
         return GenerationReport(back, gen.number, str(exc))

@@ -68,11 +68,51 @@ from .record import (
     VERDICTS,
 )
 
-LIST_KEYS = ("verdict", "drop_reason", "direction", "protocol", "port", "from_port", "to_port",
-             "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip",
-             "label", "from_label", "to_label", "endpoint", "from_endpoint", "to_endpoint",
-             "type", "http_method", "http_path", "http_host", "http_status")
 TYPES = ("l7", "trace", "drop")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One list-valued filter, as the API names it; the CLI builds its flag from this
+    (``--from-label``), the API document lists the same names (a test checks)."""
+
+    key: str
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()     # the values it takes, in any case
+    number: bool = False              # an integer (a port or an identity)
+
+
+CRITERIA = (
+    Criterion("verdict", "FORWARDED, DROPPED or AUDIT.", choices=tuple(VERDICTS.values())),
+    Criterion("drop_reason", "policy_denied, spoofed, ..."),
+    Criterion("direction", "ingress or egress (relative to the endpoint whose hook saw it).",
+              choices=("ingress", "egress")),
+    Criterion("protocol", "tcp, udp, icmp (v4 and v6), icmpv4, icmpv6, sctp or a number."),
+    Criterion("port", "Source or destination port.", number=True),
+    Criterion("from_port", "Source port.", number=True),
+    Criterion("to_port", "Destination port.", number=True),
+    Criterion("identity", "Identity of either side.", number=True),
+    Criterion("from_identity", "Source identity.", number=True),
+    Criterion("to_identity", "Destination identity.", number=True),
+    Criterion("ip", "Address of either side.", "IP|CIDR"),
+    Criterion("from_ip", "Source address.", "IP|CIDR"),
+    Criterion("to_ip", "Destination address.", "IP|CIDR"),
+    Criterion("label", "Labels of either side.", "K=V[,K=V]"),
+    Criterion("from_label", "Source labels.", "K=V[,K=V]"),
+    Criterion("to_label", "Destination labels.", "K=V[,K=V]"),
+    Criterion("endpoint", "Endpoint of either side.", "NAME"),
+    Criterion("from_endpoint", "Source endpoint.", "NAME"),
+    Criterion("to_endpoint", "Destination endpoint.", "NAME"),
+    Criterion("type", "l7: HTTP requests and responses through the proxy; trace, drop: the "
+              "datapath's other flows.", choices=TYPES),
+    Criterion("http_method", "HTTP method (L7 flows).", "METHOD"),
+    Criterion("http_path", "RE2 expression found in the request target (path and query; L7 "
+              "flows).", "REGEX"),
+    Criterion("http_host", "Host header (L7 flows).", "HOST"),
+    Criterion("http_status", "Status code (403) or class (4+) of L7 responses.", "CODE"),
+)
+LIST_KEYS = tuple(c.key for c in CRITERIA)
 MAX_PATTERN = 1024
 NOT_KEYS = tuple(f"not_{k}" for k in LIST_KEYS)
 SCALAR_KEYS = ("since", "until", "last", "first")

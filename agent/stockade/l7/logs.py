@@ -41,6 +41,7 @@ class LogRecord:
     server_port: int
     src_identity: int | None
     dst_identity: int | None
+    rule_set: int | None        # the rule set the proxy applied (l7.rules.RuleSets); None: none
     allowed: bool | None        # None: the proxy refused it before policy (a bad request)
     method: str
     path: str
@@ -116,7 +117,7 @@ def parse_line(data: bytes) -> LogRecord:
         raise ValueError("status out of range")
     accept_ns = (int(f[20]) * 1000 + int(f[21])) * 1_000_000
     return LogRecord(client=client, client_port=_port(f[2]), server=server, server_port=_port(f[4]),
-                     src_identity=_ident(f[5]), dst_identity=_ident(f[6]),
+                     src_identity=_ident(f[5]), dst_identity=_ident(f[6]), rule_set=_ident(f[7]),
                      allowed=ok if method else None,
                      method=method, path=_text(f[10]), protocol=proto, status=status,
                      tq_ms=int(f[13]), tr_ms=int(f[14]), ta_ms=int(f[15]), host=_text(f[16]),

@@ -27,7 +27,7 @@ from ..policy.mapstate import INGRESS
 from .haproxy import ProxySettings, RuntimeAPI, RuntimeAPIError, map_text, render_config, write_atomic
 from .host import HostError, HostSteering
 from .logs import LogReader
-from .rules import FIELDS, rule_keys, sort_rules
+from .rules import FIELDS, RuleSets, rule_keys, sort_rules
 
 log = logging.getLogger("stockade.l7")
 
@@ -76,6 +76,7 @@ class L7Proxy:
         self.wanted = False            # some L7 rule exists: the proxy must run
         self.restarts = 0
         self.last_error: str | None = None
+        self.rule_sets = RuleSets()    # the numbers in rulesets.map -> their policies
         self._maps: dict[str, dict[str, str]] = {}   # what the files (and proxy) hold
         self._pushed: dict[str, dict[str, str]] = {}  # what the running proxy holds
         self._host_installed = False
@@ -113,14 +114,14 @@ class L7Proxy:
                     ports[(str(ipaddress.ip_address(ip.split("/")[0])), port)] = ep.identity
         if not (ports or l7):
             return ports, macs, {}
-        numbers: dict[frozenset, int] = {}
+        written: set[int] = set()
         rulesets: dict[str, str] = {}
         slots: dict[str, dict[str, str]] = {n: {} for n in self.settings.slot_maps()}
         for k in sorted(l7):
             rules = l7[k]
-            rs = numbers.get(rules)
-            if rs is None:
-                rs = numbers[rules] = len(numbers) + 1
+            rs = self.rule_sets.number(rules, a.engine.l7_policies(k))
+            if rs not in written:
+                written.add(rs)
                 for i, rule in enumerate(sort_rules(rules)):
                     for field, key in rule_keys(rs, rule, self.match_limit).items():
                         slots.setdefault(f"{field}{i}", {})[key] = "1"

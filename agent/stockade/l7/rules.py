@@ -64,6 +64,29 @@ def rule_keys(rs: int, rule: HTTPRule, limit: int = DEFAULT_MATCH_LIMIT) -> dict
     return out
 
 
+class RuleSets:
+    """Rule set numbers: one per (HTTP rules, policies behind them), never reused while
+    the agent runs. The proxy logs the number it applied with each request, so an L7 flow
+    names the policies that decided it at the time, whatever changed since (as the
+    datapath's policy_ids do for L3/L4). The table grows with new combinations of rules
+    and policies, not with keys or traffic."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[tuple[frozenset, tuple[str, ...]], int] = {}
+        self._policies: dict[int, tuple[str, ...]] = {}
+
+    def number(self, rules: frozenset, policies: tuple[str, ...]) -> int:
+        n = self._numbers.get((rules, policies))
+        if n is None:
+            n = self._numbers[(rules, policies)] = len(self._numbers) + 1
+            self._policies[n] = policies
+        return n
+
+    def policies(self, number: int | None) -> tuple[str, ...]:
+        """The policies behind rule set ``number`` (none: no rule set applied)."""
+        return self._policies.get(number, ()) if number is not None else ()
+
+
 def sort_rules(rules: Iterable[HTTPRule]) -> list[HTTPRule]:
     """A stable order (slots are positions): same set, same slots."""
     return sorted(rules, key=lambda r: (r.method or "", r.path or "", r.host or "", r.headers))

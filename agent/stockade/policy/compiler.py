@@ -355,6 +355,14 @@ class Compiler:
                                                     else frozenset(peer_rules))
         return out
 
+    def l7_policies(self, key: L7Key) -> tuple[str, ...]:
+        """The policies behind ``key``'s HTTP rules (l7_rules): those of the clauses that
+        allow its peer (for ANY_PEER: every peer) the port."""
+        names = {c.policy for c in self._local_clauses(key.local)
+                 if not c.deny and c.direction == key.direction and c.allows_tcp(key.port)
+                 and (c.any_peer or (key.peer != ANY_PEER and self._clause_has_peer(c, key.peer)))}
+        return tuple(sorted(names))
+
     def _recompute_l7(self, locals_: set[int], delta: Delta) -> None:
         for loc in locals_:
             new = self.l7_rules(loc) if loc in self.local_ids else {}

@@ -21,7 +21,7 @@ from typing import Iterable
 from .api.rule import Policy, PolicyRef, Rule
 from .compiler import Clause, Compiler
 from .identity import WORKLOAD_KIND, Identity
-from .mapstate import BeforeView, Delta, DirectionPolicy, FlagState, L7State, MapState
+from .mapstate import BeforeView, Delta, DirectionPolicy, FlagState, L7Key, L7State, MapState
 
 
 @dataclass
@@ -69,6 +69,10 @@ class PolicyEngine:
     def l7(self) -> L7State:
         """HTTP rule sets per (local identity, direction, port, peer): see compiler.l7_rules."""
         return self._compiler.l7
+
+    def l7_policies(self, key: L7Key) -> tuple[str, ...]:
+        """The names of the policies behind ``self.l7[key]``."""
+        return self._compiler.l7_policies(key)
 
     @property
     def policies(self) -> dict[PolicyRef, Policy]:
