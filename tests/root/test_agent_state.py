@@ -182,7 +182,7 @@ def test_a_full_filesystem_during_an_import_changes_nothing(topo, small_fs):
         files = {n: (state_dir / n).read_bytes() for n in os.listdir(state_dir)}
         maps = dump_maps(agent.settings["bpffs_dir"])
         health = agent.client.health()
-        filler = fill(small_fs, leave=64 * 1024)   # policies.json of the import needs ~1 MB
+        filler = fill(small_fs, leave=64 * 1024)   # the policy shards of the import need ~1 MB
 
         from stockade.client import APIError
         with pytest.raises(APIError) as err:

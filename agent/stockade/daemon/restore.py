@@ -169,9 +169,10 @@ def _restore_endpoints(agent: "Agent", txn: Txn, recs: list) -> bool:
 
 
 def stored_policy(record: dict):
-    """A policy from policies.json. One this version refuses is still read as the
-    version that stored it compiled it (never dropped: that would open what it denies);
-    it is named in status until it is replaced or deleted."""
+    """A policy record of the state (a shard, or format 1's policies.json). One this
+    version refuses is still read as the version that stored it compiled it (never
+    dropped: that would open what it denies); it is named in status until it is replaced
+    or deleted."""
     try:
         return sanitize_document(record["document"], source=record.get("source", ""))
     except PolicyErrors as exc:
