@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from prometheus_client import Histogram
 
 from ..errors import StockadeError
+from ..policy.describe import LineIndex
 from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityAllocator
 from . import restore
@@ -42,6 +43,7 @@ class Agent:
         self._lock = threading.RLock()
         self.store = StateStore(config.state_dir, create=not read_only)
         self.policy_shards = PolicyShards()   # what the last commit's policy shards were
+        self.policy_line_index = LineIndex()  # the policies' rule lines, for change summaries
         self.alloc = IdentityAllocator()   # its numbers come with the state (restore)
         self.engine = PolicyEngine(config.enforcement)
         self.state = State()
