@@ -28,7 +28,7 @@ def line(**kw) -> bytes:
          "did": "257", "rs": "1", "ok": "1", "m": "GET", "url": "\\/api\\/x?q=\\\"1\\\"",
          "hv": "HTTP/1.1", "st": "200", "tq": "1", "tr": "2", "ta": "3", "host": "api",
          "ua": "curl\\t7", "tsc": "----", "date": str(NOW_US), "ts": str(NOW_US // 10**6),
-         "ms": "445"}
+         "ms": "445", "rse": "-", "oke": "-"}
     f.update(kw)
     return ("stockade-l7\t" + "\t".join(f.values()) + "\n").encode()
 
@@ -204,6 +204,63 @@ def test_l7_flows_name_the_policy_that_decided_them_at_the_time(numbered):
     requests = [f for f in fs.query({})["flows"] if f["l7"]["type"] == "REQUEST"]
     assert [f["policy"] for f in requests] == [["api"], ["api-v2"], []]
     assert api.agent_l7.rule_sets.policies(int(old)) == ("api",)
+
+
+WEB_EGRESS = ("{endpointSelector: {matchLabels: {app: web}}, egress: [{toEndpoints: "
+              "[{matchLabels: {app: api}}], toPorts: [{ports: [{port: '8080', protocol: TCP}], "
+              "rules: {http: [{method: GET, path: '/api/x.*'}]}}]}]}")
+
+
+def test_egress_rule_sets_and_flows_per_direction(numbered):
+    """The client's egress rule set is keyed e:<client>:<port>:<server>; a request both
+    directions judged gives rows as Cilium's two passes: egress, then ingress only when
+    egress let it through."""
+    api, fs = numbered
+    api.put_policies([{"name": "web.yaml", "text": "apiVersion: cilium.io/v2\nkind: "
+                       "CiliumNetworkPolicy\nmetadata: {name: web}\nspec: " + WEB_EGRESS}])
+    eps = {e["name"]: e for e in api.list_endpoints()}
+    web, srv = eps["web1"]["identity"], eps["api1"]["identity"]
+    rsets = rule_sets(api)
+    rs_in, rs_eg = rsets[f"{srv}:8080:{web}"], rsets[f"e:{web}:8080:{srv}"]
+    with api.agent.locked():
+        ports = api.agent_l7.desired()[0]
+    assert ports == {("10.0.0.2", 8080, 0): srv, ("10.0.0.1", 8080, 1): web}
+    ids = dict(sid=str(web), did=str(srv), rs=rs_in, rse=rs_eg)
+    with proxy_logging(api):
+        fs.add_l7([parse_line(line(**ids, url="\\/api\\/x1", oke="1")),             # both pass
+                   parse_line(line(**ids, url="\\/api\\/x2", oke="1", ok="0", st="403")),
+                   parse_line(line(**ids, url="\\/no", oke="0", ok="0", st="403")),
+                   parse_line(line(sid=str(web), did=str(srv), rs="-", rse=rs_eg, oke="1",
+                                   url="\\/api\\/x3"))])                            # egress only
+    got = [(f["l7"]["http"]["url"].split("api", 1)[1], f["direction"], f["verdict"], f["policy"])
+           for f in fs.query({})["flows"] if f["l7"]["type"] == "REQUEST"]
+    assert got == [("/api/x1", "egress", "FORWARDED", ["web"]),
+                   ("/api/x1", "ingress", "FORWARDED", ["api"]),
+                   ("/api/x2", "egress", "FORWARDED", ["web"]),
+                   ("/api/x2", "ingress", "DROPPED", ["api"]),
+                   ("/no", "egress", "DROPPED", ["web"]),
+                   ("/api/x3", "egress", "FORWARDED", ["web"])]
+
+
+def test_trace_by_egress_http_rules_and_both_sides():
+    t = Tracer([policy(API_L7), policy(WEB_EGRESS, name="web")])
+
+    def tr(path, method="GET"):
+        return t.trace(parse_sel("app=web"), parse_sel("app=api"), 6, 8080,
+                       http_request(method=method, path=path))
+    ok = tr("/api/x1")
+    assert ok["verdict"] == "allow" and ok["egress"]["http"]["matched"] == {
+        "method": "GET", "path": "/api/x.*"}
+    assert ok["ingress"]["http"]["matched"] == {"method": "GET", "path": "/api/.*"}
+    eg = tr("/api/y")                                  # ingress passes, egress does not
+    assert eg["verdict"] == "deny" and "403" in eg["egress"]["reason"]
+    assert eg["ingress"]["verdict"] == "allow"
+    only_eg = Tracer([policy(WEB_EGRESS, name="web")])
+    r = only_eg.trace(parse_sel("app=web"), parse_sel("app=api"), 6, 8080,
+                      http_request(method="POST", path="/api/x"))
+    assert r["verdict"] == "deny" and r["egress"]["http"]["enforced"]
+    plain = only_eg.trace(parse_sel("app=web"), parse_sel("app=api"), 6, 8080)
+    assert plain["verdict"] == "allow" and "give a request" in plain["egress"]["reason"]
 
 
 def test_bad_request_flows_use_the_ipcache_identity(source):

@@ -9,7 +9,7 @@ from stockade.policy.api.validation import sanitize_document
 from stockade.policy.compiler import ALL_HTTP, Compiler, full_compile
 from stockade.policy.identity import IdentityAllocator, reserved_identities
 from stockade.policy.labels import LabelSet
-from stockade.policy.mapstate import ANY_PEER, INGRESS, L7Key
+from stockade.policy.mapstate import ANY_PEER, EGRESS, INGRESS, L7Key
 from test_compiler import World, policy
 
 WEB = dict(web="app=web", api="app=api", other="app=other")
@@ -50,11 +50,40 @@ def test_l7_in_deny_refused():
     assert errors_of(spec) == [("spec.ingressDeny[0].toPorts[0].rules", "deny rules cannot have L7 rules")]
 
 
-def test_egress_http_refused_until_enforced():
-    spec = ("{endpointSelector: {}, egress: [{toPorts: [{ports: [{port: '80', protocol: TCP}], "
+def egress_spec(http, port=8080, peers="[{matchLabels: {app: api}}]", extra=""):
+    peer = f"toEndpoints: {peers}, " if peers else ""
+    return (f"{{endpointSelector: {{matchLabels: {{app: web}}}}, egress: [{{{peer}"
+            f"toPorts: [{{ports: [{{port: '{port}', protocol: TCP}}], rules: {{http: {http}}}}}]}}"
+            f"{extra}]}}")
+
+
+def test_egress_http_rules_accepted():
+    p = policy(egress_spec("[{method: GET, path: '/a'}]"))
+    assert p.has_l7 and p.rules[0].egress[0].to_ports[0].http == (HTTPRule("GET", "/a"),)
+
+
+def test_l7_in_egress_deny_refused():
+    spec = ("{endpointSelector: {}, egressDeny: [{toPorts: [{ports: [{port: '80', protocol: TCP}], "
             "rules: {http: [{method: GET}]}}]}]}")
-    [(path, msg)] = errors_of(spec)
-    assert path == "spec.egress[0].toPorts[0].rules" and "egress" in msg and "not enforced" in msg
+    assert errors_of(spec) == [("spec.egressDeny[0].toPorts[0].rules", "deny rules cannot have L7 rules")]
+
+
+def test_egress_rule_sets_per_peer_with_l4_only_peer_unfiltered():
+    """The client's egress rules, keyed by the client (local) and the server (peer);
+    an L4-only egress rule for the same port passes that peer's requests unfiltered."""
+    extra = (", {toEndpoints: [{matchLabels: {app: other}}], "
+             "toPorts: [{ports: [{port: '8080', protocol: TCP}]}]}")
+    w = World(**WEB).apply(policy(egress_spec("[{method: GET}]", extra=extra)))
+    web, api, other = w.ids["web"], w.ids["api"], w.ids["other"]
+    assert w.c.l7 == {L7Key(web, EGRESS, 8080, api): frozenset({HTTPRule("GET")}),
+                      L7Key(web, EGRESS, 8080, other): frozenset({ALL_HTTP})}
+    assert w.c.l7_policies(L7Key(web, EGRESS, 8080, api)) == ("p",)
+    assert w.ok("web", "api", port=8080) and not w.ok("web", "api", port=8081)
+
+
+def test_egress_visibility_only():
+    w = World(**WEB).apply(policy(egress_spec("[{}]", peers=None)))
+    assert w.c.l7 == {L7Key(w.ids["web"], EGRESS, 8080, ANY_PEER): frozenset({ALL_HTTP})}
 
 
 @pytest.mark.parametrize("pattern, why", [

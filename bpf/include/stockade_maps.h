@@ -310,12 +310,17 @@ struct flow_event {
 };
 
 /* L7 steering (lib/l7.h). l7_ports: hash, an L7-enforced TCP port of a local
- * endpoint's address -> its identity. l7_host: hash, an endpoint's host-side ifindex
+ * endpoint's address -> its identity: of a server (L7_SERVER: ingress rules, connections
+ * to addr:port) or of a client (L7_CLIENT: egress rules, connections from addr to any
+ * peer's port). l7_host: hash, an endpoint's host-side ifindex
  * -> where a steered packet enters the host's IP stack: the bridge device (ifindex and
  * MAC), or the host-side interface itself when it is routed (its own ifindex and MAC). */
+#define L7_SERVER 0
+#define L7_CLIENT 1
+
 struct l7_port_key {
 	__u8  family;     /* 4 or 6 */
-	__u8  pad;
+	__u8  kind;       /* L7_SERVER or L7_CLIENT */
 	__be16 port;      /* network order */
 	__u8  addr[16];   /* network order; IPv4: first 4 bytes, rest zero */
 };

@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * L7 steering (docs/policy.md, "HTTP rules"). TCP segments a local endpoint sends to
- * an L7-enforced port of a local endpoint (the agent writes l7_ports), or sends
- * from such a port (the server's replies), go to the host's IP stack instead of
+ * an L7-enforced port of a local endpoint (the agent writes l7_ports, L7_SERVER), or
+ * sends from such a port (the server's replies); and those a local endpoint with egress
+ * HTTP rules (L7_CLIENT) sends to that port of any peer, or a local peer sends from
+ * that port to it (the replies) go to the host's IP stack instead of
  * being bridged: skb->mark gets L7_MARK, the dst MAC becomes the host's on that
  * segment (l7_host, by the sender's ifindex) and the packet is redirected into the
  * ingress of the bridge device itself, not through the bridge: so it reaches the IP
@@ -17,11 +19,12 @@
 #ifndef STOCKADE_LIB_L7_H
 #define STOCKADE_LIB_L7_H
 
-static __always_inline int l7_is_port(__u8 family, const __u32 *addr, __be16 port)
+static __always_inline int l7_is_port(__u8 family, __u8 kind, const __u32 *addr, __be16 port)
 {
 	struct l7_port_key k = {};
 
 	k.family = family;
+	k.kind = kind;
 	k.port = port;
 	if (family == 4)
 		__builtin_memcpy(k.addr, addr, 4);
@@ -30,9 +33,11 @@ static __always_inline int l7_is_port(__u8 family, const __u32 *addr, __be16 por
 	return l7_ports.lookup(&k) != 0;
 }
 
-/* A client's SYN to an L7 port: the server's L4 ingress policy decides first, as the
- * server's own hook would, which steered packets never reach. A peer it denies is
- * dropped here, never answered by the proxy (a 403 would tell it the port is there).
+/* A client's SYN to an L7 port (the server's, or the client's egress one): the server's
+ * L4 ingress policy decides first, as the server's own hook would, which steered packets
+ * never reach. A peer it denies is dropped here, never answered by the proxy (a 403
+ * would tell it the port is there). A server with no policy here (another host's, the
+ * world) has no flags: not enforced, admitted; its own host decides.
  * Returns REASON_NONE or the drop reason. */
 static __always_inline int l7_server_admits(const struct pkt *p, __u32 client, __u32 cfg)
 {
@@ -52,14 +57,16 @@ static __always_inline int l7_steer(struct __sk_buff *skb, int dir, const struct
 {
 	struct l7_host *host;
 	__u32 ifindex = skb->ifindex;
-	int to_port, reason;
+	int out, reason;
 
 	if (act != TC_ACT_OK || dir != DIR_EGRESS || p->proto != IPPROTO_TCP_ || !p->has_ports)
 		return act;
-	to_port = l7_is_port(p->family, p->daddr, p->dport);
-	if (!to_port && !l7_is_port(p->family, p->saddr, p->sport))
+	out = l7_is_port(p->family, L7_SERVER, p->daddr, p->dport) ||
+	      l7_is_port(p->family, L7_CLIENT, p->saddr, p->dport);
+	if (!out && !l7_is_port(p->family, L7_SERVER, p->saddr, p->sport) &&
+	    !l7_is_port(p->family, L7_CLIENT, p->daddr, p->sport))
 		return act;
-	if (to_port) {
+	if (out) {
 		reason = l7_server_admits(p, local, cfg);
 		if (reason != REASON_NONE) {
 			count(skb, dir, VERDICT_DROPPED, reason);

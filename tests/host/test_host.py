@@ -48,7 +48,8 @@ POLICY = {
 }
 
 # A prober appends "<unix time> open|closed" for each attempt on the server's HTTP port.
-PROBE = ("i=0; while :; do if wget -q -T 1 -O /dev/null http://%s/; then r=open; else r=closed; "
+# (busybox's own `wget -T` segfaults in Debian 12's busybox-static 1.35: `timeout` instead.)
+PROBE = ("i=0; while :; do if timeout 1 wget -q -O /dev/null http://%s/; then r=open; else r=closed; "
          "fi; echo \"$(busybox date +%%s) $r\" >> /log/probe; busybox sleep 0.2; done")
 
 
@@ -200,7 +201,7 @@ def probes(guest, name: str) -> list[tuple[int, str]]:
 
 def reach(guest, name: str, url: str, tries: int = 1) -> bool:
     for _ in range(tries):
-        proc = guest.ssh_run(f"podman exec {name} wget -q -T 2 -O /dev/null {url}", timeout=60)
+        proc = guest.ssh_run(f"podman exec {name} timeout 2 wget -q -O /dev/null {url}", timeout=60)
         if proc.returncode == 0:
             return True
     return False
@@ -285,8 +286,42 @@ def test_install_over_ssh(guest, workdir, figures):
         raise AssertionError("timed out after 120 s waiting for the allowed client to reach"
                              " the server\n" + diagnostics(guest))
     assert not reach(guest, "hostt-bad", f"http://{SRV_IP}/", tries=3), "denied peer got in"
-    status = guest.ssh("/opt/stockade/venv/bin/stockade status -o json")
-    assert '"hostt-srv"' in status or "hostt-srv" in status, status
+    listed = guest.ssh("/opt/stockade/venv/bin/stockade endpoint list")
+    for name in ("hostt-srv", "hostt-cli", "hostt-bad"):
+        assert re.search(rf"^{name}\s.*\sready\s", listed, re.M), listed
+
+
+L7_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: hostt-l7}
+spec:
+  endpointSelector: {matchLabels: {app: hostt-srv}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: hostt-client}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/ok"}]
+"""
+
+
+def test_http_rules_under_the_unit(guest):
+    """The L7 proxy starts under the hardened unit (its own user, setpriv capabilities):
+    GET /ok passes, another path gets the proxy's 403. The policy is removed afterwards,
+    so the inventory's set is what the next playbook run finds."""
+    cli = "/opt/stockade/venv/bin/stockade"
+    guest.ssh(f"cat > /tmp/l7.yaml <<'EOF'\n{L7_POLICY}EOF\n{cli} policy import /tmp/l7.yaml")
+    try:
+        guest.ssh("podman exec hostt-srv sh -c 'echo ok > /var/www/ok; httpd -p 8080 -h /var/www'")
+        assert wait_until(lambda: reach(guest, "hostt-cli", f"http://{SRV_IP}:8080/ok"), 60,
+                          "GET /ok through the proxy", fail=False), diagnostics(guest)
+        denied = guest.ssh_run(f"podman exec hostt-cli timeout 3 wget -O /dev/null"
+                               f" http://{SRV_IP}:8080/other", timeout=60)
+        assert "403" in denied.stderr, denied.stderr
+        status = guest.ssh(f"{cli} status -o json")
+        assert '"running": true' in status, status
+    finally:
+        guest.ssh(f"{cli} policy delete hostt-l7 >/dev/null; rm -f /tmp/l7.yaml")
 
 
 def test_second_run_changes_nothing(guest, workdir, figures):
@@ -310,9 +345,11 @@ def test_upgrade_keeps_connections(guest, workdir, figures):
     never interrupted, and the denied peer stays denied throughout."""
     container(guest, "hostt-stream", STREAM_IP, "hostt-client", STREAM % SRV_IP, restart=False)
     wait_until(lambda: len(stream_lines(guest)) > 20, 120, "the stream to flow")
-    guest.ssh(f"rm -f {LOGS}/hostt-bad/probe; systemd-run -q --unit hostt-sampler sh -c "
-              f"'while :; do echo $(date +%s.%N) $(wc -l < {LOGS}/hostt-srv/stream); "
-              f"sleep 0.2; done > {LOGS}/samples'")
+    # the sampler's script in a file: systemd-run's command line is not a shell's
+    guest.ssh(f"cat > /root/sampler.sh <<'EOF'\nwhile :; do echo $(date +%s.%N)"
+              f" $(wc -l < {LOGS}/hostt-srv/stream); sleep 0.2; done > {LOGS}/samples\nEOF\n"
+              f"rm -f {LOGS}/hostt-bad/probe; systemd-run -q --unit hostt-sampler"
+              f" /bin/sh /root/sampler.sh")
     before_pid = agent_pid(guest)
     wheel_b = build_wheel(upgraded_source(workdir), workdir / "dist-b")
     t0 = float(guest.ssh("date +%s.%N"))

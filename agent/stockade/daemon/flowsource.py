@@ -20,7 +20,7 @@ from typing import Iterator
 from ..datapath.maps import MATCH_ALLOW, MATCH_DEFAULT_DENY, MATCH_NONE, Reason, Verdict
 from ..flows import Decoder, FlowFilter, FlowLog, FlowRing, Resolver, connection_key
 from ..flows.l7 import L7Info
-from ..policy.mapstate import INGRESS
+from ..policy.mapstate import EGRESS, INGRESS
 
 log = logging.getLogger("stockade.flows")
 
@@ -115,7 +115,7 @@ class FlowSource:
 
     # ------------------------------------------------------------------ L7
     def add_l7(self, records: list) -> int:
-        """The proxy's request records (l7.logs.LogRecord) -> two rows each, a REQUEST and
+        """The proxy's request records (l7.logs.LogRecord) -> two rows per direction, a REQUEST and
         a RESPONSE (source and destination swapped, as Hubble shows a response), into the
         ring and the flow log. Called from the proxy's log thread."""
         self.refresh()
@@ -128,32 +128,46 @@ class FlowSource:
         return len(rows)
 
     def _l7_rows(self, rec) -> list[tuple]:
+        """A request's rows per direction whose rules it met, as Cilium's two proxy
+        passes show them: the client's egress first; the server's ingress when egress
+        let it through (or had no rules). A request no rule set applied to (a bad one):
+        ingress."""
         dec, r = self.decoder, self.decoder.resolver
         saddr, daddr = _padded(rec.client), _padded(rec.server)
         sid = rec.src_identity if rec.src_identity is not None else self._ids_by_addr.get(saddr, WORLD)
         did = rec.dst_identity if rec.dst_identity is not None else self._ids_by_addr.get(daddr, WORLD)
         src_info = dec._info(sid, *r.endpoints_by_addr.get(saddr, (None, None)))
         dst_info = dec._info(did, *r.endpoints_by_addr.get(daddr, (None, None)))
-        pol = self._l7_policy(rec.rule_set)
-        if rec.allowed:
-            verdict, reason, pmatch = Verdict.FORWARDED, Reason.NONE, MATCH_ALLOW
-        elif rec.allowed is None:
-            verdict, reason, pmatch = Verdict.DROPPED, Reason.INVALID, MATCH_NONE
-        else:
-            verdict, reason, pmatch = Verdict.DROPPED, Reason.POLICY_DENIED, MATCH_DEFAULT_DENY
         ipv = 6 if ":" in rec.client else 4
         headers = tuple((k, v) for k, v in (("host", rec.host), ("user-agent", rec.user_agent)) if v)
         req = L7Info("REQUEST", 0, rec.method, rec.path, rec.host, rec.protocol, 0, headers)
         resp = req._replace(kind="RESPONSE", latency_ns=rec.latency_ns, code=rec.status)
+        passes: list[tuple[int, int | None, bool | None]] = []
+        if rec.egress_rule_set is not None:
+            passes.append((EGRESS, rec.egress_rule_set,
+                           rec.egress_allowed if rec.allowed is not None else None))
+        if rec.rule_set is not None or not passes:
+            if not passes or rec.egress_allowed:
+                passes.append((INGRESS, rec.rule_set, rec.allowed))
         l7 = self.ring.l7
-        return [
-            (rec.request_ns, 0, sid, did, src_info, dst_info, pol, 0, saddr, daddr,
-             rec.client_port, rec.server_port, verdict, reason, INGRESS, ipv, 6, 0, 0, 0, pmatch, 0,
-             l7.add(req)),
-            (rec.log_ns, 0, did, sid, dst_info, src_info, pol, 0, daddr, saddr,
-             rec.server_port, rec.client_port, verdict, reason, INGRESS, ipv, 6, 0, 0, 1, pmatch, 0,
-             l7.add(resp)),
-        ]
+        rows = []
+        for direction, rule_set, allowed in passes:
+            pol = self._l7_policy(rule_set)
+            if allowed:
+                verdict, reason, pmatch = Verdict.FORWARDED, Reason.NONE, MATCH_ALLOW
+            elif allowed is None:
+                verdict, reason, pmatch = Verdict.DROPPED, Reason.INVALID, MATCH_NONE
+            else:
+                verdict, reason, pmatch = Verdict.DROPPED, Reason.POLICY_DENIED, MATCH_DEFAULT_DENY
+            rows += [
+                (rec.request_ns, 0, sid, did, src_info, dst_info, pol, 0, saddr, daddr,
+                 rec.client_port, rec.server_port, verdict, reason, direction, ipv, 6, 0, 0, 0,
+                 pmatch, 0, l7.add(req)),
+                (rec.log_ns, 0, did, sid, dst_info, src_info, pol, 0, daddr, saddr,
+                 rec.server_port, rec.client_port, verdict, reason, direction, ipv, 6, 0, 0, 1,
+                 pmatch, 0, l7.add(resp)),
+            ]
+        return rows
 
     def _l7_policy(self, rule_set: int | None) -> int:
         """Index of the names of the policies behind the rule set the proxy applied (the

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from . import maps as m
 
-L7Port = tuple[str, int]  # (address, TCP port)
+L7Port = tuple[str, int, int]  # (address, TCP port, m.L7_SERVER or m.L7_CLIENT)
 
 
-def _port_key(addr: str, port: int) -> m.L7PortKey:
+def _port_key(addr: str, port: int, kind: int) -> m.L7PortKey:
     ip = ipaddress.ip_address(addr)
-    k = m.L7PortKey(family=ip.version, port=socket.htons(port))
+    k = m.L7PortKey(family=ip.version, kind=kind, port=socket.htons(port))
     k.addr[:len(ip.packed)] = ip.packed
     return k
 
@@ -32,7 +32,7 @@ class L7Maps:
         out = {}
         for k, v in self._items("l7_ports", m.L7PortKey, m.L7PortValue):
             raw = bytes(k.addr[:4] if k.family == 4 else k.addr)
-            out[(str(ipaddress.ip_address(raw)), socket.ntohs(k.port))] = v.identity
+            out[(str(ipaddress.ip_address(raw)), socket.ntohs(k.port), k.kind)] = v.identity
         return out
 
     def l7_hosts(self) -> dict[int, tuple[int, bytes]]:

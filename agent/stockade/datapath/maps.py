@@ -284,10 +284,14 @@ LAYOUTS = {
 
 
 class L7PortKey(ct.Structure):
-    """l7_ports key: an L7-enforced TCP port of a local endpoint's address."""
-    _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8),
+    """l7_ports key: an L7-enforced TCP port of a local endpoint's address, as a server
+    (kind L7_SERVER) or as a client (L7_CLIENT: its connections to that port)."""
+    _fields_ = [("family", ct.c_uint8), ("kind", ct.c_uint8),
                 ("port", ct.c_uint16),  # network order
                 ("addr", ct.c_uint8 * 16)]
+
+
+L7_SERVER, L7_CLIENT = 0, 1
 
 
 class L7PortValue(ct.Structure):

@@ -8,7 +8,10 @@ rewritten too, so a restarted proxy starts from the same state.
 
 Maps (in ``run_dir``):
   ipcache.map    address/prefix -> identity (the agent's ipcache)
-  rulesets.map   "<local identity>:<port>:<peer identity or 0>" -> rule set number
+  rulesets.map   "<local identity>:<port>:<peer identity or 0>" -> rule set number (the
+                 ingress rules of a server, local, for a client, peer), and
+                 "e:<local identity>:<port>:<peer identity or 0>" (the egress rules of
+                 a client, local, for a server, peer)
   <field><i>.map slot i of each field (rules.py)
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ LOG_FORMAT = "\t".join([
     "stockade-l7", "%ci", "%cp", "%fi", "%fp", "%[var(txn.src_id)]", "%[var(txn.dst_id)]",
     "%[var(txn.rs)]", "%[var(txn.ok)]", "%HM", "%[var(txn.url),json(utf8s)]", "%HV", "%ST",
     "%Tq", "%Tr", "%Ta", "%[var(txn.host),json(utf8s)]", "%[var(txn.ua),json(utf8s)]", "%tsc",
-    "%[date(0,us)]", "%Ts", "%ms",
+    "%[date(0,us)]", "%Ts", "%ms", "%[var(txn.rse)]", "%[var(txn.oke)]",
 ])
 
 
@@ -107,26 +110,44 @@ def render_config(s: ProxySettings) -> str:
         "    http-request set-var(txn.url) pathq",
         "    http-request set-var(txn.host) req.hdr(host)",
         "    http-request set-var(txn.ua) req.hdr(user-agent)",
-        '    http-request set-var-fmt(txn.key) "%[var(txn.dst_id)]:%[dst_port]:%[var(txn.src_id)]"',
-        '    http-request set-var-fmt(txn.anykey) "%[var(txn.dst_id)]:%[dst_port]:0"',
-        f"    http-request set-var(txn.rs) var(txn.key),map_str({rulesets})",
-        f"    http-request set-var(txn.rs) var(txn.anykey),map_str({rulesets})"
-        " unless { var(txn.rs) -m found }",
     ]
-    for name, sample in FIELD_SAMPLES.items():
-        lines.append(f'    http-request set-var-fmt(txn.k{name}) "%[var(txn.rs)]~{sample}"'
-                     " if { var(txn.rs) -m found }")
-    conds = []
-    for i in range(s.slots):
-        acls = []
-        for name in FIELD_SAMPLES:
-            acl = f"{name}{i}"
-            lines.append(f"    acl {acl} var(txn.k{name}),map_reg({s.map_path(acl)}) -m found")
-            acls.append(acl)
-        conds.append(" ".join(acls))
+    # txn.rs / txn.rse: the ingress rule set (of the server, for the client) and the
+    # egress one (of the client, for the server); either may be missing.
+    for var, key in (("rs", "%[var(txn.dst_id)]:%[dst_port]:"),
+                     ("rse", "e:%[var(txn.src_id)]:%[dst_port]:")):
+        peer = "%[var(txn.src_id)]" if var == "rs" else "%[var(txn.dst_id)]"
+        lines += [
+            f'    http-request set-var-fmt(txn.{var}key) "{key}{peer}"',
+            f'    http-request set-var-fmt(txn.{var}any) "{key}0"',
+            f"    http-request set-var(txn.{var}) var(txn.{var}key),map_str({rulesets})",
+            f"    http-request set-var(txn.{var}) var(txn.{var}any),map_str({rulesets})"
+            f" unless {{ var(txn.{var}) -m found }}",
+        ]
+    for var, ok in (("rs", "oki"), ("rse", "oke")):
+        for name, sample in FIELD_SAMPLES.items():
+            lines.append(f'    http-request set-var-fmt(txn.{var}_{name}) "%[var(txn.{var})]~{sample}"'
+                         f" if {{ var(txn.{var}) -m found }}")
+        conds = []
+        for i in range(s.slots):
+            acls = []
+            for name in FIELD_SAMPLES:
+                acl = f"{var}_{name}{i}"
+                lines.append(f"    acl {acl} var(txn.{var}_{name}),"
+                             f"map_reg({s.map_path(f'{name}{i}')}) -m found")
+                acls.append(acl)
+            conds.append(" ".join(acls))
+        lines += [
+            f"    http-request set-var(txn.{ok}) bool(true) if {' or '.join(conds)}",
+            f"    http-request set-var(txn.{ok}) bool(false) if {{ var(txn.{var}) -m found }}"
+            f" !{{ var(txn.{ok}) -m found }}",
+        ]
+    # Both directions' rules must pass where both apply (Cilium: two proxy passes, the
+    # client's egress then the server's ingress); no rule set at all: refused.
     lines += [
-        f"    http-request set-var(txn.ok) bool(true) if {' or '.join(conds)}",
-        "    http-request set-var(txn.ok) bool(false) unless { var(txn.ok) -m found }",
+        "    http-request set-var(txn.ok) bool(false)",
+        "    http-request set-var(txn.ok) bool(true) if { var(txn.oki) -m bool } !{ var(txn.rse) -m found }",
+        "    http-request set-var(txn.ok) bool(true) if { var(txn.oke) -m bool } !{ var(txn.rs) -m found }",
+        "    http-request set-var(txn.ok) bool(true) if { var(txn.oki) -m bool } { var(txn.oke) -m bool }",
         '    http-request return status 403 content-type "text/plain" string "Access denied\\r\\n"'
         " unless { var(txn.ok) -m bool }",
         "    default_backend stockade_l7_upstream",

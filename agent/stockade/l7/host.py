@@ -5,9 +5,12 @@
   * an nft table (family inet): in prerouting, TPROXY hands marked packets, and packets
     routed to an L7 port of a local endpoint (from another host), to the proxy's
     listener or to the proxy's own socket of that connection; whatever no socket takes
-    is dropped (the proxy down closes the port). In output, connections the host
-    itself opens to an L7 port get the mark (and so loop through lo into prerouting),
-    except the proxy's own (its user id).
+    is dropped (the proxy down closes the port). Replies to a local client with egress
+    HTTP rules from its L7 port (from another host) that belong to a proxy's socket get
+    the mark, so they are delivered to it, not routed on to the client. In output,
+    connections the host itself opens to an L7 port, and its replies to such a client,
+    get the mark (and so loop through lo into prerouting), except the proxy's own (its
+    user id).
 """
 from __future__ import annotations
 
@@ -43,12 +46,16 @@ class HostSteering:
         return f"""table inet {self.table} {{
   set targets4 {{ type ipv4_addr . inet_service; }}
   set targets6 {{ type ipv6_addr . inet_service; }}
+  set clients4 {{ type ipv4_addr . inet_service; }}
+  set clients6 {{ type ipv6_addr . inet_service; }}
   chain prerouting {{
     type filter hook prerouting priority mangle; policy accept;
     meta l4proto tcp meta mark & {mask} == {m} tproxy ip to :{port} accept
     meta l4proto tcp meta mark & {mask} == {m} tproxy ip6 to :{port} accept
     ip daddr . tcp dport @targets4 meta mark set {m} tproxy ip to :{port} accept
     ip6 daddr . tcp dport @targets6 meta mark set {m} tproxy ip6 to :{port} accept
+    ip daddr . tcp sport @clients4 socket transparent 1 meta mark set {m} accept
+    ip6 daddr . tcp sport @clients6 socket transparent 1 meta mark set {m} accept
     meta mark & {mask} == {m} drop
     ip daddr . tcp dport @targets4 drop
     ip6 daddr . tcp dport @targets6 drop
@@ -58,6 +65,8 @@ class HostSteering:
     meta skuid {self.proxy_uid} return
     ip daddr . tcp dport @targets4 meta mark set {m}
     ip6 daddr . tcp dport @targets6 meta mark set {m}
+    ip daddr . tcp sport @clients4 meta mark set {m}
+    ip6 daddr . tcp sport @clients6 meta mark set {m}
   }}
 }}
 """
@@ -74,14 +83,21 @@ class HostSteering:
             _run(["ip", fam, "route", "replace", "local", default, "dev", "lo",
                   "table", str(self.route_table)])
 
-    def set_targets(self, targets: Iterable[tuple[str, int]]) -> None:
-        v4 = sorted(f"{a} . {p}" for a, p in targets if ":" not in a)
-        v6 = sorted(f"{a} . {p}" for a, p in targets if ":" in a)
-        cmds = [f"flush set inet {self.table} targets4", f"flush set inet {self.table} targets6"]
-        if v4:
-            cmds.append(f"add element inet {self.table} targets4 {{ {', '.join(v4)} }}")
-        if v6:
-            cmds.append(f"add element inet {self.table} targets6 {{ {', '.join(v6)} }}")
+    def set_targets(self, targets: Iterable[tuple[str, int]],
+                    clients: Iterable[tuple[str, int]] = ()) -> None:
+        """``targets``: (server address, L7 port) of ingress rules; ``clients``: (client
+        address, port) of egress rules, whose replies from other hosts (or this one's
+        own sockets) go back to the proxy's socket of that connection."""
+        cmds = []
+        for name, items in (("targets", targets), ("clients", clients)):
+            items = list(items)
+            v4 = sorted(f"{a} . {p}" for a, p in items if ":" not in a)
+            v6 = sorted(f"{a} . {p}" for a, p in items if ":" in a)
+            cmds += [f"flush set inet {self.table} {name}4", f"flush set inet {self.table} {name}6"]
+            if v4:
+                cmds.append(f"add element inet {self.table} {name}4 {{ {', '.join(v4)} }}")
+            if v6:
+                cmds.append(f"add element inet {self.table} {name}6 {{ {', '.join(v6)} }}")
         _run(["nft", "-f", "-"], "\n".join(cmds) + "\n")
 
     def remove_table(self) -> None:

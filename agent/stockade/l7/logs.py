@@ -25,7 +25,7 @@ from typing import Callable
 log = logging.getLogger("stockade.l7")
 
 TAG = "stockade-l7"
-NFIELDS = 22
+NFIELDS = 24
 BATCH = 512
 RCVBUF = 1 << 20
 MAX_DATAGRAM = 16384
@@ -41,8 +41,9 @@ class LogRecord:
     server_port: int
     src_identity: int | None
     dst_identity: int | None
-    rule_set: int | None        # the rule set the proxy applied (l7.rules.RuleSets); None: none
-    allowed: bool | None        # None: the proxy refused it before policy (a bad request)
+    rule_set: int | None        # the server's ingress rule set applied (l7.rules.RuleSets); None: none
+    allowed: bool | None        # every rule set applied passed; None: refused before policy
+                                # (a bad request)
     method: str
     path: str
     protocol: str
@@ -55,6 +56,8 @@ class LogRecord:
     termination: str
     log_ns: int                 # when the proxy logged it (the response's end)
     accept_ns: int
+    egress_rule_set: int | None = None  # the client's egress rule set applied; None: none
+    egress_allowed: bool | None = None  # its verdict (None: none applied)
 
     @property
     def request_ns(self) -> int:
@@ -122,7 +125,9 @@ def parse_line(data: bytes) -> LogRecord:
                      method=method, path=_text(f[10]), protocol=proto, status=status,
                      tq_ms=int(f[13]), tr_ms=int(f[14]), ta_ms=int(f[15]), host=_text(f[16]),
                      user_agent=_text(f[17]), termination=_token(f[18], 8),
-                     log_ns=int(f[19]) * 1000, accept_ns=accept_ns)
+                     log_ns=int(f[19]) * 1000, accept_ns=accept_ns,
+                     egress_rule_set=_ident(f[22]),
+                     egress_allowed={"1": True, "0": False, "-": None}[f[23]] if method else None)
 
 
 class LogReader:

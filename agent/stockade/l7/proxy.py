@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..datapath.maps import L7_CLIENT, L7_SERVER
 from ..policy.mapstate import INGRESS
 from .haproxy import ProxySettings, RuntimeAPI, RuntimeAPIError, map_text, render_config, write_atomic
 from .host import HostError, HostSteering
@@ -98,20 +99,21 @@ class L7Proxy:
         rule anywhere, no map contents ({}): the proxy's ipcache map alone holds every
         prefix, not worth building on each commit for nothing."""
         a = self.agent
-        l7 = {k: v for k, v in a.engine.l7.items() if k.direction == INGRESS}
-        ports: dict[tuple[str, int], int] = {}
+        l7 = a.engine.l7
+        ports: dict[tuple[str, int, int], int] = {}
         macs: dict[int, tuple[int, bytes]] = {}
-        l7_locals: dict[int, set[int]] = {}
+        l7_locals: dict[int, set[tuple[int, int]]] = {}
         for k in l7:
-            l7_locals.setdefault(k.local, set()).add(k.port)
+            kind = L7_SERVER if k.direction == INGRESS else L7_CLIENT
+            l7_locals.setdefault(k.local, set()).add((k.port, kind))
         for ep in a.state.endpoints.values():
             if ep.ifindex is not None:
                 way = _delivery(a.links.get(ep.ifindex), a.links)
                 if way:
                     macs[ep.ifindex] = way
-            for port in l7_locals.get(ep.identity, ()) if ep.identity is not None else ():
+            for port, kind in l7_locals.get(ep.identity, ()) if ep.identity is not None else ():
                 for ip in ep.ips:
-                    ports[(str(ipaddress.ip_address(ip.split("/")[0])), port)] = ep.identity
+                    ports[(str(ipaddress.ip_address(ip.split("/")[0])), port, kind)] = ep.identity
         if not (ports or l7):
             return ports, macs, {}
         written: set[int] = set()
@@ -125,7 +127,8 @@ class L7Proxy:
                 for i, rule in enumerate(sort_rules(rules)):
                     for field, key in rule_keys(rs, rule, self.match_limit).items():
                         slots.setdefault(f"{field}{i}", {})[key] = "1"
-            rulesets[f"{k.local}:{k.port}:{k.peer}"] = str(rs)
+            tag = "" if k.direction == INGRESS else "e:"
+            rulesets[f"{tag}{k.local}:{k.port}:{k.peer}"] = str(rs)
         ipcache = {prefix: str(e.identity) for prefix, e in a.state.ipcache.items()}
         maps = {"ipcache": ipcache, "rulesets": rulesets, **slots}
         return ports, macs, maps
@@ -158,7 +161,9 @@ class L7Proxy:
                 if self._host_installed:
                     targets = set(ports)
                     if targets != self._targets:
-                        self.host.set_targets(targets)
+                        self.host.set_targets(
+                            [(ip, p) for ip, p, kind in targets if kind == L7_SERVER],
+                            [(ip, p) for ip, p, kind in targets if kind == L7_CLIENT])
                         self._targets = targets
             except HostError as exc:
                 self.last_error = f"host steering: {exc}"

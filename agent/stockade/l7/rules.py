@@ -130,11 +130,13 @@ def rule_matches(rule: HTTPRule, req: HTTPRequest) -> bool:
     return True
 
 
-def rules_for(l7: Mapping[L7Key, frozenset], local: int, port: int, peer: int) -> frozenset | None:
-    """The rule set the proxy applies to ``peer`` -> ``local``:``port`` (its lookup:
-    the peer's own entry, else the any-peer one); None: the port is not L7 for it."""
-    rules = l7.get(L7Key(local, INGRESS, port, peer))
-    return rules if rules is not None else l7.get(L7Key(local, INGRESS, port, ANY_PEER))
+def rules_for(l7: Mapping[L7Key, frozenset], local: int, port: int, peer: int,
+              direction: int = INGRESS) -> frozenset | None:
+    """The rule set the proxy applies to ``peer`` -> ``local``:``port`` (INGRESS) or
+    to ``local`` -> ``peer``:``port`` (EGRESS) (its lookup: the peer's own entry, else
+    the any-peer one); None: the port is not L7 for it."""
+    rules = l7.get(L7Key(local, direction, port, peer))
+    return rules if rules is not None else l7.get(L7Key(local, direction, port, ANY_PEER))
 
 
 def first_match(rules: Iterable[HTTPRule], req: HTTPRequest) -> HTTPRule | None:

@@ -87,8 +87,11 @@ def _trace_one(world: World, src: PeerSpec, dst: PeerSpec, proto: int, port: int
     ev = Evaluator(world.engine.entries, world.engine.flags, world.engine.local_ids)
     egress = _side(world.engine, ev, src, sid, did, EGRESS, proto, port)
     ingress = _side(world.engine, ev, dst, did, sid, INGRESS, proto, port)
-    if proto == PROTO_TCP and ingress["verdict"] == "allow":
-        _http_side(world.engine, ingress, did, sid, port, http)
+    if proto == PROTO_TCP:
+        # both sides' HTTP rules must pass (the proxy judges them in one pass)
+        for side, local, peer, direction in ((egress, sid, did, EGRESS), (ingress, did, sid, INGRESS)):
+            if side["verdict"] == "allow":
+                _http_side(world.engine, side, local, peer, port, http, direction)
     allowed = egress["verdict"] == "allow" and ingress["verdict"] == "allow"
     return {
         "verdict": "allow" if allowed else "deny",
@@ -100,12 +103,13 @@ def _trace_one(world: World, src: PeerSpec, dst: PeerSpec, proto: int, port: int
 
 
 def _http_side(engine: PolicyEngine, side: dict, local: int, peer: int, port: int,
-               http: HTTPRequest | None) -> None:
-    """The proxy's part of an ingress side the datapath allows: the HTTP rules of the
-    port (as the proxy gets them), and for ``http`` whether one of them passes it."""
-    rules = rules_for(engine.l7, local, port, peer)
+               http: HTTPRequest | None, direction: int = INGRESS) -> None:
+    """The proxy's part of a side the datapath allows: the HTTP rules of the port (as
+    the proxy gets them: the server's ingress rules, the client's egress rules), and for
+    ``http`` whether one of them passes it."""
+    rules = rules_for(engine.l7, local, port, peer, direction)
     if rules is None:
-        if http is not None:
+        if http is not None and direction == INGRESS:   # egress without rules: silent
             side["http"] = {"enforced": False, "rules": [], "matched": None}
             side["reason"] += f"; port {port} has no HTTP rules here: every request passes"
         return

@@ -56,7 +56,7 @@ class PortProtocol:
 
 @dataclass(frozen=True)
 class HTTPRule:
-    """Parsed and validated for the L7 work; not enforced yet."""
+    """One item of ``rules.http``: enforced by the host's proxy (stockade.l7)."""
 
     method: str | None = None
     path: str | None = None

@@ -28,8 +28,6 @@ _SCHEMA = json.loads(resources.files(__package__).joinpath("schema.json").read_t
 _VALIDATOR = jsonschema.Draft202012Validator(_SCHEMA)
 
 L7_SINGLE_TCP_PORT = "L7 HTTP rules need one TCP port (no port 0, endPort or UDP/SCTP)"
-L7_EGRESS = ("HTTP rules in egress are not enforced by this version (ingress only); "
-             "refused rather than applied at L4 only")
 HEADER_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(:.*)?$")
 
 
@@ -264,7 +262,7 @@ class _Sanitizer:
                           f"entity {ent!r} is not supported (one of {', '.join(ENTITIES)})")
             else:
                 entities.append(ent)
-        to_ports = tuple(self.port_rule(pr, f"{path}.toPorts[{i}]", deny=deny, ingress=ingress)
+        to_ports = tuple(self.port_rule(pr, f"{path}.toPorts[{i}]", deny=deny)
                          for i, pr in enumerate(raw.get("toPorts") or []))
         icmps = tuple(f for i, ic in enumerate(raw.get("icmps") or [])
                       for f in self.icmp_rule(ic, f"{path}.icmps[{i}]"))
@@ -272,7 +270,7 @@ class _Sanitizer:
                         to_ports, icmps, empty)
 
     # L4 ------------------------------------------------------------------------
-    def port_rule(self, raw: dict, path: str, *, deny: bool, ingress: bool = True) -> PortRule:
+    def port_rule(self, raw: dict, path: str, *, deny: bool) -> PortRule:
         ports, indexes = [], []
         for i, p in enumerate(raw.get("ports") or []):
             pp = self.port(p, f"{path}.ports[{i}]")
@@ -286,8 +284,6 @@ class _Sanitizer:
         if "http" in rules:
             if deny:
                 self.fail(f"{path}.rules", "deny rules cannot have L7 rules")
-            elif not ingress:
-                self.fail(f"{path}.rules", L7_EGRESS)
             http = tuple(self.http_rule(h, f"{path}.rules.http[{i}]")
                          for i, h in enumerate(rules["http"]))
             if not http:
