@@ -1,10 +1,14 @@
 """Shared by the L7 tests and the L7 benchmark (bench/l7_bench.py): agent settings that
 keep a test agent's proxy, steering and run directory apart from any other agent's,
-policies written as CNP text, the routed set-up the proxy needs, and waiting for it."""
+policies written as CNP text, the routed set-up the proxy needs, and waiting for it;
+an HTTP server that records what it receives, a hand-made HTTP/1.1 client, and a TCP
+frame parser for captures."""
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from traffic import eventually
 
@@ -40,3 +44,99 @@ def wait_proxy(agent, timeout: float = 15) -> None:
         l7 = agent.client.health().get("l7_proxy") or {}
         return l7.get("running") and l7.get("l7_ports")
     assert eventually(up, timeout=timeout), agent.client.health()
+
+
+PORT = 8080
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """A server's handler that records every request it receives, with the address it
+    came from (``seen``: one list per class; ``recorder()`` makes a class of its own)."""
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def _any(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        type(self).seen.append({"client": self.client_address[0], "method": self.command,
+                                "path": self.path, "headers": dict(self.headers), "body": body})
+        payload = b"ok " + self.path.encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _any
+
+    def log_message(self, *args):
+        pass
+
+
+def recorder() -> type[Recorder]:
+    return type("Recorder", (Recorder,), {"seen": []})
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that reset (smuggling, slowloris) are expected here
+
+
+class Client:
+    """One TCP connection from a workload (or the host), HTTP/1.1 by hand."""
+
+    def __init__(self, w, addr, port=PORT, timeout=5.0):
+        self.sock = w.socket() if w is not None else socket.socket()
+        self.sock.settimeout(timeout)
+        self.sock.connect((addr, port))
+        self.buf = b""
+
+    def send(self, raw: bytes):
+        self.sock.sendall(raw)
+
+    def request(self, method="GET", path="/public", headers=None, body=b"", host="api"):
+        hdrs = {"Host": host, **(headers or {})}
+        if body:
+            hdrs["Content-Length"] = str(len(body))
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+        self.send(head.encode() + b"\r\n" + body)
+        return self.response()
+
+    def response(self):
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; got {self.buf!r}")
+            self.buf += chunk
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(rest) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed in body")
+            rest += chunk
+        self.buf = rest[length:]
+        return status, headers, rest[:length]
+
+    def close(self):
+        self.sock.close()
+
+
+def tcp_frame(frame: bytes) -> dict | None:
+    """An IPv4 TCP frame's MACs, TTL, addresses, flags, sequence number and payload
+    (None: anything else)."""
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != socket.IPPROTO_TCP:
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    tcp = ip[ihl:]
+    return {"dst_mac": frame[0:6].hex(":"), "src_mac": frame[6:12].hex(":"), "ttl": ip[8],
+            "src": (socket.inet_ntoa(ip[12:16]), int.from_bytes(tcp[0:2], "big")),
+            "dst": (socket.inet_ntoa(ip[16:20]), int.from_bytes(tcp[2:4], "big")),
+            "flags": tcp[13], "seq": int.from_bytes(tcp[4:8], "big"),
+            "payload": ip[ihl + (tcp[12] >> 4) * 4:int.from_bytes(ip[2:4], "big")]}

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,8 @@ from stockade.daemon.agent import Agent
 from stockade.daemon.api import AgentAPI
 from stockade.daemon.config import AgentConfig
 from stockade.daemon.links import Link
+from stockade.daemon.statecheck import check_state
+from stockade.daemon.statefiles import POLICY_FILE, policy_file
 from stockade.errors import StateError
 
 pytestmark = pytest.mark.pure
@@ -127,18 +132,19 @@ def test_a_damaged_state_stops_the_start_before_the_datapath(tmp_path):
     add(a, "web", "web", "10.9.0.2")
     a.put_policies([DB])
     a.agent.stop()
-    (state / "policies.json").write_text("{}")
+    shard = policy_file({"kind": "CiliumNetworkPolicy", "metadata": {"name": "db"}})   # db's file
+    (state / shard).write_text("{}")
     cfg = AgentConfig(state_dir=str(state), host_name="h1", podman_socket=None,
                       docker_socket=None, podman_events_log=None)
     agent, dp = Agent(cfg), RecordingDatapath()
-    with pytest.raises(StateError, match=r"policies.json: \$: \{\} is not of type 'array'"):
+    with pytest.raises(StateError, match=rf"{shard}: \$: \{{\}} is not of type 'array'"):
         agent.start(dp, watch_links=False, watch_runtimes=False, flows=False)
     assert dp.log == [] and agent.dp is None
 
 
 RECORDS = [
     ("policies.json", [{"document": {"kind": "CiliumNetworkPolicy"}}],
-     "policies.json: document 0: stored policy cannot be read"),
+     f"{policy_file({'kind': 'CiliumNetworkPolicy'})}: document 0: stored policy cannot be read"),
     ("identities.json", {"a": 300, "b": 300}, "identities.json: identity 300 is given to two label sets"),
     ("endpoints.json", [{"name": "a", "id": 1, "interface": "x", "ips": ["nope"], "labels": {}}],
      "endpoints.json: [0] (a): 'nope' does not appear to be an IPv4 or IPv6 address"),
@@ -184,3 +190,64 @@ def test_a_new_link_whose_binding_cannot_be_written_stays_attached_and_closed(tm
     assert 20 in dp.attached and dp.endpoints[20]["unidentified"] is True
     assert api.list_endpoints()[0]["state"] == "waiting-for-interface"
     api.agent.stop()
+
+
+def shards(d) -> dict[str, int]:
+    return {n: os.stat(d / n).st_ino for n in os.listdir(d) if POLICY_FILE.match(n)}
+
+
+def file_of(name: str) -> str:
+    return policy_file({"kind": "CiliumNetworkPolicy", "metadata": {"name": name}})
+
+
+def test_a_one_policy_change_writes_the_shard_of_that_policy_only(tmp_path):
+    api = start(tmp_path / "state")
+    try:
+        spec = "  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: p%d}}]}]\n"
+        api.put_policies([doc(f"p{i}", spec % i) for i in range(100)])
+        d = api.agent.store.dir
+        before = shards(d)
+        api.put_policies([doc("p5", spec % 55)])
+        after = shards(d)
+        assert {n for n in after if after[n] != before.get(n)} == {file_of("p5")}
+        assert len(after) == len(before) > 20
+    finally:
+        api.agent.stop()
+    again = start(tmp_path / "state")
+    try:
+        assert len(again.agent.engine.policies) == 100
+        assert shards(d) == after                        # a start writes nothing it read
+    finally:
+        again.agent.stop()
+
+
+FORMAT_1 = Path(__file__).parent / "data" / "state-format-1"   # see tests/test_state_store.py
+
+
+def test_a_state_of_format_1_is_checked_as_it_is_and_written_as_format_2_at_start(tmp_path):
+    state = tmp_path / "state"
+    shutil.copytree(FORMAT_1, state)
+    cfg = AgentConfig(state_dir=str(state), host_name="h1", podman_socket=None,
+                      docker_socket=None, podman_events_log=None)
+    reports = check_state(cfg)
+    assert [r.line() for r in reports] == [
+        "current (#6): ok: 2 policies, revision 2, 2 endpoints, 7 identities",
+        "generation 1 (#6): ok: 2 policies, revision 2, 2 endpoints, 7 identities",
+        "generation 2 (#5): ok: 2 policies, revision 2, 2 endpoints, 5 identities",
+        "generation 3 (#4): ok: 1 policies, revision 1, 2 endpoints, 3 identities"]
+    assert sorted(os.listdir(state)) == sorted(os.listdir(FORMAT_1))        # checking wrote nothing
+    api = start(state)
+    try:
+        manifest = json.loads((state / "state.json").read_text())
+        assert (manifest["format"], manifest["generation"]) == (2, 7)
+        assert sorted(shards(state)) == sorted({file_of("db"), file_of("web")})
+        assert not (state / "policies.json").exists()
+        assert sorted(p.name for p in api.agent.engine.policies) == ["db", "web"]
+        api.delete_policy("web")
+    finally:
+        api.agent.stop()
+    assert [r.line() for r in check_state(cfg)] == [
+        "current (#8): ok: 1 policies, revision 3, 2 endpoints, 7 identities",
+        "generation 1 (#8): ok: 1 policies, revision 3, 2 endpoints, 7 identities",
+        "generation 2 (#7): ok: 2 policies, revision 2, 2 endpoints, 7 identities",
+        "generation 3 (#6): ok: 2 policies, revision 2, 2 endpoints, 7 identities"]   # #6: format 1

@@ -6,10 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
+from stockade.daemon.statefiles import POLICY_FILE, POLICY_SHARDS, PolicyShards, policy_file, split_policies
 from stockade.daemon.store import StateStore
 from stockade.errors import StateError
 
@@ -17,6 +21,8 @@ pytestmark = pytest.mark.pure
 
 POLICY = {"source": "p.yaml", "document": {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
                                            "metadata": {"name": "p"}, "spec": {"endpointSelector": {}}}}
+CHANGED = {**POLICY, "document": {**POLICY["document"], "spec": {"endpointSelector": {"matchLabels": {"a": "b"}}}}}
+SHARD = policy_file(POLICY["document"])      # the file that holds policy p
 
 
 def files_of(d) -> dict[str, bytes]:
@@ -42,17 +48,17 @@ def test_an_empty_directory_is_an_empty_state(tmp_path):
 
 
 def test_generations_move_up_together(store):
-    store.commit({"policies.json": [], "revision.json": 3})
+    store.commit({"policies.json": [CHANGED], "revision.json": 3})
     store.commit({"revision.json": 4})
     d = store.dir
     assert {n for n in os.listdir(d) if n.startswith(("policies", "revision", "state"))} == {
-        "policies.json", "policies.json.1", "policies.json.2",
+        SHARD, f"{SHARD}.1", f"{SHARD}.2",
         *(f"{f}{s}" for f in ("revision.json", "state.json") for s in ("", ".1", ".2", ".3"))}
-    got = [(store.load(n).number, store.load(n)["revision.json"], len(store.load(n)["policies.json"]))
+    got = [(store.load(n).number, store.load(n)["revision.json"], store.load(n)["policies.json"])
            for n in range(4)]
     # generation 1 is a copy of the working files; N of every file is from the same commit
-    assert got == [(4, 4, 0), (4, 4, 0), (3, 3, 0), (2, 2, 1)]
-    assert os.stat(d / "policies.json").st_ino != os.stat(d / "policies.json.1").st_ino
+    assert got == [(4, 4, [CHANGED]), (4, 4, [CHANGED]), (3, 3, [CHANGED]), (2, 2, [POLICY])]
+    assert os.stat(d / SHARD).st_ino != os.stat(d / f"{SHARD}.1").st_ino
 
 
 def test_a_change_that_changes_nothing_makes_no_generation(store):
@@ -62,8 +68,8 @@ def test_a_change_that_changes_nothing_makes_no_generation(store):
 
 def test_a_working_file_changed_in_place_leaves_its_copy_whole(store):
     store.commit({"revision.json": 3})
-    (store.dir / "policies.json").write_text("{}")      # as an editor writing in place does
-    with pytest.raises(StateError, match=r"policies.json: \$: \{\} is not of type 'array'"):
+    (store.dir / SHARD).write_text("{}")      # as an editor writing in place does
+    with pytest.raises(StateError, match=rf"{SHARD}: \$: \{{\}} is not of type 'array'"):
         StateStore(store.dir).load()
     gen = StateStore(store.dir).load(1)
     assert (gen.number, gen["policies.json"], gen["revision.json"]) == (3, [POLICY], 3)
@@ -89,13 +95,15 @@ PROBLEMS = [
 ]
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["format-1", "before-format-1"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["format-2", "before-format-1"])
 @pytest.mark.parametrize("name,content,message", PROBLEMS, ids=[f"{n}:{c[:24]!r}" for n, c, _ in PROBLEMS])
 def test_a_file_in_the_wrong_shape_is_refused_naming_it(store, legacy, name, content, message):
-    if legacy:
+    if legacy:     # policies.json before format 2, beside the shards a later version left
         for n in os.listdir(store.dir):
             if n.startswith("state.json"):
                 os.unlink(store.dir / n)
+    elif name == "policies.json":
+        name = SHARD
     (store.dir / name).write_bytes(content)
     with pytest.raises(StateError) as err:
         StateStore(store.dir).load()
@@ -106,15 +114,15 @@ def test_a_file_in_the_wrong_shape_is_refused_naming_it(store, legacy, name, con
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "revision.json").write_text("2\n"), None),   # same bytes: fine
     (lambda d: (d / "revision.json").write_text("5"), "does not match state.json (generation 2)"),
-    (lambda d: (d / "policies.json").write_bytes((d / "policies.json").read_bytes()[:-1] + b" "),
+    (lambda d: (d / SHARD).write_bytes((d / SHARD).read_bytes()[:-1] + b" "),
      "does not match state.json"),
     (lambda d: (d / "revision.json").unlink(), "missing, but state.json (generation 2) lists it"),
     (lambda d: (d / "services.json").unlink() or (d / "x.json").write_text("{}"), "missing, but"),
     (lambda d: [(d / "revision.json").write_text("9"), (d / ".state.json.x1.tmp").write_text("{")],
      None),                                      # a commit cut short: the committed one is in .1
     (lambda d: (d / "revision.json").unlink() or (d / "revision.json").mkdir(), "cannot read"),
-    (lambda d: (d / "state.json").write_text(json.dumps({"format": 2, "generation": 3, "files": {}})),
-     "format 2 was written by a newer version"),
+    (lambda d: (d / "state.json").write_text(json.dumps({"format": 3, "generation": 3, "files": {}})),
+     "format 3 was written by a newer version"),
     (lambda d: (d / "state.json").write_text('{"format": 1}'), "'generation' is a required property"),
 ], ids=["unchanged", "changed", "truncated-same-shape", "missing", "unlisted", "cut-short",
         "unreadable", "newer-format", "manifest-shape"])
@@ -201,11 +209,11 @@ def test_a_commit_cut_short_by_a_crash_is_rolled_back_at_load(store, monkeypatch
         real(src, dst)
     monkeypatch.setattr(os, "rename", crash)
     with pytest.raises(SystemExit):
-        store.commit({"policies.json": [], "revision.json": 3})
+        store.commit({"policies.json": [CHANGED], "revision.json": 3})
     monkeypatch.undo()
-    assert (store.dir / "policies.json").read_text().strip() == "[]"    # moved before the crash
+    assert json.loads((store.dir / SHARD).read_text()) == [CHANGED]    # moved before the crash
     assert StateStore(store.dir, create=False).load()["policies.json"] == [POLICY]
-    assert (store.dir / "policies.json").read_text().strip() == "[]"    # a reader repairs nothing
+    assert json.loads((store.dir / SHARD).read_text()) == [CHANGED]    # a reader repairs nothing
     gen = StateStore(store.dir).load()
     assert (gen.number, gen["revision.json"], gen["policies.json"]) == (2, 2, [POLICY])
     assert StateStore(store.dir).load().number == 2 and temps(store.dir) == []
@@ -216,3 +224,105 @@ def test_leftover_temporary_files_are_removed(store):
     (store.dir / ".unrelated.tmp").write_text("not ours")
     StateStore(store.dir)
     assert temps(store.dir) == [".unrelated.tmp"]
+
+
+def policies(n: int) -> list[dict]:
+    return [{"source": "m.yaml", "document": {**POLICY["document"], "metadata": {"name": f"m{i}"}}}
+            for i in range(n)]
+
+
+def names(gen) -> list[str]:
+    return sorted(r["document"]["metadata"]["name"] for r in gen["policies.json"])
+
+
+def test_a_change_of_one_policy_writes_its_shard_and_no_other(tmp_path):
+    store = StateStore(tmp_path / "state")
+    before = policies(200)
+    store.commit({"policies.json": before, "revision.json": 1})
+    d = store.dir
+    assert len([n for n in os.listdir(d) if POLICY_FILE.match(n)]) == POLICY_SHARDS   # 200 fill every one
+    inodes = {n: os.stat(d / n).st_ino for n in os.listdir(d)}
+    changed = {**before[7], "document": {**before[7]["document"], "spec": CHANGED["document"]["spec"]}}
+    store.commit({"policies.json": before[:7] + [changed] + before[8:], "revision.json": 2})
+    shard = policy_file(changed["document"])
+    # new files, or versions moved up a place; every other shard is the file it was
+    assert {n for n in os.listdir(d) if os.stat(d / n).st_ino != inodes.get(n)} == {
+        f"{f}{s}" for f in (shard, "revision.json", "state.json") for s in ("", ".1", ".2")}
+    gen, older = StateStore(d).load(), StateStore(d).load(2)
+    assert names(gen) == names(older) == sorted(f"m{i}" for i in range(200))
+    assert changed in gen["policies.json"] and changed not in older["policies.json"]
+
+
+def test_no_policies_leave_no_shard_and_the_generations_before_keep_theirs(store):
+    store.commit({"policies.json": [], "revision.json": 3})
+    assert not [n for n in os.listdir(store.dir) if POLICY_FILE.match(n)]
+    assert [store.load(n)["policies.json"] for n in range(4)] == [[], [], [POLICY], [POLICY]]
+    StateStore(store.dir).restore(3)
+    assert StateStore(store.dir).load()["policies.json"] == [POLICY]
+
+
+FORMAT_1 = Path(__file__).parent / "data" / "state-format-1"
+
+
+@pytest.fixture
+def format_1(tmp_path):
+    """A state directory as format 1 wrote it (every policy in one policies.json):
+    tests/test_agent_persist.py's agent at commit 0a00e6f after endpoints web and db
+    (generations 1, 2), an ipcache entry (3), policies db (4) and web (5), a service (6)."""
+    d = tmp_path / "state"
+    shutil.copytree(FORMAT_1, d)
+    return d
+
+
+def test_a_directory_of_format_1_loads(format_1):
+    store = StateStore(format_1, create=False)
+    got = [(g.number, g.format, names(g), sorted(g["services.json"])) for g in map(store.load, range(4))]
+    assert got == [(6, 1, ["db", "web"], ["bk"]), (6, 1, ["db", "web"], ["bk"]), (5, 1, ["db", "web"], []),
+                   (4, 1, ["db"], [])]
+
+
+def test_a_commit_over_format_1_writes_format_2(format_1):
+    store = StateStore(format_1)
+    records = store.load()["policies.json"]
+    store.commit({"policies.json": records[:1], "revision.json": 3})
+    manifest = json.loads((format_1 / "state.json").read_text())
+    assert (manifest["format"], manifest["generation"]) == (2, 7)
+    assert [n for n in manifest["files"] if n.startswith("policies")] == [policy_file(records[0]["document"])]
+    assert not (format_1 / "policies.json").exists()      # format 1's file, kept for 6 and before
+    assert [(g.number, names(g)) for g in map(StateStore(format_1).load, range(4))] == [
+        (7, ["db"]), (7, ["db"]), (6, ["db", "web"]), (5, ["db", "web"])]
+    StateStore(format_1).restore(2)                        # format 1's generation 6, as format 2
+    gen = StateStore(format_1).load()
+    assert (gen.number, gen.format, names(gen), gen["revision.json"]) == (8, 2, ["db", "web"], 2)
+
+
+def test_a_shard_the_manifest_does_not_list_is_refused(store):
+    other = next(n for n in (policy_file({"metadata": {"name": f"x{i}"}}) for i in range(99)) if n != SHARD)
+    (store.dir / other).write_text("[]")
+    with pytest.raises(StateError, match=re.escape(f"{other}: is not part of generation 2")):
+        StateStore(store.dir).load()
+
+
+class Policy:
+    def __init__(self, name: str, version: int):
+        self.source, self.document = "p.yaml", {**POLICY["document"], "metadata": {"name": name},
+                                                "spec": {"endpointSelector": {"matchLabels": {"v": str(version)}}}}
+
+
+def contents(files) -> dict:
+    return {n: sorted(json.loads(f.raw()), key=json.dumps) for n, f in files.items() if f is not None}
+
+
+def test_shards_built_from_what_changed_are_the_shards_of_every_policy():
+    shards, live, rnd = PolicyShards(), {}, random.Random(19)
+    for step in range(300):
+        for _ in range(rnd.choice((1, 1, 1, 40))):
+            name = f"p{rnd.randrange(120)}"
+            if rnd.random() < 0.3:
+                live.pop(name, None)
+            else:
+                live[name] = Policy(name, step)
+        built = shards.files(dict(live))
+        whole = split_policies({"source": p.source, "document": p.document} for p in live.values())
+        assert contents(built) == contents(whole), step
+        assert set(built) == set(whole)

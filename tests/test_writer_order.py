@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stockade.datapath.writer import MapWriter, _key_from_c
+from recording_maps import RawMapWriter
 from stockade.policy.mapstate import (
     ANY_PEER,
     ANY_PROTO,
@@ -30,32 +31,15 @@ TCP, UDP = 6, 17
 PORTS = (0, 79, 80, 81, 443)
 
 
-class RecordingWriter(MapWriter):
-    """MapWriter over dicts: every write is one recorded state."""
+class RecordingWriter(RawMapWriter):
+    """Every write is one recorded state (what the programs see then)."""
 
-    def __init__(self, entries, flags):
-        self.entries = dict(entries)
-        self.flags = dict(flags)
-        self.states = [(dict(self.entries), dict(self.flags))]
+    def __init__(self, entries, flags, **kw):
+        super().__init__(entries, flags, **kw)
+        self.states = [self.view()]
 
-    def _shadow(self):
-        return dict(self.entries), dict(self.flags)
-
-    def _update(self, name, key, value):
-        if name == "policy":
-            self.entries[_key_from_c(key)] = Entry(bool(value.deny))
-        else:
-            self.flags[(key.identity, key.direction)] = DirectionPolicy(
-                bool(value.enforced), bool(value.default_deny))
-        self.states.append((dict(self.entries), dict(self.flags)))
-
-    def _delete(self, name, key):
-        if name == "policy":
-            found = self.entries.pop(_key_from_c(key), None) is not None
-        else:
-            found = self.flags.pop((key.identity, key.direction), None) is not None
-        self.states.append((dict(self.entries), dict(self.flags)))
-        return found
+    def after_write(self):
+        self.states.append(self.view())
 
 
 def _lpm(entries, local, peer, direction, proto, port):
@@ -111,15 +95,30 @@ def delta_between(old, new) -> Delta:
     return d
 
 
-def check(old, new) -> None:
-    w = RecordingWriter(*old)
-    w.apply_delta(delta_between(old, new), checked=True)
-    assert w.entries == new[0] and {p: f for p, f in w.flags.items() if f != DirectionPolicy()} == \
-        {p: f for p, f in new[1].items() if f != DirectionPolicy()}
+def _plain(flags):
+    return {p: f for p, f in flags.items() if f != DirectionPolicy()}
+
+
+def check(old, new, switch_min=None) -> RecordingWriter:
+    """Write old -> new; every intermediate state allows nothing both deny, and with a
+    generation switch (``switch_min`` reached) drops nothing both allow either."""
+    w = RecordingWriter(*old, switch_min=switch_min)
+    delta = delta_between(old, new)
+    switched = w._switching(delta)
+    w.apply_delta(delta, checked=True)
+    assert w.view() == (new[0], _plain(new[1]))
     for i, state in enumerate(w.states):
         for pkt in PACKETS:
-            if allowed(state, *pkt) and not allowed(old, *pkt) and not allowed(new, *pkt):
+            now, was, will = allowed(state, *pkt), allowed(old, *pkt), allowed(new, *pkt)
+            if now and not was and not will:
                 raise AssertionError(f"state {i} of {len(w.states)} allows {pkt}, which both deny")
+            if (pkt[0], pkt[2]) in switched and not now and was and will:
+                raise AssertionError(f"state {i} of {len(w.states)} drops {pkt}, which both "
+                                     "allow (generation switch)")
+    # the old generation is gone: one generation per pair in the map
+    gens = w.raw_generations()
+    assert len({(local, d) for local, d, _ in gens}) == len(gens)
+    return w
 
 
 def _moved(k: Key, how: int) -> Key:
@@ -182,3 +181,154 @@ def test_every_pair_of_small_states():
     for old in all_states:
         for new in all_states:
             check(old, new)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_switch_allows_exactly_old_or_new(data):
+    """Large changes (every change here: switch_min 1) switch generations: each state
+    between the writes decides every packet as the old or the new state does."""
+    old = data.draw(states)
+    new = data.draw(related(old)) if data.draw(st.booleans()) else data.draw(states)
+    check(old, new, switch_min=1)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_chains_of_changes_mix_switches_and_ordered_writes(data):
+    """Several changes in a row, each switched or written in order by its size (a
+    pair's generation goes 0 -> 1 -> 0 ...), and back: every state safe."""
+    state = data.draw(states)
+    first = state
+    switch_min = data.draw(st.sampled_from((1, 2, 3, 100)))
+    w = RecordingWriter(*state, switch_min=switch_min)
+    for new in [data.draw(related(state)) for _ in range(3)] + [first]:
+        delta = delta_between(state, new)
+        switched = w._switching(delta)
+        w.states = [w.view()]
+        w.apply_delta(delta, checked=True)
+        assert w.view() == (new[0], _plain(new[1]))
+        for st_ in w.states:
+            for pkt in PACKETS:
+                now, was, will = allowed(st_, *pkt), allowed(state, *pkt), allowed(new, *pkt)
+                assert not (now and not was and not will), pkt
+                assert not ((pkt[0], pkt[2]) in switched and not now and was and will), pkt
+        state = new
+
+
+def test_the_reshaped_allow_is_never_dropped_by_a_switch():
+    """The ordered writes' price (module docstring of writer.py): 80/tcp reshaped to
+    0-1023/tcp drops port 80 between two writes; a switch never does."""
+    enforce = {(LOCAL, INGRESS): DirectionPolicy(True, True)}
+    old = ({Key(LOCAL, 200, INGRESS, TCP, 80, 16): Entry(False)}, enforce)
+    new = ({Key(LOCAL, 200, INGRESS, TCP, 0, 6): Entry(False)}, enforce)
+    w = RecordingWriter(*old)   # default switch_min: written in order
+    w.apply_delta(delta_between(old, new), checked=True)
+    assert any(not allowed(s, LOCAL, 200, INGRESS, TCP, 80) for s in w.states)
+    w = check(old, new, switch_min=2)
+    assert all(allowed(s, LOCAL, 200, INGRESS, TCP, 80) for s in w.states)
+
+
+def _pair_state(ports, peer=200, deny=False):
+    return {Key(LOCAL, peer, INGRESS, TCP, p, 16): Entry(deny) for p in ports}
+
+
+ENFORCE = {(LOCAL, INGRESS): DirectionPolicy(True, True)}
+
+
+def test_switch_needs_room_for_both_generations():
+    """10 entries replaced by 10 others: 20 in the map at the switch. A map of 19 is
+    refused before any write (the old policy stays), one of 20 suffices (the recording
+    map refuses an entry over its size)."""
+    from stockade.datapath.errors import CapacityError
+    old = (_pair_state(range(1000, 1010)), ENFORCE)
+    new = (_pair_state(range(2000, 2010)), ENFORCE)
+    w = RecordingWriter(*old, limit=19, switch_min=10)
+    with pytest.raises(CapacityError, match="20 entries needed"):
+        w.apply_delta(delta_between(old, new))
+    assert w.writes == 0 and w.view() == (old[0], old[1])
+    w = RecordingWriter(*old, limit=20, switch_min=10)
+    w.apply_delta(delta_between(old, new))
+    assert w.view() == new and len(w.maps["policy"]) == 10
+
+
+def test_rollback_after_a_failure_at_any_write_restores_the_old_state():
+    """txn.unwrite after a write that failed part way: the inverse delta on what the
+    maps then hold gives the old state back, at whichever write it failed; no state in
+    between allows what both deny, none left over in the other generation."""
+    old = (_pair_state(range(1000, 1006)) | _pair_state((22,), peer=ANY_PEER, deny=True), ENFORCE)
+    new = (_pair_state(range(1003, 1009)) | {Key(LOCAL, 200, INGRESS, TCP): Entry(True)},
+           {(LOCAL, INGRESS): DirectionPolicy(True, False)})
+    total = RecordingWriter(*old, switch_min=4)
+    total.apply_delta(delta_between(old, new))
+    for fail_at in range(total.writes):
+        w = RecordingWriter(*old, switch_min=4)
+        delta = delta_between(old, new)
+        w.fail_at = fail_at
+        try:
+            w.apply_delta(delta)
+        except Exception:
+            pass
+        else:  # pragma: no cover
+            raise AssertionError(f"no failure at write {fail_at}")
+        w.fail_at = None
+        w.apply_delta(delta.inverse(), checked=True)
+        assert w.view() == (old[0], old[1]), fail_at
+        gens = w.raw_generations()
+        assert len({(local, d) for local, d, _ in gens}) == len(gens), fail_at
+        for st_ in w.states:
+            for pkt in PACKETS:
+                assert not (allowed(st_, *pkt) and not allowed(old, *pkt) and not allowed(new, *pkt))
+
+
+def test_entries_of_the_generation_not_in_force_are_ignored_and_cleared():
+    """An agent stopped mid-switch left entries in the generation not in force: they
+    decide nothing, and the next write deletes them before it switches into it."""
+    from stockade.datapath import maps as m
+    from stockade.datapath.writer import _policy_key
+    old = (_pair_state((80,)), ENFORCE)
+    w = RecordingWriter(*old, switch_min=1)
+    stale = Key(LOCAL, 200, INGRESS, TCP, 443, 16)
+    w.maps["policy"][bytes(_policy_key(stale, 1))] = bytes(m.PolicyValue(deny=0))
+    assert w.view() == old
+    new = (_pair_state((81,)), ENFORCE)
+    w.apply_delta(delta_between(old, new))
+    assert w.view() == new and w.raw_generations() == {(LOCAL, INGRESS, 1)}
+    assert all(not allowed(s, LOCAL, 200, INGRESS, TCP, 443) for s in w.states)
+
+
+def test_the_old_generation_goes_only_after_a_grace_period():
+    """A program that read the flags entry just before the switch still looks up the
+    old generation: its entries are deleted only after every running program has
+    finished (one grace period for all pairs switched), never before the switch."""
+    from stockade.datapath import maps as m
+    from stockade.datapath.writer import _gen_of
+    flags = {(LOCAL, INGRESS): DirectionPolicy(True, True), (LOCAL, EGRESS): DirectionPolicy(True, True)}
+    old = (_pair_state(range(10)) | {Key(LOCAL, 200, EGRESS, TCP, p, 16): Entry(False) for p in range(10)},
+           flags)
+    new = (_pair_state(range(20, 30)) | {Key(LOCAL, 200, EGRESS, TCP, p, 16): Entry(False)
+                                         for p in range(20, 30)}, flags)
+    w = RecordingWriter(*old, switch_min=5)
+    w.apply_delta(delta_between(old, new))
+    assert w.view() == (new[0], new[1])
+    kinds = [e[0] if e[0] == "grace" else (e[0], e[1]) for e in w.events]
+    assert kinds.count("grace") == 1
+    g = kinds.index("grace")
+    assert kinds[:g].count(("update", "policy_flags")) == 2          # both pairs switched
+    old_deletes = [i for i, e in enumerate(w.events) if e[:2] == ("delete", "policy")
+                   and _gen_of(m.PolicyKey.from_buffer_copy(e[2])) == 0]
+    assert len(old_deletes) == 20 and min(old_deletes) > g
+
+
+def test_entries_that_keep_their_verdict_are_rewritten_in_place():
+    """A restarted agent rewrites every entry (the policies behind them are unknown to
+    it), with the same verdicts: no switch, so no room for a second generation needed."""
+    old = (_pair_state(range(100)), ENFORCE)
+    w = RecordingWriter(*old, limit=100, switch_min=10)
+    delta = Delta()
+    for k, e in old[0].items():
+        delta.add(k, Entry(e.deny, frozenset({"web"})), e)
+    assert len(delta.adds) == 100 and w._switching(delta) == set()
+    w.apply_delta(delta)
+    assert w.view() == old and w.raw_generations() == {(LOCAL, INGRESS, 0)}
+    assert ("grace",) not in w.events

@@ -18,13 +18,24 @@
  * Policy key (mirrors stockade.policy.mapstate.Key)
  * -------------------------------------------------
  *   [prefixlen u32][local u32][peer u32][direction u8][proto u8][port __be16]
- *   The LPM trie matches the data bytes in order. The prefix always covers local,
+ *   direction: bit 0 the direction, bit 7 (POLICY_DIR_GEN) the generation of the
+ *   entry (v2). The LPM trie matches the data bytes in order. The prefix always covers local,
  *   peer and direction (72 bits, exact), then the protocol when it is not "any"
  *   (8 bits), then the top port_plen bits of port. A lookup uses prefixlen 96 when
  *   the packet has ports (TCP/UDP/SCTP; ICMP type stored in port) and 80 when it has
  *   none (other protocols; a later fragment has the ports of its first fragment,
  *   see frag): then only entries with port_plen 0
  *   can match.
+ *
+ * Policy generations (double buffer)
+ * ----------------------------------
+ *   Each (local identity, direction) has two generations of entries, 0 and 1; its
+ *   policy_flags value says which one is in force (gen; no flags entry: generation
+ *   0, not enforced). A lookup only sees entries of that generation. A large change
+ *   writes the pair's whole new state into the other generation, then replaces the
+ *   flags entry (new flags and generation: one map update), then deletes the old
+ *   generation's entries: a packet meets the old state or the new one, never a mix
+ *   (stockade.datapath.writer). Entries of the generation not in force are ignored.
  *
  * Conntrack key
  * -------------
@@ -48,6 +59,8 @@
  *     conntrack    v2: icmp_type in the key, echo id in sport only; plain hash;
  *                  owner_peer in the value (budgets)
  *     counters     v2: reasons fragment_orphan and dhcp (NUM_REASONS 13)
+ *     policy       v2: generation bit in policy_key.direction (POLICY_DIR_GEN)
+ *     policy_flags v2: gen in the value (the generation in force)
  *     ct_created, ct_released, frag: v1 (new in this version of the header)
  */
 #ifndef STOCKADE_MAPS_H
@@ -142,7 +155,9 @@ struct ipcache_value {
 	__u32 identity;
 };
 
-/* policy: see "Policy key" above */
+/* policy: see "Policy key" and "Policy generations" above */
+#define POLICY_DIR_GEN 0x80 /* policy_key.direction: entry of generation 1 */
+
 struct policy_key {
 	__u32  prefixlen;
 	__u32  local;
@@ -168,7 +183,8 @@ struct policy_flags_key {
 struct policy_flags_value {
 	__u8 enforced;
 	__u8 default_deny;
-	__u8 pad[2];
+	__u8 gen;         /* v2: generation of the pair's policy entries in force (0/1) */
+	__u8 pad;
 };
 
 /* conntrack (v2): a plain hash, never evicted; entries are charged to owners with

@@ -14,6 +14,10 @@
  * (a new connection) or to the proxy's own socket (its upstream connection, which
  * uses the client's address). Marked packets that no socket takes are dropped by nft:
  * a proxy that is down or not configured yet closes the port, never opens it.
+ * A connection routed in from another host meets the server's own hook (towards the
+ * endpoint): its packets to the L7 port are steered the same way there, once the
+ * server's ingress policy admitted them; the host's own packets (the proxy's upstream
+ * connections) are not.
  * This block runs only on packets the pipeline has already forwarded.
  */
 #ifndef STOCKADE_LIB_L7_H
@@ -59,13 +63,23 @@ static __always_inline int l7_steer(struct __sk_buff *skb, int dir, const struct
 	__u32 ifindex = skb->ifindex;
 	int out, reason;
 
-	if (act != TC_ACT_OK || dir != DIR_EGRESS || p->proto != IPPROTO_TCP_ || !p->has_ports)
+	if (act != TC_ACT_OK || p->proto != IPPROTO_TCP_ || !p->has_ports)
 		return act;
-	out = l7_is_port(p->family, L7_SERVER, p->daddr, p->dport) ||
-	      l7_is_port(p->family, L7_CLIENT, p->saddr, p->dport);
-	if (!out && !l7_is_port(p->family, L7_SERVER, p->saddr, p->sport) &&
-	    !l7_is_port(p->family, L7_CLIENT, p->daddr, p->sport))
-		return act;
+	if (dir == DIR_INGRESS) {
+		/* Routed here from another host: the server's ingress policy has just
+		 * admitted it (a peer it denies was dropped, never answered). What the host
+		 * sends itself carries its socket: the proxy's upstream connections (the
+		 * host's own connections to L7 ports loop through the proxy, nft output). */
+		if (skb->sk || !l7_is_port(p->family, L7_SERVER, p->daddr, p->dport))
+			return act;
+		out = 0;
+	} else {
+		out = l7_is_port(p->family, L7_SERVER, p->daddr, p->dport) ||
+		      l7_is_port(p->family, L7_CLIENT, p->saddr, p->dport);
+		if (!out && !l7_is_port(p->family, L7_SERVER, p->saddr, p->sport) &&
+		    !l7_is_port(p->family, L7_CLIENT, p->daddr, p->sport))
+			return act;
+	}
 	if (out) {
 		reason = l7_server_admits(p, local, cfg);
 		if (reason != REASON_NONE) {

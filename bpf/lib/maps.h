@@ -17,8 +17,10 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache6_key, struct ipcache_value, ipcache6
 		 IPCACHE_MAX, PIN_ipcache6, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy,
 		 POLICY_MAX, PIN_policy, BPF_F_NO_PREALLOC);
+/* Not preallocated: a replaced flags entry (the generation switch) stays intact until
+ * every program that read it is done, so its flags and generation are read as one. */
 BPF_TABLE_PINNED("hash", struct policy_flags_key, struct policy_flags_value, policy_flags,
-		 POLICY_FLAGS_MAX, PIN_policy_flags);
+		 POLICY_FLAGS_MAX, PIN_policy_flags, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct ct_key, struct ct_value, conntrack,
 		 CT_MAX, PIN_conntrack);
 /* Not preallocated: an owner the agent prunes stays valid memory (RCU) for a

@@ -32,9 +32,10 @@ static __always_inline __u32 ipcache_identity(__u8 family, const __u32 *a)
 	return v ? v->identity : IDENTITY_WORLD;
 }
 
-/* One LPM lookup. Returns -1 on miss, else the entry's deny flag (0/1); @id: out,
+/* One LPM lookup among the entries of generation @gen (stockade_maps.h, "Policy
+ * generations"). Returns -1 on miss, else the entry's deny flag (0/1); @id: out,
  * the entry's policy_id (which policies made it: flows name them as of that moment). */
-static __always_inline int policy_match(__u32 local, __u32 peer, int dir,
+static __always_inline int policy_match(__u32 local, __u32 peer, int dir, int gen,
 					const struct pkt *p, __u32 *id)
 {
 	struct policy_key k = {};
@@ -42,7 +43,7 @@ static __always_inline int policy_match(__u32 local, __u32 peer, int dir,
 
 	k.local = local;
 	k.peer = peer;
-	k.direction = dir;
+	k.direction = dir | (gen ? POLICY_DIR_GEN : 0);
 	k.proto = p->proto;
 	if (p->has_ports) {
 		k.prefixlen = POLICY_PREFIX_FULL;
@@ -70,20 +71,27 @@ static __always_inline int policy_decide(__u32 local, __u32 peer, int dir,
 					 const struct pkt *p, __u8 *match, __u32 *ids)
 {
 	struct policy_flags_key fk = {};
-	struct policy_flags_value *f;
+	struct policy_flags_value *f, flags;
 	int exact, any = -1;
 
 	fk.identity = local;
 	fk.direction = dir;
 	f = policy_flags.lookup(&fk);
-	if (!f || !f->enforced) {
+	if (!f) {
+		*match = MATCH_NOT_ENFORCED;
+		return REASON_NONE;
+	}
+	/* The flags and the generation in force, as one state (not preallocated: a
+	 * replaced entry stays as it was while we read it). */
+	__builtin_memcpy(&flags, f, sizeof(flags));
+	if (!flags.enforced) {
 		*match = MATCH_NOT_ENFORCED;
 		return REASON_NONE;
 	}
 	ids[0] = ids[1] = 0;
-	exact = policy_match(local, peer, dir, p, &ids[0]);
+	exact = policy_match(local, peer, dir, flags.gen, p, &ids[0]);
 	if (peer != IDENTITY_ANY)
-		any = policy_match(local, IDENTITY_ANY, dir, p, &ids[1]);
+		any = policy_match(local, IDENTITY_ANY, dir, flags.gen, p, &ids[1]);
 	*match = (exact >= 0 ? MATCH_F_EXACT : 0) | (any >= 0 ? MATCH_F_ANY : 0);
 	if (exact == 1 || any == 1) {
 		*match |= MATCH_DENY;
@@ -93,7 +101,7 @@ static __always_inline int policy_decide(__u32 local, __u32 peer, int dir,
 		*match |= MATCH_ALLOW;
 		return REASON_NONE;
 	}
-	if (f->default_deny) {
+	if (flags.default_deny) {
 		*match |= MATCH_DEFAULT_DENY;
 		return REASON_POLICY_DENIED;
 	}

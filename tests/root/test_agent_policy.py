@@ -294,7 +294,6 @@ def test_stored_policy_this_version_refuses_stays_enforced():
     """A policy stored by an earlier version in a shape this one refuses (peer kinds
     combined) is not dropped at start, which would open what it denies: it is compiled as
     stored, named in status, refused if pushed again as is, and cleared by a fix."""
-    import json
     with Topology("s") as topo:
         w = {t: topo.add_workload(t, [f"10.213.21.{i}/24"]) for i, t in enumerate("abcx", start=1)}
         with AgentProcess() as agent:
@@ -303,8 +302,9 @@ def test_stored_policy_this_version_refuses_stays_enforced():
                                           labels={"app": app})
             apply(agent, cnp("db", DB_FROM_WEB))
             agent.kill()
-            stored = agent.run_dir / "state" / "policies.json"
-            records = json.loads(stored.read_text())
+            from stockade.daemon.store import StateStore  # as the version that stored it wrote it
+            state = agent.run_dir / "state"
+            records = StateStore(state, create=False).load()["policies.json"]
             combined = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
                         "metadata": {"name": "db"},
                         "spec": {"endpointSelector": {"matchLabels": {"app": "db"}},
@@ -312,8 +312,7 @@ def test_stored_policy_this_version_refuses_stays_enforced():
                                               "fromCIDR": [f"{w['x'].ip4}/32"],
                                               "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]}]}}
             records[0]["document"] = combined
-            from stockade.daemon.store import StateStore  # as the version that stored it wrote it
-            StateStore(stored.parent).commit({"policies.json": records})
+            StateStore(state).commit({"policies.json": records})
             agent.start()
             health = agent.client.health()
             assert health["status"] == "degraded"

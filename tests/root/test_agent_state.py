@@ -17,6 +17,7 @@ import pytest
 from agentproc import STOCKADE, AgentProcess
 from netns import Topology, run
 from pinned import dump_maps
+from stockade.daemon.statefiles import policy_file
 from traffic import tcp_ok, udp_ok
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -64,16 +65,17 @@ def agent_cmd(agent, *args, timeout=30) -> tuple[subprocess.CompletedProcess, fl
 # (how, file, content, message): "file" replaces the file (a disk, an editor or a script
 # damaged it); "store" commits it as a generation (a version that wrote what this one
 # cannot read: only the reading of its records can refuse it).
+DB_FILE = policy_file({"kind": "CiliumNetworkPolicy", "metadata": {"name": "db"}})   # db's shard
 DAMAGE = [
-    ("file", "policies.json", "{}", "policies.json: $: {} is not of type 'array'"),
-    ("file", "policies.json", "[{}]", "policies.json: $[0]: 'document' is a required property"),
-    ("file", "policies.json", "null", "policies.json: $: None is not of type 'array'"),
-    ("file", "policies.json", None, "policies.json: not JSON"),          # cut in half
+    ("file", DB_FILE, "{}", f"{DB_FILE}: $: {{}} is not of type 'array'"),
+    ("file", DB_FILE, "[{}]", f"{DB_FILE}: $[0]: 'document' is a required property"),
+    ("file", DB_FILE, "null", f"{DB_FILE}: $: None is not of type 'array'"),
+    ("file", DB_FILE, None, f"{DB_FILE}: not JSON"),          # cut in half
     ("file", "revision.json", '"12"', "revision.json: $: '12' is not of type 'integer'"),
     ("file", "revision.json", "7", "revision.json: does not match state.json"),
     ("file", "state.json", "[]", "state.json: $: [] is not of type 'object'"),
     ("store", "policies.json", [{"document": {"kind": "CiliumNetworkPolicy"}}],
-     "policies.json: document 0: stored policy cannot be read"),
+     f"{policy_file({'kind': 'CiliumNetworkPolicy'})}: document 0: stored policy cannot be read"),
     ("store", "endpoints.json", [{"name": "a", "id": 1, "interface": "x", "ips": ["nope"], "labels": {}}],
      "endpoints.json: [0] (a): 'nope' does not appear to be an IPv4 or IPv6 address"),
 ]
@@ -180,7 +182,7 @@ def test_a_full_filesystem_during_an_import_changes_nothing(topo, small_fs):
         files = {n: (state_dir / n).read_bytes() for n in os.listdir(state_dir)}
         maps = dump_maps(agent.settings["bpffs_dir"])
         health = agent.client.health()
-        filler = fill(small_fs, leave=64 * 1024)   # policies.json of the import needs ~1 MB
+        filler = fill(small_fs, leave=64 * 1024)   # the policy shards of the import need ~1 MB
 
         from stockade.client import APIError
         with pytest.raises(APIError) as err:

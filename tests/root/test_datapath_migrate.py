@@ -20,6 +20,8 @@ from netns import Topology
 from oldbuild import old_build
 from stockade.datapath import Datapath, DatapathError, Reason, Verdict, pin_name
 from stockade.datapath import maps as m
+from stockade.datapath.writer import _gen_of
+from stockade.policy.mapstate import EGRESS, DirectionPolicy, Key
 
 pytestmark = pytest.mark.root
 
@@ -48,6 +50,13 @@ OLD_WRITER = textwrap.dedent("""
         ct_entry(1, 0, "10.213.40.9", "10.213.40.1", 7, 7, now + %(far)d)     # echo in
         ct_entry(6, 1, "10.213.40.1", "10.213.40.9", 40000, 80, now + %(far)d)  # tcp out
         ct_entry(17, 1, "10.213.40.1", "10.213.40.9", 40001, 53, now - 1)   # expired
+        # policy v1: egress of 1001 default-deny, allow 1009 tcp/80, deny any udp
+        dp._update("policy", m.PolicyKey(prefixlen=96, local=1001, peer=1009, direction=1,
+                                         proto=6, port=socket.htons(80)), m.PolicyValue(deny=0))
+        dp._update("policy", m.PolicyKey(prefixlen=80, local=1001, peer=0, direction=1,
+                                         proto=17), m.PolicyValue(deny=1))
+        dp._update("policy_flags", m.PolicyFlagsKey(identity=1001, direction=1),
+                   m.PolicyFlagsValue(enforced=1, default_deny=1))
         t = dp.table("counters")
         idx = (1 * 3 + 0) * 11 + 10      # egress, forwarded, neigh in v1's numbering
         leaf = t.Leaf()                  # one value per CPU
@@ -86,8 +95,14 @@ def test_v1_pins_are_migrated(old_tree, link):
         assert os.path.exists(f"{PIN}/conntrack") and os.path.exists(f"{PIN}/endpoints")
         dp = Datapath(SETTINGS)
         names = set(os.listdir(PIN))
-        assert {"conntrack", "endpoints", "counters"}.isdisjoint(names)
-        assert {pin_name("conntrack"), pin_name("endpoints"), pin_name("counters")} <= names
+        assert {"conntrack", "endpoints", "counters", "policy", "policy_flags"}.isdisjoint(names)
+        assert {pin_name("conntrack"), pin_name("endpoints"), pin_name("counters"),
+                pin_name("policy"), pin_name("policy_flags")} <= names
+        # policy v1 -> v2: the same entries, generation 0, in force
+        assert dp.policy_flags() == {(1001, EGRESS): DirectionPolicy(True, True)}
+        assert {k: e.deny for k, e in dp.policy_entries().items()} == {
+            Key(1001, 1009, EGRESS, 6, 80, 16): False, Key(1001, 0, EGRESS, 17): True}
+        assert {_gen_of(k) for k, _ in dp._items("policy", m.PolicyKey, m.PolicyValue)} == {0}
 
         ep = dp.get_endpoint(w.host_ifindex)
         assert (ep.identity, ep.n_ip4, ep.n_ll) == (1001, 1, 1)

@@ -7,8 +7,9 @@ import itertools
 
 import pytest
 
+from recording_maps import RawMapWriter
 from stockade.datapath.errors import CapacityError
-from stockade.datapath.writer import MapWriter, _key_from_c, _policy_key
+from stockade.datapath.writer import _gen_of, _key_from_c, _policy_key
 from stockade.policy.mapstate import ANY_PEER, EGRESS, PROTO_TCP, DirectionPolicy, Entry, Key, diff, lookup
 
 pytestmark = pytest.mark.pure
@@ -20,43 +21,17 @@ AOM = DirectionPolicy(True, False)
 OFF = DirectionPolicy()
 
 
-class FakeWriter(MapWriter):
-    """Keeps mapstate-shaped dicts and checks every intermediate state."""
+class FakeWriter(RawMapWriter):
+    """Raw policy maps in dicts; checks every intermediate state."""
 
     def __init__(self, entries, flags, old, new, limit=64):
-        self.entries, self.flags = dict(entries), dict(flags)
-        self.old, self.new, self.limit = old, new, limit
-        self.writes = 0
+        super().__init__(entries, flags, limit=limit)
+        self.old, self.new = old, new
 
-    def max_entries(self, name):
-        return self.limit
-
-    def policy_entries(self):
-        return dict(self.entries)
-
-    def policy_flags(self):
-        return dict(self.flags)
-
-    def _update(self, name, key, value):
-        if name == "policy":
-            self.entries[_key_from_c(key)] = Entry(bool(value.deny))
-        else:
-            self.flags[(key.identity, key.direction)] = DirectionPolicy(
-                bool(value.enforced), bool(value.default_deny))
-        self._check()
-
-    def _delete(self, name, key):
-        if name == "policy":
-            self.entries.pop(_key_from_c(key), None)
-        else:
-            self.flags.pop((key.identity, key.direction), None)
-        self._check()
-        return True
-
-    def _check(self):
-        self.writes += 1
+    def after_write(self):
+        entries, flags = self.view()
         for port in (80, 443, 8080):
-            now = _allowed(self.entries, self.flags, port)
+            now = _allowed(entries, flags, port)
             assert now in (_allowed(*self.old, port), _allowed(*self.new, port)), (
                 f"write {self.writes}: port {port} {'allowed' if now else 'dropped'}")
 
@@ -87,7 +62,7 @@ def test_no_transient_verdicts(old, new):
     (oe, of), (ne, nf) = STATES[old], STATES[new]
     w = FakeWriter(oe, of, (oe, of), (ne, nf))
     w.apply_delta(diff(oe, ne, of, nf))
-    assert (w.entries, w.flags) == (ne, {k: v for k, v in nf.items() if v != OFF})
+    assert w.view() == (ne, {k: v for k, v in nf.items() if v != OFF})
 
 
 def test_capacity_checked_before_any_write():
@@ -105,4 +80,6 @@ def test_capacity_checked_before_any_write():
 def test_policy_key_round_trip(key):
     c = _policy_key(key)
     assert c.prefixlen == key.prefixlen
-    assert _key_from_c(c) == key
+    assert _key_from_c(c) == key and _gen_of(c) == 0
+    c1 = _policy_key(key, 1)
+    assert _key_from_c(c1) == key and _gen_of(c1) == 1 and bytes(c1) != bytes(c)

@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
-from test_l7_http import Client, Recorder, Server, _tcp, _tcp_frames
+from test_l7_http import _tcp_frames
 
 from agentproc import AgentProcess
-from l7env import cnp, l7_settings, route_via_host, wait_proxy
+from l7env import Client, Recorder, Server, cnp, l7_settings, route_via_host, tcp_frame, wait_proxy
 from netns import Topology, in_netns, run
 from traffic import Capture, eventually
 
@@ -196,7 +196,7 @@ def test_replies_reach_the_client_only_through_the_proxy(e):
             c.close()
 
         def server_fin(f):
-            t = _tcp(f)
+            t = tcp_frame(f)
             return t is not None and t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port) \
                 and t["flags"] & 0x01
         assert at_a.wait(server_fin, timeout=5)

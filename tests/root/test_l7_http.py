@@ -12,12 +12,21 @@ import socket
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from agentproc import AgentProcess
-from l7env import TAG, cnp, l7_settings, route_via_host, wait_proxy
+from l7env import (
+    TAG,
+    Client,
+    Recorder,
+    Server,
+    cnp,
+    l7_settings,
+    route_via_host,
+    tcp_frame,
+    wait_proxy,
+)
 from netns import Topology, in_netns
 from traffic import Capture, eventually
 
@@ -26,35 +35,6 @@ pytestmark = pytest.mark.root
 NET4 = "10.213.18."
 HOST4 = f"{NET4}254"
 PORT = 8080
-
-
-class Recorder(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    seen: list = []
-
-    def _any(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        Recorder.seen.append({"client": self.client_address[0], "method": self.command,
-                              "path": self.path, "headers": dict(self.headers), "body": body})
-        payload = b"ok " + self.path.encode() + b"\n"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _any
-
-    def log_message(self, *args):
-        pass
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        pass  # clients that reset (smuggling, slowloris) are expected here
 
 
 @pytest.fixture(scope="module")
@@ -101,49 +81,6 @@ ingress:
 
 def apply(agent, *docs):
     agent.client.put_policies(list(docs), replace_all=True)
-
-
-class Client:
-    """One TCP connection from a workload (or the host), HTTP/1.1 by hand."""
-
-    def __init__(self, w, addr, port=PORT, timeout=5.0):
-        self.sock = w.socket() if w is not None else socket.socket()
-        self.sock.settimeout(timeout)
-        self.sock.connect((addr, port))
-        self.buf = b""
-
-    def send(self, raw: bytes):
-        self.sock.sendall(raw)
-
-    def request(self, method="GET", path="/public", headers=None, body=b"", host="api"):
-        hdrs = {"Host": host, **(headers or {})}
-        if body:
-            hdrs["Content-Length"] = str(len(body))
-        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
-        self.send(head.encode() + b"\r\n" + body)
-        return self.response()
-
-    def response(self):
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; got {self.buf!r}")
-            self.buf += chunk
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", 0))
-        while len(rest) < length:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed in body")
-            rest += chunk
-        self.buf = rest[length:]
-        return status, headers, rest[:length]
-
-    def close(self):
-        self.sock.close()
 
 
 def test_rules_allow_and_deny_each_matcher(e):
@@ -219,19 +156,6 @@ ingress:
 """
 
 
-def _tcp(frame: bytes) -> dict | None:
-    """An IPv4 TCP frame's MACs, addresses, flags and payload (None: anything else)."""
-    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != socket.IPPROTO_TCP:
-        return None
-    ip = frame[14:]
-    ihl = (ip[0] & 0x0F) * 4
-    tcp = ip[ihl:]
-    return {"dst_mac": frame[0:6].hex(":"), "src_mac": frame[6:12].hex(":"),
-            "src": (socket.inet_ntoa(ip[12:16]), int.from_bytes(tcp[0:2], "big")),
-            "dst": (socket.inet_ntoa(ip[16:20]), int.from_bytes(tcp[2:4], "big")),
-            "flags": tcp[13], "payload": ip[ihl + (tcp[12] >> 4) * 4:int.from_bytes(ip[2:4], "big")]}
-
-
 def _conversation(w, paths):
     """One keep-alive connection a -> b:PORT with a request per path, closed by the
     client; -> (statuses, client port, TCP frames arriving at a, TCP frames b sent)."""
@@ -245,7 +169,7 @@ def _conversation(w, paths):
             c.close()
 
         def server_fin(f):
-            t = _tcp(f)
+            t = tcp_frame(f)
             return t is not None and t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port) \
                 and t["flags"] & 0x01
         assert at_a.wait(server_fin, timeout=5), "the connection was not closed from b's side"
@@ -253,7 +177,7 @@ def _conversation(w, paths):
 
 
 def _tcp_frames(cap: Capture) -> list[dict]:
-    return [t for t in map(_tcp, list(cap.frames)) if t is not None]
+    return [t for t in map(tcp_frame, list(cap.frames)) if t is not None]
 
 
 def test_replies_reach_the_client_only_through_the_proxy(e):

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from prometheus_client import Histogram
 
 from ..errors import StockadeError
+from ..policy.describe import LineIndex
 from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityAllocator
 from . import restore
@@ -28,7 +29,7 @@ from .changes import Change, ChangePolicies, HostAddresses, LinkChange
 from .config import AgentConfig
 from .links import Link, LinkWatcher, host_addresses, list_links
 from .state import Snapshot, State
-from .statefiles import BUILDERS
+from .statefiles import BUILDERS, PolicyShards
 from .store import StateStore
 from .txn import Txn
 
@@ -41,6 +42,8 @@ class Agent:
         self.config = config
         self._lock = threading.RLock()
         self.store = StateStore(config.state_dir, create=not read_only)
+        self.policy_shards = PolicyShards()   # what the last commit's policy shards were
+        self.policy_line_index = LineIndex()  # the policies' rule lines, for change summaries
         self.alloc = IdentityAllocator()   # its numbers come with the state (restore)
         self.engine = PolicyEngine(config.enforcement)
         self.state = State()
@@ -88,7 +91,8 @@ class Agent:
             changed = restore.restore(self, self.store.load())
         if datapath is None:
             from ..datapath import Datapath
-            datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode)
+            datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode,
+                                 switch_min=cfg.policy_switch_entries)
         self.dp = datapath
         if self.live and cfg.kernel_default:
             self._install_kernel_default()
@@ -261,10 +265,9 @@ class Agent:
         dirty = set(dirty) | ({"identities"} if self.alloc.unsaved else set())
         if not dirty:
             return
-        files = {}
+        files: dict[str, Any] = {}
         for name in sorted(dirty):
-            path, build = BUILDERS[name]
-            files[path] = build(self)
+            files.update(BUILDERS[name](self))
         self.store.commit(files)
         self.alloc.saved()
 

@@ -2,9 +2,9 @@
 
     moves = DirMoves(directory)
     try:
-        tmp = moves.write_temp("policies.json", data)     # written and fsynced
-        moves.rotate("policies.json", 3)                  # NAME.2 -> NAME.3, NAME.1 -> NAME.2
-        moves.replace(tmp, "policies.json")               # the old file held by a link
+        tmp = moves.write_temp("revision.json", data)     # written and fsynced
+        moves.rotate("revision.json", 3)                  # NAME.2 -> NAME.3, NAME.1 -> NAME.2
+        moves.replace(tmp, "revision.json")               # the old file held by a link
         moves.fsync()
     except OSError:
         moves.undo()                                      # every move back, temps removed

@@ -422,7 +422,7 @@ class ChangePolicies(Change):
         txn.engine(txn.etx.set_policies(changed, remove=removed))
         drop_cidr_identities(txn, unused)
         delta = txn.etx.delta
-        summary = summarize(old, new, delta)
+        summary = summarize(old, new, delta, txn.agent.policy_line_index)
         is_change = bool(delta) or bool(summary["added"] or summary["removed"] or summary["changed"])
         if is_change and not txn.dry_run:
             txn.j.set(st.meta, "revision", st.revision + 1)

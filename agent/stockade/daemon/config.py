@@ -117,6 +117,9 @@ class AgentConfig:
     runtime_relist_interval: float = 60.0
     metrics_listen: str | None = None  # e.g. 127.0.0.1:9962
     policy_map_size: int = 262144
+    # A policy change of this many entries or more for one (identity, direction) is
+    # written by a generation switch (datapath/writer.py): atomic, needs room for both.
+    policy_switch_entries: int = 32
     endpoints_map_size: int = 4096
     ipcache_map_size: int = 262144
     ct_map_size: int = 262144

@@ -36,6 +36,7 @@ from .endpoints import Endpoint, parse_labels
 from .inventory import parse_services
 from .links import host_addresses, list_links
 from .state import RemoteRecord
+from .statefiles import POLICIES
 from .txn import Txn
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ class _Records:
 def restore(agent: "Agent", gen: "Generation") -> set[str]:
     """Fill the model and the engine from ``gen`` (the lock is held). Returns the state
     files the model now says differently (records that gained what identifies their
-    interface, identity numbers allocated), for the caller to persist."""
+    interface, identity numbers allocated; policies still in format 1's single
+    policies.json, to be written as shards), for the caller to persist."""
     try:
         agent.alloc = IdentityAllocator(gen["identities.json"])
     except IdentityError as exc:
@@ -75,13 +77,13 @@ def restore(agent: "Agent", gen: "Generation") -> set[str]:
     HostAddresses(tuple(host_addresses()) if agent.live else ()).apply(txn)
     _restore_ipcache(agent, txn, gen["ipcache.json"])
     _restore_kvstore(agent, txn, gen["kvstore.json"])
-    records = _Records(agent, "policies.json")
     policies = []
-    for i, rec in enumerate(gen["policies.json"]):
-        try:
-            policies.append(stored_policy(rec))
-        except StockadeError as exc:
-            raise records.fail(f"document {i}", exc) from None
+    for name, recs in gen.policy_files:
+        for i, rec in enumerate(recs):
+            try:
+                policies.append(stored_policy(rec))
+            except StockadeError as exc:
+                raise _Records(agent, name).fail(f"document {i}", exc) from None
     drop_cidr_identities(txn, sync_cidr_identities(txn, policies))
     txn.engine(txn.etx.set_policies(policies))
     txn.j.set(st.meta, "revision", gen["revision.json"])
@@ -94,7 +96,9 @@ def restore(agent: "Agent", gen: "Generation") -> set[str]:
     write_service_cidrs(txn)
     changed = _restore_endpoints(agent, txn, gen["endpoints.json"])
     txn.commit()  # nothing is written step by step: reconcile() writes the differences
-    return ({"endpoints"} if changed else set()) | ({"identities"} if agent.alloc.unsaved else set())
+    unsharded = any(name == POLICIES for name, _ in gen.policy_files)   # format 1: migrated
+    return ({"endpoints"} if changed else set()) | ({"identities"} if agent.alloc.unsaved else set()) \
+        | ({"policies"} if unsharded else set())
 
 
 def _restore_ipcache(agent: "Agent", txn: Txn, recs: list) -> None:
@@ -165,9 +169,10 @@ def _restore_endpoints(agent: "Agent", txn: Txn, recs: list) -> bool:
 
 
 def stored_policy(record: dict):
-    """A policy from policies.json. One this version refuses is still read as the
-    version that stored it compiled it (never dropped: that would open what it denies);
-    it is named in status until it is replaced or deleted."""
+    """A policy record of the state (a shard, or format 1's policies.json). One this
+    version refuses is still read as the version that stored it compiled it (never
+    dropped: that would open what it denies); it is named in status until it is replaced
+    or deleted."""
     try:
         return sanitize_document(record["document"], source=record.get("source", ""))
     except PolicyErrors as exc:

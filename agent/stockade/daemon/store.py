@@ -2,7 +2,8 @@
 checked when read.
 
     state.json        the manifest: format, generation number, each file's SHA-256 and size
-    identities.json … the state files (statefiles.py says what each holds and its schema)
+    identities.json … the state files (statefiles.py says what each holds and its schema;
+                      the policies are in shards, policies-NN.json)
     NAME.1            a copy of NAME as it was last written (generation 1: the last good one)
     NAME.2, NAME.3    the two versions of NAME before it
     state.json.N      the manifest of generation N (1: a copy of the current one)
@@ -27,11 +28,16 @@ crash cut short leaves its temporary manifest behind; then, and only then, ``loa
 takes each file of the committed generation from whichever version holds it and puts it
 back in place. A directory without state.json is from before format 1: its files are
 checked by shape alone.
+
+A commit costs what it changes: a file whose content is the same is neither written nor
+(for an EncodedList that was hashed before) hashed again, and the policies are sharded
+(statefiles.py), so a one-rule change writes one shard, revision.json and the manifest.
+Each is written twice on purpose: NAME.1 is its own copy, not a hard link, so that an
+editor writing into NAME in place cannot damage generation 1 too.
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -45,10 +51,25 @@ from jsonschema.exceptions import best_match
 
 from ..errors import StateError
 from .atomicdir import DirMoves, fsync_dir, suffixed, unlink
-from .statefiles import EMPTY, FILES, FORMAT, MANIFEST, MANIFEST_SCHEMA, SCHEMAS, EncodedList, json_path
+from .statefiles import (
+    EMPTY,
+    FILES,
+    FORMAT,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    POLICIES,
+    POLICY_FILE,
+    POLICY_FILES,
+    SCHEMAS,
+    EncodedList,
+    file_entry,
+    json_path,
+    schema_name,
+    split_policies,
+)
 
 GENERATIONS = 3            # kept beside the working files
-_NAMES = FILES + (MANIFEST,)
+_NAMES = FILES + POLICY_FILES + (MANIFEST,)
 _VALIDATORS = {name: Draft202012Validator(schema) for name, schema in
                {**SCHEMAS, MANIFEST: MANIFEST_SCHEMA}.items()}
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -63,8 +84,11 @@ class Generation:
 
     back: int
     number: int
+    format: int = 0                     # 0: before format 1
     data: dict[str, Any] = field(default_factory=dict)
     present: tuple[str, ...] = ()       # files it has (the others read as EMPTY)
+    # Where data["policies.json"] comes from: (file, its records), in order.
+    policy_files: list[tuple[str, list]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> Any:
         return self.data[name]
@@ -80,14 +104,27 @@ def _suffix(n: int) -> str:
 
 def _encode(data) -> bytes:
     if isinstance(data, EncodedList):
-        return b"[" + b",".join(data.items) + b"]\n"
+        return data.raw()
     # No indent: json's C encoder (with indent it falls back to pure Python, ~10x slower
     # for a 100,000-entry policy file). One line per file; readers do not care.
     return (json.dumps(data, separators=(",", ":"), sort_keys=True) + "\n").encode()
 
 
-def _entry(raw: bytes) -> dict:
-    return {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+_entry = file_entry
+
+
+def _expand(files: dict[str, Any]) -> dict[str, Any]:
+    """policies.json given as one list of records -> its shards (and policies.json, the
+    file of format 1, removed); given as None (no policies) -> every shard removed."""
+    if POLICIES not in files:
+        return files
+    out: dict[str, Any] = {}
+    for name, data in files.items():      # in the same order: the shards where policies.json was
+        if name == POLICIES:
+            out.update(split_policies(data) if data is not None else dict.fromkeys((POLICIES, *POLICY_FILES)))
+        else:
+            out[name] = data
+    return out
 
 
 class StateStore:
@@ -116,30 +153,49 @@ class StateStore:
         if manifest is None and back:
             raise StateError(self.path(f"{MANIFEST}.{back}"), "no such generation")
         number = manifest["generation"] if manifest else 0
-        gen = Generation(back, number)
+        gen = Generation(back, number, manifest["format"] if manifest else 0)
         present = []
-        for name in FILES:
+        listed = manifest["files"] if manifest else {}
+        names = FILES + tuple(sorted(n for n in listed if POLICY_FILE.match(n)))
+        if back == 0:   # shards the manifest does not list: not committed (or, without one, read)
+            names += self._shards(not_in=listed)
+        for name in names:
             if manifest is None:
                 raw = self._read_bytes(self.path(name))
                 if raw is None:
-                    gen.data[name] = EMPTY[name]
                     continue
-                gen.data[name] = self._parse(self.path(name), name, raw)
+                value = self._parse(self.path(name), name, raw)
             else:
-                entry = manifest["files"].get(name)
+                entry = listed.get(name)
                 if entry is None:
-                    gen.data[name] = EMPTY[name]
                     if back == 0 and os.path.lexists(self.path(name)):
                         self._not_committed(name, number)
                     continue
-                gen.data[name] = self._version(name, entry, back, number)
+                value = self._version(name, entry, back, number)
+            if schema_name(name) == POLICIES:
+                gen.policy_files.append((name, value))
+            else:
+                gen.data[name] = value
             present.append(name)
-        gen.present = tuple(present)
+        gen.data[POLICIES] = [rec for _, recs in gen.policy_files for rec in recs]
+        for name in FILES:
+            gen.data.setdefault(name, EMPTY[name])
+        gen.present = tuple(dict.fromkeys(schema_name(n) for n in present))
         if back == 0:
             self.number = number
-            self._files = dict(manifest["files"]) if manifest else None
+            self._files = dict(listed) if manifest else None
             self.interrupted = False
         return gen
+
+    def _shards(self, not_in=()) -> tuple[str, ...]:
+        """The working policy shards in the directory."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return ()
+        except OSError as exc:
+            raise StateError(self.dir, f"cannot read: {exc.strerror}") from exc
+        return tuple(sorted(n for n in names if POLICY_FILE.match(n) and n not in not_in))
 
     def _version(self, name: str, entry: dict, back: int, number: int):
         """The version of ``name`` whose hash ``entry`` names: for the working generation
@@ -204,7 +260,7 @@ class StateStore:
             raise StateError(p, f"not JSON: not UTF-8 at byte {exc.start}") from None
         except ValueError as exc:
             raise StateError(p, f"not JSON: {exc}") from None
-        err = best_match(_VALIDATORS[name].iter_errors(value))
+        err = best_match(_VALIDATORS[schema_name(name)].iter_errors(value))
         if err is not None:
             raise StateError(p, _cut(f"{json_path(err.absolute_path)}: {err.message}"))
         return value
@@ -219,20 +275,30 @@ class StateStore:
         the others carry over unchanged. Returns its number (the current one when nothing
         changes, unless ``force``). Raises StateError (507 for a full disk) with the
         previous generation left whole and current."""
+        files = _expand(files)
         files_now = self._current_files()
-        encoded = {name: None if data is None else _encode(data) for name, data in files.items()}
-        entries = {name: _entry(raw) for name, raw in encoded.items() if raw is not None}
-        changed = [name for name, raw in encoded.items()
-                   if (raw is None and (name in files_now or os.path.lexists(self.path(name)))) or
-                   (raw is not None and (force or entries[name] != files_now.get(name)))]
+        encoded: dict[str, bytes | None] = {}
+        entries: dict[str, dict] = {}
+        for name, data in files.items():
+            if isinstance(data, EncodedList):
+                entries[name] = data.entry      # hashed once; encoded below if it changed
+            elif data is not None:
+                raw = encoded[name] = _encode(data)
+                entries[name] = _entry(raw)
+        changed = [name for name, data in files.items()
+                   if (data is None and (name in files_now or os.path.lexists(self.path(name)))) or
+                   (data is not None and (force or entries[name] != files_now.get(name)))]
         if not changed:
             return self.number
         number = self.number + 1
         for name in changed:
-            if encoded[name] is None:
+            if files[name] is None:
                 files_now.pop(name, None)
+                encoded[name] = None
             else:
                 files_now[name] = entries[name]
+                if name not in encoded:
+                    encoded[name] = _encode(files[name])
         encoded[MANIFEST] = _encode({"format": FORMAT, "generation": number, "files": files_now,
                                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         changed.append(MANIFEST)
@@ -240,10 +306,10 @@ class StateStore:
         try:
             targets = []                          # (temporary file, the name it becomes)
             for name in changed:
-                raw = encoded[name]
-                if raw is not None:
-                    targets.append((moves.write_temp(name, raw), suffixed(name, 1)))
-                    targets.append((moves.write_temp(name, raw), name))
+                data = encoded[name]
+                if data is not None:
+                    targets.append((moves.write_temp(name, data), suffixed(name, 1)))
+                    targets.append((moves.write_temp(name, data), name))
             for name in changed:
                 moves.rotate(name, GENERATIONS)
                 if encoded[name] is None and os.path.lexists(self.path(name)):
@@ -273,7 +339,7 @@ class StateStore:
             return dict(manifest["files"])
         self.number = max([self.number] + [self.number_of(n) for n in self.available()])
         out: dict[str, dict] = {}
-        for name in FILES:
+        for name in FILES + self._shards():
             raw = self._read_bytes(self.path(name))
             if raw is not None:
                 out[name] = _entry(raw)

@@ -201,12 +201,15 @@ class Txn:
     def write(self, dp) -> None:
         """Write every step, in order. Raises the datapath's error part way; ``unwrite``
         then undoes what was written."""
-        # Every key any step adds, at once: a bound on the maps' size at every point.
+        # Every key any step adds, at once: a bound on the maps' size at every point (the
+        # removes tell which identities' changes are large: switched, both generations).
         peak = Delta()
         for step in self.steps:
             if step.kind == "policy":
                 peak.adds.update(step.value.adds)
+                peak.removes |= step.value.removes
                 peak.flags.update(step.value.flags)
+        peak.removes -= peak.adds.keys()
         if peak:
             dp.check_capacity(peak)
         for step in self.steps:

@@ -62,6 +62,48 @@ def sys_bpf(cmd: int, attr) -> int:
     return _libc.syscall(SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
 
 
+class _MapCreateAttr(ct.Structure):
+    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32), ("value_size", ct.c_uint32),
+                ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
+                ("inner_map_fd", ct.c_uint32)]
+
+
+BPF_MAP_CREATE = 0
+BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_ARRAY_OF_MAPS = 2, 12
+_grace_fds: tuple[int, int] | None = None
+
+
+def _map_create(map_type: int, inner_fd: int = 0) -> int:
+    attr = _MapCreateAttr(map_type=map_type, key_size=4, value_size=4, max_entries=1,
+                          inner_map_fd=inner_fd)
+    fd = sys_bpf(BPF_MAP_CREATE, attr)
+    if fd < 0:
+        err = ct.get_errno() or errno.EIO
+        raise OSError(err, f"cannot create a map: {os.strerror(err)}")
+    return fd
+
+
+def wait_for_programs() -> None:
+    """Return once every BPF program that was running when called has finished (an RCU
+    grace period). The kernel waits for one on each update of a map-in-map
+    (maybe_wait_bpf_programs in kernel/bpf/syscall.c), so this updates a private
+    one-slot array of maps, made on first use and kept for the process's life."""
+    global _grace_fds
+    if _grace_fds is None:
+        inner = _map_create(BPF_MAP_TYPE_ARRAY)
+        try:
+            outer = _map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, inner)
+        except OSError:
+            os.close(inner)
+            raise
+        _grace_fds = (inner, outer)
+    inner, outer = _grace_fds
+    key, value = ct.c_uint32(0), ct.c_uint32(inner)
+    if lib.bpf_update_elem(outer, ct.byref(key), ct.byref(value), BPF_ANY) < 0:
+        err = ct.get_errno() or errno.EIO
+        raise OSError(err, f"map-in-map update: {os.strerror(err)}")
+
+
 class _Lib:
     """libbpf-style wrappers (the subset the datapath package uses)."""
 

@@ -161,9 +161,12 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
     (stockade.datapath.migrate); the old maps stay open until ``finish_upgrade()``.
     """
 
-    def __init__(self, settings: Mapping[str, Any] | None = None, attach_mode: str = "auto"):
+    def __init__(self, settings: Mapping[str, Any] | None = None, attach_mode: str = "auto",
+                 switch_min: int | None = None):
         self.settings = resolved_settings(settings)
         self.attach_mode = attach_mode
+        if switch_min is not None:
+            self.switch_min = switch_min
         self._attachments: Any = None
         self.pin_dir = Path(self.settings["STOCKADE_PIN_DIR"])
         self.source = render_source(self.settings)

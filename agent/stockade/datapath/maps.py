@@ -112,7 +112,11 @@ class IpcacheValue(ct.Structure):
     _fields_ = [("identity", ct.c_uint32)]
 
 
+POLICY_DIR_GEN = 0x80   # PolicyKey.direction: an entry of generation 1 (policy v2)
+
+
 class PolicyKey(ct.Structure):
+    """policy, layout v2: the generation bit in direction (POLICY_DIR_GEN)."""
     _fields_ = [
         ("prefixlen", ct.c_uint32),
         ("local", ct.c_uint32),
@@ -132,8 +136,10 @@ class PolicyFlagsKey(ct.Structure):
 
 
 class PolicyFlagsValue(ct.Structure):
+    """policy_flags, layout v2: gen, the generation of the pair's entries in force
+    (v1 had padding there: 0)."""
     _fields_ = [("enforced", ct.c_uint8), ("default_deny", ct.c_uint8),
-                ("pad", ct.c_uint8 * 2)]
+                ("gen", ct.c_uint8), ("pad", ct.c_uint8)]
 
 
 class CtKey(ct.Structure):

@@ -25,11 +25,14 @@ Conversions (pins.LAYOUT_VERSIONS history):
   padding there) is the peer's identity for flows opened toward the endpoint.
 * counters v1 -> v2: the same (direction, verdict, reason) cells, at v2's indexes
   (v2 added reasons at the end).
+* policy v1 -> v2, policy_flags v1 -> v2: the same entries, all of generation 0
+  (v1 keys are v2 keys of generation 0; v1 flags had padding, 0, where v2 has gen).
 """
 from __future__ import annotations
 
 import collections
 import ctypes as ct
+import errno
 import os
 import time
 from pathlib import Path
@@ -91,6 +94,15 @@ def migrate_legacy_pins(dp) -> dict[str, int]:
         finally:
             os.close(fd)
         os.unlink(pin_dir / pin_name("counters", 1))
+    for name, key_type, value_type in (("policy", m.PolicyKey, m.PolicyValue),
+                                       ("policy_flags", m.PolicyFlagsKey, m.PolicyFlagsValue)):
+        fd = _open_legacy(pin_dir, name, 1, ct.sizeof(key_type), ct.sizeof(value_type))
+        if fd is not None:
+            try:
+                _copy_same(dp, name, fd, key_type, value_type)
+            finally:
+                os.close(fd)
+            os.unlink(pin_dir / pin_name(name, 1))
     fd = _open_legacy(pin_dir, "conntrack", 1, ct.sizeof(m.CtKeyV1), ct.sizeof(m.CtValue))
     if fd is not None:
         try:
@@ -128,6 +140,20 @@ def _copy_endpoints(dp, fd: int) -> int:
             new.n_ll = 1
         if fd_update(dp.table("endpoints").map_fd, key, new, BPF_NOEXIST) == 0:
             n += 1
+    return n
+
+
+def _copy_same(dp, name: str, fd: int, key_type, value_type) -> int:
+    """Copy every entry as it is (policy v1 -> v2: generation 0 is v1's layout); an
+    entry the new map already has (a start that stopped half-way) is left alone."""
+    new_fd = dp.table(name).map_fd
+    n = 0
+    for key, val in fd_items(fd, key_type, value_type):
+        err = fd_update(new_fd, key, val, BPF_NOEXIST)
+        if err == 0:
+            n += 1
+        elif err != errno.EEXIST:
+            raise DatapathError(name, f"cannot migrate an entry: {errno.errorcode.get(err, err)}")
     return n
 
 

@@ -17,8 +17,8 @@ from .errors import DatapathError
 
 # Raise a map's version whenever its key or value layout or meaning changes, and
 # teach stockade.datapath.migrate how to convert the previous one.
-LAYOUT_VERSIONS = {"endpoints": 2, "ipcache4": 1, "ipcache6": 1, "policy": 1,
-                   "policy_flags": 1, "conntrack": 2, "ct_created": 1, "ct_released": 1,
+LAYOUT_VERSIONS = {"endpoints": 2, "ipcache4": 1, "ipcache6": 1, "policy": 2,
+                   "policy_flags": 2, "conntrack": 2, "ct_created": 1, "ct_released": 1,
                    "frag": 1, "counters": 2, "config": 1, "l7_ports": 1, "l7_host": 1}
 PINNED_MAPS = tuple(LAYOUT_VERSIONS)
 _VERSIONED = re.compile(r"^(?P<name>[a-z0-9_]+?)(?:_v(?P<v>\d+))?$")

@@ -24,15 +24,29 @@ The price: a packet allowed by both the old and the new state through different
 allow entries (an allow reshaped, say 80/tcp -> 0-1023/tcp) is dropped between steps
 3 and 4; established flows pass by conntrack, a new connection retries.
 
+Large changes switch generations instead (bpf/include/stockade_maps.h, "Policy
+generations"): when a delta adds, removes or turns over (allow <-> deny) at least
+``switch_min`` entries of one (local identity, direction) pair, that pair's whole new state is written into the
+generation not in force, its flags entry (new flags and generation) is replaced in one
+map update, then, once every program that may have read the old flags entry has
+finished (an RCU grace period), the old generation's entries are deleted. Every packet meets exactly
+the old or the new state: nothing both allow is dropped. A packet is decided by one
+pair's entries and flags only, so pairs switched and pairs written in order do not
+interact. Entries of a generation not in force (a switch cut short) are deleted when
+the writer first reads the maps.
+
 ``check_capacity`` runs first and raises ``CapacityError`` before any write when
-the peak size during those steps (adds happen before removes) exceeds a map.
+the peak size during those steps (adds happen before removes; a switched pair holds
+both generations until the old one is deleted) exceeds a map.
 """
 from __future__ import annotations
 
+import collections
 import ctypes as ct
 import errno
 import ipaddress
 import socket
+import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from stockade.policy.mapstate import (
@@ -55,21 +69,34 @@ def _lib():
     return lib
 
 
-def _policy_key(key: Key) -> m.PolicyKey:
+SWITCH_MIN = 32   # entries of one pair a delta changes from which it switches generations
+
+
+def _policy_key(key: Key, gen: int = 0) -> m.PolicyKey:
     port = key.port
     if key.proto == ANY_PROTO:
         port = 0
     elif key.port_plen < 16:
         port &= (0xFFFF << (16 - key.port_plen)) & 0xFFFF
     return m.PolicyKey(prefixlen=key.prefixlen, local=key.local, peer=key.peer,
-                       direction=key.direction, proto=key.proto, port=socket.htons(port))
+                       direction=key.direction | (m.POLICY_DIR_GEN if gen else 0),
+                       proto=key.proto, port=socket.htons(port))
 
 
 def _key_from_c(k: m.PolicyKey) -> Key:
+    direction = k.direction & ~m.POLICY_DIR_GEN
     if k.prefixlen <= FIXED_PREFIX_BITS:
-        return Key(k.local, k.peer, k.direction)
-    return Key(k.local, k.peer, k.direction, k.proto, socket.ntohs(k.port),
+        return Key(k.local, k.peer, direction)
+    return Key(k.local, k.peer, direction, k.proto, socket.ntohs(k.port),
                k.prefixlen - FIXED_PREFIX_BITS - 8)
+
+
+def _gen_of(k: m.PolicyKey) -> int:
+    return 1 if k.direction & m.POLICY_DIR_GEN else 0
+
+
+def _pair(key: Key) -> tuple[int, int]:
+    return key.local, key.direction
 
 
 def eui64_link_local(mac: bytes) -> ipaddress.IPv6Address | None:
@@ -127,6 +154,8 @@ class PolicyIds:
 
 class MapWriter:
     """Needs ``self.table(name)`` (see loader.Datapath)."""
+
+    switch_min = SWITCH_MIN   # see the module docstring (setting policy_switch_entries)
 
     if TYPE_CHECKING:
         def table(self, name: str) -> Any: ...
@@ -284,94 +313,214 @@ class MapWriter:
                 names |= entry.policies
         return tuple(sorted(names))
 
-    def policy_entries(self) -> MapState:
-        """What the policy map holds; an entry whose policy_id this writer did not give
-        (a previous agent's) reads with no policy names, so it is written again."""
+    def _read_policy(self) -> tuple[MapState, FlagState, dict[tuple[int, int], int], list]:
+        """What the policy maps hold: (entries in force, flags, {pair: generation of its
+        flags entry}, raw keys of entries of a generation not in force). An entry whose
+        policy_id this writer did not give (a previous agent's) reads with no policy
+        names, so it is written again."""
         ids = self._policy_ids()
-        out = {}
+        flags: FlagState = {}
+        gens: dict[tuple[int, int], int] = {}
+        for k, v in self._items("policy_flags", m.PolicyFlagsKey, m.PolicyFlagsValue):
+            pair = (k.identity, k.direction)
+            gens[pair] = 1 if v.gen else 0
+            flag = DirectionPolicy(bool(v.enforced), bool(v.default_deny))
+            if flag != DirectionPolicy():
+                flags[pair] = flag
+        out: MapState = {}
+        stale = []
         for k, v in self._items("policy", m.PolicyKey, m.PolicyValue):
+            key = _key_from_c(k)
+            if _gen_of(k) != gens.get(_pair(key), 0):
+                stale.append(k)
+                continue
             entry = ids.entry(v.policy_id)
-            out[_key_from_c(k)] = entry if entry is not None and entry.deny == bool(v.deny) \
+            out[key] = entry if entry is not None and entry.deny == bool(v.deny) \
                 else Entry(deny=bool(v.deny))
-        return out
+        return out, flags, gens, stale
+
+    def policy_entries(self) -> MapState:
+        """The policy entries in force (each pair's generation)."""
+        return self._read_policy()[0]
 
     def policy_flags(self) -> FlagState:
-        return {(k.identity, k.direction): DirectionPolicy(bool(v.enforced), bool(v.default_deny))
-                for k, v in self._items("policy_flags", m.PolicyFlagsKey, m.PolicyFlagsValue)}
+        return self._read_policy()[1]
 
     def _shadow(self) -> tuple[MapState, FlagState]:
         """What this writer knows the policy maps hold: read once, then kept up to date
-        by apply_delta, so a small delta costs no walk over a large map."""
+        by apply_delta, so a small delta costs no walk over a large map. Entries of a
+        generation not in force are deleted then (nothing reads them)."""
         if getattr(self, "_policy_shadow", None) is None:
-            self._policy_shadow = self.policy_entries()
-            self._flags_shadow = self.policy_flags()
+            entries, flags, gens, stale = self._read_policy()
+            if stale:   # a switch cut short: programs may still read what it left
+                self._wait_for_programs()
+                self._delete_policy_keys(stale)
+            self._policy_shadow, self._flags_shadow, self._gens = entries, flags, gens
+            self._pairs: dict[tuple[int, int], set[Key]] = {}
+            for k in entries:
+                self._pairs.setdefault(_pair(k), set()).add(k)
         return self._policy_shadow, self._flags_shadow
 
     def _drop_shadow(self) -> None:
         self.__dict__.pop("_policy_shadow", None)
         self.__dict__.pop("_flags_shadow", None)
+        self.__dict__.pop("_gens", None)
+        self.__dict__.pop("_pairs", None)
+
+    def _gen(self, pair: tuple[int, int]) -> int:
+        return self._gens.get(pair, 0)
+
+    def _switching(self, delta: Delta) -> set[tuple[int, int]]:
+        """The pairs ``delta`` changes by at least ``switch_min`` entries: written by a
+        generation switch. An entry that keeps its verdict (only the policies behind it
+        change: a restarted agent's first write) is no change here: it is rewritten in
+        place, one atomic update that decides every packet as before."""
+        current = self._shadow()[0]
+        count: dict[tuple[int, int], int] = {}
+        for k, e in delta.adds.items():
+            before = current.get(k)
+            if before is None or before.deny != e.deny:
+                count[_pair(k)] = count.get(_pair(k), 0) + 1
+        for k in delta.removes:
+            count[_pair(k)] = count.get(_pair(k), 0) + 1
+        limit = max(1, self.switch_min)
+        return {p for p, n in count.items() if n >= limit}
+
+    def _by_pair(self, pairs: set[tuple[int, int]]) -> dict[tuple[int, int], list[Key]]:
+        """The shadow's keys of each of ``pairs`` (an index kept with the shadow)."""
+        self._shadow()
+        return {p: sorted(self._pairs.get(p, ())) for p in pairs}
 
     def check_capacity(self, delta: Delta) -> None:
         """Raise CapacityError when ``delta`` cannot be written without overflowing."""
         current, current_flags = self._shadow()
-        peak = len(current) + sum(1 for k in delta.adds if k not in current)
+        switch = self._switching(delta)
+        peak = len(current) + sum(1 for k in delta.adds if k not in current and _pair(k) not in switch)
+        if switch:   # both generations of a switched pair are in the map at once
+            old = self._by_pair(switch)
+            gone = delta.removes - delta.adds.keys()
+            added = collections.Counter(_pair(k) for k in delta.adds)
+            for pair, keys in old.items():
+                kept = sum(1 for k in keys if k not in gone and k not in delta.adds)
+                peak += kept + added[pair]
         limit = self.max_entries("policy")
         if peak > limit:
             raise CapacityError("policy", f"{peak} entries needed during the update, map holds {limit}")
-        flags = set(current_flags)
-        new_flags = {k for k, v in delta.flags.items() if v != DirectionPolicy()} - flags
+        flags = set(current_flags) | set(self._gens)
+        new_flags = ({k for k, v in delta.flags.items() if v != DirectionPolicy()} | switch) - flags
         limit = self.max_entries("policy_flags")
         if len(flags) + len(new_flags) > limit:
             raise CapacityError("policy_flags",
                                 f"{len(flags) + len(new_flags)} entries needed, map holds {limit}")
 
-    def _write_flag(self, pair: tuple[int, int], flag: DirectionPolicy) -> None:
+    def _write_flag(self, pair: tuple[int, int], flag: DirectionPolicy, gen: int | None = None) -> None:
+        """Write a pair's flags entry: its flags and the generation in force (``gen``,
+        default: the pair's own). No entry means not enforced, generation 0."""
+        gen = self._gen(pair) if gen is None else gen
         k = m.PolicyFlagsKey(identity=pair[0], direction=pair[1])
-        if flag == DirectionPolicy():
+        if flag == DirectionPolicy() and gen == 0:
             self._delete("policy_flags", k)
+            self._gens.pop(pair, None)
         else:
             self._update("policy_flags", k, m.PolicyFlagsValue(
-                enforced=int(flag.enforced), default_deny=int(flag.default_deny)))
+                enforced=int(flag.enforced), default_deny=int(flag.default_deny), gen=gen))
+            self._gens[pair] = gen
 
     def apply_delta(self, delta: Delta, *, checked: bool = False) -> None:
-        """Write ``delta`` in the order described in the module docstring. ``checked``:
-        the caller has already run ``check_capacity`` on it (or on a delta it is part of)."""
+        """Write ``delta``: pairs it changes by ``switch_min`` entries or more by a
+        generation switch, the others in the order described in the module docstring.
+        ``checked``: the caller has already run ``check_capacity`` on it (or on a delta
+        it is part of)."""
         if not checked:
             self.check_capacity(delta)
         old_entries, old_flags = self._shadow()
-        loosen = {p: f for p, f in delta.flags.items()
+        switch = self._switching(delta)
+        small = delta
+        if switch:
+            small = Delta(adds={k: e for k, e in delta.adds.items() if _pair(k) not in switch},
+                          removes={k for k in delta.removes if _pair(k) not in switch},
+                          flags={p: f for p, f in delta.flags.items() if p not in switch})
+        loosen = {p: f for p, f in small.flags.items()
                   if _rank(f) <= _rank(old_flags.get(p, DirectionPolicy()))}
-        tighten = {p: f for p, f in delta.flags.items() if p not in loosen}
-        deny_adds = [(k, e) for k, e in sorted(delta.adds.items()) if e.deny]
-        allow_adds = [(k, e) for k, e in sorted(delta.adds.items()) if not e.deny]
-        removes = sorted(delta.removes)
+        tighten = {p: f for p, f in small.flags.items() if p not in loosen}
+        deny_adds = [(k, e) for k, e in sorted(small.adds.items()) if e.deny]
+        allow_adds = [(k, e) for k, e in sorted(small.adds.items()) if not e.deny]
+        removes = sorted(small.removes)
         allow_removes = [k for k in removes if k in old_entries and not old_entries[k].deny]
         deny_removes = [k for k in removes if not (k in old_entries and not old_entries[k].deny)]
 
         try:
             self._write_ordered(deny_adds, loosen, allow_removes, allow_adds, tighten, deny_removes)
+            adds: dict[tuple[int, int], dict[Key, Entry]] = {p: {} for p in switch}
+            for k, e in delta.adds.items():
+                if _pair(k) in adds:
+                    adds[_pair(k)][k] = e
+            old_gens = [self._switch(pair, keys, adds[pair], delta, old_entries, old_flags)
+                        for pair, keys in sorted(self._by_pair(switch).items())]
+            if old_gens:
+                # a program that read a flags entry before its switch may still look up
+                # the old generation: delete it once every such program has finished
+                self._wait_for_programs()
+                self._delete_policy_keys([k for keys in old_gens for k in keys])
         except BaseException:
             self._drop_shadow()  # partly written: read the maps again next time
             raise
         delta.apply(old_entries, old_flags)
+        for k in delta.removes:
+            self._pairs.get(_pair(k), set()).discard(k)
+        for k in delta.adds:
+            self._pairs.setdefault(_pair(k), set()).add(k)
+
+    def _switch(self, pair: tuple[int, int], old_keys: list[Key], adds: MapState, delta: Delta,
+                entries: MapState, flags: FlagState) -> list:
+        """Write ``pair``'s new state into the other generation and switch to it (the
+        shadow follows in apply_delta); returns the old generation's raw keys."""
+        old_gen = self._gen(pair)
+        new_gen = 1 - old_gen
+        new = {k: entries[k] for k in old_keys if k not in delta.removes}
+        new.update(adds)
+        items = sorted(new.items())
+        self._write_policy([(k, e) for k, e in items if e.deny], 1, new_gen)
+        self._write_policy([(k, e) for k, e in items if not e.deny], 0, new_gen)
+        self._write_flag(pair, delta.flags.get(pair, flags.get(pair, DirectionPolicy())), new_gen)
+        return [_policy_key(k, old_gen) for k in old_keys]
+
+    def _wait_for_programs(self) -> None:
+        """Until every program running now has finished (bpfsys.wait_for_programs)."""
+        from .bpfsys import wait_for_programs
+        try:
+            wait_for_programs()
+        except OSError:
+            time.sleep(0.05)   # no map-in-map here: programs run for microseconds
 
     BATCH_MIN = 64      # from this many entries, one BPF_MAP_UPDATE_BATCH per step
 
-    def _write_policy(self, items, deny: int) -> None:
-        """Write policy entries ``items`` [(Key, Entry)]: batched when there are many."""
+    def _write_policy(self, items, deny: int, gen: int | None = None) -> None:
+        """Write policy entries ``items`` [(Key, Entry)] into generation ``gen`` (default:
+        each pair's own): batched when there are many."""
+        keys = [_policy_key(k, self._gen(_pair(k)) if gen is None else gen) for k, _ in items]
+        values = [m.PolicyValue(deny=deny, policy_id=self.policy_id(e)) for _, e in items]
         if len(items) < self.BATCH_MIN:
-            for k, e in items:
-                self._update("policy", _policy_key(k), m.PolicyValue(deny=deny, policy_id=self.policy_id(e)))
+            for k, v in zip(keys, values, strict=True):
+                self._update("policy", k, v)
             return
+        self._update_many("policy", keys, values)
+
+    def _update_many(self, name: str, keys: list, values: list) -> None:
+        """Update many entries (in order; each is one map update of its own)."""
         from .bpfsys import update_batch
-        keys = (m.PolicyKey * len(items))(*(_policy_key(k) for k, _ in items))
-        values = (m.PolicyValue * len(items))(*(m.PolicyValue(deny=deny, policy_id=self.policy_id(e))
-                                                for _, e in items))
+        n = len(keys)
         try:
-            update_batch(self.table("policy").map_fd, keys, values, len(items))
+            update_batch(self.table(name).map_fd, (type(keys[0]) * n)(*keys),
+                         (type(values[0]) * n)(*values), n)
         except OSError as exc:
-            raise DatapathError("policy", f"update failed: {errno.errorcode.get(exc.errno, exc.errno)}"
+            raise DatapathError(name, f"update failed: {errno.errorcode.get(exc.errno, exc.errno)}"
                                 ) from exc
+
+    def _delete_policy_keys(self, keys: list) -> None:
+        """Delete raw policy keys (absent ones are no error)."""
+        for k in keys:
+            self._delete("policy", k)
 
     def _write_ordered(self, deny_adds, loosen, allow_removes, allow_adds, tighten,
                        deny_removes) -> None:
@@ -379,12 +528,12 @@ class MapWriter:
         for p, f in sorted(loosen.items()):
             self._write_flag(p, f)
         for k in allow_removes:
-            self._delete("policy", _policy_key(k))
+            self._delete("policy", _policy_key(k, self._gen(_pair(k))))
         self._write_policy(allow_adds, 0)
         for p, f in sorted(tighten.items()):
             self._write_flag(p, f)
         for k in deny_removes:
-            self._delete("policy", _policy_key(k))
+            self._delete("policy", _policy_key(k, self._gen(_pair(k))))
 
     # -- counters and conntrack -------------------------------------------------
     def counters(self) -> dict[tuple[int, m.Verdict, m.Reason], tuple[int, int]]:

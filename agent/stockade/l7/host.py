@@ -2,21 +2,26 @@
 
   * a policy route: packets with the L7 mark go to a table whose only route is
     ``local default dev lo`` (IPv4 and IPv6), so they are delivered on this host;
-  * an nft table (family inet): in prerouting, TPROXY hands marked packets, and packets
-    routed to an L7 port of a local endpoint (from another host), to the proxy's
-    listener or to the proxy's own socket of that connection; whatever no socket takes
-    is dropped (the proxy down closes the port). Replies to a local client with egress
-    HTTP rules from its L7 port (from another host) that belong to a proxy's socket get
-    the mark, so they are delivered to it, not routed on to the client. In output,
-    connections the host itself opens to an L7 port, and its replies to such a client,
-    get the mark (and so loop through lo into prerouting), except the proxy's own (its
-    user id).
+  * an nft table (family inet): in prerouting, TPROXY hands marked packets to the
+    proxy's listener or to the proxy's own socket of that connection; whatever no
+    socket takes is dropped (the proxy down closes the port). A connection routed to
+    an L7 port of a local endpoint from another host is not taken here: its SYN goes
+    on to the server's tc hook, whose ingress policy decides first, and which steers it
+    back marked (bpf/lib/l7.h). Its later packets are, by the proxy's transparent
+    socket (``socket transparent``): forwarded, they would meet that socket in early
+    demux, and the kernel never forwards a packet that has a local socket. Replies to
+    a local client with egress HTTP rules from its L7 port (from another host) that
+    belong to a proxy's socket get the mark, so they are delivered to it, not routed on
+    to the client. In output, connections the host itself opens to an L7 port, and its
+    replies to such a client, get the mark (and so loop through lo into prerouting),
+    except the proxy's own (its user id).
 """
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 MARK_MASK = 0xFFFF0000
 
@@ -52,13 +57,11 @@ class HostSteering:
     type filter hook prerouting priority mangle; policy accept;
     meta l4proto tcp meta mark & {mask} == {m} tproxy ip to :{port} accept
     meta l4proto tcp meta mark & {mask} == {m} tproxy ip6 to :{port} accept
-    ip daddr . tcp dport @targets4 meta mark set {m} tproxy ip to :{port} accept
-    ip6 daddr . tcp dport @targets6 meta mark set {m} tproxy ip6 to :{port} accept
+    ip daddr . tcp dport @targets4 socket transparent 1 meta mark set {m} tproxy ip to :{port} accept
+    ip6 daddr . tcp dport @targets6 socket transparent 1 meta mark set {m} tproxy ip6 to :{port} accept
     ip daddr . tcp sport @clients4 socket transparent 1 meta mark set {m} accept
     ip6 daddr . tcp sport @clients6 socket transparent 1 meta mark set {m} accept
     meta mark & {mask} == {m} drop
-    ip daddr . tcp dport @targets4 drop
-    ip6 daddr . tcp dport @targets6 drop
   }}
   chain output {{
     type route hook output priority mangle; policy accept;
@@ -108,6 +111,28 @@ class HostSteering:
         for fam in ("-4", "-6"):
             _run(["ip", fam, "rule", "del", "pref", str(self.rule_priority)], check=False)
             _run(["ip", fam, "route", "flush", "table", str(self.route_table)], check=False)
+
+
+def loosen_rp_filter(devices: Iterable[str], conf: str = "/proc/sys/net/ipv4/conf") -> list[str]:
+    """Strict reverse-path filtering drops what the steering delivers into a bridge with a
+    remote client's source address (routed from another host, its route is elsewhere).
+    The kernel applies the larger of conf/all and conf/<device>: 2 (loose) on the device
+    keeps the check for spoofed sources unknown to every route. Only devices that are
+    strict change; -> their names."""
+    changed: list[str] = []
+    try:
+        every = int(Path(conf, "all", "rp_filter").read_text())
+    except (OSError, ValueError):
+        return changed
+    for dev in devices:
+        path = Path(conf, dev, "rp_filter")
+        try:
+            if max(every, int(path.read_text())) == 1:
+                path.write_text("2")
+                changed.append(dev)
+        except (OSError, ValueError):
+            continue    # gone meanwhile: the next commit sees the current devices
+    return changed
 
 
 def remove_host_steering(cfg) -> None:

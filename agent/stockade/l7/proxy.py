@@ -26,7 +26,7 @@ from pathlib import Path
 from ..datapath.maps import L7_CLIENT, L7_SERVER
 from ..policy.mapstate import INGRESS
 from .haproxy import ProxySettings, RuntimeAPI, RuntimeAPIError, map_text, render_config, write_atomic
-from .host import HostError, HostSteering
+from .host import HostError, HostSteering, loosen_rp_filter
 from .logs import LogReader
 from .rules import FIELDS, RuleSets, rule_keys, sort_rules
 
@@ -82,6 +82,7 @@ class L7Proxy:
         self._pushed: dict[str, dict[str, str]] = {}  # what the running proxy holds
         self._host_installed = False
         self._targets: set = set()
+        self._loose: set[str] = set()  # delivery devices whose rp_filter was checked
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,6 +166,7 @@ class L7Proxy:
                             [(ip, p) for ip, p, kind in targets if kind == L7_SERVER],
                             [(ip, p) for ip, p, kind in targets if kind == L7_CLIENT])
                         self._targets = targets
+                    self._loosen(macs)
             except HostError as exc:
                 self.last_error = f"host steering: {exc}"
                 self.agent.error(f"l7: {self.last_error}")
@@ -183,6 +185,14 @@ class L7Proxy:
             elif self.wanted:
                 self._restart()
             self.agent.dp.sync_l7(ports, macs)
+
+    def _loosen(self, macs: dict[int, tuple[int, bytes]]) -> None:
+        names = {link.name for ifindex, _ in macs.values()
+                 if (link := self.agent.links.get(ifindex)) is not None}
+        for dev in loosen_rp_filter(sorted(names - self._loose)):
+            log.warning("l7: reverse-path filtering on %s set to loose (rp_filter 2): strict "
+                        "drops steered connections from other hosts", dev)
+        self._loose = names
 
     def _write_files(self, maps: dict) -> None:
         """The configuration and map files a (re)started proxy reads. A failure goes to

@@ -2,7 +2,8 @@
 show an operator."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 
 from .api.ports import HTTPRule
 from .api.rule import PeerRule, Policy, Rule
@@ -99,8 +100,36 @@ def describe_key(op: str, key: Key, entry=None) -> dict:
             "verdict": entry.verdict if entry is not None else None}
 
 
-def summarize(old: dict, new: dict, delta: Delta) -> dict:
-    """What a policy change does, for a dry run or an import: old/new {PolicyRef: Policy}."""
+class LineIndex:
+    """How many policies have each rule line, brought up to date with the policies it is
+    given at the cost of what changed since (one pass of identity checks): whether a
+    policy a change did not touch still has a line is then a count, not a walk of every
+    policy's lines."""
+
+    def __init__(self) -> None:
+        self._seen: dict = {}
+        self.count: Counter[str] = Counter()
+
+    def update(self, policies: Mapping) -> None:
+        seen, count = self._seen, self.count
+        touched = [r for r, p in policies.items() if seen.get(r) is not p]
+        touched += seen.keys() - policies.keys()
+        for r in touched:
+            if (was := seen.get(r)) is not None:
+                for line in _lines(was):
+                    if count[line] <= 1:
+                        del count[line]
+                    else:
+                        count[line] -= 1
+            if (now := policies.get(r)) is not None:
+                count.update(_lines(now))
+        self._seen = dict(policies)
+
+
+def summarize(old: dict, new: dict, delta: Delta, index: LineIndex | None = None) -> dict:
+    """What a policy change does, for a dry run or an import: old/new {PolicyRef: Policy}.
+    ``index``: a LineIndex kept across calls (the agent's), to count the lines of the
+    policies the change did not touch instead of walking them."""
     added = sorted(r.display for r in new.keys() - old.keys())
     removed = sorted(r.display for r in old.keys() - new.keys())
     # Policies that are the same object in both did not change, and their lines are in
@@ -114,9 +143,14 @@ def summarize(old: dict, new: dict, delta: Delta) -> dict:
     differ = old_lines ^ new_lines
     if differ:
         kept: set[str] = set()
-        for r, p in new.items():
-            if old.get(r) is p and not differ.isdisjoint(lines := _lines(p)):
-                kept |= differ & lines
+        if index is not None:    # the untouched policies' lines: old's, less the touched ones'
+            index.update(old)
+            of_touched = Counter(line for r in touched if r in old for line in _lines(old[r]))
+            kept = {line for line in differ if index.count.get(line, 0) > of_touched.get(line, 0)}
+        else:
+            for r, p in new.items():
+                if old.get(r) is p and not differ.isdisjoint(lines := _lines(p)):
+                    kept |= differ & lines
         old_lines |= kept
         new_lines |= kept
     sample = [describe_key("+", k, e) for k, e in sorted(delta.adds.items())[:SAMPLE]]
