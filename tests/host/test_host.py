@@ -54,7 +54,9 @@ PROBE = ("i=0; while :; do if timeout 1 wget -q -O /dev/null http://%s/; then r=
 
 
 # The server: HTTP on 80, and one long-lived stream on 9000 written to its log directory.
-SERVER = "httpd -p 80 -h /var/www; exec nc -l -p 9000 > /log/stream"
+# busybox nc half-closes the connection when its stdin ends (the container's is
+# /dev/null), which ends the client's nc: its stdin is a pipe that never ends.
+SERVER = "httpd -p 80 -h /var/www; busybox sleep 2147483647 | nc -l -p 9000 > /log/stream"
 # The stream's client: a counter line every 50 ms over one TCP connection; if that
 # connection ever breaks, nc exits and the exit is recorded.
 # It starts once the server answers: a new container is dropped until the agent has it.
