@@ -407,7 +407,8 @@ def test_reboot_enforces_before_containers_restart(guest, figures):
     bad = probes(guest, "hostt-bad")
     assert bad, "the denied prober did not run after the reboot"
     opened = [(t - boot, r) for t, r in bad if r == "open"]
-    assert not opened, f"the denied peer reached the server after boot: {opened[:5]}"
+    assert not opened, (f"the denied peer reached the server after boot: {opened[:5]}\n"
+                        + diagnostics(guest))
     first_ok = min(t for t, r in probes(guest, "hostt-cli") if r == "open") - boot
     figures["reboot_denied_probes"] = len(bad)
     figures["reboot_first_allowed_after_boot_s"] = first_ok
