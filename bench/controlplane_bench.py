@@ -63,6 +63,26 @@ def layout(n: int):
     return [(f"p{i}", peer_ip(i), [BASE_PORT + j for j in range(per)]) for i in range(k)]
 
 
+def add_peers(client, lay) -> None:
+    """The layout's peers as remote ipcache entries, one transaction per 5,000."""
+    entries = [{"prefix": f"{ip}/32", "labels": {"bench-peer": label},
+                "host": "bench-peer-host"} for label, ip, _ in lay]
+    for i in range(0, len(entries), 5000):
+        client.add_ipcache_entries(entries[i:i + 5000])
+
+
+def add_server(client, srv) -> None:
+    client.add_endpoint(name="bench-server", interface=srv.host_if, ips=[srv.ip4],
+                        labels={"app": SERVER_APP})
+
+
+def write_policy(path: str, lay) -> str:
+    """The server's policy admitting each peer of the layout on its ports."""
+    with open(path, "w") as f:
+        f.write(stockade_policies([(lab, ports) for lab, _, ports in lay], SERVER_APP))
+    return path
+
+
 def stockade_import(agent, path: str) -> float:
     t = time.perf_counter()
     subprocess.run([*STOCKADE, "policy", "import", path], check=True, capture_output=True,
@@ -84,20 +104,14 @@ def bench_apply() -> dict:
             srv = topo.add_workload("s", [f"{SUBNET}.1/24"])
             with AgentProcess(managed_bridges=[], managed_interfaces=[]) as agent:
                 c = agent.client
-                entries = [{"prefix": f"{ip}/32", "labels": {"bench-peer": label},
-                            "host": "bench-peer-host"} for label, ip, _ in layout(max(APPLY_NS))]
-                for i in range(0, len(entries), 5000):
-                    c.add_ipcache_entries(entries[i:i + 5000])
+                add_peers(c, layout(max(APPLY_NS)))
                 out["cli_status_s"] = cli_status(agent)
-                c.add_endpoint(name="bench-server", interface=srv.host_if, ips=[srv.ip4],
-                               labels={"app": SERVER_APP})
+                add_server(c, srv)
                 base = pinned_map_count(f"{agent.settings['bpffs_dir']}/policy")
                 for n in APPLY_NS:
                     lay = layout(n)
                     pairs = [(ip, p) for _, ip, ports in lay for p in ports]
-                    pol = os.path.join(tmp, f"bench-{n}.yaml")
-                    with open(pol, "w") as f:
-                        f.write(stockade_policies([(lab, ports) for lab, _, ports in lay], SERVER_APP))
+                    pol = write_policy(os.path.join(tmp, f"bench-{n}.yaml"), lay)
                     ipt, nft = iptables_rules(pairs), nft_rules(pairs)
                     res = {"stockade_import_s": [], "stockade_api_s": [], "iptables_restore_s": [],
                            "nft_f_s": []}
@@ -143,16 +157,10 @@ def bench_change() -> dict:
         with Topology(tag="c") as topo:
             srv = topo.add_workload("s", [f"{SUBNET}.1/24"])
             with AgentProcess(managed_bridges=[], managed_interfaces=[]) as agent:
-                c = agent.client
                 lay = layout(CHANGE_AT)
-                entries = [{"prefix": f"{ip}/32", "labels": {"bench-peer": label},
-                            "host": "bench-peer-host"} for label, ip, _ in lay]
-                for i in range(0, len(entries), 5000):
-                    c.add_ipcache_entries(entries[i:i + 5000])
-                c.add_endpoint(name="bench-server", interface=srv.host_if, ips=[srv.ip4],
-                               labels={"app": SERVER_APP})
-                with open(os.path.join(tmp, f"bench-{CHANGE_AT}.yaml"), "w") as f:
-                    f.write(stockade_policies([(lab, ports) for lab, _, ports in lay], SERVER_APP))
+                add_peers(agent.client, lay)
+                add_server(agent.client, srv)
+                write_policy(os.path.join(tmp, f"bench-{CHANGE_AT}.yaml"), lay)
                 out = {"one_rule_change_at_100000": one_rule_change(agent, srv, tmp)}
                 remove_netfilter(srv.ns)
     finally:

@@ -17,9 +17,10 @@ import os
 import sys
 import time
 
-from bench.common import median, stockade_policies, tmpdir, rmtree
-from bench.controlplane_bench import bench_podman, layout, stockade_import
-from bench.datapath_bench import SERVER_APP, SUBNET, Bench
+from bench.common import median, tmpdir, rmtree
+from bench.controlplane_bench import (add_peers, add_server, bench_podman, layout,
+                                      stockade_import, write_policy)
+from bench.datapath_bench import SUBNET, Bench
 
 from agentproc import AgentProcess  # noqa: E402
 from netns import Topology  # noqa: E402
@@ -35,15 +36,9 @@ def import_100000() -> float:
             with AgentProcess(managed_bridges=[], managed_interfaces=[]) as agent:
                 c = agent.client
                 lay = layout(N)
-                entries = [{"prefix": f"{ip}/32", "labels": {"bench-peer": label},
-                            "host": "bench-peer-host"} for label, ip, _ in lay]
-                for i in range(0, len(entries), 5000):
-                    c.add_ipcache_entries(entries[i:i + 5000])
-                c.add_endpoint(name="bench-server", interface=srv.host_if, ips=[srv.ip4],
-                               labels={"app": SERVER_APP})
-                pol = os.path.join(tmp, "bench.yaml")
-                with open(pol, "w") as f:
-                    f.write(stockade_policies([(lab, ports) for lab, _, ports in lay], SERVER_APP))
+                add_peers(c, lay)
+                add_server(c, srv)
+                pol = write_policy(os.path.join(tmp, "bench.yaml"), lay)
                 got = []
                 for _ in range(3):
                     c.delete_all_policies()
