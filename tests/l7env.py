@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
+import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from traffic import eventually
@@ -44,6 +46,35 @@ def wait_proxy(agent, timeout: float = 15) -> None:
         l7 = agent.client.health().get("l7_proxy") or {}
         return l7.get("running") and l7.get("l7_ports")
     assert eventually(up, timeout=timeout), agent.client.health()
+
+
+APPS = {"a": "web", "b": "api", "c": "other"}
+
+
+def add_endpoints(agent, workloads: dict, apps: dict = APPS) -> None:
+    """Each named workload an endpoint of the agent, labelled app=<its app>."""
+    for name, app in apps.items():
+        w = workloads[name]
+        agent.client.add_endpoint(name=name, interface=w.host_if, ips=w.ips,
+                                  labels={"app": app})
+
+
+def apply(agent, *docs) -> None:
+    """The agent's policies are exactly ``docs`` (cnp() documents)."""
+    agent.client.put_policies(list(docs), replace_all=True)
+
+
+@contextmanager
+def serving(*servers):
+    """The servers answer (a thread each) until the block ends, then are closed."""
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
 
 
 PORT = 8080

@@ -10,14 +10,25 @@ receive, with the address it came from.
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
 from test_l7_http import _tcp_frames
 
 from agentproc import AgentProcess
-from l7env import Client, Recorder, Server, cnp, l7_settings, route_via_host, tcp_frame, wait_proxy
+from l7env import (
+    Client,
+    Recorder,
+    Server,
+    add_endpoints,
+    apply,
+    cnp,
+    l7_settings,
+    route_via_host,
+    serving,
+    tcp_frame,
+    wait_proxy,
+)
 from netns import Topology, in_netns, run
 from traffic import Capture, eventually
 
@@ -48,20 +59,11 @@ def env():
         run("ip", "link", "set", r.host_if, "nomaster")
         run("ip", "addr", "add", f"{FAR4}254/24", "dev", r.host_if)
         r.exec("ip", "route", "add", "default", "via", f"{FAR4}254")
-        servers = [in_netns(w[n].ns, Server, (w[n].ip4, PORT), ServerRecorder) for n in "bcr"]
-        for s in servers:
-            threading.Thread(target=s.serve_forever, daemon=True).start()
-        try:
-            proc = AgentProcess(**l7_settings("eg"))
-            with proc as agent:
-                for name, app in (("a", "web"), ("b", "api"), ("c", "other")):
-                    agent.client.add_endpoint(name=name, interface=w[name].host_if,
-                                              ips=w[name].ips, labels={"app": app})
+        with serving(*(in_netns(w[n].ns, Server, (w[n].ip4, PORT), ServerRecorder)
+                       for n in "bcr")):
+            with AgentProcess(**l7_settings("eg")) as agent:
+                add_endpoints(agent, w)
                 yield agent, w, topo
-        finally:
-            for s in servers:
-                s.shutdown()
-                s.server_close()
 
 
 @pytest.fixture
@@ -86,10 +88,6 @@ OTHER_L4 = """
   - toEndpoints: [{matchLabels: {app: other}}]
     toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 """
-
-
-def apply(agent, *docs):
-    agent.client.put_policies(list(docs), replace_all=True)
 
 
 def seen(w, name):

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -21,9 +20,12 @@ from l7env import (
     Client,
     Recorder,
     Server,
+    add_endpoints,
+    apply,
     cnp,
     l7_settings,
     route_via_host,
+    serving,
     tcp_frame,
     wait_proxy,
 )
@@ -42,19 +44,12 @@ def env():
     with Topology("l7") as topo:
         w = {t: topo.add_workload(t, [f"{NET4}{i}/24"]) for i, t in enumerate("abc", start=1)}
         route_via_host(topo, f"{HOST4}/24", w.values())
-        server = in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), Recorder)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
+        with serving(in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), Recorder)):
             proc = AgentProcess(**l7_settings("a"))
             proc.settings["flow_log_path"] = str(proc.run_dir / "flows.log")
             with proc as agent:
-                for name, app in (("a", "web"), ("b", "api"), ("c", "other")):
-                    agent.client.add_endpoint(name=name, interface=w[name].host_if,
-                                              ips=w[name].ips, labels={"app": app})
+                add_endpoints(agent, w)
                 yield agent, w, topo
-        finally:
-            server.shutdown()
-            server.server_close()
 
 
 @pytest.fixture
@@ -77,10 +72,6 @@ ingress:
             - {method: PUT, path: "/host-only", host: "api\\\\.example(:8080)?"}
             - {method: DELETE, path: "/hdr", headers: ["X-Trace"]}
 """
-
-
-def apply(agent, *docs):
-    agent.client.put_policies(list(docs), replace_all=True)
 
 
 def test_rules_allow_and_deny_each_matcher(e):
@@ -568,9 +559,7 @@ def test_without_the_proxy_user_http_ports_are_dropped_and_l4_works():
                "l7_route_table": 24000 + TAG, "l7_rule_priority": 24000 + TAG,
                "l7_mark": 0x5D000000 + (TAG << 16)}
         with AgentProcess(**own) as agent:
-            for name, app in (("a", "web"), ("b", "api")):
-                agent.client.add_endpoint(name=name, interface=w[name].host_if,
-                                          ips=w[name].ips, labels={"app": app})
+            add_endpoints(agent, w, {"a": "web", "b": "api"})
             apply(agent, cnp("api-l7", API_L7 + """
   - fromEndpoints: [{matchLabels: {app: web}}]
     toPorts: [{ports: [{port: "9090", protocol: TCP}]}]

@@ -13,13 +13,22 @@ import contextlib
 import json
 import os
 import signal
-import threading
 
 import pytest
 
 from agentproc import STOCKADE, AgentProcess
 from fleetnet import Fabric
-from l7env import PORT, Client, Server, cnp, l7_settings, recorder, tcp_frame, wait_proxy
+from l7env import (
+    PORT,
+    Client,
+    Server,
+    cnp,
+    l7_settings,
+    recorder,
+    serving,
+    tcp_frame,
+    wait_proxy,
+)
 from netns import in_netns
 from traffic import Capture, eventually
 
@@ -58,25 +67,25 @@ def env():
         h2.exec("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
         web, other = h1.add_workload("web", 10), h1.add_workload("other", 11)
         api = h2.add_workload("api", 10)
-        server = in_netns(api.ns, Server, (api.ip, PORT), SEEN)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
         a1, a2 = agent_on(h1), agent_on(h2)
-        try:
-            a1.start()
-            a2.start()
-            a1.client.add_endpoint(name="web", interface="web-h", ips=[web.ip], labels={"app": "web"})
-            a1.client.add_endpoint(name="other", interface="other-h", ips=[other.ip],
-                                   labels={"app": "other"})
-            a2.client.add_endpoint(name="api", interface="api-h", ips=[api.ip], labels={"app": "api"})
-            a2.client.add_ipcache_entries([
-                {"prefix": f"{web.ip}/32", "labels": {"app": "web"}, "host": "h1"},
-                {"prefix": f"{other.ip}/32", "labels": {"app": "other"}, "host": "h1"}])
-            yield {"h1": a1, "h2": a2, "h2_host": h2, "web": web, "other": other, "api": api}
-        finally:
-            server.shutdown()
-            server.server_close()
-            a2.stop()
-            a1.stop()
+        with serving(in_netns(api.ns, Server, (api.ip, PORT), SEEN)):
+            try:
+                a1.start()
+                a2.start()
+                a1.client.add_endpoint(name="web", interface="web-h", ips=[web.ip],
+                                       labels={"app": "web"})
+                a1.client.add_endpoint(name="other", interface="other-h", ips=[other.ip],
+                                       labels={"app": "other"})
+                a2.client.add_endpoint(name="api", interface="api-h", ips=[api.ip],
+                                       labels={"app": "api"})
+                a2.client.add_ipcache_entries([
+                    {"prefix": f"{web.ip}/32", "labels": {"app": "web"}, "host": "h1"},
+                    {"prefix": f"{other.ip}/32", "labels": {"app": "other"}, "host": "h1"}])
+                yield {"h1": a1, "h2": a2, "h2_host": h2, "web": web, "other": other,
+                       "api": api}
+            finally:
+                a2.stop()
+                a1.stop()
 
 
 @pytest.fixture

@@ -9,12 +9,23 @@ recording server in b.
 """
 import json
 import os
-import threading
 
 import pytest
 
 from agentproc import AgentProcess
-from l7env import PORT, Client, Server, cnp, l7_settings, recorder, route_via_host, tcp_frame, wait_proxy
+from l7env import (
+    PORT,
+    Client,
+    Server,
+    add_endpoints,
+    cnp,
+    l7_settings,
+    recorder,
+    route_via_host,
+    serving,
+    tcp_frame,
+    wait_proxy,
+)
 from netns import Topology, in_netns
 from traffic import Capture, eventually
 from vm import QemuVM, host_mac, qemu_available
@@ -58,27 +69,23 @@ def env():
     with Topology("l7v") as topo:
         w = {t: topo.add_workload(t, [f"{NET4}{i}/24"]) for i, t in enumerate("abc", start=1)}
         route_via_host(topo, f"{HOST4}/24", w.values())
-        server = in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), SEEN)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = serving(in_netns(w["b"].ns, Server, (w["b"].ip4, PORT), SEEN))
         vm = QemuVM(f"skl7vm{TAG}", tap=f"skl7v{TAG}t", mac=VM_MAC, ip=f"{VM_IP}/24",
                     bridge=topo.bridge, tap_mac=host_mac(VM_MAC))
-        try:
-            proc = AgentProcess(managed_bridges=[topo.bridge], **l7_settings("vm"))
-            proc.settings["flow_log_path"] = str(proc.run_dir / "flows.log")
-            with proc as agent:
-                for name, app in (("a", "web"), ("b", "api"), ("c", "other")):
-                    agent.client.add_endpoint(name=name, interface=w[name].host_if,
-                                              ips=w[name].ips, labels={"app": app})
-                agent.client.add_endpoint(name="vm", mac=VM_MAC, ips=[VM_IP], labels={"app": "vm"})
-                vm.start()
-                vm.sh(GUEST_HTTPD)
-                assert eventually(lambda: next(e for e in agent.client.endpoints()
-                                               if e["name"] == "vm")["state"] == "ready")
-                yield agent, w, topo, vm
-        finally:
-            vm.close()
-            server.shutdown()
-            server.server_close()
+        with server:
+            try:
+                proc = AgentProcess(managed_bridges=[topo.bridge], **l7_settings("vm"))
+                proc.settings["flow_log_path"] = str(proc.run_dir / "flows.log")
+                with proc as agent:
+                    add_endpoints(agent, w)
+                    agent.client.add_endpoint(name="vm", mac=VM_MAC, ips=[VM_IP], labels={"app": "vm"})
+                    vm.start()
+                    vm.sh(GUEST_HTTPD)
+                    assert eventually(lambda: next(e for e in agent.client.endpoints()
+                                                   if e["name"] == "vm")["state"] == "ready")
+                    yield agent, w, topo, vm
+            finally:
+                vm.close()
 
 
 @pytest.fixture
