@@ -401,15 +401,18 @@ def test_reboot_enforces_before_containers_restart(guest, figures):
     figures["reboot_to_ssh_s"] = guest.reboot()
     boot = int(guest.ssh("date +%s").strip()) - int(float(
         guest.ssh("cut -d' ' -f1 /proc/uptime").strip()))
-    wait_until(lambda: any(r == "open" for _, r in probes(guest, "hostt-cli")), 300,
-               "the allowed client to reach the server after the reboot")
+    # the probers wrote until the shutdown: only what they wrote after this boot counts
+    wait_until(lambda: any(r == "open" and t >= boot for t, r in probes(guest, "hostt-cli")),
+               300, "the allowed client to reach the server after the reboot")
+    wait_until(lambda: guest.ssh("systemctl is-active stockade-agent; true").strip() == "active",
+               120, "the agent to be active")
     time.sleep(5)
-    bad = probes(guest, "hostt-bad")
+    bad = [(t, r) for t, r in probes(guest, "hostt-bad") if t >= boot]
     assert bad, "the denied prober did not run after the reboot"
     opened = [(t - boot, r) for t, r in bad if r == "open"]
     assert not opened, (f"the denied peer reached the server after boot: {opened[:5]}\n"
                         + diagnostics(guest))
-    first_ok = min(t for t, r in probes(guest, "hostt-cli") if r == "open") - boot
+    first_ok = min(t for t, r in probes(guest, "hostt-cli") if r == "open" and t >= boot) - boot
     figures["reboot_denied_probes"] = len(bad)
     figures["reboot_first_allowed_after_boot_s"] = first_ok
     order = guest.ssh(

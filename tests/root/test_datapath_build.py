@@ -3,6 +3,7 @@ pinned under the pin directory by the hash of its source, reused by a start with
 source and settings, rebuilt when they change or when the pinned maps were replaced."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -114,3 +115,53 @@ def test_many_policy_entries_are_written_in_one_batch_and_read_back(clean):
         assert dp.policy_entries() == want
     finally:
         dp.close()
+
+
+def prog_tags(dp: Datapath) -> tuple[bytes, bytes]:
+    return (bytes(bpfsys.prog_info(dp.from_endpoint_fd).tag),
+            bytes(bpfsys.prog_info(dp.to_endpoint_fd).tag))
+
+
+def test_a_start_without_pins_loads_the_kept_build_without_the_compiler(clean, tmp_path):
+    """After a reboot (bpffs empty) the build kept in the state directory is loaded
+    without bcc: the same instructions (the kernel's program tags), the maps made anew;
+    a damaged record is compiled over and rewritten."""
+    cache = tmp_path / "bpf"
+    dp1 = Datapath(SETTINGS, cache_dir=cache)
+    assert dp1.compiled and not dp1.from_cache
+    tags = prog_tags(dp1)
+    [record] = os.listdir(cache)
+    assert record == f"{dp1.build_dir.name}.json"
+    dp1.remove_pins()
+    dp1.close()
+    shutil.rmtree(PIN, ignore_errors=True)          # what a reboot leaves: no pins at all
+    code = textwrap.dedent(f"""
+        import json, sys
+        from stockade.datapath import Datapath, bpfsys
+        dp = Datapath({SETTINGS!r}, cache_dir={str(cache)!r})
+        dp.set_ipcache("10.213.77.5", 4325)
+        maps = open("/proc/self/maps").read()
+        print(json.dumps({{"compiled": dp.compiled, "from_cache": dp.from_cache,
+                           "bcc": "bcc" in sys.modules or "libbcc" in maps,
+                           "tags": [bytes(bpfsys.prog_info(fd).tag).hex() for fd in
+                                    (dp.from_endpoint_fd, dp.to_endpoint_fd)],
+                           "ipcache": dp.ipcache_entries()}}))
+        dp.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"compiled": False, "from_cache": True, "bcc": False,
+                   "tags": [t.hex() for t in tags], "ipcache": {"10.213.77.5/32": 4325}}
+    dp2 = Datapath(SETTINGS, cache_dir=cache)        # pins there now: reused, not loaded
+    assert not dp2.compiled and not dp2.from_cache
+    dp2.remove_pins()
+    dp2.close()
+    shutil.rmtree(PIN, ignore_errors=True)
+    (cache / record).write_text('{"format": 1, "programs": {}, "maps": {}, "sha256": "x"}')
+    dp3 = Datapath(SETTINGS, cache_dir=cache)
+    try:
+        assert dp3.compiled and not dp3.from_cache and prog_tags(dp3) == tags
+        assert json.loads((cache / record).read_text())["sha256"] != "x"
+    finally:
+        dp3.close()

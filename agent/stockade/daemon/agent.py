@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Any, Iterator
@@ -91,8 +92,10 @@ class Agent:
             changed = restore.restore(self, self.store.load())
         if datapath is None:
             from ..datapath import Datapath
+            # the compiled programs are kept beside the state: a boot loads them back
             datapath = Datapath(cfg.datapath_settings(), attach_mode=cfg.attach_mode,
-                                 switch_min=cfg.policy_switch_entries)
+                                 switch_min=cfg.policy_switch_entries,
+                                 cache_dir=os.path.join(cfg.state_dir, "bpf"))
         self.dp = datapath
         if self.live and cfg.kernel_default:
             self._install_kernel_default()
@@ -150,8 +153,12 @@ class Agent:
         if flows:
             from .flowsource import start_flows
             self.flow_source = start_flows(self)
-        log.info("agent started: %d endpoints, %d policies, revision %d",
-                 len(self.state.endpoints), len(self.engine.policies), self.state.revision)
+        programs = ("compiled" if getattr(self.dp, "compiled", False) else
+                    "loaded from the kept build" if getattr(self.dp, "from_cache", False)
+                    else "pinned")
+        log.info("agent started: %d endpoints, %d policies, revision %d; programs %s",
+                 len(self.state.endpoints), len(self.engine.policies), self.state.revision,
+                 programs)
 
     def stop(self) -> None:
         """Stop watching; the datapath keeps enforcing the last policy."""

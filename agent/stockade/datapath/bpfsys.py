@@ -65,7 +65,52 @@ def sys_bpf(cmd: int, attr) -> int:
 class _MapCreateAttr(ct.Structure):
     _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32), ("value_size", ct.c_uint32),
                 ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
-                ("inner_map_fd", ct.c_uint32)]
+                ("inner_map_fd", ct.c_uint32), ("numa_node", ct.c_uint32),
+                ("map_name", ct.c_char * 16)]
+
+
+class _ProgLoadAttr(ct.Structure):
+    _fields_ = [("prog_type", ct.c_uint32), ("insn_cnt", ct.c_uint32), ("insns", ct.c_uint64),
+                ("license", ct.c_uint64), ("log_level", ct.c_uint32), ("log_size", ct.c_uint32),
+                ("log_buf", ct.c_uint64), ("kern_version", ct.c_uint32),
+                ("prog_flags", ct.c_uint32), ("prog_name", ct.c_char * 16)]
+
+
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, name: str = "") -> int:
+    """A new map's fd; OSError with the kernel's errno."""
+    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
+                          max_entries=max_entries, map_flags=flags,
+                          map_name=name.encode()[:15])
+    fd = sys_bpf(BPF_MAP_CREATE, attr)
+    if fd < 0:
+        err = ct.get_errno() or errno.EIO
+        raise OSError(err, f"cannot create map {name}: {os.strerror(err)}")
+    return fd
+
+
+def prog_load(insns: bytes, name: str, prog_type: int = BPF_PROG_TYPE_SCHED_CLS,
+              license: str = "GPL") -> int:
+    """Load (and verify) a program; OSError with the verifier's last lines."""
+    code = ct.create_string_buffer(insns, len(insns))
+    lic = ct.create_string_buffer(license.encode())
+    log_buf = ct.create_string_buffer(1 << 16)
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
+                         insns=ct.addressof(code), license=ct.addressof(lic),
+                         prog_name=name.encode()[:15])
+    fd = sys_bpf(BPF_PROG_LOAD, attr)
+    if fd < 0:
+        err = ct.get_errno() or errno.EIO
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log_buf), ct.addressof(log_buf)
+        sys_bpf(BPF_PROG_LOAD, attr)
+        tail = log_buf.value.decode(errors="replace").strip().splitlines()[-5:]
+        raise OSError(err, f"cannot load program {name}: {os.strerror(err)}"
+                      + (": " + " / ".join(tail) if tail else ""))
+    return fd
 
 
 BPF_MAP_CREATE = 0

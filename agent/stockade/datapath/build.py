@@ -1,13 +1,14 @@
 """Compile and load the BPF programs in a short-lived process, and pin what the agent needs.
 
-    python -c "...build import main; sys.exit(main(sys.argv))" BUILD_DIR < source.c
+    python -c "...build import main; sys.exit(main(sys.argv))" BUILD_DIR [RECORD] < source.c
 
 bcc (and with it LLVM and clang, ~80 MB resident) lives only in this process. It
 compiles the rendered source (stockade.datapath.loader.render_source), loads both
 programs (creating or reusing the pinned maps the source declares), and pins the
 programs and the maps that have no pin of their own into BUILD_DIR, written under a
-temporary name and renamed into place, so a BUILD_DIR that exists is complete. Exit 0,
-or 1 with bcc's message on stderr.
+temporary name and renamed into place, so a BUILD_DIR that exists is complete. With
+RECORD, the build's record (progcache.py) is written there, for starts without pins.
+Exit 0, or 1 with bcc's message on stderr.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ UNPINNED_MAPS = ("events", "event_buckets", "events_lost")
 CFLAGS = ["-Wno-unused-function"]
 
 
-def build(source: str, build_dir: str) -> None:
+def build(source: str, build_dir: str, record_path: str | None = None) -> None:
     from bcc import BPF
 
     from .bpfsys import lib
@@ -41,18 +42,39 @@ def build(source: str, build_dir: str) -> None:
             if lib.bpf_obj_pin(fd, f"{tmp}/{name}".encode()) != 0:
                 import ctypes as ct
                 raise OSError(ct.get_errno(), f"cannot pin {name}: {os.strerror(ct.get_errno())}")
+        if record_path:
+            _write_record(b, record_path)
         os.rename(tmp, build_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _write_record(b, path: str) -> None:
+    import json
+
+    from . import progcache
+    from .pins import PINNED_MAPS, fd_map_info
+    fds = {name: b[name.encode()].map_fd for name in (*PINNED_MAPS, *UNPINNED_MAPS)}
+    specs = {}
+    for name, fd in fds.items():
+        info = fd_map_info(fd, name)
+        specs[name] = {"type": info.type, "key_size": info.key_size,
+                       "value_size": info.value_size, "max_entries": info.max_entries,
+                       "flags": info.map_flags}
+    rec = progcache.record({name: b.dump_func(name.encode()) for name in PROGRAMS}, fds, specs)
+    if rec is not None:
+        with open(path, "w") as f:
+            json.dump(rec, f)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m stockade.datapath.build BUILD_DIR < source.c", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: python -m stockade.datapath.build BUILD_DIR [RECORD] < source.c",
+              file=sys.stderr)
         return 2
     try:
-        build(sys.stdin.read(), argv[1])
+        build(sys.stdin.read(), argv[1], argv[2] if len(argv) == 3 else None)
     except Exception as exc:  # bcc raises plain Exception on compile/load errors
         print(str(exc) or type(exc).__name__, file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from .l7maps import L7Maps
 from .migrate import check_no_newer_pins, finish_legacy, migrate_legacy_pins
 from .pins import PINNED_MAPS, fd_map_info, pin_name
 from .writer import MapWriter
+
+log = logging.getLogger("stockade.datapath")
 
 # bpf/ of the checkout (a link here), or its copy inside an installed wheel
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
@@ -135,13 +138,14 @@ def build_hash(source: str) -> str:
     return h.hexdigest()[:20]
 
 
-def compile_in_child(source: str, build_dir: Path) -> None:
+def compile_in_child(source: str, build_dir: Path, record_path: Path | None = None) -> None:
     """Run stockade.datapath.build in a new process; DatapathError with its message."""
     agent_dir = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [agent_dir, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    extra = [str(record_path)] if record_path is not None else []
     try:
-        r = subprocess.run([sys.executable, "-c", BUILD_MAIN, str(build_dir)],
+        r = subprocess.run([sys.executable, "-c", BUILD_MAIN, str(build_dir), *extra],
                            input=source, capture_output=True, text=True, env=env,
                            timeout=BUILD_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -162,7 +166,7 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
     """
 
     def __init__(self, settings: Mapping[str, Any] | None = None, attach_mode: str = "auto",
-                 switch_min: int | None = None):
+                 switch_min: int | None = None, cache_dir: str | Path | None = None):
         self.settings = resolved_settings(settings)
         self.attach_mode = attach_mode
         if switch_min is not None:
@@ -175,6 +179,8 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         self._progs: dict[str, int] = {}
         self._ring: bpfsys.RingBuffer | None = None
         self.compiled = False      # True when this start ran the compiler
+        self.from_cache = False    # True when it loaded the kept build (progcache.py)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         try:
             self.pin_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -186,8 +192,9 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
             if not self._open_build():
                 shutil.rmtree(self.build_dir, ignore_errors=True)
                 self.build_dir.parent.mkdir(parents=True, exist_ok=True)
-                compile_in_child(self.source, self.build_dir)
-                self.compiled = True
+                self.from_cache = self._load_kept_build()
+                if not self.from_cache:
+                    self._compile()
                 if not self._open_build():
                     raise DatapathError(str(self.build_dir), "the compiled programs do not use "
                                         "the pinned maps (changed while loading?)")
@@ -198,6 +205,45 @@ class Datapath(MapWriter, ConntrackMaps, L7Maps):
         except DatapathError:
             self.close()
             raise
+
+    def _load_kept_build(self) -> bool:
+        """The build from the record a previous compile kept; False (nothing left
+        behind but created map pins, which the compiler reuses) when there is none or
+        it does not load."""
+        from . import progcache
+        if self.cache_dir is None:
+            return False
+        rec = progcache.read(self.cache_dir, self.build_dir.name)
+        if rec is None:
+            return False
+        try:
+            progcache.load(rec, self.build_dir, {n: self.pin_dir / pin_name(n) for n in PINNED_MAPS},
+                           UNPINNED_MAPS, PROGRAMS)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("the kept build %s does not load (%s); compiling", self.build_dir.name, exc)
+            shutil.rmtree(self.build_dir, ignore_errors=True)
+            return False
+        if self._open_build():
+            return True
+        shutil.rmtree(self.build_dir, ignore_errors=True)
+        return False
+
+    def _compile(self) -> None:
+        from . import progcache
+        record_path = None
+        if self.cache_dir is not None:
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                record_path = self.cache_dir / f"{self.build_dir.name}.new{os.getpid()}"
+            except OSError as exc:
+                log.warning("cannot keep the compiled programs in %s: %s", self.cache_dir, exc)
+        compile_in_child(self.source, self.build_dir, record_path)
+        self.compiled = True
+        if record_path is not None:
+            rec = progcache.read_file(record_path)
+            record_path.unlink(missing_ok=True)
+            if rec is not None and self.cache_dir is not None:
+                progcache.save(self.cache_dir, self.build_dir.name, rec)
 
     # Maps whose size may change between builds (a changed setting or default): only the
     # agent writes them and they are not preallocated, so a new map of the new size is
