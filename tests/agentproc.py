@@ -23,6 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STOCKADE = [str(Path(sys.executable).parent / "stockade")]
+LOCK_ENV = "STOCKADE_TEST_AGENT_LOCK"   # "1": test agents take the namespace lock
 
 
 class AgentProcess:
@@ -30,11 +31,13 @@ class AgentProcess:
     running: "set[AgentProcess]" = set()   # for the failure report (tests/conftest.py)
 
     def __init__(self, command: list[str] | None = None, env: dict | None = None,
-                 shared_namespace: bool = True, **settings):
+                 shared_namespace: bool | None = None, **settings):
         """``command`` (default: this checkout's ``stockade``) runs another build, with
         ``env`` added to the environment (e.g. its PYTHONPATH)."""
         AgentProcess._count += 1
         self.command = command or STOCKADE
+        if shared_namespace is None:
+            shared_namespace = os.environ.get(LOCK_ENV) != "1"
         self.shared_namespace = shared_namespace
         self.env = env
         tag = f"{os.getpid()}-{AgentProcess._count}"
@@ -92,9 +95,11 @@ class AgentProcess:
         raise RuntimeError(f"agent did not answer within {timeout}s:\n{self.log()}")
 
     def environ(self) -> dict:
-        """Test agents share the root network namespace with each other (and with a
-        demo agent): they skip the one-agent-per-namespace lock (daemon/nslock.py), each
-        owning interfaces of its own. ``shared_namespace=False`` takes it."""
+        """The root tests run in a network namespace of the session's own
+        (tests/conftest.py), never the demo agent's. Their agents share it with each
+        other (a test may run several at once, each owning interfaces of its own): they
+        skip the one-agent-per-namespace lock (daemon/nslock.py). ``shared_namespace=False``,
+        or STOCKADE_TEST_AGENT_LOCK=1 for every agent of a run, takes it."""
         env = {**os.environ, **(self.env or {})}
         if self.shared_namespace:
             env["STOCKADE_SHARED_NAMESPACE"] = "1"

@@ -33,6 +33,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from netns import outer_namespace
+
 CACHE = Path("/var/cache/stockade-test/vm")
 BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
@@ -103,8 +105,9 @@ def ensure_kernel() -> tuple[Path, Path]:
     debs = list(CACHE.glob(f"linux-image-{ver}_*.deb"))
     if not debs:
         # apt's _apt user cannot write into root's cache dir: a harmless warning.
+        # from the namespace the session started in: the test's own has no network
         subprocess.run(["apt-get", "download", f"linux-image-{ver}"], cwd=CACHE, check=True,
-                       capture_output=True, timeout=600)
+                       capture_output=True, timeout=600, preexec_fn=outer_namespace)
         debs = list(CACHE.glob(f"linux-image-{ver}_*.deb"))
     tmp = CACHE / f"root-{ver}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
