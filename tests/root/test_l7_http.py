@@ -531,7 +531,7 @@ def test_steering_follows_the_bridges_mac(e):
         assert eventually(works, timeout=10)
     finally:
         topo.remove_workload("d")
-    assert open(path).read().strip() == before
+    assert link_mac(topo.bridge) == before
     assert eventually(lambda: steered_to(agent, w["a"]) == before, timeout=10)
     assert eventually(works, timeout=10)
 
