@@ -38,6 +38,21 @@ def pytest_runtest_protocol(item, nextitem):
         _own_ns.leave()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The session's last tear-down (whatever test it follows) runs in that namespace
+    too: it stops the session fixtures the root tests started there (Podman's service,
+    containers on the bridge Podman made there)."""
+    if nextitem is not None or _own_ns is None:
+        return (yield)
+    _own_ns.enter()
+    try:
+        return (yield)
+    finally:
+        if ROOT_TESTS not in item.path.parents:
+            _own_ns.leave()
+
+
 def pytest_runtest_setup(item):
     if "root" in item.keywords and os.geteuid() != 0:
         pytest.fail("this test needs root (make test runs as root in CI)")
@@ -63,12 +78,25 @@ def pytest_runtest_makereport(item, call):
 SHARED_RUN_DIRS = ("/run/stockade-test", "/run/stockade-test-vm")   # parents of tests' sockets
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_sessionfinish(session, exitstatus):
-    """The shared parent directories go once empty (another session may still use them)."""
+    """Fixtures still set up (a run stopped early: -x, ^C) are torn down in the session's
+    namespace, which then goes. The shared parent directories go once empty (another
+    session may still use them)."""
     global _own_ns
     if _own_ns is not None:
-        _own_ns.close()
-        _own_ns = None
+        _own_ns.enter()
+    try:
+        return (yield)
+    finally:
+        if _own_ns is not None:
+            _own_ns.leave()
+            _own_ns.close()
+            _own_ns = None
+        _remove_shared_run_dirs()
+
+
+def _remove_shared_run_dirs() -> None:
     for d in SHARED_RUN_DIRS:
         try:
             os.rmdir(d)

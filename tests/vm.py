@@ -403,6 +403,13 @@ def start_libvirtd() -> list[int]:
     if run("getent", "passwd", "libvirt-qemu", check=False).returncode != 0:
         run("useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/libvirt",
             "--shell", "/usr/sbin/nologin", "-g", "libvirt-qemu", "-G", "kvm", "libvirt-qemu")
+    # libvirtd makes the guests' taps in its own network namespace: the test's agent
+    # and bridge are in the test's (tests/conftest.py), so a libvirtd running elsewhere
+    # (the host's, under systemd) cannot serve the test
+    pid = _daemon_pid("/run/libvirtd.pid")
+    if pid is not None and os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/thread-self/ns/net"):
+        raise RuntimeError(f"libvirtd (PID {pid}) runs in another network namespace than the "
+                           "test's; stop it, the test starts its own")
     started: list[int] = []
     try:
         for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
