@@ -24,6 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 STOCKADE = [str(Path(sys.executable).parent / "stockade")]
 LOCK_ENV = "STOCKADE_TEST_AGENT_LOCK"   # "1": test agents take the namespace lock
+# defaults above that the builds before them refuse (an upgrade test's old build)
+NEWER_DEFAULTS = {"kernel_default_bridge_ports"}
 
 
 class AgentProcess:
@@ -53,6 +55,7 @@ class AgentProcess:
             "ct_gc_interval": 5.0, "log_level": "info",
             **settings,
         }
+        self._given = set(settings)
         self.config_path = self.run_dir / "agent.yaml"
         self.log_path = self.run_dir / "agent.log"
         self.proc: subprocess.Popen | None = None
@@ -77,7 +80,11 @@ class AgentProcess:
         return r
 
     def start(self, timeout: float = 60) -> "AgentProcess":
-        self.config_path.write_text(yaml.safe_dump(self.settings))
+        settings = self.settings
+        if self.command != STOCKADE:   # another build: it may predate newer settings
+            settings = {k: v for k, v in settings.items()
+                        if k not in NEWER_DEFAULTS or k in self._given}
+        self.config_path.write_text(yaml.safe_dump(settings))
         AgentProcess.running.add(self)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*self.command, "agent", "--config", str(self.config_path)],
