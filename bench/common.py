@@ -33,6 +33,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 NFT_TABLE = "stockbench"
 
 
+def enter_own_namespace() -> None:
+    """Run the rest of this benchmark process in a network namespace of its own (as
+    ``make bench`` runs each one, bench/run.py), so its agents never meet a demo
+    agent's (one agent per namespace, issue 14.4). No-op unprivileged or already in
+    one."""
+    from netns import OUTER_ENV, OwnNamespace
+    if os.geteuid() == 0 and OUTER_ENV not in os.environ:
+        OwnNamespace().enter()   # held for the process's life
+
+
 def build_netbench(out_dir: str) -> str:
     """gcc -O2 -static bench/netbench.c (static: it also runs inside busybox containers)."""
     out = os.path.join(out_dir, "netbench")

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from bench.common import median, tmpdir, rmtree
+from bench.common import enter_own_namespace, median, rmtree, tmpdir
 from bench.controlplane_bench import (add_peers, add_server, bench_podman, layout,
                                       stockade_import, write_policy)
 from bench.datapath_bench import SUBNET, Bench
@@ -49,6 +49,7 @@ def import_100000() -> float:
 
 
 def main() -> int:
+    enter_own_namespace()
     started = time.monotonic()
     dp = Bench([N], rounds=3, secs=2).run()
     print(json.dumps({"datapath": dp}), file=sys.stderr, flush=True)

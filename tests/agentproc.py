@@ -23,6 +23,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STOCKADE = [str(Path(sys.executable).parent / "stockade")]
+LOCK_ENV = "STOCKADE_TEST_AGENT_LOCK"   # "1": test agents take the namespace lock
+# defaults above that the builds before them refuse (an upgrade test's old build)
+NEWER_DEFAULTS = {"kernel_default_bridge_ports"}
 
 
 class AgentProcess:
@@ -30,11 +33,13 @@ class AgentProcess:
     running: "set[AgentProcess]" = set()   # for the failure report (tests/conftest.py)
 
     def __init__(self, command: list[str] | None = None, env: dict | None = None,
-                 shared_namespace: bool = True, **settings):
+                 shared_namespace: bool | None = None, **settings):
         """``command`` (default: this checkout's ``stockade``) runs another build, with
         ``env`` added to the environment (e.g. its PYTHONPATH)."""
         AgentProcess._count += 1
         self.command = command or STOCKADE
+        if shared_namespace is None:
+            shared_namespace = os.environ.get(LOCK_ENV) != "1"
         self.shared_namespace = shared_namespace
         self.env = env
         tag = f"{os.getpid()}-{AgentProcess._count}"
@@ -50,6 +55,7 @@ class AgentProcess:
             "ct_gc_interval": 5.0, "log_level": "info",
             **settings,
         }
+        self._given = set(settings)
         self.config_path = self.run_dir / "agent.yaml"
         self.log_path = self.run_dir / "agent.log"
         self.proc: subprocess.Popen | None = None
@@ -74,7 +80,11 @@ class AgentProcess:
         return r
 
     def start(self, timeout: float = 60) -> "AgentProcess":
-        self.config_path.write_text(yaml.safe_dump(self.settings))
+        settings = self.settings
+        if self.command != STOCKADE:   # another build: it may predate newer settings
+            settings = {k: v for k, v in settings.items()
+                        if k not in NEWER_DEFAULTS or k in self._given}
+        self.config_path.write_text(yaml.safe_dump(settings))
         AgentProcess.running.add(self)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*self.command, "agent", "--config", str(self.config_path)],
@@ -94,9 +104,11 @@ class AgentProcess:
         raise RuntimeError(f"agent did not answer within {timeout}s:\n{self.log()}")
 
     def environ(self) -> dict:
-        """Test agents share the root network namespace with each other (and with a
-        demo agent): they skip the one-agent-per-namespace lock (daemon/nslock.py), each
-        owning interfaces of its own. ``shared_namespace=False`` takes it."""
+        """The root tests run in a network namespace of the session's own
+        (tests/conftest.py), never the demo agent's. Their agents share it with each
+        other (a test may run several at once, each owning interfaces of its own): they
+        skip the one-agent-per-namespace lock (daemon/nslock.py). ``shared_namespace=False``,
+        or STOCKADE_TEST_AGENT_LOCK=1 for every agent of a run, takes it."""
         env = {**os.environ, **(self.env or {})}
         if self.shared_namespace:
             env["STOCKADE_SHARED_NAMESPACE"] = "1"

@@ -10,33 +10,123 @@ the root namespace never routes to the workloads): workloads of one topology sha
 link. Only names this object created are ever deleted, and everything is deleted on
 exit, also after a failure half way through ``add_workload``.
 Names: "sk" + pid + tag (namespace), + "h" (host veth), "sk" + pid + "br" (bridge).
+
+"The root namespace" above is the test's: tests/conftest.py runs every tests/root test in
+a network namespace of the session's own (``OwnNamespace``), so a demo agent holding the
+one-agent-per-namespace lock in the machine's root namespace (daemon/nslock.py) and its
+interfaces are never touched, and the test agents' bridges, veths, taps, Podman
+bridges, nftables tables and sysctls live in that namespace only.
 """
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 from dataclasses import dataclass, field
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+# The namespace a test session or benchmark started in (a path a child may open), for
+# what must reach outside (apt-get download of the VM kernel): set by OwnNamespace.
+OUTER_ENV = "STOCKADE_TEST_OUTER_NETNS"
 
 
 def run(*argv: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
 
 
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
+def unshare_net() -> None:
+    """Move the calling thread (or a child before exec) into a new network namespace
+    with its loopback up."""
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+        req = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+        flags = struct.unpack("16sH14x", req)[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+class OwnNamespace:
+    """A network namespace of this process's own, with no name in /run/netns: it goes
+    when the last process in it exits and the fd closes, however the session ends.
+
+        own = OwnNamespace()
+        own.enter()     # the calling thread (and what it starts from now on) is in it
+        own.leave()     # back where it was
+        own.close()
+
+    Threads and processes started while inside stay in it."""
+
+    def __init__(self):
+        self.outer = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        box: dict = {}
+
+        def make():
+            try:
+                unshare_net()
+                box["fd"] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            except BaseException as exc:
+                box["error"] = exc
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+        if "error" in box:
+            os.close(self.outer)
+            raise box["error"]
+        self.fd: int = box["fd"]
+        self.outer_path = f"/proc/{os.getpid()}/fd/{self.outer}"
+
+    def enter(self) -> None:
+        _setns(self.fd)
+        os.environ[OUTER_ENV] = self.outer_path
+
+    def leave(self) -> None:
+        _setns(self.outer)
+
+    def close(self) -> None:
+        os.environ.pop(OUTER_ENV, None)
+        os.close(self.fd)
+        os.close(self.outer)
+
+
+def outer_namespace() -> None:
+    """``preexec_fn`` for a child that must reach outside the test's namespace (the
+    network): it joins the namespace the session started in. No-op outside one."""
+    path = os.environ.get(OUTER_ENV)
+    if path:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+
+
+def link_mac(ifname: str) -> str:
+    """The MAC of ``ifname`` in the calling thread's namespace (sysfs shows the
+    namespace it was mounted in, not the test's)."""
+    return json.loads(run("ip", "-j", "link", "show", "dev", ifname).stdout)[0]["address"]
+
+
 def in_netns(ns: str, fn, *args, **kwargs):
-    """Run ``fn(*args)`` in a thread that joined network namespace ``ns``; sockets
-    it creates belong to ``ns`` and stay usable from any thread."""
+    """Run ``fn(*args)`` in a thread that joined network namespace ``ns`` (a name in
+    /run/netns, or a path); sockets it creates belong to ``ns`` and stay usable from
+    any thread."""
     box: dict = {}
 
     def target():
         try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            fd = os.open(ns if ns.startswith("/") else f"/run/netns/{ns}", os.O_RDONLY)
             try:
                 if _libc.setns(fd, CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), f"setns {ns}")

@@ -49,6 +49,23 @@ class SwitchingDatapath(RecordingDatapath):
         self.policy, self.flags = self.raw.view()
         self.log.append(("policy", len(delta.adds), len(delta.removes), len(delta.flags)))
 
+    # the transaction's hold on the old generation (datapath/writer.py)
+    def policy_hold(self):
+        self.raw.policy_hold()
+
+    def policy_mark(self):
+        return self.raw.policy_mark()
+
+    def policy_undo(self, mark):
+        self.raw.policy_undo(mark)
+        self.policy, self.flags = self.raw.view()
+
+    def policy_commit(self):
+        self.raw.policy_commit()
+
+    def policy_release(self):
+        self.raw.policy_release()
+
 
 def db_policy(ports) -> dict:
     listed = ", ".join(f'{{port: "{p}", protocol: TCP}}' for p in ports)
@@ -78,6 +95,7 @@ def test_a_large_change_that_cannot_be_persisted_switches_back(tmp_path, monkeyp
         assert len(before_view[0]) >= 20
         gens_before = dp.raw.raw_generations()
         dp.raw.views.clear()
+        dp.raw.events.clear()
         monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(
             OSError(errno.ENOSPC, "No space left on device")))
         with pytest.raises(StateError):
@@ -91,6 +109,12 @@ def test_a_large_change_that_cannot_be_persisted_switches_back(tmp_path, monkeyp
             if v not in distinct:
                 distinct.append(v)
         assert distinct[0] == before_view and len(distinct) == 2, len(distinct)
+        # the old generation was kept intact until the end: never rewritten nor deleted;
+        # undoing was one flags update back (no second switch), then the new one went
+        touched = [e[2] for e in dp.raw.events if len(e) == 3 and e[1] == "policy"]
+        assert not set(touched) & {k for k, _ in before["policy"]}
+        flags_writes = [e for e in dp.raw.events if len(e) == 3 and e[1] == "policy_flags"]
+        assert len(flags_writes) == 2, flags_writes   # the switch and its undo
         # with room again the change goes through, switched once more
         api.put_policies([db_policy(range(2000, 2020))])
         assert {g for _, _, g in dp.raw.raw_generations()} == {1 - g for _, _, g in gens_before}

@@ -332,3 +332,106 @@ def test_entries_that_keep_their_verdict_are_rewritten_in_place():
     w.apply_delta(delta)
     assert w.view() == old and w.raw_generations() == {(LOCAL, INGRESS, 0)}
     assert ("grace",) not in w.events
+
+
+# -- a transaction's rollback (policy_hold ... policy_undo): exactly the old maps -------
+
+def _written(state, switch_min) -> RecordingWriter:
+    """A writer whose maps hold ``state`` as it wrote it (its own policy numbers)."""
+    w = RecordingWriter({}, {}, switch_min=switch_min)
+    w.apply_delta(delta_between(({}, {}), state), checked=True)
+    return w
+
+
+def _raw(w) -> dict:
+    return {name: dict(entries) for name, entries in w.maps.items()}
+
+
+def _check_rollback(chain, switch_min) -> None:
+    """Write the states of ``chain`` one after another in one transaction, failing at
+    every single write in turn (and after the last: the persisting failed); undoing
+    gives back exactly the maps as they were (every key, value and generation), and
+    every state in between decides each packet as a state of the chain does, or denies
+    more than all of them (nothing all deny is allowed)."""
+    old = chain[0]
+    total = _written(old, switch_min)
+    setup = total.writes
+    total.policy_hold()
+    for a, b in itertools.pairwise(chain):
+        total.apply_delta(delta_between(a, b), checked=True)
+    writes = total.writes - setup
+    for fail_at in range(writes + 1):
+        w = _written(old, switch_min)
+        before = _raw(w)
+        w.policy_hold()
+        w.states = [w.view()]
+        w.fail_at = setup + fail_at if fail_at < writes else None
+        try:
+            for a, b in itertools.pairwise(chain):
+                w.apply_delta(delta_between(a, b), checked=True)
+        except Exception:
+            assert fail_at < writes
+        else:
+            assert fail_at == writes, f"no failure at write {fail_at}"
+        w.fail_at = None
+        w.policy_undo(0)
+        w.policy_release()
+        assert _raw(w) == before, f"failed at write {fail_at} of {writes}"
+        assert w.view() == (old[0], _plain(old[1])) == (w.policy_entries(), w.policy_flags())
+        for i, state in enumerate(w.states):
+            for pkt in PACKETS:
+                if allowed(state, *pkt):
+                    assert any(allowed(s, *pkt) for s in chain), (fail_at, i, pkt)
+        # the writer's shadow is the maps: the chain goes through once more
+        w.apply_delta(delta_between(old, chain[-1]), checked=True)
+        assert w.view() == (chain[-1][0], _plain(chain[-1][1]))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_rollback_at_every_write_restores_exactly_the_old_maps(data):
+    """A transaction's change, switched or ordered by its size, undone after a failure
+    at any write or after all of them (its state could not be persisted)."""
+    old = data.draw(states)
+    new = data.draw(related(old)) if data.draw(st.booleans()) else data.draw(states)
+    _check_rollback([old, new], data.draw(st.sampled_from((1, 2, 3, 100))))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_rollback_of_several_writes_in_one_transaction(data):
+    """Several policy steps of one transaction (a pair switched by the first is written
+    in order by the later ones: its other generation is the old one, kept)."""
+    chain = [data.draw(states)]
+    for _ in range(data.draw(st.integers(1, 3))):
+        chain.append(data.draw(related(chain[-1])))
+    _check_rollback(chain, data.draw(st.sampled_from((1, 2, 3))))
+
+
+def test_a_switch_keeps_the_old_generation_until_commit():
+    """Inside a transaction the old generation stays, untouched, after the switch:
+    undoing is one flags update back and, after a grace period, deleting the new
+    generation; committing deletes the old one after a grace period instead."""
+    old = (_pair_state(range(1000, 1010)), ENFORCE)
+    new = (_pair_state(range(2000, 2010)), ENFORCE)
+    for commit in (False, True):
+        w = _written(old, 5)
+        before = _raw(w)["policy"]
+        (gen_before,) = {g for _, _, g in w.raw_generations()}
+        w.policy_hold()
+        w.apply_delta(delta_between(old, new), checked=True)
+        assert w.view() == new
+        assert {k: v for k, v in w.maps["policy"].items() if k in before} == before
+        w.events.clear()
+        if commit:
+            w.policy_commit()
+            assert w.view() == new and w.raw_generations() == {(LOCAL, INGRESS, 1 - gen_before)}
+            assert w.events[0] == ("grace",) and len(w.events) == 11
+        else:
+            w.policy_undo(w.policy_mark() - 1)
+            w.policy_release()
+            kinds = [e[:2] for e in w.events]
+            assert kinds[:2] == [("update", "policy_flags"), ("grace",)]
+            assert kinds[2:] == [("delete", "policy")] * 10
+            assert not {e[2] for e in w.events[2:]} & before.keys()
+            assert _raw(w)["policy"] == before and w.view() == old

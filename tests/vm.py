@@ -33,6 +33,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from netns import outer_namespace
+
 CACHE = Path("/var/cache/stockade-test/vm")
 BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
@@ -103,8 +105,9 @@ def ensure_kernel() -> tuple[Path, Path]:
     debs = list(CACHE.glob(f"linux-image-{ver}_*.deb"))
     if not debs:
         # apt's _apt user cannot write into root's cache dir: a harmless warning.
+        # from the namespace the session started in: the test's own has no network
         subprocess.run(["apt-get", "download", f"linux-image-{ver}"], cwd=CACHE, check=True,
-                       capture_output=True, timeout=600)
+                       capture_output=True, timeout=600, preexec_fn=outer_namespace)
         debs = list(CACHE.glob(f"linux-image-{ver}_*.deb"))
     tmp = CACHE / f"root-{ver}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -400,6 +403,13 @@ def start_libvirtd() -> list[int]:
     if run("getent", "passwd", "libvirt-qemu", check=False).returncode != 0:
         run("useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/libvirt",
             "--shell", "/usr/sbin/nologin", "-g", "libvirt-qemu", "-G", "kvm", "libvirt-qemu")
+    # libvirtd makes the guests' taps in its own network namespace: the test's agent
+    # and bridge are in the test's (tests/conftest.py), so a libvirtd running elsewhere
+    # (the host's, under systemd) cannot serve the test
+    pid = _daemon_pid("/run/libvirtd.pid")
+    if pid is not None and os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/thread-self/ns/net"):
+        raise RuntimeError(f"libvirtd (PID {pid}) runs in another network namespace than the "
+                           "test's; stop it, the test starts its own")
     started: list[int] = []
     try:
         for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):

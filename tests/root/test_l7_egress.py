@@ -29,7 +29,7 @@ from l7env import (
     tcp_frame,
     wait_proxy,
 )
-from netns import Topology, in_netns, run
+from netns import Topology, in_netns, link_mac, run
 from traffic import Capture, eventually
 
 pytestmark = pytest.mark.root
@@ -182,7 +182,7 @@ def test_replies_reach_the_client_only_through_the_proxy(e):
     reaching a carries the bridge's MAC (the host sent it), never b's own."""
     agent, w, topo = e
     a, b = w["a"], w["b"]
-    bridge_mac = open(f"/sys/class/net/{topo.bridge}/address").read().strip()
+    bridge_mac = link_mac(topo.bridge)
     apply(agent, cnp("web", WEB_EGRESS))
     wait_proxy(agent)
     with Capture(a) as at_a, Capture(b, outgoing=True) as from_b:
@@ -321,7 +321,7 @@ egress:
             - {{method: GET, path: "/public(/.*)?"}}
 """))
     wait_proxy(agent)
-    bridge_mac = open(f"/sys/class/net/{topo.bridge}/address").read().strip()
+    bridge_mac = link_mac(topo.bridge)
     with Capture(a) as at_a:
         c = Client(a, r.ip4)
         try:

@@ -29,7 +29,7 @@ from l7env import (
     tcp_frame,
     wait_proxy,
 )
-from netns import Topology, in_netns
+from netns import Topology, in_netns, link_mac
 from traffic import Capture, eventually
 
 pytestmark = pytest.mark.root
@@ -188,7 +188,7 @@ def test_replies_reach_the_client_only_through_the_proxy(e):
     """
     agent, w, topo = e
     a, b = w["a"], w["b"]
-    bridge_mac = open(f"/sys/class/net/{topo.bridge}/address").read().strip()
+    bridge_mac = link_mac(topo.bridge)
     assert len({bridge_mac, a.mac, b.mac}) == 3
     apply(agent, cnp("api", API_L7))
     wait_proxy(agent)
@@ -510,12 +510,11 @@ def test_steering_follows_the_bridges_mac(e):
     agent, w, topo = e
     apply(agent, cnp("api", API_L7))
     wait_proxy(agent)
-    path = f"/sys/class/net/{topo.bridge}/address"
-    before = open(path).read().strip()
+    before = link_mac(topo.bridge)
     d = topo.add_workload("d", [f"{NET4}4/24"])
     try:
         subprocess.run(["ip", "link", "set", d.host_if, "address", "02:00:00:00:00:01"], check=True)
-        assert open(path).read().strip() == "02:00:00:00:00:01" != before
+        assert link_mac(topo.bridge) == "02:00:00:00:00:01" != before
         assert eventually(lambda: steered_to(agent, w["a"]) == "02:00:00:00:00:01", timeout=10)
 
         def works():
@@ -532,7 +531,7 @@ def test_steering_follows_the_bridges_mac(e):
         assert eventually(works, timeout=10)
     finally:
         topo.remove_workload("d")
-    assert open(path).read().strip() == before
+    assert link_mac(topo.bridge) == before
     assert eventually(lambda: steered_to(agent, w["a"]) == before, timeout=10)
     assert eventually(works, timeout=10)
 

@@ -26,7 +26,7 @@ from l7env import (
     tcp_frame,
     wait_proxy,
 )
-from netns import Topology, in_netns
+from netns import Topology, in_netns, link_mac
 from traffic import Capture, eventually
 from vm import QemuVM, host_mac, qemu_available
 
@@ -175,7 +175,7 @@ def test_vm_replies_reach_the_client_only_through_the_proxy(e):
     agent.client.put_policies([VM_L7], replace_all=True)
     wait_proxy(agent)
     a = w["a"]
-    bridge_mac = open(f"/sys/class/net/{topo.bridge}/address").read().strip()
+    bridge_mac = link_mac(topo.bridge)
     with Capture(a) as at_a:
         c = Client(a, VM_IP, timeout=10)
         port = c.sock.getsockname()[1]

@@ -12,8 +12,10 @@ plans against the model as it is inside the transaction; nothing reaches the ker
 until ``write``.
 
 ``write`` keeps, for every step it writes (or begins to), the step that undoes it: the
-inverse policy delta, the ipcache entry and endpoint entry as they were, the attachment
-as it was. When the write or the persisting of the state after it fails, ``unwrite``
+inverse policy delta (with a datapath that journals its policy writes, datapath/writer.py
+``policy_hold``: the writer's own undo, which switches a large change back to the old
+generation it kept intact until ``commit``), the ipcache entry and endpoint entry as they
+were, the attachment as it was. When the write or the persisting of the state after it fails, ``unwrite``
 writes those, last first (so the undo keeps the safe order too: an endpoint goes back to
 its old identity before that identity's new entries go), then ``discard`` puts the model,
 the engine and the identity numbers back: the maps, the model and the state files are
@@ -73,6 +75,7 @@ class Txn:
     moved_prefixes: dict[str, int | None] = field(default_factory=dict)  # ipcache prefix ->
     #                                            its identity before (None: no entry)
     on_commit: list = field(default_factory=list)    # callables, run once committed
+    dp: Any = None   # a datapath holding this transaction's policy writes (policy_hold)
 
     def __post_init__(self):
         self.etx = self.agent.engine.begin(plan=self.dry_run)   # a review plans; a change does not
@@ -212,8 +215,14 @@ class Txn:
         peak.removes -= peak.adds.keys()
         if peak:
             dp.check_capacity(peak)
+        journaled = hasattr(dp, "policy_hold")
+        if journaled:
+            dp.policy_hold()
+            self.dp = dp
         for step in self.steps:
             inverse = self._inverse(step)
+            if inverse is not None and inverse.kind == "policy" and journaled:
+                inverse = Step("unpolicy", dp.policy_mark())
             if inverse is not None:
                 self.undo.append(inverse)   # before the write: a half-done one is undone too
             self._note_moved(step)
@@ -271,7 +280,11 @@ class Txn:
     def unwrite(self, dp) -> None:
         """Write the inverse of every step written, last first."""
         while self.undo:
-            _write_step(self.agent, dp, self.undo[-1])
+            step = self.undo[-1]
+            if step.kind == "unpolicy":
+                dp.policy_undo(step.key)
+            else:
+                _write_step(self.agent, dp, step)
             self.undo.pop()
 
     def _inverse(self, step: Step) -> Step | None:
@@ -293,11 +306,21 @@ class Txn:
         raise ValueError(step.kind)
 
     def commit(self) -> None:
+        if self.dp is not None:   # persisted: the old generations of switched pairs go
+            dp, self.dp = self.dp, None
+            try:
+                dp.policy_commit()
+            except StockadeError as exc:
+                self.agent.error(f"deleting the previous policy generation: {exc} "
+                                 "(stale, deleted at the next policy write)")
         self.agent.engine.commit(self.etx)
         for fn in self.on_commit:
             fn()
 
     def discard(self) -> None:
+        if self.dp is not None:   # undone, or about to be rewritten from the model
+            dp, self.dp = self.dp, None
+            dp.policy_release()
         self.agent.engine.discard(self.etx)
         self.j.undo()
         self.agent.alloc.undo(self._alloc_mark)

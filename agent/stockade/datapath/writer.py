@@ -35,6 +35,15 @@ pair's entries and flags only, so pairs switched and pairs written in order do n
 interact. Entries of a generation not in force (a switch cut short) are deleted when
 the writer first reads the maps.
 
+Inside a transaction (``policy_hold`` ... ``policy_commit``, daemon/txn.py) a switched
+pair's old generation stays in the map, untouched, until the transaction commits (its
+state persisted): ``policy_undo`` then only puts the pair's flags entry back (the old
+generation in force again, in one map update) and, after a grace period, deletes what
+was written into the new one; the ordered writes are undone by their inverse delta, in
+the same safe order. The map then holds exactly what it held before. A pair switched
+once in a transaction is written in order by its later steps (its other generation is
+the old one, kept).
+
 ``check_capacity`` runs first and raises ``CapacityError`` before any write when
 the peak size during those steps (adds happen before removes; a switched pair holds
 both generations until the old one is deleted) exceeds a map.
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import ctypes as ct
+import dataclasses
 import errno
 import ipaddress
 import socket
@@ -127,6 +137,34 @@ def _rank(flag: DirectionPolicy) -> int:
     if not flag.enforced:
         return 0
     return 2 if flag.default_deny else 1
+
+
+def _undo_of(delta: Delta, entries: MapState, flags: FlagState) -> Delta:
+    """The delta that puts back what ``delta`` changes, from what the maps hold
+    (``entries``, ``flags``: the writer's shadow), not from the delta's priors."""
+    undo = Delta()
+    for k in delta.adds.keys() | delta.removes:
+        now, before = delta.adds.get(k), entries.get(k)
+        if before is None:
+            undo.remove(k, now)
+        else:
+            undo.add(k, before, now)
+    for pair, flag in delta.flags.items():
+        undo.set_flag(pair, flags.get(pair, DirectionPolicy()), flag)
+    return undo
+
+
+@dataclasses.dataclass
+class _Switched:
+    """A pair switched inside a transaction, as it was before (policy_undo restores it)."""
+
+    pair: tuple[int, int]
+    old_gen: int
+    old_flag: DirectionPolicy
+    old_entries: dict[Key, Entry]
+    old_raw: list            # the old generation's raw keys: deleted at commit
+    new_raw: list            # what is (or may be) written into the new one
+    flipped: bool = False    # the flags entry names the new generation
 
 
 class PolicyIds:
@@ -352,7 +390,9 @@ class MapWriter:
         generation not in force are deleted then (nothing reads them)."""
         if getattr(self, "_policy_shadow", None) is None:
             entries, flags, gens, stale = self._read_policy()
-            if stale:   # a switch cut short: programs may still read what it left
+            # a switch cut short: programs may still read what it left (a transaction's
+            # switched pairs keep their other generation until it ends)
+            if stale and self._journal() is None:
                 self._wait_for_programs()
                 self._delete_policy_keys(stale)
             self._policy_shadow, self._flags_shadow, self._gens = entries, flags, gens
@@ -370,6 +410,80 @@ class MapWriter:
     def _gen(self, pair: tuple[int, int]) -> int:
         return self._gens.get(pair, 0)
 
+    # -- transactions: a switched pair's old generation is kept until commit ---------
+    def _journal(self) -> list | None:
+        return getattr(self, "_policy_journal", None)
+
+    def policy_hold(self) -> None:
+        """Begin a transaction: from now on a switch keeps the old generation, and every
+        policy write is journaled for ``policy_undo``, until ``policy_commit`` or
+        ``policy_release``."""
+        self._shadow()   # read (and stale entries cleared) before anything is kept
+        self._policy_journal: list | None = []
+
+    def policy_mark(self) -> int:
+        """Where the journal is now: ``policy_undo(mark)`` undoes what came after."""
+        return len(self._journal() or ())
+
+    def policy_undo(self, mark: int = 0) -> None:
+        """Undo, last first, the policy writes journaled after ``mark``: switched pairs
+        go back to the old generation (kept intact) in one flags update each, ordered
+        writes by their inverse delta."""
+        journal = self._journal()
+        if journal is None:
+            return
+        while len(journal) > mark:
+            rec = journal[-1]
+            if isinstance(rec, _Switched):
+                self._unswitch(rec)
+            else:
+                self._policy_undoing = True   # the inverse is written, not journaled
+                try:
+                    self.apply_delta(rec, checked=True)
+                finally:
+                    self._policy_undoing = False
+            journal.pop()
+
+    def _unswitch(self, rec: _Switched) -> None:
+        entries, flags = self._shadow()
+        if rec.flipped:
+            self._write_flag(rec.pair, rec.old_flag, rec.old_gen)
+            rec.flipped = False
+            self._wait_for_programs()   # a program may have read the new generation's flags
+        self._delete_policy_keys(rec.new_raw)
+        for k in self._pairs.pop(rec.pair, set()):
+            entries.pop(k, None)
+        entries.update(rec.old_entries)
+        self._pairs[rec.pair] = set(rec.old_entries)
+        if rec.old_flag == DirectionPolicy():
+            flags.pop(rec.pair, None)
+        else:
+            flags[rec.pair] = rec.old_flag
+        self._gens[rec.pair] = rec.old_gen
+        if rec.old_gen == 0 and rec.old_flag == DirectionPolicy():
+            self._gens.pop(rec.pair, None)
+
+    def policy_commit(self) -> None:
+        """End the transaction, kept: the switched pairs' old generations go, once every
+        program that may have read an old flags entry has finished."""
+        journal = self._journal()
+        self._policy_journal = None
+        old = [k for rec in journal or () if isinstance(rec, _Switched) for k in rec.old_raw]
+        if old:
+            try:
+                self._wait_for_programs()
+                self._delete_policy_keys(old)
+            except BaseException:
+                self._drop_shadow()   # what is left is stale: deleted at the next read
+                raise
+
+    def policy_release(self) -> None:
+        """End the transaction without undoing (the caller rewrites the maps from its
+        model): whatever generation is not in force is stale, deleted at the next read."""
+        if self._journal() is not None:
+            self._policy_journal = None
+            self._drop_shadow()
+
     def _switching(self, delta: Delta) -> set[tuple[int, int]]:
         """The pairs ``delta`` changes by at least ``switch_min`` entries: written by a
         generation switch. An entry that keeps its verdict (only the policies behind it
@@ -384,7 +498,8 @@ class MapWriter:
         for k in delta.removes:
             count[_pair(k)] = count.get(_pair(k), 0) + 1
         limit = max(1, self.switch_min)
-        return {p for p, n in count.items() if n >= limit}
+        held = {rec.pair for rec in self._journal() or () if isinstance(rec, _Switched)}
+        return {p for p, n in count.items() if n >= limit and p not in held}
 
     def _by_pair(self, pairs: set[tuple[int, int]]) -> dict[tuple[int, int], list[Key]]:
         """The shadow's keys of each of ``pairs`` (an index kept with the shadow)."""
@@ -449,7 +564,10 @@ class MapWriter:
         allow_removes = [k for k in removes if k in old_entries and not old_entries[k].deny]
         deny_removes = [k for k in removes if not (k in old_entries and not old_entries[k].deny)]
 
+        journal = None if getattr(self, "_policy_undoing", False) else self._journal()
         try:
+            if journal is not None and small:   # before the write: a half-done one too
+                journal.append(_undo_of(small, old_entries, old_flags))
             self._write_ordered(deny_adds, loosen, allow_removes, allow_adds, tighten, deny_removes)
             adds: dict[tuple[int, int], dict[Key, Entry]] = {p: {} for p in switch}
             for k, e in delta.adds.items():
@@ -457,7 +575,7 @@ class MapWriter:
                     adds[_pair(k)][k] = e
             old_gens = [self._switch(pair, keys, adds[pair], delta, old_entries, old_flags)
                         for pair, keys in sorted(self._by_pair(switch).items())]
-            if old_gens:
+            if old_gens and journal is None:
                 # a program that read a flags entry before its switch may still look up
                 # the old generation: delete it once every such program has finished
                 self._wait_for_programs()
@@ -480,10 +598,20 @@ class MapWriter:
         new = {k: entries[k] for k in old_keys if k not in delta.removes}
         new.update(adds)
         items = sorted(new.items())
+        old_raw = [_policy_key(k, old_gen) for k in old_keys]
+        journal = None if getattr(self, "_policy_undoing", False) else self._journal()
+        rec = None
+        if journal is not None:
+            rec = _Switched(pair, old_gen, flags.get(pair, DirectionPolicy()),
+                            {k: entries[k] for k in old_keys}, old_raw,
+                            [_policy_key(k, new_gen) for k, _ in items])
+            journal.append(rec)   # before the write: a half-done one is undone too
         self._write_policy([(k, e) for k, e in items if e.deny], 1, new_gen)
         self._write_policy([(k, e) for k, e in items if not e.deny], 0, new_gen)
+        if rec is not None:
+            rec.flipped = True    # from the update's start: undoing writes the old one back
         self._write_flag(pair, delta.flags.get(pair, flags.get(pair, DirectionPolicy())), new_gen)
-        return [_policy_key(k, old_gen) for k in old_keys]
+        return old_raw
 
     def _wait_for_programs(self) -> None:
         """Until every program running now has finished (bpfsys.wait_for_programs)."""
