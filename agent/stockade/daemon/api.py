@@ -27,6 +27,7 @@ from .changes import (
     conflicts,
 )
 from .endpoints import parse_labels, parse_spec
+from .gcpause import collector_paused
 from .inventory import parse_services
 from .state import Snapshot
 
@@ -204,17 +205,19 @@ class AgentAPI:
 
     def put_policies(self, files: list[dict], *, replace_all: bool = False,
                      dry_run: bool = False) -> dict:
-        loaded = load_files(files)
-        with self.agent.locked():
-            current = self.agent.engine.policies
-            remove = [r for r in current if replace_all and r not in {p.ref for p in loaded}]
-            return self.agent.submit_locked(ChangePolicies(loaded, remove), dry_run=dry_run)
+        with collector_paused():
+            loaded = load_files(files)
+            with self.agent.locked():
+                current = self.agent.engine.policies
+                keep = {p.ref for p in loaded}
+                remove = [r for r in current if replace_all and r not in keep]
+                return self.agent.submit_locked(ChangePolicies(loaded, remove), dry_run=dry_run)
 
     def delete_policy(self, name: str, namespace: str | None = None, kind: str | None = None,
                       *, dry_run: bool = False) -> dict:
         if kind is not None and kind not in KINDS:
             raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}", "kind")
-        with self.agent.locked():
+        with collector_paused(), self.agent.locked():
             current = self.agent.engine.policies
             if name == "*" and not namespace:
                 refs = list(current)

@@ -2,6 +2,7 @@
 show an operator."""
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -153,8 +154,8 @@ def summarize(old: dict, new: dict, delta: Delta, index: LineIndex | None = None
                     kept |= differ & lines
         old_lines |= kept
         new_lines |= kept
-    sample = [describe_key("+", k, e) for k, e in sorted(delta.adds.items())[:SAMPLE]]
-    sample += [describe_key("-", k) for k in sorted(delta.removes)[:SAMPLE]]
+    sample = [describe_key("+", k, delta.adds[k]) for k in heapq.nsmallest(SAMPLE, delta.adds)]
+    sample += [describe_key("-", k) for k in heapq.nsmallest(SAMPLE, delta.removes)]
     return {"added": added, "removed": removed, "changed": changed,
             "rules": {"added": sorted(new_lines - old_lines), "removed": sorted(old_lines - new_lines)},
             "entries": {"added": len(delta.adds), "removed": len(delta.removes),
