@@ -32,6 +32,7 @@ from .inventory import parse_services
 from .state import Snapshot
 
 log = logging.getLogger("stockade.api")
+TRIM_AFTER_TEXT = 1 << 20   # an import of policy text larger than this gives memory back
 # How long an OCI hook's request waits for the container's create event (the hook
 # itself gives up after 2 s: stockade/hook.py)
 HOOK_EVENT_WAIT = 1.0
@@ -205,7 +206,10 @@ class AgentAPI:
 
     def put_policies(self, files: list[dict], *, replace_all: bool = False,
                      dry_run: bool = False) -> dict:
-        with collector_paused():
+        large = isinstance(files, list) and sum(
+            len(f["text"]) for f in files if isinstance(f, dict) and isinstance(f.get("text"), str)
+        ) > TRIM_AFTER_TEXT
+        with collector_paused(trim=large):
             loaded = load_files(files)
             with self.agent.locked():
                 current = self.agent.engine.policies
@@ -217,7 +221,7 @@ class AgentAPI:
                       *, dry_run: bool = False) -> dict:
         if kind is not None and kind not in KINDS:
             raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}", "kind")
-        with collector_paused(), self.agent.locked():
+        with collector_paused(trim=name == "*"), self.agent.locked():
             current = self.agent.engine.policies
             if name == "*" and not namespace:
                 refs = list(current)

@@ -8,6 +8,7 @@ leaves is collected when it runs again, after the change.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import threading
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ _was_enabled = False
 
 
 @contextmanager
-def collector_paused() -> Iterator[None]:
-    """No automatic collection while any thread is inside (nesting and threads allowed)."""
+def collector_paused(*, trim: bool = False) -> Iterator[None]:
+    """No automatic collection while any thread is inside (nesting and threads allowed).
+    ``trim``: afterwards, hand the C heap's free memory back to the system (a large
+    import's text, body and raw documents are freed by then; malloc keeps the pages)."""
     global _holders, _was_enabled
     with _lock:
         if _holders == 0:
@@ -34,3 +37,12 @@ def collector_paused() -> Iterator[None]:
             _holders -= 1
             if _holders == 0 and _was_enabled:
                 gc.enable()
+        if trim:
+            _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass

@@ -216,8 +216,12 @@ def _policy_record(p) -> tuple[bytes, str]:
     """A policy's record in its shard, and the shard: computed once per Policy object."""
     got = p.__dict__.get("_state_record")
     if got is None:
-        got = p.__dict__["_state_record"] = (
-            encode_item({"source": p.source, "document": p.document}), policy_file(p.document))
+        doc = getattr(p, "document_json", None)
+        if doc is None:
+            record = encode_item({"source": p.source, "document": p.document})
+        else:   # encode_item's bytes, from the policy's own encoding of its document
+            record = b'{"document":' + doc + b',"source":' + encode_item(p.source) + b"}"
+        got = p.__dict__["_state_record"] = (record, policy_file(p.document))
     return got
 
 

@@ -9,6 +9,7 @@ applying every delta to the old state always equals it (tests/test_compiler_prop
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -98,13 +99,19 @@ def l4_keys(pr: PeerRule) -> tuple[L4Key, ...]:
         for pp in port_rule.ports:
             lo, hi = pp.range
             if lo == hi:
-                keys.extend([(proto, lo, 16) for proto in pp.proto_numbers])
+                keys.extend([_l4_key(proto, lo, 16) for proto in pp.proto_numbers])
                 continue
             prefixes = port_prefixes(lo, hi)
             for proto in pp.proto_numbers:
-                keys.extend([(proto, port, plen) for port, plen in prefixes])
-    keys.extend((f.proto, f.type, 16) for f in pr.icmps)
+                keys.extend([_l4_key(proto, port, plen) for port, plen in prefixes])
+    keys.extend(_l4_key(f.proto, f.type, 16) for f in pr.icmps)
     return tuple(dict.fromkeys(keys))
+
+
+@functools.lru_cache(maxsize=65536)
+def _l4_key(proto: int, port: int, plen: int) -> L4Key:
+    """One shared tuple per key: 1,000 policies allowing the same 100 ports hold 100."""
+    return (proto, port, plen)
 
 
 def compile_rule(rule: Rule) -> list[Clause]:

@@ -138,7 +138,7 @@ def summarize(old: dict, new: dict, delta: Delta, index: LineIndex | None = None
     # still has it. (10,000 policies and a one-rule change: look at the one.)
     touched = [r for r in old.keys() | new.keys() if old.get(r) is not new.get(r)]
     changed = sorted(r.display for r in touched
-                     if r in old and r in new and new[r].document != old[r].document)
+                     if r in old and r in new and new[r].document_json != old[r].document_json)
     old_lines = policy_lines(old[r] for r in touched if r in old)
     new_lines = policy_lines(new[r] for r in touched if r in new)
     differ = old_lines ^ new_lines

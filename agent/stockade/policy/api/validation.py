@@ -22,7 +22,7 @@ from ..labels import NAMESPACE_KEYS, Label, LabelSet, check_key, check_value, sp
 from .cidr import CIDRRule, inside, parse_network
 from .entity import ENTITIES
 from .ports import ICMP_FAMILIES, PROTOCOLS, HTTPRule, ICMPField, PortProtocol, PortRule
-from .rule import CCNP, DIRECTION_FIELDS, PeerRule, Policy, PolicyRef, Rule
+from .rule import CCNP, DIRECTION_FIELDS, PeerRule, Policy, PolicyRef, Rule, encode_document
 from .selector import OPERATORS, EndpointSelector, Requirement
 
 _SCHEMA = json.loads(resources.files(__package__).joinpath("schema.json").read_text())
@@ -522,5 +522,5 @@ def sanitize_document(doc: Any, *, source: str = "", strict: bool = True) -> Pol
     rules = [s.spec(raw, ref, path) for path, raw in specs]
     if s.errors:
         raise PolicyErrors(s.errors)
-    return Policy(ref, rules, source, doc, s.has_l7, doc.get("description", ""),
+    return Policy(ref, rules, source, encode_document(doc), s.has_l7, doc.get("description", ""),
                   tuple(str(e) for e in s.problems))
