@@ -45,6 +45,8 @@ class AgentProcess:
             "state_dir": str(self.run_dir / "state"),
             "podman_socket": None, "docker_socket": None, "podman_events_log": None,
             "managed_bridges": [], "managed_interfaces": [],
+            # by name, on any bridge: other tests' bridges are not this agent's to close
+            "kernel_default_bridge_ports": [],
             "ct_gc_interval": 5.0, "log_level": "info",
             **settings,
         }

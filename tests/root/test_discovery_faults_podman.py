@@ -6,6 +6,7 @@ container is an identified endpoint on its interface and every removed one is go
 none is lost."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -105,3 +106,28 @@ def test_every_container_is_enforced_through_a_hung_a_stopped_and_a_restarted_po
               f"enforced_after_sigcont_s={after_resume:.1f} stop_detected_s={stop_detected:.1f} "
               f"enforced_after_start_s={after_start:.1f} enforced_after_restart_s={after_restart:.1f}"
               f"\nsource health at the end: {src}")
+
+
+def test_a_podman_that_starts_after_the_agent_is_followed_once_its_socket_appears():
+    """At boot the agent starts before podman.socket: a configured socket that does not
+    exist yet is waited for (status says so, without being degraded by it), and once
+    Podman answers there its containers, one started meanwhile included, are enforced."""
+    if not podman_available():
+        pytest.fail("needs root, podman and /bin/busybox (busybox-static): make setup")
+    with PrivatePodman(subnet="10.213.52.0/24") as pp:
+        pp.stop_service()
+        if os.path.exists(pp.socket):
+            os.unlink(pp.socket)
+        with AgentProcess(podman_socket=pp.socket, podman_events_log=pp.events_log,
+                          managed_bridges=[pp.bridge]) as agent:
+            src = source(agent)
+            assert src["waiting"] and not src["connected"], src
+            assert agent.client.health()["status"] == "ok", agent.client.health()
+            assert "waiting: the socket does not exist" in agent.cli("status").stdout
+            pp.run("skw0", {"app": "w0"})
+            pp.start_service()
+            assert eventually(lambda: enforced(agent, {"skw0": "w0"}), timeout=30), endpoints(agent)
+            src = source(agent)
+            assert src["connected"] and "waiting" not in src, src
+            pp.run("skw1", {"app": "w1"})
+            assert eventually(lambda: enforced(agent, {"skw0": "w0", "skw1": "w1"}), timeout=30)

@@ -120,7 +120,8 @@ def status(socket_path, output):
             if l7.get("last_error"):
                 click.echo(f"  last error: {l7['last_error']}")
         for src in h.get("sources") or []:
-            state = "connected" if src["connected"] else "NOT CONNECTED"
+            state = ("connected" if src["connected"] else
+                     f"waiting: {src['waiting']}" if src.get("waiting") else "NOT CONNECTED")
             line = (f"source {src['name']} ({src['where']}): {state}"
                     f"{' since ' + src['since'] if src.get('since') else ''}, "
                     f"last event {src.get('last_event') or 'none'}, "

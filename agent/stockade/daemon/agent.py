@@ -290,7 +290,8 @@ class Agent:
         cfg = self.config
         kd = KernelDefault(table_name(cfg.nft_table, cfg.bpffs_dir), cfg.managed_bridges,
                            [*cfg.managed_interfaces, *cfg.kernel_default_interfaces],
-                           drop=cfg.unknown_endpoint == "drop")
+                           drop=cfg.unknown_endpoint == "drop",
+                           bridge_ports=cfg.kernel_default_bridge_ports)
         try:
             kd.install()
         except StockadeError as exc:
@@ -298,10 +299,11 @@ class Agent:
             return
         self.kernel_default = kd
         if not kd.bridge_meta and cfg.managed_bridges:
-            log.warning("nft has no bridge meta on this kernel: ports of %s are covered by "
-                        "the kernel-side default only when their names match "
-                        "managed_interfaces or kernel_default_interfaces",
-                        ", ".join(cfg.managed_bridges))
+            log.warning("nft has no bridge meta on this kernel: the kernel-side default "
+                        "covers ports of %s by name only (kernel_default_bridge_ports %s, "
+                        "on any bridge; managed_interfaces, kernel_default_interfaces)",
+                        ", ".join(cfg.managed_bridges),
+                        ", ".join(cfg.kernel_default_bridge_ports) or "none")
 
     def _kernel_default(self, op: str, ifindexes) -> None:
         """protect / unprotect / sync the kernel-side default's set; errors to status."""
@@ -359,6 +361,13 @@ class Agent:
             if h is not None:
                 out.append(h)
         return out
+
+    def add_watcher(self, watcher) -> None:
+        """A source started later (runtimes.SocketWaiter); stopped with the agent."""
+        if self._stop.is_set():
+            watcher.stop()
+            return
+        self._watchers.append(watcher)
 
     def runtime_source(self, runtime: str):
         """The runtimes.RuntimeSource following ``runtime`` ("podman", ...), or None."""

@@ -49,7 +49,7 @@ class AgentAPI:
                     for msg in p.problems]
         mismatches = [f"endpoint {name}: {why}" for name, why in sorted(snap.mismatches.items())]
         sources = a.source_health()
-        down = any(not s["connected"] for s in sources)
+        down = any(not s["connected"] and not s.get("waiting") for s in sources)
         kvstore = a.fleet.status() if a.fleet is not None else None
         down = down or (kvstore is not None and kvstore["state"] != "connected")
         attach = a.attach_status()

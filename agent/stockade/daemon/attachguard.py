@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import threading
 import time
 
@@ -143,9 +144,19 @@ class AttachGuard:
             link = a.links.get(ifindex)
             name = link.name if link is not None else f"ifindex {ifindex}"
             now = time.time()
+            if not _exists(ifindex):
+                # gone (a container exited): nothing to repair, the link watcher removes it
+                a._kernel_default("unprotect", [ifindex])
+                a.attached.discard(ifindex)
+                a.version += 1
+                return
             try:
                 a.dp.attach_interface(ifindex)
             except StockadeError as exc:
+                if not _exists(ifindex):
+                    a.attached.discard(ifindex)
+                    a.version += 1
+                    return
                 a.error(f"interface {name}: cannot restore its programs: {exc}")
                 for p in problems:
                     a.note_degraded(name, f"{p.hook}: {p.what}; not repaired", now)
@@ -160,3 +171,11 @@ class AttachGuard:
                 log.warning("interface %s %s: %s; our program is restored (%s)",
                             name, p.hook, p.what, a.dp.attachments.mode)
                 a.note_degraded(name, f"{p.hook}: {p.what}", now)
+
+
+def _exists(ifindex: int) -> bool:
+    try:
+        socket.if_indextoname(ifindex)
+        return True
+    except OSError:
+        return False

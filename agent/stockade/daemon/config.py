@@ -77,6 +77,8 @@ class AgentConfig:
     # frames of managed interfaces that do not run the programs (while the agent is down).
     kernel_default: bool = True
     kernel_default_interfaces: list[str] = field(default_factory=list)
+    # without nft bridge meta: bridge ports covered by name, on any bridge
+    kernel_default_bridge_ports: list[str] = field(default_factory=lambda: ["veth*"])
     nft_table: str | None = None
     managed_bridges: list[str] = field(default_factory=lambda: [
         "podman0", "cni-podman0", "docker0", "virbr*"])

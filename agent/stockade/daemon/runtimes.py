@@ -108,7 +108,7 @@ class RuntimeSource:
         created = getattr(self.watcher, "created", None)
         if created is None:
             return f"{self.runtime} has no create events to identify containers by"
-        if not self.watcher.events_log:
+        if not self.watcher.events_log or not os.path.exists(self.watcher.events_log):
             return (f"{self.runtime}: no events log is followed (podman_events_log), so "
                     "create events are not seen in time")
         info = created.wait(cid, wait)
@@ -177,22 +177,75 @@ def bundle_netns_path(bundle: str | None) -> str | None:
     return None
 
 
+class SocketWaiter:
+    """A configured runtime whose socket does not exist yet (at boot the agent starts
+    before podman.socket): checked every ``interval`` s, and once the socket is there
+    its RuntimeSource is made and handed to ``add``. Meanwhile the runtime's containers
+    stay dropped until identified, and status lists the source as waiting (not a
+    fault: the runtime may not be installed)."""
+
+    def __init__(self, runtime: str, socket_path: str, make, add, stop_event: threading.Event,
+                 interval: float = 1.0):
+        self.runtime, self.socket_path = runtime, socket_path
+        self._make, self._add, self._interval = make, add, interval
+        self._stop = stop_event
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stockade-wait-{runtime}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() or self._done.is_set()):
+            if os.path.exists(self.socket_path):
+                log.info("%s: %s appeared; following it", self.runtime, self.socket_path)
+                self._add(self._make())
+                self._done.set()
+                return
+            self._stop.wait(self._interval)
+
+    def health(self) -> dict | None:
+        if self._done.is_set():
+            return None               # the RuntimeSource reports from now on
+        return {"name": self.runtime, "where": self.socket_path, "connected": False,
+                "waiting": "the socket does not exist (yet)", "since": None,
+                "last_event": None, "last_sync": None, "errors": 0, "last_error": None,
+                "last_error_at": None, "retrying": 0}
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=2)
+
+
 def start_runtime_watchers(agent, stop_event: threading.Event) -> list:
+    """A source per configured runtime; a runtime whose socket is not there yet gets a
+    SocketWaiter that adds its source when the socket appears."""
     cfg = agent.config
-    out = []
-    if cfg.podman_socket:
+    out: list = []
+
+    def podman():
         service = None
         if cfg.podman_start_service:
             try:
                 service = ensure_podman_service(cfg.podman_socket)
             except StockadeError as exc:
                 agent.error(f"podman service: {exc}")
-        if os.path.exists(cfg.podman_socket):
-            log_path = cfg.podman_events_log if cfg.podman_events_log and os.path.exists(
-                cfg.podman_events_log) else None
-            out.append(RuntimeSource(agent, "podman", cfg.podman_socket, log_path, stop_event, service))
-    if cfg.docker_socket and os.path.exists(cfg.docker_socket) and cfg.docker_socket != cfg.podman_socket:
-        out.append(RuntimeSource(agent, "docker", cfg.docker_socket, None, stop_event))
+        # the events log is followed once it exists (PodmanEventsLog waits for it)
+        return RuntimeSource(agent, "podman", cfg.podman_socket, cfg.podman_events_log or None,
+                             stop_event, service)
+
+    def docker():
+        return RuntimeSource(agent, "docker", cfg.docker_socket, None, stop_event)
+
+    runtimes = []
+    if cfg.podman_socket:
+        runtimes.append(("podman", cfg.podman_socket, podman, cfg.podman_start_service))
+    if cfg.docker_socket and cfg.docker_socket != cfg.podman_socket:
+        runtimes.append(("docker", cfg.docker_socket, docker, False))
+    for runtime, socket_path, make, starts_itself in runtimes:
+        if starts_itself or os.path.exists(socket_path):
+            out.append(make())
+        else:
+            out.append(SocketWaiter(runtime, socket_path, make, agent.add_watcher, stop_event))
     if cfg.libvirt_uri:
         try:
             from ..discovery.libvirt import LibvirtWatcher, _libvirt

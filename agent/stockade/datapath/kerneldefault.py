@@ -5,7 +5,9 @@ While the agent is down or restarting, a new container's veth or a new VM's tap 
 programs: without this table it would run unfiltered. The table matches
 
 - frames entering from or leaving to a port of a managed bridge (bridge family:
-  ``meta ibrname``/``obrname``, where the kernel has nft bridge meta), and bridge ports
+  ``meta ibrname``/``obrname``, where the kernel has nft bridge meta; without it, e.g.
+  Debian 12's cloud kernel, frames of any bridge's ports named like
+  ``kernel_default_bridge_ports``, ``veth*`` by default), and bridge ports
   and interfaces whose names match ``managed_interfaces`` or ``kernel_default_interfaces``
   (bridge family, and inet family for interfaces that are not bridged), in the forward,
   input (traffic to the host itself) and output hooks, both directions;
@@ -50,7 +52,7 @@ def bridge_meta_supported(table: str) -> bool:
     """Whether this kernel has nft bridge meta (``ibrname``; CONFIG_NFT_BRIDGE_META)."""
     probe = f"{table}_probe"
     try:
-        _nft(f"table bridge {probe} {{ chain c {{ meta ibrname \"x\" counter }} }}\n"
+        _nft(f"table bridge {probe} {{ chain c {{ meta ibrname \"x\" counter; }}; }}\n"
              f"delete table bridge {probe}\n")
         return True
     except DatapathError:
@@ -73,12 +75,13 @@ def _q(pattern: str) -> str:
 
 
 class KernelDefault:
-    def __init__(self, table: str, bridges, interfaces, drop: bool = True):
+    def __init__(self, table: str, bridges, interfaces, drop: bool = True, bridge_ports=()):
         if not table.replace("_", "").isalnum():
             raise DatapathError("nft_table", f"{table!r}: letters, digits and _ only")
         self.table = table
         self.bridges = list(bridges)
         self.interfaces = list(interfaces)
+        self.bridge_ports = list(bridge_ports)
         self.verdict = "drop" if drop else ""
         self.bridge_meta: bool | None = None
 
@@ -89,6 +92,11 @@ class KernelDefault:
             if self.bridge_meta:
                 ins += [f"meta ibrname {_q(b)}" for b in self.bridges]
                 outs += [f"meta obrname {_q(b)}" for b in self.bridges]
+            elif self.bridges:
+                # no bridge meta: ports of any bridge by name (the bridge family sees
+                # only bridged frames, so a routed veth is not touched)
+                ins += [f"iifname {_q(p)}" for p in self.bridge_ports]
+                outs += [f"oifname {_q(p)}" for p in self.bridge_ports]
         # inet: bridged frames (br_netfilter) show the bridge as iif/oif; the bridge
         # family judged their ports already
         notbr = ("", "") if family == "bridge" else (' meta iifkind != "bridge"',
