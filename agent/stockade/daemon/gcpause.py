@@ -38,10 +38,11 @@ def collector_paused(*, trim: bool = False) -> Iterator[None]:
             if _holders == 0 and _was_enabled:
                 gc.enable()
         if trim:
-            _malloc_trim()
+            release_free_memory()
 
 
-def _malloc_trim() -> None:
+def release_free_memory() -> None:
+    """The C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):   # not glibc
