@@ -173,6 +173,13 @@ def timed(fn, *a, **kw):
     return time.perf_counter() - t, r
 
 
+def policy_pin(bpffs_dir: str) -> str:
+    """The pinned policy map of an agent whose pins are in ``bpffs_dir`` (at the current
+    layout version's file name)."""
+    from stockade.datapath.pins import pin_name
+    return f"{bpffs_dir}/{pin_name('policy')}"
+
+
 def pinned_map_count(path: str) -> int:
     """Entries in a pinned BPF map, read from the kernel (not from the agent's model)."""
     import ctypes as ct

@@ -32,7 +32,7 @@ import sys
 import time
 
 from bench.common import (build_netbench, iptables_rules, median, netfilter_empty, nft_rules,
-                          nsrun, pinned_map_count, remove_netfilter, rmtree, stockade_policies,
+                          nsrun, pinned_map_count, policy_pin, remove_netfilter, rmtree, stockade_policies,
                           tc_filters, tmpdir)
 
 from agentproc import AgentProcess  # noqa: E402  (tests/ is on sys.path via bench.common)
@@ -177,8 +177,7 @@ class Bench:
                         self.apply(cfg, n)
                         self.sanity(cfg)
                         if cfg == "stockade":
-                            entries = pinned_map_count(
-                                f"{self.agent.settings['bpffs_dir']}/policy")
+                            entries = pinned_map_count(policy_pin(self.agent.settings['bpffs_dir']))
                         raw[cfg].append(self.measure())
                     finally:
                         self.remove(cfg)

@@ -58,9 +58,10 @@ class RawMapWriter(MapWriter):
         self.after_write()
         return found
 
-    def _update_many(self, name, keys, values):
-        for k, v in zip(keys, values, strict=True):
-            self._update(name, k, v)
+    def _update_raw(self, name, keys, values, n):
+        ks, vs = len(keys) // n, len(values) // n
+        for i in range(n):
+            self._update(name, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
 
     def after_write(self) -> None:
         pass

@@ -27,10 +27,12 @@ from .changes import (
     conflicts,
 )
 from .endpoints import parse_labels, parse_spec
+from .gcpause import collector_paused
 from .inventory import parse_services
 from .state import Snapshot
 
 log = logging.getLogger("stockade.api")
+TRIM_AFTER_TEXT = 1 << 20   # an import of policy text larger than this gives memory back
 # How long an OCI hook's request waits for the container's create event (the hook
 # itself gives up after 2 s: stockade/hook.py)
 HOOK_EVENT_WAIT = 1.0
@@ -204,17 +206,22 @@ class AgentAPI:
 
     def put_policies(self, files: list[dict], *, replace_all: bool = False,
                      dry_run: bool = False) -> dict:
-        loaded = load_files(files)
-        with self.agent.locked():
-            current = self.agent.engine.policies
-            remove = [r for r in current if replace_all and r not in {p.ref for p in loaded}]
-            return self.agent.submit_locked(ChangePolicies(loaded, remove), dry_run=dry_run)
+        large = isinstance(files, list) and sum(
+            len(f["text"]) for f in files if isinstance(f, dict) and isinstance(f.get("text"), str)
+        ) > TRIM_AFTER_TEXT
+        with collector_paused(trim=large):
+            loaded = load_files(files)
+            with self.agent.locked():
+                current = self.agent.engine.policies
+                keep = {p.ref for p in loaded}
+                remove = [r for r in current if replace_all and r not in keep]
+                return self.agent.submit_locked(ChangePolicies(loaded, remove), dry_run=dry_run)
 
     def delete_policy(self, name: str, namespace: str | None = None, kind: str | None = None,
                       *, dry_run: bool = False) -> dict:
         if kind is not None and kind not in KINDS:
             raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}", "kind")
-        with self.agent.locked():
+        with collector_paused(trim=name == "*"), self.agent.locked():
             current = self.agent.engine.policies
             if name == "*" and not namespace:
                 refs = list(current)

@@ -416,7 +416,7 @@ class ChangePolicies(Change):
             new.pop(ref, None)
         for p in self.upsert:
             new[p.ref] = p
-        changed = [p for p in self.upsert if p.ref not in old or old[p.ref].document != p.document]
+        changed = [p for p in self.upsert if p.ref not in old or old[p.ref].document_json != p.document_json]
         removed = [r for r in self.remove if r in old]
         unused = sync_cidr_identities(txn, new.values())
         txn.engine(txn.etx.set_policies(changed, remove=removed))

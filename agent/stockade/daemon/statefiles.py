@@ -109,7 +109,11 @@ def policy_file(document) -> str:
     doc = document if isinstance(document, dict) else {}
     meta = doc.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
-    key = "\0".join(str(v or "") for v in (doc.get("kind"), meta.get("namespace"), meta.get("name")))
+    return _shard(doc.get("kind"), meta.get("namespace"), meta.get("name"))
+
+
+def _shard(kind, namespace, name) -> str:
+    key = "\0".join(str(v or "") for v in (kind, namespace, name))
     return POLICY_FILES[zlib.crc32(key.encode()) % POLICY_SHARDS]
 
 _FILE_ENTRY = {"type": "object", "required": ["sha256"], "properties": {
@@ -216,8 +220,14 @@ def _policy_record(p) -> tuple[bytes, str]:
     """A policy's record in its shard, and the shard: computed once per Policy object."""
     got = p.__dict__.get("_state_record")
     if got is None:
-        got = p.__dict__["_state_record"] = (
-            encode_item({"source": p.source, "document": p.document}), policy_file(p.document))
+        doc = getattr(p, "document_json", None)
+        if doc is None:
+            record = encode_item({"source": p.source, "document": p.document})
+            shard = policy_file(p.document)
+        else:   # encode_item's bytes, from the policy's own encoding of its document
+            record = b'{"document":' + doc + b',"source":' + encode_item(p.source) + b"}"
+            shard = _shard(p.ref.kind, p.ref.namespace, p.ref.name)   # what its document names
+        got = p.__dict__["_state_record"] = (record, shard)
     return got
 
 

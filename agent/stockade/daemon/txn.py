@@ -206,13 +206,16 @@ class Txn:
         then undoes what was written."""
         # Every key any step adds, at once: a bound on the maps' size at every point (the
         # removes tell which identities' changes are large: switched, both generations).
-        peak = Delta()
-        for step in self.steps:
-            if step.kind == "policy":
-                peak.adds.update(step.value.adds)
-                peak.removes |= step.value.removes
-                peak.flags.update(step.value.flags)
-        peak.removes -= peak.adds.keys()
+        deltas = [step.value for step in self.steps if step.kind == "policy"]
+        if len(deltas) == 1:
+            peak = deltas[0]    # its adds and removes never share a key
+        else:
+            peak = Delta()
+            for d in deltas:
+                peak.adds.update(d.adds)
+                peak.removes |= d.removes
+                peak.flags.update(d.flags)
+            peak.removes -= peak.adds.keys()
         if peak:
             dp.check_capacity(peak)
         journaled = hasattr(dp, "policy_hold")
@@ -222,7 +225,7 @@ class Txn:
         for step in self.steps:
             inverse = self._inverse(step)
             if inverse is not None and inverse.kind == "policy" and journaled:
-                inverse = Step("unpolicy", dp.policy_mark())
+                inverse = Step("policy_mark", dp.policy_mark())
             if inverse is not None:
                 self.undo.append(inverse)   # before the write: a half-done one is undone too
             self._note_moved(step)
@@ -281,16 +284,18 @@ class Txn:
         """Write the inverse of every step written, last first."""
         while self.undo:
             step = self.undo[-1]
-            if step.kind == "unpolicy":
+            if step.kind == "policy_mark":   # the datapath's journal, back to this mark
                 dp.policy_undo(step.key)
             else:
+                if step.kind == "unpolicy":   # the inverse of a policy step, computed when needed
+                    step = Step("policy", value=step.value.inverse())
                 _write_step(self.agent, dp, step)
             self.undo.pop()
 
     def _inverse(self, step: Step) -> Step | None:
         agent = self.agent
-        if step.kind == "policy":
-            return Step("policy", value=step.value.inverse())
+        if step.kind == "policy":   # its delta is not changed after it is written
+            return Step("unpolicy", value=step.value)
         if step.kind == "ipcache":
             return Step("ipcache", step.key, step.prior)
         if step.kind == "endpoint":

@@ -56,6 +56,7 @@ import dataclasses
 import errno
 import ipaddress
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -82,15 +83,28 @@ def _lib():
 SWITCH_MIN = 32   # entries of one pair a delta changes from which it switches generations
 
 
+def _policy_key_fields(key: Key, gen: int) -> tuple[int, int, int, int, int, int]:
+    """PolicyKey's fields in order (the port in network order)."""
+    local, peer, direction, proto, port, plen = key
+    if proto == ANY_PROTO:
+        port, prefixlen = 0, FIXED_PREFIX_BITS
+    else:
+        if plen < 16:
+            port &= (0xFFFF << (16 - plen)) & 0xFFFF
+        prefixlen = FIXED_PREFIX_BITS + 8 + plen
+    return (prefixlen, local, peer, direction | (m.POLICY_DIR_GEN if gen else 0), proto,
+            socket.htons(port))
+
+
 def _policy_key(key: Key, gen: int = 0) -> m.PolicyKey:
-    port = key.port
-    if key.proto == ANY_PROTO:
-        port = 0
-    elif key.port_plen < 16:
-        port &= (0xFFFF << (16 - key.port_plen)) & 0xFFFF
-    return m.PolicyKey(prefixlen=key.prefixlen, local=key.local, peer=key.peer,
-                       direction=key.direction | (m.POLICY_DIR_GEN if gen else 0),
-                       proto=key.proto, port=socket.htons(port))
+    return m.PolicyKey(*_policy_key_fields(key, gen))
+
+
+# PolicyKey and PolicyValue packed by struct: a batch of 100,000 is one bytes object,
+# not 200,000 ctypes structures.
+_KEY_STRUCT = struct.Struct("=IIIBBH")
+_VALUE_STRUCT = struct.Struct("=B3xI")
+assert _KEY_STRUCT.size == ct.sizeof(m.PolicyKey) and _VALUE_STRUCT.size == ct.sizeof(m.PolicyValue)
 
 
 def _key_from_c(k: m.PolicyKey) -> Key:
@@ -626,21 +640,26 @@ class MapWriter:
     def _write_policy(self, items, deny: int, gen: int | None = None) -> None:
         """Write policy entries ``items`` [(Key, Entry)] into generation ``gen`` (default:
         each pair's own): batched when there are many."""
-        keys = [_policy_key(k, self._gen(_pair(k)) if gen is None else gen) for k, _ in items]
-        values = [m.PolicyValue(deny=deny, policy_id=self.policy_id(e)) for _, e in items]
         if len(items) < self.BATCH_MIN:
-            for k, v in zip(keys, values, strict=True):
-                self._update("policy", k, v)
+            for k, e in items:
+                self._update("policy", _policy_key(k, self._gen(_pair(k)) if gen is None else gen),
+                             m.PolicyValue(deny=deny, policy_id=self.policy_id(e)))
             return
-        self._update_many("policy", keys, values)
+        gens = self._gens
+        pack_key, pack_value, number = _KEY_STRUCT.pack, _VALUE_STRUCT.pack, self._policy_ids().number
+        keys = b"".join([pack_key(*_policy_key_fields(k, gens.get((k[0], k[2]), 0) if gen is None
+                                                      else gen)) for k, _ in items])
+        ids: dict[int, int] = {}   # id(entry) -> number: entries are mostly shared objects
+        values = b"".join([pack_value(deny, ids.get(id(e)) or ids.setdefault(id(e), number(e)))
+                           for _, e in items])
+        self._update_raw("policy", keys, values, len(items))
 
-    def _update_many(self, name: str, keys: list, values: list) -> None:
-        """Update many entries (in order; each is one map update of its own)."""
+    def _update_raw(self, name: str, keys: bytes, values: bytes, n: int) -> None:
+        """Update ``n`` entries from packed keys and values (in order)."""
         from .bpfsys import update_batch
-        n = len(keys)
         try:
-            update_batch(self.table(name).map_fd, (type(keys[0]) * n)(*keys),
-                         (type(values[0]) * n)(*values), n)
+            update_batch(self.table(name).map_fd, (ct.c_char * len(keys)).from_buffer_copy(keys),
+                         (ct.c_char * len(values)).from_buffer_copy(values), n)
         except OSError as exc:
             raise DatapathError(name, f"update failed: {errno.errorcode.get(exc.errno, exc.errno)}"
                                 ) from exc

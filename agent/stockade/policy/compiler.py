@@ -9,6 +9,7 @@ applying every delta to the old state always equals it (tests/test_compiler_prop
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -50,10 +51,12 @@ class Clause:
     l4: tuple[L4Key, ...]
     policy: str = field(init=False)
     l7: dict[int, tuple[HTTPRule, ...]] = field(init=False)  # TCP port -> HTTP rules
+    entry: Entry = field(init=False)   # what this clause alone decides: shared by its keys
 
     def __post_init__(self):
         self.policy = self.rule.ref.display
         self.l7 = {} if self.deny else l7_ports(self.peer_rule)
+        self.entry = Entry(self.deny, frozenset((self.policy,)))
 
     def http_for(self, port: int) -> tuple[HTTPRule, ...]:
         """The HTTP rules this clause sets for TCP ``port`` (which it must allow): its
@@ -95,10 +98,20 @@ def l4_keys(pr: PeerRule) -> tuple[L4Key, ...]:
     for port_rule in pr.to_ports:
         for pp in port_rule.ports:
             lo, hi = pp.range
+            if lo == hi:
+                keys.extend([_l4_key(proto, lo, 16) for proto in pp.proto_numbers])
+                continue
+            prefixes = port_prefixes(lo, hi)
             for proto in pp.proto_numbers:
-                keys.extend((proto, port, plen) for port, plen in port_prefixes(lo, hi))
-    keys.extend((f.proto, f.type, 16) for f in pr.icmps)
+                keys.extend([_l4_key(proto, port, plen) for port, plen in prefixes])
+    keys.extend(_l4_key(f.proto, f.type, 16) for f in pr.icmps)
     return tuple(dict.fromkeys(keys))
+
+
+@functools.lru_cache(maxsize=65536)
+def _l4_key(proto: int, port: int, plen: int) -> L4Key:
+    """One shared tuple per key: 1,000 policies allowing the same 100 ports hold 100."""
+    return (proto, port, plen)
 
 
 def compile_rule(rule: Rule) -> list[Clause]:
@@ -380,20 +393,22 @@ class Compiler:
                 self._l7_of.pop(loc, None)
 
     def _pair_entries(self, loc: int, peer: int, clauses: list[Clause]) -> MapState:
-        raw: dict[Key, tuple[bool, set[str]]] = {}
+        raw: MapState = {}
         for c in clauses:
             if not self._clause_has_peer(c, peer):
                 continue
+            entry, direction = c.entry, c.direction
             for proto, port, plen in c.l4:
-                key = Key(loc, peer, c.direction, proto, port, plen)
+                key = Key(loc, peer, direction, proto, port, plen)
                 cur = raw.get(key)
-                if cur is None or (c.deny and not cur[0]):
-                    raw[key] = (c.deny, {c.policy})
-                elif cur[0] == c.deny:
-                    cur[1].add(c.policy)
-        denies = [k for k, (deny, _) in raw.items() if deny]
-        return {k: Entry(deny, frozenset(names)) for k, (deny, names) in raw.items()
-                if deny or not any(d.covers(k) for d in denies)}
+                if cur is None or (entry.deny and not cur.deny):
+                    raw[key] = entry
+                elif cur.deny == entry.deny and not entry.policies <= cur.policies:
+                    raw[key] = Entry(cur.deny, cur.policies | entry.policies)
+        denies = [k for k, e in raw.items() if e.deny]
+        if not denies:
+            return raw
+        return {k: e for k, e in raw.items() if e.deny or not any(d.covers(k) for d in denies)}
 
     def _flags_for(self, loc: int) -> dict[int, DirectionPolicy]:
         rules = list(self._local_rules.get(loc, {}).values())

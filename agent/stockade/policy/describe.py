@@ -2,6 +2,7 @@
 show an operator."""
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -137,7 +138,7 @@ def summarize(old: dict, new: dict, delta: Delta, index: LineIndex | None = None
     # still has it. (10,000 policies and a one-rule change: look at the one.)
     touched = [r for r in old.keys() | new.keys() if old.get(r) is not new.get(r)]
     changed = sorted(r.display for r in touched
-                     if r in old and r in new and new[r].document != old[r].document)
+                     if r in old and r in new and new[r].document_json != old[r].document_json)
     old_lines = policy_lines(old[r] for r in touched if r in old)
     new_lines = policy_lines(new[r] for r in touched if r in new)
     differ = old_lines ^ new_lines
@@ -153,8 +154,8 @@ def summarize(old: dict, new: dict, delta: Delta, index: LineIndex | None = None
                     kept |= differ & lines
         old_lines |= kept
         new_lines |= kept
-    sample = [describe_key("+", k, e) for k, e in sorted(delta.adds.items())[:SAMPLE]]
-    sample += [describe_key("-", k) for k in sorted(delta.removes)[:SAMPLE]]
+    sample = [describe_key("+", k, delta.adds[k]) for k in heapq.nsmallest(SAMPLE, delta.adds)]
+    sample += [describe_key("-", k) for k in heapq.nsmallest(SAMPLE, delta.removes)]
     return {"added": added, "removed": removed, "changed": changed,
             "rules": {"added": sorted(new_lines - old_lines), "removed": sorted(old_lines - new_lines)},
             "entries": {"added": len(delta.adds), "removed": len(delta.removes),

@@ -95,7 +95,7 @@ class Key(NamedTuple):
         return f"{lo}/{name}" if lo == hi else f"{lo}-{hi}/{name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """What a key decides, and which policies (by display name) are behind it."""
 
@@ -107,7 +107,7 @@ class Entry:
         return "deny" if self.deny else "allow"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirectionPolicy:
     """Per local identity and direction: is policy enforced, and is a miss dropped."""
 

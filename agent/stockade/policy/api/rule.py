@@ -6,7 +6,8 @@ the rule that decided (``spec.ingress[1]``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 from .cidr import CIDRRule
@@ -113,9 +114,20 @@ class Policy:
     ref: PolicyRef
     rules: list[Rule]
     source: str = ""          # file path, "inline", "inventory:..." ...
-    document: dict = field(default_factory=dict)
+    # The document as compact JSON with sorted keys (encode_document): a tenth of the
+    # memory of its dicts, and what the state files store; ``document`` decodes it.
+    document_json: bytes = b"{}"
     has_l7: bool = False
     description: str = ""     # the document's top-level ``description``
     # Set when a stored policy no longer passes this version's validation: it is still
     # compiled the way the version that accepted it did (see validation.sanitize_document).
     problems: tuple[str, ...] = ()
+
+    @property
+    def document(self) -> dict:
+        """The document as it was given (a new copy on every call)."""
+        return json.loads(self.document_json)
+
+
+def encode_document(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()

@@ -7,11 +7,12 @@ port strings, ICMP names) happens as the sanitized types are built.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import re2
@@ -21,7 +22,7 @@ from ..labels import NAMESPACE_KEYS, Label, LabelSet, check_key, check_value, sp
 from .cidr import CIDRRule, inside, parse_network
 from .entity import ENTITIES
 from .ports import ICMP_FAMILIES, PROTOCOLS, HTTPRule, ICMPField, PortProtocol, PortRule
-from .rule import CCNP, DIRECTION_FIELDS, PeerRule, Policy, PolicyRef, Rule
+from .rule import CCNP, DIRECTION_FIELDS, PeerRule, Policy, PolicyRef, Rule, encode_document
 from .selector import OPERATORS, EndpointSelector, Requirement
 
 _SCHEMA = json.loads(resources.files(__package__).joinpath("schema.json").read_text())
@@ -44,49 +45,105 @@ _FAST_KEYWORDS = {"type", "properties", "additionalProperties", "required", "ite
                   "description", "title", "$schema", "$id", "$defs", "default"}
 
 
-def _fast_valid(doc: Any, schema: dict | bool) -> bool | None:
-    """A quick walk of schema.json for the keywords it uses: True (valid), False
-    (invalid: jsonschema then explains why) or None (a keyword this walk does not know)."""
+def _type_ok(doc: Any, types: list) -> bool:
+    return any(isinstance(doc, _JSON_TYPES[t]) and not (t != "boolean" and isinstance(doc, bool))
+               if t != "integer" else isinstance(doc, int) and not isinstance(doc, bool)
+               for t in types)
+
+
+_Check = Callable[[Any], "bool | None"]
+
+
+def _compile_fast(schema: dict | bool, defs: dict[str, _Check]) -> _Check:
+    """A check of schema.json's keywords that it uses, compiled once into closures:
+    True (valid), False (invalid: jsonschema then explains why) or None (a keyword this
+    check does not know: jsonschema decides)."""
     if schema is True or schema == {}:
-        return True
+        return lambda doc: True
     if schema is False:
-        return False
+        return lambda doc: False
+    assert isinstance(schema, dict)
     if not _FAST_KEYWORDS.issuperset(schema):
-        return None
+        return lambda doc: None
     if "$ref" in schema:
-        return _fast_valid(doc, _SCHEMA["$defs"][schema["$ref"].rsplit("/", 1)[1]])
+        name = schema["$ref"].rsplit("/", 1)[1]
+        return lambda doc: defs[name](doc)   # defs is filled after every schema is compiled
     if "not" in schema:
-        return not _fast_valid(doc, schema["not"])
-    if "const" in schema and doc != schema["const"]:
-        return False
-    if "enum" in schema and doc not in schema["enum"]:
-        return False
+        inner = _compile_fast(schema["not"], defs)
+
+        def negated(doc):
+            r = inner(doc)
+            return None if r is None else not r
+        return negated
+    steps: list[_Check] = []
+    if "const" in schema:
+        const = schema["const"]
+        steps.append(lambda doc: doc == const)
+    if "enum" in schema:
+        enum = schema["enum"]
+        steps.append(lambda doc: doc in enum)
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(isinstance(doc, _JSON_TYPES[t]) and not (t != "boolean" and isinstance(doc, bool))
-                   if t != "integer" else isinstance(doc, int) and not isinstance(doc, bool)
-                   for t in types):
-            return False
-    if isinstance(doc, str) and len(doc) < schema.get("minLength", 0):
-        return False
-    if isinstance(doc, list):
-        if len(doc) < schema.get("minItems", 0):
-            return False
-        if "items" in schema:
-            for item in doc:
-                r = _fast_valid(item, schema["items"])
+        if not {*_JSON_TYPES, "integer"}.issuperset(types):
+            return lambda doc: None
+        exact = {int if t == "integer" else _JSON_TYPES[t] for t in types}
+        steps.append(lambda doc: type(doc) in exact or _type_ok(doc, types))
+    min_length, min_items = schema.get("minLength", 0), schema.get("minItems", 0)
+    if min_length:
+        steps.append(lambda doc: not isinstance(doc, str) or len(doc) >= min_length)
+    items = _compile_fast(schema["items"], defs) if "items" in schema else None
+    if min_items or items:
+        def check_list(doc):
+            if not isinstance(doc, list):
+                return True
+            if len(doc) < min_items:
+                return False
+            if items is not None:
+                for item in doc:
+                    r = items(item)
+                    if not r:
+                        return r
+            return True
+        steps.append(check_list)
+    required = tuple(schema.get("required", ()))
+    props = {k: _compile_fast(v, defs) for k, v in schema.get("properties", {}).items()}
+    extra = _compile_fast(schema.get("additionalProperties", True), defs)
+    if required or props or "additionalProperties" in schema:
+        def check_map(doc):
+            if not isinstance(doc, dict):
+                return True
+            for k in required:
+                if k not in doc:
+                    return False
+            for k, v in doc.items():
+                r = props.get(k, extra)(v)
                 if not r:
                     return r
-    if isinstance(doc, dict):
-        if any(k not in doc for k in schema.get("required", ())):
-            return False
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for k, v in doc.items():
-            r = _fast_valid(v, props[k]) if k in props else _fast_valid(v, extra)
+            return True
+        steps.append(check_map)
+
+    def check(doc):
+        for step in steps:
+            r = step(doc)
             if not r:
                 return r
-    return True
+        return True
+    return check
+
+
+def _compile_schema(schema: dict) -> _Check:
+    defs: dict[str, _Check] = {}
+    for name, sub in schema.get("$defs", {}).items():
+        defs[name] = _compile_fast(sub, defs)
+    return _compile_fast(schema, defs)
+
+
+_FAST_CHECK = _compile_schema(_SCHEMA)
+
+
+def _fast_valid(doc: Any, schema: dict = _SCHEMA) -> bool | None:
+    """``doc`` checked by the compiled ``schema`` (schema.json's is compiled once)."""
+    return (_FAST_CHECK if schema is _SCHEMA else _compile_schema(schema))(doc)
 
 
 MAX_SCHEMA_ERRORS = 100  # per document: the first ones found (each costs ~30 us)
@@ -273,7 +330,7 @@ class _Sanitizer:
     def port_rule(self, raw: dict, path: str, *, deny: bool) -> PortRule:
         ports, indexes = [], []
         for i, p in enumerate(raw.get("ports") or []):
-            pp = self.port(p, f"{path}.ports[{i}]")
+            pp = _plain_port(p) or self.port(p, f"{path}.ports[{i}]")
             if pp:
                 ports.append(pp)
                 indexes.append(i)
@@ -295,6 +352,8 @@ class _Sanitizer:
         return PortRule(tuple(ports), http)
 
     def port(self, raw: dict, path: str) -> PortProtocol | None:
+        """A port of toPorts, or None and an error (``_plain_port`` is the common case's
+        shortcut: it gives the same PortProtocol)."""
         proto = str(raw.get("protocol", "ANY")).upper()
         ok = True
         if proto not in PROTOCOLS:
@@ -323,7 +382,7 @@ class _Sanitizer:
                 return None
             if end == port_raw:
                 end = None
-        return PortProtocol(port_raw, end, proto) if ok else None
+        return _port_protocol(port_raw, end, proto) if ok else None
 
     def http_rule(self, raw: dict, path: str) -> HTTPRule:
         for name in ("method", "path", "host"):
@@ -374,6 +433,35 @@ class _Sanitizer:
         return Rule(ref, path, sel, lists["ingress"], lists["egress"], lists["ingressDeny"],
                     lists["egressDeny"], dd.get("ingress"), dd.get("egress"),
                     raw.get("description", ""), labels)
+
+
+@functools.lru_cache(maxsize=4096)
+def _port_protocol(port: int, end: int | None, proto: str) -> PortProtocol:
+    """One shared object per port, range and protocol (100,000 ports are a few hundred)."""
+    return PortProtocol(port, end, proto)
+
+
+_PLAIN_PROTOCOLS = {p: p for p in PROTOCOLS} | {p.lower(): p for p in PROTOCOLS}
+
+
+def _plain_port(raw: dict) -> PortProtocol | None:
+    """``{port: "N", protocol: P}`` (N a decimal port, P a protocol in upper or lower
+    case), ``port`` alone or ``protocol`` alone: its PortProtocol; None for anything
+    else (``port`` then checks it and says what is wrong)."""
+    if len(raw) > 2 or not (raw.keys() <= {"port", "protocol"}):
+        return None
+    proto = raw.get("protocol", "ANY")
+    proto = _PLAIN_PROTOCOLS.get(proto) if type(proto) is str else None
+    port = raw.get("port", 0)
+    if proto is None:
+        return None
+    if type(port) is str:
+        if not (len(port) <= 5 and port.isascii() and port.isdigit()):
+            return None
+        port = int(port)
+    elif type(port) is not int:
+        return None
+    return _port_protocol(port, None, proto) if 0 <= port <= 65535 else None
 
 
 def _net_key(n):
@@ -434,5 +522,5 @@ def sanitize_document(doc: Any, *, source: str = "", strict: bool = True) -> Pol
     rules = [s.spec(raw, ref, path) for path, raw in specs]
     if s.errors:
         raise PolicyErrors(s.errors)
-    return Policy(ref, rules, source, doc, s.has_l7, doc.get("description", ""),
+    return Policy(ref, rules, source, encode_document(doc), s.has_l7, doc.get("description", ""),
                   tuple(str(e) for e in s.problems))
