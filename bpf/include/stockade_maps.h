@@ -107,6 +107,13 @@
 /* config_value.flags */
 #define CFG_F_AUDIT                (1U << 0)
 #define CFG_F_FORWARD_UNIDENTIFIED (1U << 1)
+/* No l7_ports entry of kind L7_SERVER (L7_CLIENT) exists: the programs skip those
+ * lookups (lib/l7.h). A "none" bit rather than a "present" one, so that a config that
+ * was never written (zero, or one an older build wrote) means "look", never "skip".
+ * The agent clears the bit before it writes the kind's first entry and sets it only
+ * after it removed the last one (datapath.l7maps). */
+#define CFG_F_L7_NO_SERVERS        (1U << 2)
+#define CFG_F_L7_NO_CLIENTS        (1U << 3)
 
 #define EP_MAX_IP4 4
 #define EP_MAX_IP6 4

@@ -23,9 +23,13 @@
 #ifndef STOCKADE_LIB_L7_H
 #define STOCKADE_LIB_L7_H
 
-static __always_inline int l7_is_port(__u8 family, __u8 kind, const __u32 *addr, __be16 port)
+static __always_inline int l7_is_port(__u8 family, __u8 kind, const __u32 *addr, __be16 port,
+				      __u32 cfg)
 {
 	struct l7_port_key k = {};
+
+	if (cfg & (kind == L7_SERVER ? CFG_F_L7_NO_SERVERS : CFG_F_L7_NO_CLIENTS))
+		return 0;
 
 	k.family = family;
 	k.kind = kind;
@@ -63,21 +67,23 @@ static __always_inline int l7_steer(struct __sk_buff *skb, int dir, const struct
 	__u32 ifindex = skb->ifindex;
 	int out, reason;
 
-	if (act != TC_ACT_OK || p->proto != IPPROTO_TCP_ || !p->has_ports)
+	if (act != TC_ACT_OK || p->proto != IPPROTO_TCP_ || !p->has_ports ||
+	    (cfg & (CFG_F_L7_NO_SERVERS | CFG_F_L7_NO_CLIENTS)) ==
+	    (CFG_F_L7_NO_SERVERS | CFG_F_L7_NO_CLIENTS))
 		return act;
 	if (dir == DIR_INGRESS) {
 		/* Routed here from another host: the server's ingress policy has just
 		 * admitted it (a peer it denies was dropped, never answered). What the host
 		 * sends itself carries its socket: the proxy's upstream connections (the
 		 * host's own connections to L7 ports loop through the proxy, nft output). */
-		if (skb->sk || !l7_is_port(p->family, L7_SERVER, p->daddr, p->dport))
+		if (skb->sk || !l7_is_port(p->family, L7_SERVER, p->daddr, p->dport, cfg))
 			return act;
 		out = 0;
 	} else {
-		out = l7_is_port(p->family, L7_SERVER, p->daddr, p->dport) ||
-		      l7_is_port(p->family, L7_CLIENT, p->saddr, p->dport);
-		if (!out && !l7_is_port(p->family, L7_SERVER, p->saddr, p->sport) &&
-		    !l7_is_port(p->family, L7_CLIENT, p->daddr, p->sport))
+		out = l7_is_port(p->family, L7_SERVER, p->daddr, p->dport, cfg) ||
+		      l7_is_port(p->family, L7_CLIENT, p->saddr, p->dport, cfg);
+		if (!out && !l7_is_port(p->family, L7_SERVER, p->saddr, p->sport, cfg) &&
+		    !l7_is_port(p->family, L7_CLIENT, p->daddr, p->sport, cfg))
 			return act;
 	}
 	if (out) {

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, AbstractSet, Any, Mapping
 
 from . import maps as m
 
@@ -27,6 +27,8 @@ class L7Maps:
         def _items(self, name: str, key_type: Any, value_type: Any) -> list: ...
         def _update(self, name: str, key: Any, value: Any) -> None: ...
         def _delete(self, name: str, key: Any) -> bool: ...
+        def config_flags(self) -> int: ...
+        def _write_config(self, flags: int) -> None: ...
 
     def l7_ports(self) -> dict[L7Port, int]:
         out = {}
@@ -42,7 +44,10 @@ class L7Maps:
     def sync_l7(self, ports: Mapping[L7Port, int], hosts: Mapping[int, tuple[int, bytes]]) -> None:
         """Make both maps hold exactly ``ports`` and ``hosts`` (endpoint ifindex ->
         (device ifindex, MAC)). Hosts are added first and removed last: a port is never
-        steered from an interface without a way in (that drops: closed, not open)."""
+        steered from an interface without a way in (that drops: closed, not open).
+        A kind's "none" config bit (the programs skip its lookups) is cleared before its
+        first entry is written and set only after its last one is removed: a port is
+        never in the map while the programs skip looking."""
         have_hosts = self.l7_hosts()
         for ifindex, (dev, mac) in hosts.items():
             if have_hosts.get(ifindex) != (dev, mac):
@@ -50,10 +55,24 @@ class L7Maps:
                 v.mac[:] = mac
                 self._update("l7_host", m.ct.c_uint32(ifindex), v)
         have = self.l7_ports()
+        kinds = {kind for _, _, kind in ports}
+        self._l7_bits(clear=kinds)
         for key, ident in ports.items():
             if have.get(key) != ident:
                 self._update("l7_ports", _port_key(*key), m.L7PortValue(ident))
         for key in have.keys() - ports.keys():
             self._delete("l7_ports", _port_key(*key))
+        self._l7_bits(set_={m.L7_SERVER, m.L7_CLIENT} - kinds)
         for ifindex in have_hosts.keys() - hosts.keys():
             self._delete("l7_host", m.ct.c_uint32(ifindex))
+
+    def _l7_bits(self, set_: AbstractSet[int] = frozenset(), clear: AbstractSet[int] = frozenset()) -> None:
+        bit = {m.L7_SERVER: m.CFG_F_L7_NO_SERVERS, m.L7_CLIENT: m.CFG_F_L7_NO_CLIENTS}
+        have = self.config_flags()
+        flags = have
+        for kind in set_:
+            flags |= bit[kind]
+        for kind in clear:
+            flags &= ~bit[kind]
+        if flags != have:
+            self._write_config(flags)

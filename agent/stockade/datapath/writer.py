@@ -339,8 +339,21 @@ class MapWriter:
         return out
 
     def set_config(self, audit: bool = False, forward_unidentified: bool = False) -> None:
+        """The agent's settings; the L7 bits stay as they are (datapath.l7maps owns
+        them: they follow the l7_ports entries)."""
         flags = (m.CFG_F_AUDIT if audit else 0) | (
             m.CFG_F_FORWARD_UNIDENTIFIED if forward_unidentified else 0)
+        self._write_config(flags | (self.config_flags() & m.CFG_L7_BITS))
+
+    def config_flags(self) -> int:
+        v = m.ConfigValue()
+        if _lib().bpf_lookup_elem(self.table("config").map_fd, ct.byref(ct.c_uint32(0)),
+                                  ct.byref(v)) < 0:
+            err = ct.get_errno()
+            raise DatapathError("config", f"lookup failed: {errno.errorcode.get(err, err)}")
+        return int(v.flags)
+
+    def _write_config(self, flags: int) -> None:
         self._update("config", ct.c_uint32(0), m.ConfigValue(flags=flags))
 
     # -- policy ----------------------------------------------------------------
