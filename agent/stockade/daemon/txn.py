@@ -224,7 +224,7 @@ class Txn:
             self.dp = dp
         for step in self.steps:
             inverse = self._inverse(step)
-            if inverse is not None and inverse.kind == "policy" and journaled:
+            if inverse is not None and inverse.kind == "unpolicy" and journaled:
                 inverse = Step("policy_mark", dp.policy_mark())
             if inverse is not None:
                 self.undo.append(inverse)   # before the write: a half-done one is undone too
