@@ -61,6 +61,12 @@ def agent_cmd(agent, *args, timeout=30) -> tuple[subprocess.CompletedProcess, fl
     return r, time.monotonic() - t
 
 
+def state_files(state_dir) -> dict[str, bytes]:
+    """The state's files (not the kept build, bpf/, beside them)."""
+    return {n: (state_dir / n).read_bytes() for n in os.listdir(state_dir)
+            if (state_dir / n).is_file()}
+
+
 # Every shape of damage is in tests/test_state_store.py; here a few, with real traffic.
 # (how, file, content, message): "file" replaces the file (a disk, an editor or a script
 # damaged it); "store" commits it as a generation (a version that wrote what this one
@@ -179,7 +185,7 @@ def test_a_full_filesystem_during_an_import_changes_nothing(topo, small_fs):
             agent.client.add_ipcache(f"10.214.{i}.0/24", {"bench-peer": label}, "h2")
         big = {"name": "big.yaml", "text": stockade_policies(peers, "db")}
         state_dir = small_fs / "state"
-        files = {n: (state_dir / n).read_bytes() for n in os.listdir(state_dir)}
+        files = state_files(state_dir)
         maps = dump_maps(agent.settings["bpffs_dir"])
         health = agent.client.health()
         filler = fill(small_fs, leave=64 * 1024)   # the policy shards of the import need ~1 MB
@@ -190,7 +196,7 @@ def test_a_full_filesystem_during_an_import_changes_nothing(topo, small_fs):
         assert err.value.status == 507, err.value
         assert "No space left on device" in str(err.value)
         assert dump_maps(agent.settings["bpffs_dir"]) == maps
-        assert {n: (state_dir / n).read_bytes() for n in os.listdir(state_dir)} == files
+        assert state_files(state_dir) == files
         after = agent.client.health()
         assert (after["policy_revision"], after["policies"]) == (health["policy_revision"], 1)
         assert [p["name"] for p in agent.client.policies()] == ["db"]
