@@ -44,8 +44,13 @@ case "$1" in
     echo started ;;
   container)
     name="stockade-demo-$2"
-    state="$("${PODMAN[@]}" container inspect --format '{{.State.Status}}' "$name" 2>/dev/null || true)"
-    if [ "$state" = running ]; then echo running; exit 0; fi
+    state="$("${PODMAN[@]}" container inspect --format '{{.State.Status}} {{.State.Pid}}' "$name" 2>/dev/null || true)"
+    # Podman's record can say running after the container's processes were killed
+    # (the machine's processes ended without Podman seeing it): trust only a live PID.
+    pid="${state#* }"
+    if [ "${state%% *}" = running ] && [ "${pid:-0}" -gt 0 ] && [ -d "/proc/$pid" ]; then
+      echo running; exit 0
+    fi
     [ -n "$state" ] && "${PODMAN[@]}" rm -f -t 0 "$name" >/dev/null
     # $4: the container's own labels ("-": none; its identity then comes from a service)
     labels=()
