@@ -11,6 +11,7 @@ Podman's default network with fixed addresses (below). Nothing leaves the guest.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bbimage import write_rootfs  # noqa: E402  (the busybox image of the other tests)
 
 from . import image  # noqa: E402
+from .conftest import FIGURES  # noqa: E402
 
 UPGRADE_MARK = "hosttest-upgrade"
 SRV_IP, CLI_IP, BAD_IP, STREAM_IP = "10.88.0.50", "10.88.0.51", "10.88.0.52", "10.88.0.53"
@@ -80,6 +82,8 @@ host_key_checking = False
 retry_files_enabled = False
 local_tmp = {workdir / "ansible-tmp"}
 nocolor = True
+callback_plugins = {Path(__file__).parent / "callback_plugins"}
+callbacks_enabled = task_times
 
 [connection]
 pipelining = True
@@ -135,6 +139,14 @@ def upgraded_source(workdir: Path) -> Path:
     return dst
 
 
+def slowest_tasks(path: Path, top: int = 6) -> str:
+    try:
+        times = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "-"
+    return "; ".join(f"{name} {secs} s" for name, secs in list(times.items())[:top])
+
+
 def playbook(guest, workdir: Path, name: str, extra: dict | None = None) -> dict:
     """ansible-playbook stockade.fleet.NAME over SSH; the guest's PLAY RECAP counters."""
     argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i",
@@ -143,11 +155,13 @@ def playbook(guest, workdir: Path, name: str, extra: dict | None = None) -> dict
         extra_file = workdir / f"extra-{name}.yml"
         extra_file.write_text(yaml.safe_dump(extra))
         argv += ["-e", f"@{extra_file}"]
+    stamp = int(time.time())
+    env = {**ansible_env(workdir), "STOCKADE_TASK_TIMES": str(workdir / f"tasks-{name}-{stamp}.json")}
     t = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=ansible_env(workdir),
-                          timeout=1500)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1500)
     took = round(time.monotonic() - t, 1)
-    (workdir / f"ansible-{name}-{int(time.time())}.log").write_text(proc.stdout + proc.stderr)
+    FIGURES[f"slowest_tasks_{name}_{stamp}"] = slowest_tasks(Path(env["STOCKADE_TASK_TIMES"]))
+    (workdir / f"ansible-{name}-{stamp}.log").write_text(proc.stdout + proc.stderr)
     m = re.search(r"^guest\s*:\s*(.*)$", proc.stdout, re.M)
     if proc.returncode != 0 or not m:
         journal = guest.ssh_run("systemctl status --no-pager stockade-agent;"
