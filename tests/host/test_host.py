@@ -443,10 +443,13 @@ def test_uninstall_leaves_nothing(guest, workdir, figures):
     assert recap["failed"] == 0
     figures["uninstall_s"] = recap["seconds"]
     left = guest.ssh(
-        "ls -d /etc/systemd/system/stockade* /lib/systemd/system/stockade* /etc/stockade"
+        "ls -d /etc/systemd/system/stockade-agent* /etc/systemd/system/stockade-webui*"
+        " /lib/systemd/system/stockade* /etc/stockade"
         " /opt/stockade /var/lib/stockade /run/stockade /var/log/stockade /sys/fs/bpf/stockade"
-        " /usr/local/sbin/stockade* 2>/dev/null; getent passwd stockade-webui;"
-        " systemctl list-units --all --no-legend 'stockade*';"
+        " /usr/local/sbin/stockade-agentctl /usr/local/sbin/stockade-webui* 2>/dev/null;"
+        " getent passwd stockade-webui;"
+        # stockade-sshkey is the image's own (the test's SSH key), not the role's
+        " systemctl list-units --all --no-legend 'stockade*' | grep -v stockade-sshkey;"
         " for l in $(ls /sys/class/net); do tc filter show dev $l ingress 2>/dev/null;"
         " tc filter show dev $l egress 2>/dev/null; done | grep -i stockade;"
         " nft list tables 2>/dev/null | grep -i stockade; true")
