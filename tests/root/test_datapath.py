@@ -24,6 +24,7 @@ from dpenv import datapath_env  # tests/ is on sys.path (tests/conftest.py)
 from stockade.datapath import CapacityError, Datapath, Reason, Verdict, attach, list_attached
 from stockade.datapath import maps as m
 from stockade.datapath.attachments import programs_on as attach_programs
+from stockade.datapath.errors import InterfaceGone
 from stockade.policy.mapstate import (
     ANY_PEER,
     EGRESS,
@@ -707,3 +708,12 @@ def test_checks_and_detaches_from_two_threads_never_share_a_link_fd(e):
         t.join(timeout=10)
     assert errors == []
     assert attach_programs(w.host_ifindex) == {"ingress": [], "egress": []}
+
+
+def test_attaching_to_an_interface_that_is_gone_says_so(e):
+    """The kernel's ENODEV (a container that exited before the agent reached its veth) is
+    InterfaceGone, which the agent does not report as a failure: nothing is left open."""
+    taken = {i for i, _ in socket.if_nameindex()}
+    gone = next(i for i in range(1 << 20, 1 << 21) if i not in taken)
+    with pytest.raises(InterfaceGone):
+        e.dp.attach_interface(gone)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from prometheus_client import Histogram
 
+from ..datapath.errors import InterfaceGone
 from ..errors import StockadeError
 from ..policy.describe import LineIndex
 from ..policy.engine import PolicyEngine
@@ -224,7 +225,10 @@ class Agent:
                 self._persist_locked(txn.dirty)
             except StockadeError as exc:
                 self._roll_back_locked(txn)
-                self.error(f"{change.what} failed, previous state kept: {exc}")
+                if isinstance(exc, InterfaceGone):
+                    log.info("%s: %s; nothing to protect", change.what, exc)
+                else:
+                    self.error(f"{change.what} failed, previous state kept: {exc}")
                 raise
             txn.commit()
             self.changes.record(change, txn, self.state.revision)
@@ -251,6 +255,8 @@ class Agent:
         """Submit; an error goes to status and the log (for sources with no caller to tell)."""
         try:
             self.submit_locked(change)
+        except InterfaceGone:
+            pass
         except StockadeError as exc:
             self.error(f"{change.what}: {exc}")
 

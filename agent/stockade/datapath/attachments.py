@@ -28,7 +28,7 @@ from . import tcx
 from .attach import PRIO, hook_filters, list_attached
 from .attach import attach as tc_attach
 from .attach import detach as tc_detach
-from .errors import DatapathError
+from .errors import DatapathError, InterfaceGone
 
 MODES = ("auto", "tcx", "tc")
 HOOKS = ("ingress", "egress")      # ingress: from_endpoint, egress: to_endpoint
@@ -196,7 +196,7 @@ class Attachments:
                 self._detach_tcx(ifindex)
         except OSError as exc:
             if exc.errno == errno.ENODEV:
-                raise DatapathError(f"ifindex {ifindex}", "no such interface") from exc
+                raise InterfaceGone(ifindex) from exc
             raise DatapathError(f"ifindex {ifindex}", f"cannot attach programs ({self.mode}): "
                                 f"{exc.strerror or exc}") from exc
 

@@ -21,6 +21,14 @@ class DatapathError(StockadeError):
         super().__init__(f"{what}: {msg}")
 
 
+class InterfaceGone(DatapathError):
+    """The interface went before its programs could be attached (a container that exited
+    at once): nothing is left open, and its "del" event removes it from the model."""
+
+    def __init__(self, ifindex: int):
+        super().__init__(f"ifindex {ifindex}", "no such interface")
+
+
 class CapacityError(DatapathError):
     """A delta would not fit in a map; the map was left unchanged (HTTP 507, Insufficient
     Storage)."""
