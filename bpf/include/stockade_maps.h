@@ -211,6 +211,7 @@ struct ct_key {
 #define CT_STATE_NEW         0 /* TCP SYN seen, no reply yet; other protocols */
 #define CT_STATE_ESTABLISHED 1
 #define CT_STATE_CLOSING     2
+#define CT_STATE_REVOKED     3 /* the agent judged the flow again and the policy denies it */
 
 struct ct_value {
 	__u64 expires;    /* bpf_ktime_get_ns() deadline; past = absent */

@@ -17,6 +17,13 @@
  * Lifetimes: TCP SYN seen, no reply: CT_TIMEOUT_SYN_S; established:
  * CT_TIMEOUT_TCP_S; after FIN or RST from either side: CT_TIMEOUT_CLOSE_S (not
  * extended by later packets); other protocols: CT_TIMEOUT_OTHER_S, refreshed.
+ *
+ * Revoked: when a policy change denies a tracked flow, the agent marks its entry
+ * CT_STATE_REVOKED rather than deleting it. A packet of the flow from either side is
+ * dropped and keeps the entry alive (TCP: CT_TIMEOUT_TCP_S). Deleting it would not
+ * stop the flow: any packet without an entry may start one, so the endpoint's next
+ * ACK would create an entry from its side, and the peer's packets would then pass
+ * as its replies.
  */
 #ifndef STOCKADE_LIB_CONNTRACK_H
 #define STOCKADE_LIB_CONNTRACK_H
@@ -26,6 +33,7 @@
 #define CT_MISS  0
 #define CT_FWD   1  /* later packet in the original direction */
 #define CT_REPLY 2  /* packet in the reply direction */
+#define CT_REVOKED 3 /* either direction of a flow the agent revoked: dropped */
 
 /* Build the conntrack key of packet @p seen at @ifindex in direction @dir.
  * With @reverse, build the key the packet's reply would have been created
@@ -90,7 +98,7 @@ static __always_inline void ct_next(__u8 proto, __u8 tcp_flags, int is_reply,
 
 /* Look up packet @p at (@ifindex, @dir): first as a later packet of a flow it
  * started, then as a reply. Refreshes the entry when @update is set.
- * Returns CT_MISS, CT_FWD or CT_REPLY. */
+ * Returns CT_MISS, CT_FWD, CT_REPLY or CT_REVOKED. */
 static __always_inline int ct_lookup(const struct pkt *p, __u32 ifindex, int dir,
 				     int update)
 {
@@ -109,6 +117,12 @@ static __always_inline int ct_lookup(const struct pkt *p, __u32 ifindex, int dir
 		if (!v || v->expires < now)
 			return CT_MISS;
 		ret = CT_REPLY;
+	}
+	if (v->state == CT_STATE_REVOKED) {
+		if (update)
+			v->expires = now + (p->proto == IPPROTO_TCP_ ? CT_TIMEOUT_TCP_S :
+					    CT_TIMEOUT_OTHER_S) * NSEC_PER_SEC;
+		return CT_REVOKED;
 	}
 	if (update) {
 		__u8 state = v->state;

@@ -185,11 +185,24 @@ static __always_inline int handle_ip(struct __sk_buff *skb, const struct endpoin
 	if (icmp_error) {
 		struct pkt inner = {};
 
-		if (parse_icmp_inner(skb, p, &inner) == 0 && inner.family == p->family &&
-		    ct_lookup(&inner, skb->ifindex, !dir, 0) != CT_MISS)
-			return finish(skb, dir, VERDICT_FORWARDED, REASON_CT_RELATED, p, local, 0, 0);
-	} else if (ct_lookup(p, skb->ifindex, dir, 1) != CT_MISS) {
-		return finish(skb, dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, p, local, 0, 0);
+		if (parse_icmp_inner(skb, p, &inner) == 0 && inner.family == p->family) {
+			int ct = ct_lookup(&inner, skb->ifindex, !dir, 0);
+
+			if (ct == CT_FWD || ct == CT_REPLY)
+				return finish(skb, dir, VERDICT_FORWARDED, REASON_CT_RELATED, p,
+					      local, 0, 0);
+		}
+	} else {
+		int ct = ct_lookup(p, skb->ifindex, dir, 1);
+
+		if (ct == CT_REVOKED) {
+			peer = ipcache_identity(p->family, dir == DIR_EGRESS ? p->daddr : p->saddr);
+			return finish(skb, dir, VERDICT_DROPPED, REASON_POLICY_DENIED, p, local,
+				      peer, 1);
+		}
+		if (ct != CT_MISS)
+			return finish(skb, dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, p,
+				      local, 0, 0);
 	}
 
 	/* New flow: policy between the endpoint and the peer's identity. */

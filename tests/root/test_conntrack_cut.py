@@ -4,6 +4,7 @@ revokes is cut; a flow of an endpoint relabelled out of what the policy allows i
 flows still allowed keep going. Real agent, real TCP streams."""
 import ipaddress
 import os
+import select
 import socket
 import threading
 import time
@@ -34,9 +35,10 @@ spec:
 
 class Stream:
     """A TCP connection client -> server:port sending 100 bytes every 10 ms; the
-    receiver records when data arrives."""
+    receiver records when data arrives. With ``both_ways`` the server sends as well and
+    the client records when its data arrives (``replied_since``)."""
 
-    def __init__(self, client, server, port):
+    def __init__(self, client, server, port, both_ways=False):
         self.srv = server.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.srv.bind((server.ip4, port))
@@ -45,33 +47,44 @@ class Stream:
         self.cli.settimeout(5)
         self.cli.connect((server.ip4, port))
         self.conn, _ = self.srv.accept()
-        self.conn.settimeout(0.2)
         self.arrived: list[float] = []
+        self.replied: list[float] = []
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._recv, daemon=True)]
+        pairs = [(self.cli, self.conn, self.arrived)]
+        if both_ways:
+            pairs.append((self.conn, self.cli, self.replied))
+        self.threads = []
+        for sender, receiver, record in pairs:
+            self.threads += [threading.Thread(target=self._send, args=(sender,), daemon=True),
+                             threading.Thread(target=self._recv, args=(receiver, record),
+                                              daemon=True)]
         for t in self.threads:
             t.start()
 
-    def _send(self):
-        self.cli.setblocking(False)
+    def _send(self, sock):
         while not self.stop.is_set():
             try:
-                self.cli.send(b"x" * 100)
+                sock.send(b"x" * 100, socket.MSG_DONTWAIT)
             except (BlockingIOError, OSError):
                 pass
             time.sleep(0.01)
 
-    def _recv(self):
+    def _recv(self, sock, record):
         while not self.stop.is_set():
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if not ready:
+                continue
             try:
-                if self.conn.recv(65536):
-                    self.arrived.append(time.monotonic())
-            except (TimeoutError, OSError):
+                if sock.recv(65536, socket.MSG_DONTWAIT):
+                    record.append(time.monotonic())
+            except (BlockingIOError, OSError):
                 continue
 
     def flowing_since(self, t: float) -> bool:
         return any(x > t for x in self.arrived)
+
+    def replied_since(self, t: float) -> bool:
+        return any(x > t for x in self.replied)
 
     def close(self):
         self.stop.set()
@@ -279,6 +292,55 @@ spec:
             t_change = time.monotonic()
             assert_cut(moved, kept, t_change)
             assert entries_created(agent, w["b"].host_ifindex, w["a"].ip4) == before
+        finally:
+            moved.close()
+            kept.close()
+
+
+def revoked_entries(agent, ifindex: int, peer: str) -> int:
+    from stockade.datapath import maps as m
+    from stockade.datapath.pins import pin_name
+    raw = ipaddress.ip_address(peer).packed
+    pins = os.path.join(agent.settings["bpffs_dir"], pin_name("conntrack"))
+    return sum(1 for kb, vb in dump_map(pins).items()
+               if (k := m.CtKey.from_buffer_copy(kb)).ifindex == ifindex
+               and raw in (bytes(k.saddr)[:4], bytes(k.daddr)[:4])
+               and m.CtValue.from_buffer_copy(vb).state == m.CT_STATE_REVOKED)
+
+
+def test_a_cut_flow_stays_cut_while_the_endpoint_keeps_sending(topo):
+    """b admits app=x only and sends on its flows too. c's address loses app=x: b's own
+    packets to c (which b's egress allows) must not open the flow again from b's side,
+    letting c's packets in as their replies, as they would if the cut deleted the
+    entry; the flow is revoked both ways. When c's address is app=x again, the revoked
+    flow is let go and resumes (its packets are judged again, now allowed)."""
+    t, w = topo
+    with AgentProcess() as agent:
+        register_b(agent, w)
+        agent.client.put_policies([policy("x")])
+        for n in "ac":
+            agent.client.add_ipcache(f"{w[n].ip4}/32", {"app": "x"}, host="elsewhere")
+        moved = Stream(w["c"], w["b"], 6061, both_ways=True)
+        kept = Stream(w["a"], w["b"], 6062, both_ways=True)
+        try:
+            time.sleep(0.5)
+            assert moved.replied_since(0) and kept.replied_since(0)
+            agent.client.remove_ipcache(f"{w['c'].ip4}/32")
+            t_change = time.monotonic()
+            time.sleep(2.5)
+            assert not moved.flowing_since(t_change + 1.0), "c's data reached b after the cut"
+            assert not moved.replied_since(t_change + 1.0), "b's data reached c after the cut"
+            assert kept.flowing_since(t_change + 1.5) and kept.replied_since(t_change + 1.5)
+            assert revoked_entries(agent, w["b"].host_ifindex, w["c"].ip4) >= 1
+            agent.client.add_ipcache(f"{w['c'].ip4}/32", {"app": "x"}, host="elsewhere")
+            t_back = time.monotonic()
+            deadline = t_back + 15
+            while time.monotonic() < deadline and not (
+                    moved.flowing_since(t_back) and moved.replied_since(t_back)):
+                time.sleep(0.2)
+            assert moved.flowing_since(t_back) and moved.replied_since(t_back), \
+                "the flow allowed again did not resume"
+            assert revoked_entries(agent, w["b"].host_ifindex, w["c"].ip4) == 0
         finally:
             moved.close()
             kept.close()

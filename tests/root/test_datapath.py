@@ -547,11 +547,12 @@ def test_conntrack_gc_and_expired_entries(e):
     assert all(v.expires >= now for _, v in left) and 999 in [k.ifindex for k, _ in left]
 
 
-def test_ct_delete_moved_by_hook_and_peer_prefix(e, monkeypatch):
+def test_ct_cut_moved_by_hook_and_peer_prefix(e, monkeypatch):
     """The walk of an identity change (read in batches, here of 64 keys): every entry
     at a relabelled endpoint's hooks; elsewhere the entries whose peer (the destination
     of a flow the endpoint opened, else the source) lies in a moved prefix and, by the
-    agent's verdict asked once per address, resolves elsewhere now."""
+    agent's verdict asked once per address, resolves elsewhere now. No endpoint holds
+    these hooks: every flow cut is revoked, the others are left as they were."""
     import ipaddress
 
     from stockade.datapath import pins
@@ -578,14 +579,15 @@ def test_ct_delete_moved_by_hook_and_peer_prefix(e, monkeypatch):
         asked.append(raw)
         return raw != kept_addr
     moved = {"10.50.1.0/24": None, "fd99::80/121": 3000}
-    n = e.dp.ct_delete_moved({901}, moved, changed)
+    n = e.dp.ct_cut_moved({901}, moved, changed, lambda *flow: True)
     nets = [ipaddress.ip_network(p) for p in moved]
     want = {key for ifindex, peer, key in made
             if ifindex == 901 or (peer.packed != kept_addr and any(
                 peer.version == net.version and peer in net for net in nets))}
-    left = {bytes(k) for k, _ in e.dp.ct_entries()}
-    assert n == len(want) and want and not (left & want)
-    assert left == {key for _, _, key in made} - want
+    states = {bytes(k): v.state for k, v in e.dp.ct_entries()}
+    revoked = {k for k, state in states.items() if state == m.CT_STATE_REVOKED}
+    assert n == len(want) and want and revoked == want
+    assert set(states) == {key for _, _, key in made}
     assert len(asked) == len(set(asked))            # once per address
     assert kept_addr in asked
 

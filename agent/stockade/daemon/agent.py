@@ -33,7 +33,7 @@ from .links import Link, LinkWatcher, host_addresses, list_links
 from .state import Snapshot, State
 from .statefiles import BUILDERS, PolicyShards
 from .store import StateStore
-from .txn import Txn
+from .txn import Txn, policy_judge
 
 log = logging.getLogger("stockade.agent")
 
@@ -109,8 +109,9 @@ class Agent:
             restore.reconcile(self)
             if self.live and not cfg.audit:   # started out of audit mode: no audited flow stays
                 try:
-                    self.dp.ct_delete_audited([e.ifindex for e in self.state.endpoints.values()
-                                               if e.ifindex is not None and not e.audit])
+                    self.dp.ct_cut_audited([e.ifindex for e in self.state.endpoints.values()
+                                            if e.ifindex is not None and not e.audit],
+                                           policy_judge(self.engine))
                 except StockadeError as exc:
                     self.error(f"conntrack: audited entries: {exc}")
             if changed:   # records that gained what identifies them, numbers allocated

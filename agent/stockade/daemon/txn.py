@@ -245,11 +245,11 @@ class Txn:
                 self.moved_ifindexes.add(step.key)
 
     def _cut_flows(self, dp) -> None:
-        """Once the new policy is in the maps: the conntrack entries of flows it may now
-        deny go (their next packet meets it), and those audited would-be drops created
-        at interfaces that left audit mode. Deleting an entry undoes nothing and opens
-        nothing: an allowed flow's next packet creates it again."""
-        if not hasattr(dp, "ct_delete_tightened"):
+        """Once the new policy is in the maps: the flows it may now deny are judged
+        again (datapath/conntrack.py ``ct_cut``): those it denies are revoked, those
+        audited would-be drops opened at interfaces that left audit mode too; and
+        revoked flows it allows again are let go."""
+        if not hasattr(dp, "ct_cut_tightened"):
             return
         wide: set = set()
         exact: set = set()
@@ -263,22 +263,27 @@ class Txn:
         before = self.etx.locals_before
         wide = {p for p in wide if p[0] in before}
         exact = {p for p in exact if p[0] in before}
+        allowed = policy_judge(self.agent.engine)
         from ..errors import StockadeError
         try:
-            n = dp.ct_delete_tightened(wide, exact) if (wide or exact) else 0
+            n = dp.ct_cut_tightened(wide, exact, allowed) if (wide or exact) else 0
             if self.audit_off:
-                n += dp.ct_delete_audited(self.audit_off)
+                n += dp.ct_cut_audited(self.audit_off, allowed)
             after = self.state.ipcache
             moved = {p: old for p, old in self.moved_prefixes.items()
                      if old != (after[p].identity if p in after else None)}
             if self.moved_ifindexes or moved:
-                n += dp.ct_delete_moved(self.moved_ifindexes, moved,
-                                        resolution_changed(after, moved))
+                n += dp.ct_cut_moved(self.moved_ifindexes, moved,
+                                     resolution_changed(after, moved), allowed)
+            freed = dp.ct_unrevoke(allowed) if any(s.kind in ("policy", "ipcache", "endpoint")
+                                                   for s in self.steps) else 0
         except StockadeError as exc:
             self.agent.error(f"cutting flows the new policy denies: {exc}")
             return
         if n:
-            self.log.append(f"conntrack: {n} entries of flows the change may deny deleted")
+            self.log.append(f"conntrack: {n} flows the change denies revoked")
+        if freed:
+            self.log.append(f"conntrack: {freed} revoked flows the change allows again let go")
 
     def unwrite(self, dp) -> None:
         """Write the inverse of every step written, last first."""
@@ -361,6 +366,18 @@ def resolution_changed(ipcache: Mapping[str, IpcacheEntry],
                 break
         return (WORLD_ID if then is None else then) != (WORLD_ID if now is None else now)
     return changed
+
+
+def policy_judge(engine) -> Callable[[int, int, int, int, int | None], bool]:
+    """Whether the engine's policy, as it is now, admits the first packet of a flow
+    (local identity, peer identity, direction, protocol, port): the datapath's
+    conntrack cut asks it of each flow it judges again."""
+    from ..policy.mapstate import lookup
+
+    def allowed(local: int, peer: int, direction: int, proto: int, port: int | None) -> bool:
+        verdict, _ = lookup(engine.entries, engine.flags, local, peer, direction, proto, port)
+        return verdict in ("allow", "not-enforced")
+    return allowed
 
 
 def _write_step(agent: "Agent", dp, step: Step) -> None:

@@ -6,6 +6,12 @@ deletes entries, and it counts every deletion in ct_released (struct ct_owner in
 bpf/include/stockade_maps.h). Every deletion must therefore go through ``ct_delete``
 (or ``ct_charge`` for entries the agent itself adds, as the migration does), or the
 hook's budget drifts.
+
+A policy change cuts the flows it may deny (``ct_cut_*``): each such entry is judged again
+as the programs would judge the flow's first packet now; an allowed flow keeps its
+entry, a denied one is revoked (CT_STATE_REVOKED: every later packet of it, from either
+side, is dropped). Deleting the entry would not stop it: a packet without an entry may
+open one, so the endpoint's next ACK would open the flow again from its own side.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import maps as m
+from .bpfsys import BPF_EXIST
 
 TABLE = (0, 0, 0)   # the owner that counts the whole table (struct ct_owner, ifindex 0)
 # struct ct_key (m.CtKey) as ifindex, saddr, daddr, direction, family: what a walk reads
@@ -38,6 +45,22 @@ def _by_length(prefixes: Iterable[str]) -> dict[int, list[tuple[int, frozenset[i
     return out
 
 
+# A policy verdict: (local identity, peer identity, direction, protocol, port or None:
+# the policy's port: an ICMP type, or None for a protocol without ports) -> allowed
+Judge = Callable[[int, int, int, int, "int | None"], bool]
+_PORTS = {6, 17, 132}          # TCP, UDP, SCTP (parse.h)
+_ICMP = {1, 58}
+
+
+def _policy_port(k: m.CtKey) -> int | None:
+    """The port the policy matched the flow's first packet on (policy.h policy_match)."""
+    if k.proto in _ICMP:
+        return int(k.icmp_type)
+    if k.proto in _PORTS:
+        return int.from_bytes(bytes(ct.c_uint16(k.dport)), "big")
+    return None
+
+
 def _lib():
     from .bpfsys import lib
     return lib
@@ -48,6 +71,9 @@ class ConntrackMaps:
 
     if TYPE_CHECKING:
         def table(self, name: str) -> Any: ...
+        def config_flags(self) -> int: ...
+        settings: dict
+        _revoked: set[bytes] | None
         def _items(self, name: str, key_type: Any, value_type: Any) -> list: ...
         def _update(self, name: str, key: Any, value: Any) -> None: ...
         def _delete(self, name: str, key: Any) -> bool: ...
@@ -116,6 +142,9 @@ class ConntrackMaps:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
         expired = [k for k, v in self.ct_entries() if v.expires < now]
         n = self.ct_delete(expired, still=lambda v: v.expires < now)
+        revoked = getattr(self, "_revoked", None)
+        if revoked:
+            revoked.difference_update(bytes(k) for k in expired)
         self._prune_owners()
         return n
 
@@ -132,6 +161,7 @@ class ConntrackMaps:
     def ct_flush(self) -> int:
         """Delete every conntrack entry (charged to its owner); forget empty owners."""
         n = self.ct_delete([k for k, _ in self.ct_entries()])
+        self._revoked = set[bytes]()
         self._prune_owners()
         return n
 
@@ -174,14 +204,13 @@ class ConntrackMaps:
                 doomed.append(k)
         return self.ct_delete(doomed)
 
-    def ct_delete_tightened(self, wide: Iterable[tuple[int, int]],
-                            exact: Iterable[tuple[int, int, int]]) -> int:
-        """Delete the entries of flows a tighter policy may now deny, so that their next
-        packet is judged again: at the hooks of endpoints with identity ``local``, flows
-        opened in ``direction`` (the endpoint's egress: it opened them; ingress: toward
-        it), every peer for ``wide`` (local, direction), the peer identity resolved in
-        the ipcache for ``exact`` (local, peer, direction). Allowed flows only lose an
-        entry the next packet creates again. Returns how many were deleted."""
+    def ct_cut_tightened(self, wide: Iterable[tuple[int, int]],
+                         exact: Iterable[tuple[int, int, int]], allowed: Judge) -> int:
+        """Cut the flows a tighter policy may now deny (``ct_cut``): at the hooks of
+        endpoints with identity ``local``, flows opened in ``direction`` (the
+        endpoint's egress: it opened them; ingress: toward it), every peer for ``wide``
+        (local, direction), the peer identity resolved in the ipcache for ``exact``
+        (local, peer, direction). Returns how many were revoked."""
         wide, exact = set(wide), set(exact)
         if not wide and not exact:
             return 0
@@ -214,7 +243,7 @@ class ConntrackMaps:
                     who = resolved[(family, addr)] = self._identity_of(family, addr)
                 if who in peers:
                     doomed.append(m.CtKey.from_buffer_copy(chunk, at))
-        return self.ct_delete(doomed)
+        return self.ct_cut(doomed, allowed)
 
     def _ct_keys(self) -> Iterator[tuple[int, bytes, bytes, int, int, bytes, int]]:
         """(ifindex, saddr, daddr, direction, family, chunk, offset) of every conntrack
@@ -229,15 +258,14 @@ class ConntrackMaps:
                 yield ifindex, saddr, daddr, direction, family, chunk, offset
                 offset += size
 
-    def ct_delete_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str],
-                        changed: Callable[[int, bytes], bool] | None = None) -> int:
-        """Delete the entries of flows judged under an identity that changed: every
+    def ct_cut_moved(self, ifindexes: Iterable[int], prefixes: Iterable[str],
+                     changed: Callable[[int, bytes], bool] | None, allowed: Judge) -> int:
+        """Cut (``ct_cut``) the flows judged under an identity that changed: every
         entry at the hooks of ``ifindexes`` (endpoints relabelled), and every entry whose
         peer address lies in one of ``prefixes`` (ipcache entries added, changed or
         gone) and, with ``changed``, for which ``changed(family, address bytes)`` says
         the address now resolves to another identity (a more specific entry may keep
-        it where it was). An allowed flow's next packet creates its entry again.
-        Returns how many were deleted."""
+        it where it was). Returns how many were revoked."""
         ifindexes = set(ifindexes)
         nets = _by_length(prefixes)
         if not ifindexes and not nets:
@@ -260,13 +288,117 @@ class ConntrackMaps:
                     if not verdict:
                         continue
             doomed.append(m.CtKey.from_buffer_copy(chunk, at))
-        return self.ct_delete(doomed)
+        return self.ct_cut(doomed, allowed)
 
-    def ct_delete_audited(self, ifindexes: Iterable[int] | None = None) -> int:
-        """Delete the entries audited would-be drops created (at ``ifindexes``' hooks, or
-        everywhere): an endpoint leaving audit mode keeps none of the flows its policy
-        denies. Returns how many were deleted."""
+    def ct_cut_audited(self, ifindexes: Iterable[int] | None, allowed: Judge) -> int:
+        """Cut (``ct_cut``) the flows audited would-be drops opened (at ``ifindexes``'
+        hooks, or everywhere): an endpoint leaving audit mode keeps none of the flows
+        its policy denies. Returns how many were revoked."""
         only = None if ifindexes is None else set(ifindexes)
         doomed = [k for k, v in self.ct_entries()
                   if v.audited and (only is None or k.ifindex in only)]
-        return self.ct_delete(doomed, still=lambda v: bool(v.audited))
+        return self.ct_cut(doomed, allowed)
+
+    # -- judging again -------------------------------------------------------------
+    def ct_cut(self, keys: Iterable[m.CtKey], allowed: Judge) -> int:
+        """Judge the flows of entries ``keys`` again, as the programs would judge their
+        first packet now (the hook's endpoint identity, the peer's identity in the
+        ipcache, the policy ``allowed`` answers for). An allowed flow keeps its entry
+        (no longer marked audited); a denied one is marked audited where the endpoint
+        or the agent is in audit mode, else revoked. An entry at the hook of an
+        interface no longer identified is revoked. Returns how many were revoked."""
+        endpoints = {k.value: v for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo)}
+        audit_all = bool(self.config_flags() & m.CFG_F_AUDIT)
+        fd = self.table("conntrack").map_fd
+        lib = _lib()
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        peers: dict[tuple[int, bytes], int] = {}
+        verdicts: dict[tuple, bool] = {}
+        revoked = 0
+        for k in keys:
+            v = m.CtValue()
+            if lib.bpf_lookup_elem(fd, ct.byref(k), ct.byref(v)) != 0:
+                continue
+            if v.state == m.CT_STATE_REVOKED or v.expires < now:
+                continue
+            ep = endpoints.get(k.ifindex)
+            if ep is None or ep.flags & m.EP_F_UNIDENTIFIED:
+                ok, audit = False, False
+            else:
+                raw = bytes(k.daddr if k.direction == m.DIR_EGRESS else k.saddr)
+                peer = peers.get((k.family, raw))
+                if peer is None:
+                    peer = peers[(k.family, raw)] = self._identity_of(k.family, raw)
+                query = (ep.identity, peer, k.direction, k.proto, _policy_port(k))
+                known = verdicts.get(query)
+                ok = verdicts[query] = allowed(*query) if known is None else known
+                audit = audit_all or bool(ep.flags & m.EP_F_AUDIT)
+            if ok or audit:
+                if bool(v.audited) != (not ok):
+                    v.audited = int(not ok)
+                    self._ct_rewrite(fd, k, v, "audited")
+                continue
+            if self._ct_revoke(fd, k, v, now):
+                revoked += 1
+        return revoked
+
+    def _ct_revoke(self, fd: int, k: m.CtKey, v: m.CtValue, now: int) -> bool:
+        v.state = m.CT_STATE_REVOKED
+        v.audited = 0
+        timeout = "CT_TIMEOUT_TCP_S" if k.proto == 6 else "CT_TIMEOUT_OTHER_S"
+        v.expires = now + int(self.settings[timeout]) * 1_000_000_000
+        if not self._ct_rewrite(fd, k, v, "state"):
+            return False
+        self._revoked_keys().add(bytes(k))
+        return True
+
+    def _ct_rewrite(self, fd: int, k: m.CtKey, v: m.CtValue, field: str) -> bool:
+        """Write ``v`` over the existing entry ``k`` until reading it back shows its
+        ``field`` (a program refreshing the entry at that moment writes its old state
+        back). False when the entry is gone (nothing to rewrite)."""
+        lib = _lib()
+        cur = m.CtValue()
+        for _ in range(5):
+            if lib.bpf_update_elem(fd, ct.byref(k), ct.byref(v), BPF_EXIST) != 0:
+                return False
+            if lib.bpf_lookup_elem(fd, ct.byref(k), ct.byref(cur)) != 0:
+                return False
+            if getattr(cur, field) == getattr(v, field):
+                return True
+        from .errors import DatapathError
+        raise DatapathError("conntrack", "an entry kept changing while it was revoked")
+
+    def _revoked_keys(self) -> set[bytes]:
+        """The keys of the entries revoked (read from the table once per process)."""
+        keys = getattr(self, "_revoked", None)
+        if keys is None:
+            keys = self._revoked = {bytes(k) for k, v in self.ct_entries()
+                                    if v.state == m.CT_STATE_REVOKED}
+        return keys
+
+    def ct_unrevoke(self, allowed: Judge) -> int:
+        """Delete the revoked entries of flows the policy now allows again (their next
+        packet opens them), and forget those gone. Returns how many were deleted."""
+        keys = self._revoked_keys()
+        if not keys:
+            return 0
+        endpoints = {k.value: v for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo)}
+        fd = self.table("conntrack").map_fd
+        lib = _lib()
+        doomed = []
+        for raw in list(keys):
+            k = m.CtKey.from_buffer_copy(raw)
+            v = m.CtValue()
+            if lib.bpf_lookup_elem(fd, ct.byref(k), ct.byref(v)) != 0 or \
+                    v.state != m.CT_STATE_REVOKED:
+                keys.discard(raw)
+                continue
+            ep = endpoints.get(k.ifindex)
+            if ep is None or ep.flags & m.EP_F_UNIDENTIFIED:
+                continue
+            addr = bytes(k.daddr if k.direction == m.DIR_EGRESS else k.saddr)
+            peer = self._identity_of(k.family, addr)
+            if allowed(ep.identity, peer, k.direction, k.proto, _policy_port(k)):
+                doomed.append(k)
+                keys.discard(raw)
+        return self.ct_delete(doomed, still=lambda v: v.state == m.CT_STATE_REVOKED)
