@@ -1,7 +1,7 @@
 """The config map's L7 "none" bits (CFG_F_L7_NO_SERVERS, CFG_F_L7_NO_CLIENTS), which
 let the programs skip the l7_ports lookups, checked after every single map write of
 sync_l7 against a fake map layer (no kernel): a kind with an entry in l7_ports never
-has its bit set. tests/root/test_l7_egress.py checks the real maps and traffic."""
+has its bit set. tests/root/test_l7_none_bits.py checks the real maps and traffic."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +11,7 @@ import pytest
 from recording_maps import RawMapWriter
 from stockade.datapath import maps as m
 from stockade.datapath.errors import DatapathError
-from stockade.datapath.l7maps import L7Maps
+from stockade.datapath.l7maps import L7Maps, _port_key
 
 pytestmark = pytest.mark.pure
 
@@ -74,3 +74,18 @@ def test_set_config_keeps_the_l7_bits():
     assert w.config_flags() == m.CFG_F_AUDIT | m.CFG_F_L7_NO_CLIENTS
     w.set_config()
     assert w.config_flags() == m.CFG_F_L7_NO_CLIENTS
+
+
+@pytest.mark.parametrize("state", list(STATES))
+@pytest.mark.parametrize("stale", [0, m.CFG_F_L7_NO_SERVERS, m.CFG_F_L7_NO_CLIENTS, m.CFG_L7_BITS])
+def test_start_aligns_stale_bits_with_the_entries(state, stale):
+    """Pinned maps with entries and whatever bits were left (the agent's start calls
+    align_l7_bits): afterwards a kind with entries is looked up, one without skipped;
+    the other flags stay."""
+    w = FakeL7()
+    for key, ident in STATES[state].items():
+        w.maps["l7_ports"][bytes(_port_key(*key))] = bytes(m.L7PortValue(ident))
+    w.maps["config"][bytes(m.ct.c_uint32(0))] = bytes(m.ConfigValue(flags=stale | m.CFG_F_AUDIT))
+    w.align_l7_bits()
+    kinds = {kind for _, _, kind in STATES[state]}
+    assert w.config_flags() == m.CFG_F_AUDIT | sum(BIT[k] for k in BIT if k not in kinds)

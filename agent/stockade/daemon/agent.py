@@ -98,6 +98,8 @@ class Agent:
                                  switch_min=cfg.policy_switch_entries,
                                  cache_dir=os.path.join(cfg.state_dir, "bpf"))
         self.dp = datapath
+        if self.live:   # first: a stale L7 "none" bit would let pinned L7 ports skip the proxy
+            self.dp.align_l7_bits()
         if self.live and cfg.kernel_default:
             self._install_kernel_default()
         if self.live:

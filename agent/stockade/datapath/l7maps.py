@@ -9,6 +9,7 @@ import socket
 from typing import TYPE_CHECKING, AbstractSet, Any, Mapping
 
 from . import maps as m
+from .errors import DatapathError
 
 L7Port = tuple[str, int, int]  # (address, TCP port, m.L7_SERVER or m.L7_CLIENT)
 
@@ -65,6 +66,19 @@ class L7Maps:
         self._l7_bits(set_={m.L7_SERVER, m.L7_CLIENT} - kinds)
         for ifindex in have_hosts.keys() - hosts.keys():
             self._delete("l7_host", m.ct.c_uint32(ifindex))
+
+    def align_l7_bits(self) -> None:
+        """Each kind's "none" bit as the l7_ports entries now in the map say (for the
+        agent's start, before it attaches or steers anything: pinned maps keep whatever
+        bits a crash, a hand or another build left). A kind with an entry is looked up,
+        one without may be skipped; when the entries cannot be read, both are looked up."""
+        bit = {m.L7_SERVER: m.CFG_F_L7_NO_SERVERS, m.L7_CLIENT: m.CFG_F_L7_NO_CLIENTS}
+        try:
+            kinds = {kind for _, _, kind in self.l7_ports()} & bit.keys()
+        except DatapathError:
+            self._l7_bits(clear=bit.keys())
+            raise
+        self._l7_bits(set_=bit.keys() - kinds, clear=kinds)
 
     def _l7_bits(self, set_: AbstractSet[int] = frozenset(), clear: AbstractSet[int] = frozenset()) -> None:
         bit = {m.L7_SERVER: m.CFG_F_L7_NO_SERVERS, m.L7_CLIENT: m.CFG_F_L7_NO_CLIENTS}
