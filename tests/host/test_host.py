@@ -416,10 +416,14 @@ def test_reboot_enforces_before_containers_restart(guest, figures):
     boot = int(guest.ssh("date +%s").strip()) - int(float(
         guest.ssh("cut -d' ' -f1 /proc/uptime").strip()))
     # the probers wrote until the shutdown: only what they wrote after this boot counts
-    wait_until(lambda: any(r == "open" and t >= boot for t, r in probes(guest, "hostt-cli")),
-               300, "the allowed client to reach the server after the reboot")
-    wait_until(lambda: guest.ssh("systemctl is-active stockade-agent; true").strip() == "active",
-               120, "the agent to be active")
+    try:
+        wait_until(lambda: any(r == "open" and t >= boot for t, r in probes(guest, "hostt-cli")),
+                   300, "the allowed client to reach the server after the reboot")
+        wait_until(lambda: guest.ssh("systemctl is-active stockade-agent; true").strip() == "active",
+                   120, "the agent to be active")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n" + guest.ssh(
+            "systemctl status stockade-agent --no-pager -n 0; true") + diagnostics(guest)) from None
     time.sleep(5)
     bad = [(t, r) for t, r in probes(guest, "hostt-bad") if t >= boot]
     assert bad, "the denied prober did not run after the reboot"
