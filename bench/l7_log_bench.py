@@ -1,5 +1,5 @@
 """The agent's CPU per request the L7 proxy logs (issue 18): datagram -> LogRecord ->
-request and response flows, without the proxy or the kernel.
+request and response flows, without the proxy.
 
 The real code path of ``stockade.l7.logs.LogReader`` after its ``recv`` (``_add``: parse,
 the metrics by verdict and code) and the flow source's ``add_l7`` (identities, labels,
@@ -7,8 +7,10 @@ policies, the ring and its L7 table) in batches of ``logs.BATCH``, over an in-pr
 agent (tests/inprocess_agent.py) with a client and a server endpoint and an L7 policy.
 The lines are what HAProxy sends for wrk's requests through the L7 bench
 (bench/l7_bench.py): one client address, its ports cycling, one server. Also the same
-with the flow log on (every flow rendered and written as JSON), and the ``recv`` of
-the datagrams from a real unix socket apart.
+with the flow log on (every flow rendered and written as JSON), the ``recv`` of the
+datagrams from a real unix socket apart, and the reader as it runs (its thread on the
+socket, a sender in another process at ``RATE`` lines a second: a wakeup per few lines,
+as under the proxy), whose CPU is the process's (user and system).
 
     python -m bench.l7_log_bench [LINES]
 
@@ -89,6 +91,50 @@ def per_request_us(proxy, fs, lines: list[bytes]) -> float:
     return round(best, 2)
 
 
+RATE = 20000           # lines a second the paced sender sends (about the L7 bench's rate)
+SENDER = """
+import socket, sys, time
+path, n, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+lines = sys.stdin.buffer.read().split(b"\\0")
+clock = time.perf_counter
+start = clock()
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as w:
+    for i in range(n):
+        if rate:
+            while clock() - start < i / rate:
+                pass
+        w.sendto(lines[i % len(lines)], path)    # blocks while the reader's queue is full
+"""
+
+
+def socket_us(proxy, lines: list[bytes], rate: float) -> dict:
+    """The reader as it runs: its thread on the socket, a sender in another process
+    ``rate`` lines a second (0: as fast as the kernel lets it, net.unix.max_dgram_qlen
+    lines queued at most). The CPU of this process (user and system) per line."""
+    import os
+    import subprocess
+    reader = proxy.log_reader
+    reader.path.parent.mkdir(parents=True, exist_ok=True)
+    reader.ensure()
+    before = reader.received
+    n = len(lines)
+    cpu0, t0 = os.times(), time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", SENDER, str(reader.path), str(n), str(rate)],
+                            stdin=subprocess.PIPE)
+    proc.communicate(b"\0".join(lines), timeout=300)
+    deadline = time.monotonic() + 30
+    while reader.received - before < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    cpu1, wall = os.times(), time.perf_counter() - t0
+    got = reader.received - before
+    reader.stop()
+    assert got == n and reader.garbled == 0, (got, reader.stats())
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    return {"us_per_request": round((user + system) * 1e6 / n, 2),
+            "user_us": round(user * 1e6 / n, 2), "system_us": round(system * 1e6 / n, 2),
+            "lines_per_s": round(n / wall)}
+
+
 def recv_us(lines: list[bytes], path: str) -> float:
     """A unix datagram socket's recv per line, the reader's loop without the parsing."""
     from stockade.l7.logs import MAX_DATAGRAM
@@ -122,6 +168,7 @@ def main(n: int = LINES) -> dict:
                 out[name] = per_request_us(proxy, fs, lines)
                 if not flow_log:
                     out["recv_us_per_request"] = recv_us(lines, f"{state}/r.sock")
+                    out["socket_paced"] = socket_us(proxy, lines, RATE)
                     out["flows"] = fs.ring.seq
             finally:
                 if fs.flow_log is not None:
