@@ -19,7 +19,10 @@ per request), wrk runs at saturation (64 connections) and at a fixed concurrency
 the median round's, added latencies the difference of the medians of each round's
 percentile. CPU seconds of each process (agent, proxy, server, wrk) per
 request are read from /proc during the keep-alive saturation runs: where the L7 cost
-goes on this 2-core machine.
+goes on this 2-core machine. The L7 saturation runs also give the request log lines
+the agent received per request (``log_lines_per_request``: the proxy drops a line the
+log socket's queue, net.unix.max_dgram_qlen, has no room for) and the agent's CPU per
+line it handled (``agent_cpu_us_per_log_line``).
 
 The RSS part writes the configuration and maps the agent would (stockade.l7.haproxy /
 rules) for 1,000 rules, starts HAProxy on them as the agent does (user haproxy,
@@ -219,8 +222,19 @@ def measure(agent, client, server, srv, lua) -> dict:
             if policy == "l7":
                 watch["proxy"] = agent.client.health()["l7_proxy"]["pid"]
             for mode in MODES:
+                logged = _logged(agent) if policy == "l7" else 0
                 sat = wrk(client.ns, url, lua, SATURATION_CONNS, mode,
                           watch if mode == "keepalive" else {})
+                if policy == "l7":
+                    # the proxy drops a line its log socket has no room for (the queue of
+                    # a unix datagram socket is net.unix.max_dgram_qlen): how many flows
+                    # the agent got, and its CPU per line it handled
+                    time.sleep(0.5)
+                    lines = _logged(agent) - logged
+                    sat["log_lines_per_request"] = round(lines / max(1, sat["requests"]), 3)
+                    if "cpu_us_per_request" in sat and lines:
+                        sat["agent_cpu_us_per_log_line"] = round(
+                            sat["cpu_us_per_request"]["agent"] * sat["requests"] / lines, 1)
                 runs[policy][mode]["saturation"].append(sat)
                 runs[policy][mode]["fixed"].append(wrk(client.ns, url, lua, FIXED_CONNS, mode, {}))
             if policy == "l7":
@@ -247,6 +261,11 @@ def measure(agent, client, server, srv, lua) -> dict:
     return out
 
 
+def _logged(agent) -> int:
+    """Request log lines the agent's reader received so far."""
+    return (agent.client.health().get("l7_proxy") or {}).get("request_log", {}).get("received", 0)
+
+
 def summarize(rs: list[dict]) -> dict:
     """The median round's figures (by request rate), with the others' rates beside."""
     rs = sorted(rs, key=lambda r: r["rate_per_s"])
@@ -258,7 +277,8 @@ def summarize(rs: list[dict]) -> dict:
     keep["p99_us_of_rounds"] = [r["p99_us"] for r in rs]
     keep["errors"] = sum(r["errors"] for r in rs)
     keep["requests"] = sum(r["requests"] for r in rs)
-    for k in ("cpu_us_per_request", "machine_busy_pct"):
+    for k in ("cpu_us_per_request", "machine_busy_pct", "log_lines_per_request",
+              "agent_cpu_us_per_log_line"):
         if k in mid:
             keep[k] = mid[k]
     return keep

@@ -185,6 +185,30 @@ def test_ring_is_bounded_and_follow_sees_only_new():
     assert d.verdicts[(0, 1, 0)] == 251
 
 
+def test_flow_log_writes_every_flow_in_order_in_chunks(tmp_path):
+    log = FlowLog(str(tmp_path / "flows.log"), max_bytes=0)
+    flows = [{"n": i, "pad": "x" * (i % 300)} for i in range(3000)]   # chunks of 64 KiB
+    try:
+        log.write(iter(flows))
+        log.write([])
+        log.write([{"n": "last"}])
+    finally:
+        log.close()
+    lines = (tmp_path / "flows.log").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == flows + [{"n": "last"}]
+
+
+def test_rendered_addresses_are_cached_within_bounds(monkeypatch):
+    from stockade.flows import record
+    monkeypatch.setattr(record, "ADDRESS_CACHE_MAX", 8)
+    monkeypatch.setattr(record, "_addresses", {})
+    for i in range(40):
+        assert record.address(pad(f"10.2.0.{i}"), 4) == f"10.2.0.{i}"
+        assert record.address(pad(f"fd00::{i + 1:x}"), 6) == f"fd00::{i + 1:x}"
+        assert len(record._addresses) <= 8
+    assert record.address(pad("10.2.0.1"), 6) == "a02:1::"       # the version decides
+
+
 def test_flow_log_rotates(tmp_path, ring):
     log = FlowLog(str(tmp_path / "flows.log"), max_bytes=2000, backups=2)
     try:

@@ -13,7 +13,8 @@ from stockade.daemon.flowsource import FlowSource
 from stockade.errors import InvalidRequest
 from stockade.flows import FlowFilter, FlowRing, hubble
 from stockade.flows.l7 import L7Info, L7Table
-from stockade.l7.logs import LogReader, parse_line
+from stockade.l7 import logs
+from stockade.l7.logs import MAX_TEXT, LogReader, _text, canonical_address, parse_line
 from stockade.l7.proxy import L7Proxy
 from stockade.l7.rules import http_request
 from stockade.policy.sel import parse_sel
@@ -59,6 +60,33 @@ def test_parse_line_decodes_escaped_fields():
 def test_parse_line_refuses_garbage(data):
     with pytest.raises((ValueError, KeyError, UnicodeDecodeError, OverflowError)):
         parse_line(data)
+
+
+@pytest.mark.parametrize("value", [
+    "\\/api\\/x", "\\\\/x", "\\\\\\/", "a\\/\\\\", "\\u0041\\/", "\\/\\n", "plain ~!@#$%^&*()", "\\/", "x\\",
+    "\x7f", "caf\u00e9\\/", "\\ud83d\\ude00", "a" * (MAX_TEXT + 5) + "\\/", "\\/" * (MAX_TEXT + 5), "",
+])
+def test_text_reads_escapes_as_json_does(value):
+    """The fast path for lines with nothing escaped but "/" gives what json.loads does."""
+    try:
+        want = json.loads(f'"{value}"')[:MAX_TEXT]
+    except ValueError:
+        with pytest.raises(ValueError):
+            _text(value)
+    else:
+        assert _text(value) == want
+
+
+def test_address_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(logs, "ADDR_CACHE_MAX", 8)
+    monkeypatch.setattr(logs, "_addrs", {})
+    for i in range(50):
+        assert canonical_address(f"10.1.0.{i}") == f"10.1.0.{i}"
+        assert len(logs._addrs) <= 8
+    assert canonical_address("2001:DB8:0:0::1") == "2001:db8::1"
+    with pytest.raises(ValueError):
+        canonical_address("010.0.0.1")
+    assert "010.0.0.1" not in logs._addrs
 
 
 def test_log_reader_counts_garbage_and_keeps_reading(tmp_path):
@@ -271,6 +299,28 @@ def test_bad_request_flows_use_the_ipcache_identity(source):
     req = fs.query({})["flows"][0]
     assert req["verdict"] == "DROPPED" and req["drop_reason"] == "invalid"
     assert req["source"]["identity"] == web and req["l7"]["http"]["method"] == ""
+
+
+def test_l7_peer_cache_is_bounded_and_follows_the_snapshot(source, monkeypatch):
+    """The flow source keeps each side of an L7 row per (address, identity logged), at
+    most L7_PEER_CACHE_MAX, and only as long as the agent's snapshot it came from."""
+    from stockade.daemon import flowsource
+    api, fs = source
+    web = {e["name"]: e for e in api.list_endpoints()}["web1"]["identity"]
+    monkeypatch.setattr(flowsource, "L7_PEER_CACHE_MAX", 4)
+    bad = dict(sid="-", did="-", rs="-", ok="-", m="<BADREQ>", hv="<BADREQ>", url="-", host="-",
+               ua="-", st="400")
+    fs.add_l7([parse_line(line(ci=f"10.9.0.{i}", **bad)) for i in range(20)])
+    assert len(fs._l7_peers) <= 4
+    assert {f["source"]["identity"] for f in fs.query({})["flows"] if not f["is_reply"]} == {2}
+    fs.add_l7([parse_line(line(**bad))])
+    assert fs.query({})["flows"][-2]["source"]["identity"] == web
+    assert fs.query({})["flows"][-2]["source"]["endpoint"]["name"] == "web1"
+    api.remove_endpoint("web1")
+    fs.refresh(force=True)
+    fs.add_l7([parse_line(line(**bad))])          # the same address: no longer web1's
+    req = fs.query({})["flows"][-2]
+    assert req["source"]["endpoint"] is None and req["source"]["identity"] != web
 
 
 @pytest.mark.parametrize("criteria, field", [

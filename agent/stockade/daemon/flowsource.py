@@ -27,6 +27,10 @@ log = logging.getLogger("stockade.flows")
 POLL_MS = 100
 WORLD = 2
 SNAPSHOT_MAX_AGE_S = 1.0
+# (address, identity the proxy logged) -> an L7 row's side of it, per resolver: most
+# requests come from a few clients to a few servers. Cleared when full, and with a new
+# resolver (what it holds comes from the agent's snapshot).
+L7_PEER_CACHE_MAX = 4096
 FOLLOW_HEARTBEAT_S = 15.0
 
 
@@ -48,6 +52,9 @@ class FlowSource:
         self._thread: threading.Thread | None = None
         self.errors = 0
         self._ids_by_addr: dict[bytes, int] = {}
+        self._l7_peers: dict[tuple[str, int | None], tuple[bytes, int, int]] = {}
+        self._l7_policies: dict[int | None, int] = {}
+        self._l7_epoch: tuple = (None, None)   # (resolver, rule sets) the two above come from
 
     # ------------------------------------------------------------------ snapshot
     def refresh(self, force: bool = False) -> None:
@@ -119,6 +126,12 @@ class FlowSource:
         a RESPONSE (source and destination swapped, as Hubble shows a response), into the
         ring and the flow log. Called from the proxy's log thread."""
         self.refresh()
+        l7 = self.agent.l7
+        epoch = (self.decoder.resolver, l7.rule_sets if l7 is not None else None)
+        if self._l7_epoch[0] is not epoch[0] or self._l7_epoch[1] is not epoch[1]:
+            self._l7_epoch = epoch
+            self._l7_peers = {}
+            self._l7_policies = {}
         rows = []
         for rec in records:
             rows.extend(self._l7_rows(rec))
@@ -127,21 +140,36 @@ class FlowSource:
             self.flow_log.write(self.ring.to_dict(r) for r in rows)
         return len(rows)
 
+    def _l7_peer(self, addr: str, identity: int | None) -> tuple[bytes, int, int]:
+        """(padded address, identity, interned peer info) of one side of an L7 row: the
+        identity the proxy logged, or the ipcache's (a bad request has none)."""
+        key = (addr, identity)
+        peer = self._l7_peers.get(key)
+        if peer is None:
+            padded = _padded(addr)
+            ident = identity if identity is not None else self._ids_by_addr.get(padded, WORLD)
+            info = self.decoder._info(ident, *self.decoder.resolver.endpoints_by_addr.get(
+                padded, (None, None)))
+            if len(self._l7_peers) >= L7_PEER_CACHE_MAX:
+                self._l7_peers.clear()
+            peer = self._l7_peers[key] = (padded, ident, info)
+        return peer
+
     def _l7_rows(self, rec) -> list[tuple]:
         """A request's rows per direction whose rules it met, as Cilium's two proxy
         passes show them: the client's egress first; the server's ingress when egress
         let it through (or had no rules). A request no rule set applied to (a bad one):
         ingress."""
-        dec, r = self.decoder, self.decoder.resolver
-        saddr, daddr = _padded(rec.client), _padded(rec.server)
-        sid = rec.src_identity if rec.src_identity is not None else self._ids_by_addr.get(saddr, WORLD)
-        did = rec.dst_identity if rec.dst_identity is not None else self._ids_by_addr.get(daddr, WORLD)
-        src_info = dec._info(sid, *r.endpoints_by_addr.get(saddr, (None, None)))
-        dst_info = dec._info(did, *r.endpoints_by_addr.get(daddr, (None, None)))
+        saddr, sid, src_info = self._l7_peer(rec.client, rec.src_identity)
+        daddr, did, dst_info = self._l7_peer(rec.server, rec.dst_identity)
         ipv = 6 if ":" in rec.client else 4
-        headers = tuple((k, v) for k, v in (("host", rec.host), ("user-agent", rec.user_agent)) if v)
-        req = L7Info("REQUEST", 0, rec.method, rec.path, rec.host, rec.protocol, 0, headers)
-        resp = req._replace(kind="RESPONSE", latency_ns=rec.latency_ns, code=rec.status)
+        host, ua = rec.host, rec.user_agent
+        headers: tuple[tuple[str, str], ...] = (
+            (("host", host), ("user-agent", ua)) if host and ua else
+            (("host", host),) if host else (("user-agent", ua),) if ua else ())
+        req = L7Info("REQUEST", 0, rec.method, rec.path, host, rec.protocol, 0, headers)
+        resp = L7Info("RESPONSE", rec.latency_ns, rec.method, rec.path, host, rec.protocol,
+                      rec.status, headers)
         passes: list[tuple[int, int | None, bool | None]] = []
         if rec.egress_rule_set is not None:
             passes.append((EGRESS, rec.egress_rule_set,
@@ -149,7 +177,9 @@ class FlowSource:
         if rec.rule_set is not None or not passes:
             if not passes or rec.egress_allowed:
                 passes.append((INGRESS, rec.rule_set, rec.allowed))
-        l7 = self.ring.l7
+        l7_add = self.ring.l7.add
+        request_ns, log_ns = rec.request_ns, rec.log_ns
+        cport, sport = rec.client_port, rec.server_port
         rows = []
         for direction, rule_set, allowed in passes:
             pol = self._l7_policy(rule_set)
@@ -160,20 +190,28 @@ class FlowSource:
             else:
                 verdict, reason, pmatch = Verdict.DROPPED, Reason.POLICY_DENIED, MATCH_DEFAULT_DENY
             rows += [
-                (rec.request_ns, 0, sid, did, src_info, dst_info, pol, 0, saddr, daddr,
-                 rec.client_port, rec.server_port, verdict, reason, direction, ipv, 6, 0, 0, 0,
-                 pmatch, 0, l7.add(req)),
-                (rec.log_ns, 0, did, sid, dst_info, src_info, pol, 0, daddr, saddr,
-                 rec.server_port, rec.client_port, verdict, reason, direction, ipv, 6, 0, 0, 1,
-                 pmatch, 0, l7.add(resp)),
+                (request_ns, 0, sid, did, src_info, dst_info, pol, 0, saddr, daddr,
+                 cport, sport, verdict, reason, direction, ipv, 6, 0, 0, 0,
+                 pmatch, 0, l7_add(req)),
+                (log_ns, 0, did, sid, dst_info, src_info, pol, 0, daddr, saddr,
+                 sport, cport, verdict, reason, direction, ipv, 6, 0, 0, 1,
+                 pmatch, 0, l7_add(resp)),
             ]
         return rows
 
     def _l7_policy(self, rule_set: int | None) -> int:
         """Index of the names of the policies behind the rule set the proxy applied (the
-        number its log line carries): those that decided the request when it came."""
-        l7 = self.agent.l7
-        return self.ring.policies.add(l7.rule_sets.policies(rule_set) if l7 is not None else ())
+        number its log line carries): those that decided the request when it came.
+        Numbers are never reused by one RuleSets (l7.rules): one found is kept until
+        the next resolver (or rule sets)."""
+        idx = self._l7_policies.get(rule_set)
+        if idx is None:
+            l7 = self.agent.l7
+            names = l7.rule_sets.policies(rule_set) if l7 is not None else ()
+            idx = self.ring.policies.add(names)
+            if names and len(self._l7_policies) < L7_PEER_CACHE_MAX:
+                self._l7_policies[rule_set] = idx
+        return idx
 
     # ------------------------------------------------------------------ queries
     def events_lost(self) -> dict:

@@ -10,7 +10,7 @@ replaced meanwhile renders without the HTTP part rather than with another's).
 """
 from __future__ import annotations
 
-import threading
+import itertools
 from typing import NamedTuple
 
 ID_SPACE = 0xFFFFFFFF          # the row's l7 field is 32 bits; 0 means "no L7 part"
@@ -37,14 +37,11 @@ class L7Table:
         self.capacity = capacity
         self._ids = [0] * capacity
         self._infos: list[L7Info | None] = [None] * capacity
-        self._next = 0
-        self._lock = threading.Lock()
+        self._next = itertools.count()   # next() is atomic: writers need no lock
 
     def add(self, info: L7Info) -> int:
         """Store ``info``; returns its id (never 0) for the row's l7 field."""
-        with self._lock:
-            n = self._next
-            self._next += 1
+        n = next(self._next)
         ident = n % ID_SPACE + 1
         slot = n % self.capacity
         self._infos[slot] = info

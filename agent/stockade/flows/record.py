@@ -82,10 +82,21 @@ class Interner:
         return len(self.values)
 
 
+# A row's 16 address bytes -> text: rendering every flow (the flow log, queries,
+# follows) meets the same few addresses again and again. Bounded: cleared when full.
+ADDRESS_CACHE_MAX = 4096
+_addresses: dict[tuple[bytes, int], str] = {}
+
+
 def address(raw: bytes, version: int) -> str:
-    if version == 6:
-        return str(ipaddress.IPv6Address(raw))
-    return str(ipaddress.IPv4Address(raw[:4]))
+    key = (raw, version)
+    text = _addresses.get(key)
+    if text is None:
+        text = str(ipaddress.IPv6Address(raw)) if version == 6 else str(ipaddress.IPv4Address(raw[:4]))
+        if len(_addresses) >= ADDRESS_CACHE_MAX:
+            _addresses.clear()
+        _addresses[key] = text
+    return text
 
 
 def rfc3339(ns: int) -> str:
