@@ -29,7 +29,7 @@ from . import restore
 from .changelog import ChangeLog
 from .changes import Change, ChangePolicies, HostAddresses, LinkChange
 from .config import AgentConfig
-from .links import Link, LinkWatcher, host_addresses, list_links
+from .links import Link, LinkWatcher, host_addresses
 from .state import Snapshot, State
 from .statefiles import BUILDERS, PolicyShards
 from .store import StateStore
@@ -124,10 +124,10 @@ class Agent:
             self._committed_locked()
         if watch_links:
             watcher = LinkWatcher(self.on_link, self.on_addresses if self.live else None)
-            watcher.start()
+            present = watcher.start()   # the links there were once the watch began
             self._watchers.append(watcher)
             with self._lock:  # links that appeared before the watcher started
-                for link in list_links():
+                for link in present:
                     self.try_submit_locked(LinkChange("new", link, at_start=True))
             if self.live:     # and addresses
                 self.on_addresses()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 
-from ..netlink import dump
+from .. import netlink
 
 log = logging.getLogger("stockade.links")
 
@@ -29,12 +29,9 @@ class Link:
     mac: str | None
 
 
-def _link_from_msg(msg, names: dict[int, str]) -> Link:
-    info = msg.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info else None
-    master_idx = msg.get_attr("IFLA_MASTER")
-    return Link(msg["index"], msg.get_attr("IFLA_IFNAME"), names.get(master_idx) if master_idx else None,
-                kind, msg.get_attr("IFLA_ADDRESS"))
+def _link_of(info: netlink.LinkInfo, names: dict[int, str]) -> Link:
+    return Link(info.ifindex, info.name, names.get(info.master) if info.master else None,
+                info.kind, info.mac)
 
 
 def matches_any(name: str | None, patterns) -> bool:
@@ -42,17 +39,14 @@ def matches_any(name: str | None, patterns) -> bool:
 
 
 def list_links() -> list[Link]:
-    with IPRoute() as ipr:
-        msgs = dump(ipr.get_links)
-    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
-    return [_link_from_msg(m, names) for m in msgs]
+    infos = netlink.link_infos()
+    names = {i.ifindex: i.name for i in infos}
+    return [_link_of(i, names) for i in infos]
 
 
 def host_addresses() -> list[str]:
     """Every address configured in this (the host's) network namespace."""
-    with IPRoute() as ipr:
-        return sorted({a.get_attr("IFA_ADDRESS") for a in dump(ipr.get_addr)
-                       if a.get_attr("IFA_ADDRESS")})
+    return sorted(set(netlink.addresses()))
 
 
 class LinkWatcher:
@@ -72,10 +66,14 @@ class LinkWatcher:
             groups |= RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
         self._ipr.bind(groups=groups)
 
-    def start(self) -> None:
-        self._names = {l.ifindex: l.name for l in list_links()}
+    def start(self) -> list[Link]:
+        """Start the thread; returns the links there were once the watch began (a
+        change after that comes as an event)."""
+        links = list_links()
+        self._names = {l.ifindex: l.name for l in links}
         self._thread = threading.Thread(target=self._run, name="stockade-links", daemon=True)
         self._thread.start()
+        return links
 
     def stop(self) -> None:
         self._stop.set()
@@ -109,7 +107,7 @@ class LinkWatcher:
                 name = msg.get_attr("IFLA_IFNAME")
                 if event == "RTM_NEWLINK":
                     self._names[msg["index"]] = name
-                link = _link_from_msg(msg, self._names)
+                link = _link_of(netlink.link_info(msg), self._names)
                 if event == "RTM_DELLINK":
                     self._names.pop(msg["index"], None)
                 try:

@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf
 
-from ..netlink import dump
+from ..netlink import dump, link_indexes
 from .errors import DatapathError
 
 PARENT_INGRESS = 0xFFFFFFF2  # clsact ingress: from the workload -> from_endpoint
@@ -115,8 +115,7 @@ def list_attached(ifindex: int | None = None) -> list[Attachment]:
     out = []
     try:
         with IPRoute() as ipr:
-            indexes = [ifindex] if ifindex is not None else [
-                link["index"] for link in dump(ipr.get_links)]
+            indexes = [ifindex] if ifindex is not None else link_indexes()
             for idx in indexes:
                 for parent, hook in ((PARENT_INGRESS, "ingress"), (PARENT_EGRESS, "egress")):
                     try:

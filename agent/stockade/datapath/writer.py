@@ -136,14 +136,14 @@ def delivery_ifindex(ifindex: int) -> int:
     """Where an endpoint's DHCP requests go: the master (bridge) of ``ifindex``, or
     ``ifindex`` itself when it has none (the host stack is right behind it); 0 when
     the interface does not exist."""
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
+
+    from ..netlink import get_link
     try:
-        with IPRoute() as ipr:
-            (link,) = ipr.get_links(ifindex)
+        link = get_link(ifindex)
     except (NetlinkError, ValueError, OSError):
         return 0
-    return link.get_attr("IFLA_MASTER") or ifindex
+    return link.master or ifindex
 
 
 def _rank(flag: DirectionPolicy) -> int:

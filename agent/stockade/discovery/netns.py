@@ -18,6 +18,7 @@ import os
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..netlink import get_link_with
 from .errors import DiscoveryError
 
 
@@ -45,15 +46,13 @@ def veth_peer_in_netns(host_ifindex: int, inode: int, path: str | None) -> bool:
             return False
         with IPRoute() as ipr:
             try:
-                (link,) = ipr.get_links(host_ifindex)
+                link = get_link_with(ipr, host_ifindex)
             except NetlinkError as exc:
                 if exc.code == errno.ENODEV:
                     return False
                 raise
-            info = link.get_attr("IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-            nsid = link.get_attr("IFLA_LINK_NETNSID")
-            if kind != "veth" or nsid is None:
+            nsid = link.netnsid
+            if link.kind != "veth" or nsid is None:
                 return False
             found = ipr.get_netnsid(fd=fd)
             return bool(found) and found.get("nsid") == nsid

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..netlink import dump
+from ..netlink import dump, get_link, get_link_with, link_infos
 from .errors import DiscoveryError
 
 _CLONE_NEWNET = 0x40000000
@@ -63,16 +63,7 @@ def _run_in_netns(ns_path: str, fn):
 
 
 def _container_links() -> list[tuple[int, str, int | None, str | None]]:
-    with IPRoute() as ipr:
-        return [
-            (
-                link["index"],
-                link.get_attr("IFLA_IFNAME"),
-                link.get_attr("IFLA_LINK"),
-                link.get_attr("IFLA_ADDRESS"),
-            )
-            for link in dump(ipr.get_links)
-        ]
+    return [(link.ifindex, link.name, link.link, link.mac) for link in link_infos()]
 
 
 def _pick(links, mac: str | None, ifname: str):
@@ -89,18 +80,15 @@ def _pick(links, mac: str | None, ifname: str):
 
 
 def _host_link(peer_index: int, container_index: int) -> str | None:
-    with IPRoute() as ipr:
-        try:
-            (link,) = ipr.get_links(peer_index)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return None
-            raise
-    info = link.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-    if kind != "veth" or link.get_attr("IFLA_LINK") != container_index:
+    try:
+        link = get_link(peer_index)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    if link.kind != "veth" or link.link != container_index:
         return None
-    return link.get_attr("IFLA_IFNAME")
+    return link.name
 
 
 def find_host_veth(
@@ -239,8 +227,8 @@ def peer_netns(host_ifindex: int) -> tuple[str, int] | None:
     is not a veth into another namespace (a tap, a gone link)."""
     try:
         with IPRoute() as ipr:
-            (link,) = ipr.get_links(host_ifindex)
-            nsid, peer = link.get_attr("IFLA_LINK_NETNSID"), link.get_attr("IFLA_LINK")
+            link = get_link_with(ipr, host_ifindex)
+            nsid, peer = link.netnsid, link.link
             if nsid is None or peer is None:
                 return None
             for path in _netns_candidates():
