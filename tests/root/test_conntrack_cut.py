@@ -226,15 +226,20 @@ def test_flow_of_a_world_address_that_gains_an_identity_is_cut(topo, how):
             kept.close()
 
 
+def admit_x_only(agent, w):
+    """b admits app=x only; a's and c's addresses are app=x (ipcache entries)."""
+    register_b(agent, w)
+    agent.client.put_policies([policy("x")])
+    for n in "ac":
+        agent.client.add_ipcache(f"{w[n].ip4}/32", {"app": "x"}, host="elsewhere")
+
+
 def test_flow_of_an_address_that_loses_its_identity_to_world_is_cut(topo):
     """b admits app=x only; a's and c's addresses are app=x (ipcache). c's entry goes:
     c is world again, which b does not admit, so c's established flow goes; a's stays."""
     t, w = topo
     with AgentProcess() as agent:
-        register_b(agent, w)
-        agent.client.put_policies([policy("x")])
-        for n in "ac":
-            agent.client.add_ipcache(f"{w[n].ip4}/32", {"app": "x"}, host="elsewhere")
+        admit_x_only(agent, w)
         moved = Stream(w["c"], w["b"], 6041)
         kept = Stream(w["a"], w["b"], 6042)
         try:
@@ -316,10 +321,7 @@ def test_a_cut_flow_stays_cut_while_the_endpoint_keeps_sending(topo):
     flow is let go and resumes (its packets are judged again, now allowed)."""
     t, w = topo
     with AgentProcess() as agent:
-        register_b(agent, w)
-        agent.client.put_policies([policy("x")])
-        for n in "ac":
-            agent.client.add_ipcache(f"{w[n].ip4}/32", {"app": "x"}, host="elsewhere")
+        admit_x_only(agent, w)
         moved = Stream(w["c"], w["b"], 6061, both_ways=True)
         kept = Stream(w["a"], w["b"], 6062, both_ways=True)
         try:
