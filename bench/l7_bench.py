@@ -282,6 +282,8 @@ def summarize(rs: list[dict]) -> dict:
               "agent_cpu_us_per_log_line"):
         if k in mid:
             keep[k] = mid[k]
+    if any("log_lines_dropped" in r for r in rs):
+        keep["log_lines_dropped"] = sum(r.get("log_lines_dropped", 0) for r in rs)
     return keep
 
 
