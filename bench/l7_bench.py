@@ -20,9 +20,9 @@ the median round's, added latencies the difference of the medians of each round'
 percentile. CPU seconds of each process (agent, proxy, server, wrk) per
 request are read from /proc during the keep-alive saturation runs: where the L7 cost
 goes on this 2-core machine. The L7 saturation runs also give the request log lines
-the agent received per request (``log_lines_per_request``: the proxy drops a line the
-log socket's queue, net.unix.max_dgram_qlen, has no room for) and the agent's CPU per
-line it handled (``agent_cpu_us_per_log_line``).
+the agent received per request (``log_lines_per_request``: 1.0 unless the proxy dropped
+lines its log pipe had no room for, ``log_lines_dropped``) and the agent's CPU per line
+it handled (``agent_cpu_us_per_log_line``).
 
 The RSS part writes the configuration and maps the agent would (stockade.l7.haproxy /
 rules) for 1,000 rules, starts HAProxy on them as the agent does (user haproxy,
@@ -223,15 +223,16 @@ def measure(agent, client, server, srv, lua) -> dict:
                 watch["proxy"] = agent.client.health()["l7_proxy"]["pid"]
             for mode in MODES:
                 logged = _logged(agent) if policy == "l7" else 0
+                dropped = _logged(agent, "dropped") if policy == "l7" else 0
                 sat = wrk(client.ns, url, lua, SATURATION_CONNS, mode,
                           watch if mode == "keepalive" else {})
                 if policy == "l7":
-                    # the proxy drops a line its log socket has no room for (the queue of
-                    # a unix datagram socket is net.unix.max_dgram_qlen): how many flows
-                    # the agent got, and its CPU per line it handled
-                    time.sleep(0.5)
+                    # the proxy drops a line its log pipe has no room for (and counts it):
+                    # how many flows the agent got, and its CPU per line it handled
+                    time.sleep(2.5)        # the agent reads the proxy's count every 2 s
                     lines = _logged(agent) - logged
                     sat["log_lines_per_request"] = round(lines / max(1, sat["requests"]), 3)
+                    sat["log_lines_dropped"] = _logged(agent, "dropped") - dropped
                     if "cpu_us_per_request" in sat and lines:
                         sat["agent_cpu_us_per_log_line"] = round(
                             sat["cpu_us_per_request"]["agent"] * sat["requests"] / lines, 1)
@@ -261,9 +262,9 @@ def measure(agent, client, server, srv, lua) -> dict:
     return out
 
 
-def _logged(agent) -> int:
-    """Request log lines the agent's reader received so far."""
-    return (agent.client.health().get("l7_proxy") or {}).get("request_log", {}).get("received", 0)
+def _logged(agent, what: str = "received") -> int:
+    """Request log lines the agent's reader received (or the proxy dropped) so far."""
+    return (agent.client.health().get("l7_proxy") or {}).get("request_log", {}).get(what, 0)
 
 
 def summarize(rs: list[dict]) -> dict:
@@ -281,6 +282,8 @@ def summarize(rs: list[dict]) -> dict:
               "agent_cpu_us_per_log_line"):
         if k in mid:
             keep[k] = mid[k]
+    if any("log_lines_dropped" in r for r in rs):
+        keep["log_lines_dropped"] = sum(r.get("log_lines_dropped", 0) for r in rs)
     return keep
 
 

@@ -1,16 +1,17 @@
-"""The agent's CPU per request the L7 proxy logs (issue 18): datagram -> LogRecord ->
+"""The agent's CPU per request the L7 proxy logs (issue 18): log line -> LogRecord ->
 request and response flows, without the proxy.
 
-The real code path of ``stockade.l7.logs.LogReader`` after its ``recv`` (``_add``: parse,
+The real code path of ``stockade.l7.logs.LogReader`` after its ``read`` (``_add``: parse,
 the metrics by verdict and code) and the flow source's ``add_l7`` (identities, labels,
 policies, the ring and its L7 table) in batches of ``logs.BATCH``, over an in-process
 agent (tests/inprocess_agent.py) with a client and a server endpoint and an L7 policy.
 The lines are what HAProxy sends for wrk's requests through the L7 bench
 (bench/l7_bench.py): one client address, its ports cycling, one server. Also the same
-with the flow log on (every flow rendered and written as JSON), the ``recv`` of the
-datagrams from a real unix socket apart, and the reader as it runs (its thread on the
-socket, a sender in another process at ``RATE`` lines a second: a wakeup per few lines,
-as under the proxy), whose CPU is the process's (user and system).
+with the flow log on (every flow rendered and written as JSON), the reading and
+splitting of the lines from a real pipe apart, and the reader as it runs (its thread on
+the pipe, a sender in another process writing one line a write, as HAProxy does, at
+``RATE`` lines a second: a wakeup per few lines, as under the proxy), whose CPU is the
+process's (user and system).
 
     python -m bench.l7_log_bench [LINES]
 
@@ -20,7 +21,7 @@ Prints one JSON line: CPU microseconds (of the thread) per logged request, the b
 from __future__ import annotations
 
 import json
-import socket
+import os
 import sys
 import tempfile
 import time
@@ -93,34 +94,31 @@ def per_request_us(proxy, fs, lines: list[bytes]) -> float:
 
 RATE = 20000           # lines a second the paced sender sends (about the L7 bench's rate)
 SENDER = """
-import socket, sys, time
-path, n, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+import os, sys, time
+n, rate = int(sys.argv[1]), float(sys.argv[2])
 lines = sys.stdin.buffer.read().split(b"\\0")
 clock = time.perf_counter
 start = clock()
-with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as w:
-    for i in range(n):
-        if rate:
-            while clock() - start < i / rate:
-                pass
-        w.sendto(lines[i % len(lines)], path)    # blocks while the reader's queue is full
+for i in range(n):
+    if rate:
+        while clock() - start < i / rate:
+            pass
+    os.write(1, lines[i % len(lines)])    # stdout: the reader's pipe (blocks while full)
 """
 
 
-def socket_us(proxy, lines: list[bytes], rate: float) -> dict:
-    """The reader as it runs: its thread on the socket, a sender in another process
-    ``rate`` lines a second (0: as fast as the kernel lets it, net.unix.max_dgram_qlen
-    lines queued at most). The CPU of this process (user and system) per line."""
-    import os
+def pipe_us(proxy, lines: list[bytes], rate: float) -> dict:
+    """The reader as it runs: its thread on the pipe, a sender in another process
+    ``rate`` lines a second (0: as fast as it can, blocking while the pipe is full), one
+    write a line as HAProxy's. The CPU of this process (user and system) per line."""
     import subprocess
     reader = proxy.log_reader
-    reader.path.parent.mkdir(parents=True, exist_ok=True)
-    reader.ensure()
+    wfd = reader.ensure()
     before = reader.received
     n = len(lines)
     cpu0, t0 = os.times(), time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", SENDER, str(reader.path), str(n), str(rate)],
-                            stdin=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SENDER, str(n), str(rate)],
+                            stdin=subprocess.PIPE, stdout=wfd)
     proc.communicate(b"\0".join(lines), timeout=300)
     deadline = time.monotonic() + 30
     while reader.received - before < n and time.monotonic() < deadline:
@@ -132,28 +130,35 @@ def socket_us(proxy, lines: list[bytes], rate: float) -> dict:
     user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {"us_per_request": round((user + system) * 1e6 / n, 2),
             "user_us": round(user * 1e6 / n, 2), "system_us": round(system * 1e6 / n, 2),
-            "lines_per_s": round(n / wall)}
+            "lines_per_s": round(n / wall), "pipe_bytes": reader.size}
 
 
-def recv_us(lines: list[bytes], path: str) -> float:
-    """A unix datagram socket's recv per line, the reader's loop without the parsing."""
-    from stockade.l7.logs import MAX_DATAGRAM
-    # the kernel queues at most net.unix.max_dgram_qlen datagrams (the sender blocks)
-    with open("/proc/sys/net/unix/max_dgram_qlen") as f:
-        chunk = lines[:max(1, min(500, int(f.read()) - 1))]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as r, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as w:
-        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        r.bind(path)
-        r.setblocking(False)
+def read_us(lines: list[bytes]) -> float:
+    """A pipe's read and the split into lines, per line: the reader's loop without the
+    parsing (64 KB reads of lines written one a write)."""
+    import fcntl
+
+    from stockade.l7.logs import F_SETPIPE_SZ, READ_SIZE
+    chunk = lines[:500]
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)      # room for the chunk: written, then read
         total = 0
         for _ in range(200):
             for d in chunk:
-                w.sendto(d, path)
+                os.write(w, d)
             t0 = time.thread_time_ns()
-            for _ in chunk:
-                r.recv(MAX_DATAGRAM)
+            left, rest = sum(map(len, chunk)), b""
+            while left:
+                data = os.read(r, READ_SIZE)
+                left -= len(data)
+                got = data.split(b"\n")
+                got[0] = rest + got[0]
+                rest = got.pop()
             total += time.thread_time_ns() - t0
+    finally:
+        os.close(r)
+        os.close(w)
     return round(total / (200 * len(chunk)) / 1000, 2)
 
 
@@ -167,8 +172,8 @@ def main(n: int = LINES) -> dict:
                 lines = log_lines(n, sid, did, rs)
                 out[name] = per_request_us(proxy, fs, lines)
                 if not flow_log:
-                    out["recv_us_per_request"] = recv_us(lines, f"{state}/r.sock")
-                    out["socket_paced"] = socket_us(proxy, lines, RATE)
+                    out["read_us_per_request"] = read_us(lines)
+                    out["pipe_paced"] = pipe_us(proxy, lines, RATE)
                     out["flows"] = fs.ring.seq
             finally:
                 if fs.flow_log is not None:

@@ -3,7 +3,7 @@ their filters, and ``policy trace`` with an HTTP request. Real traffic through t
 is in tests/root/test_l7_http.py."""
 import contextlib
 import json
-import socket
+import os
 import time
 
 import pytest
@@ -89,23 +89,50 @@ def test_address_cache_is_bounded(monkeypatch):
     assert "010.0.0.1" not in logs._addrs
 
 
-def test_log_reader_counts_garbage_and_keeps_reading(tmp_path):
+def _read_all(reader, got, n):
+    deadline = time.monotonic() + 5
+    while len(got) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_log_reader_counts_garbage_and_keeps_reading():
     got = []
-    reader = LogReader(tmp_path / "log.sock", got.extend)
-    reader.ensure()
+    reader = LogReader(got.extend)
+    wfd = reader.ensure()
+    assert reader.ensure() == wfd and reader.size >= 1 << 16
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            for data in (b"junk", line(), b"\x00" * 9000, line(st="403", ok="0")):
-                s.sendto(data, str(tmp_path / "log.sock"))
-        deadline = time.monotonic() + 5
-        while len(got) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert [r.status for r in got] == [200, 403]
-        assert reader.stats() == {"received": 4, "garbled": 2, "sink_errors": 0}
-        assert dict(reader.requests) == {("FORWARDED", 200): 1, ("DROPPED", 403): 1}
+        # lines split anywhere across writes; a too long one (dropped to its end); a line
+        # cut short (a partial write) running into the next, which is still read
+        stream = (b"junk\n" + line() + b"\x00" * 20000 + b"\n" + line(st="403", ok="0")
+                  + line()[:40] + line(st="404"))
+        for k in range(0, len(stream), 7000):
+            os.write(wfd, stream[k:k + 7000])
+            time.sleep(0.01)
+        _read_all(reader, got, 3)
+        assert [r.status for r in got] == [200, 403, 404]
+        assert reader.stats() == {"received": 6, "garbled": 3, "dropped": 0, "sink_errors": 0,
+                                  "pipe_bytes": reader.size}
+        assert dict(reader.requests) == {("FORWARDED", 200): 1, ("DROPPED", 403): 1,
+                                         ("FORWARDED", 404): 1}
     finally:
         reader.stop()
-    assert not (tmp_path / "log.sock").exists()
+    with pytest.raises(OSError):
+        os.fstat(wfd)
+
+
+def test_log_reader_reads_a_burst_whole():
+    """20,000 lines written faster than they are read: all of them, none lost."""
+    got = []
+    reader = LogReader(got.extend)
+    wfd = reader.ensure()
+    try:
+        one = line()
+        for _ in range(200):
+            os.write(wfd, one * 100)
+        _read_all(reader, got, 20000)
+        assert len(got) == 20000 and reader.garbled == 0
+    finally:
+        reader.stop()
 
 
 def test_l7_table_never_returns_another_rows_part():
@@ -483,3 +510,52 @@ def test_rule_descriptions_show_http_rules():
     lines = policy_lines([policy(API_L7)])
     assert any("8080/TCP (HTTP: GET /api/.*; POST /submit header X-Token: s3cret; "
                "/h host api\\.example)" in line for line in lines), lines
+
+
+class _Running:
+    def poll(self):
+        return None
+
+
+class _Info:
+    def __init__(self):
+        self.dropped = 0
+
+    def command(self, line):
+        assert line == "show info"
+        return f"Name: HAProxy\nDroppedLogs: {self.dropped}\nUptime: 1\n"
+
+
+def test_lines_the_proxy_dropped_are_counted_across_restarts(numbered):
+    """HAProxy drops a log line that finds the pipe full and counts it (DroppedLogs):
+    the agent's count is the sum over every proxy it ran."""
+    api, _ = numbered
+    p = api.agent_l7
+    p.api, p.proc = _Info(), _Running()
+    p.api.dropped = 7
+    p.read_dropped()
+    assert p.log_reader.stats()["dropped"] == 7
+    p.read_dropped(every=60)            # not again so soon
+    p.api.dropped = 9
+    p.read_dropped(every=60)
+    assert p.log_reader.dropped == 7
+    p.read_dropped()
+    assert p.log_reader.dropped == 9
+    # a restart: the new proxy counts from 0 (what Popen starts is not run here)
+    p._next_proxy_counts()
+    p.proc = _Running()
+    p.api.dropped = 3
+    p.read_dropped()
+    assert p.log_reader.dropped == 12
+    p.proc = None
+
+
+def test_a_field_ending_with_the_tag_is_not_a_line_start():
+    got = []
+    reader = LogReader(got.extend)
+    batch: list = []
+    whole = line(url="\\/x\\/stockade-l7", ua="stockade-l7")
+    reader._add(batch, whole)
+    reader._add(batch, whole[:60] + whole)          # cut short, then the next line
+    assert [r.path for r in batch] == ["/x/stockade-l7"] * 2
+    assert reader.stats()["received"] == 3 and reader.garbled == 1

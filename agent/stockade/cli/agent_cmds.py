@@ -116,6 +116,8 @@ def status(socket_path, output):
             rl = l7.get("request_log")
             if rl:
                 line += f"; request log: {rl['received']} lines, {rl['garbled']} garbled"
+                if rl.get("dropped"):
+                    line += f", {rl['dropped']} DROPPED by the proxy (requests with no flow record)"
             click.echo(line)
             if l7.get("last_error"):
                 click.echo(f"  last error: {l7['last_error']}")

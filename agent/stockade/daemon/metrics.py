@@ -211,10 +211,13 @@ def _l7_metrics(a):
         req.add_metric([verdict, "other" if code == -1 else str(code)], n)
     yield req
     lines = CounterMetricFamily("stockade_l7_log_lines", "Request log lines from the L7 proxy, by "
-                                "result (parsed, or garbled: dropped unread)", labels=["result"])
+                                "result (parsed; garbled: dropped unread; dropped: by the proxy, "
+                                "its log pipe full, so requests without a flow record)",
+                                labels=["result"])
     st = reader.stats()
     lines.add_metric(["parsed"], st["received"] - st["garbled"])
     lines.add_metric(["garbled"], st["garbled"])
+    lines.add_metric(["dropped"], st["dropped"])
     yield lines
 
 

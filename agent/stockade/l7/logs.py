@@ -1,22 +1,28 @@
 """The proxy's request log -> L7 flow records.
 
-HAProxy sends one datagram per request (``haproxy.LOG_FORMAT``, tab separated, the
-client's parts through the json converter) to a unix datagram socket the agent owns
-in the proxy's run directory. A thread here reads it, parses each line into a
+HAProxy writes one line per request (``haproxy.LOG_FORMAT``, tab separated, the
+client's parts through the json converter, ended by "\n") to its stdout, a pipe only
+the agent and the proxy hold (``log stdout format raw``): nothing else on the host can
+write a record. A thread here reads it, splits the lines, parses each into a
 ``LogRecord`` and hands batches of them to a sink (the flow source). Nothing here
-trusts a line: one that does not parse is counted (``garbled``) and dropped. Memory is
-bounded: the socket's receive buffer (the kernel drops what does not fit, and HAProxy
-counts it) and batches of at most ``BATCH`` records.
+trusts a line: one that does not parse is counted (``garbled``) and dropped.
+
+The pipe is a stream with a large buffer (``PIPE_SIZE``, F_SETPIPE_SZ): a burst waits
+in it for the reader. The proxy never blocks on it (it makes the pipe non-blocking):
+a line that finds the pipe full is dropped and HAProxy counts it (``DroppedLogs`` in
+``show info``), which proxy.py reads into ``dropped`` - never a silent loss. Memory is
+bounded: the pipe, a partial line of at most ``MAX_LINE`` bytes and batches of at most
+``BATCH`` records.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
 import os
-import socket
+import select
 import threading
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -26,8 +32,11 @@ log = logging.getLogger("stockade.l7")
 TAG = "stockade-l7"
 NFIELDS = 24
 BATCH = 512
-RCVBUF = 1 << 20
-MAX_DATAGRAM = 16384
+PIPE_SIZE = 4 << 20         # the pipe's buffer: 4 MiB (about 16,000 lines), as the kernel allows
+READ_SIZE = 1 << 16
+MAX_LINE = 16384            # longer (the proxy writes at most 8 KB): garbled, dropped to its end
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 MAX_TEXT = 4096             # longest url / header value kept (the proxy logs up to 8 KB)
 CODE_SERIES = 64            # distinct status codes counted apart; the rest as "other"
 
@@ -71,6 +80,7 @@ class LogRecord(NamedTuple):
         return "FORWARDED" if self.allowed else "DROPPED"
 
 
+_TAG_START = TAG.encode() + b"\t"
 _FLAGS = {"1": True, "0": False, "-": None}
 _IDENT_END = 1 << 32
 # Addresses as the proxy writes them -> their canonical text (str(ip_address(...))): one
@@ -131,7 +141,7 @@ def _token(value: str, limit: int = 64) -> str:
 
 
 def parse_line(data: bytes) -> LogRecord:
-    """One datagram -> a LogRecord; ValueError (or one of its kind) when it is not one."""
+    """One log line -> a LogRecord; ValueError (or one of its kind) when it is not one."""
     f = data.decode("utf-8").rstrip("\n").split("\t")
     if len(f) != NFIELDS or f[0] != TAG:
         raise ValueError(f"{len(f)} fields")
@@ -155,17 +165,20 @@ def parse_line(data: bytes) -> LogRecord:
 
 
 class LogReader:
-    """Binds the log socket, reads it in a thread, counts what it saw."""
+    """The pipe the proxy's stdout writes its request log to, read by a thread, and
+    what it saw. One pipe for the reader's life: every (re)started proxy gets its write
+    end, so the lines of one that died are read all the same."""
 
-    def __init__(self, path: Path, sink: Callable[[list[LogRecord]], None],
-                 owner: tuple[int, int] | None = None):
-        self.path = Path(path)
+    def __init__(self, sink: Callable[[list[LogRecord]], None], pipe_size: int = PIPE_SIZE):
         self.sink = sink
-        self.owner = owner
-        self.sock: socket.socket | None = None
+        self.pipe_size = pipe_size
+        self.size = 0                  # the pipe's capacity (bytes), once made
+        self._rfd: int | None = None
+        self._wfd: int | None = None
         self.received = 0
         self.garbled = 0
         self.sink_errors = 0
+        self.dropped = 0               # lines the proxy dropped (its DroppedLogs; set by proxy.py)
         # (verdict, status code) -> requests; at most CODE_SERIES codes apart
         self.requests: collections.Counter = collections.Counter()
         self._codes: set[int] = set()
@@ -173,68 +186,83 @@ class LogReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def ensure(self) -> None:
-        """The socket exists and a thread reads it (idempotent; rebinds a removed file)."""
+    def ensure(self) -> int:
+        """The pipe exists and a thread reads it (idempotent); its write end, for the
+        proxy's stdout."""
         with self._lock:
-            if self.sock is not None and self.path.exists():
-                return
-            old, self.sock = self.sock, None
-            if old is not None:
-                old.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            s.bind(str(self.path))
-            if self.owner is not None:
-                os.chown(self.path, *self.owner)
-            os.chmod(self.path, 0o600)
-            s.settimeout(0.5)
-            self.sock = s
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="stockade-l7-log",
-                                                daemon=True)
+            if self._wfd is None:
+                rfd, wfd = os.pipe2(os.O_CLOEXEC)
+                self.size = _grow(wfd, self.pipe_size)
+                os.set_blocking(rfd, False)
+                self._rfd, self._wfd = rfd, wfd
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, args=(rfd,),
+                                                name="stockade-l7-log", daemon=True)
                 self._thread.start()
+            return self._wfd
 
-    def _run(self) -> None:
+    def _run(self, rfd: int) -> None:
+        poller = select.poll()
+        poller.register(rfd, select.POLLIN)
+        rest = b""                     # a line not ended yet
+        skipping = False               # in a line longer than MAX_LINE: dropped to its end
         while not self._stop.is_set():
-            s = self.sock
-            if s is None:
-                self._stop.wait(0.2)
+            if not poller.poll(500):
                 continue
-            batch: list[LogRecord] = []
             try:
-                data = s.recv(MAX_DATAGRAM)
-                batch_add = self._add
-                batch_add(batch, data)
-                s.setblocking(False)
-                try:
-                    while len(batch) < BATCH:
-                        batch_add(batch, s.recv(MAX_DATAGRAM))
-                except BlockingIOError:
-                    pass
-                finally:
-                    s.settimeout(0.5)
-            except (TimeoutError, socket.timeout):
+                data = os.read(rfd, READ_SIZE)
+            except BlockingIOError:
                 continue
             except OSError:
-                if not self._stop.is_set():
-                    self._stop.wait(0.2)   # closed under us (ensure rebinding): next one
-                continue
+                return
+            if not data:
+                return
+            lines = data.split(b"\n")
+            lines[0] = rest + lines[0]
+            rest = lines.pop()
+            if skipping and lines:
+                lines.pop(0)          # the end of the over-long line
+                skipping = False
+            if len(rest) > MAX_LINE:
+                if not skipping:
+                    self.received += 1
+                    self.garbled += 1
+                skipping, rest = True, b""
+            batch: list[LogRecord] = []
+            add = self._add
+            for raw in lines:
+                add(batch, raw)
+                if len(batch) >= BATCH:
+                    self._hand(batch)
+                    batch = []
             if batch:
-                try:
-                    self.sink(batch)
-                except Exception:   # a flow-side failure must not stop the log reading
-                    self.sink_errors += 1
-                    log.exception("l7: handling request records failed")
+                self._hand(batch)
+
+    def _hand(self, batch: list[LogRecord]) -> None:
+        try:
+            self.sink(batch)
+        except Exception:   # a flow-side failure must not stop the log reading
+            self.sink_errors += 1
+            log.exception("l7: handling request records failed")
 
     def _add(self, batch: list, data: bytes) -> None:
         self.received += 1
-        try:
-            rec = parse_line(data)
-        except (ValueError, KeyError, UnicodeDecodeError, OverflowError):
-            self.garbled += 1
-            return
+        while True:
+            try:
+                rec = parse_line(data)
+                break
+            except (ValueError, KeyError, UnicodeDecodeError, OverflowError):
+                self.garbled += 1
+            # A line the proxy only partly wrote (a write larger than PIPE_BUF into an
+            # almost full pipe) runs into the next one, which starts with the tag: read
+            # from there. (Only once the whole does not parse: a field may end with the
+            # tag's text, but holds no tab, so a line read from inside another one never
+            # has the fields of a whole line.)
+            at = data.find(_TAG_START, 1)
+            if at == -1:
+                return
+            data = data[at:]
+            self.received += 1
         code = rec.status if rec.status in self._codes or len(self._codes) < CODE_SERIES else -1
         if code != -1:
             self._codes.add(code)
@@ -243,15 +271,34 @@ class LogReader:
 
     def stats(self) -> dict:
         return {"received": self.received, "garbled": self.garbled,
-                "sink_errors": self.sink_errors}
+                "dropped": self.dropped, "sink_errors": self.sink_errors,
+                "pipe_bytes": self.size}
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
+        """Reads what is left (the proxy is stopped first), then closes the pipe."""
         with self._lock:
-            if self.sock is not None:
-                self.sock.close()
-                self.sock = None
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            wfd, self._wfd = self._wfd, None
+            if wfd is not None:
+                os.close(wfd)          # the reader sees the end once no proxy holds it
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=2)
+            self._stop.set()
+            thread.join(timeout=2)
+        with self._lock:
+            rfd, self._rfd = self._rfd, None
+            if rfd is not None:
+                os.close(rfd)
+
+
+def _grow(fd: int, want: int) -> int:
+    """The pipe ``fd`` made ``want`` bytes (at most /proc/sys/fs/pipe-max-size without
+    CAP_SYS_RESOURCE; a refusal keeps what it has); its capacity."""
+    try:
+        return fcntl.fcntl(fd, F_SETPIPE_SZ, want)
+    except OSError:
+        try:
+            limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+            return fcntl.fcntl(fd, F_SETPIPE_SZ, min(want, limit))
+        except (OSError, ValueError):
+            return fcntl.fcntl(fd, F_GETPIPE_SZ)

@@ -35,6 +35,7 @@ log = logging.getLogger("stockade.l7")
 RESTART_DELAY_S = 0.5
 NO_UID = 0xFFFFFFFE     # no proxy user: owns no socket, so nft's "skuid" exception never matches
 START_TIMEOUT_S = 10.0
+DROPPED_EVERY_S = 2.0   # how often the proxy's count of dropped log lines is read
 
 
 def _delivery(link, links: dict) -> tuple[int, bytes] | None:
@@ -86,8 +87,10 @@ class L7Proxy:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.log_reader = LogReader(self.settings.log_socket, self._records,
-                                    None if self.missing else (self.uid, self.gid))
+        self.log_reader = LogReader(self._records)
+        self._dropped_before = 0       # DroppedLogs of the proxies that ran before this one
+        self._dropped_now = 0          # of the running one, last read
+        self._dropped_read = 0.0
 
     def _records(self, batch: list) -> None:
         fs = self.agent.flow_source
@@ -247,13 +250,16 @@ class L7Proxy:
                 self.agent.error(f"l7: {self.missing}")
             return
         try:
-            self.log_reader.ensure()
+            logs = self.log_reader.ensure()
         except OSError as exc:  # the proxy still enforces; its requests go unrecorded
-            self.last_error = f"request log socket {self.settings.log_socket}: {exc}"
+            self.last_error = f"request log pipe: {exc}"
             log.error("l7: %s", self.last_error)
+            logs = subprocess.DEVNULL
+        # stdout: the request log (a pipe to the agent); stderr: the proxy's own messages
         out = open(self.settings.run_dir / "haproxy.out", "ab")
+        self._next_proxy_counts()
         try:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.command(), stdout=logs, stderr=out,
                                          stdin=subprocess.DEVNULL, cwd=str(self.settings.run_dir))
         except OSError as exc:
             self.last_error = f"cannot start {self.haproxy}: {exc}"
@@ -301,6 +307,35 @@ class L7Proxy:
             with self._lock:
                 if self.wanted and not self.running:
                     self._restart()
+            self.read_dropped(DROPPED_EVERY_S)
+
+    def _next_proxy_counts(self) -> None:
+        """A new proxy counts its dropped lines from 0: keep its predecessors'."""
+        self._dropped_before += self._dropped_now
+        self._dropped_now = 0
+
+    def read_dropped(self, every: float = 0.0) -> None:
+        """The request log lines the running proxy dropped (its DroppedLogs: the pipe was
+        full), into the log reader's ``dropped``: at most once per ``every`` seconds."""
+        now, proc = time.monotonic(), self.proc
+        if proc is None or proc.poll() is not None or now - self._dropped_read < every:
+            return
+        self._dropped_read = now
+        try:
+            info = self.api.command("show info")
+        except RuntimeAPIError:
+            return
+        for line in info.splitlines():
+            if line.startswith("DroppedLogs:"):
+                try:
+                    n = int(line.split(":", 1)[1])
+                except ValueError:
+                    return
+                with self._lock:
+                    if self.proc is proc:      # not a proxy restarted meanwhile
+                        self._dropped_now = n
+                        self.log_reader.dropped = self._dropped_before + n
+                return
 
     def _restart(self) -> None:
         """Start the proxy; one that died is counted and logged first, whichever comes
