@@ -312,8 +312,7 @@ class ConntrackMaps:
         fd = self.table("conntrack").map_fd
         lib = _lib()
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        peers: dict[tuple[int, bytes], int] = {}
-        verdicts: dict[tuple, bool] = {}
+        judge = self._judge(allowed)
         revoked = 0
         for k in keys:
             v = m.CtValue()
@@ -325,13 +324,7 @@ class ConntrackMaps:
             if ep is None or ep.flags & m.EP_F_UNIDENTIFIED:
                 ok, audit = False, False
             else:
-                raw = bytes(k.daddr if k.direction == m.DIR_EGRESS else k.saddr)
-                peer = peers.get((k.family, raw))
-                if peer is None:
-                    peer = peers[(k.family, raw)] = self._identity_of(k.family, raw)
-                query = (ep.identity, peer, k.direction, k.proto, _policy_port(k))
-                known = verdicts.get(query)
-                ok = verdicts[query] = allowed(*query) if known is None else known
+                ok = judge(k, ep.identity)
                 audit = audit_all or bool(ep.flags & m.EP_F_AUDIT)
             if ok or audit:
                 if bool(v.audited) != (not ok):
@@ -341,6 +334,24 @@ class ConntrackMaps:
             if self._ct_revoke(fd, k, v, now):
                 revoked += 1
         return revoked
+
+    def _judge(self, allowed: Judge) -> Callable[[m.CtKey, int], bool]:
+        """``allowed`` asked of the flow of entry ``k`` at the hook of an endpoint with
+        identity ``local``, as the programs would judge its first packet now (the peer's
+        identity in the ipcache); each peer address and each question asked once."""
+        peers: dict[tuple[int, bytes], int] = {}
+        verdicts: dict[tuple, bool] = {}
+
+        def judge(k: m.CtKey, local: int) -> bool:
+            raw = bytes(k.daddr if k.direction == m.DIR_EGRESS else k.saddr)
+            peer = peers.get((k.family, raw))
+            if peer is None:
+                peer = peers[(k.family, raw)] = self._identity_of(k.family, raw)
+            query = (local, peer, k.direction, k.proto, _policy_port(k))
+            known = verdicts.get(query)
+            ok = verdicts[query] = allowed(*query) if known is None else known
+            return ok
+        return judge
 
     def _ct_revoke(self, fd: int, k: m.CtKey, v: m.CtValue, now: int) -> bool:
         v.state = m.CT_STATE_REVOKED
@@ -385,6 +396,7 @@ class ConntrackMaps:
         endpoints = {k.value: v for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo)}
         fd = self.table("conntrack").map_fd
         lib = _lib()
+        judge = self._judge(allowed)
         doomed = []
         for raw in list(keys):
             k = m.CtKey.from_buffer_copy(raw)
@@ -396,9 +408,7 @@ class ConntrackMaps:
             ep = endpoints.get(k.ifindex)
             if ep is None or ep.flags & m.EP_F_UNIDENTIFIED:
                 continue
-            addr = bytes(k.daddr if k.direction == m.DIR_EGRESS else k.saddr)
-            peer = self._identity_of(k.family, addr)
-            if allowed(ep.identity, peer, k.direction, k.proto, _policy_port(k)):
+            if judge(k, ep.identity):
                 doomed.append(k)
                 keys.discard(raw)
         return self.ct_delete(doomed, still=lambda v: v.state == m.CT_STATE_REVOKED)
