@@ -61,6 +61,14 @@ ingress:
       - ports: [{port: "8080", protocol: TCP}]
         rules: {http: [{method: GET, path: "/public(/.*)?"}]}
 """)
+VM_EGRESS = cnp("vm", """
+endpointSelector: {matchLabels: {app: vm}}
+egress:
+  - toEndpoints: [{matchLabels: {app: api}}]
+    toPorts:
+      - ports: [{port: "8080", protocol: TCP}]
+        rules: {http: [{method: GET, path: "/public(/.*)?"}, {method: PUT, path: "/submit"}]}
+""")
 SEEN = recorder()
 
 
@@ -194,6 +202,13 @@ def test_vm_replies_reach_the_client_only_through_the_proxy(e):
     assert not [t for t in map(tcp_frame, list(at_a.frames)) if t and t["src_mac"] == VM_MAC]
 
 
+def vm_request(vm, ip: str, method: str, path: str, body: str = "") -> str:
+    """One HTTP/1.0 request from the guest (busybox nc), its answer with LF line ends."""
+    req = f"{method} {path} HTTP/1.0\\r\\nHost: api\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n{body}"
+    out, _ = vm.run(f"printf '{req}' | nc -w 3 {ip} {PORT}", timeout=20)
+    return out.replace("\r\n", "\n").lstrip("\n")
+
+
 def test_vm_client_is_filtered(e):
     agent, w, _, vm = e
     agent.client.put_policies([API_FROM_VM], replace_all=True)
@@ -201,9 +216,7 @@ def test_vm_client_is_filtered(e):
     b = w["b"]
 
     def vm_get(path):
-        out, _ = vm.run(f"printf 'GET {path} HTTP/1.0\\r\\nHost: api\\r\\n\\r\\n' | nc -w 3 {b.ip4} {PORT}",
-                        timeout=20)
-        return out.replace("\r\n", "\n").lstrip("\n")
+        return vm_request(vm, b.ip4, "GET", path)
     assert eventually(lambda: " 200 " in vm_get("/public/vm"), timeout=10)
     denied = vm_get("/private")
     assert " 403 " in denied.splitlines()[0] and denied.endswith("\n\nAccess denied\n"), denied
@@ -215,3 +228,38 @@ def test_vm_client_is_filtered(e):
     got = eventually(flows, timeout=10)
     assert got and {(f["l7"]["http"]["url"], f["verdict"]) for f in got} >= {
         ("http://api/public/vm", "FORWARDED"), ("http://api/private", "DROPPED")}
+
+
+def test_vm_client_egress_rules(e):
+    """The VM's own egress HTTP rules, the server (b) with no policy: the guest's requests
+    pass the proxy at its tap, judged by the VM's rules; the server sees the VM's address."""
+    agent, w, _, vm = e
+    agent.client.put_policies([VM_EGRESS], replace_all=True)
+    wait_proxy(agent)
+    b = w["b"]
+    assert eventually(lambda: " 200 " in vm_request(vm, b.ip4, "GET", "/public/eg"), timeout=10)
+    for method, path, body in [("GET", "/private", ""), ("POST", "/public/eg", "x=1"),
+                               ("POST", "/submit", "x=1")]:
+        denied = vm_request(vm, b.ip4, method, path, body)
+        assert " 403 " in denied.splitlines()[0] and denied.endswith("\n\nAccess denied\n"), \
+            (method, path, denied)
+    assert " 200 " in vm_request(vm, b.ip4, "PUT", "/submit", "x=1").splitlines()[0]
+    assert {(r["method"], r["path"], r["client"]) for r in SEEN.seen} == {
+        ("GET", "/public/eg", VM_IP), ("PUT", "/submit", VM_IP)}
+    # c is no egress peer of the VM at all: dropped at the tap, never proxied nor answered
+    out = vm_request(vm, w["c"].ip4, "GET", "/public")
+    assert "HTTP/" not in out, out
+
+    def flows():
+        got = [f for f in l7_requests(agent) if (f["source"].get("endpoint") or {}).get("name") == "vm"
+               and f["direction"] == "egress"]
+        return got if len(got) >= 5 else None
+    got = eventually(flows, timeout=10)
+    assert got, l7_requests(agent)
+    assert {(f["l7"]["http"]["method"], f["l7"]["http"]["url"], f["verdict"]) for f in got} == {
+        ("GET", "http://api/public/eg", "FORWARDED"), ("GET", "http://api/private", "DROPPED"),
+        ("POST", "http://api/public/eg", "DROPPED"), ("POST", "http://api/submit", "DROPPED"),
+        ("PUT", "http://api/submit", "FORWARDED")}
+    for f in got:
+        assert f["policy"] == ["vm"] and f["ip"] == {"source": VM_IP, "destination": b.ip4}
+        assert "static:app=api" in f["destination"]["labels"]
