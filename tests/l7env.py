@@ -115,11 +115,18 @@ class Server(ThreadingHTTPServer):
         pass  # clients that reset (smuggling, slowloris) are expected here
 
 
+class Server6(Server):
+    """A ``Server`` on an IPv6 address."""
+    address_family = socket.AF_INET6
+
+
 class Client:
-    """One TCP connection from a workload (or the host), HTTP/1.1 by hand."""
+    """One TCP connection from a workload (or the host), HTTP/1.1 by hand; IPv6 when
+    ``addr`` is an IPv6 address."""
 
     def __init__(self, w, addr, port=PORT, timeout=5.0):
-        self.sock = w.socket() if w is not None else socket.socket()
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        self.sock = w.socket(family) if w is not None else socket.socket(family)
         self.sock.settimeout(timeout)
         self.sock.connect((addr, port))
         self.buf = b""
