@@ -6,6 +6,11 @@ bridge (::fe, .254). The server in b listens on its IPv6 address only and record
 request with the address it came from: the proxy is transparent over IPv6 too (the
 server sees the client's own IPv6 address). Workload -> workload across the bridge and
 host -> workload.
+
+And the routed multi-host path (docs/multihost.md, tests/root/test_l7_multihost.py for
+IPv4) over IPv6: hosts h1 and h2 are namespaces on a fabric (tests/fleetnet.py,
+``ipv6=True``); web (fd00:78:1::10) on h1 calls api (fd00:78:2::10) on h2, whose policy
+has the HTTP rule: h2's steering takes the routed connection to its proxy.
 """
 import json
 import os
@@ -13,7 +18,8 @@ import time
 
 import pytest
 
-from agentproc import AgentProcess
+from agentproc import STOCKADE, AgentProcess
+from fleetnet import Fabric
 from l7env import (
     PORT,
     TAG,
@@ -26,10 +32,11 @@ from l7env import (
     recorder,
     route_via_host,
     serving,
+    tcp_frame,
     wait_proxy,
 )
-from netns import Topology, in_netns, run
-from traffic import eventually
+from netns import Topology, in_netns, link_mac, run
+from traffic import Capture, eventually
 
 pytestmark = pytest.mark.root
 
@@ -66,7 +73,7 @@ def env():
         with serving(in_netns(w["b"].ns, Server6, (w["b"].ip6, PORT), SEEN)):
             with AgentProcess(**v6_settings()) as agent:
                 add_endpoints(agent, w)
-                yield agent, w
+                yield agent, w, topo
 
 
 @pytest.fixture
@@ -94,7 +101,7 @@ def _l7_flows(agent, *args) -> list[dict]:
 
 
 def test_http_rule_over_ipv6_allows_denies_and_keeps_the_connection(e):
-    agent, w = e
+    agent, w, _ = e
     a, b = w["a"], w["b"]
     apply(agent, cnp("api", API_L7))
     wait_proxy(agent)
@@ -141,8 +148,69 @@ def test_http_rule_over_ipv6_allows_denies_and_keeps_the_connection(e):
             assert req["drop_reason"] == "policy_denied"
 
 
+API_L4 = """
+endpointSelector: {matchLabels: {app: api}}
+ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+
+
+def _conversation(w, paths):
+    """One keep-alive connection a -> [b]:PORT over IPv6 with a request per path, closed
+    by the client; -> (statuses, client port, TCP frames arriving at a, TCP frames b sent)."""
+    a, b = w["a"], w["b"]
+    with Capture(a) as at_a, Capture(b, outgoing=True) as from_b:
+        c = Client(a, b.ip6)
+        port = c.sock.getsockname()[1]
+        try:
+            statuses = [c.request("GET", p)[0] for p in paths]
+        finally:
+            c.close()
+
+        def server_fin(f):
+            t = tcp_frame(f)
+            return t is not None and t["src"] == (b.ip6, PORT) and t["dst"] == (a.ip6, port) \
+                and t["flags"] & 0x01
+        assert at_a.wait(server_fin, timeout=5), "the connection was not closed from b's side"
+    frames = [[t for t in map(tcp_frame, list(cap.frames)) if t is not None]
+              for cap in (at_a, from_b)]
+    return statuses, port, *frames
+
+
+def test_ipv6_replies_reach_the_client_only_through_the_proxy(e):
+    """As test_l7_http's IPv4 test: a frame b sends is bridged with b's MAC as source,
+    the proxy's come from the host's stack with the bridge's. Steered, b's IPv6 replies
+    go into the host stack (to the proxy's socket), so every TCP frame of the connection
+    arriving at a has the bridge's MAC, although b did answer a's own address; under an
+    L4-only rule (the port not steered) they have b's MAC."""
+    agent, w, topo = e
+    a, b = w["a"], w["b"]
+    bridge_mac = link_mac(topo.bridge)
+    assert len({bridge_mac, a.mac, b.mac}) == 3
+    apply(agent, cnp("api", API_L7))
+    wait_proxy(agent)
+    statuses, port, at_a, from_b = _conversation(w, ["/public", "/private"])
+    assert statuses == [200, 403]
+    conn = [t for t in at_a if t["src"] == (b.ip6, PORT) and t["dst"] == (a.ip6, port)]
+    body = b"".join(t["payload"] for t in conn)
+    assert conn[0]["flags"] & 0x12 == 0x12 and b" 200 " in body and b"Access denied\r\n" in body
+    assert {t["src_mac"] for t in conn} == {bridge_mac}, conn    # every one came via the proxy
+    assert not [t for t in at_a if t["src_mac"] == b.mac], "a frame of b reached a directly"
+    answered = [t for t in from_b if t["src"] == (b.ip6, PORT) and t["dst"][0] == a.ip6]
+    assert answered and {t["dst_mac"] for t in answered} == {a.mac}
+    assert b" 200 " in b"".join(t["payload"] for t in answered)   # the allowed request's reply
+
+    apply(agent, cnp("api", API_L4))
+    assert eventually(lambda: not agent.client.health()["l7_proxy"]["l7_ports"], timeout=10)
+    statuses, port, at_a, _ = _conversation(w, ["/public", "/private"])
+    assert statuses == [200, 200]
+    direct = [t for t in at_a if t["src"] == (b.ip6, PORT) and t["dst"] == (a.ip6, port)]
+    assert direct and {t["src_mac"] for t in direct} == {b.mac}, direct
+
+
 def test_host_to_workload_over_ipv6_is_filtered(e):
-    agent, w = e
+    agent, w, _ = e
     b = w["b"]
     apply(agent, cnp("api", API_L7.replace("fromEndpoints: [{matchLabels: {app: web}}]",
                                            "fromEntities: [host]")))
@@ -162,7 +230,7 @@ def test_host_to_workload_over_ipv6_is_filtered(e):
 def test_peer_without_a_rule_is_dropped_over_ipv6_not_proxied(e):
     """c has no rule on 8080: its SYN is dropped by the datapath, never answered by the
     proxy (a 403 would tell it the port is there); the server sees nothing of it."""
-    agent, w = e
+    agent, w, _ = e
     apply(agent, cnp("api", API_L7))
     wait_proxy(agent)
     ok = Client(w["a"], w["b"].ip6)
@@ -178,3 +246,71 @@ def test_peer_without_a_rule_is_dropped_over_ipv6_not_proxied(e):
         finally:
             c.close()
     assert not SEEN.seen
+
+
+def agent_on(host) -> AgentProcess:
+    return AgentProcess(command=["ip", "netns", "exec", host.ns, *STOCKADE], host_name=host.name,
+                        bpffs_dir=f"{host.bpffs}/sk", managed_bridges=["wbr0"],
+                        **l7_settings(f"mh6{host.name}"))
+
+
+@pytest.fixture
+def fleet6():
+    with Fabric("l6m", ipv6=True) as fab:
+        h1, h2 = fab.add_host("h1", 1), fab.add_host("h2", 2)
+        fab.route_all()
+        web, api = h1.add_workload("web", 10), h2.add_workload("api", 10)
+        a1, a2 = agent_on(h1), agent_on(h2)
+        with serving(in_netns(api.ns, Server6, (api.ip6, PORT), SEEN)):
+            try:
+                a1.start()
+                a2.start()
+                a1.client.add_endpoint(name="web", interface="web-h", ips=[web.ip, web.ip6],
+                                       labels={"app": "web"})
+                a2.client.add_endpoint(name="api", interface="api-h", ips=[api.ip, api.ip6],
+                                       labels={"app": "api"})
+                a2.client.add_ipcache_entries([
+                    {"prefix": f"{web.ip}/32", "labels": {"app": "web"}, "host": "h1"},
+                    {"prefix": f"{web.ip6}/128", "labels": {"app": "web"}, "host": "h1"}])
+                yield a2, web, api
+            finally:
+                a2.stop()
+                a1.stop()
+
+
+def test_remote_client_over_ipv6_is_filtered_and_the_server_sees_its_address(fleet6):
+    h2, web, api = fleet6
+    SEEN.seen.clear()
+    h2.client.put_policies([cnp("api", API_L7)], replace_all=True)
+    wait_proxy(h2)
+    with Capture(web) as at_web:
+        c = Client(web, api.ip6)
+        port = c.sock.getsockname()[1]
+        try:
+            assert c.request("GET", "/public/a")[0] == 200
+            status, _, body = c.request("GET", "/private")     # the same keep-alive connection
+            assert (status, body) == (403, b"Access denied\r\n")
+            assert c.request("GET", "/public/b")[0] == 200
+        finally:
+            c.close()
+    # api sends with hop limit 64: bridged past h2's proxy, its replies would arrive with
+    # 62 (forwarded by h2 and h1); h2's proxy sends its own, which only h1 forwards: 63
+    conn = [t for t in map(tcp_frame, list(at_web.frames))
+            if t is not None and t["src"] == (api.ip6, PORT) and t["dst"] == (web.ip6, port)]
+    assert conn and {t["ttl"] for t in conn} == {63}, conn
+    assert [(r["method"], r["path"]) for r in SEEN.seen] == [("GET", "/public/a"), ("GET", "/public/b")]
+    assert {r["client"] for r in SEEN.seen} == {web.ip6}     # transparent across hosts
+
+    # h2's proxy judged them, with the remote client's identity from h2's ipcache
+    def flows():
+        got = [f for f in _l7_flows(h2, "--http-path", "^/p") if f["l7"]["type"] == "REQUEST"]
+        return got if len(got) >= 3 else None
+    got = eventually(flows, timeout=10)
+    assert got, _l7_flows(h2)
+    web_id = next(x["identity"] for x in h2.client.ipcache() if x["prefix"] == f"{web.ip6}/128")
+    verdicts = {f["l7"]["http"]["url"]: f["verdict"] for f in got}
+    assert verdicts == {"http://api/public/a": "FORWARDED", "http://api/private": "DROPPED",
+                        "http://api/public/b": "FORWARDED"}, verdicts
+    for f in got:
+        assert f["ip"] == {"source": web.ip6, "destination": api.ip6}, f
+        assert f["source"]["identity"] == web_id and "remote:app=web" in f["source"]["labels"]
