@@ -6,6 +6,10 @@
         web = h1.add_workload("web", 10)                # ns with eth0 10.78.1.10 on h1's wbr0
         fab.route_all()                                 # each host's subnet via its fabric address
 
+``Fabric(tag, ipv6=True)`` adds IPv6 beside it: fab0 fd00:199::21/64, wbr0
+fd00:78:1::1/64, workload ``web`` fd00:78:1::10/64 (``ip6``), IPv6 forwarding, and the
+hosts' IPv6 subnets routed too. Without it (the default) nothing has IPv6.
+
 Host ``h`` is namespace FAB+h; its workloads' subnets are routed between hosts without
 NAT. Each host gets a bpffs under /run (``ip netns exec`` hides /sys/fs/bpf). Only
 names made here are deleted, also after a failure half way.
@@ -25,6 +29,7 @@ from netns import in_netns, run
 class Netns:
     ns: str
     ip: str = ""
+    ip6: str = ""       # with Fabric(ipv6=True) only
 
     @property
     def ip4(self) -> str:
@@ -50,6 +55,10 @@ class Host(Netns):
         return f"10.78.{self.index}.0/24"
 
     @property
+    def subnet6(self) -> str:
+        return f"fd00:78:{self.index}::/64"
+
+    @property
     def bpffs(self) -> str:
         return str(self.run_dir / "bpf")
 
@@ -65,13 +74,18 @@ class Host(Netns):
         run("ip", "-n", ns, "addr", "add", f"{w.ip}/24", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
         run("ip", "-n", ns, "route", "add", "default", "via", f"10.78.{self.index}.1")
+        if self.fabric.ipv6:
+            w.ip6 = f"fd00:78:{self.index}::{last}"
+            run("ip", "-n", ns, "addr", "add", f"{w.ip6}/64", "dev", "eth0", "nodad")
+            run("ip", "-n", ns, "-6", "route", "add", "default", "via", f"fd00:78:{self.index}::1")
         self.workloads[name] = w
         return w
 
 
 class Fabric:
-    def __init__(self, tag: str = "fl"):
+    def __init__(self, tag: str = "fl", ipv6: bool = False):
         self.tag = f"{tag}{os.getpid() % 100000}"
+        self.ipv6 = ipv6
         self.bridge = f"{self.tag}br"
         self.hosts: dict[str, Host] = {}
         self._ns: list[str] = []
@@ -113,6 +127,13 @@ class Fabric:
         run("ip", "-n", ns, "addr", "add", f"10.78.{index}.1/24", "dev", "wbr0")
         run("ip", "-n", ns, "link", "set", "wbr0", "up")
         run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if self.ipv6:
+            # the fabric's bridge and host-side veths carry IPv6 frames as they are
+            # (only these hosts' own ends have addresses)
+            h.ip6 = f"fd00:199::{20 + index}"
+            run("ip", "-n", ns, "addr", "add", f"{h.ip6}/64", "dev", "fab0", "nodad")
+            run("ip", "-n", ns, "addr", "add", f"fd00:78:{index}::1/64", "dev", "wbr0", "nodad")
+            run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         self.hosts[name] = h
         return h
 
@@ -121,6 +142,8 @@ class Fabric:
             for p in self.hosts.values():
                 if p is not h:
                     run("ip", "-n", h.ns, "route", "replace", p.subnet, "via", p.ip)
+                    if self.ipv6:
+                        run("ip", "-n", h.ns, "-6", "route", "replace", p.subnet6, "via", p.ip6)
 
     def close(self) -> None:
         for ns in reversed(self._ns):

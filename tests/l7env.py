@@ -115,11 +115,18 @@ class Server(ThreadingHTTPServer):
         pass  # clients that reset (smuggling, slowloris) are expected here
 
 
+class Server6(Server):
+    """A ``Server`` on an IPv6 address."""
+    address_family = socket.AF_INET6
+
+
 class Client:
-    """One TCP connection from a workload (or the host), HTTP/1.1 by hand."""
+    """One TCP connection from a workload (or the host), HTTP/1.1 by hand; IPv6 when
+    ``addr`` is an IPv6 address."""
 
     def __init__(self, w, addr, port=PORT, timeout=5.0):
-        self.sock = w.socket() if w is not None else socket.socket()
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        self.sock = w.socket(family) if w is not None else socket.socket(family)
         self.sock.settimeout(timeout)
         self.sock.connect((addr, port))
         self.buf = b""
@@ -159,15 +166,23 @@ class Client:
 
 
 def tcp_frame(frame: bytes) -> dict | None:
-    """An IPv4 TCP frame's MACs, TTL, addresses, flags, sequence number and payload
-    (None: anything else)."""
-    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != socket.IPPROTO_TCP:
+    """A TCP frame's MACs, TTL (IPv6: hop limit), addresses, flags, sequence number and
+    payload, IPv4 or IPv6 (without extension headers); None: anything else."""
+    if len(frame) >= 74 and frame[12:14] == b"\x86\xdd" and frame[20] == socket.IPPROTO_TCP:
+        ip = frame[14:]
+        tcp = ip[40:]
+        src, dst = (socket.inet_ntop(socket.AF_INET6, ip[i:i + 16]) for i in (8, 24))
+        ttl, end = ip[7], 40 + int.from_bytes(ip[4:6], "big")
+    elif len(frame) >= 54 and frame[12:14] == b"\x08\x00" and frame[23] == socket.IPPROTO_TCP:
+        ip = frame[14:]
+        ihl = (ip[0] & 0x0F) * 4
+        tcp = ip[ihl:]
+        src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+        ttl, end = ip[8], int.from_bytes(ip[2:4], "big")
+    else:
         return None
-    ip = frame[14:]
-    ihl = (ip[0] & 0x0F) * 4
-    tcp = ip[ihl:]
-    return {"dst_mac": frame[0:6].hex(":"), "src_mac": frame[6:12].hex(":"), "ttl": ip[8],
-            "src": (socket.inet_ntoa(ip[12:16]), int.from_bytes(tcp[0:2], "big")),
-            "dst": (socket.inet_ntoa(ip[16:20]), int.from_bytes(tcp[2:4], "big")),
+    return {"dst_mac": frame[0:6].hex(":"), "src_mac": frame[6:12].hex(":"), "ttl": ttl,
+            "src": (src, int.from_bytes(tcp[0:2], "big")),
+            "dst": (dst, int.from_bytes(tcp[2:4], "big")),
             "flags": tcp[13], "seq": int.from_bytes(tcp[4:8], "big"),
-            "payload": ip[ihl + (tcp[12] >> 4) * 4:int.from_bytes(ip[2:4], "big")]}
+            "payload": tcp[(tcp[12] >> 4) * 4:end - (len(ip) - len(tcp))]}
