@@ -121,6 +121,8 @@ def status(socket_path, output):
             click.echo(line)
             if l7.get("last_error"):
                 click.echo(f"  last error: {l7['last_error']}")
+            for problem in l7.get("problems") or []:
+                click.echo(f"  {problem}")
         for src in h.get("sources") or []:
             state = ("connected" if src["connected"] else
                      f"waiting: {src['waiting']}" if src.get("waiting") else "NOT CONNECTED")

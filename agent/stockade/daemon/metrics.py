@@ -135,6 +135,7 @@ class AgentCollector(Collector):
         problems.add_metric(["binding_mismatch"], len(health["binding_mismatches"]))
         problems.add_metric(["source_down"], sum(1 for s in health["sources"] if not s["connected"]))
         problems.add_metric(["attach_degraded"], len(health["attach"]["degraded"]))
+        problems.add_metric(["l7_ipv6_disabled"], len((health["l7_proxy"] or {}).get("ipv6_disabled", ())))
         yield problems
         unprotected = GaugeMetricFamily(
             "stockade_unprotected_interfaces", "Managed interfaces that do not run the programs now "

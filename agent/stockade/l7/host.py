@@ -139,3 +139,21 @@ def remove_host_steering(cfg) -> None:
     """What ``HostSteering.install`` made for the agent of ``cfg`` (``--cleanup``)."""
     HostSteering(cfg.l7_nft_table, cfg.l7_mark, cfg.l7_route_table, cfg.l7_rule_priority,
                  cfg.l7_proxy_port, 0).remove()
+
+
+def ipv6_disabled(devices: Iterable[str], conf: str = "/proc/sys/net/ipv6/conf") -> list[str]:
+    """Which of ``devices`` have their own IPv6 off (``disable_ipv6`` 1, or no IPv6 in
+    the kernel at all: no ``conf``): their stack drops every IPv6 packet, so IPv6
+    connections steered into it never reach the proxy. A device that is gone meanwhile
+    is left out (the next commit sees the current devices). Only reads."""
+    devices = list(devices)
+    if not Path(conf).is_dir():
+        return sorted(devices)
+    off: list[str] = []
+    for dev in devices:
+        try:
+            if int(Path(conf, dev, "disable_ipv6").read_text()) != 0:
+                off.append(dev)
+        except (OSError, ValueError):
+            continue
+    return sorted(off)

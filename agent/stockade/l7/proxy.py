@@ -26,7 +26,7 @@ from pathlib import Path
 from ..datapath.maps import L7_CLIENT, L7_SERVER
 from ..policy.mapstate import INGRESS
 from .haproxy import ProxySettings, RuntimeAPI, RuntimeAPIError, map_text, render_config, write_atomic
-from .host import HostError, HostSteering, loosen_rp_filter
+from .host import HostError, HostSteering, ipv6_disabled, loosen_rp_filter
 from .logs import LogReader
 from .rules import FIELDS, RuleSets, rule_keys, sort_rules
 
@@ -36,6 +36,8 @@ RESTART_DELAY_S = 0.5
 NO_UID = 0xFFFFFFFE     # no proxy user: owns no socket, so nft's "skuid" exception never matches
 START_TIMEOUT_S = 10.0
 DROPPED_EVERY_S = 2.0   # how often the proxy's count of dropped log lines is read
+IPV6_EVERY_S = 2.0      # how often the delivery devices' disable_ipv6 is read between commits
+NAMES_SHOWN = 5         # endpoints named in a problem, the rest counted
 
 
 def _delivery(link, links: dict) -> tuple[int, bytes] | None:
@@ -84,6 +86,12 @@ class L7Proxy:
         self._host_installed = False
         self._targets: set = set()
         self._loose: set[str] = set()  # delivery devices whose rp_filter was checked
+        # delivery device -> (a bridge?, {endpoint name: its L7 kinds}) of endpoints with an
+        # IPv6 address and L7 ports; those of them whose IPv6 is off, -> their problems
+        self._v6_wanted: dict[str, tuple[bool, dict[str, set[int]]]] = {}
+        self._v6_off: dict[str, str] = {}
+        self._v6_read = 0.0
+        self.ipv6_conf = "/proc/sys/net/ipv6/conf"
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,28 +106,37 @@ class L7Proxy:
             fs.add_l7(batch)
 
     # ------------------------------------------------------------------ desired state
-    def desired(self) -> tuple[dict, dict, dict[str, dict[str, str]]]:
-        """(steered ports, delivery MACs, map contents) from the agent's state. With no L7
-        rule anywhere, no map contents ({}): the proxy's ipcache map alone holds every
-        prefix, not worth building on each commit for nothing."""
+    def desired(self) -> tuple[dict, dict, dict[str, dict[str, str]], dict]:
+        """(steered ports, delivery MACs, map contents, IPv6 deliveries) from the agent's
+        state. With no L7 rule anywhere, no map contents ({}): the proxy's ipcache map
+        alone holds every prefix, not worth building on each commit for nothing. IPv6
+        deliveries: delivery device name -> (a bridge?, {endpoint name: L7 kinds}) of the
+        endpoints with an IPv6 address and L7 ports (their device needs IPv6 on)."""
         a = self.agent
         l7 = a.engine.l7
         ports: dict[tuple[str, int, int], int] = {}
         macs: dict[int, tuple[int, bytes]] = {}
         l7_locals: dict[int, set[tuple[int, int]]] = {}
+        v6: dict[str, tuple[bool, dict[str, set[int]]]] = {}
         for k in l7:
             kind = L7_SERVER if k.direction == INGRESS else L7_CLIENT
             l7_locals.setdefault(k.local, set()).add((k.port, kind))
         for ep in a.state.endpoints.values():
+            way = None
             if ep.ifindex is not None:
                 way = _delivery(a.links.get(ep.ifindex), a.links)
                 if way:
                     macs[ep.ifindex] = way
-            for port, kind in l7_locals.get(ep.identity, ()) if ep.identity is not None else ():
+            mine = l7_locals.get(ep.identity, set()) if ep.identity is not None else set()
+            for port, kind in mine:
                 for ip in ep.ips:
                     ports[(str(ipaddress.ip_address(ip.split("/")[0])), port, kind)] = ep.identity
+            dev = a.links.get(way[0]) if way else None
+            if way and mine and dev is not None and any(":" in ip for ip in ep.ips):
+                _, eps = v6.setdefault(dev.name, (way[0] != ep.ifindex, {}))
+                eps.setdefault(ep.name, set()).update(kind for _, kind in mine)
         if not (ports or l7):
-            return ports, macs, {}
+            return ports, macs, {}, v6
         written: set[int] = set()
         rulesets: dict[str, str] = {}
         slots: dict[str, dict[str, str]] = {n: {} for n in self.settings.slot_maps()}
@@ -135,7 +152,7 @@ class L7Proxy:
             rulesets[f"{tag}{k.local}:{k.port}:{k.peer}"] = str(rs)
         ipcache = {prefix: str(e.identity) for prefix, e in a.state.ipcache.items()}
         maps = {"ipcache": ipcache, "rulesets": rulesets, **slots}
-        return ports, macs, maps
+        return ports, macs, maps, v6
 
     def _idle(self) -> bool:
         """No proxy, no files and nothing steered: with no L7 rule, nothing to do."""
@@ -151,8 +168,10 @@ class L7Proxy:
         """Make the datapath, the host and the proxy match the agent's state (called
         with the agent's lock, after each commit)."""
         with self._lock:
-            ports, macs, maps = self.desired()
+            ports, macs, maps, v6 = self.desired()
             self.wanted = bool(maps)
+            self._v6_wanted = v6
+            self._check_ipv6()
             if not self.wanted and self._idle():
                 self.agent.dp.sync_l7(ports, macs)
                 return
@@ -196,6 +215,32 @@ class L7Proxy:
             log.warning("l7: reverse-path filtering on %s set to loose (rp_filter 2): strict "
                         "drops steered connections from other hosts", dev)
         self._loose = names
+
+    def _check_ipv6(self) -> None:
+        """A delivery device with its IPv6 off drops what the steering delivers into it
+        over IPv6: fail closed, but silently; say so (health, the log). Only reads the
+        sysctl: whether the device does IPv6 is the operator's choice."""
+        self._v6_read = time.monotonic()
+        off = {}
+        for dev in ipv6_disabled(self._v6_wanted, self.ipv6_conf):
+            bridged, eps = self._v6_wanted[dev]
+            kinds = set().union(*eps.values())
+            what = ("to and from HTTP ports of its endpoints" if kinds == {L7_SERVER, L7_CLIENT}
+                    else "to HTTP ports of its endpoints" if kinds == {L7_SERVER}
+                    else "from its endpoints to HTTP ports")
+            names = sorted(eps)
+            shown = ", ".join(names[:NAMES_SHOWN])
+            if len(names) > NAMES_SHOWN:
+                shown += f" and {len(names) - NAMES_SHOWN} more"
+            key = dev.replace(".", "/")    # as sysctl names it
+            off[dev] = (f"{'bridge' if bridged else 'interface'} {dev} has IPv6 disabled "
+                        f"(net.ipv6.conf.{key}.disable_ipv6=1): IPv6 connections {what} are "
+                        f"dropped (endpoints: {shown})")
+        for dev in sorted(off.keys() - self._v6_off.keys()):
+            log.warning("l7: %s; enable it to enforce their HTTP rules over IPv6", off[dev])
+        for dev in sorted(self._v6_off.keys() - off.keys()):
+            log.info("l7: IPv6 steered into %s is no longer dropped by its sysctl", dev)
+        self._v6_off = off
 
     def _write_files(self, maps: dict) -> None:
         """The configuration and map files a (re)started proxy reads. A failure goes to
@@ -307,6 +352,9 @@ class L7Proxy:
             with self._lock:
                 if self.wanted and not self.running:
                     self._restart()
+                if (self._v6_wanted or self._v6_off) and \
+                        time.monotonic() - self._v6_read >= IPV6_EVERY_S:
+                    self._check_ipv6()     # an operator's sysctl change makes no commit
             self.read_dropped(DROPPED_EVERY_S)
 
     def _next_proxy_counts(self) -> None:
@@ -363,8 +411,10 @@ class L7Proxy:
     def health(self) -> dict:
         proc = self.proc
         running = proc is not None and proc.poll() is None   # once: "ok" and "running" agree
-        ok = not self.wanted or running
+        v6_off = dict(self._v6_off)
+        ok = (not self.wanted or running) and not v6_off
         return {"wanted": self.wanted, "running": running,
                 "pid": proc.pid if running and proc is not None else None, "restarts": self.restarts,
                 "ok": ok, "last_error": self.last_error,
+                "ipv6_disabled": sorted(v6_off), "problems": [v6_off[d] for d in sorted(v6_off)],
                 "l7_ports": len(self._targets), "request_log": self.log_reader.stats()}
