@@ -77,16 +77,17 @@ def test_text_reads_escapes_as_json_does(value):
         assert _text(value) == want
 
 
-def test_address_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(logs, "ADDR_CACHE_MAX", 8)
-    monkeypatch.setattr(logs, "_addrs", {})
-    for i in range(50):
-        assert canonical_address(f"10.1.0.{i}") == f"10.1.0.{i}"
-        assert len(logs._addrs) <= 8
+def test_address_cache_is_bounded():
+    assert canonical_address.cache_info().maxsize == logs.ADDR_CACHE_MAX
+    for i in range(logs.ADDR_CACHE_MAX + 50):
+        assert canonical_address(f"10.1.{i >> 8}.{i & 255}") == f"10.1.{i >> 8}.{i & 255}"
+    assert canonical_address.cache_info().currsize == logs.ADDR_CACHE_MAX
     assert canonical_address("2001:DB8:0:0::1") == "2001:db8::1"
-    with pytest.raises(ValueError):
-        canonical_address("010.0.0.1")
-    assert "010.0.0.1" not in logs._addrs
+    canonical_address.cache_clear()
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            canonical_address("010.0.0.1")
+    assert canonical_address.cache_info().currsize == 0      # a refused value is not kept
 
 
 def _read_all(reader, got, n):
@@ -328,18 +329,20 @@ def test_bad_request_flows_use_the_ipcache_identity(source):
     assert req["source"]["identity"] == web and req["l7"]["http"]["method"] == ""
 
 
-def test_l7_peer_cache_is_bounded_and_follows_the_snapshot(source, monkeypatch):
+def test_l7_peer_cache_is_bounded_and_follows_the_snapshot(source):
     """The flow source keeps each side of an L7 row per (address, identity logged), at
     most L7_PEER_CACHE_MAX, and only as long as the agent's snapshot it came from."""
     from stockade.daemon import flowsource
     api, fs = source
     web = {e["name"]: e for e in api.list_endpoints()}["web1"]["identity"]
-    monkeypatch.setattr(flowsource, "L7_PEER_CACHE_MAX", 4)
+    assert fs._l7_peer.cache_info().maxsize == flowsource.L7_PEER_CACHE_MAX
     bad = dict(sid="-", did="-", rs="-", ok="-", m="<BADREQ>", hv="<BADREQ>", url="-", host="-",
                ua="-", st="400")
-    fs.add_l7([parse_line(line(ci=f"10.9.0.{i}", **bad)) for i in range(20)])
-    assert len(fs._l7_peers) <= 4
-    assert {f["source"]["identity"] for f in fs.query({})["flows"] if not f["is_reply"]} == {2}
+    n = flowsource.L7_PEER_CACHE_MAX + 20
+    fs.add_l7([parse_line(line(ci=f"10.9.{i >> 8}.{i & 255}", **bad)) for i in range(n)])
+    assert fs._l7_peer.cache_info().currsize == flowsource.L7_PEER_CACHE_MAX
+    assert {f["source"]["identity"] for f in fs.query({"last": 40})["flows"]
+            if not f["is_reply"]} == {2}
     fs.add_l7([parse_line(line(**bad))])
     assert fs.query({})["flows"][-2]["source"]["identity"] == web
     assert fs.query({})["flows"][-2]["source"]["endpoint"]["name"] == "web1"

@@ -68,11 +68,15 @@ def link_index(msg) -> int:
     return msg["index"]
 
 
+def _links_with(ipr, extract: Callable[[Any], T]) -> Iterator[T]:
+    # match=None: without it, pyroute2 takes ext_mask for a filter on the replies
+    for msg in ipr.link("dump", match=None, ext_mask=RTEXT_FILTER_SKIP_STATS):
+        yield extract(msg)
+
+
 def _streamed_links(extract: Callable[[Any], T]) -> Iterator[T]:
     with IPRoute(nlm_generator=True) as ipr:
-        # match=None: without it, pyroute2 takes ext_mask for a filter on the replies
-        for msg in ipr.link("dump", match=None, ext_mask=RTEXT_FILTER_SKIP_STATS):
-            yield extract(msg)
+        yield from _links_with(ipr, extract)
 
 
 def link_infos() -> list[LinkInfo]:
@@ -84,6 +88,13 @@ def link_infos() -> list[LinkInfo]:
 def link_indexes() -> list[int]:
     """The index of every link of this namespace (as ``link_infos``)."""
     return dump(_streamed_links, link_index)
+
+
+def link_indexes_with(ipr) -> list[int]:
+    """link_indexes on an open IPRoute: streamed when it was made with
+    nlm_generator=True (pyroute2 finishes a dump before it raises the interruption,
+    so the socket serves the next request)."""
+    return dump(_links_with, ipr, link_index)
 
 
 def get_link(index: int) -> LinkInfo:

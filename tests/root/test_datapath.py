@@ -684,6 +684,49 @@ def test_reload_keeps_pins_and_swaps_program_under_load(e):
     assert not errors
 
 
+def test_list_attached_finds_ours_on_every_link_through_one_socket(e, monkeypatch):
+    """Without an ifindex, list_attached reads every link of the namespace (links without
+    clsact, as the bridge and lo, have none) on its one netlink socket, and finds what it
+    finds link by link: our two filters, not another kind at our prio nor a bpf filter
+    of another handle."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from stockade import netlink
+    from stockade.datapath.attach import ETH_P_ALL, HANDLE, PARENT_EGRESS, PRIO
+    c = e.c.host_ifindex
+    u32 = ["tc", "filter", "add", "dev", e.c.host_if, "ingress", "prio", str(PRIO + 1),
+           "protocol", "ip", "u32", "match", "ip", "dst", "203.0.113.255/32", "flowid", "1:1"]
+    try:
+        with IPRoute() as ipr:
+            ipr.tc("add-filter", "bpf", c, HANDLE + 1, fd=e.dp.to_endpoint_fd, name="other",
+                   parent=PARENT_EGRESS, prio=PRIO, classid=1, direct_action=True,
+                   protocol=ETH_P_ALL)
+        subprocess.run(u32, check=True)
+        per_link = [a for idx in netlink.link_indexes() for a in list_attached(idx)]
+
+        def second_socket(*args, **kwargs):
+            raise AssertionError("list_attached opened a second netlink socket")
+        monkeypatch.setattr(netlink, "IPRoute", second_socket)
+        every = list_attached()
+        monkeypatch.undo()
+        assert every == per_link
+        ours = {(w.host_ifindex, hook) for w in (e.a, e.b, e.c) for hook in ("ingress", "egress")}
+        assert {(a.ifindex, a.hook) for a in every} == ours
+        assert {a.name for a in every} == {"from_endpoint", "to_endpoint"}
+        assert len(every) == len(ours)
+    finally:
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("del-filter", "bpf", c, HANDLE + 1, parent=PARENT_EGRESS, prio=PRIO,
+                       protocol=ETH_P_ALL)
+            except NetlinkError:
+                pass                                 # never added
+        subprocess.run(["tc", "filter", "del", "dev", e.c.host_if, "ingress", "prio",
+                        str(PRIO + 1)], check=False)
+    assert len(list_attached(c)) == 2
+
+
 def test_checks_and_detaches_from_two_threads_never_share_a_link_fd(e):
     """The agent's guard checks interfaces from its own thread while an API call detaches
     one. A check seeing a just-detached link must not close the fd the detach is still

@@ -52,6 +52,9 @@ def test_links_and_addresses_read_as_pyroute2_reads_them(topo):
     ours = [_ours(link) for link in netlink.link_infos()]
     assert ours == _pyroute2_links()
     assert netlink.link_indexes() == [link[0] for link in ours]
+    with IPRoute(nlm_generator=True) as ipr:     # on an open socket, which serves on after
+        assert netlink.link_indexes_with(ipr) == [link[0] for link in ours]
+        assert netlink.link_indexes_with(ipr) == [link[0] for link in ours]
     kinds = {name: kind for _, name, kind, *_ in ours}
     a = topo.workloads["a"]
     assert kinds[a.host_if] == "veth" and kinds[topo.bridge] == "bridge"

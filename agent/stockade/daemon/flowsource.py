@@ -10,6 +10,7 @@ from the rule set number the proxy logs (l7.rules.RuleSets).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -28,8 +29,8 @@ POLL_MS = 100
 WORLD = 2
 SNAPSHOT_MAX_AGE_S = 1.0
 # (address, identity the proxy logged) -> an L7 row's side of it, per resolver: most
-# requests come from a few clients to a few servers. Cleared when full, and with a new
-# resolver (what it holds comes from the agent's snapshot).
+# requests come from a few clients to a few servers. Bounded (least recently used out),
+# and cleared with a new resolver (what it holds comes from the agent's snapshot).
 L7_PEER_CACHE_MAX = 4096
 FOLLOW_HEARTBEAT_S = 15.0
 
@@ -52,7 +53,8 @@ class FlowSource:
         self._thread: threading.Thread | None = None
         self.errors = 0
         self._ids_by_addr: dict[bytes, int] = {}
-        self._l7_peers: dict[tuple[str, int | None], tuple[bytes, int, int]] = {}
+        # _l7_side cached: a pure function of its arguments for one snapshot (see add_l7)
+        self._l7_peer = functools.lru_cache(maxsize=L7_PEER_CACHE_MAX)(self._l7_side)
         self._l7_policies: dict[int | None, int] = {}
         self._l7_epoch: tuple = (None, None)   # (resolver, rule sets) the two above come from
 
@@ -130,7 +132,7 @@ class FlowSource:
         epoch = (self.decoder.resolver, l7.rule_sets if l7 is not None else None)
         if self._l7_epoch[0] is not epoch[0] or self._l7_epoch[1] is not epoch[1]:
             self._l7_epoch = epoch
-            self._l7_peers = {}
+            self._l7_peer.cache_clear()
             self._l7_policies = {}
         rows = []
         for rec in records:
@@ -140,20 +142,15 @@ class FlowSource:
             self.flow_log.write(self.ring.to_dict(r) for r in rows)
         return len(rows)
 
-    def _l7_peer(self, addr: str, identity: int | None) -> tuple[bytes, int, int]:
+    def _l7_side(self, addr: str, identity: int | None) -> tuple[bytes, int, int]:
         """(padded address, identity, interned peer info) of one side of an L7 row: the
-        identity the proxy logged, or the ipcache's (a bad request has none)."""
-        key = (addr, identity)
-        peer = self._l7_peers.get(key)
-        if peer is None:
-            padded = _padded(addr)
-            ident = identity if identity is not None else self._ids_by_addr.get(padded, WORLD)
-            info = self.decoder._info(ident, *self.decoder.resolver.endpoints_by_addr.get(
-                padded, (None, None)))
-            if len(self._l7_peers) >= L7_PEER_CACHE_MAX:
-                self._l7_peers.clear()
-            peer = self._l7_peers[key] = (padded, ident, info)
-        return peer
+        identity the proxy logged, or the ipcache's (a bad request has none). Called
+        through its cache, ``_l7_peer``."""
+        padded = _padded(addr)
+        ident = identity if identity is not None else self._ids_by_addr.get(padded, WORLD)
+        info = self.decoder._info(ident, *self.decoder.resolver.endpoints_by_addr.get(
+            padded, (None, None)))
+        return padded, ident, info
 
     def _l7_rows(self, rec) -> list[tuple]:
         """A request's rows per direction whose rules it met, as Cilium's two proxy

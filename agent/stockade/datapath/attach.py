@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf
 
-from ..netlink import dump, link_indexes
+from ..netlink import dump, link_indexes_with
 from .errors import DatapathError
 
 PARENT_INGRESS = 0xFFFFFFF2  # clsact ingress: from the workload -> from_endpoint
@@ -114,8 +114,10 @@ def list_attached(ifindex: int | None = None) -> list[Attachment]:
     """Our filters on ``ifindex`` (or on every link of this namespace)."""
     out = []
     try:
-        with IPRoute() as ipr:
-            indexes = [ifindex] if ifindex is not None else link_indexes()
+        # one socket for the links and the filters; nlm_generator: the link dump streamed
+        # (netlink.link_indexes), the filter dumps whole (get_filters gathers them)
+        with IPRoute(nlm_generator=True) as ipr:
+            indexes = [ifindex] if ifindex is not None else link_indexes_with(ipr)
             for idx in indexes:
                 for parent, hook in ((PARENT_INGRESS, "ingress"), (PARENT_EGRESS, "egress")):
                     try:

@@ -22,6 +22,7 @@ Row fields, in order (``Field`` gives the index of each in an unpacked row):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import ipaddress
 import struct
 import threading
@@ -83,20 +84,15 @@ class Interner:
 
 
 # A row's 16 address bytes -> text: rendering every flow (the flow log, queries,
-# follows) meets the same few addresses again and again. Bounded: cleared when full.
+# follows) meets the same few addresses again and again. Bounded (least recently
+# used out).
 ADDRESS_CACHE_MAX = 4096
-_addresses: dict[tuple[bytes, int], str] = {}
 
 
+@functools.lru_cache(maxsize=ADDRESS_CACHE_MAX)
 def address(raw: bytes, version: int) -> str:
-    key = (raw, version)
-    text = _addresses.get(key)
-    if text is None:
-        text = str(ipaddress.IPv6Address(raw)) if version == 6 else str(ipaddress.IPv4Address(raw[:4]))
-        if len(_addresses) >= ADDRESS_CACHE_MAX:
-            _addresses.clear()
-        _addresses[key] = text
-    return text
+    """A row's address field (16 bytes, IPv4 in the first 4) as text."""
+    return str(ipaddress.IPv6Address(raw)) if version == 6 else str(ipaddress.IPv4Address(raw[:4]))
 
 
 def rfc3339(ns: int) -> str:

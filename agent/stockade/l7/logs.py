@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -85,20 +86,15 @@ _FLAGS = {"1": True, "0": False, "-": None}
 _IDENT_END = 1 << 32
 # Addresses as the proxy writes them -> their canonical text (str(ip_address(...))): one
 # client sends many requests, and ipaddress parsing was the most of a line's cost.
-# Bounded: cleared when full (many clients: the cost of a miss, never memory).
+# Bounded (least recently used out): many clients cost misses, never memory. A value
+# that is not an address raises, and is not cached.
 ADDR_CACHE_MAX = 4096
-_addrs: dict[str, str] = {}
 
 
+@functools.lru_cache(maxsize=ADDR_CACHE_MAX)
 def canonical_address(value: str) -> str:
     """``value`` as ipaddress writes it; ValueError when it is not an address."""
-    text = _addrs.get(value)
-    if text is None:
-        text = str(ipaddress.ip_address(value))
-        if len(_addrs) >= ADDR_CACHE_MAX:
-            _addrs.clear()
-        _addrs[value] = text
-    return text
+    return str(ipaddress.ip_address(value))
 
 
 def _text(value: str) -> str:
