@@ -213,8 +213,11 @@ def container(guest, name: str, ip: str, app: str, cmd: str, restart: bool = Tru
 
 
 def probes(guest, name: str) -> list[tuple[int, str]]:
+    """A prober's log, "<epoch> <result>" per line. The reboot cuts the probers off, so a
+    line written as the guest went down can be torn: only whole lines count."""
     out = guest.ssh(f"cat {LOGS}/{name}/probe 2>/dev/null || true")
-    return [(int(t), r) for t, r in (line.split() for line in out.splitlines() if line.strip())]
+    lines = (line.split() for line in out.splitlines())
+    return [(int(f[0]), f[1]) for f in lines if len(f) == 2 and f[0].isdigit()]
 
 
 def reach(guest, name: str, url: str, tries: int = 1) -> bool:
