@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Where a packet between simulated hosts went: a snapshot of each namespace's nonzero
+# kernel counters (nstat), its links' packet and drop counts, neighbours and the
+# nftables rules that counted anything. Shown by verify.yml when a check fails.
+#   net_state.sh NS...
+LINKS='import json, sys
+for link in json.load(sys.stdin):
+    rx, tx = link["stats64"]["rx"], link["stats64"]["tx"]
+    print(link["ifname"], "rx", rx["packets"], "drop", rx["dropped"], "tx", tx["packets"], "drop", tx["dropped"])'
+for ns in "$@"; do
+  echo "== $ns"
+  ip netns exec "$ns" nstat -asz 2>/dev/null | awk 'NR > 1 && $2 != 0 { printf "%s=%s ", $1, $2 } END { print "" }'
+  ip -n "$ns" -j -s link show | python3 -c "$LINKS"
+  ip -n "$ns" neigh show | tr '\n' ';'; echo
+  ip netns exec "$ns" nft list ruleset 2>/dev/null | grep -E "counter packets [1-9]" | sed 's/^ *//'
+done
