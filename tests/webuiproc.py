@@ -4,19 +4,30 @@ loopback port, until it answers /login.
     with WebUIProcess({"h1": socket_path}, token_file) as ui:
         httpx.get(f"{ui.base}/login")
     ui.output   # what it printed, once stopped
+
+As deployed (root only to start it; it drops to the user and the stockade group):
+
+    with ui_user() as user, WebUIProcess({...}, token_file, user=user.pw_name) as ui:
+        ui.login(token)   # an httpx.Client with the session
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 
 
 class WebUIProcess:
-    def __init__(self, sockets: dict[str, str], token_file: str, timeout: float = 15.0):
+    def __init__(self, sockets: dict[str, str], token_file: str, timeout: float = 15.0,
+                 user: str | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -25,12 +36,15 @@ class WebUIProcess:
                      f"127.0.0.1:{self.port}", "--token-file", str(token_file)]
         for name, path in sockets.items():
             self.argv += ["--socket", f"{name}={path}"]
+        if user is not None:
+            self.argv += ["--user", user]
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.output = ""
 
     def __enter__(self) -> "WebUIProcess":
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     cwd="/")
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -51,3 +65,26 @@ class WebUIProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.output = self.proc.communicate(timeout=10)[0].decode(errors="replace")
+
+    def login(self, token: str) -> httpx.Client:
+        """A client holding a logged-in session (the login form's CSRF token posted back)."""
+        c = httpx.Client(base_url=self.base, timeout=30)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text)
+        assert csrf, "no CSRF token on the login page"
+        r = c.post("/login", data={"token": token, "csrf_token": csrf.group(1)})
+        assert r.status_code == 302, r.text
+        return c
+
+
+@contextlib.contextmanager
+def ui_user() -> Iterator[pwd.struct_passwd]:
+    """An unprivileged system user for the UI (the role's stockade-webui), removed after.
+    The stockade group (the agent socket's) is made by scripts/setup.sh and the role."""
+    name = f"sk-webui-{os.getpid()}"
+    subprocess.run(["groupadd", "--system", "-f", "stockade"], check=True)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)

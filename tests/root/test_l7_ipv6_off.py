@@ -12,7 +12,9 @@ Workloads a (client, app=web), b (server, app=api) on one bridge with IPv4 and I
 addresses; the server in b answers on both. The host has an IPv4 address on the bridge
 only, until the test enables the bridge's IPv6 and gives it one.
 """
+import html
 import os
+import re
 import time
 
 import pytest
@@ -34,7 +36,9 @@ from l7env import (
     wait_proxy,
 )
 from netns import Topology, in_netns, run
+from stockade_webui.auth import write_token_file
 from traffic import eventually
+from webuiproc import WebUIProcess, ui_user
 
 pytestmark = pytest.mark.root
 
@@ -109,7 +113,24 @@ def _metric(agent, kind: str) -> float | None:
     return None
 
 
-def test_ipv6_to_an_http_port_on_a_bridge_without_ipv6_is_dropped_and_reported(env):
+def _overview(agent, tmp_path) -> str:
+    """The web UI's overview, as an operator sees it: the UI run as an unprivileged user
+    whose only access to the agent is the socket group; the page's text without tags."""
+    os.chmod(agent.run_dir, 0o711)        # the socket's own mode and group decide
+    token_file = tmp_path / "webui.token"
+    token = write_token_file(str(token_file))
+    with ui_user() as user, WebUIProcess({"h1": agent.socket}, str(token_file),
+                                         user=user.pw_name) as ui:
+        c = ui.login(token)
+        try:
+            r = c.get("/")
+        finally:
+            c.close()
+        assert r.status_code == 200, r.text
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", r.text)))
+
+
+def test_ipv6_to_an_http_port_on_a_bridge_without_ipv6_is_dropped_and_reported(env, tmp_path):
     agent, w, topo = env
     a, b = w["a"], w["b"]
     br = topo.bridge
@@ -152,6 +173,11 @@ def test_ipv6_to_an_http_port_on_a_bridge_without_ipv6_is_dropped_and_reported(e
     out = agent.cli("status", check=False)
     assert out.returncode == 1 and message in out.stdout, out.stdout
     assert _metric(agent, "l7_ipv6_disabled") == 1
+    page = _overview(agent, tmp_path)
+    # b's port over IPv4 and IPv6; the two IPv4 requests logged; the problem a banner
+    assert "HTTP proxy running" in page and "HTTP ports 2 " in page, page
+    assert "Request log lines 2 Garbled 0 Dropped by the proxy 0 " in page, page
+    assert message in page and "Agent unreachable" not in page, page
 
     # the bridge's IPv6 enabled (and a host address on it, for the proxy's route to b):
     # the problem clears without any other change, and the proxy filters IPv6

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import webuiproc
 from agentproc import AgentProcess
 from netns import Topology
 from policydocs import ingress_policy
@@ -47,16 +48,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ui_user():
-    """An unprivileged system user for the UI (the role's stockade-webui); removed after."""
-    import pwd
-    name = f"sk-webui-{__import__('os').getpid()}"
-    subprocess.run(["groupadd", "--system", "-f", "stockade"], check=True)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                    "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
+    with webuiproc.ui_user() as user:
+        yield user
 
 
 @pytest.fixture(scope="module")
