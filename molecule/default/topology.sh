@@ -5,9 +5,11 @@
 #   topology.sh down  HOST:INDEX:WL[,WL...] ...
 #   topology.sh check HOST:INDEX:WL[,WL...] ...   exit 1 if anything is left
 #
-# Host HOST is namespace skm-HOST with fab0 = 192.168.77.INDEX/24 on the fabric bridge
-# skm-fab (root namespace, no address: the root namespace never routes), and a bridge
-# wbr0 = 10.77.INDEX.1/24 for its workloads. Workload W is namespace skm-HOST-W with eth0
+# Host HOST is namespace skm-HOST with fab0 = 192.168.77.INDEX/24 on the fabric: bridge
+# fab in namespace skm-fabric (no address, nothing routed there), port HOST; and a bridge
+# wbr0 = 10.77.INDEX.1/24 for its workloads. The fabric is a namespace of its own so that
+# frames between hosts never meet the root namespace's netfilter (br_netfilter would
+# put them through its conntrack and rules, which other software and tests change). Workload W is namespace skm-HOST-W with eth0
 # on wbr0 through the veth W-h; with a port it runs busybox httpd serving /cgi-bin/ip,
 # which answers the client's address as the server saw it. Routes send every other
 # host's workload subnet to that host's fabric address: routed, no NAT.
@@ -18,6 +20,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 P="${SKM_PREFIX:-skm}" FAB="${SKM_FABRIC:-192.168.77}" WL="${SKM_WORKLOADS:-10.77}"
+FABNS="$P-fabric"
 WWW="/run/$P-www"
 cmd="$1"; shift
 HOSTS=("$@")
@@ -35,10 +38,12 @@ up() {
   echo ok > "$WWW/index.html"
   printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%%s\\n" "$REMOTE_ADDR"\n' > "$WWW/cgi-bin/ip"
   chmod 755 "$WWW/cgi-bin/ip"
-  if ! q ip link show $P-fab; then
-    ip link add $P-fab type bridge stp_state 0
-    echo 1 > /proc/sys/net/ipv6/conf/$P-fab/disable_ipv6 || true
-    ip link set $P-fab up
+  if ! q ip netns pids "$FABNS"; then
+    ip netns add "$FABNS"
+    ip -n "$FABNS" link set lo up
+    ip -n "$FABNS" link add fab type bridge stp_state 0
+    ip netns exec "$FABNS" sysctl -qw net.ipv6.conf.fab.disable_ipv6=1
+    ip -n "$FABNS" link set fab up
   fi
   for spec in "${HOSTS[@]}"; do
     IFS=: read -r host idx wls <<< "$spec"
@@ -47,10 +52,10 @@ up() {
     mountpoint -q "$run/bpf" || mount -t bpf bpf "$run/bpf"
     q ip netns pids "$ns" || ip netns add "$ns"
     ip -n "$ns" link set lo up
-    if ! q ip link show "$P-$host-f"; then
-      ip link add "$P-$host-f" type veth peer name fab0 netns "$ns"
-      echo 1 > "/proc/sys/net/ipv6/conf/$P-$host-f/disable_ipv6" || true
-      ip link set "$P-$host-f" master $P-fab up
+    if ! q ip -n "$FABNS" link show "$host"; then
+      ip -n "$FABNS" link add "$host" type veth peer name fab0 netns "$ns"
+      ip netns exec "$FABNS" sysctl -qw "net.ipv6.conf.$host.disable_ipv6=1"
+      ip -n "$FABNS" link set "$host" master fab up
       ip -n "$ns" addr add "$FAB.$idx/24" dev fab0
       ip -n "$ns" link set fab0 up
       ip -n "$ns" link add wbr0 type bridge stp_state 0
@@ -112,23 +117,21 @@ down() {
       if pid_alive "$run/$name.pid" httpd; then kill -TERM "$(cat "$run/$name.pid")"; fi
       q ip netns del "$P-$host-$name" || true
     done
-    q ip netns del "$ns" || true
-    q ip link del "$P-$host-f" || true
+    q ip netns del "$ns" || true   # its fab0, and with it its port on the fabric
     if mountpoint -q "$run/bpf"; then umount "$run/bpf"; fi
     rm -rf "$run"
   done
-  q ip link del $P-fab || true
+  q ip netns del "$FABNS" || true
   rm -rf "$WWW"
 }
 
 check() {
   local left=()
-  q ip link show $P-fab && left+=("link $P-fab")
+  q ip netns pids "$FABNS" && left+=("netns $FABNS")
   [ -e "$WWW" ] && left+=("$WWW")
   for spec in "${HOSTS[@]}"; do
     IFS=: read -r host idx wls <<< "$spec"
     q ip netns pids "$P-$host" && left+=("netns $P-$host")
-    q ip link show "$P-$host-f" && left+=("link $P-$host-f")
     [ -e "/run/$P-$host" ] && left+=("/run/$P-$host")
     grep -q " /run/$P-$host/bpf " /proc/mounts && left+=("bpffs /run/$P-$host/bpf")
     IFS=, read -r -a wl <<< "$wls"
