@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netns import in_netns, run
+from netns import bridge_mac, in_netns, run
 
 
 @dataclass
@@ -94,7 +94,8 @@ class Fabric:
 
     def __enter__(self) -> "Fabric":
         try:
-            run("ip", "link", "add", self.bridge, "type", "bridge", "stp_state", "0")
+            run("ip", "link", "add", self.bridge, "address", bridge_mac(self.bridge),
+                "type", "bridge", "stp_state", "0")
             self._links.append(self.bridge)
             Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1")
             run("ip", "link", "set", self.bridge, "up")
@@ -123,7 +124,8 @@ class Fabric:
         run("ip", "-n", ns, "link", "set", "lo", "up")
         run("ip", "-n", ns, "addr", "add", f"{h.ip}/24", "dev", "fab0")
         run("ip", "-n", ns, "link", "set", "fab0", "up")
-        run("ip", "-n", ns, "link", "add", "wbr0", "type", "bridge", "stp_state", "0")
+        run("ip", "-n", ns, "link", "add", "wbr0", "address", bridge_mac(f"{ns}wbr0"),
+            "type", "bridge", "stp_state", "0")
         run("ip", "-n", ns, "addr", "add", f"10.78.{index}.1/24", "dev", "wbr0")
         run("ip", "-n", ns, "link", "set", "wbr0", "up")
         run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -174,8 +175,17 @@ class Workload:
         return in_netns(self.ns, socket.if_nametoindex, "eth0")
 
 
+def bridge_mac(name: str) -> str:
+    """A fixed, locally administered MAC for bridge ``name``. A bridge left to choose takes
+    its lowest port's MAC and changes it when a lower one joins: a workload whose ARP
+    cache holds the old one (another port's) then has its frames to the host passed up
+    as PACKET_OTHERHOST and silently dropped by IP until it resolves the host again."""
+    return "02:" + ":".join(f"{b:02x}" for b in hashlib.sha256(name.encode()).digest()[:5])
+
+
 class Topology:
-    """A bridge in the root namespace plus one namespace per workload."""
+    """A bridge in the root namespace (its MAC fixed: bridge_mac) plus one namespace per
+    workload."""
 
     def __init__(self, tag: str | None = None):
         self.prefix = f"sk{os.getpid()}{tag or ''}"
@@ -187,7 +197,8 @@ class Topology:
 
     def __enter__(self) -> "Topology":
         try:
-            run("ip", "link", "add", self.bridge, "type", "bridge", "stp_state", "0")
+            run("ip", "link", "add", self.bridge, "address", bridge_mac(self.bridge),
+                "type", "bridge", "stp_state", "0")
             self._links.append(self.bridge)
             _disable_ipv6(self.bridge)
             run("ip", "link", "set", self.bridge, "up")

@@ -5,12 +5,13 @@
 #   topology.sh down  HOST:INDEX:WL[,WL...] ...
 #   topology.sh check HOST:INDEX:WL[,WL...] ...   exit 1 if anything is left
 #
-# Host HOST is namespace skm-HOST with fab0 = 192.168.77.INDEX/24 on the fabric: bridge
-# fab in namespace skm-fabric (no address, nothing routed there), port HOST; and a bridge
-# wbr0 = 10.77.INDEX.1/24 for its workloads. The fabric is a namespace of its own so that
-# frames between hosts never meet the root namespace's netfilter (br_netfilter would
-# put them through its conntrack and rules, which other software and tests change). Workload W is namespace skm-HOST-W with eth0
-# on wbr0 through the veth W-h; with a port it runs busybox httpd serving /cgi-bin/ip,
+# Host HOST is namespace skm-HOST with fab0 = 192.168.77.INDEX/24 on the fabric (bridge
+# fab in namespace skm-fabric, port HOST, no address, nothing routed there) and a bridge
+# wbr0 = 10.77.INDEX.1/24, MAC 02:5b:00:00:INDEX:01, for its workloads. The fabric is a
+# namespace of its own so that frames between hosts never meet the root namespace's
+# netfilter (br_netfilter would put them through its conntrack and rules, which other
+# software and tests change). Workload W is namespace skm-HOST-W with eth0 on wbr0
+# through the veth W-h; with a port it runs busybox httpd serving /cgi-bin/ip,
 # which answers the client's address as the server saw it. Routes send every other
 # host's workload subnet to that host's fabric address: routed, no NAT.
 # Each host gets a bpffs at /run/skm-HOST/bpf (outside /sys, which `ip netns exec` hides).
@@ -58,7 +59,11 @@ up() {
       ip -n "$FABNS" link set "$host" master fab up
       ip -n "$ns" addr add "$FAB.$idx/24" dev fab0
       ip -n "$ns" link set fab0 up
-      ip -n "$ns" link add wbr0 type bridge stp_state 0
+      # a fixed MAC: a bridge left to choose takes its lowest port's and changes it when
+      # a lower one joins (web2, made in verify); a workload that still has the old one
+      # (another port's) in its ARP cache then has its frames to the host dropped as
+      # PACKET_OTHERHOST until it resolves the host again (molecule/kvstore, h1's death)
+      ip -n "$ns" link add wbr0 address "02:5b:00:00:$(printf %02x "$idx"):01" type bridge stp_state 0
       ip -n "$ns" addr add "$WL.$idx.1/24" dev wbr0
       ip -n "$ns" link set wbr0 up
       ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
