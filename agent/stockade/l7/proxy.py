@@ -53,6 +53,23 @@ def _delivery(link, links: dict) -> tuple[int, bytes] | None:
     return dev.ifindex, bytes.fromhex(dev.mac.replace(":", ""))
 
 
+def ipv6_off_message(dev: str, bridged: bool, eps: dict[str, set]) -> str:
+    """What the operator is told about delivery device ``dev`` with its IPv6 off: which
+    connections are dropped (``eps``: endpoint name -> its L7 roles) and the sysctl."""
+    kinds = set().union(*eps.values())
+    what = ("to and from HTTP ports of its endpoints" if kinds == {L7_SERVER, L7_CLIENT}
+            else "to HTTP ports of its endpoints" if kinds == {L7_SERVER}
+            else "from its endpoints to HTTP ports")
+    names = sorted(eps)
+    shown = ", ".join(names[:NAMES_SHOWN])
+    if len(names) > NAMES_SHOWN:
+        shown += f" and {len(names) - NAMES_SHOWN} more"
+    key = dev.replace(".", "/")    # as sysctl names it
+    return (f"{'bridge' if bridged else 'interface'} {dev} has IPv6 disabled "
+            f"(net.ipv6.conf.{key}.disable_ipv6=1): IPv6 connections {what} are "
+            f"dropped (endpoints: {shown})")
+
+
 class L7Proxy:
     def __init__(self, agent):
         cfg = agent.config
@@ -221,21 +238,8 @@ class L7Proxy:
         over IPv6: fail closed, but silently; say so (health, the log). Only reads the
         sysctl: whether the device does IPv6 is the operator's choice."""
         self._v6_read = time.monotonic()
-        off = {}
-        for dev in ipv6_disabled(self._v6_wanted, self.ipv6_conf):
-            bridged, eps = self._v6_wanted[dev]
-            kinds = set().union(*eps.values())
-            what = ("to and from HTTP ports of its endpoints" if kinds == {L7_SERVER, L7_CLIENT}
-                    else "to HTTP ports of its endpoints" if kinds == {L7_SERVER}
-                    else "from its endpoints to HTTP ports")
-            names = sorted(eps)
-            shown = ", ".join(names[:NAMES_SHOWN])
-            if len(names) > NAMES_SHOWN:
-                shown += f" and {len(names) - NAMES_SHOWN} more"
-            key = dev.replace(".", "/")    # as sysctl names it
-            off[dev] = (f"{'bridge' if bridged else 'interface'} {dev} has IPv6 disabled "
-                        f"(net.ipv6.conf.{key}.disable_ipv6=1): IPv6 connections {what} are "
-                        f"dropped (endpoints: {shown})")
+        off = {dev: ipv6_off_message(dev, *self._v6_wanted[dev])
+               for dev in ipv6_disabled(self._v6_wanted, self.ipv6_conf)}
         for dev in sorted(off.keys() - self._v6_off.keys()):
             log.warning("l7: %s; enable it to enforce their HTTP rules over IPv6", off[dev])
         for dev in sorted(self._v6_off.keys() - off.keys()):
