@@ -184,21 +184,23 @@ def bridge_mac(name: str) -> str:
 
 
 class Topology:
-    """A bridge in the root namespace (its MAC fixed: bridge_mac) plus one namespace per
-    workload."""
+    """A bridge in the root namespace plus one namespace per workload. The bridge's MAC is
+    fixed (bridge_mac) unless ``fixed_mac=False``: then it takes its lowest port's, as
+    a bridge made by Podman or by hand does, for tests of what follows that MAC."""
 
-    def __init__(self, tag: str | None = None):
+    def __init__(self, tag: str | None = None, fixed_mac: bool = True):
         self.prefix = f"sk{os.getpid()}{tag or ''}"
         self.bridge = f"{self.prefix}br"
         assert len(self.bridge) <= 15, self.bridge
+        self.fixed_mac = fixed_mac
         self._links: list[str] = []
         self._netns: list[str] = []
         self.workloads: dict[str, Workload] = {}
 
     def __enter__(self) -> "Topology":
         try:
-            run("ip", "link", "add", self.bridge, "address", bridge_mac(self.bridge),
-                "type", "bridge", "stp_state", "0")
+            mac = ["address", bridge_mac(self.bridge)] if self.fixed_mac else []
+            run("ip", "link", "add", self.bridge, *mac, "type", "bridge", "stp_state", "0")
             self._links.append(self.bridge)
             _disable_ipv6(self.bridge)
             run("ip", "link", "set", self.bridge, "up")
