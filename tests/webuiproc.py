@@ -17,12 +17,16 @@ import os
 import pwd
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class WebUIProcess:
@@ -77,14 +81,35 @@ class WebUIProcess:
 
 
 @contextlib.contextmanager
+def checkout_reachable(path: Path = CHECKOUT) -> Iterator[list[Path]]:
+    """Every directory above the checkout may be entered by other users while the block
+    runs; yields the ones that needed it. A UI that drops to an unprivileged user runs
+    this checkout's venv and code: in a clone inside a 0700 directory (`mktemp -d`) it
+    cannot import them. Only the missing o+x is added, and each mode is put back after."""
+    changed = []
+    try:
+        for d in reversed(path.parents):
+            mode = d.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(d, stat.S_IMODE(mode) | stat.S_IXOTH)
+                changed.append((d, stat.S_IMODE(mode)))
+        yield [d for d, _ in changed]
+    finally:
+        for d, mode in reversed(changed):
+            os.chmod(d, mode)
+
+
+@contextlib.contextmanager
 def ui_user() -> Iterator[pwd.struct_passwd]:
-    """An unprivileged system user for the UI (the role's stockade-webui), removed after.
+    """An unprivileged system user for the UI (the role's stockade-webui), removed after,
+    with the checkout reachable for it while it exists.
     The stockade group (the agent socket's) is made by scripts/setup.sh and the role."""
     name = f"sk-webui-{os.getpid()}"
     subprocess.run(["groupadd", "--system", "-f", "stockade"], check=True)
     subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
                     "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
     try:
-        yield pwd.getpwnam(name)
+        with checkout_reachable():
+            yield pwd.getpwnam(name)
     finally:
         subprocess.run(["userdel", name], capture_output=True)

@@ -194,8 +194,16 @@ def test_systemd_unit_verifies(tmp_path):
             "--user stockade-webui --bind 127.0.0.1:8470 --socket=localhost=") in unit
 
 
+@pytest.fixture
+def checkout_reachable():
+    """The role's stockade-webui user runs this checkout's venv (webuiproc.checkout_reachable)."""
+    from webuiproc import checkout_reachable
+    with checkout_reachable():
+        yield
+
+
 @pytest.mark.root
-def test_role_webui_starts_answers_and_is_removed(agent, tmp_path):
+def test_role_webui_starts_answers_and_is_removed(agent, tmp_path, checkout_reachable):
     """stockade_agent_webui_enabled: user, root-only token made once, background process
     with PID file and log, GET /login 200; a second run changes nothing; absent removes."""
     import socket as sk
