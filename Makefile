@@ -39,7 +39,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	@bash scripts/setup.sh >/dev/null
 	@$(MAKE) --no-print-directory lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=40
 
 test-pure: $(STAMP)
 	$(PY) -m pytest -m "not root"
