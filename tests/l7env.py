@@ -1,8 +1,9 @@
 """Shared by the L7 tests and the L7 benchmark (bench/l7_bench.py): agent settings that
 keep a test agent's proxy, steering and run directory apart from any other agent's,
 policies written as CNP text, the routed set-up the proxy needs, and waiting for it;
-an HTTP server that records what it receives, a hand-made HTTP/1.1 client, and a TCP
-frame parser for captures."""
+an HTTP server that records what it receives, a hand-made HTTP/1.1 client, a TCP
+frame parser for captures, and the check that a proxied connection's replies reach the
+client only through the proxy."""
 from __future__ import annotations
 
 import os
@@ -12,22 +13,49 @@ import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from traffic import eventually
+from traffic import Capture, eventually
 
 TAG = os.getpid() % 1000
 
 
-def l7_settings(run_dir_tag: str) -> dict:
+def l7_settings(run_dir_tag: str, steering: int = 0) -> dict:
+    """A test agent's L7 settings: its proxy's run directory, and a set of steering
+    numbers (proxy port, nft table, route table and rule priority, skb mark), apart from
+    other test processes' and a demo agent's. Set 0 is shared by the L7 test modules
+    whose agents run one at a time; an agent that runs beside another, or whose module
+    wants steering of its own, takes another: 1 test_l7_http's proxy-less agent,
+    2 test_l7_podman, 3 test_l7_ipv6, 4 test_l7_ipv6_off."""
+    assert 0 <= steering <= 4, steering
+    n = 1000 * steering + TAG
     return {"l7_run_dir": f"/run/stockade-l7-test-{os.getpid()}-{run_dir_tag}",
-            "l7_proxy_port": 15100 + TAG, "l7_nft_table": f"stockade_l7_t{os.getpid()}",
-            "l7_route_table": 23000 + TAG, "l7_rule_priority": 23000 + TAG,
-            "l7_mark": 0x5E000000 + (TAG << 16)}
+            "l7_proxy_port": 15100 + n, "l7_nft_table": f"stockade_l7_t{steering}_{os.getpid()}",
+            "l7_route_table": 23000 + n, "l7_rule_priority": 23000 + n,
+            "l7_mark": (0x5E - steering) << 24 | TAG << 16}
 
 
 def cnp(name: str, spec: str) -> dict:
     return {"name": f"{name}.yaml", "text": (
         f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\n"
         f"spec:\n{textwrap.indent(textwrap.dedent(spec).strip(), '  ')}\n")}
+
+
+# api's port 8080 for web: GET /public only (HTTP rules), or every request (L4 only)
+API_GET_PUBLIC = """
+endpointSelector: {matchLabels: {app: api}}
+ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts:
+      - ports: [{port: "8080", protocol: TCP}]
+        rules:
+          http:
+            - {method: GET, path: "/public(/.*)?"}
+"""
+API_L4 = """
+endpointSelector: {matchLabels: {app: api}}
+ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
 
 
 def route_via_host(topo, host4: str, workloads) -> None:
@@ -186,3 +214,60 @@ def tcp_frame(frame: bytes) -> dict | None:
             "dst": (dst, int.from_bytes(tcp[2:4], "big")),
             "flags": tcp[13], "seq": int.from_bytes(tcp[4:8], "big"),
             "payload": tcp[(tcp[12] >> 4) * 4:end - (len(ip) - len(tcp))]}
+
+
+def tcp_frames(cap: Capture) -> list[dict]:
+    """The TCP frames a capture holds, parsed (tcp_frame)."""
+    return [t for t in map(tcp_frame, list(cap.frames)) if t is not None]
+
+
+def conversation(client, server, addr: str, paths) -> tuple[list[int], int, list[dict], list[dict]]:
+    """One keep-alive connection from the client workload to ``addr``:PORT (the server
+    workload's address, IPv4 or IPv6) with a GET per path, closed by the client, and
+    waited for until the server's side closes it too;
+    -> (statuses, client port, TCP frames arriving at the client, TCP frames the server sent)."""
+    with Capture(client) as at_client, Capture(server, outgoing=True) as from_server:
+        c = Client(client, addr)
+        mine = c.sock.getsockname()[:2]
+        try:
+            statuses = [c.request("GET", p)[0] for p in paths]
+        finally:
+            c.close()
+
+        def server_fin(f):
+            t = tcp_frame(f)
+            return t is not None and t["src"] == (addr, PORT) and t["dst"] == mine \
+                and t["flags"] & 0x01
+        assert at_client.wait(server_fin, timeout=5), "the connection was not closed from the server's side"
+    return statuses, mine[1], tcp_frames(at_client), tcp_frames(from_server)
+
+
+def check_replies_only_through_the_proxy(agent, bridge_mac: str, a, b, family: int,
+                                         l7_doc: dict, l4_doc: dict) -> None:
+    """Under ``l7_doc`` (GET /public allowed, /private denied on b's PORT), every TCP
+    frame from b:PORT arriving at a on a's connection carries the bridge's MAC (the
+    host's stack sent it, from the proxy), none carries b's own, although b did answer
+    a's own address (b's outgoing frames, to a's MAC). Under ``l4_doc`` (the port not
+    steered) the same pair's frames come bridged, with b's MAC: the criterion can fail.
+    ``family``: 4 or 6, which of the workloads' addresses the connection uses."""
+    a_ip, b_ip = (getattr(x, f"ip{family}") for x in (a, b))
+    assert len({bridge_mac, a.mac, b.mac}) == 3
+    apply(agent, l7_doc)
+    wait_proxy(agent)
+    statuses, port, at_a, from_b = conversation(a, b, b_ip, ["/public", "/private"])
+    assert statuses == [200, 403]
+    conn = [t for t in at_a if t["src"] == (b_ip, PORT) and t["dst"] == (a_ip, port)]
+    body = b"".join(t["payload"] for t in conn)
+    assert conn[0]["flags"] & 0x12 == 0x12 and b" 200 " in body and b"Access denied\r\n" in body
+    assert {t["src_mac"] for t in conn} == {bridge_mac}, conn    # every one came via the proxy
+    assert not [t for t in at_a if t["src_mac"] == b.mac], "a frame of b reached a directly"
+    answered = [t for t in from_b if t["src"] == (b_ip, PORT) and t["dst"][0] == a_ip]
+    assert answered and {t["dst_mac"] for t in answered} == {a.mac}
+    assert b" 200 " in b"".join(t["payload"] for t in answered)   # the allowed request's reply
+
+    apply(agent, l4_doc)
+    assert eventually(lambda: not agent.client.health()["l7_proxy"]["l7_ports"], timeout=10)
+    statuses, port, at_a, _ = conversation(a, b, b_ip, ["/public", "/private"])
+    assert statuses == [200, 200]
+    direct = [t for t in at_a if t["src"] == (b_ip, PORT) and t["dst"] == (a_ip, port)]
+    assert direct and {t["src_mac"] for t in direct} == {b.mac}, direct

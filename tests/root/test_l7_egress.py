@@ -13,7 +13,6 @@ import signal
 import time
 
 import pytest
-from test_l7_http import _tcp_frames
 
 from agentproc import AgentProcess
 from l7env import (
@@ -23,10 +22,11 @@ from l7env import (
     add_endpoints,
     apply,
     cnp,
+    conversation,
     l7_settings,
     route_via_host,
     serving,
-    tcp_frame,
+    tcp_frames,
     wait_proxy,
 )
 from netns import Topology, in_netns, link_mac, run
@@ -185,22 +185,11 @@ def test_replies_reach_the_client_only_through_the_proxy(e):
     bridge_mac = link_mac(topo.bridge)
     apply(agent, cnp("web", WEB_EGRESS))
     wait_proxy(agent)
-    with Capture(a) as at_a, Capture(b, outgoing=True) as from_b:
-        c = Client(a, b.ip4)
-        port = c.sock.getsockname()[1]
-        try:
-            assert [c.request("GET", p)[0] for p in ("/public", "/private")] == [200, 403]
-        finally:
-            c.close()
-
-        def server_fin(f):
-            t = tcp_frame(f)
-            return t is not None and t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port) \
-                and t["flags"] & 0x01
-        assert at_a.wait(server_fin, timeout=5)
-    conn = [t for t in _tcp_frames(at_a) if t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port)]
+    statuses, port, at_a, from_b = conversation(a, b, b.ip4, ["/public", "/private"])
+    assert statuses == [200, 403]
+    conn = [t for t in at_a if t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port)]
     assert conn and {t["src_mac"] for t in conn} == {bridge_mac}, conn
-    answered = [t for t in _tcp_frames(from_b) if t["src"] == (b.ip4, PORT) and t["dst"][0] == a.ip4]
+    answered = [t for t in from_b if t["src"] == (b.ip4, PORT) and t["dst"][0] == a.ip4]
     assert answered and b" 200 " in b"".join(t["payload"] for t in answered)
 
 
@@ -331,7 +320,7 @@ egress:
         finally:
             c.close()
     assert seen(w, "r") == [("GET", "/public/far")]      # r saw a's own address
-    frames = [t for t in _tcp_frames(at_a) if t["src"] == (r.ip4, PORT)]
+    frames = [t for t in tcp_frames(at_a) if t["src"] == (r.ip4, PORT)]
     assert frames and {t["src_mac"] for t in frames} == {bridge_mac}
 
 

@@ -17,21 +17,22 @@ import pytest
 
 from agentproc import AgentProcess
 from l7env import (
-    TAG,
+    API_GET_PUBLIC,
+    API_L4,
     Client,
     Recorder,
     Server,
     add_endpoints,
     apply,
+    check_replies_only_through_the_proxy,
     cnp,
     l7_settings,
     route_via_host,
     serving,
-    tcp_frame,
     wait_proxy,
 )
 from netns import Topology, in_netns, link_mac
-from traffic import Capture, eventually
+from traffic import eventually
 
 pytestmark = pytest.mark.root
 
@@ -61,15 +62,7 @@ def e(env):
     env[0].client.delete_all_policies()
 
 
-API_L7 = """
-endpointSelector: {matchLabels: {app: api}}
-ingress:
-  - fromEndpoints: [{matchLabels: {app: web}}]
-    toPorts:
-      - ports: [{port: "8080", protocol: TCP}]
-        rules:
-          http:
-            - {method: GET, path: "/public(/.*)?"}
+API_L7 = API_GET_PUBLIC.rstrip("\n") + """
             - {method: POST, path: "/submit", headers: ["X-Token: s3cret"]}
             - {method: PUT, path: "/host-only", host: "api\\\\.example(:8080)?"}
             - {method: DELETE, path: "/hdr", headers: ["X-Trace"]}
@@ -141,37 +134,6 @@ def test_host_to_workload_is_filtered(e):
     assert Recorder.seen[0]["client"] == HOST4
 
 
-API_L4 = """
-endpointSelector: {matchLabels: {app: api}}
-ingress:
-  - fromEndpoints: [{matchLabels: {app: web}}]
-    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
-"""
-
-
-def _conversation(w, paths):
-    """One keep-alive connection a -> b:PORT with a request per path, closed by the
-    client; -> (statuses, client port, TCP frames arriving at a, TCP frames b sent)."""
-    a, b = w["a"], w["b"]
-    with Capture(a) as at_a, Capture(b, outgoing=True) as from_b:
-        c = Client(a, b.ip4)
-        port = c.sock.getsockname()[1]
-        try:
-            statuses = [c.request("GET", p)[0] for p in paths]
-        finally:
-            c.close()
-
-        def server_fin(f):
-            t = tcp_frame(f)
-            return t is not None and t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port) \
-                and t["flags"] & 0x01
-        assert at_a.wait(server_fin, timeout=5), "the connection was not closed from b's side"
-    return statuses, port, _tcp_frames(at_a), _tcp_frames(from_b)
-
-
-def _tcp_frames(cap: Capture) -> list[dict]:
-    return [t for t in map(tcp_frame, list(cap.frames)) if t is not None]
-
 
 def test_replies_reach_the_client_only_through_the_proxy(e):
     """Asserted at the client (an AF_PACKET socket on a's eth0, every frame arriving
@@ -189,28 +151,8 @@ def test_replies_reach_the_client_only_through_the_proxy(e):
     frames with b's MAC at a.
     """
     agent, w, topo = e
-    a, b = w["a"], w["b"]
-    bridge_mac = link_mac(topo.bridge)
-    assert len({bridge_mac, a.mac, b.mac}) == 3
-    apply(agent, cnp("api", API_L7))
-    wait_proxy(agent)
-    statuses, port, at_a, from_b = _conversation(w, ["/public", "/private"])
-    assert statuses == [200, 403]
-    conn = [t for t in at_a if t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port)]
-    body = b"".join(t["payload"] for t in conn)
-    assert conn[0]["flags"] & 0x12 == 0x12 and b" 200 " in body and b"Access denied\r\n" in body
-    assert {t["src_mac"] for t in conn} == {bridge_mac}, conn    # every one came via the proxy
-    assert not [t for t in at_a if t["src_mac"] == b.mac], "a frame of b reached a directly"
-    answered = [t for t in from_b if t["src"] == (b.ip4, PORT) and t["dst"][0] == a.ip4]
-    assert answered and {t["dst_mac"] for t in answered} == {a.mac}
-    assert b" 200 " in b"".join(t["payload"] for t in answered)   # the allowed request's reply
-
-    apply(agent, cnp("api", API_L4))
-    assert eventually(lambda: not agent.client.health()["l7_proxy"]["l7_ports"], timeout=10)
-    statuses, port, at_a, _ = _conversation(w, ["/public", "/private"])
-    assert statuses == [200, 200]
-    direct = [t for t in at_a if t["src"] == (b.ip4, PORT) and t["dst"] == (a.ip4, port)]
-    assert direct and {t["src_mac"] for t in direct} == {b.mac}, direct
+    check_replies_only_through_the_proxy(agent, link_mac(topo.bridge), w["a"], w["b"], 4,
+                                         cnp("api", API_L7), cnp("api", API_L4))
 
 
 def test_l4_only_peer_is_unfiltered(e):
@@ -593,10 +535,8 @@ def test_without_the_proxy_user_http_ports_are_dropped_and_l4_works():
     with Topology("l7u") as topo:
         w = {t: topo.add_workload(t, [f"10.213.23.{i}/24"]) for i, t in enumerate("ab", 1)}
         route_via_host(topo, "10.213.23.254/24", w.values())
-        own = {**l7_settings("u"), "l7_user": "stockade-test-no-such-user",   # beside env's agent
-               "l7_nft_table": f"stockade_l7_u{os.getpid()}", "l7_proxy_port": 14100 + TAG,
-               "l7_route_table": 24000 + TAG, "l7_rule_priority": 24000 + TAG,
-               "l7_mark": 0x5D000000 + (TAG << 16)}
+        own = {**l7_settings("u", steering=1),        # beside env's agent
+               "l7_user": "stockade-test-no-such-user"}
         with AgentProcess(**own) as agent:
             add_endpoints(agent, w, {"a": "web", "b": "api"})
             apply(agent, cnp("api-l7", API_L7 + """

@@ -13,7 +13,6 @@ IPv4) over IPv6: hosts h1 and h2 are namespaces on a fabric (tests/fleetnet.py,
 has the HTTP rule: h2's steering takes the routed connection to its proxy.
 """
 import json
-import os
 import time
 
 import pytest
@@ -21,12 +20,14 @@ import pytest
 from agentproc import STOCKADE, AgentProcess
 from fleetnet import Fabric
 from l7env import (
+    API_GET_PUBLIC,
+    API_L4,
     PORT,
-    TAG,
     Client,
     Server6,
     add_endpoints,
     apply,
+    check_replies_only_through_the_proxy,
     cnp,
     l7_settings,
     recorder,
@@ -43,14 +44,6 @@ pytestmark = pytest.mark.root
 NET4, NET6 = "10.213.86.", "fd00:213:86::"
 HOST4, HOST6 = f"{NET4}254", f"{NET6}fe"
 SEEN = recorder()
-
-
-def v6_settings() -> dict:
-    """Steering of its own (proxy port, nft table, route table, rule, mark), apart from
-    every other L7 test module's (l7_settings alone shares them)."""
-    return {**l7_settings("v6"), "l7_proxy_port": 17100 + TAG,
-            "l7_nft_table": f"stockade_l7_v6{os.getpid()}", "l7_route_table": 25000 + TAG,
-            "l7_rule_priority": 25000 + TAG, "l7_mark": 0x5B000000 + (TAG << 16)}
 
 
 def route_via_host6(topo, host6: str, workloads) -> None:
@@ -71,7 +64,7 @@ def env():
         route_via_host(topo, f"{HOST4}/24", w.values())
         route_via_host6(topo, f"{HOST6}/64", w.values())
         with serving(in_netns(w["b"].ns, Server6, (w["b"].ip6, PORT), SEEN)):
-            with AgentProcess(**v6_settings()) as agent:
+            with AgentProcess(**l7_settings("v6", steering=3)) as agent:
                 add_endpoints(agent, w)
                 yield agent, w, topo
 
@@ -83,16 +76,6 @@ def e(env):
     env[0].client.delete_all_policies()
 
 
-API_L7 = """
-endpointSelector: {matchLabels: {app: api}}
-ingress:
-  - fromEndpoints: [{matchLabels: {app: web}}]
-    toPorts:
-      - ports: [{port: "8080", protocol: TCP}]
-        rules:
-          http:
-            - {method: GET, path: "/public(/.*)?"}
-"""
 
 
 def _l7_flows(agent, *args) -> list[dict]:
@@ -103,7 +86,7 @@ def _l7_flows(agent, *args) -> list[dict]:
 def test_http_rule_over_ipv6_allows_denies_and_keeps_the_connection(e):
     agent, w, _ = e
     a, b = w["a"], w["b"]
-    apply(agent, cnp("api", API_L7))
+    apply(agent, cnp("api", API_GET_PUBLIC))
     wait_proxy(agent)
     # the steering holds the server's IPv6 address (and its IPv4 one)
     table = agent.settings["l7_nft_table"]
@@ -148,35 +131,6 @@ def test_http_rule_over_ipv6_allows_denies_and_keeps_the_connection(e):
             assert req["drop_reason"] == "policy_denied"
 
 
-API_L4 = """
-endpointSelector: {matchLabels: {app: api}}
-ingress:
-  - fromEndpoints: [{matchLabels: {app: web}}]
-    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
-"""
-
-
-def _conversation(w, paths):
-    """One keep-alive connection a -> [b]:PORT over IPv6 with a request per path, closed
-    by the client; -> (statuses, client port, TCP frames arriving at a, TCP frames b sent)."""
-    a, b = w["a"], w["b"]
-    with Capture(a) as at_a, Capture(b, outgoing=True) as from_b:
-        c = Client(a, b.ip6)
-        port = c.sock.getsockname()[1]
-        try:
-            statuses = [c.request("GET", p)[0] for p in paths]
-        finally:
-            c.close()
-
-        def server_fin(f):
-            t = tcp_frame(f)
-            return t is not None and t["src"] == (b.ip6, PORT) and t["dst"] == (a.ip6, port) \
-                and t["flags"] & 0x01
-        assert at_a.wait(server_fin, timeout=5), "the connection was not closed from b's side"
-    frames = [[t for t in map(tcp_frame, list(cap.frames)) if t is not None]
-              for cap in (at_a, from_b)]
-    return statuses, port, *frames
-
 
 def test_ipv6_replies_reach_the_client_only_through_the_proxy(e):
     """As test_l7_http's IPv4 test: a frame b sends is bridged with b's MAC as source,
@@ -185,34 +139,14 @@ def test_ipv6_replies_reach_the_client_only_through_the_proxy(e):
     arriving at a has the bridge's MAC, although b did answer a's own address; under an
     L4-only rule (the port not steered) they have b's MAC."""
     agent, w, topo = e
-    a, b = w["a"], w["b"]
-    bridge_mac = link_mac(topo.bridge)
-    assert len({bridge_mac, a.mac, b.mac}) == 3
-    apply(agent, cnp("api", API_L7))
-    wait_proxy(agent)
-    statuses, port, at_a, from_b = _conversation(w, ["/public", "/private"])
-    assert statuses == [200, 403]
-    conn = [t for t in at_a if t["src"] == (b.ip6, PORT) and t["dst"] == (a.ip6, port)]
-    body = b"".join(t["payload"] for t in conn)
-    assert conn[0]["flags"] & 0x12 == 0x12 and b" 200 " in body and b"Access denied\r\n" in body
-    assert {t["src_mac"] for t in conn} == {bridge_mac}, conn    # every one came via the proxy
-    assert not [t for t in at_a if t["src_mac"] == b.mac], "a frame of b reached a directly"
-    answered = [t for t in from_b if t["src"] == (b.ip6, PORT) and t["dst"][0] == a.ip6]
-    assert answered and {t["dst_mac"] for t in answered} == {a.mac}
-    assert b" 200 " in b"".join(t["payload"] for t in answered)   # the allowed request's reply
-
-    apply(agent, cnp("api", API_L4))
-    assert eventually(lambda: not agent.client.health()["l7_proxy"]["l7_ports"], timeout=10)
-    statuses, port, at_a, _ = _conversation(w, ["/public", "/private"])
-    assert statuses == [200, 200]
-    direct = [t for t in at_a if t["src"] == (b.ip6, PORT) and t["dst"] == (a.ip6, port)]
-    assert direct and {t["src_mac"] for t in direct} == {b.mac}, direct
+    check_replies_only_through_the_proxy(agent, link_mac(topo.bridge), w["a"], w["b"], 6,
+                                         cnp("api", API_GET_PUBLIC), cnp("api", API_L4))
 
 
 def test_host_to_workload_over_ipv6_is_filtered(e):
     agent, w, _ = e
     b = w["b"]
-    apply(agent, cnp("api", API_L7.replace("fromEndpoints: [{matchLabels: {app: web}}]",
+    apply(agent, cnp("api", API_GET_PUBLIC.replace("fromEndpoints: [{matchLabels: {app: web}}]",
                                            "fromEntities: [host]")))
     wait_proxy(agent)
     c = Client(None, b.ip6)
@@ -231,7 +165,7 @@ def test_peer_without_a_rule_is_dropped_over_ipv6_not_proxied(e):
     """c has no rule on 8080: its SYN is dropped by the datapath, never answered by the
     proxy (a 403 would tell it the port is there); the server sees nothing of it."""
     agent, w, _ = e
-    apply(agent, cnp("api", API_L7))
+    apply(agent, cnp("api", API_GET_PUBLIC))
     wait_proxy(agent)
     ok = Client(w["a"], w["b"].ip6)
     try:
@@ -281,7 +215,7 @@ def fleet6():
 def test_remote_client_over_ipv6_is_filtered_and_the_server_sees_its_address(fleet6):
     h2, web, api = fleet6
     SEEN.seen.clear()
-    h2.client.put_policies([cnp("api", API_L7)], replace_all=True)
+    h2.client.put_policies([cnp("api", API_GET_PUBLIC)], replace_all=True)
     wait_proxy(h2)
     with Capture(web) as at_web:
         c = Client(web, api.ip6)

@@ -21,8 +21,9 @@ import pytest
 
 from agentproc import AgentProcess
 from l7env import (
+    API_GET_PUBLIC,
+    API_L4,
     PORT,
-    TAG,
     Client,
     Server,
     Server6,
@@ -47,14 +48,6 @@ HOST4, HOST6 = f"{NET4}254", f"{NET6}fe"
 SEEN = recorder()
 
 
-def off_settings() -> dict:
-    """Steering of its own (proxy port, nft table, route table, rule, mark), apart from
-    every other L7 test module's."""
-    return {**l7_settings("v6off"), "l7_proxy_port": 18100 + TAG,
-            "l7_nft_table": f"stockade_l7_v6o{os.getpid()}", "l7_route_table": 26000 + TAG,
-            "l7_rule_priority": 26000 + TAG, "l7_mark": 0x5A000000 + (TAG << 16)}
-
-
 def sysctl_path(dev: str) -> str:
     return f"/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"
 
@@ -68,28 +61,11 @@ def env():
         b = w["b"]
         with serving(in_netns(b.ns, Server6, (b.ip6, PORT), SEEN),
                      in_netns(b.ns, Server, (b.ip4, PORT), SEEN)):
-            with AgentProcess(**off_settings()) as agent:
+            with AgentProcess(**l7_settings("v6off", steering=4)) as agent:
                 add_endpoints(agent, w, {"a": "web", "b": "api"})
                 yield agent, w, topo
 
 
-API_L7 = """
-endpointSelector: {matchLabels: {app: api}}
-ingress:
-  - fromEndpoints: [{matchLabels: {app: web}}]
-    toPorts:
-      - ports: [{port: "8080", protocol: TCP}]
-        rules:
-          http:
-            - {method: GET, path: "/public(/.*)?"}
-"""
-
-API_L4 = """
-endpointSelector: {matchLabels: {app: api}}
-ingress:
-  - fromEndpoints: [{matchLabels: {app: web}}]
-    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
-"""
 
 
 def _statuses(a, addr, paths) -> list[int]:
@@ -149,7 +125,7 @@ def test_ipv6_to_an_http_port_on_a_bridge_without_ipv6_is_dropped_and_reported(e
     assert agent.client.health()["status"] == "ok"
 
     # the HTTP rule: IPv4 goes through the proxy; IPv6 is dropped, the server sees none
-    apply(agent, cnp("api", API_L7))
+    apply(agent, cnp("api", API_GET_PUBLIC))
     wait_proxy(agent)
     SEEN.seen.clear()
     assert _statuses(a, b.ip4, ["/public", "/private"]) == [200, 403]

@@ -23,14 +23,14 @@ from l7env import (
     Client,
     Server,
     cnp,
+    conversation,
     l7_settings,
     recorder,
     serving,
-    tcp_frame,
     wait_proxy,
 )
 from netns import in_netns
-from traffic import Capture, eventually
+from traffic import eventually
 
 pytestmark = pytest.mark.root
 
@@ -161,28 +161,6 @@ def test_remote_peer_denied_at_l4_is_dropped_not_answered(e):
     assert not [r for r in SEEN.seen if r["client"] == other.ip]
 
 
-def _conversation(e, paths):
-    """One keep-alive connection web -> api:PORT, a request per path, closed by the
-    client; -> (statuses, client port, TCP frames arriving at web, TCP frames api sent)."""
-    web, api = e["web"], e["api"]
-    with Capture(web) as at_web, Capture(api, outgoing=True) as from_api:
-        c = Client(web, api.ip)
-        port = c.sock.getsockname()[1]
-        try:
-            statuses = [c.request("GET", p)[0] for p in paths]
-        finally:
-            c.close()
-
-        def fin(f):
-            t = tcp_frame(f)
-            return t is not None and t["src"] == (api.ip, PORT) and t["dst"] == (web.ip, port) \
-                and t["flags"] & 0x01
-        assert at_web.wait(fin, timeout=5), "the connection was not closed from api's side"
-    frames = [[t for t in map(tcp_frame, list(cap.frames)) if t is not None]
-              for cap in (at_web, from_api)]
-    return statuses, port, *frames
-
-
 def test_replies_come_back_through_the_servers_proxy(e):
     """Asserted at the client. Both ways to the client are routed, so a frame's source
     MAC (h1's bridge) tells nothing; its TTL and its connection do. api sends with TTL 64:
@@ -194,7 +172,7 @@ def test_replies_come_back_through_the_servers_proxy(e):
     h2, web, api = e["h2"], e["web"], e["api"]
     h2.client.put_policies([API_L7], replace_all=True)
     wait_proxy(h2)
-    statuses, port, at_web, from_api = _conversation(e, ["/public", "/private"])
+    statuses, port, at_web, from_api = conversation(web, api, api.ip, ["/public", "/private"])
     assert statuses == [200, 403]
     conn = [t for t in at_web if t["src"] == (api.ip, PORT) and t["dst"] == (web.ip, port)]
     body = b"".join(t["payload"] for t in conn)
@@ -208,7 +186,7 @@ def test_replies_come_back_through_the_servers_proxy(e):
 
     h2.client.put_policies([API_L4], replace_all=True)
     assert eventually(lambda: not h2.client.health()["l7_proxy"]["l7_ports"], timeout=10)
-    statuses, port, at_web, from_api = _conversation(e, ["/public", "/private"])
+    statuses, port, at_web, from_api = conversation(web, api, api.ip, ["/public", "/private"])
     assert statuses == [200, 200]
     direct = [t for t in at_web if t["src"] == (api.ip, PORT) and t["dst"] == (web.ip, port)]
     assert direct and {t["ttl"] for t in direct} == {62}, direct

@@ -12,13 +12,13 @@ import textwrap
 import pytest
 
 from agentproc import AgentProcess
+from l7env import l7_settings
 from podman import PrivatePodman, podman_available
 from traffic import eventually
 
 pytestmark = pytest.mark.root
 
 PORT = 8080
-TAG = os.getpid() % 1000
 # the server: busybox httpd with one file, /public (any other path is its 404); -vv
 # logs each request to its stderr (podman logs): "IP:PORT: url:/path", "...: response:N"
 HTTPD = ["sh", "-c", "mkdir -p /www && echo ok > /www/public && exec httpd -f -vv -p 8080 -h /www"]
@@ -51,14 +51,6 @@ WEB_EGRESS = {"name": "web.yaml", "text": textwrap.dedent("""\
             - ports: [{port: "8080", protocol: TCP}]
               rules: {http: [{method: GET, path: "/public"}]}
     """)}
-
-
-def l7_settings() -> dict:
-    """Other numbers than test_l7_http.py's: the two agents never share steering."""
-    return {"l7_run_dir": f"/run/stockade-l7-test-{os.getpid()}-podman",
-            "l7_proxy_port": 16100 + TAG, "l7_nft_table": f"stockade_l7_p{os.getpid()}",
-            "l7_route_table": 24000 + TAG, "l7_rule_priority": 24000 + TAG,
-            "l7_mark": 0x5C000000 + (TAG << 16)}
 
 
 def request(pp: PrivatePodman, cid: str, ip: str, path: str, method: str = "GET") -> bytes:
@@ -114,7 +106,7 @@ def env():
         pytest.fail("needs root, podman and /bin/busybox (busybox-static): make setup")
     with PrivatePodman(subnet="10.213.19.0/24") as pp, \
             AgentProcess(podman_socket=pp.socket, managed_bridges=[pp.bridge],
-                         **l7_settings()) as agent:
+                         **l7_settings("podman", steering=2)) as agent:
         names = {"srv": f"skl7s{os.getpid()}", "cli": f"skl7c{os.getpid()}"}
         ids = {"srv": pp.run(names["srv"], {"app": "api"}, cmd=HTTPD),
                "cli": pp.run(names["cli"], {"app": "web"})}
