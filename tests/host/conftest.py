@@ -1,6 +1,6 @@
 """The real host test: a booted Debian 12 guest (systemd as PID 1) managed over SSH.
 
-Run by `make test-host` (and `.ci/run` after `make test`); `make test` leaves it out
+Run by `make test-host` (not by `.ci/run` yet: see the note there); `make test` leaves it out
 (tests/conftest.py ignores this directory unless STOCKADE_TEST_HOST=1).
 """
 from __future__ import annotations
