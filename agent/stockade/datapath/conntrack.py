@@ -307,6 +307,9 @@ class ConntrackMaps:
         (no longer marked audited); a denied one is marked audited where the endpoint
         or the agent is in audit mode, else revoked. An entry at the hook of an
         interface no longer identified is revoked. Returns how many were revoked."""
+        keys = list(keys)
+        if not keys:   # the common case: the endpoints map is not read for nothing
+            return 0
         endpoints = {k.value: v for k, v in self._items("endpoints", ct.c_uint32, m.EndpointInfo)}
         audit_all = bool(self.config_flags() & m.CFG_F_AUDIT)
         fd = self.table("conntrack").map_fd
