@@ -134,7 +134,6 @@ def test_host_to_workload_is_filtered(e):
     assert Recorder.seen[0]["client"] == HOST4
 
 
-
 def test_replies_reach_the_client_only_through_the_proxy(e):
     """Asserted at the client (an AF_PACKET socket on a's eth0, every frame arriving
     there): every TCP frame of the proxied connection from b:8080 comes from the proxy.

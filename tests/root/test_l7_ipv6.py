@@ -33,7 +33,7 @@ from l7env import (
     recorder,
     route_via_host,
     serving,
-    tcp_frame,
+    tcp_frames,
     wait_proxy,
 )
 from netns import Topology, in_netns, link_mac, run
@@ -74,8 +74,6 @@ def e(env):
     SEEN.seen.clear()
     yield env
     env[0].client.delete_all_policies()
-
-
 
 
 def _l7_flows(agent, *args) -> list[dict]:
@@ -131,7 +129,6 @@ def test_http_rule_over_ipv6_allows_denies_and_keeps_the_connection(e):
             assert req["drop_reason"] == "policy_denied"
 
 
-
 def test_ipv6_replies_reach_the_client_only_through_the_proxy(e):
     """As test_l7_http's IPv4 test: a frame b sends is bridged with b's MAC as source,
     the proxy's come from the host's stack with the bridge's. Steered, b's IPv6 replies
@@ -147,7 +144,7 @@ def test_host_to_workload_over_ipv6_is_filtered(e):
     agent, w, _ = e
     b = w["b"]
     apply(agent, cnp("api", API_GET_PUBLIC.replace("fromEndpoints: [{matchLabels: {app: web}}]",
-                                           "fromEntities: [host]")))
+                                                   "fromEntities: [host]")))
     wait_proxy(agent)
     c = Client(None, b.ip6)
     try:
@@ -229,8 +226,8 @@ def test_remote_client_over_ipv6_is_filtered_and_the_server_sees_its_address(fle
             c.close()
     # api sends with hop limit 64: bridged past h2's proxy, its replies would arrive with
     # 62 (forwarded by h2 and h1); h2's proxy sends its own, which only h1 forwards: 63
-    conn = [t for t in map(tcp_frame, list(at_web.frames))
-            if t is not None and t["src"] == (api.ip6, PORT) and t["dst"] == (web.ip6, port)]
+    conn = [t for t in tcp_frames(at_web)
+            if t["src"] == (api.ip6, PORT) and t["dst"] == (web.ip6, port)]
     assert conn and {t["ttl"] for t in conn} == {63}, conn
     assert [(r["method"], r["path"]) for r in SEEN.seen] == [("GET", "/public/a"), ("GET", "/public/b")]
     assert {r["client"] for r in SEEN.seen} == {web.ip6}     # transparent across hosts

@@ -66,8 +66,6 @@ def env():
                 yield agent, w, topo
 
 
-
-
 def _statuses(a, addr, paths) -> list[int]:
     c = Client(a, addr)
     try:

@@ -23,7 +23,7 @@ from l7env import (
     recorder,
     route_via_host,
     serving,
-    tcp_frame,
+    tcp_frames,
     wait_proxy,
 )
 from netns import Topology, in_netns, link_mac
@@ -193,13 +193,13 @@ def test_vm_replies_reach_the_client_only_through_the_proxy(e):
             c.close()
 
         def conn():
-            got = [t for t in map(tcp_frame, list(at_a.frames))
-                   if t and t["src"] == (VM_IP, PORT) and t["dst"] == (a.ip4, port)]
+            got = [t for t in tcp_frames(at_a)
+                   if t["src"] == (VM_IP, PORT) and t["dst"] == (a.ip4, port)]
             return got if any(t["flags"] & 0x01 for t in got) else None
         frames = eventually(conn, timeout=5)
     assert frames and b" 200 " in b"".join(t["payload"] for t in frames)
     assert {t["src_mac"] for t in frames} == {bridge_mac}, frames
-    assert not [t for t in map(tcp_frame, list(at_a.frames)) if t and t["src_mac"] == VM_MAC]
+    assert not [t for t in tcp_frames(at_a) if t["src_mac"] == VM_MAC]
 
 
 def vm_request(vm, ip: str, method: str, path: str, body: str = "") -> str:
