@@ -23,6 +23,15 @@ def test_adds_only_the_missing_search_bit_and_puts_modes_back(tmp_path):
     assert mode(closed) == 0o700 and mode(open_) == 0o751 and mode(tmp_path) == before
 
 
+def test_a_checkout_that_is_itself_0700_is_opened_too(tmp_path):
+    checkout = tmp_path / "repo"
+    checkout.mkdir()
+    os.chmod(checkout, 0o700)
+    with checkout_reachable(checkout) as changed:
+        assert checkout in changed and mode(checkout) == 0o701
+    assert mode(checkout) == 0o700
+
+
 def test_modes_come_back_when_the_block_fails(tmp_path):
     checkout = tmp_path / "closed" / "repo"
     checkout.mkdir(parents=True)

@@ -82,13 +82,13 @@ class WebUIProcess:
 
 @contextlib.contextmanager
 def checkout_reachable(path: Path = CHECKOUT) -> Iterator[list[Path]]:
-    """Every directory above the checkout may be entered by other users while the block
-    runs; yields the ones that needed it. A UI that drops to an unprivileged user runs
+    """The checkout and every directory above it may be entered by other users while
+    the block runs; yields the ones that needed it. A UI that drops to an unprivileged user runs
     this checkout's venv and code: in a clone inside a 0700 directory (`mktemp -d`) it
     cannot import them. Only the missing o+x is added, and each mode is put back after."""
     changed = []
     try:
-        for d in reversed(path.parents):
+        for d in [*reversed(path.parents), path]:   # the checkout itself too: a clone made as mktemp's 0700 directory
             mode = d.stat().st_mode
             if not mode & stat.S_IXOTH:
                 os.chmod(d, stat.S_IMODE(mode) | stat.S_IXOTH)
