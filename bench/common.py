@@ -18,6 +18,7 @@ server's veth for Stockade -- both see exactly the packets addressed to the serv
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -122,6 +123,18 @@ spec:
   ingress: [{{fromEndpoints: [{{matchLabels: {{bench-peer: {label}}}}}], toPorts: [{{ports: [{plist}]}}]}}]
 """)
     return "---\n".join(docs)
+
+
+def stockade_policies_json(peers: list[tuple[str, list[int]]], server_app: str) -> str:
+    """The documents of ``stockade_policies`` as one JSON list (a ``.json`` file)."""
+    return json.dumps([{
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": f"allow-{label}"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": server_app}},
+                 "ingress": [{"fromEndpoints": [{"matchLabels": {"bench-peer": label}}],
+                              "toPorts": [{"ports": [{"port": str(p), "protocol": "TCP"}
+                                                     for p in ports]}]}]},
+    } for label, ports in peers])
 
 
 def remove_netfilter(ns: str) -> None:

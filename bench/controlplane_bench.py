@@ -43,8 +43,8 @@ import time
 from datetime import datetime, timezone
 
 from bench.common import (build_netbench, iptables_rules, median, nft_rules, nsrun, pct,
-                          pinned_map_count, policy_pin, remove_netfilter, rmtree, rss_breakdown, rss_mb, stockade_policies,
-                          tmpdir)
+                          pinned_map_count, policy_pin, remove_netfilter, rmtree, rss_breakdown,
+                          rss_mb, stockade_policies, stockade_policies_json, tmpdir)
 from bench.datapath_bench import SERVER_APP, SUBNET, peer_ip, MAX_IDS, BASE_PORT
 
 from agentproc import STOCKADE, AgentProcess, endpoint_written_at  # noqa: E402
@@ -77,9 +77,11 @@ def add_server(client, srv) -> None:
 
 
 def write_policy(path: str, lay) -> str:
-    """The server's policy admitting each peer of the layout on its ports."""
+    """The server's policy admitting each peer of the layout on its ports, as YAML, or
+    as JSON when ``path`` ends in .json."""
+    render = stockade_policies_json if path.endswith(".json") else stockade_policies
     with open(path, "w") as f:
-        f.write(stockade_policies([(lab, ports) for lab, _, ports in lay], SERVER_APP))
+        f.write(render([(lab, ports) for lab, _, ports in lay], SERVER_APP))
     return path
 
 
@@ -112,15 +114,18 @@ def bench_apply() -> dict:
                     lay = layout(n)
                     pairs = [(ip, p) for _, ip, ports in lay for p in ports]
                     pol = write_policy(os.path.join(tmp, f"bench-{n}.yaml"), lay)
+                    pol_json = write_policy(os.path.join(tmp, f"bench-{n}.json"), lay)
                     ipt, nft = iptables_rules(pairs), nft_rules(pairs)
-                    res = {"stockade_import_s": [], "stockade_api_s": [], "iptables_restore_s": [],
-                           "nft_f_s": []}
+                    res = {"stockade_import_s": [], "stockade_import_json_s": [],
+                           "stockade_api_s": [], "iptables_restore_s": [], "nft_f_s": []}
                     for _ in range(REPEAT):
-                        c.delete_all_policies()
-                        res["stockade_import_s"].append(stockade_import(agent, pol))
-                        got = pinned_map_count(policy_pin(agent.settings['bpffs_dir'])) - base
-                        if got != len(pairs):
-                            raise RuntimeError(f"stockade: {got} map entries, want {len(pairs)}")
+                        for key, path in (("stockade_import_s", pol),
+                                          ("stockade_import_json_s", pol_json)):
+                            c.delete_all_policies()
+                            res[key].append(stockade_import(agent, path))
+                            got = pinned_map_count(policy_pin(agent.settings['bpffs_dir'])) - base
+                            if got != len(pairs):
+                                raise RuntimeError(f"stockade: {got} map entries, want {len(pairs)}")
                         c.delete_all_policies()
                         t = time.perf_counter()
                         c.put_policies([pol])

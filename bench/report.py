@@ -43,6 +43,8 @@ TARGETS = {
          "apply.n.100000.stockade_import_s", "s", "< 1 s", lambda v: v < 1),
         ("same, over the API only (no CLI start), 100,000", "apply.n.100000.stockade_api_s", "s",
          "-", None),
+        ("same documents from a JSON file, CLI, 100,000", "apply.n.100000.stockade_import_json_s",
+         "s", "-", None),
         ("`stockade policy import`, 10,000 entries", "apply.n.10000.stockade_import_s", "s", "-",
          None),
         ("same, over the API only, 10,000", "apply.n.10000.stockade_api_s", "s", "-", None),
@@ -185,11 +187,12 @@ def datapath_detail(data: dict) -> str:
 
 def controlplane_detail(data: dict) -> str:
     apply = data.get("apply", {}).get("n", {})
-    rows = ["| N | `stockade policy import` s | API only s | `iptables-restore` s | `nft -f` s |",
-            "|---|---|---|---|---|"]
+    rows = ["| N | `stockade policy import` s | the same from JSON s | API only s "
+            "| `iptables-restore` s | `nft -f` s |",
+            "|---|---|---|---|---|---|"]
     for n, r in sorted(apply.items(), key=lambda kv: int(kv[0])):
-        rows.append(f"| {int(n):,} | {r['stockade_import_s']} | {r['stockade_api_s']} "
-                    f"| {r['iptables_restore_s']} | {r['nft_f_s']} |")
+        rows.append(f"| {int(n):,} | {r['stockade_import_s']} | {r.get('stockade_import_json_s', '-')} "
+                    f"| {r['stockade_api_s']} | {r['iptables_restore_s']} | {r['nft_f_s']} |")
     out = "\n".join(rows)
     for part in ("podman", "rss", "ctcut"):
         if part in data:
