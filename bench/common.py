@@ -127,14 +127,8 @@ spec:
 
 def stockade_policies_json(peers: list[tuple[str, list[int]]], server_app: str) -> str:
     """The documents of ``stockade_policies`` as one JSON list (a ``.json`` file)."""
-    return json.dumps([{
-        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-        "metadata": {"name": f"allow-{label}"},
-        "spec": {"endpointSelector": {"matchLabels": {"app": server_app}},
-                 "ingress": [{"fromEndpoints": [{"matchLabels": {"bench-peer": label}}],
-                              "toPorts": [{"ports": [{"port": str(p), "protocol": "TCP"}
-                                                     for p in ports]}]}]},
-    } for label, ports in peers])
+    import yaml
+    return json.dumps(list(yaml.safe_load_all(stockade_policies(peers, server_app))))
 
 
 def remove_netfilter(ns: str) -> None:

@@ -88,7 +88,7 @@ def checkout_reachable(path: Path = CHECKOUT) -> Iterator[list[Path]]:
     cannot import them. Only the missing o+x is added, and each mode is put back after."""
     changed = []
     try:
-        for d in [*reversed(path.parents), path]:   # the checkout itself too: a clone made as mktemp's 0700 directory
+        for d in [*reversed(path.parents), path]:
             mode = d.stat().st_mode
             if not mode & stat.S_IXOTH:
                 os.chmod(d, stat.S_IMODE(mode) | stat.S_IXOTH)
