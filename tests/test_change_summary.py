@@ -40,6 +40,9 @@ def test_a_summary_with_the_line_index_is_the_summary_without_it():
                 new[p.ref] = p
         walked = summarize(live, new, Delta())
         assert summarize(live, new, Delta(), index) == walked, step
+        # the refs a change names: every one that differs, and some that do not
+        named = [r for r in live.keys() | new.keys() if live.get(r) is not new.get(r) or rnd.random() < 0.3]
+        assert summarize(live, new, Delta(), index, touched=named) == walked, step
         touched = [r for r in live.keys() | new.keys() if live.get(r) is not new.get(r)]
         lines = (policy_lines(live[r] for r in touched if r in live),
                  policy_lines(new[r] for r in touched if r in new))

@@ -22,9 +22,11 @@ from prometheus_client import Histogram
 
 from ..datapath.errors import InterfaceGone
 from ..errors import StockadeError
+from ..policy.countindex import CountIndex
 from ..policy.describe import LineIndex
 from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityAllocator
+from ..policy.trace import prefixes_named
 from . import restore
 from .changelog import ChangeLog
 from .changes import Change, ChangePolicies, HostAddresses, LinkChange
@@ -46,6 +48,7 @@ class Agent:
         self.store = StateStore(config.state_dir, create=not read_only)
         self.policy_shards = PolicyShards()   # what the last commit's policy shards were
         self.policy_line_index = LineIndex()  # the policies' rule lines, for change summaries
+        self.policy_prefix_index = CountIndex(prefixes_named)  # the CIDRs they name
         self.alloc = IdentityAllocator()   # its numbers come with the state (restore)
         self.engine = PolicyEngine(config.enforcement)
         self.state = State()

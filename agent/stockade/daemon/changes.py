@@ -11,6 +11,7 @@ the policies) are the functions at the end of this module.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +21,6 @@ from ..policy.api.entity import RESERVED
 from ..policy.api.rule import Policy, PolicyRef
 from ..policy.describe import summarize
 from ..policy.labels import LabelSet
-from ..policy.trace import prefixes_named
 from .binding import RUNTIMES as RUNTIME_SOURCES
 from .binding import binding_problem
 from .endpoints import Endpoint, tap_matches_mac
@@ -418,11 +418,12 @@ class ChangePolicies(Change):
             new[p.ref] = p
         changed = [p for p in self.upsert if p.ref not in old or old[p.ref].document_json != p.document_json]
         removed = [r for r in self.remove if r in old]
-        unused = sync_cidr_identities(txn, new.values())
+        unused = sync_cidr_identities(txn, new)
         txn.engine(txn.etx.set_policies(changed, remove=removed))
         drop_cidr_identities(txn, unused)
         delta = txn.etx.delta
-        summary = summarize(old, new, delta, txn.agent.policy_line_index)
+        summary = summarize(old, new, delta, txn.agent.policy_line_index,
+                            touched=[p.ref for p in self.upsert] + self.remove)
         is_change = bool(delta) or bool(summary["added"] or summary["removed"] or summary["changed"])
         if is_change and not txn.dry_run:
             txn.j.set(st.meta, "revision", st.revision + 1)
@@ -643,12 +644,13 @@ def _sorted_nets(nets):
     return sorted(nets, key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 
-def sync_cidr_identities(txn: Txn, policies) -> list[Network]:
-    """Give every prefix the policies name a CIDR identity (and an ipcache entry, unless a
-    service's identity holds the prefix); returns the prefixes no longer named, which
-    ``drop_cidr_identities`` removes once the policies are in."""
+def sync_cidr_identities(txn: Txn, policies: Mapping) -> list[Network]:
+    """Give every prefix the policies ({PolicyRef: Policy}) name a CIDR identity (and an
+    ipcache entry, unless a service's identity holds the prefix); returns the prefixes no
+    longer named, which ``drop_cidr_identities`` removes once the policies are in."""
     st = txn.state
-    need = set().union(*map(prefixes_named, policies))
+    txn.agent.policy_prefix_index.update(policies)
+    need = set(txn.agent.policy_prefix_index.count)
     for net in _sorted_nets(need - set(st.cidr_ids)):
         ident = txn.agent.alloc.cidr(net)
         txn.j.set(st.cidr_ids, net, ident)

@@ -84,7 +84,7 @@ def restore(agent: "Agent", gen: "Generation") -> set[str]:
                 policies.append(stored_policy(rec))
             except StockadeError as exc:
                 raise _Records(agent, name).fail(f"document {i}", exc) from None
-    drop_cidr_identities(txn, sync_cidr_identities(txn, policies))
+    drop_cidr_identities(txn, sync_cidr_identities(txn, {p.ref: p for p in policies}))
     txn.engine(txn.etx.set_policies(policies))
     txn.j.set(st.meta, "revision", gen["revision.json"])
     try:

@@ -36,6 +36,8 @@ import re
 import zlib
 from typing import Any, Callable, Iterable, Mapping
 
+from ..policy.countindex import changed_refs
+
 FORMAT = 2
 MANIFEST = "state.json"
 POLICIES = "policies.json"
@@ -192,11 +194,8 @@ class PolicyShards:
         self._built: dict[str, EncodedList] = {}
 
     def files(self, policies: Mapping) -> dict[str, Any]:
-        seen = self._seen
-        touched = [r for r, p in policies.items() if seen.get(r) is not p]
-        touched += seen.keys() - policies.keys()
         shards = set()
-        for ref in touched:
+        for ref in changed_refs(self._seen, policies):
             old = self._where.pop(ref, None)
             if old is not None:
                 del self._members[old][ref]

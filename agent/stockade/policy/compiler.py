@@ -140,6 +140,8 @@ class Compiler:
         self._clauses: dict[int, list[Clause]] = {}           # id(rule) -> clauses
         self._rule_locals: dict[int, set[int]] = {}           # id(rule) -> local ids
         self._rules: dict[int, Rule] = {}
+        self._l7_rule_ids: set[int] = set()                   # id(rule) of rules with HTTP rules
+        self._rule_dirs: dict[int, tuple[bool | None, bool | None]] = {}  # see _directions
         self._sel_clauses: dict[Selector, set[Clause]] = {}
         self._local_rules: dict[int, dict[int, Rule]] = {}  # local -> id(rule) -> rule
         self._rule_index: dict[tuple[str, str] | None, set[int]] = {}  # see index_keys
@@ -227,6 +229,9 @@ class Compiler:
         self._rules[rid] = rule
         self._index_rule(rule, True)
         self._clauses[rid] = compile_rule(rule)
+        if any(c.l7 for c in self._clauses[rid]):
+            self._l7_rule_ids.add(rid)
+        self._rule_dirs[rid] = _directions(rule)
         for c in self._clauses[rid]:
             for sel in c.selectors:
                 self.cache.add_selector(sel)
@@ -281,6 +286,8 @@ class Compiler:
                 affected.setdefault(i, set()).update(peers)
             self._index_rule(rule, False)
             del self._rules[rid]
+            self._l7_rule_ids.discard(rid)
+            del self._rule_dirs[rid]
 
     # recomputation ---------------------------------------------------------------
     def _clause_has_peer(self, c: Clause, peer: int) -> bool:
@@ -351,6 +358,8 @@ class Compiler:
         """The HTTP rules of every L7 port of ``local``, per peer identity (see L7Key).
         For each peer: the rules of every clause that allows it that port, plus those
         that every peer gets; an L4-only clause for the port passes everything."""
+        if self._l7_rule_ids.isdisjoint(self._local_rules.get(local, ())):
+            return {}       # no L7 port (a local with 10,000 L4 rules: no walk of them)
         clauses = [c for c in self._local_clauses(local) if not c.deny]
         ports = {(c.direction, port) for c in clauses for port in c.l7}
         out: L7State = {}
@@ -411,17 +420,16 @@ class Compiler:
         return {k: e for k, e in raw.items() if e.deny or not any(d.covers(k) for d in denies)}
 
     def _flags_for(self, loc: int) -> dict[int, DirectionPolicy]:
-        rules = list(self._local_rules.get(loc, {}).values())
+        if self.enforcement == "never":
+            return {INGRESS: DirectionPolicy(), EGRESS: DirectionPolicy()}
+        if self.enforcement == "always":
+            return {INGRESS: DirectionPolicy(True, True), EGRESS: DirectionPolicy(True, True)}
+        dirs = [self._rule_dirs[rid] for rid in self._local_rules.get(loc, {})]
         out = {}
-        for d, name in ((INGRESS, "ingress"), (EGRESS, "egress")):
-            if self.enforcement == "never":
-                out[d] = DirectionPolicy()
-            elif self.enforcement == "always":
-                out[d] = DirectionPolicy(True, True)
-            else:
-                has = [r for r in rules if r.has_rules(name)]
-                out[d] = (DirectionPolicy(True, any(r.wants_default_deny(name) for r in has))
-                          if has else DirectionPolicy())
+        for d, i in ((INGRESS, 0), (EGRESS, 1)):
+            wants = [w[i] for w in dirs]
+            out[d] = (DirectionPolicy() if wants.count(None) == len(wants)
+                      else DirectionPolicy(True, True in wants))
         return out
 
     def _set_pair(self, loc: int, peer: int, new: MapState, delta: Delta) -> None:
@@ -461,3 +469,11 @@ def full_compile(policies: list[Policy], identities: list[Identity], local_ids: 
         c.add_identity(ident, local=ident.id in local_ids)
     c.set_policies(policies)
     return dict(c.entries), dict(c.flags)
+
+
+def _directions(rule: Rule) -> tuple[bool | None, bool | None]:
+    """Per direction (ingress, egress): None when the rule has no rules there, else
+    whether it wants that direction's default deny."""
+    ingress = rule.wants_default_deny("ingress") if rule.has_rules("ingress") else None
+    egress = rule.wants_default_deny("egress") if rule.has_rules("egress") else None
+    return ingress, egress

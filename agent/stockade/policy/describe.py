@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from .api.ports import HTTPRule
 from .api.rule import PeerRule, Policy, Rule
+from .countindex import CountIndex
 from .mapstate import DIRECTION_NAMES, Delta, Key
 
 SAMPLE = 50
@@ -101,42 +102,28 @@ def describe_key(op: str, key: Key, entry=None) -> dict:
             "verdict": entry.verdict if entry is not None else None}
 
 
-class LineIndex:
-    """How many policies have each rule line, brought up to date with the policies it is
-    given at the cost of what changed since (one pass of identity checks): whether a
-    policy a change did not touch still has a line is then a count, not a walk of every
-    policy's lines."""
+class LineIndex(CountIndex):
+    """How many policies have each rule line: whether a line a change removes is still
+    another, untouched policy's."""
 
     def __init__(self) -> None:
-        self._seen: dict = {}
-        self.count: Counter[str] = Counter()
-
-    def update(self, policies: Mapping) -> None:
-        seen, count = self._seen, self.count
-        touched = [r for r, p in policies.items() if seen.get(r) is not p]
-        touched += seen.keys() - policies.keys()
-        for r in touched:
-            if (was := seen.get(r)) is not None:
-                for line in _lines(was):
-                    if count[line] <= 1:
-                        del count[line]
-                    else:
-                        count[line] -= 1
-            if (now := policies.get(r)) is not None:
-                count.update(_lines(now))
-        self._seen = dict(policies)
+        super().__init__(_lines)
 
 
-def summarize(old: dict, new: dict, delta: Delta, index: LineIndex | None = None) -> dict:
+def summarize(old: dict, new: dict, delta: Delta, index: LineIndex | None = None,
+              touched: Iterable | None = None) -> dict:
     """What a policy change does, for a dry run or an import: old/new {PolicyRef: Policy}.
     ``index``: a LineIndex kept across calls (the agent's), to count the lines of the
-    policies the change did not touch instead of walking them."""
-    added = sorted(r.display for r in new.keys() - old.keys())
-    removed = sorted(r.display for r in old.keys() - new.keys())
+    policies the change did not touch instead of walking them. ``touched``: the refs the
+    change names (a superset of those whose policy differs), so that no pass over every
+    policy is needed; by default every ref of both."""
     # Policies that are the same object in both did not change, and their lines are in
     # both: only the touched ones can add or remove a line, unless an untouched policy
     # still has it. (10,000 policies and a one-rule change: look at the one.)
-    touched = [r for r in old.keys() | new.keys() if old.get(r) is not new.get(r)]
+    touched = [r for r in (old.keys() | new.keys() if touched is None else set(touched))
+               if old.get(r) is not new.get(r)]
+    added = sorted(r.display for r in touched if r not in old)
+    removed = sorted(r.display for r in touched if r not in new)
     changed = sorted(r.display for r in touched
                      if r in old and r in new and new[r].document_json != old[r].document_json)
     old_lines = policy_lines(old[r] for r in touched if r in old)
